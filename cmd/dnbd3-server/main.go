@@ -1,0 +1,236 @@
+// Command dnbd3-server serves read-only disk images over the DNBD3 protocol.
+// It is a drop-in for the reference server: same configuration directory,
+// same flags, same wire protocol and RPC.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"os/signal"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/dnbd3go/dnbd3go/internal/logging"
+	"github.com/dnbd3go/dnbd3go/internal/version"
+	"github.com/dnbd3go/dnbd3go/server"
+	"github.com/spf13/pflag"
+)
+
+// daemonEnv marks the re-executed background child.
+const daemonEnv = "DNBD3GO_DAEMON_CHILD"
+
+func main() {
+	os.Exit(run(os.Args[1:]))
+}
+
+type flags struct {
+	configDir  string
+	foreground bool
+	bind       string
+	crcFile    string
+	create     string
+	revision   uint16
+	size       string
+	errorMsg   string
+	logFormat  string
+	showVer    bool
+}
+
+func run(args []string) int {
+	var f flags
+	fs := pflag.NewFlagSet("dnbd3-server", pflag.ContinueOnError)
+	fs.SortFlags = false
+	fs.StringVarP(&f.configDir, "config", "c", "/etc/dnbd3-server", "configuration directory (server.conf, alt-servers, rpc.acl)")
+	fs.BoolVarP(&f.foreground, "nodaemon", "n", false, "stay in the foreground (default: detach into the background)")
+	fs.StringVarP(&f.bind, "bind", "b", "", "bind address (default: all addresses)")
+	fs.StringVar(&f.crcFile, "crc", "", "one-shot: write FILE.crc for an image file and exit")
+	fs.StringVar(&f.create, "create", "", "one-shot: create an empty image NAME (with --revision and --size) below basePath and exit")
+	fs.Uint16Var(&f.revision, "revision", 0, "revision for --create")
+	fs.StringVar(&f.size, "size", "", "size in bytes for --create (suffixes K, M, G, T allowed)")
+	fs.StringVar(&f.errorMsg, "errormsg", "", "answer every connection with an HTTP JSON error message TEXT and nothing else")
+	fs.StringVar(&f.logFormat, "log-format", "text", "console log format: text or json")
+	fs.BoolVarP(&f.showVer, "version", "v", false, "print the version and exit")
+	fs.Usage = func() {
+		fmt.Fprintf(os.Stderr, "Usage: dnbd3-server [-n] [-c DIR] [-b ADDR]\n       dnbd3-server --crc FILE\n       dnbd3-server -c DIR --create NAME --revision N --size BYTES\n\n")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, pflag.ErrHelp) {
+			return 0
+		}
+		fmt.Fprintln(os.Stderr, "dnbd3-server:", err)
+		return 2
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(os.Stderr, "dnbd3-server: unexpected argument %q\n", fs.Arg(0))
+		return 2
+	}
+	if f.showVer {
+		fmt.Println(version.String())
+		return 0
+	}
+	if f.crcFile != "" {
+		list, err := server.WriteCRCFile(f.crcFile)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "dnbd3-server: --crc:", err)
+			return 1
+		}
+		fmt.Printf("wrote %s.crc (%d hash blocks)\n", f.crcFile, len(list))
+		return 0
+	}
+	cfg, warnings, err := server.LoadConfig(f.configDir, nil)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "dnbd3-server: %v\n", err)
+		return 1
+	}
+	if f.create != "" {
+		return create(cfg, f)
+	}
+	if f.errorMsg != "" {
+		return errorMode(cfg, f)
+	}
+	if !f.foreground && os.Getenv(daemonEnv) == "" {
+		return daemonize(args)
+	}
+
+	lg, err := logging.New(logging.Options{
+		Format:      f.logFormat,
+		Console:     os.Stdout,
+		ConsoleMask: cfg.LogConsoleMask,
+		File:        cfg.LogFile,
+		FileMask:    cfg.LogFileMask,
+		Timestamps:  cfg.ConsoleTimestamps,
+	})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "dnbd3-server:", err)
+		return 1
+	}
+	defer lg.Close()
+	log := lg.Logger
+	for _, w := range warnings {
+		log.Warn("server.conf: " + w)
+	}
+	log.Info("starting", "version", version.String(), "config", f.configDir, "basePath", cfg.BasePath)
+
+	srv, err := server.New(server.Options{
+		ConfigDir: f.configDir,
+		Config:    cfg,
+		Logger:    log,
+		LogTail:   lg.Tail,
+		Version:   version.String(),
+	})
+	if err != nil {
+		log.Error("cannot start", "err", err)
+		return 1
+	}
+	addr := net.JoinHostPort(f.bind, strconv.Itoa(int(cfg.ListenPort)))
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		log.Error("cannot listen", "addr", addr, "err", err)
+		return 1
+	}
+	log.Info("listening", "addr", ln.Addr().String())
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGUSR1, syscall.SIGUSR2)
+	go func() {
+		for sig := range sigs {
+			switch sig {
+			case syscall.SIGHUP:
+				log.Info("SIGHUP received, reloading configuration and images")
+				if err := srv.Reload(); err != nil {
+					log.Error("reload failed", "err", err)
+				}
+			case syscall.SIGUSR1:
+				log.Info("SIGUSR1 received, verifying checksum of all images...")
+				go srv.VerifyAll(ctx)
+			case syscall.SIGUSR2:
+				if err := lg.Reopen(); err != nil {
+					log.Error("cannot reopen log file", "err", err)
+				} else {
+					log.Info("SIGUSR2 received, log file reopened")
+				}
+			}
+		}
+	}()
+	err = srv.Serve(ctx, ln)
+	signal.Stop(sigs)
+	close(sigs)
+	if err != nil {
+		log.Error("server stopped", "err", err)
+		return 1
+	}
+	log.Info("shut down cleanly")
+	return 0
+}
+
+func create(cfg server.Config, f flags) int {
+	size, err := server.ParseSize(f.size)
+	if err != nil || f.revision == 0 {
+		fmt.Fprintln(os.Stderr, "dnbd3-server: --create needs --revision N (1..65535) and --size BYTES")
+		return 2
+	}
+	path, err := server.CreateImage(cfg.BasePath, f.create, f.revision, size, cfg.SparseFiles, cfg.IgnoreAllocErrors)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "dnbd3-server: --create:", err)
+		return 1
+	}
+	fmt.Printf("created %s\n", path)
+	return 0
+}
+
+// daemonize starts this program again in a new session with stdio on
+// /dev/null (the reference calls daemon()) and returns once it runs.
+func daemonize(args []string) int {
+	exe, err := os.Executable()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "dnbd3-server: cannot daemonize:", err)
+		return 1
+	}
+	cmd := exec.Command(exe, args...)
+	cmd.Env = append(os.Environ(), daemonEnv+"=1")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		fmt.Fprintln(os.Stderr, "dnbd3-server: cannot daemonize:", err)
+		return 1
+	}
+	// Report an immediate failure (bad config, port in use) instead of
+	// pretending success.
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		fmt.Fprintf(os.Stderr, "dnbd3-server: background process exited at once (%v); run with -n to see why\n", err)
+		return 1
+	case <-time.After(500 * time.Millisecond):
+	}
+	fmt.Fprintf(os.Stderr, "dnbd3-server running in the background, pid %d\n", cmd.Process.Pid)
+	return 0
+}
+
+// errorMode answers every connection with HTTP 200 "Somewhat OK" and a JSON
+// error message, as the reference's --errormsg does.
+func errorMode(cfg server.Config, f flags) int {
+	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	addr := net.JoinHostPort(f.bind, strconv.Itoa(int(cfg.ListenPort)))
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		log.Error("cannot listen", "addr", addr, "err", err)
+		return 1
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	if err := server.ServeErrorMessage(ctx, ln, f.errorMsg); err != nil {
+		log.Error("stopped", "err", err)
+		return 1
+	}
+	return 0
+}

@@ -1,0 +1,214 @@
+package server
+
+// rpc.acl: which HTTP RPC clients may see what. Read once at startup.
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+)
+
+// ACLFileName is the name of the RPC access list in the configuration
+// directory.
+const ACLFileName = "rpc.acl"
+
+// MaxACLRules is the maximum number of rules read from rpc.acl.
+const MaxACLRules = 100
+
+// ACLPerm is a set of RPC permissions.
+type ACLPerm uint8
+
+// RPC permissions. PermAll includes every other permission and also grants
+// what has no flag of its own (q=config, q=logfile, q=altservers).
+const (
+	// PermStats allows q=stats, q=space and q=version (flag STATS).
+	PermStats ACLPerm = 1 << iota
+	// PermClientList allows q=clients (flag CLIENT_LIST).
+	PermClientList
+	// PermImageList allows q=images and /cachemap (flag IMAGE_LIST).
+	PermImageList
+	// PermAll allows everything (flag ALL).
+	PermAll ACLPerm = 0xFF
+)
+
+// aclFlags maps rpc.acl flag words to permissions.
+var aclFlags = map[string]ACLPerm{
+	"ALL":         PermAll,
+	"STATS":       PermStats,
+	"CLIENT_LIST": PermClientList,
+	"IMAGE_LIST":  PermImageList,
+}
+
+// Has reports whether p grants need; PermAll grants everything.
+func (p ACLPerm) Has(need ACLPerm) bool {
+	return p == PermAll || p&need == need
+}
+
+// String returns the flag words of p as rpc.acl spells them, e.g.
+// "STATS IMAGE_LIST", "ALL" or "" for none.
+func (p ACLPerm) String() string {
+	if p == PermAll {
+		return "ALL"
+	}
+	var words []string
+	for _, f := range []struct {
+		p    ACLPerm
+		name string
+	}{{PermStats, "STATS"}, {PermClientList, "CLIENT_LIST"}, {PermImageList, "IMAGE_LIST"}} {
+		if p&f.p != 0 {
+			words = append(words, f.name)
+		}
+	}
+	return strings.Join(words, " ")
+}
+
+// aclRule is one line of rpc.acl.
+type aclRule struct {
+	prefix netip.Prefix
+	perm   ACLPerm
+}
+
+// ACL is the parsed rpc.acl. A nil *ACL or one without rules allows
+// everything.
+type ACL struct {
+	rules []aclRule
+}
+
+// Len returns the number of rules.
+func (a *ACL) Len() int {
+	if a == nil {
+		return 0
+	}
+	return len(a.rules)
+}
+
+// Allowed returns the permissions of addr: everything if there are no
+// rules, else those of the first rule whose prefix contains addr, else none.
+// IPv4-mapped IPv6 addresses are treated as IPv4; an IPv4 rule never matches
+// an IPv6 address and vice versa.
+func (a *ACL) Allowed(addr netip.Addr) ACLPerm {
+	if a == nil || len(a.rules) == 0 {
+		return PermAll
+	}
+	addr = addr.Unmap().WithZone("")
+	for _, r := range a.rules {
+		if r.prefix.Contains(addr) {
+			return r.perm
+		}
+	}
+	return 0
+}
+
+// LoadACL reads rpc.acl at path. A missing file gives an ACL that allows
+// everything. Lines that cannot be used are skipped with a warning.
+//
+// Each line is "ADDRESS[/PREFIXBITS] FLAG [FLAG...]" with the flags ALL,
+// STATS, CLIENT_LIST and IMAGE_LIST; "#" starts a comment. At most 100 rules
+// are read; the first rule matching a client decides.
+func LoadACL(path string) (*ACL, []string, error) {
+	data, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return &ACL{}, nil, nil
+	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("read RPC access list: %w (fix the file's permissions or remove it to allow everyone)", err)
+	}
+	acl, warns := parseACL(data)
+	for i, w := range warns {
+		warns[i] = path + ": " + w
+	}
+	return acl, warns, nil
+}
+
+// parseACL parses the contents of rpc.acl.
+func parseACL(data []byte) (*ACL, []string) {
+	acl := &ACL{}
+	var warns []string
+	sc := bufio.NewScanner(bytes.NewReader(data))
+	sc.Buffer(nil, 1<<20)
+	line := 0
+	for sc.Scan() {
+		line++
+		r, ok, warn := parseACLLine(sc.Text())
+		if warn != "" {
+			warns = append(warns, fmt.Sprintf("line %d: %s", line, warn))
+		}
+		if !ok {
+			continue
+		}
+		if len(acl.rules) >= MaxACLRules {
+			warns = append(warns, fmt.Sprintf("line %d: more than %d rules; ignoring the rest", line, MaxACLRules))
+			break
+		}
+		acl.rules = append(acl.rules, r)
+	}
+	if err := sc.Err(); err != nil {
+		warns = append(warns, fmt.Sprintf("line %d: %v; rest of the file ignored", line+1, err))
+	}
+	return acl, warns
+}
+
+// parseACLLine parses one line. ok is false for blank and comment lines and
+// for lines that are no valid rule (then warn says why).
+func parseACLLine(text string) (r aclRule, ok bool, warn string) {
+	if i := strings.IndexByte(text, '#'); i >= 0 {
+		text = text[:i]
+	}
+	fields := strings.Fields(text)
+	if len(fields) == 0 {
+		return aclRule{}, false, ""
+	}
+	prefix, err := parseACLPrefix(fields[0])
+	if err != nil {
+		return aclRule{}, false, err.Error() + "; line ignored"
+	}
+	var unknown []string
+	for _, f := range fields[1:] {
+		p, known := aclFlags[f]
+		if !known {
+			unknown = append(unknown, f)
+			continue
+		}
+		r.perm |= p
+	}
+	if len(unknown) > 0 {
+		warn = fmt.Sprintf("unknown flag(s) %s ignored (valid: ALL, STATS, CLIENT_LIST, IMAGE_LIST)", strings.Join(unknown, " "))
+	}
+	if r.perm == 0 {
+		if warn != "" {
+			warn += "; "
+		}
+		return aclRule{}, false, warn + fmt.Sprintf("rule for %s has no valid flag; line ignored", fields[0])
+	}
+	r.prefix = prefix
+	return r, true, warn
+}
+
+// parseACLPrefix parses "ADDRESS" or "ADDRESS/BITS". IPv4-mapped IPv6
+// prefixes of at least 96 bits become IPv4 prefixes.
+func parseACLPrefix(s string) (netip.Prefix, error) {
+	addrStr, bitsStr, hasBits := strings.Cut(s, "/")
+	addr, err := netip.ParseAddr(addrStr)
+	if err != nil {
+		return netip.Prefix{}, fmt.Errorf("invalid address %q", addrStr)
+	}
+	addr = addr.WithZone("")
+	bits := addr.BitLen()
+	if hasBits {
+		n, err := strconv.Atoi(bitsStr)
+		if err != nil || n < 0 || n > addr.BitLen() {
+			return netip.Prefix{}, fmt.Errorf("invalid prefix length %q for %s (use 0…%d)", bitsStr, addrStr, addr.BitLen())
+		}
+		bits = n
+	}
+	if addr.Is4In6() && bits >= 96 {
+		addr, bits = addr.Unmap(), bits-96
+	}
+	return netip.PrefixFrom(addr, bits).Masked(), nil
+}

@@ -1,0 +1,528 @@
+package server
+
+// server.conf: the server's settings, read from the configuration directory
+// (-c DIR, default /etc/dnbd3-server) at startup and again on SIGHUP.
+
+import (
+	"fmt"
+	"math"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/dnbd3go/dnbd3go/internal/logging"
+)
+
+// ConfigFileName is the name of the settings file in the configuration
+// directory.
+const ConfigFileName = "server.conf"
+
+// Limits of the reference server.
+const (
+	// MaxClientsLimit is the hard upper bound of Config.MaxClients.
+	MaxClientsLimit = 4000
+	// MaxImagesLimit is the hard upper bound of Config.MaxImages.
+	MaxImagesLimit = 5000
+	// MinProxyPayload is the smallest Config.MaxPayload a proxy accepts
+	// (256 KiB).
+	MinProxyPayload = 256 << 10
+	// MaxBGRWindowSize is the upper bound of Config.BGRWindowSize.
+	MaxBGRWindowSize = 490
+	// minBGRClientsForSparse is the bgrMinClients value from which sparse
+	// files stay allowed with full background replication.
+	minBGRClientsForSparse = 5
+)
+
+// BGRMode is the background replication mode of a proxy
+// (backgroundReplication in server.conf).
+type BGRMode uint8
+
+// Background replication modes.
+const (
+	// BGROff replicates nothing in the background: only blocks that clients
+	// read (plus prefetch) are cached.
+	BGROff BGRMode = iota
+	// BGRFull replicates whole images in the background ("true").
+	BGRFull
+	// BGRHashblock only completes 16 MiB hash blocks that are already
+	// partially cached ("hashblock").
+	BGRHashblock
+)
+
+// String returns the server.conf spelling: "false", "true" or "hashblock".
+func (m BGRMode) String() string {
+	switch m {
+	case BGRFull:
+		return "true"
+	case BGRHashblock:
+		return "hashblock"
+	}
+	return "false"
+}
+
+// parseBGRMode reads backgroundReplication: "hashblock", else a boolean
+// (true = full, false = off).
+func parseBGRMode(s string) BGRMode {
+	if strings.EqualFold(s, "hashblock") {
+		return BGRHashblock
+	}
+	if parseBool(s) {
+		return BGRFull
+	}
+	return BGROff
+}
+
+// Config holds the settings of server.conf. The zero value is not useful;
+// start from DefaultConfig. Durations are stored as time.Duration and written
+// back in the unit server.conf uses for the key.
+type Config struct {
+	// [dnbd3]
+
+	// BasePath is the image root directory (basePath). Required, absolute,
+	// without trailing slash. Startup only.
+	BasePath string
+	// ListenPort is the TCP port for DNBD3, HTTP and iSCSI (listenPort,
+	// default 5003). Startup only.
+	ListenPort uint16
+	// ServerPenalty is a delay after the handshake of peers that are servers
+	// (serverPenalty, in µs, default 0).
+	ServerPenalty time.Duration
+	// ClientPenalty is a delay after the handshake of normal clients
+	// (clientPenalty, in µs, default 0).
+	ClientPenalty time.Duration
+	// IsProxy enables uplink/caching mode (isProxy, default false).
+	IsProxy bool
+	// BackgroundReplication is the proxy's background replication mode
+	// (backgroundReplication: true, hashblock or anything else = off;
+	// default true).
+	BackgroundReplication BGRMode
+	// BGRMinClients: replicate in the background only while an image has at
+	// least this many users (bgrMinClients, default 0).
+	BGRMinClients int
+	// BGRWindowSize is the number of background replication requests in
+	// flight per uplink (bgrWindowSize, default 1, clamped to 1…490).
+	BGRWindowSize int
+	// LookupMissingForProxy: when another proxy asks for an unknown image,
+	// fetch it from our uplinks instead of rejecting (lookupMissingForProxy,
+	// default true).
+	LookupMissingForProxy bool
+	// SparseFiles creates replicated images sparse instead of preallocating
+	// them (sparseFiles, default false). Forced off with full background
+	// replication and BGRMinClients < 5.
+	SparseFiles bool
+	// IgnoreAllocErrors falls back to sparse files when preallocation fails
+	// instead of giving up (ignoreAllocErrors, default false).
+	IgnoreAllocErrors bool
+	// RemoveMissingImages drops images from the list when their file
+	// vanishes or becomes unreadable (removeMissingImages, default true).
+	RemoveMissingImages bool
+	// UplinkTimeout is the send/receive timeout of uplink connections
+	// (uplinkTimeout, in ms, default 5000).
+	UplinkTimeout time.Duration
+	// ClientTimeout is the send/receive timeout of client connections
+	// (clientTimeout, in ms, default 15000).
+	ClientTimeout time.Duration
+	// CloseUnusedFd closes the files of images unused for an hour
+	// (closeUnusedFd, default false).
+	CloseUnusedFd bool
+	// VMDKLegacyMode loads files without a .rN suffix as revision 1 under
+	// their full name (vmdkLegacyMode, default false). Startup only.
+	VMDKLegacyMode bool
+	// ProxyPrivateOnly uses only private (for=replication) alt servers as
+	// uplinks (proxyPrivateOnly, default false).
+	ProxyPrivateOnly bool
+	// PretendClient does not announce this server as a server to its
+	// uplinks (pretendClient, default false).
+	PretendClient bool
+	// AutoFreeDiskSpaceDelay is the minimum uptime before a proxy may delete
+	// old replicated images to make room (autoFreeDiskSpaceDelay, in seconds,
+	// default 36000). Negative: never delete.
+	AutoFreeDiskSpaceDelay time.Duration
+	// ISCSIServer accepts iSCSI logins on the listen port (iScsiServer,
+	// default true).
+	ISCSIServer bool
+
+	// [limits]
+
+	// MaxClients is the maximum number of client connections (maxClients,
+	// default and hard cap 4000). Startup only.
+	MaxClients int
+	// MaxImages is the maximum number of images (maxImages, default and hard
+	// cap 5000). Startup only.
+	MaxImages int
+	// MaxPayload is the largest request relayed to or accepted from an
+	// uplink, in bytes (maxPayload, default 9000000; at least 256 KiB on a
+	// proxy).
+	MaxPayload int64
+	// MaxReplicationSize is the largest image a proxy replicates, in bytes
+	// (maxReplicationSize, default 100000000000).
+	MaxReplicationSize int64
+	// MaxPrefetch bounds the prefetch after a relayed client request, in
+	// bytes; 0 disables prefetching (maxPrefetch, default 262144).
+	MaxPrefetch int64
+	// MinRequestSize extends relayed client requests to at least this many
+	// bytes (minRequestSize, default 0).
+	MinRequestSize int64
+
+	// [logging]
+
+	// LogFile is the log file path; empty for none (file).
+	LogFile string
+	// LogFileMask selects the levels written to LogFile (fileMask, default
+	// ERROR WARNING MINOR INFO DEBUG1).
+	LogFileMask logging.Mask
+	// LogConsoleMask selects the levels written to the console (consoleMask,
+	// default ERROR WARNING MINOR INFO).
+	LogConsoleMask logging.Mask
+	// ConsoleTimestamps prefixes console lines with the time
+	// (consoleTimestamps, default false).
+	ConsoleTimestamps bool
+}
+
+// DefaultConfig returns the reference server's defaults. BasePath is empty:
+// server.conf must set it.
+func DefaultConfig() Config {
+	return Config{
+		ListenPort:             5003,
+		BackgroundReplication:  BGRFull,
+		BGRWindowSize:          1,
+		LookupMissingForProxy:  true,
+		RemoveMissingImages:    true,
+		UplinkTimeout:          5000 * time.Millisecond,
+		ClientTimeout:          15000 * time.Millisecond,
+		AutoFreeDiskSpaceDelay: 36000 * time.Second,
+		ISCSIServer:            true,
+		MaxClients:             MaxClientsLimit,
+		MaxImages:              MaxImagesLimit,
+		MaxPayload:             9000000,
+		MaxReplicationSize:     100000000000,
+		MaxPrefetch:            262144,
+		MinRequestSize:         0,
+		LogFileMask:            logging.DefaultFileMask,
+		LogConsoleMask:         logging.DefaultConsoleMask,
+	}
+}
+
+// configKeys lists the known keys per section, for spotting misspellings.
+var configKeys = map[string][]string{
+	"dnbd3": {"basePath", "listenPort", "serverPenalty", "clientPenalty", "isProxy",
+		"backgroundReplication", "bgrMinClients", "bgrWindowSize", "lookupMissingForProxy",
+		"sparseFiles", "ignoreAllocErrors", "removeMissingImages", "uplinkTimeout",
+		"clientTimeout", "closeUnusedFd", "vmdkLegacyMode", "proxyPrivateOnly",
+		"pretendClient", "autoFreeDiskSpaceDelay", "iScsiServer"},
+	"limits":  {"maxClients", "maxImages", "maxPayload", "maxReplicationSize", "maxPrefetch", "minRequestSize"},
+	"logging": {"file", "fileMask", "consoleMask", "consoleTimestamps"},
+}
+
+// LoadConfig reads dir/server.conf on top of the defaults.
+//
+// Unknown sections and keys are ignored (a key that differs from a known
+// one only in case gives a warning). Values that cannot be parsed or are out
+// of range give a warning and keep the default or are clamped, like the
+// reference does. When prev is not nil (a reload after SIGHUP), the
+// startup-only settings basePath, listenPort, vmdkLegacyMode, maxClients and
+// maxImages keep prev's values.
+//
+// The error is non-nil if the file cannot be read or, on first load,
+// basePath is missing or not absolute.
+func LoadConfig(dir string, prev *Config) (Config, []string, error) {
+	path := filepath.Join(dir, ConfigFileName)
+	f, err := os.Open(path)
+	if err != nil {
+		return Config{}, nil, fmt.Errorf("read server config: %w (pass the configuration directory with -c; it needs a %s with at least [dnbd3] basePath=/path/to/images)", err, ConfigFileName)
+	}
+	defer f.Close()
+
+	c := DefaultConfig()
+	l := configLoader{c: &c, path: path}
+	if err := parseINI(f, l.set); err != nil {
+		if _, ok := err.(*iniSyntaxError); !ok {
+			return Config{}, nil, fmt.Errorf("read server config %s: %w", path, err)
+		}
+		l.warnf("%s: %v (line ignored)", path, err)
+	}
+	l.finish(prev)
+	if prev == nil {
+		if c.BasePath == "" {
+			return Config{}, l.warns, fmt.Errorf("%s: [dnbd3] basePath is not set: set it to the absolute path of the image directory", path)
+		}
+		if !filepath.IsAbs(c.BasePath) {
+			return Config{}, l.warns, fmt.Errorf("%s: [dnbd3] basePath %q is not absolute: use a path starting with /", path, c.BasePath)
+		}
+	}
+	return c, l.warns, nil
+}
+
+// configLoader applies server.conf lines to a Config.
+type configLoader struct {
+	c     *Config
+	path  string
+	warns []string
+	// seen records the section.key pairs present in the file.
+	seen map[string]bool
+}
+
+func (l *configLoader) warnf(format string, args ...any) {
+	l.warns = append(l.warns, fmt.Sprintf(format, args...))
+}
+
+// num parses a number value; on error it warns and reports false.
+func (l *configLoader) num(section, key, value string, line int) (int64, bool) {
+	n, err := parseNumber(value)
+	if err != nil {
+		l.warnf("%s:%d: [%s] %s: %v; keeping the default", l.path, line, section, key, err)
+		return 0, false
+	}
+	return n, true
+}
+
+// intIn parses a number and checks lo ≤ n ≤ hi; out-of-range values warn.
+func (l *configLoader) intIn(section, key, value string, line int, lo, hi int64) (int64, bool) {
+	n, ok := l.num(section, key, value, line)
+	if !ok {
+		return 0, false
+	}
+	if n < lo || n > hi {
+		l.warnf("%s:%d: [%s] %s=%s is out of range %d…%d; keeping the default", l.path, line, section, key, value, lo, hi)
+		return 0, false
+	}
+	return n, true
+}
+
+// duration parses a number in the given unit.
+func (l *configLoader) duration(section, key, value string, line int, unit time.Duration, lo int64) (time.Duration, bool) {
+	n, ok := l.intIn(section, key, value, line, lo, math.MaxInt64/int64(unit))
+	if !ok {
+		return 0, false
+	}
+	return time.Duration(n) * unit, true
+}
+
+// set is the parseINI callback.
+func (l *configLoader) set(section, key, value string, line int) {
+	c := l.c
+	if l.seen == nil {
+		l.seen = map[string]bool{}
+	}
+	l.seen[section+"."+key] = true
+	switch section + "." + key {
+	// [dnbd3]
+	case "dnbd3.basePath":
+		c.BasePath = value
+	case "dnbd3.listenPort":
+		if n, ok := l.intIn(section, key, value, line, 1, math.MaxUint16); ok {
+			c.ListenPort = uint16(n)
+		}
+	case "dnbd3.serverPenalty":
+		if d, ok := l.duration(section, key, value, line, time.Microsecond, 0); ok {
+			c.ServerPenalty = d
+		}
+	case "dnbd3.clientPenalty":
+		if d, ok := l.duration(section, key, value, line, time.Microsecond, 0); ok {
+			c.ClientPenalty = d
+		}
+	case "dnbd3.isProxy":
+		c.IsProxy = parseBool(value)
+	case "dnbd3.backgroundReplication":
+		c.BackgroundReplication = parseBGRMode(value)
+	case "dnbd3.bgrMinClients":
+		if n, ok := l.intIn(section, key, value, line, 0, math.MaxInt32); ok {
+			c.BGRMinClients = int(n)
+		}
+	case "dnbd3.bgrWindowSize":
+		if n, ok := l.num(section, key, value, line); ok {
+			if n < 1 || n > MaxBGRWindowSize {
+				clamped := min(max(n, 1), MaxBGRWindowSize)
+				l.warnf("%s:%d: [dnbd3] bgrWindowSize=%s is outside 1…%d; using %d", l.path, line, value, MaxBGRWindowSize, clamped)
+				n = clamped
+			}
+			c.BGRWindowSize = int(n)
+		}
+	case "dnbd3.lookupMissingForProxy":
+		c.LookupMissingForProxy = parseBool(value)
+	case "dnbd3.sparseFiles":
+		c.SparseFiles = parseBool(value)
+	case "dnbd3.ignoreAllocErrors":
+		c.IgnoreAllocErrors = parseBool(value)
+	case "dnbd3.removeMissingImages":
+		c.RemoveMissingImages = parseBool(value)
+	case "dnbd3.uplinkTimeout":
+		if d, ok := l.duration(section, key, value, line, time.Millisecond, 1); ok {
+			c.UplinkTimeout = d
+		}
+	case "dnbd3.clientTimeout":
+		if d, ok := l.duration(section, key, value, line, time.Millisecond, 1); ok {
+			c.ClientTimeout = d
+		}
+	case "dnbd3.closeUnusedFd":
+		c.CloseUnusedFd = parseBool(value)
+	case "dnbd3.vmdkLegacyMode":
+		c.VMDKLegacyMode = parseBool(value)
+	case "dnbd3.proxyPrivateOnly":
+		c.ProxyPrivateOnly = parseBool(value)
+	case "dnbd3.pretendClient":
+		c.PretendClient = parseBool(value)
+	case "dnbd3.autoFreeDiskSpaceDelay":
+		if n, ok := l.num(section, key, value, line); ok {
+			switch {
+			case n < 0:
+				c.AutoFreeDiskSpaceDelay = -time.Second
+			case n > math.MaxInt64/int64(time.Second):
+				l.warnf("%s:%d: [dnbd3] autoFreeDiskSpaceDelay=%s is too large; keeping the default", l.path, line, value)
+			default:
+				c.AutoFreeDiskSpaceDelay = time.Duration(n) * time.Second
+			}
+		}
+	case "dnbd3.iScsiServer":
+		c.ISCSIServer = parseBool(value)
+
+	// [limits]
+	case "limits.maxClients":
+		if n, ok := l.intIn(section, key, value, line, 1, math.MaxInt64); ok {
+			if n > MaxClientsLimit {
+				l.warnf("%s:%d: [limits] maxClients=%s is above the limit; using %d", l.path, line, value, MaxClientsLimit)
+				n = MaxClientsLimit
+			}
+			c.MaxClients = int(n)
+		}
+	case "limits.maxImages":
+		if n, ok := l.intIn(section, key, value, line, 1, math.MaxInt64); ok {
+			if n > MaxImagesLimit {
+				l.warnf("%s:%d: [limits] maxImages=%s is above the limit; using %d", l.path, line, value, MaxImagesLimit)
+				n = MaxImagesLimit
+			}
+			c.MaxImages = int(n)
+		}
+	case "limits.maxPayload":
+		if n, ok := l.intIn(section, key, value, line, 1, math.MaxInt64); ok {
+			c.MaxPayload = n
+		}
+	case "limits.maxReplicationSize":
+		if n, ok := l.intIn(section, key, value, line, 0, math.MaxInt64); ok {
+			c.MaxReplicationSize = n
+		}
+	case "limits.maxPrefetch":
+		if n, ok := l.intIn(section, key, value, line, 0, math.MaxInt64); ok {
+			c.MaxPrefetch = n
+		}
+	case "limits.minRequestSize":
+		if n, ok := l.intIn(section, key, value, line, 0, math.MaxInt64); ok {
+			c.MinRequestSize = n
+		}
+
+	// [logging]
+	case "logging.file":
+		c.LogFile = value
+	case "logging.fileMask":
+		c.LogFileMask = logging.ParseMask(value)
+	case "logging.consoleMask":
+		c.LogConsoleMask = logging.ParseMask(value)
+	case "logging.consoleTimestamps":
+		c.ConsoleTimestamps = parseBool(value)
+
+	default:
+		for _, k := range configKeys[strings.ToLower(section)] {
+			if strings.EqualFold(k, key) {
+				l.warnf("%s:%d: [%s] %s is not a known key (keys are case-sensitive: did you mean [%s] %s?); ignored",
+					l.path, line, section, key, strings.ToLower(section), k)
+				return
+			}
+		}
+	}
+}
+
+// finish applies the rules that involve several keys, and the startup-only
+// rule on reload.
+func (l *configLoader) finish(prev *Config) {
+	c := l.c
+	c.BasePath = strings.TrimRight(c.BasePath, "/")
+	if l.seen["dnbd3.basePath"] && c.BasePath == "" {
+		// "/" alone: the image root is the file system root.
+		c.BasePath = "/"
+	}
+	if prev != nil {
+		l.keepStartup(prev)
+	}
+	if c.IsProxy && c.MaxPayload < MinProxyPayload {
+		l.warnf("%s: [limits] maxPayload=%d is below %d, the minimum for a proxy; using %d", l.path, c.MaxPayload, MinProxyPayload, MinProxyPayload)
+		c.MaxPayload = MinProxyPayload
+	}
+	if c.MinRequestSize > c.MaxPayload {
+		l.warnf("%s: [limits] minRequestSize=%d is above maxPayload=%d; using %d", l.path, c.MinRequestSize, c.MaxPayload, c.MaxPayload)
+		c.MinRequestSize = c.MaxPayload
+	}
+	if c.SparseFiles && c.BackgroundReplication == BGRFull && c.BGRMinClients < minBGRClientsForSparse {
+		l.warnf("%s: [dnbd3] sparseFiles=true makes no sense with backgroundReplication=true and bgrMinClients < %d (every replicated image gets filled completely anyway); disabling sparseFiles", l.path, minBGRClientsForSparse)
+		c.SparseFiles = false
+	}
+}
+
+// keepStartup restores the startup-only settings from prev, warning about
+// changes that need a restart.
+func (l *configLoader) keepStartup(prev *Config) {
+	c := l.c
+	changed := func(key string, now, was any) {
+		if fmt.Sprint(now) != fmt.Sprint(was) {
+			l.warnf("%s: %s changed from %v to %v; restart the server to apply it", l.path, key, was, now)
+		}
+	}
+	if l.seen["dnbd3.basePath"] {
+		changed("basePath", c.BasePath, prev.BasePath)
+	}
+	changed("listenPort", c.ListenPort, prev.ListenPort)
+	changed("vmdkLegacyMode", c.VMDKLegacyMode, prev.VMDKLegacyMode)
+	changed("maxClients", c.MaxClients, prev.MaxClients)
+	changed("maxImages", c.MaxImages, prev.MaxImages)
+	c.BasePath = prev.BasePath
+	c.ListenPort = prev.ListenPort
+	c.VMDKLegacyMode = prev.VMDKLegacyMode
+	c.MaxClients = prev.MaxClients
+	c.MaxImages = prev.MaxImages
+}
+
+// String returns the effective configuration as server.conf text (the RPC
+// q=config dump), with values in the units the file uses.
+func (c Config) String() string {
+	var b strings.Builder
+	kv := func(k string, v any) { fmt.Fprintf(&b, "%s=%v\n", k, v) }
+	b.WriteString("[dnbd3]\n")
+	kv("basePath", c.BasePath)
+	kv("listenPort", c.ListenPort)
+	kv("serverPenalty", c.ServerPenalty.Microseconds())
+	kv("clientPenalty", c.ClientPenalty.Microseconds())
+	kv("isProxy", c.IsProxy)
+	kv("backgroundReplication", c.BackgroundReplication)
+	kv("bgrMinClients", c.BGRMinClients)
+	kv("bgrWindowSize", c.BGRWindowSize)
+	kv("lookupMissingForProxy", c.LookupMissingForProxy)
+	kv("sparseFiles", c.SparseFiles)
+	kv("ignoreAllocErrors", c.IgnoreAllocErrors)
+	kv("removeMissingImages", c.RemoveMissingImages)
+	kv("uplinkTimeout", c.UplinkTimeout.Milliseconds())
+	kv("clientTimeout", c.ClientTimeout.Milliseconds())
+	kv("closeUnusedFd", c.CloseUnusedFd)
+	kv("vmdkLegacyMode", c.VMDKLegacyMode)
+	kv("proxyPrivateOnly", c.ProxyPrivateOnly)
+	kv("pretendClient", c.PretendClient)
+	if c.AutoFreeDiskSpaceDelay < 0 {
+		kv("autoFreeDiskSpaceDelay", -1)
+	} else {
+		kv("autoFreeDiskSpaceDelay", strconv.FormatInt(int64(c.AutoFreeDiskSpaceDelay/time.Second), 10))
+	}
+	kv("iScsiServer", c.ISCSIServer)
+	b.WriteString("[limits]\n")
+	kv("maxClients", c.MaxClients)
+	kv("maxImages", c.MaxImages)
+	kv("maxPayload", c.MaxPayload)
+	kv("maxReplicationSize", c.MaxReplicationSize)
+	kv("maxPrefetch", c.MaxPrefetch)
+	kv("minRequestSize", c.MinRequestSize)
+	b.WriteString("[logging]\n")
+	kv("file", c.LogFile)
+	kv("fileMask", c.LogFileMask)
+	kv("consoleMask", c.LogConsoleMask)
+	kv("consoleTimestamps", c.ConsoleTimestamps)
+	return b.String()
+}

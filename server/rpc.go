@@ -1,0 +1,292 @@
+package server
+
+import (
+	"context"
+	"log"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// HTTP connection limits of the reference: above softHTTPClients the server
+// closes after each response, above maxHTTPClients it answers 503.
+const (
+	softHTTPClients = 40
+	maxHTTPClients  = 50
+	logfileTail     = 4000
+	maxQueryItems   = 10
+)
+
+// rpcServer answers the HTTP JSON RPC (/query, /cachemap) on connections
+// the protocol detector handed over.
+type rpcServer struct {
+	srv    *Server
+	ln     *handoffListener
+	http   *http.Server
+	active atomic.Int32
+}
+
+func newRPCServer(s *Server) *rpcServer {
+	r := &rpcServer{srv: s, ln: newHandoffListener()}
+	timeout := s.config().ClientTimeout
+	r.http = &http.Server{
+		Handler:           r,
+		ReadHeaderTimeout: timeout,
+		ReadTimeout:       timeout,
+		WriteTimeout:      timeout,
+		IdleTimeout:       4 * timeout,
+		MaxHeaderBytes:    16 << 10,
+		ErrorLog:          log.New(slogWriter{s.log}, "", 0),
+	}
+	return r
+}
+
+func (r *rpcServer) serve() { r.http.Serve(r.ln) }
+
+func (r *rpcServer) close() {
+	r.ln.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	r.http.Shutdown(ctx)
+}
+
+// handoff passes an HTTP connection (whose first bytes were already read)
+// to the HTTP server. done runs when the connection is closed.
+func (r *rpcServer) handoff(c net.Conn, prefix []byte, done func()) bool {
+	if r.active.Load() >= maxHTTPClients {
+		c.SetWriteDeadline(time.Now().Add(time.Second))
+		c.Write([]byte("HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"))
+		return false
+	}
+	r.active.Add(1)
+	pc := &prefixConn{Conn: c, prefix: append([]byte(nil), prefix...), onClose: func() {
+		r.active.Add(-1)
+		done()
+	}}
+	if !r.ln.put(pc) {
+		r.active.Add(-1)
+		return false
+	}
+	return true
+}
+
+// ServeHTTP routes /query and /cachemap.
+func (r *rpcServer) ServeHTTP(w http.ResponseWriter, req *http.Request) {
+	if r.active.Load() > softHTTPClients || req.Close {
+		w.Header().Set("Connection", "Close")
+	} else {
+		w.Header().Set("Connection", "Keep-Alive")
+	}
+	var perm ACLPerm
+	if ap, err := netip.ParseAddrPort(req.RemoteAddr); err == nil {
+		perm = r.srv.acl.Allowed(ap.Addr().Unmap())
+	}
+	switch req.URL.Path {
+	case "/query":
+		r.query(w, req, perm)
+	case "/cachemap":
+		r.cachemap(w, req, perm)
+	default:
+		textReply(w, http.StatusNotFound, "Nothing")
+	}
+}
+
+func textReply(w http.ResponseWriter, code int, msg string) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.Header().Set("Content-Length", strconv.Itoa(len(msg)))
+	w.WriteHeader(code)
+	w.Write([]byte(msg))
+}
+
+// queryItem describes one q= value: the permission it needs and the text of
+// the 403 answer.
+type queryItem struct {
+	perm   ACLPerm
+	denied string
+}
+
+var queryItems = map[string]queryItem{
+	"stats":      {PermStats, "No permission to access statistics"},
+	"space":      {PermStats, "No permission to access statistics"},
+	"version":    {PermStats, "No permission to access statistics"},
+	"clients":    {PermClientList, "No permission to access client list"},
+	"images":     {PermImageList, "No permission to access image list"},
+	"config":     {PermAll, "No permission to access config"},
+	"altservers": {PermAll, "No permission to access alt servers"},
+	"logfile":    {PermAll, "No permission to access log file"},
+}
+
+// query answers /query?q=A&q=B (and, unlike the reference, q=A,B). Keys
+// come in the reference's fixed order whatever order q lists them in.
+func (r *rpcServer) query(w http.ResponseWriter, req *http.Request, perm ACLPerm) {
+	want := map[string]bool{}
+	n := 0
+	for _, v := range req.URL.Query()["q"] {
+		for _, item := range strings.Split(v, ",") {
+			item = strings.TrimSpace(item)
+			if n >= maxQueryItems {
+				break
+			}
+			n++
+			qi, ok := queryItems[item]
+			if !ok {
+				continue
+			}
+			if !perm.Has(qi.perm) {
+				textReply(w, http.StatusForbidden, qi.denied)
+				return
+			}
+			want[item] = true
+		}
+	}
+	s := r.srv
+	o := newJSONObject()
+	if want["stats"] {
+		s.connMu.Lock()
+		clients, servers := 0, 0
+		for cc := range s.clients {
+			if cc.isServer.Load() {
+				servers++
+			} else {
+				clients++
+			}
+		}
+		s.connMu.Unlock()
+		o.Uint("bytesReceived", s.bytesRecv.Load())
+		o.Uint("bytesSent", s.bytesSent.Load())
+		o.Int("clientCount", int64(clients))
+		o.Int("serverCount", int64(servers))
+		o.Int("uptime", int64(time.Since(s.started)/time.Second))
+	}
+	o.Uint("runId", s.runID)
+	if want["version"] {
+		o.Str("version", s.opts.Version)
+		o.Str("build", "Release")
+	}
+	if want["space"] {
+		var st unix.Statfs_t
+		var total, free uint64
+		if err := unix.Statfs(s.config().BasePath, &st); err == nil {
+			total = st.Blocks * uint64(st.Bsize)
+			free = st.Bavail * uint64(st.Bsize)
+		}
+		o.Uint("spaceTotal", total)
+		o.Uint("spaceFree", free)
+	}
+	if want["config"] {
+		o.Str("config", s.config().String())
+	}
+	if want["logfile"] {
+		if s.opts.LogTail == nil {
+			o.Null("logfile")
+		} else {
+			o.Str("logfile", string(s.opts.LogTail(logfileTail)))
+		}
+	}
+	if want["clients"] {
+		var items [][]byte
+		for _, cc := range s.clientList() {
+			c := newJSONObject()
+			c.Str("address", cc.addr.String())
+			c.Int("imageId", int64(cc.img.ID))
+			c.Int("isServer", b2i(cc.isServer.Load()))
+			c.Uint("bytesSent", cc.bytesSent.Load())
+			items = append(items, c.Bytes())
+		}
+		o.Raw("clients", jsonArray(items))
+	}
+	if want["images"] {
+		var items [][]byte
+		for _, img := range s.store.List() {
+			items = append(items, imageJSON(img))
+		}
+		o.Raw("images", jsonArray(items))
+	}
+	if want["altservers"] {
+		var items [][]byte
+		for _, a := range s.alts {
+			items = append(items, altServerJSON(a))
+		}
+		o.Raw("altservers", jsonArray(items))
+	}
+	body := o.Bytes()
+	w.Header().Set("Content-Type", "application/json; charset=utf-8")
+	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+	w.Write(body)
+}
+
+func imageJSON(img *Image) []byte {
+	o := newJSONObject()
+	o.Int("id", int64(img.ID))
+	o.Str("name", img.Name)
+	o.Uint("wwn", img.WWN)
+	o.Int("rid", int64(img.RID))
+	o.Int("users", int64(img.Users()))
+	o.Int("complete", int64(img.Complete()))
+	o.Int("idle", int64(img.Idle()/time.Second))
+	o.Int("size", img.VirtualSize)
+	o.Uint("problems", uint64(img.Problems()))
+	return o.Bytes()
+}
+
+func altServerJSON(a *AltServer) []byte {
+	snap := a.Snapshot()
+	o := newJSONObject()
+	o.Str("comment", a.Comment)
+	o.Str("host", FormatHost(a.Addr))
+	rtt := make([][]byte, len(snap.RTT))
+	for i, v := range snap.RTT {
+		rtt[i] = strconv.AppendUint(nil, uint64(v), 10)
+	}
+	o.Raw("rtt", jsonArray(rtt))
+	o.Bool("isPrivate", a.Private)
+	o.Bool("isClientOnly", a.ClientOnly)
+	o.Int("numFails", int64(snap.Fails))
+	return o.Bytes()
+}
+
+// cachemap answers /cachemap?id=N with the image's cache map, or the single
+// byte 0xFF for a complete image.
+func (r *rpcServer) cachemap(w http.ResponseWriter, req *http.Request, perm ACLPerm) {
+	if !perm.Has(PermImageList) {
+		textReply(w, http.StatusForbidden, "No permission to access image list")
+		return
+	}
+	v := req.URL.Query().Get("id")
+	if v == "" {
+		textReply(w, http.StatusBadRequest, "Missing parameter 'id'")
+		return
+	}
+	id, err := strconv.Atoi(v)
+	img := r.srv.store.ByID(id)
+	if err != nil || img == nil {
+		textReply(w, http.StatusNotFound, "Image not found")
+		return
+	}
+	body := img.CacheMap()
+	w.Header().Set("Content-Type", "application/octet-stream; charset=utf-8")
+	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+	w.Write(body)
+}
+
+func b2i(b bool) int64 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// slogWriter routes net/http's internal error log to slog at debug level.
+type slogWriter struct{ log *slog.Logger }
+
+func (w slogWriter) Write(p []byte) (int, error) {
+	w.log.Debug("rpc: " + strings.TrimSpace(string(p)))
+	return len(p), nil
+}

@@ -1,0 +1,302 @@
+// Package server implements dnbd3-server: it serves read-only images
+// `<name>.r<rid>` below a base path over the DNBD3 protocol and answers the
+// HTTP JSON RPC on the same port. It reads the reference server's
+// configuration directory (server.conf, alt-servers, rpc.acl).
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// Options configures a Server.
+type Options struct {
+	// ConfigDir is the configuration directory (server.conf, alt-servers,
+	// rpc.acl). It is re-read on Reload.
+	ConfigDir string
+	// Config is the parsed server.conf.
+	Config Config
+	// Logger receives the server's logs.
+	Logger *slog.Logger
+	// LogTail returns the last bytes of the log file for RPC q=logfile
+	// (nil: no log file).
+	LogTail func(n int) []byte
+	// Version is reported by RPC q=version.
+	Version string
+}
+
+// Server is a DNBD3 server. Create it with New and run it with Serve.
+type Server struct {
+	opts  Options
+	log   *slog.Logger
+	store *Store
+	alts  []*AltServer
+	acl   *ACL
+	rpc   *rpcServer
+
+	cfgMu sync.RWMutex
+	cfg   Config
+
+	runID     uint64
+	started   time.Time
+	bytesSent atomic.Uint64
+	bytesRecv atomic.Uint64
+
+	connMu  sync.Mutex
+	conns   map[net.Conn]struct{} // every accepted connection
+	clients map[*clientConn]struct{}
+	wg      sync.WaitGroup
+}
+
+// New loads the alt-servers and rpc.acl files, scans the base path and
+// returns a server ready to Serve.
+func New(opts Options) (*Server, error) {
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	s := &Server{
+		opts:    opts,
+		log:     opts.Logger,
+		cfg:     opts.Config,
+		runID:   rand.Uint64() >> 1,
+		started: time.Now(),
+		conns:   map[net.Conn]struct{}{},
+		clients: map[*clientConn]struct{}{},
+	}
+	alts, warnings, err := LoadAltServers(filepath.Join(opts.ConfigDir, "alt-servers"))
+	for _, w := range warnings {
+		s.log.Warn("alt-servers: " + w)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("alt-servers: %w", err)
+	}
+	s.alts = alts
+	acl, warnings, err := LoadACL(filepath.Join(opts.ConfigDir, "rpc.acl"))
+	for _, w := range warnings {
+		s.log.Warn("rpc.acl: " + w)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("rpc.acl: %w", err)
+	}
+	s.acl = acl
+	s.store = NewStore(StoreOptions{
+		BasePath:      opts.Config.BasePath,
+		VMDKLegacy:    opts.Config.VMDKLegacyMode,
+		RemoveMissing: opts.Config.RemoveMissingImages,
+		MaxImages:     opts.Config.MaxImages,
+		Logger:        s.log,
+	})
+	added, _, _, err := s.store.Reload()
+	if err != nil {
+		return nil, err
+	}
+	s.log.Info("images loaded", "count", added, "basePath", opts.Config.BasePath)
+	s.rpc = newRPCServer(s)
+	return s, nil
+}
+
+// Store returns the server's image store.
+func (s *Server) Store() *Store { return s.store }
+
+func (s *Server) config() Config {
+	s.cfgMu.RLock()
+	defer s.cfgMu.RUnlock()
+	return s.cfg
+}
+
+// Serve accepts connections on ln until ctx is cancelled, then closes every
+// connection and returns once all handlers have finished.
+func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
+	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	defer stop()
+	s.wg.Add(1)
+	go func() { defer s.wg.Done(); s.rpc.serve() }()
+	var tempDelay time.Duration
+	var err error
+	for {
+		var c net.Conn
+		c, err = ln.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				err = nil
+				break
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, errTooManyFiles) {
+				tempDelay = min(max(2*tempDelay, 5*time.Millisecond), time.Second)
+				s.log.Warn("accept failed, retrying", "err", err, "delay", tempDelay)
+				time.Sleep(tempDelay)
+				continue
+			}
+			break
+		}
+		tempDelay = 0
+		if !s.track(c) {
+			s.log.Warn("rejecting connection: maxClients reached", "remote", c.RemoteAddr())
+			c.Close()
+			continue
+		}
+		s.wg.Add(1)
+		go s.handle(c)
+	}
+	ln.Close()
+	s.rpc.close()
+	s.connMu.Lock()
+	for c := range s.conns {
+		c.Close()
+	}
+	s.connMu.Unlock()
+	s.wg.Wait()
+	return err
+}
+
+// track registers a connection; false if maxClients is reached.
+func (s *Server) track(c net.Conn) bool {
+	s.connMu.Lock()
+	defer s.connMu.Unlock()
+	if max := s.config().MaxClients; max > 0 && len(s.conns) >= max {
+		return false
+	}
+	s.conns[c] = struct{}{}
+	return true
+}
+
+func (s *Server) untrack(c net.Conn) {
+	s.connMu.Lock()
+	delete(s.conns, c)
+	s.connMu.Unlock()
+}
+
+// handle detects the protocol from the first byte: 0x73 ("sr" magic) is
+// DNBD3, 'G' or 'P' is the HTTP RPC; anything else is closed. (iSCSI,
+// first byte 0x43, is not implemented.)
+func (s *Server) handle(c net.Conn) {
+	defer s.wg.Done()
+	handedOff := false
+	defer func() {
+		if !handedOff {
+			c.Close()
+			s.untrack(c)
+		}
+	}()
+	timeout := s.config().ClientTimeout
+	c.SetDeadline(time.Now().Add(timeout))
+	var first [24]byte
+	if _, err := io.ReadFull(c, first[:1]); err != nil {
+		return
+	}
+	remote := addrPort(c.RemoteAddr())
+	switch first[0] {
+	case 0x73:
+		if _, err := io.ReadFull(c, first[1:]); err != nil {
+			s.log.Debug("closing: incomplete first header", "remote", remote, "err", err)
+			return
+		}
+		cc := &clientConn{srv: s, c: c, addr: remote, self: addrPort(c.LocalAddr()),
+			log: s.log.With("client", remote.String())}
+		cc.serveDNBD3(first[:])
+	case 'G', 'P':
+		c.SetDeadline(time.Time{})
+		handedOff = s.rpc.handoff(c, first[:1], func() { s.untrack(c) })
+	case 0x43:
+		s.log.Info("closing iSCSI login attempt: iSCSI is not supported by this server", "remote", remote)
+	default:
+		s.log.Debug("closing: unknown protocol", "remote", remote, "firstByte", first[0])
+	}
+}
+
+func (s *Server) addClient(cc *clientConn) {
+	s.connMu.Lock()
+	s.clients[cc] = struct{}{}
+	s.connMu.Unlock()
+}
+
+func (s *Server) removeClient(cc *clientConn) {
+	s.connMu.Lock()
+	delete(s.clients, cc)
+	s.connMu.Unlock()
+}
+
+// clientList returns the connected (handshaken) clients.
+func (s *Server) clientList() []*clientConn {
+	s.connMu.Lock()
+	defer s.connMu.Unlock()
+	out := make([]*clientConn, 0, len(s.clients))
+	for cc := range s.clients {
+		out = append(out, cc)
+	}
+	return out
+}
+
+// Reload re-reads server.conf (keys that are not startup-only) and rescans
+// the base path (SIGHUP). alt-servers and rpc.acl are read only at start,
+// as in the reference.
+func (s *Server) Reload() error {
+	prev := s.config()
+	cfg, warnings, err := LoadConfig(s.opts.ConfigDir, &prev)
+	for _, w := range warnings {
+		s.log.Warn("server.conf: " + w)
+	}
+	if err != nil {
+		s.log.Error("reload: keeping the old configuration", "err", err)
+	} else {
+		s.cfgMu.Lock()
+		s.cfg = cfg
+		s.cfgMu.Unlock()
+	}
+	added, replaced, removed, err := s.store.Reload()
+	if err != nil {
+		return err
+	}
+	s.log.Info("reloaded", "added", added, "replaced", replaced, "removed", removed)
+	return nil
+}
+
+// VerifyAll checks the CRC-32 list of every loaded image (SIGUSR1) and
+// returns the number of images and of failed hash blocks.
+func (s *Server) VerifyAll(ctx context.Context) (images, failed int) {
+	s.log.Info("verifying checksums of all images")
+	for _, img := range s.store.List() {
+		if ctx.Err() != nil {
+			break
+		}
+		bad, err := img.Verify(ctx)
+		if err != nil {
+			s.log.Error("cannot verify image", "image", img.String(), "err", err)
+			continue
+		}
+		if img.CRCList() == nil {
+			continue
+		}
+		images++
+		failed += len(bad)
+		for _, b := range bad {
+			s.log.Error(fmt.Sprintf("Hash check for block %d of %s failed", b, img.Name), "image", img.String())
+		}
+	}
+	s.log.Info("checksum verification done", "images", images, "failedBlocks", failed)
+	return images, failed
+}
+
+func addrPort(a net.Addr) netip.AddrPort {
+	if ta, ok := a.(*net.TCPAddr); ok {
+		ap := ta.AddrPort()
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	}
+	ap, _ := netip.ParseAddrPort(a.String())
+	return ap
+}
+
+// errTooManyFiles is retried by the accept loop.
+var errTooManyFiles = syscall.EMFILE

@@ -1,0 +1,325 @@
+package server
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+
+	"github.com/dnbd3go/dnbd3go/protocol"
+)
+
+// maxComponentLength is the longest path component the loader accepts.
+const maxComponentLength = 150
+
+// ErrImageNotFound is returned when no file serves a requested name/rid.
+var ErrImageNotFound = errors.New("image not found")
+
+// StoreOptions configures a Store.
+type StoreOptions struct {
+	BasePath      string // image root (absolute)
+	VMDKLegacy    bool   // files without .r<rid> load as rid 1 under their full name
+	RemoveMissing bool   // drop images whose file vanished on reload
+	MaxImages     int    // most images loaded at once (0 = 5000)
+	Logger        *slog.Logger
+}
+
+type imageKey struct {
+	name string
+	rid  uint16
+}
+
+// Store is the set of loaded images below the base path. It scans the tree
+// at start and on Reload, and loads files that appear later on first
+// request.
+type Store struct {
+	opts StoreOptions
+	log  *slog.Logger
+
+	mu     sync.RWMutex
+	images map[imageKey]*Image
+	nextID int
+}
+
+// NewStore returns an empty store; call Reload to scan the base path.
+func NewStore(opts StoreOptions) *Store {
+	if opts.MaxImages <= 0 {
+		opts.MaxImages = 5000
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	return &Store{opts: opts, log: opts.Logger, images: map[imageKey]*Image{}}
+}
+
+// ParseImageFileName splits a path relative to the base path into image
+// name and revision. ok is false for sidecars, hidden entries, long
+// components and files without a valid .r<rid> suffix (unless legacy).
+func ParseImageFileName(rel string, legacy bool) (name string, rid uint16, ok bool, why string) {
+	rel = filepath.ToSlash(rel)
+	for _, c := range strings.Split(rel, "/") {
+		if strings.HasPrefix(c, ".") {
+			return "", 0, false, "hidden"
+		}
+		if len(c) > maxComponentLength {
+			return "", 0, false, "path component longer than 150 bytes"
+		}
+	}
+	for _, ext := range []string{".crc", ".map", ".meta"} {
+		if strings.HasSuffix(rel, ext) {
+			return "", 0, false, "sidecar"
+		}
+	}
+	i := strings.LastIndex(rel, ".r")
+	if i > 0 {
+		n, err := strconv.ParseUint(rel[i+2:], 10, 16)
+		if err == nil && n > 0 && !strings.ContainsAny(rel[i+2:], "+-") {
+			name = rel[:i]
+			if protocol.ValidImageName(name) {
+				return name, uint16(n), true, ""
+			}
+			return "", 0, false, "invalid image name"
+		}
+	}
+	if legacy && protocol.ValidImageName(rel) {
+		return rel, 1, true, ""
+	}
+	return "", 0, false, "invalid revision ID (file name must end in .r<1..65535>)"
+}
+
+// Reload scans the base path: it adds new files, replaces images whose size
+// or CRC list changed and, with RemoveMissing, drops images whose file
+// vanished. It returns how many images were added, replaced and removed.
+func (s *Store) Reload() (added, replaced, removed int, err error) {
+	type found struct {
+		path string
+		size int64
+	}
+	seen := map[imageKey]found{}
+	base := s.opts.BasePath
+	walkErr := filepath.WalkDir(base, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			s.log.Warn("cannot scan", "path", path, "err", err)
+			if d != nil && d.IsDir() && path != base {
+				return fs.SkipDir
+			}
+			return nil
+		}
+		if path == base {
+			return nil
+		}
+		if strings.HasPrefix(d.Name(), ".") || len(d.Name()) > maxComponentLength {
+			if d.IsDir() {
+				return fs.SkipDir
+			}
+			return nil
+		}
+		if d.IsDir() {
+			return nil
+		}
+		rel, _ := filepath.Rel(base, path)
+		name, rid, ok, why := ParseImageFileName(rel, s.opts.VMDKLegacy)
+		if !ok {
+			if why != "sidecar" && why != "hidden" {
+				s.log.Warn("ignoring file", "path", path, "reason", why)
+			}
+			return nil
+		}
+		st, err := os.Stat(path) // follows symlinks
+		if err != nil || !st.Mode().IsRegular() || st.Size() == 0 {
+			return nil
+		}
+		seen[imageKey{name, rid}] = found{path, st.Size()}
+		return nil
+	})
+	if walkErr != nil {
+		return 0, 0, 0, fmt.Errorf("scan %s: %w", base, walkErr)
+	}
+
+	s.mu.Lock()
+	var drop []*Image
+	for k, img := range s.images {
+		f, ok := seen[k]
+		if !ok {
+			if s.opts.RemoveMissing {
+				s.log.Info("image vanished, removing", "image", img.String(), "path", img.Path)
+				delete(s.images, k)
+				drop = append(drop, img)
+				removed++
+			}
+			continue
+		}
+		if f.size != img.RealSize || !slices.Equal(loadCRCFile(f.path, protocol.VirtualSize(f.size), s.log), img.CRCList()) {
+			s.log.Warn("image changed on disk, replacing it (never change an image in place; use a new revision)",
+				"image", img.String(), "oldSize", img.RealSize, "newSize", f.size)
+			delete(s.images, k)
+			drop = append(drop, img)
+			replaced++
+		}
+	}
+	s.mu.Unlock()
+	for _, img := range drop {
+		img.unref()
+	}
+
+	keys := make([]imageKey, 0, len(seen))
+	for k := range seen {
+		keys = append(keys, k)
+	}
+	slices.SortFunc(keys, func(a, b imageKey) int {
+		return strings.Compare(seen[a].path, seen[b].path)
+	})
+	for _, k := range keys {
+		s.mu.RLock()
+		_, loaded := s.images[k]
+		s.mu.RUnlock()
+		if loaded {
+			continue
+		}
+		if _, err := s.load(k, seen[k].path); err != nil {
+			s.log.Warn("cannot load image", "path", seen[k].path, "err", err)
+			continue
+		}
+		added++
+	}
+	added -= replaced
+	return added, replaced, removed, nil
+}
+
+// load opens a file and registers it; an image that is already loaded is
+// returned as is.
+func (s *Store) load(k imageKey, path string) (*Image, error) {
+	img, err := openImage(path, k.name, k.rid)
+	if err != nil {
+		return nil, err
+	}
+	img.setCRCList(loadCRCFile(path, img.VirtualSize, s.log))
+	s.mu.Lock()
+	if old, ok := s.images[k]; ok {
+		s.mu.Unlock()
+		img.unref()
+		return old, nil
+	}
+	if len(s.images) >= s.opts.MaxImages {
+		s.mu.Unlock()
+		img.unref()
+		return nil, fmt.Errorf("too many images loaded (maxImages=%d)", s.opts.MaxImages)
+	}
+	s.nextID++
+	img.ID = s.nextID
+	s.images[k] = img
+	s.mu.Unlock()
+	s.log.Info("loaded image", "id", img.ID, "image", img.String(), "size", img.VirtualSize,
+		"crc", img.CRCList() != nil, "path", path)
+	return img, nil
+}
+
+// Get returns image name/rid with a client reference taken; rid 0 selects
+// the highest revision loaded or on disk. Files that appeared since the
+// last scan are loaded on demand. The caller must call Release.
+func (s *Store) Get(name string, rid uint16) (*Image, error) {
+	if !protocol.ValidImageName(name) {
+		return nil, fmt.Errorf("%w: invalid name %q", ErrImageNotFound, name)
+	}
+	if rid == 0 {
+		rid = s.latestRID(name)
+		if rid == 0 {
+			return nil, fmt.Errorf("%w: %s (no revision)", ErrImageNotFound, name)
+		}
+	}
+	k := imageKey{name, rid}
+	for range 3 {
+		s.mu.RLock()
+		img := s.images[k]
+		s.mu.RUnlock()
+		if img == nil {
+			path := filepath.Join(s.opts.BasePath, filepath.FromSlash(name)+".r"+strconv.Itoa(int(rid)))
+			st, err := os.Stat(path)
+			if err != nil || !st.Mode().IsRegular() || st.Size() == 0 {
+				return nil, fmt.Errorf("%w: %s:%d", ErrImageNotFound, name, rid)
+			}
+			if img, err = s.load(k, path); err != nil {
+				return nil, err
+			}
+		}
+		if img.acquire() {
+			img.Touch()
+			return img, nil
+		}
+		// replaced or removed concurrently: look again
+	}
+	return nil, fmt.Errorf("%w: %s:%d (changing)", ErrImageNotFound, name, rid)
+}
+
+// Release drops the reference Get took.
+func (s *Store) Release(img *Image) { img.release() }
+
+// latestRID returns the highest revision of name loaded or on disk, 0 if none.
+func (s *Store) latestRID(name string) uint16 {
+	var best uint16
+	s.mu.RLock()
+	for k := range s.images {
+		if k.name == name && k.rid > best {
+			best = k.rid
+		}
+	}
+	s.mu.RUnlock()
+	dir := filepath.Join(s.opts.BasePath, filepath.Dir(filepath.FromSlash(name)))
+	base := filepath.Base(name) + ".r"
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		n, ok := strings.CutPrefix(e.Name(), base)
+		if !ok {
+			continue
+		}
+		rid, err := strconv.ParseUint(n, 10, 16)
+		if err != nil || rid == 0 || strings.ContainsAny(n, "+-") || uint16(rid) <= best {
+			continue
+		}
+		if st, err := os.Stat(filepath.Join(dir, e.Name())); err == nil && st.Mode().IsRegular() && st.Size() > 0 {
+			best = uint16(rid)
+		}
+	}
+	return best
+}
+
+// List returns the loaded images ordered by id.
+func (s *Store) List() []*Image {
+	s.mu.RLock()
+	out := make([]*Image, 0, len(s.images))
+	for _, img := range s.images {
+		out = append(out, img)
+	}
+	s.mu.RUnlock()
+	slices.SortFunc(out, func(a, b *Image) int { return a.ID - b.ID })
+	return out
+}
+
+// ByID returns the loaded image with the given id, or nil.
+func (s *Store) ByID(id int) *Image {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	for _, img := range s.images {
+		if img.ID == id {
+			return img
+		}
+	}
+	return nil
+}
+
+// Close drops every image; files close when their last client leaves.
+func (s *Store) Close() {
+	s.mu.Lock()
+	imgs := s.images
+	s.images = map[imageKey]*Image{}
+	s.mu.Unlock()
+	for _, img := range imgs {
+		img.unref()
+	}
+}
