@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the tests, benchmarks and demo need, if they
+# are missing. Safe to run repeatedly; needs root (or does nothing but say
+# what is missing).
+set -euo pipefail
+
+# command -> package
+declare -A want=(
+  [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin
+  [qemu-nbd]=qemu-utils [qemu-img]=qemu-utils
+  [nbdkit]=nbdkit [fio]=fio
+  [qemu-system-x86_64]=qemu-system-x86
+  [curl]=curl [ip]=iproute2 [tc]=iproute2
+  [mke2fs]=e2fsprogs [xz]=xz-utils [bc]=bc
+)
+# qemu-system-x86 is large; skip it when only unit tests are wanted
+[ "${1:-}" = "--no-vm" ] && unset 'want[qemu-system-x86_64]'
+
+missing=()
+for cmd in "${!want[@]}"; do
+  command -v "$cmd" >/dev/null 2>&1 || missing+=("${want[$cmd]}")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+pkgs=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
+if [ "$(id -u)" != 0 ]; then
+  echo "deps.sh: missing packages: $pkgs (run as root to install them)" >&2
+  exit 0
+fi
+echo "deps.sh: installing $pkgs" >&2
+export DEBIAN_FRONTEND=noninteractive
+if ! apt-get install -y -qq --no-install-recommends $pkgs >/dev/null 2>&1; then
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends $pkgs >/dev/null
+fi
