@@ -2,6 +2,7 @@ package server
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"io"
 	"log/slog"
@@ -18,6 +19,7 @@ import (
 type clientConn struct {
 	srv  *Server
 	c    net.Conn
+	r    *bufio.Reader  // buffered reads from c
 	addr netip.AddrPort // remote address
 	self netip.AddrPort // local address (never announced to the client)
 	log  *slog.Logger
@@ -31,27 +33,31 @@ type clientConn struct {
 	writeBy    time.Time
 }
 
-// serveDNBD3 runs the handshake and the request loop. first holds the
-// complete first request header.
-func (cc *clientConn) serveDNBD3(first []byte) {
-	req, err := protocol.ParseRequest(first)
+// serveDNBD3 runs the handshake and the request loop.
+func (cc *clientConn) serveDNBD3() {
+	var first [protocol.RequestSize]byte
+	if _, err := io.ReadFull(cc.r, first[:]); err != nil {
+		cc.logAt(slog.LevelDebug, "closing: incomplete first header", "err", err)
+		return
+	}
+	req, err := protocol.ParseRequest(first[:])
 	if err != nil || req.Cmd != protocol.CmdSelectImage || req.Size > protocol.MaxPayload {
-		cc.log.Debug("closing: first message is not a select image request", "err", err, "cmd", req.Cmd)
+		cc.logAt(slog.LevelDebug, "closing: first message is not a select image request", "err", err, "cmd", req.Cmd)
 		return
 	}
 	var payload [protocol.MaxPayload]byte
-	if _, err := io.ReadFull(cc.c, payload[:req.Size]); err != nil {
-		cc.log.Debug("closing: select image payload", "err", err)
+	if _, err := io.ReadFull(cc.r, payload[:req.Size]); err != nil {
+		cc.logAt(slog.LevelDebug, "closing: select image payload", "err", err)
 		return
 	}
 	sel, err := protocol.ParseSelectImage(payload[:req.Size])
 	if err != nil || sel.Version < protocol.MinClientVersion {
-		cc.log.Debug("closing: bad select image", "err", err, "version", sel.Version)
+		cc.logAt(slog.LevelDebug, "closing: bad select image", "err", err, "version", sel.Version)
 		return
 	}
 	img, err := cc.srv.store.Get(sel.Name, sel.RID)
 	if err != nil {
-		cc.log.Info("closing: image not available", "image", sel.Name, "rid", sel.RID, "err", err)
+		cc.logAt(slog.LevelInfo, "closing: image not available", "image", sel.Name, "rid", sel.RID, "err", err)
 		return
 	}
 	defer cc.srv.store.Release(img)
@@ -73,31 +79,31 @@ func (cc *clientConn) serveDNBD3(first []byte) {
 	}
 	cc.srv.addClient(cc)
 	defer cc.srv.removeClient(cc)
-	cc.log.Debug("client selected image", "image", img.String(), "server", cc.isServer.Load())
+	cc.logAt(slog.LevelDebug, "client selected image", "image", img.String(), "server", cc.isServer.Load())
 	cc.requestLoop(cfg.ClientTimeout)
 }
 
 // requestLoop reads and answers requests in order until the client leaves,
 // sends garbage or stays idle for four client timeouts.
 func (cc *clientConn) requestLoop(timeout time.Duration) {
-	r := bufio.NewReaderSize(cc.c, 1024)
+	r := cc.r
 	var hdr [protocol.RequestSize]byte
 	var scratch [protocol.MaxPayload]byte
 	for {
 		cc.refreshReadDeadline(4 * timeout)
 		if _, err := io.ReadFull(r, hdr[:]); err != nil {
 			if !isClosedErr(err) {
-				cc.log.Debug("closing: read request", "err", err)
+				cc.logAt(slog.LevelDebug, "closing: read request", "err", err)
 			}
 			return
 		}
 		req, err := protocol.ParseRequest(hdr[:])
 		if err != nil {
-			cc.log.Debug("closing: bad request header", "err", err)
+			cc.logAt(slog.LevelDebug, "closing: bad request header", "err", err)
 			return
 		}
 		if req.Cmd != protocol.CmdGetBlock && req.Size > protocol.MaxPayload {
-			cc.log.Debug("closing: payload too large", "cmd", req.Cmd, "size", req.Size)
+			cc.logAt(slog.LevelDebug, "closing: payload too large", "cmd", req.Cmd, "size", req.Size)
 			return
 		}
 		cc.refreshWriteDeadline(timeout)
@@ -121,14 +127,14 @@ func (cc *clientConn) requestLoop(timeout time.Duration) {
 			// LATEST_RID and unknown commands: ignored without a reply. Unlike
 			// the reference we consume the announced payload so the stream
 			// stays in sync.
-			cc.log.Debug("ignoring command", "cmd", req.Cmd, "size", req.Size)
+			cc.logAt(slog.LevelDebug, "ignoring command", "cmd", req.Cmd, "size", req.Size)
 			if _, err = io.ReadFull(r, scratch[:req.Size]); err != nil {
 				return
 			}
 		}
 		if err != nil {
 			if !isClosedErr(err) {
-				cc.log.Debug("closing: write reply", "err", err)
+				cc.logAt(slog.LevelDebug, "closing: write reply", "err", err)
 			}
 			return
 		}
@@ -142,7 +148,7 @@ func (cc *clientConn) getBlock(req protocol.Request) error {
 	cc.lastHandle = req.Handle
 	end := req.Offset + uint64(req.Size)
 	if req.Offset >= uint64(img.VirtualSize) || end > uint64(img.VirtualSize) {
-		cc.log.Debug("out of range request", "offset", req.Offset, "size", req.Size, "imageSize", img.VirtualSize)
+		cc.logAt(slog.LevelDebug, "out of range request", "offset", req.Offset, "size", req.Size, "imageSize", img.VirtualSize)
 		return cc.sendReply(protocol.CmdError, req.Handle, nil)
 	}
 	img.Touch()
@@ -190,3 +196,12 @@ func (cc *clientConn) refreshWriteDeadline(d time.Duration) {
 }
 
 var errTooManyClients = errors.New("too many clients")
+
+// logAt logs with the client's address attached, skipping the work when the
+// level is disabled (most of these are debug messages on hot paths).
+func (cc *clientConn) logAt(level slog.Level, msg string, args ...any) {
+	if !cc.log.Enabled(context.Background(), level) {
+		return
+	}
+	cc.log.Log(context.Background(), level, msg, append([]any{"client", cc.addr.String()}, args...)...)
+}

@@ -48,7 +48,7 @@ func startServer(t *testing.T, base string, conf string, files map[string]string
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	ln, err := Listen("127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -192,4 +192,8 @@ func replay(t *testing.T, c net.Conn, msgs []testutil.WireMsg, fileSize int64) {
 			t.Fatalf("line %d (%s):\n got  %x\n want %x", m.Line, strings.SplitN(m.Comment, ";", 2)[0], got, want)
 		}
 	}
+}
+
+func contextWithCancel() (context.Context, context.CancelFunc) {
+	return context.WithCancel(context.Background())
 }

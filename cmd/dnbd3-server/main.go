@@ -130,7 +130,7 @@ func run(args []string) int {
 		return 1
 	}
 	addr := net.JoinHostPort(f.bind, strconv.Itoa(int(cfg.ListenPort)))
-	ln, err := net.Listen("tcp", addr)
+	ln, err := server.Listen(addr)
 	if err != nil {
 		log.Error("cannot listen", "addr", addr, "err", err)
 		return 1
