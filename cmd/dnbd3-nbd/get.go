@@ -1,0 +1,310 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/dnbd3go/dnbd3go/client"
+	"github.com/dnbd3go/dnbd3go/internal/logging"
+	"github.com/dnbd3go/dnbd3go/internal/progress"
+	"github.com/spf13/pflag"
+)
+
+// getOptions are the flags of "dnbd3-nbd get".
+type getOptions struct {
+	hosts     string
+	image     string
+	rid       uint16
+	sticky    bool
+	output    string
+	offset    int64
+	length    int64
+	timeout   time.Duration
+	parallel  int
+	blockSize int64
+	quiet     bool
+	logFormat string
+	logLevel  string
+}
+
+func runGet(ctx context.Context, args []string, s stdio) int {
+	var o getOptions
+	var offset, length, blockSize string
+	fs := pflag.NewFlagSet("dnbd3-nbd get", pflag.ContinueOnError)
+	fs.SortFlags = false
+	fs.SetOutput(s.err)
+	fs.StringVarP(&o.hosts, "host", "h", "", `servers, space-separated: "host[:port] [v6]:port ..." (default port 5003)`)
+	fs.StringVarP(&o.image, "image", "i", "", "image name")
+	fs.Uint16VarP(&o.rid, "rid", "r", 0, "revision (0 = latest)")
+	fs.BoolVarP(&o.sticky, "sticky", "S", false, "use only the given servers, don't learn others via GET_SERVERS")
+	fs.StringVarP(&o.output, "output", "o", "-", `output file, "-" for stdout`)
+	fs.StringVar(&offset, "offset", "0", "first byte to fetch (suffixes K, M, G, T = powers of 1024)")
+	fs.StringVar(&length, "length", "0", "number of bytes to fetch (0 = to the end of the image)")
+	fs.DurationVar(&o.timeout, "timeout", time.Minute, "fail when a read stays unanswered this long while no server is reachable (0 = wait forever)")
+	fs.IntVar(&o.parallel, "parallel", 8, "reads in flight")
+	fs.StringVar(&blockSize, "block-size", "1M", "size of each read")
+	fs.BoolVarP(&o.quiet, "quiet", "q", false, "no progress bar and no summary")
+	fs.StringVar(&o.logFormat, "log-format", "text", "log format on stderr: text or json")
+	fs.StringVar(&o.logLevel, "log-level", "warning", "minimum log level: error, warning, info, debug")
+	fs.Usage = func() {
+		fmt.Fprintf(s.err, "Usage: dnbd3-nbd get -h \"HOST[:PORT] ...\" -i IMAGE [-r RID] [-S] [-o FILE|-] [--offset N] [--length N] [--timeout D]\n\n"+
+			"Downloads an image (or a byte range of it) from DNBD3 servers to a file or stdout.\n\nFlags:\n")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, pflag.ErrHelp) {
+			return exitOK
+		}
+		fmt.Fprintf(s.err, "dnbd3-nbd get: %v\n", err)
+		return exitUsage
+	}
+	bad := func(format string, a ...any) int {
+		fmt.Fprintf(s.err, "dnbd3-nbd get: "+format+"\n", a...)
+		return exitUsage
+	}
+	if fs.NArg() > 0 {
+		return bad("unexpected argument %q", fs.Arg(0))
+	}
+	if o.hosts == "" || o.image == "" {
+		return bad("-h HOSTS and -i IMAGE are required (see --help)")
+	}
+	var err error
+	if o.offset, err = parseSize(offset); err != nil {
+		return bad("--offset: %v", err)
+	}
+	if o.length, err = parseSize(length); err != nil {
+		return bad("--length: %v", err)
+	}
+	if o.blockSize, err = parseSize(blockSize); err != nil || o.blockSize < 512 || o.blockSize > 64<<20 {
+		return bad("--block-size %q: want 512 bytes to 64M", blockSize)
+	}
+	if o.parallel < 1 || o.parallel > 256 {
+		return bad("--parallel %d: want 1 to 256", o.parallel)
+	}
+	if o.timeout < 0 {
+		return bad("--timeout must not be negative")
+	}
+	level, err := logging.ParseLevel(o.logLevel)
+	if err != nil {
+		return bad("--log-level: %v", err)
+	}
+	log, err := logging.Simple(s.err, o.logFormat, level)
+	if err != nil {
+		return bad("--log-format: %v", err)
+	}
+	if o.output == "-" && progress.IsTerminal(s.out) {
+		return bad("refusing to write image data to a terminal: use -o FILE or redirect stdout")
+	}
+	res, err := get(ctx, o, s, log)
+	if err != nil {
+		fmt.Fprintf(s.err, "dnbd3-nbd get: %v\n", err)
+		return exitError
+	}
+	if !o.quiet {
+		el := res.elapsed.Seconds()
+		fmt.Fprintf(s.err, "dnbd3-nbd get: %d bytes (%s) of %s rid %d in %.2fs (%s) from %s\n",
+			res.bytes, progress.Bytes(res.bytes), res.image, res.rid, el, progress.Rate(res.bytes, res.elapsed), res.server)
+	}
+	return exitOK
+}
+
+// getResult describes a finished download.
+type getResult struct {
+	bytes   int64
+	elapsed time.Duration
+	image   string
+	rid     uint16
+	server  string
+}
+
+// get downloads the range to o.output with o.parallel reads in flight,
+// writing in order so stdout may be a pipe.
+func get(ctx context.Context, o getOptions, s stdio, log *slog.Logger) (getResult, error) {
+	start := time.Now()
+	img, err := client.Open(ctx, client.Config{
+		Servers:  []string{o.hosts},
+		Image:    o.image,
+		RID:      o.rid,
+		Sticky:   o.sticky,
+		Deadline: o.timeout,
+		Logger:   log,
+	})
+	if err != nil {
+		return getResult{}, err
+	}
+	defer img.Close()
+	size := img.Size()
+	if o.offset >= size {
+		return getResult{}, fmt.Errorf("--offset %d is beyond the end of %s rid %d (%d bytes)", o.offset, img.Name(), img.RID(), size)
+	}
+	end := size
+	if o.length > 0 {
+		end = o.offset + o.length
+		if end > size || end < o.offset {
+			return getResult{}, fmt.Errorf("range %d+%d ends beyond the end of %s rid %d (%d bytes)", o.offset, o.length, img.Name(), img.RID(), size)
+		}
+	}
+
+	out, finish, err := openOutput(o.output, s.out)
+	if err != nil {
+		return getResult{}, err
+	}
+	var bar *progress.Bar
+	if !o.quiet {
+		bar = progress.New(s.err, end-o.offset, img.Name())
+	}
+	n, err := copyRange(ctx, img, out, o.offset, end, int(o.blockSize), o.parallel, bar)
+	if bar != nil {
+		bar.Finish()
+	}
+	if ferr := finish(err == nil); err == nil && ferr != nil {
+		err = ferr
+	}
+	if err != nil {
+		return getResult{}, err
+	}
+	st := img.Stats()
+	return getResult{bytes: n, elapsed: time.Since(start), image: img.Name(), rid: img.RID(), server: st.Current}, nil
+}
+
+// openOutput opens the destination. finish(ok) syncs and closes it; on
+// failure it removes a regular file this call created.
+func openOutput(path string, stdout io.Writer) (io.Writer, func(ok bool) error, error) {
+	if path == "-" {
+		return stdout, func(bool) error { return nil }, nil
+	}
+	fi, statErr := os.Stat(path)
+	created := errors.Is(statErr, os.ErrNotExist)
+	flags := os.O_WRONLY | os.O_CREATE
+	if statErr != nil || fi.Mode().IsRegular() {
+		flags |= os.O_TRUNC // a device is written over, not truncated
+	}
+	f, err := os.OpenFile(path, flags, 0o644)
+	if err != nil {
+		return nil, nil, fmt.Errorf("open output: %w", err)
+	}
+	return f, func(ok bool) error {
+		var err error
+		if ok && (created || fi.Mode().IsRegular()) {
+			err = f.Sync() // devices, /dev/null and FIFOs need no (or refuse) fsync
+		}
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if !ok && created {
+			os.Remove(path)
+		}
+		if err != nil {
+			return fmt.Errorf("write %s: %w", path, err)
+		}
+		return nil
+	}, nil
+}
+
+type chunk struct {
+	off  int64
+	buf  []byte
+	err  error
+	done chan struct{}
+}
+
+// copyRange reads [start, end) of img with parallel pipelined reads and
+// writes it to w in order. It returns the bytes written.
+func copyRange(ctx context.Context, img *client.Image, w io.Writer, start, end int64, bs, parallel int, bar *progress.Bar) (int64, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	free := make(chan []byte, parallel+2)
+	for range parallel + 2 {
+		free <- make([]byte, bs)
+	}
+	order := make(chan *chunk, parallel)
+	work := make(chan *chunk, parallel)
+	go func() { // producer
+		defer close(order)
+		defer close(work)
+		for off := start; off < end; off += int64(bs) {
+			var buf []byte
+			select {
+			case buf = <-free:
+			case <-ctx.Done():
+				return
+			}
+			c := &chunk{off: off, buf: buf[:min(int64(bs), end-off)], done: make(chan struct{})}
+			order <- c // cap parallel, drained by the writer
+			work <- c
+		}
+	}()
+	workers := make(chan struct{})
+	for range parallel {
+		go func() {
+			defer func() { workers <- struct{}{} }()
+			for c := range work {
+				_, c.err = img.ReadAtContext(ctx, c.buf, c.off)
+				close(c.done)
+			}
+		}()
+	}
+	var written int64
+	var firstErr error
+	for c := range order {
+		<-c.done
+		if firstErr == nil && c.err != nil {
+			firstErr = c.err
+			cancel()
+		}
+		if firstErr == nil {
+			if _, err := w.Write(c.buf); err != nil {
+				firstErr = fmt.Errorf("write output: %w", err)
+				cancel()
+			} else {
+				written += int64(len(c.buf))
+				if bar != nil {
+					bar.Add(int64(len(c.buf)))
+				}
+			}
+		}
+		free <- c.buf[:cap(c.buf)]
+	}
+	for range parallel {
+		<-workers
+	}
+	if firstErr == nil && ctx.Err() != nil {
+		firstErr = context.Cause(ctx)
+	}
+	return written, firstErr
+}
+
+// parseSize parses a byte count with an optional K, M, G or T suffix
+// (powers of 1024; a trailing "iB" or "B" is allowed).
+func parseSize(s string) (int64, error) {
+	t := strings.TrimSpace(s)
+	t = strings.TrimSuffix(strings.TrimSuffix(t, "B"), "i")
+	mult := int64(1)
+	if t != "" {
+		switch t[len(t)-1] {
+		case 'k', 'K':
+			mult = 1 << 10
+		case 'm', 'M':
+			mult = 1 << 20
+		case 'g', 'G':
+			mult = 1 << 30
+		case 't', 'T':
+			mult = 1 << 40
+		}
+		if mult > 1 {
+			t = t[:len(t)-1]
+		}
+	}
+	n, err := strconv.ParseInt(t, 10, 64)
+	if err != nil || n < 0 || n > (1<<62)/mult {
+		return 0, fmt.Errorf("bad size %q: want a number of bytes, optionally with K, M, G or T", s)
+	}
+	return n * mult, nil
+}
