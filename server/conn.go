@@ -45,12 +45,12 @@ func (cc *clientConn) serveDNBD3() {
 		cc.logAt(slog.LevelDebug, "closing: first message is not a select image request", "err", err, "cmd", req.Cmd)
 		return
 	}
-	var payload [protocol.MaxPayload]byte
-	if _, err := io.ReadFull(cc.r, payload[:req.Size]); err != nil {
+	payload := make([]byte, req.Size)
+	if _, err := io.ReadFull(cc.r, payload); err != nil {
 		cc.logAt(slog.LevelDebug, "closing: select image payload", "err", err)
 		return
 	}
-	sel, err := protocol.ParseSelectImage(payload[:req.Size])
+	sel, err := protocol.ParseSelectImage(payload)
 	if err != nil || sel.Version < protocol.MinClientVersion {
 		cc.logAt(slog.LevelDebug, "closing: bad select image", "err", err, "version", sel.Version)
 		return
@@ -88,7 +88,6 @@ func (cc *clientConn) serveDNBD3() {
 func (cc *clientConn) requestLoop(timeout time.Duration) {
 	r := cc.r
 	var hdr [protocol.RequestSize]byte
-	var scratch [protocol.MaxPayload]byte
 	for {
 		cc.refreshReadDeadline(4 * timeout)
 		if _, err := io.ReadFull(r, hdr[:]); err != nil {
@@ -128,7 +127,7 @@ func (cc *clientConn) requestLoop(timeout time.Duration) {
 			// the reference we consume the announced payload so the stream
 			// stays in sync.
 			cc.logAt(slog.LevelDebug, "ignoring command", "cmd", req.Cmd, "size", req.Size)
-			if _, err = io.ReadFull(r, scratch[:req.Size]); err != nil {
+			if _, err = io.CopyN(io.Discard, r, int64(req.Size)); err != nil {
 				return
 			}
 		}
@@ -169,11 +168,13 @@ func (cc *clientConn) getBlock(req protocol.Request) error {
 
 // sendReply writes a reply header and its payload in one write.
 func (cc *clientConn) sendReply(cmd protocol.Cmd, handle uint64, payload []byte) error {
-	var buf [protocol.ReplySize + protocol.MaxPayload]byte
+	// Small and rare (handshake, keepalive, server lists): a heap buffer
+	// keeps the goroutine stacks of idle clients small.
+	buf := make([]byte, protocol.ReplySize+len(payload))
 	rep := protocol.Reply{Cmd: cmd, Size: uint32(len(payload)), Handle: handle}
-	rep.MarshalTo(buf[:])
-	n := copy(buf[protocol.ReplySize:], payload)
-	_, err := cc.c.Write(buf[:protocol.ReplySize+n])
+	rep.MarshalTo(buf)
+	copy(buf[protocol.ReplySize:], payload)
+	_, err := cc.c.Write(buf)
 	return err
 }
 

@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/dnbd3go/dnbd3go/protocol"
 )
@@ -45,6 +46,9 @@ type Store struct {
 	mu     sync.RWMutex
 	images map[imageKey]*Image
 	nextID int
+
+	dirMu sync.Mutex
+	dirs  map[string]dirListing
 }
 
 // NewStore returns an empty store; call Reload to scan the base path.
@@ -272,9 +276,8 @@ func (s *Store) latestRID(name string) uint16 {
 	s.mu.RUnlock()
 	dir := filepath.Join(s.opts.BasePath, filepath.Dir(filepath.FromSlash(name)))
 	base := filepath.Base(name) + ".r"
-	entries, _ := os.ReadDir(dir)
-	for _, e := range entries {
-		n, ok := strings.CutPrefix(e.Name(), base)
+	for _, entry := range s.dirEntries(dir) {
+		n, ok := strings.CutPrefix(entry, base)
 		if !ok {
 			continue
 		}
@@ -282,11 +285,44 @@ func (s *Store) latestRID(name string) uint16 {
 		if err != nil || rid == 0 || strings.ContainsAny(n, "+-") || uint16(rid) <= best {
 			continue
 		}
-		if st, err := os.Stat(filepath.Join(dir, e.Name())); err == nil && st.Mode().IsRegular() && st.Size() > 0 {
+		if st, err := os.Stat(filepath.Join(dir, entry)); err == nil && st.Mode().IsRegular() && st.Size() > 0 {
 			best = uint16(rid)
 		}
 	}
 	return best
+}
+
+// dirEntries lists a directory's entry names, cached until the directory's
+// mtime changes: rid-0 requests then cost one stat(2), not a directory read.
+func (s *Store) dirEntries(dir string) []string {
+	st, err := os.Stat(dir)
+	if err != nil {
+		return nil
+	}
+	s.dirMu.Lock()
+	defer s.dirMu.Unlock()
+	if c, ok := s.dirs[dir]; ok && c.mtime.Equal(st.ModTime()) {
+		return c.names
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil
+	}
+	names := make([]string, len(entries))
+	for i, e := range entries {
+		names[i] = e.Name()
+	}
+	if s.dirs == nil || len(s.dirs) > 4096 {
+		s.dirs = map[string]dirListing{}
+	}
+	s.dirs[dir] = dirListing{mtime: st.ModTime(), names: names}
+	return names
+}
+
+// dirListing is a cached directory listing.
+type dirListing struct {
+	mtime time.Time
+	names []string
 }
 
 // List returns the loaded images ordered by id.

@@ -159,3 +159,22 @@ func TestLoadMode(t *testing.T) {
 		t.Fatalf("garbage: exit %d\n%s", code, out.String())
 	}
 }
+
+func TestIdleMode(t *testing.T) {
+	srv := dnbd3test.Start(t, dnbd3test.Image{Name: "img", Data: make([]byte, 8192)})
+	var out, errb bytes.Buffer
+	start := time.Now()
+	code := run(context.Background(), []string{"-h", srv.Addr(), "-i", "img", "--idle", "20", "--duration", "300ms"}, &out, &errb)
+	if code != 0 || !strings.Contains(out.String(), "20 idle connections open") {
+		t.Fatalf("exit %d: %s %s", code, out.String(), errb.String())
+	}
+	if d := time.Since(start); d < 300*time.Millisecond {
+		t.Errorf("held only %v", d)
+	}
+	if srv.Handshakes() != 20 {
+		t.Errorf("server saw %d handshakes", srv.Handshakes())
+	}
+	if code := run(context.Background(), []string{"-h", srv.Addr(), "-i", "nope", "--idle", "2", "--duration", "10ms"}, &out, &errb); code != 1 {
+		t.Errorf("unknown image: exit %d", code)
+	}
+}

@@ -57,6 +57,7 @@ type options struct {
 	duration    time.Duration
 	json        bool
 	timeout     time.Duration
+	idle        int
 }
 
 // parseFlags parses and validates the command line. A nil error with
@@ -79,9 +80,11 @@ func parseFlags(args []string, stderr io.Writer) (o options, help bool, err erro
 	fs.DurationVar(&o.duration, "duration", 0, "load mode: how long to run (default 10s; setting it selects load mode)")
 	fs.BoolVar(&o.json, "json", false, "print the result as JSON")
 	fs.DurationVar(&o.timeout, "timeout", 3500*time.Millisecond, "timeout for connect + handshake (+ read in handshake mode)")
+	fs.IntVar(&o.idle, "idle", 0, "idle mode: open N connections, complete the handshake and hold them for --duration")
 	fs.Usage = func() {
 		fmt.Fprint(stderr, "Usage: dnbd3-bench -h \"HOSTS\" -i IMAGE [-n RUNS] [-t THREADS] [-b BLOCKSIZE]\n"+
-			"       dnbd3-bench -h \"HOSTS\" -i IMAGE --load [--connections N] [--block-size B] [--pattern seq|rand] [--queue-depth Q] [--duration D] [--json]\n\nFlags:\n")
+			"       dnbd3-bench -h \"HOSTS\" -i IMAGE --load [--connections N] [--block-size B] [--pattern seq|rand] [--queue-depth Q] [--duration D] [--json]\n"+
+			"       dnbd3-bench -h \"HOSTS\" -i IMAGE --idle N [--duration D]\n\nFlags:\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -96,7 +99,7 @@ func parseFlags(args []string, stderr io.Writer) (o options, help bool, err erro
 	if o.hosts == "" || o.image == "" {
 		return o, false, errors.New("-h HOSTS and -i IMAGE are required (see --help)")
 	}
-	if fs.Changed("duration") {
+	if fs.Changed("duration") && o.idle == 0 {
 		o.load = true
 	}
 	if o.load && o.duration == 0 {
@@ -114,6 +117,8 @@ func parseFlags(args []string, stderr io.Writer) (o options, help bool, err erro
 		o.blockSize = int(n)
 	}
 	switch {
+	case o.idle < 0 || o.idle > 100000:
+		return o, false, fmt.Errorf("--idle %d: want 0 to 100000", o.idle)
 	case o.runs < 1:
 		return o, false, fmt.Errorf("-n %d: want at least 1", o.runs)
 	case o.threads < 1 || o.threads > 4096:
@@ -145,6 +150,17 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		fmt.Fprintln(stderr, "dnbd3-bench:", err)
 		return 2
+	}
+	if o.idle > 0 {
+		hold := o.duration
+		if hold == 0 {
+			hold = 10 * time.Second
+		}
+		if err := runIdle(ctx, hosts, o.image, o.rid, o.idle, hold, o.timeout, stdout); err != nil {
+			fmt.Fprintln(stderr, "dnbd3-bench:", err)
+			return 1
+		}
+		return 0
 	}
 	if !o.load {
 		res := runHandshakes(ctx, handshakeOptions{

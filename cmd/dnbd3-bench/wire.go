@@ -23,7 +23,7 @@ type session struct {
 func dialSelect(ctx context.Context, addr, image string, rid uint16, timeout time.Duration, bufSize int) (*session, error) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	var d net.Dialer
+	d := net.Dialer{KeepAlive: -1} // no keepalive setsockopts: the bench measures the server
 	nc, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return nil, err
