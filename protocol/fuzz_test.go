@@ -112,3 +112,17 @@ func FuzzParseCRCList(f *testing.F) {
 		}
 	})
 }
+
+func FuzzParseLatestRID(f *testing.F) {
+	f.Add([]byte{3, 0})
+	f.Add([]byte{})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		rid, err := ParseLatestRID(b)
+		if err != nil {
+			return
+		}
+		if !bytes.Equal(MarshalLatestRID(rid), b) {
+			t.Fatalf("rid %d re-encodes differently", rid)
+		}
+	})
+}

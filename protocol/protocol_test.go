@@ -114,3 +114,15 @@ func TestCmdString(t *testing.T) {
 		t.Error(CmdGetCRC32.String(), Cmd(99).String())
 	}
 }
+
+func TestLatestRID(t *testing.T) {
+	if b := MarshalLatestRID(0x0102); !bytes.Equal(b, []byte{2, 1}) {
+		t.Fatalf("%x", b)
+	}
+	if rid, err := ParseLatestRID([]byte{7, 0}); rid != 7 || err != nil {
+		t.Fatal(rid, err)
+	}
+	if _, err := ParseLatestRID([]byte{7}); err != ErrLatestRIDLength {
+		t.Fatal(err)
+	}
+}

@@ -115,3 +115,19 @@ func ValidImageName(name string) bool {
 	}
 	return true
 }
+
+// MarshalLatestRID encodes the payload of a CMD_LATEST_RID reply: the rid
+// as a little-endian u16. (The reference server never sends one; its kernel
+// client knows how to read it.)
+func MarshalLatestRID(rid uint16) []byte { return le.AppendUint16(nil, rid) }
+
+// ErrLatestRIDLength is returned for a LATEST_RID payload that is not 2 bytes.
+var ErrLatestRIDLength = errors.New("dnbd3: latest rid payload is not 2 bytes")
+
+// ParseLatestRID decodes a CMD_LATEST_RID reply payload.
+func ParseLatestRID(p []byte) (uint16, error) {
+	if len(p) != 2 {
+		return 0, ErrLatestRIDLength
+	}
+	return le.Uint16(p), nil
+}
