@@ -26,10 +26,10 @@ import (
 	"io"
 	"os"
 	"os/signal"
-	"strconv"
-	"strings"
 	"syscall"
 	"time"
+
+	"github.com/dnbd3go/dnbd3go/internal/units"
 
 	"github.com/dnbd3go/dnbd3go/client"
 	"github.com/spf13/pflag"
@@ -110,7 +110,7 @@ func parseFlags(args []string, stderr io.Writer) (o options, help bool, err erro
 		o.blockSize = 1 << 20
 	}
 	if bs != "" {
-		n, err := parseSize(bs)
+		n, err := units.ParseSize(bs)
 		if err != nil || n < 1 || n > 64<<20 {
 			return o, false, fmt.Errorf("--block-size %q: want 1 byte to 64M", bs)
 		}
@@ -203,29 +203,4 @@ func writeJSON(w io.Writer, v any) {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
 	enc.Encode(v)
-}
-
-// parseSize parses a byte count with an optional K, M or G suffix (powers
-// of 1024).
-func parseSize(s string) (int64, error) {
-	t := strings.TrimSuffix(strings.TrimSuffix(strings.TrimSpace(s), "B"), "i")
-	mult := int64(1)
-	if t != "" {
-		switch t[len(t)-1] {
-		case 'k', 'K':
-			mult = 1 << 10
-		case 'm', 'M':
-			mult = 1 << 20
-		case 'g', 'G':
-			mult = 1 << 30
-		}
-		if mult > 1 {
-			t = t[:len(t)-1]
-		}
-	}
-	n, err := strconv.ParseInt(t, 10, 64)
-	if err != nil || n < 0 || n > (1<<62)/mult {
-		return 0, fmt.Errorf("bad size %q", s)
-	}
-	return n * mult, nil
 }

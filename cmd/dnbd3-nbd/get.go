@@ -7,9 +7,9 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"strconv"
-	"strings"
 	"time"
+
+	"github.com/dnbd3go/dnbd3go/internal/units"
 
 	"github.com/dnbd3go/dnbd3go/client"
 	"github.com/dnbd3go/dnbd3go/internal/logging"
@@ -76,13 +76,13 @@ func runGet(ctx context.Context, args []string, s stdio) int {
 		return bad("-h HOSTS and -i IMAGE are required (see --help)")
 	}
 	var err error
-	if o.offset, err = parseSize(offset); err != nil {
+	if o.offset, err = units.ParseSize(offset); err != nil {
 		return bad("--offset: %v", err)
 	}
-	if o.length, err = parseSize(length); err != nil {
+	if o.length, err = units.ParseSize(length); err != nil {
 		return bad("--length: %v", err)
 	}
-	if o.blockSize, err = parseSize(blockSize); err != nil || o.blockSize < 512 || o.blockSize > 64<<20 {
+	if o.blockSize, err = units.ParseSize(blockSize); err != nil || o.blockSize < 512 || o.blockSize > 64<<20 {
 		return bad("--block-size %q: want 512 bytes to 64M", blockSize)
 	}
 	if o.parallel < 1 || o.parallel > 256 {
@@ -279,32 +279,4 @@ func copyRange(ctx context.Context, img *client.Image, w io.Writer, start, end i
 		firstErr = context.Cause(ctx)
 	}
 	return written, firstErr
-}
-
-// parseSize parses a byte count with an optional K, M, G or T suffix
-// (powers of 1024; a trailing "iB" or "B" is allowed).
-func parseSize(s string) (int64, error) {
-	t := strings.TrimSpace(s)
-	t = strings.TrimSuffix(strings.TrimSuffix(t, "B"), "i")
-	mult := int64(1)
-	if t != "" {
-		switch t[len(t)-1] {
-		case 'k', 'K':
-			mult = 1 << 10
-		case 'm', 'M':
-			mult = 1 << 20
-		case 'g', 'G':
-			mult = 1 << 30
-		case 't', 'T':
-			mult = 1 << 40
-		}
-		if mult > 1 {
-			t = t[:len(t)-1]
-		}
-	}
-	n, err := strconv.ParseInt(t, 10, 64)
-	if err != nil || n < 0 || n > (1<<62)/mult {
-		return 0, fmt.Errorf("bad size %q: want a number of bytes, optionally with K, M, G or T", s)
-	}
-	return n * mult, nil
 }

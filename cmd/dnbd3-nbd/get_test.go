@@ -97,19 +97,6 @@ func TestGetErrors(t *testing.T) {
 	}
 }
 
-func TestParseSize(t *testing.T) {
-	for in, want := range map[string]int64{"0": 0, "4096": 4096, "1K": 1024, "1M": 1 << 20, "2MiB": 2 << 20, "3G": 3 << 30, "1T": 1 << 40, "100B": 100, "010": 10} {
-		if got, err := parseSize(in); err != nil || got != want {
-			t.Errorf("parseSize(%q) = %d, %v; want %d", in, got, err, want)
-		}
-	}
-	for _, in := range []string{"", "x", "-1", "1X", "99999999999T"} {
-		if _, err := parseSize(in); err == nil {
-			t.Errorf("parseSize(%q) accepted", in)
-		}
-	}
-}
-
 func TestGetFailsWhenServerDies(t *testing.T) {
 	srv := dnbd3test.Start(t, dnbd3test.Image{Name: "img", Data: genImage(32 << 20)})
 	srv.Update(func(b *dnbd3test.Behavior) { b.BlockDelay = 20 * time.Millisecond })
