@@ -1,0 +1,456 @@
+package nbdbridge
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"runtime"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Defaults of AttachOptions.
+const (
+	DefaultBlockSize       = 512
+	DefaultTimeout         = 70 * time.Second
+	DefaultDeadConnTimeout = 120 * time.Second
+	// maxQuickFailures is how often in a row a kernel connection may die
+	// right after being (re)configured before its slot is given up.
+	maxQuickFailures = 3
+)
+
+// AttachOptions configure Attach.
+type AttachOptions struct {
+	// Backend is the storage the device shows.
+	Backend Backend
+	// Device is the device index to use, or -1 to take over an orphaned
+	// device with the same BackendID or else let the kernel pick a free one.
+	Device int
+	// Connections is the number of socketpairs (default min(4, CPUs)).
+	Connections int
+	// BlockSize is the logical block size (512 default, or 4096).
+	BlockSize uint64
+	// Timeout is the kernel's per-request timeout. Keep it above the
+	// backend's own deadline so the backend answers EIO first.
+	Timeout time.Duration
+	// DeadConnTimeout is how long the kernel holds requests when every
+	// connection is dead, waiting for a (restarted) daemon to RECONFIGURE.
+	DeadConnTimeout time.Duration
+	// BackendID identifies what the device serves (in sysfs "backend"); a
+	// restarted daemon finds its device by it.
+	BackendID string
+	// Info is recorded in the state file for `list` (image, rid, ...).
+	Info map[string]string
+	// Logger receives the lifecycle logs.
+	Logger *slog.Logger
+}
+
+// Device is a kernel NBD device served by this process.
+type Device struct {
+	Index    int
+	Path     string
+	TookOver bool // an orphaned device was taken over with RECONFIGURE
+
+	opts   AttachOptions
+	engine *Engine
+	lock   *DeviceLock
+	log    *slog.Logger
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu      sync.Mutex
+	conns   map[net.Conn]struct{}
+	active  int           // slots still serving
+	discCh  chan struct{} // closed when every slot ended by a kernel DISC
+	discSet bool
+}
+
+// Attach makes opts.Backend available as a kernel NBD device and serves it
+// until Shutdown or until someone disconnects the device. It returns once
+// the device is usable: its size is visible and partitions are scanned.
+func Attach(ctx context.Context, opts AttachOptions) (*Device, error) {
+	if opts.Connections <= 0 {
+		opts.Connections = min(4, runtime.NumCPU())
+	}
+	if opts.BlockSize == 0 {
+		opts.BlockSize = DefaultBlockSize
+	}
+	if opts.Timeout == 0 {
+		opts.Timeout = DefaultTimeout
+	}
+	if opts.DeadConnTimeout == 0 {
+		opts.DeadConnTimeout = DefaultDeadConnTimeout
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if err := Available(); err != nil {
+		return nil, err
+	}
+	size := opts.Backend.Size()
+	if size <= 0 || size%int64(opts.BlockSize) != 0 {
+		return nil, fmt.Errorf("export size %d is not a positive multiple of the block size %d", size, opts.BlockSize)
+	}
+	d := &Device{
+		opts:   opts,
+		engine: NewEngine(opts.Backend, EngineOptions{Logger: opts.Logger}),
+		log:    opts.Logger,
+		conns:  map[net.Conn]struct{}{},
+		discCh: make(chan struct{}),
+	}
+	d.ctx, d.cancel = context.WithCancel(context.Background())
+	ok := false
+	defer func() {
+		if !ok {
+			d.cancel()
+			d.closeConns()
+			d.wg.Wait()
+			d.lock.Unlock()
+		}
+	}()
+
+	index, err := d.takeOver(size)
+	if err != nil {
+		return nil, err
+	}
+	if index < 0 {
+		if index, err = d.connect(size); err != nil {
+			return nil, err
+		}
+	}
+	d.Index, d.Path = index, DevicePath(index)
+	if err := WaitReady(ctx, index, size); err != nil {
+		if !d.TookOver {
+			Disconnect(index)
+		}
+		return nil, fmt.Errorf("%s did not become ready: %w", d.Path, err)
+	}
+	st := State{Index: index, Device: d.Path, PID: os.Getpid(), BackendID: opts.BackendID, Size: size,
+		BlockSize: opts.BlockSize, Connections: opts.Connections, ReadOnly: IsReadOnly(opts.Backend),
+		Started: time.Now().UTC(), Info: opts.Info}
+	if err := WriteState(st); err != nil {
+		d.log.Warn("cannot write state file", "err", err)
+	}
+	go d.watchLinkDead()
+	ok = true
+	return d, nil
+}
+
+// takeOver looks for a device whose daemon died and RECONFIGUREs it with
+// fresh sockets. It returns -1 if there is none to take over.
+func (d *Device) takeOver(size int64) (int, error) {
+	o := d.opts
+	var candidates []int
+	if o.Device >= 0 {
+		candidates = []int{o.Device}
+	} else if o.BackendID != "" {
+		found, err := FindByBackend(o.BackendID)
+		if err != nil {
+			d.log.Debug("cannot search devices by backend", "err", err)
+		}
+		candidates = found
+	}
+	for _, idx := range candidates {
+		connected, err := isConnected(idx)
+		if err != nil {
+			return -1, err
+		}
+		if !connected {
+			continue // a free device: connect() uses it
+		}
+		id, _ := DeviceBackend(idx)
+		if id != o.BackendID || o.BackendID == "" {
+			if o.Device >= 0 {
+				return -1, fmt.Errorf("%s is already in use by another backend (%q)", DevicePath(idx), id)
+			}
+			continue
+		}
+		lock, free, err := TryLockDevice(idx)
+		if err != nil {
+			return -1, err
+		}
+		if !free {
+			if o.Device >= 0 {
+				return -1, fmt.Errorf("%s is served by another running dnbd3-nbd", DevicePath(idx))
+			}
+			continue
+		}
+		if got, _ := DeviceSize(idx); got != size {
+			lock.Unlock()
+			return -1, fmt.Errorf("%s was attached with %d bytes but the image now has %d; detach it first", DevicePath(idx), got, size)
+		}
+		n := o.Connections
+		if st, err := ReadState(idx); err == nil && st.Connections > 0 {
+			n = st.Connections
+		}
+		d.lock = lock
+		d.Index = idx
+		kfds, err := d.startSlots(n)
+		if err != nil {
+			return -1, err
+		}
+		err = Reconfigure(idx, ReconfigureOptions{BackendID: o.BackendID, SocketFDs: kfds,
+			Timeout: o.Timeout, DeadConnTimeout: o.DeadConnTimeout})
+		closeFDs(kfds)
+		if err != nil {
+			return -1, fmt.Errorf("take over %s: %w", DevicePath(idx), err)
+		}
+		d.TookOver = true
+		d.log.Info("took over orphaned device with RECONFIGURE", "device", DevicePath(idx), "connections", n)
+		return idx, nil
+	}
+	return -1, nil
+}
+
+// connect sends a netlink CONNECT for a new device.
+func (d *Device) connect(size int64) (int, error) {
+	o := d.opts
+	kfds, err := d.startSlots(o.Connections)
+	if err != nil {
+		return -1, err
+	}
+	idx, err := Connect(ConnectOptions{
+		Index:           o.Device,
+		SizeBytes:       uint64(size),
+		BlockSize:       o.BlockSize,
+		ServerFlags:     uint64(d.engine.Flags()),
+		Timeout:         o.Timeout,
+		DeadConnTimeout: o.DeadConnTimeout,
+		BackendID:       o.BackendID,
+		SocketFDs:       kfds,
+	})
+	closeFDs(kfds)
+	if err != nil {
+		return -1, err
+	}
+	lock, free, err := TryLockDevice(idx)
+	if err != nil || !free {
+		Disconnect(idx)
+		return -1, fmt.Errorf("lock %s: held by another process (%v)", DevicePath(idx), err)
+	}
+	d.lock = lock
+	d.Index = idx
+	d.log.Info("connected", "device", DevicePath(idx), "size", size, "connections", o.Connections,
+		"blockSize", o.BlockSize, "flags", fmt.Sprintf("%#x", d.engine.Flags()))
+	return idx, nil
+}
+
+// startSlots creates n socketpairs, serves our ends and returns the
+// kernel's ends.
+func (d *Device) startSlots(n int) ([]int, error) {
+	var kfds []int
+	for range n {
+		conn, kfd, err := socketPair()
+		if err != nil {
+			closeFDs(kfds)
+			return nil, err
+		}
+		kfds = append(kfds, kfd)
+		d.mu.Lock()
+		d.active++
+		d.mu.Unlock()
+		d.wg.Add(1)
+		go d.serveSlot(conn)
+	}
+	return kfds, nil
+}
+
+// serveSlot serves one kernel connection. When the kernel drops it (after
+// a request timeout it marks the socket dead) the slot makes a new
+// socketpair and RECONFIGUREs it in; a DISC from the kernel ends the slot.
+func (d *Device) serveSlot(conn net.Conn) {
+	defer d.wg.Done()
+	quick := 0
+	for {
+		d.track(conn, true)
+		start := time.Now()
+		err := d.engine.ServeConn(d.ctx, conn)
+		d.track(conn, false)
+		conn.Close()
+		if d.ctx.Err() != nil {
+			d.slotEnded(false)
+			return
+		}
+		if err == nil || errors.Is(err, ErrDisconnected) {
+			d.slotEnded(true)
+			return
+		}
+		if time.Since(start) < time.Second {
+			quick++
+		} else {
+			quick = 0
+		}
+		if quick >= maxQuickFailures {
+			d.log.Warn("kernel keeps dropping a connection; giving up this connection", "device", d.Path, "err", err)
+			d.slotEnded(false)
+			return
+		}
+		d.log.Warn("kernel connection lost, reconfiguring a new one", "device", d.Path, "err", err)
+		// The kernel only takes a new socket into a slot it has marked dead;
+		// give it a moment to notice that this one is gone (a RECONFIGURE
+		// with no dead slot succeeds but drops the socket).
+		select {
+		case <-d.ctx.Done():
+			d.slotEnded(false)
+			return
+		case <-time.After(200 * time.Millisecond):
+		}
+		var kfd int
+		for {
+			var nerr error
+			conn, kfd, nerr = socketPair()
+			if nerr == nil {
+				nerr = Reconfigure(d.Index, ReconfigureOptions{BackendID: d.opts.BackendID, SocketFDs: []int{kfd},
+					Timeout: d.opts.Timeout, DeadConnTimeout: d.opts.DeadConnTimeout})
+				unix.Close(kfd)
+				if nerr == nil {
+					break
+				}
+				conn.Close()
+			}
+			d.log.Error("cannot reconfigure the device", "device", d.Path, "err", nerr)
+			select {
+			case <-d.ctx.Done():
+				d.slotEnded(false)
+				return
+			case <-time.After(time.Second):
+			}
+		}
+	}
+}
+
+func (d *Device) track(c net.Conn, add bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if add {
+		d.conns[c] = struct{}{}
+	} else {
+		delete(d.conns, c)
+	}
+}
+
+func (d *Device) closeConns() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for c := range d.conns {
+		c.Close()
+	}
+}
+
+func (d *Device) slotEnded(disc bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.active--
+	if d.active == 0 && !d.discSet {
+		d.discSet = true
+		close(d.discCh)
+	}
+}
+
+// Disconnected is closed when the kernel ended every connection, e.g.
+// because `dnbd3-nbd detach` disconnected the device.
+func (d *Device) Disconnected() <-chan struct{} { return d.discCh }
+
+// Engine returns the transmission engine (for statistics).
+func (d *Device) Engine() *Engine { return d.engine }
+
+// Shutdown ends serving. The backend is flushed first. If the device is
+// not in use (or force is set) it is disconnected and its state removed;
+// otherwise it is left attached so that a successor can RECONFIGURE it
+// within the dead-connection timeout. It reports whether it disconnected.
+func (d *Device) Shutdown(force bool) (disconnected bool, err error) {
+	if ferr := d.opts.Backend.Flush(); ferr != nil {
+		err = fmt.Errorf("flush: %w", ferr)
+	}
+	inUse, uerr := InUse(d.Index)
+	if uerr != nil {
+		d.log.Warn("cannot tell whether the device is in use; treating it as in use", "device", d.Path, "err", uerr)
+		inUse = true
+	}
+	select {
+	case <-d.discCh:
+		inUse, force = false, true // already disconnected by someone else
+	default:
+	}
+	if !inUse || force {
+		if derr := Disconnect(d.Index); derr != nil && !errors.Is(derr, ErrNotConnected) {
+			d.log.Warn("disconnect failed", "device", d.Path, "err", derr)
+		}
+		select {
+		case <-d.discCh:
+		case <-time.After(10 * time.Second):
+			d.log.Warn("kernel did not end every connection within 10 s", "device", d.Path)
+		}
+		d.cancel()
+		d.closeConns()
+		d.wg.Wait()
+		RemoveState(d.Index)
+		d.lock.Unlock()
+		d.log.Info("detached", "device", d.Path)
+		return true, err
+	}
+	d.log.Warn(fmt.Sprintf("%s is in use (mounted or open): leaving it attached; restart dnbd3-nbd attach within %v to take it over, or I/O on it fails",
+		d.Path, d.opts.DeadConnTimeout), "device", d.Path)
+	d.cancel()
+	d.closeConns()
+	d.wg.Wait()
+	d.lock.Unlock()
+	return false, err
+}
+
+// watchLinkDead logs the kernel's LINK_DEAD events for this device; the
+// slots themselves notice the dead socket and reconfigure.
+func (d *Device) watchLinkDead() {
+	ch, err := WatchLinkDead(d.ctx)
+	if err != nil {
+		d.log.Debug("cannot watch link-dead events", "err", err)
+		return
+	}
+	for idx := range ch {
+		if idx == d.Index {
+			d.log.Warn("kernel reports a dead connection", "device", d.Path)
+		}
+	}
+}
+
+// socketPair returns our end as a net.Conn and the kernel's end as an fd.
+func socketPair() (net.Conn, int, error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, -1, fmt.Errorf("socketpair: %w", err)
+	}
+	f := os.NewFile(uintptr(fds[0]), "nbd-socketpair")
+	conn, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		unix.Close(fds[1])
+		return nil, -1, fmt.Errorf("socketpair: %w", err)
+	}
+	return conn, fds[1], nil
+}
+
+func closeFDs(fds []int) {
+	for _, fd := range fds {
+		unix.Close(fd)
+	}
+}
+
+func isConnected(idx int) (bool, error) {
+	st, err := Status(idx)
+	if err != nil {
+		return false, err
+	}
+	for _, s := range st {
+		if s.Index == idx {
+			return s.Connected, nil
+		}
+	}
+	return false, nil
+}

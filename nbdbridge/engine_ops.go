@@ -1,0 +1,292 @@
+package nbdbridge
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math/bits"
+
+	"github.com/pojntfx/go-nbd/pkg/protocol"
+)
+
+// zeroChunk is the size of the zero buffer WRITE_ZEROES writes from when
+// the backend is no ZeroWriter.
+const zeroChunk = 1 << 20
+
+// job is one request on its way from the reader through a worker to the
+// writer.
+type job struct {
+	req      protocol.TransmissionRequestHeader
+	buf      *[]byte // WRITE payload or READ data (pooled)
+	errno    uint32
+	ticket   uint64 // writeTracker ticket of a write-type request
+	ticketed bool
+	mark     uint64 // writeTracker mark of a FLUSH
+	limBytes int64  // bytes held in the connection's limiter
+	hdr      [wireReplySize]byte
+}
+
+// hasData reports whether the reply carries the READ data.
+func (j *job) hasData() bool {
+	return j.errno == 0 && j.req.Type == wireCmdRead && j.buf != nil
+}
+
+// replyLen is the number of bytes the reply takes on the wire.
+func (j *job) replyLen() int {
+	if j.hasData() {
+		return wireReplySize + len(*j.buf)
+	}
+	return wireReplySize
+}
+
+func (e *Engine) getJob() *job {
+	if v := e.jobs.Get(); v != nil {
+		return v.(*job)
+	}
+	return new(job)
+}
+
+func (e *Engine) putJob(j *job) {
+	e.pool.put(j.buf)
+	*j = job{}
+	e.jobs.Put(j)
+}
+
+// handle validates one request, reads its payload and dispatches it to a
+// worker, or queues an error reply at once. A non-nil error ends the
+// connection.
+func (c *engineConn) handle(ctx context.Context, req protocol.TransmissionRequestHeader) error {
+	e := c.e
+	errno, err := e.check(req)
+	if err != nil {
+		c.log.Warn("nbd: closing connection: protocol violation", "remote", remoteName(c.conn), "err", err)
+		return err
+	}
+	var bufBytes int64
+	if errno == 0 && (req.Type == wireCmdRead || req.Type == wireCmdWrite) {
+		bufBytes = int64(req.Length)
+	}
+	if !c.lim.acquire(bufBytes) {
+		return c.stopErr(ctx)
+	}
+	e.st.inFlight.Add(1)
+	j := e.getJob()
+	j.req = req
+	j.limBytes = bufBytes
+
+	if req.Type == wireCmdWrite && req.Length > 0 {
+		var rerr error
+		if errno != 0 {
+			_, rerr = io.CopyN(io.Discard, c.br, int64(req.Length))
+		} else {
+			j.buf = e.pool.get(int(req.Length))
+			_, rerr = io.ReadFull(c.br, *j.buf)
+		}
+		if rerr != nil {
+			c.finish(j)
+			return c.readErr(ctx, rerr, false)
+		}
+	}
+	if errno != 0 {
+		e.st.errors.Add(1)
+		c.log.Debug("nbd: invalid request", "cmd", commandName(req.Type), "flags", req.CommandFlags,
+			"offset", req.Offset, "length", req.Length, "errno", errno)
+		j.errno = errno
+		c.replies <- j
+		return nil
+	}
+
+	select {
+	case e.sem <- struct{}{}:
+	case <-ctx.Done():
+		j.errno = wireESHUTDOWN
+		e.st.errors.Add(1)
+		c.replies <- j
+		return ctx.Err()
+	}
+	switch req.Type {
+	case wireCmdWrite, wireCmdTrim, wireCmdWriteZeroes:
+		// Taken while holding a worker slot, so a FLUSH (which also holds
+		// one) only ever waits for writes that can run.
+		j.ticket, j.ticketed = e.writes.begin(), true
+	case wireCmdFlush:
+		j.mark = e.writes.mark()
+	}
+	c.workers.Add(1)
+	go c.run(j)
+	return nil
+}
+
+// check validates a request against the export. It returns the errno to
+// answer with (0: valid), or an error if the connection must be closed.
+func (e *Engine) check(req protocol.TransmissionRequestHeader) (uint32, error) {
+	size := uint64(max(e.backend.Size(), 0))
+	end, carry := bits.Add64(req.Offset, uint64(req.Length), 0)
+	inRange := carry == 0 && end <= size
+	switch req.Type {
+	case wireCmdRead:
+		switch {
+		case req.CommandFlags&^wireCmdFlagFUA != 0, int64(req.Length) > int64(e.maxRequest), !inRange:
+			return wireEINVAL, nil
+		}
+	case wireCmdWrite:
+		switch {
+		case int64(req.Length) > 4*int64(e.maxRequest):
+			return 0, fmt.Errorf("WRITE of %d bytes exceeds the limit of %d by far", req.Length, e.maxRequest)
+		case req.CommandFlags&^wireCmdFlagFUA != 0, int64(req.Length) > int64(e.maxRequest):
+			return wireEINVAL, nil
+		case e.readOnly:
+			return wireEPERM, nil
+		case !inRange:
+			return wireENOSPC, nil
+		}
+	case wireCmdFlush:
+		if req.CommandFlags&^wireCmdFlagFUA != 0 {
+			return wireEINVAL, nil
+		}
+	case wireCmdTrim, wireCmdWriteZeroes:
+		allowed := wireCmdFlagFUA
+		if req.Type == wireCmdWriteZeroes {
+			allowed |= wireCmdFlagNoHole
+		}
+		switch {
+		case req.CommandFlags&^allowed != 0:
+			return wireEINVAL, nil
+		case e.readOnly:
+			return wireEPERM, nil
+		case !inRange:
+			return wireENOSPC, nil
+		}
+	default:
+		return wireEINVAL, nil
+	}
+	return 0, nil
+}
+
+// run executes a request on a worker slot and queues its reply.
+func (c *engineConn) run(j *job) {
+	e := c.e
+	e.execute(c, j)
+	if j.ticketed {
+		e.writes.end(j.ticket)
+	}
+	<-e.sem
+	c.replies <- j
+	c.workers.Done()
+}
+
+// execute calls the backend for one valid request and sets j.errno.
+func (e *Engine) execute(c *engineConn, j *job) {
+	r := &j.req
+	off, length := int64(r.Offset), int64(r.Length)
+	fua := r.CommandFlags&wireCmdFlagFUA != 0
+	var err error
+	switch r.Type {
+	case wireCmdRead:
+		if length > 0 {
+			j.buf = e.pool.get(int(length))
+			var n int
+			n, err = e.backend.ReadAt(*j.buf, off)
+			switch {
+			case err != nil && n == len(*j.buf) && errors.Is(err, io.EOF):
+				err = nil // io.ReaderAt may report EOF with a full read at the end
+			case err == nil && n < len(*j.buf):
+				err = fmt.Errorf("short read: %d of %d bytes: %w", n, length, io.ErrUnexpectedEOF)
+			}
+		}
+		if err == nil {
+			e.st.reads.Add(1)
+			e.st.bytesRead.Add(uint64(length))
+		}
+	case wireCmdWrite:
+		var p []byte
+		if j.buf != nil {
+			p = *j.buf
+		}
+		var n int
+		if fw, ok := e.backend.(FUAWriter); ok && fua {
+			n, err = fw.WriteAtFUA(p, off)
+		} else {
+			n, err = e.backend.WriteAt(p, off)
+			if err == nil && fua {
+				err = e.backend.Flush()
+			}
+		}
+		if err == nil && n < len(p) {
+			err = fmt.Errorf("short write: %d of %d bytes: %w", n, len(p), io.ErrShortWrite)
+		}
+		e.pool.put(j.buf)
+		j.buf = nil
+		if err == nil {
+			c.dirty.Store(true)
+			e.st.writes.Add(1)
+			e.st.bytesWritten.Add(uint64(length))
+		}
+	case wireCmdFlush:
+		if !e.readOnly {
+			e.writes.wait(j.mark)
+			err = e.backend.Flush()
+		}
+		if err == nil {
+			e.st.flushes.Add(1)
+		}
+	case wireCmdTrim:
+		// TRIM is advisory: without a Trimmer it is a successful no-op,
+		// and FUA has nothing to make durable then.
+		if t, ok := e.backend.(Trimmer); ok && length > 0 {
+			err = t.Trim(off, length)
+			if err == nil && fua {
+				err = e.backend.Flush()
+			}
+		}
+		if err == nil {
+			c.dirty.Store(true)
+			e.st.trims.Add(1)
+		}
+	case wireCmdWriteZeroes:
+		if length > 0 {
+			if z, ok := e.backend.(ZeroWriter); ok {
+				err = z.WriteZeroes(off, length, r.CommandFlags&wireCmdFlagNoHole != 0)
+			} else {
+				err = e.writeZeros(off, length)
+			}
+			if err == nil && fua {
+				err = e.backend.Flush()
+			}
+		}
+		if err == nil {
+			c.dirty.Store(true)
+			e.st.writeZeroes.Add(1)
+		}
+	}
+	if err != nil {
+		e.pool.put(j.buf)
+		j.buf = nil
+		j.errno = errnoFor(err)
+		e.st.errors.Add(1)
+		e.st.backendErrors.Add(1)
+		if ok, suppressed := e.warnLimit.allow(); ok {
+			e.log.Warn("nbd: backend error", "cmd", commandName(r.Type), "offset", off, "length", length,
+				"errno", j.errno, "err", err, "suppressed", suppressed)
+		}
+	}
+}
+
+// writeZeros writes length zero bytes at off in chunks.
+func (e *Engine) writeZeros(off, length int64) error {
+	zeros := e.zeros()
+	for length > 0 {
+		n := min(length, int64(len(zeros)))
+		w, err := e.backend.WriteAt(zeros[:n], off)
+		if err != nil {
+			return err
+		}
+		if int64(w) < n {
+			return fmt.Errorf("short write: %d of %d bytes: %w", w, n, io.ErrShortWrite)
+		}
+		off += n
+		length -= n
+	}
+	return nil
+}

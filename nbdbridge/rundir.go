@@ -1,0 +1,168 @@
+package nbdbridge
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// DefaultRunDir holds the per-device lock, state and control files of
+// attached devices. Override it with $DNBD3GO_RUN_DIR (tests do).
+const DefaultRunDir = "/run/dnbd3go"
+
+// RunDir returns the run directory in effect.
+func RunDir() string {
+	if d := os.Getenv("DNBD3GO_RUN_DIR"); d != "" {
+		return d
+	}
+	return DefaultRunDir
+}
+
+func runFile(index int, ext string) string {
+	return filepath.Join(RunDir(), "nbd"+strconv.Itoa(index)+ext)
+}
+
+// DeviceLock is an exclusive flock on a device's lock file. A live daemon
+// holds it for as long as it serves the device; the kernel releases it
+// when the daemon dies, which is how a successor recognises an orphaned
+// device it may take over.
+type DeviceLock struct {
+	f *os.File
+}
+
+// TryLockDevice takes the lock of device index without blocking. ok is
+// false if another live process holds it.
+func TryLockDevice(index int) (l *DeviceLock, ok bool, err error) {
+	if err := os.MkdirAll(RunDir(), 0o755); err != nil {
+		return nil, false, fmt.Errorf("create run directory: %w", err)
+	}
+	f, err := os.OpenFile(runFile(index, ".lock"), os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, false, err
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, false, nil
+		}
+		return nil, false, fmt.Errorf("lock %s: %w", f.Name(), err)
+	}
+	return &DeviceLock{f: f}, true, nil
+}
+
+// Unlock releases the lock.
+func (l *DeviceLock) Unlock() {
+	if l != nil && l.f != nil {
+		unix.Flock(int(l.f.Fd()), unix.LOCK_UN)
+		l.f.Close()
+		l.f = nil
+	}
+}
+
+// Held reports whether a live process holds device index's lock.
+func Held(index int) bool {
+	l, ok, err := TryLockDevice(index)
+	if err != nil {
+		return false
+	}
+	if ok {
+		l.Unlock()
+		return false
+	}
+	return true
+}
+
+// State is what a daemon records about the device it serves, so that a
+// successor can take the device over with the same settings and `list`
+// can describe it even when the daemon is gone.
+type State struct {
+	Index       int               `json:"index"`
+	Device      string            `json:"device"`
+	PID         int               `json:"pid"`
+	BackendID   string            `json:"backendId"`
+	Size        int64             `json:"size"`
+	BlockSize   uint64            `json:"blockSize"`
+	Connections int               `json:"connections"`
+	ReadOnly    bool              `json:"readOnly"`
+	Started     time.Time         `json:"started"`
+	Info        map[string]string `json:"info,omitempty"` // e.g. image, rid, servers
+}
+
+// WriteState stores s atomically as the device's state file.
+func WriteState(s State) error {
+	b, err := json.MarshalIndent(s, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := runFile(s.Index, ".json.tmp")
+	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, runFile(s.Index, ".json"))
+}
+
+// ReadState loads a device's state file.
+func ReadState(index int) (State, error) {
+	var s State
+	b, err := os.ReadFile(runFile(index, ".json"))
+	if err != nil {
+		return s, err
+	}
+	err = json.Unmarshal(b, &s)
+	return s, err
+}
+
+// RemoveState deletes a device's state and control files (after a
+// DISCONNECT).
+func RemoveState(index int) {
+	os.Remove(runFile(index, ".json"))
+	os.Remove(runFile(index, ".sock"))
+}
+
+// ServeControl answers every connection on the device's control socket
+// with the JSON of status() and closes it, until ctx ends. `dnbd3-nbd list`
+// and `status` read it.
+func ServeControl(ctx context.Context, index int, status func() any) error {
+	path := runFile(index, ".sock")
+	os.Remove(path)
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return fmt.Errorf("control socket: %w", err)
+	}
+	go func() {
+		<-ctx.Done()
+		ln.Close()
+		os.Remove(path)
+	}()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.SetDeadline(time.Now().Add(2 * time.Second))
+			json.NewEncoder(c).Encode(status())
+			c.Close()
+		}
+	}()
+	return nil
+}
+
+// QueryControl reads a live daemon's status from its control socket into v.
+func QueryControl(index int, v any) error {
+	c, err := net.DialTimeout("unix", runFile(index, ".sock"), time.Second)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(2 * time.Second))
+	return json.NewDecoder(c).Decode(v)
+}
