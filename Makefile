@@ -43,8 +43,12 @@ fuzz:
 	  done; \
 	done
 
+# End-to-end tests without root, then the root scenarios against the kernel
+# NBD driver inside a throw-away qemu VM (tests/integration/vm/vmtest.sh).
 test-integration: deps build
 	$(GO) test -count=1 ./tests/...
+	tests/integration/vm/testdata.sh out/vm-testdata
+	tests/integration/vm/vmtest.sh -files out/vm-testdata -timeout 1200
 
 bench: deps build
 	./bench/run.sh

@@ -46,6 +46,9 @@ type AttachOptions struct {
 	BackendID string
 	// Info is recorded in the state file for `list` (image, rid, ...).
 	Info map[string]string
+	// Workers bounds the requests the backend serves at once (see
+	// EngineOptions.Workers); remote backends want more than the default.
+	Workers int
 	// Logger receives the lifecycle logs.
 	Logger *slog.Logger
 }
@@ -100,7 +103,7 @@ func Attach(ctx context.Context, opts AttachOptions) (*Device, error) {
 	}
 	d := &Device{
 		opts:   opts,
-		engine: NewEngine(opts.Backend, EngineOptions{Logger: opts.Logger}),
+		engine: NewEngine(opts.Backend, EngineOptions{Logger: opts.Logger, Workers: opts.Workers}),
 		log:    opts.Logger,
 		conns:  map[net.Conn]struct{}{},
 		discCh: make(chan struct{}),
@@ -369,15 +372,16 @@ func (d *Device) Shutdown(force bool) (disconnected bool, err error) {
 	if ferr := d.opts.Backend.Flush(); ferr != nil {
 		err = fmt.Errorf("flush: %w", ferr)
 	}
-	inUse, uerr := InUse(d.Index)
-	if uerr != nil {
-		d.log.Warn("cannot tell whether the device is in use; treating it as in use", "device", d.Path, "err", uerr)
-		inUse = true
-	}
+	inUse := false
 	select {
 	case <-d.discCh:
-		inUse, force = false, true // already disconnected by someone else
+		force = true // already disconnected by someone else: nothing to probe
 	default:
+		var uerr error
+		if inUse, uerr = InUse(d.Index); uerr != nil {
+			d.log.Warn("cannot tell whether the device is in use; treating it as in use", "device", d.Path, "err", uerr)
+			inUse = true
+		}
 	}
 	if !inUse || force {
 		if derr := Disconnect(d.Index); derr != nil && !errors.Is(derr, ErrNotConnected) {

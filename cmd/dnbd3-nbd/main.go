@@ -1,6 +1,11 @@
 // Command dnbd3-nbd is the dnbd3go client: it reads DNBD3 images and
 // exposes them through the kernel's NBD driver.
 //
+//	dnbd3-nbd attach -h "HOST[:PORT] ..." -i IMAGE [-r RID] [--device /dev/nbdN] ...
+//	dnbd3-nbd detach /dev/nbdN
+//	dnbd3-nbd list
+//	dnbd3-nbd status /dev/nbdN
+//	dnbd3-nbd serve -h "HOST[:PORT] ..." -i IMAGE --listen unix:PATH|tcp:ADDR
 //	dnbd3-nbd get -h "HOST[:PORT] ..." -i IMAGE [-r RID] [-o FILE|-]
 //
 // Each subcommand lives in its own file and is one line in commands().
@@ -45,6 +50,11 @@ type command struct {
 // commands lists the subcommands in the order help shows them.
 func commands() []command {
 	return []command{
+		{"attach", `-h "HOST[:PORT] ..." -i IMAGE [-r RID] [--device /dev/nbdN] [--connections N] [--block-size 512|4096] [-S] [-l LOG]`, "attach an image as /dev/nbdX and serve it in the foreground", runAttach},
+		{"detach", `/dev/nbdN [--force]`, "disconnect a device", runDetach},
+		{"list", `[-a]`, "list attached devices", runList},
+		{"status", `/dev/nbdN [--json]`, "show one device", runStatus},
+		{"serve", `-h "HOST[:PORT] ..." -i IMAGE [-r RID] --listen unix:PATH|tcp:ADDR`, "export an image over the NBD protocol (QEMU, nbdcopy) without the kernel", runServe},
 		{"get", `-h "HOST[:PORT] ..." -i IMAGE [-r RID] [-o FILE|-]`, "download an image or a range of it", runGet},
 	}
 }

@@ -398,3 +398,15 @@ func (w *fileWriter) close() error {
 	w.f = nil
 	return err
 }
+
+// MaskAtLeast returns the mask of every level at or above min, for a
+// threshold-style --log-level flag.
+func MaskAtLeast(min slog.Level) Mask {
+	var m Mask
+	for _, l := range []slog.Level{slog.LevelError, slog.LevelWarn, LevelMinor, slog.LevelInfo, LevelDebug1, LevelDebug2} {
+		if l >= min {
+			m |= levelBit(l)
+		}
+	}
+	return m
+}

@@ -341,3 +341,12 @@ func TestSimple(t *testing.T) {
 		t.Errorf("Simple json output %q (%v)", b.String(), err)
 	}
 }
+
+func TestMaskAtLeast(t *testing.T) {
+	if MaskAtLeast(slog.LevelInfo) != DefaultConsoleMask {
+		t.Errorf("info: %v", MaskAtLeast(slog.LevelInfo))
+	}
+	if MaskAtLeast(slog.LevelWarn) != MaskError|MaskWarning || MaskAtLeast(LevelDebug2) != MaskAll {
+		t.Error("warn/debug2")
+	}
+}

@@ -64,6 +64,15 @@ func TestNoModule(t *testing.T) {
 	if devs, err := nbdbridge.ListDevices(); err != nil || len(devs) != 0 {
 		t.Fatalf("ListDevices without the module = %v, %v", devs, err)
 	}
+	if os.Getenv("DNBD3GO_VM_CMDS") == "1" {
+		out, code := nbd(t, "attach", "-h", "127.0.0.1:1", "-i", "x")
+		if code != 1 || !strings.Contains(out, "modprobe nbd") {
+			t.Errorf("dnbd3-nbd attach without the module: exit %d\n%s", code, out)
+		}
+		if out, code := nbd(t, "list"); code != 1 || !strings.Contains(out, "modprobe nbd") {
+			t.Errorf("dnbd3-nbd list without the module: exit %d\n%s", code, out)
+		}
+	}
 }
 
 // loadNBD loads nbd.ko like the harness does.

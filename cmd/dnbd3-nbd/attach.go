@@ -1,0 +1,171 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"runtime"
+	"strconv"
+	"time"
+
+	"github.com/dnbd3go/dnbd3go/client"
+	"github.com/dnbd3go/dnbd3go/nbdbridge"
+	"github.com/spf13/pflag"
+)
+
+// attachStatus is what a running attach reports on its control socket
+// (read by list and status).
+type attachStatus struct {
+	Device      string                `json:"device"`
+	PID         int                   `json:"pid"`
+	Image       string                `json:"image"`
+	RID         uint16                `json:"rid"`
+	Size        int64                 `json:"size"`
+	BlockSize   uint64                `json:"blockSize"`
+	Connections int                   `json:"connections"`
+	ReadOnly    bool                  `json:"readOnly"`
+	State       string                `json:"state"` // serving, failover
+	Started     time.Time             `json:"started"`
+	Client      client.Stats          `json:"client"`
+	Engine      nbdbridge.EngineStats `json:"engine"`
+}
+
+func runAttach(ctx context.Context, args []string, s stdio) int {
+	var f imageFlags
+	var device string
+	var conns int
+	var blockSize uint64
+	var deadConn time.Duration
+	var force bool
+	fs := pflag.NewFlagSet("dnbd3-nbd attach", pflag.ContinueOnError)
+	fs.SortFlags = false
+	fs.SetOutput(s.err)
+	f.register(fs)
+	fs.StringVar(&device, "device", "", "use this device (/dev/nbdN); default: the kernel picks a free one")
+	fs.IntVar(&conns, "connections", min(4, runtime.NumCPU()), "connections (socketpairs) to the kernel")
+	fs.Uint64Var(&blockSize, "block-size", 512, "logical block size: 512 or 4096")
+	fs.DurationVar(&deadConn, "dead-conn-timeout", nbdbridge.DefaultDeadConnTimeout, "how long the kernel holds I/O for a restarted daemon")
+	fs.BoolVar(&force, "force", false, "on SIGTERM, disconnect the device even if it is mounted or open")
+	fs.Usage = func() {
+		fmt.Fprintf(s.err, "Usage: dnbd3-nbd attach -h \"HOST[:PORT] ...\" -i IMAGE [-r RID] [--device /dev/nbdN] [--connections N] [--block-size 512|4096] [-S] [-l LOG]\n\n"+
+			"Attaches a DNBD3 image as a read-only /dev/nbdX, prints the device path once it is ready and serves it\n"+
+			"in the foreground until it is detached or the process gets SIGTERM.\n\nFlags:\n")
+		fs.PrintDefaults()
+	}
+	if code, ok := parseFlags(fs, args, s, "attach"); !ok {
+		return code
+	}
+	bad := func(format string, a ...any) int {
+		fmt.Fprintf(s.err, "dnbd3-nbd attach: "+format+"\n", a...)
+		return exitUsage
+	}
+	if err := f.validate(); err != nil {
+		return bad("%v", err)
+	}
+	if blockSize != 512 && blockSize != 4096 {
+		return bad("--block-size %d: want 512 or 4096", blockSize)
+	}
+	if conns < 1 || conns > 64 {
+		return bad("--connections %d: want 1 to 64", conns)
+	}
+	index := -1
+	if device != "" {
+		var err error
+		if index, err = nbdbridge.ParseDevice(device); err != nil {
+			return bad("--device: %v", err)
+		}
+	}
+	log, closeLog, err := f.logger(s.err)
+	if err != nil {
+		return bad("%v", err)
+	}
+	defer closeLog()
+	// Fail fast on a missing module or missing privileges, before talking
+	// to any server.
+	if err := nbdbridge.Available(); err != nil {
+		return exitWith(s, "attach", err)
+	}
+	img, err := f.open(ctx, log)
+	if err != nil {
+		return exitWith(s, "attach", err)
+	}
+	defer img.Close()
+
+	// The kernel's request timeout stays above our own deadline, so a read
+	// that cannot be served fails with EIO from us, not with a dead socket.
+	// (It also bounds how long I/O that was in flight when a daemon died
+	// waits after a successor took the device over.)
+	kernelTimeout := f.timeout + 10*time.Second
+	if f.timeout == 0 {
+		kernelTimeout = 24 * time.Hour // never fail I/O; a stuck socket is reconfigured
+	}
+	dev, err := nbdbridge.Attach(ctx, nbdbridge.AttachOptions{
+		Backend:         imageBackend{img},
+		Device:          index,
+		Connections:     conns,
+		BlockSize:       blockSize,
+		Timeout:         kernelTimeout,
+		DeadConnTimeout: deadConn,
+		BackendID:       "dnbd3go:" + img.Name() + ":r" + strconv.Itoa(int(img.RID())),
+		Info:            map[string]string{"image": img.Name(), "rid": strconv.Itoa(int(img.RID())), "servers": f.hosts},
+		Workers:         remoteWorkers,
+		Logger:          log,
+	})
+	if err != nil {
+		return exitWith(s, "attach", err)
+	}
+	started := time.Now()
+	ctlCtx, stopCtl := context.WithCancel(context.Background())
+	defer stopCtl()
+	status := func() any {
+		cs := img.Stats()
+		state := "serving"
+		if cs.Panic {
+			state = "failover"
+		}
+		return attachStatus{Device: dev.Path, PID: osPID(), Image: img.Name(), RID: img.RID(), Size: img.Size(),
+			BlockSize: blockSize, Connections: conns, ReadOnly: true, State: state, Started: started,
+			Client: cs, Engine: dev.Engine().Stats()}
+	}
+	if err := nbdbridge.ServeControl(ctlCtx, dev.Index, status); err != nil {
+		log.Warn("no control socket; list/status will show less", "err", err)
+	}
+	log.Info("attached", "device", dev.Path, "image", img.Name(), "rid", img.RID(), "size", img.Size(),
+		"server", img.Stats().Current, "tookOver", dev.TookOver)
+	fmt.Fprintln(s.out, dev.Path)
+
+	select {
+	case <-ctx.Done():
+		log.Info("signal received, shutting down", "device", dev.Path)
+		detached, err := dev.Shutdown(force)
+		if err != nil {
+			log.Error("shutdown", "err", err)
+			return exitError
+		}
+		if !detached {
+			return exitOK
+		}
+	case <-dev.Disconnected():
+		log.Info("device was disconnected", "device", dev.Path)
+		if _, err := dev.Shutdown(true); err != nil && !errors.Is(err, context.Canceled) {
+			log.Warn("cleanup after disconnect", "err", err)
+		}
+	}
+	return exitOK
+}
+
+// parseFlags parses args; ok is false when the command should return code.
+func parseFlags(fs *pflag.FlagSet, args []string, s stdio, name string) (code int, ok bool) {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, pflag.ErrHelp) {
+			return exitOK, false
+		}
+		fmt.Fprintf(s.err, "dnbd3-nbd %s: %v\n", name, err)
+		return exitUsage, false
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(s.err, "dnbd3-nbd %s: unexpected argument %q\n", name, fs.Arg(0))
+		return exitUsage, false
+	}
+	return 0, true
+}

@@ -1,0 +1,95 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"time"
+
+	"github.com/dnbd3go/dnbd3go/client"
+	"github.com/dnbd3go/dnbd3go/internal/logging"
+	"github.com/dnbd3go/dnbd3go/nbdbridge"
+	"github.com/spf13/pflag"
+)
+
+// imageFlags are the flags every command that reads an image shares, named
+// as in the reference client (-h hosts, -i image, -r rid, -S sticky, -l log).
+type imageFlags struct {
+	hosts     string
+	image     string
+	rid       uint16
+	sticky    bool
+	timeout   time.Duration
+	logFile   string
+	logFormat string
+	logLevel  string
+}
+
+func (f *imageFlags) register(fs *pflag.FlagSet) {
+	fs.StringVarP(&f.hosts, "host", "h", "", `servers, space-separated: "host[:port] [v6]:port ..." (default port 5003)`)
+	fs.StringVarP(&f.image, "image", "i", "", "image name")
+	fs.Uint16VarP(&f.rid, "rid", "r", 0, "revision (0 = latest)")
+	fs.BoolVarP(&f.sticky, "sticky", "S", false, "use only the given servers, don't learn others via GET_SERVERS")
+	fs.DurationVar(&f.timeout, "timeout", time.Minute, "a read fails (EIO) after waiting this long with no server answering (0 = wait forever)")
+	fs.StringVarP(&f.logFile, "log", "l", "", "also write the log to this file")
+	fs.StringVar(&f.logFormat, "log-format", "text", "log format: text or json")
+	fs.StringVar(&f.logLevel, "log-level", "info", "minimum log level: error, warning, info, debug")
+}
+
+func (f *imageFlags) validate() error {
+	if f.hosts == "" || f.image == "" {
+		return errors.New("-h HOSTS and -i IMAGE are required (see --help)")
+	}
+	if f.timeout < 0 {
+		return errors.New("--timeout must not be negative")
+	}
+	return nil
+}
+
+// logger builds the command's logger: stderr, plus the -l file.
+func (f *imageFlags) logger(stderr io.Writer) (*slog.Logger, func(), error) {
+	level, err := logging.ParseLevel(f.logLevel)
+	if err != nil {
+		return nil, nil, fmt.Errorf("--log-level: %w", err)
+	}
+	mask := logging.MaskAtLeast(level)
+	lg, err := logging.New(logging.Options{Format: f.logFormat, Console: stderr, ConsoleMask: mask,
+		File: f.logFile, FileMask: mask, Timestamps: true})
+	if err != nil {
+		return nil, nil, err
+	}
+	return lg.Logger, func() { lg.Close() }, nil
+}
+
+// open connects to the image.
+func (f *imageFlags) open(ctx context.Context, log *slog.Logger) (*client.Image, error) {
+	return client.Open(ctx, client.Config{
+		Servers:  []string{f.hosts},
+		Image:    f.image,
+		RID:      f.rid,
+		Sticky:   f.sticky,
+		Deadline: f.timeout,
+		Logger:   log,
+	})
+}
+
+// remoteWorkers is the engine's worker count for remote images: each worker
+// may wait on the network, and the client library pipelines their reads.
+const remoteWorkers = 128
+
+// imageBackend serves a remote image read-only.
+type imageBackend struct{ img *client.Image }
+
+func (b imageBackend) ReadAt(p []byte, off int64) (int, error) { return b.img.ReadAt(p, off) }
+func (b imageBackend) WriteAt([]byte, int64) (int, error)      { return 0, nbdbridge.ErrReadOnly }
+func (b imageBackend) Size() int64                             { return b.img.Size() }
+func (b imageBackend) Flush() error                            { return nil }
+func (b imageBackend) ReadOnly() bool                          { return true }
+
+// exitWith prints err for command name and returns the exit code.
+func exitWith(s stdio, name string, err error) int {
+	fmt.Fprintf(s.err, "dnbd3-nbd %s: %v\n", name, err)
+	return exitError
+}

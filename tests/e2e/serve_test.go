@@ -1,0 +1,127 @@
+package e2e
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// needTool skips (visibly) when a Debian tool the test drives is missing.
+func needTool(t *testing.T, name, pkg string) {
+	t.Helper()
+	if _, err := exec.LookPath(name); err != nil {
+		t.Skipf("SKIP: %s not installed (package %s; run scripts/deps.sh as root)", name, pkg)
+	}
+}
+
+// startServe runs `dnbd3-nbd serve` for image against the dnbd3 server at
+// addr and returns the NBD URI of its unix socket.
+func startServe(t *testing.T, addr, image string) string {
+	t.Helper()
+	sock := filepath.Join(t.TempDir(), "nbd.sock")
+	cmd := exec.Command(bin("dnbd3-nbd"), "serve", "-h", addr, "-i", image, "--listen", "unix:"+sock)
+	stdout, _ := cmd.StdoutPipe()
+	var stderr strings.Builder
+	cmd.Stderr = syncWriter(&stderr)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Signal(os.Interrupt)
+		done := make(chan error, 1)
+		go func() { done <- cmd.Wait() }()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("dnbd3-nbd serve exited with %v after SIGINT:\n%s", err, stderr.String())
+			}
+		case <-time.After(10 * time.Second):
+			cmd.Process.Kill()
+			t.Error("dnbd3-nbd serve did not stop within 10 s of SIGINT")
+		}
+	})
+	line, err := bufio.NewReader(stdout).ReadString('\n')
+	if err != nil {
+		t.Fatalf("serve printed no address: %v\n%s", err, stderr.String())
+	}
+	if strings.TrimSpace(line) != sock {
+		t.Fatalf("serve printed %q, want %q", line, sock)
+	}
+	return "nbd+unix:///?socket=" + sock
+}
+
+// TestServeWithLibnbdTools exports an image from dnbd3-server through
+// `dnbd3-nbd serve` and reads it with libnbd's nbdinfo and nbdcopy.
+func TestServeWithLibnbdTools(t *testing.T) {
+	needTool(t, "nbdinfo", "libnbd-bin")
+	needTool(t, "nbdcopy", "libnbd-bin")
+	base := t.TempDir()
+	img := filepath.Join(base, "vm", "disk.r2")
+	randomImage(t, img, 48<<20+4096)
+	d, _ := startDaemon(t, base, "", nil)
+	uri := startServe(t, d.addr, "vm/disk")
+
+	out, err := exec.Command("nbdinfo", "--json", uri).Output()
+	if err != nil {
+		t.Fatalf("nbdinfo: %v", err)
+	}
+	var info struct {
+		Exports []struct {
+			Name     string `json:"export-name"`
+			Size     int64  `json:"export-size"`
+			ReadOnly bool   `json:"is_read_only"`
+			Multi    bool   `json:"can_multi_conn"`
+		} `json:"exports"`
+	}
+	if err := json.Unmarshal(out, &info); err != nil || len(info.Exports) != 1 {
+		t.Fatalf("nbdinfo output %s: %v", out, err)
+	}
+	e := info.Exports[0]
+	if e.Size != 48<<20+4096 || !e.ReadOnly || !e.Multi {
+		t.Fatalf("nbdinfo: %+v\n%s", e, out)
+	}
+	if out, err := exec.Command("nbdinfo", "--list", uri).CombinedOutput(); err != nil || !strings.Contains(string(out), "vm/disk") {
+		t.Errorf("nbdinfo --list: %v\n%s", err, out)
+	}
+
+	want := fileSHA(t, img)
+	var wg sync.WaitGroup
+	errs := make(chan error, 4)
+	for i, args := range [][]string{
+		{"--connections=4"},
+		{"--connections=1", "--requests=16"},
+		{"--connections=2"},
+	} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			dst := filepath.Join(t.TempDir(), fmt.Sprintf("copy%d.img", i))
+			cmd := exec.Command("nbdcopy", append(args, uri, dst)...)
+			if out, err := cmd.CombinedOutput(); err != nil {
+				errs <- fmt.Errorf("nbdcopy %v: %v\n%s", args, err, out)
+				return
+			}
+			if got := fileSHA(t, dst); got != want {
+				errs <- fmt.Errorf("nbdcopy %v: sha256 %s, want %s", args, got, want)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	// writes are refused on the read-only export
+	needTool(t, "qemu-io", "qemu-utils")
+	out, _ = exec.Command("qemu-io", "-f", "raw", "-c", "write 0 4096", uri).CombinedOutput()
+	if lo := strings.ToLower(string(out)); !strings.Contains(lo, "read-only") && !strings.Contains(lo, "not permitted") && !strings.Contains(lo, "permission denied") {
+		t.Errorf("qemu-io write on the read-only export: %s", out)
+	}
+}
