@@ -482,3 +482,59 @@ func TestAttachBadInput(t *testing.T) {
 		t.Errorf("%d devices connected after the bad attaches, want 1", n)
 	}
 }
+
+// TestSIGTERMWhileOpen: a device that another process holds open (not
+// mounted) is left attached on SIGTERM and taken over by a successor;
+// with --force SIGTERM disconnects it anyway.
+func TestSIGTERMWhileOpen(t *testing.T) {
+	requireNBD(t)
+	base := t.TempDir()
+	genImage(t, filepath.Join(base, "o.r1"), 8<<20)
+	_, addr := server(t, base)
+
+	p, dev, idx := attachCmd(t, "-h", addr, "-i", "o")
+	f, err := os.Open(dev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	if c := p.wait(20 * time.Second); c != 0 || !strings.Contains(p.output(), "leaving it attached") {
+		t.Fatalf("exit %d; open device not left attached:\n%s", c, p.output())
+	}
+	if !connected(t, idx) {
+		t.Fatal("device disconnected although open")
+	}
+	f.Close()
+	p2, dev2, _ := attachCmd(t, "-h", addr, "-i", "o")
+	if dev2 != dev {
+		t.Fatalf("successor got %s, want %s", dev2, dev)
+	}
+	p2.cmd.Process.Signal(syscall.SIGTERM)
+	if c := p2.wait(20 * time.Second); c != 0 || connected(t, idx) {
+		t.Fatalf("idle device after SIGTERM: exit %d, connected %v\n%s", c, connected(t, idx), p2.output())
+	}
+
+	p3, dev3, idx3 := attachCmd(t, "-h", addr, "-i", "o", "--force")
+	f3, err := os.OpenFile(dev3, os.O_RDONLY|unix.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p3.cmd.Process.Signal(syscall.SIGTERM)
+	if c := p3.wait(20 * time.Second); c != 0 || !strings.Contains(p3.output(), "detached") {
+		t.Fatalf("--force: exit %d\n%s", c, p3.output())
+	}
+	// The opener keeps the kernel's config reference (STATUS says connected
+	// until the last close), but its I/O now fails.
+	dropCaches()
+	if _, err := f3.ReadAt(alignedBuf(t, 4096), 1<<20); err == nil {
+		t.Error("read on a force-disconnected device succeeded")
+	}
+	f3.Close()
+	deadline := time.Now().Add(5 * time.Second)
+	for connected(t, idx3) {
+		if time.Now().After(deadline) {
+			t.Fatal("still connected after the last opener closed")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
