@@ -1,0 +1,122 @@
+package cowstore
+
+import (
+	"fmt"
+	"io"
+)
+
+// ReadAt reads the image: local blocks from the data file, the rest from
+// the remote image below validRemoteSize, zeros above it. Reads past the
+// image size are clipped and return io.EOF.
+func (o *Overlay) ReadAt(p []byte, off int64) (int, error) {
+	if o.closed.Load() {
+		return 0, ErrClosed
+	}
+	if off < 0 {
+		return 0, fmt.Errorf("cowstore: negative offset %d", off)
+	}
+	o.sizeMu.RLock()
+	defer o.sizeMu.RUnlock()
+	size := o.imageSize.Load()
+	if off >= size {
+		return 0, io.EOF
+	}
+	n := len(p)
+	var eof error
+	if int64(n) > size-off {
+		n, eof = int(size-off), io.EOF
+	}
+	if err := o.read(p[:n], off); err != nil {
+		return 0, err
+	}
+	return n, eof
+}
+
+// read fills p from off, cluster by cluster; the caller holds sizeMu.
+func (o *Overlay) read(p []byte, off int64) error {
+	var pend span // a run of non-local bytes, read from remote in one go
+	flush := func() error {
+		if pend.n == 0 {
+			return nil
+		}
+		err := o.readRemote(p[pend.at:pend.at+pend.n], pend.off)
+		pend = span{}
+		return err
+	}
+	for pos := 0; pos < len(p); {
+		abs := off + int64(pos)
+		cluster := int(abs / ClusterSize)
+		inCluster := abs % ClusterSize
+		n := min(len(p)-pos, int(ClusterSize-inCluster))
+		var bits [BitfieldSize]byte
+		slot := int64(-1)
+		if e := o.lookup(cluster); e != nil {
+			mu := o.lockFor(cluster)
+			mu.RLock()
+			bits, slot = e.bits, e.offset
+			mu.RUnlock()
+		}
+		// walk the blocks of this cluster piece, grouping runs
+		for done := 0; done < n; {
+			b := int((inCluster + int64(done)) / BlockSize)
+			local := slot >= 0 && bits[b/8]&(1<<(b%8)) != 0
+			runEnd := done
+			for runEnd < n {
+				rb := int((inCluster + int64(runEnd)) / BlockSize)
+				if (slot >= 0 && bits[rb/8]&(1<<(rb%8)) != 0) != local {
+					break
+				}
+				runEnd = min(n, int((int64(rb)+1)*BlockSize-inCluster))
+			}
+			at := pos + done
+			cnt := runEnd - done
+			if local {
+				if err := flush(); err != nil {
+					return err
+				}
+				fileOff := slot + inCluster + int64(done)
+				if k, err := o.data.ReadAt(p[at:at+cnt], fileOff); k < cnt {
+					return fmt.Errorf("cowstore: read data at %d (cluster %d): %w", fileOff, cluster, orEOF(err))
+				}
+			} else if pend.n > 0 && pend.at+pend.n == at {
+				pend.n += cnt
+			} else {
+				if err := flush(); err != nil {
+					return err
+				}
+				pend = span{at: at, n: cnt, off: off + int64(at)}
+			}
+			done = runEnd
+		}
+		pos += n
+	}
+	return flush()
+}
+
+// span is a piece of the request: p[at:at+n] is image bytes from off.
+type span struct {
+	at, n int
+	off   int64
+}
+
+// readRemote fills p with image bytes from off that are not local:
+// remote data below validRemoteSize, zeros above.
+func (o *Overlay) readRemote(p []byte, off int64) error {
+	valid := o.validSize.Load()
+	k := 0
+	if off < valid {
+		k = int(min(int64(len(p)), valid-off))
+		if n, err := o.remote.ReadAt(p[:k], off); n < k {
+			return fmt.Errorf("cowstore: remote read %d+%d: %w", off, k, orEOF(err))
+		}
+	}
+	clear(p[k:])
+	return nil
+}
+
+func orEOF(err error) error {
+	if err == nil {
+		return io.ErrUnexpectedEOF
+	}
+	return err
+}

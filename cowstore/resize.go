@@ -1,0 +1,82 @@
+package cowstore
+
+import "fmt"
+
+// Resize changes the image size. Shrinking lowers validRemoteSize; growing
+// zeroes the rest of the block at the old end (if local) and clears the
+// bits of every block past the old end, so the grown range reads as zeros.
+func (o *Overlay) Resize(size int64) error {
+	if o.closed.Load() {
+		return ErrClosed
+	}
+	if size < 0 || size > MaxImageSize {
+		return fmt.Errorf("%w: %d", ErrTooLarge, size)
+	}
+	o.sizeMu.Lock()
+	defer o.sizeMu.Unlock()
+	old := o.imageSize.Load()
+	switch {
+	case size < old:
+		if size < o.validSize.Load() {
+			o.validSize.Store(size)
+		}
+	case size > old:
+		if err := o.grow(old, size); err != nil {
+			return err
+		}
+	default:
+		return nil
+	}
+	o.imageSize.Store(size)
+	o.markHeader()
+	o.log.Info("COW image resized", "dir", o.dir, "from", old, "to", size, "validRemoteSize", o.validSize.Load())
+	return nil
+}
+
+// grow clears local data past old up to new; the caller holds sizeMu
+// exclusively.
+func (o *Overlay) grow(old, new int64) error {
+	first := int(old / ClusterSize)
+	last := int((new - 1) / ClusterSize)
+	for c := first; c <= last; {
+		t := o.tables[c/L2Entries].Load()
+		if t == nil { // no table: nothing local in this whole L2 range
+			c = (c/L2Entries + 1) * L2Entries
+			continue
+		}
+		e := &t.entries[c%L2Entries]
+		mu := o.lockFor(c)
+		mu.Lock()
+		if e.offset >= 0 {
+			from := 0
+			if c == first {
+				in := old % ClusterSize
+				from = int(in / BlockSize)
+				if tail := in % BlockSize; tail != 0 {
+					if e.has(from) {
+						zeros := make([]byte, BlockSize-tail)
+						if _, err := o.data.WriteAt(zeros, e.offset+in); err != nil {
+							mu.Unlock()
+							return fmt.Errorf("cowstore: zero the tail of the last block: %w", err)
+						}
+						o.touch(c, e)
+					}
+					from++ // the block at the old end keeps its head
+				}
+			}
+			changed := false
+			for b := from; b < ClusterBlocks; b++ {
+				if e.has(b) {
+					e.clear(b)
+					changed = true
+				}
+			}
+			if changed {
+				o.touch(c, e)
+			}
+		}
+		mu.Unlock()
+		c++
+	}
+	return nil
+}
