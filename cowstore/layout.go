@@ -8,26 +8,26 @@ import (
 
 // Format constants of session version 3.
 const (
-	MetaMagic       uint64 = 0xEBE44D6E72F7825E
-	DataMagic       uint64 = 0xEBE44D6E72F7825F
-	Version                = 3
-	BlockSize              = 4096
-	BitfieldSize           = 40                         // bytes of bitfield per cluster
-	ClusterBlocks          = BitfieldSize * 8           // 320 blocks
-	ClusterSize            = ClusterBlocks * BlockSize  // 1,310,720 bytes
-	L2Entries              = 1024                       // entries per L2 table
-	L2Span                 = L2Entries * ClusterSize    // 1,342,177,280 bytes per table
-	MaxImageSize           = 1_000_000_000_000          // 10^12
-	L1Entries              = (MaxImageSize + L2Span - 1) / L2Span
-	HeaderSize             = 320
-	L2EntrySize            = 64
-	L2TableSize            = L2Entries * L2EntrySize // 65536
-	StartL1                = HeaderSize
-	StartL2                = ((StartL1 + L1Entries*4 + L2TableSize - 1) / L2TableSize) * L2TableSize
-	MetaSize               = StartL2 + L1Entries*L2TableSize
-	FirstSlot              = ClusterSize // data slots start after one cluster (magic at 0)
-	uuidField              = 40
-	nameField              = 200
+	MetaMagic     uint64 = 0xEBE44D6E72F7825E
+	DataMagic     uint64 = 0xEBE44D6E72F7825F
+	Version              = 3
+	BlockSize            = 4096
+	BitfieldSize         = 40                        // bytes of bitfield per cluster
+	ClusterBlocks        = BitfieldSize * 8          // 320 blocks
+	ClusterSize          = ClusterBlocks * BlockSize // 1,310,720 bytes
+	L2Entries            = 1024                      // entries per L2 table
+	L2Span               = L2Entries * ClusterSize   // 1,342,177,280 bytes per table
+	MaxImageSize         = 1_000_000_000_000         // 10^12
+	L1Entries            = (MaxImageSize + L2Span - 1) / L2Span
+	HeaderSize           = 320
+	L2EntrySize          = 64
+	L2TableSize          = L2Entries * L2EntrySize // 65536
+	StartL1              = HeaderSize
+	StartL2              = ((StartL1 + L1Entries*4 + L2TableSize - 1) / L2TableSize) * L2TableSize
+	MetaSize             = StartL2 + L1Entries*L2TableSize
+	FirstSlot            = ClusterSize // data slots start after one cluster (magic at 0)
+	uuidField            = 40
+	nameField            = 200
 )
 
 var le = binary.LittleEndian
