@@ -97,9 +97,12 @@ func Attach(ctx context.Context, opts AttachOptions) (*Device, error) {
 	if err := Available(); err != nil {
 		return nil, err
 	}
+	// The device's size is a multiple of the block size; a copy-on-write
+	// image may have any size, its last partial block is not visible.
 	size := opts.Backend.Size()
-	if size <= 0 || size%int64(opts.BlockSize) != 0 {
-		return nil, fmt.Errorf("export size %d is not a positive multiple of the block size %d", size, opts.BlockSize)
+	size -= size % int64(opts.BlockSize)
+	if size <= 0 {
+		return nil, fmt.Errorf("export size %d is smaller than one block of %d bytes", opts.Backend.Size(), opts.BlockSize)
 	}
 	d := &Device{
 		opts:   opts,
@@ -457,4 +460,31 @@ func isConnected(idx int) (bool, error) {
 		}
 	}
 	return false, nil
+}
+
+// Resize changes the size of a resizable backend and then the device's
+// size (netlink RECONFIGURE with SIZE_BYTES). The device gets the new size
+// rounded down to the block size, which it must be a multiple of. It
+// returns the device's new size.
+func (d *Device) Resize(size int64) (int64, error) {
+	r, ok := d.opts.Backend.(Resizer)
+	if !ok {
+		return 0, errors.New("this device cannot be resized (only copy-on-write devices can)")
+	}
+	devSize := size - size%int64(d.opts.BlockSize)
+	if devSize <= 0 {
+		return 0, fmt.Errorf("size %d is smaller than one block (%d bytes)", size, d.opts.BlockSize)
+	}
+	if err := r.Resize(size); err != nil {
+		return 0, err
+	}
+	if err := Reconfigure(d.Index, ReconfigureOptions{BackendID: d.opts.BackendID, SizeBytes: uint64(devSize)}); err != nil {
+		return 0, fmt.Errorf("the image was resized to %d bytes, but the device was not: %w", size, err)
+	}
+	if st, err := ReadState(d.Index); err == nil {
+		st.Size = devSize
+		WriteState(st)
+	}
+	d.log.Info("resized", "device", d.Path, "size", size, "deviceSize", devSize)
+	return devSize, nil
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -127,16 +128,32 @@ func RemoveState(index int) {
 	os.Remove(runFile(index, ".sock"))
 }
 
-// ServeControl answers every connection on the device's control socket
-// with the JSON of status() and closes it, until ctx ends. `dnbd3-nbd list`
-// and `status` read it.
-func ServeControl(ctx context.Context, index int, status func() any) error {
+// ControlRequest is a request on a daemon's control socket: one JSON line.
+type ControlRequest struct {
+	Op   string `json:"op"`             // "status" or "resize"
+	Size int64  `json:"size,omitempty"` // for resize
+}
+
+// controlReply is the answer: one JSON object.
+type controlReply struct {
+	OK     bool            `json:"ok"`
+	Error  string          `json:"error,omitempty"`
+	Result json.RawMessage `json:"result,omitempty"`
+}
+
+// ControlHandler answers control requests.
+type ControlHandler func(req ControlRequest) (any, error)
+
+// ServeControl answers requests on the device's control socket until ctx
+// ends. `dnbd3-nbd list`, `status` and `resize` use it.
+func ServeControl(ctx context.Context, index int, handle ControlHandler) error {
 	path := runFile(index, ".sock")
 	os.Remove(path)
 	ln, err := net.Listen("unix", path)
 	if err != nil {
 		return fmt.Errorf("control socket: %w", err)
 	}
+	os.Chmod(path, 0o600)
 	go func() {
 		<-ctx.Done()
 		ln.Close()
@@ -148,21 +165,55 @@ func ServeControl(ctx context.Context, index int, status func() any) error {
 			if err != nil {
 				return
 			}
-			c.SetDeadline(time.Now().Add(2 * time.Second))
-			json.NewEncoder(c).Encode(status())
-			c.Close()
+			go serveControlConn(c, handle)
 		}
 	}()
 	return nil
 }
 
-// QueryControl reads a live daemon's status from its control socket into v.
-func QueryControl(index int, v any) error {
+func serveControlConn(c net.Conn, handle ControlHandler) {
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	var req ControlRequest
+	var rep controlReply
+	if err := json.NewDecoder(io.LimitReader(c, 4096)).Decode(&req); err != nil {
+		rep.Error = "bad request: " + err.Error()
+	} else if v, err := handle(req); err != nil {
+		rep.Error = err.Error()
+	} else {
+		rep.OK = true
+		rep.Result, _ = json.Marshal(v)
+	}
+	c.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	json.NewEncoder(c).Encode(rep)
+}
+
+// Control sends req to the daemon serving device index and decodes its
+// result into v. The daemon's error comes back as an error.
+func Control(index int, req ControlRequest, v any, timeout time.Duration) error {
 	c, err := net.DialTimeout("unix", runFile(index, ".sock"), time.Second)
 	if err != nil {
-		return err
+		return fmt.Errorf("no dnbd3-nbd daemon answers for %s: %w", DevicePath(index), err)
 	}
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(2 * time.Second))
-	return json.NewDecoder(c).Decode(v)
+	c.SetDeadline(time.Now().Add(timeout))
+	if err := json.NewEncoder(c).Encode(req); err != nil {
+		return err
+	}
+	var rep controlReply
+	if err := json.NewDecoder(c).Decode(&rep); err != nil {
+		return fmt.Errorf("read the daemon's answer: %w", err)
+	}
+	if !rep.OK {
+		return errors.New(rep.Error)
+	}
+	if v != nil {
+		return json.Unmarshal(rep.Result, v)
+	}
+	return nil
+}
+
+// QueryControl reads a live daemon's status into v.
+func QueryControl(index int, v any) error {
+	return Control(index, ControlRequest{Op: "status"}, v, 2*time.Second)
 }

@@ -1,6 +1,7 @@
 package nbdbridge
 
 import (
+	"fmt"
 	"context"
 	"os/exec"
 	"testing"
@@ -42,12 +43,28 @@ func TestDeviceLockStateAndControl(t *testing.T) {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	if err := ServeControl(ctx, 3, func() any { return map[string]int{"answer": 42} }); err != nil {
+	handler := func(req ControlRequest) (any, error) {
+		switch req.Op {
+		case "status":
+			return map[string]int{"answer": 42}, nil
+		case "resize":
+			return map[string]int64{"size": req.Size}, nil
+		}
+		return nil, fmt.Errorf("unknown op %q", req.Op)
+	}
+	if err := ServeControl(ctx, 3, handler); err != nil {
 		t.Fatal(err)
 	}
 	var v map[string]int
 	if err := QueryControl(3, &v); err != nil || v["answer"] != 42 {
 		t.Fatalf("control: %v %v", v, err)
+	}
+	var r map[string]int64
+	if err := Control(3, ControlRequest{Op: "resize", Size: 77}, &r, time.Second); err != nil || r["size"] != 77 {
+		t.Fatalf("resize: %v %v", r, err)
+	}
+	if err := Control(3, ControlRequest{Op: "bogus"}, nil, time.Second); err == nil || err.Error() != `unknown op "bogus"` {
+		t.Fatalf("bogus op: %v", err)
 	}
 	RemoveState(3)
 	if _, err := ReadState(3); err == nil {

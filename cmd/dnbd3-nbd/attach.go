@@ -127,7 +127,17 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 			BlockSize: blockSize, Connections: conns, ReadOnly: true, State: state, Started: started,
 			Client: cs, Engine: dev.Engine().Stats()}
 	}
-	if err := nbdbridge.ServeControl(ctlCtx, dev.Index, status); err != nil {
+	handle := func(req nbdbridge.ControlRequest) (any, error) {
+		switch req.Op {
+		case "status":
+			return status(), nil
+		case "resize":
+			devSize, err := dev.Resize(req.Size)
+			return map[string]int64{"size": req.Size, "deviceSize": devSize}, err
+		}
+		return nil, fmt.Errorf("unknown request %q", req.Op)
+	}
+	if err := nbdbridge.ServeControl(ctlCtx, dev.Index, handle); err != nil {
 		log.Warn("no control socket; list/status will show less", "err", err)
 	}
 	log.Info("attached", "device", dev.Path, "image", img.Name(), "rid", img.RID(), "size", img.Size(),

@@ -54,6 +54,7 @@ func commands() []command {
 		{"detach", `/dev/nbdN [--force]`, "disconnect a device", runDetach},
 		{"list", `[-a]`, "list attached devices", runList},
 		{"status", `/dev/nbdN [--json]`, "show one device", runStatus},
+		{"resize", `/dev/nbdN SIZE`, "change the size of a copy-on-write device", runResize},
 		{"serve", `-h "HOST[:PORT] ..." -i IMAGE [-r RID] --listen unix:PATH|tcp:ADDR`, "export an image over the NBD protocol (QEMU, nbdcopy) without the kernel", runServe},
 		{"get", `-h "HOST[:PORT] ..." -i IMAGE [-r RID] [-o FILE|-]`, "download an image or a range of it", runGet},
 	}

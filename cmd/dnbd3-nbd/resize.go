@@ -1,0 +1,48 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/dnbd3go/dnbd3go/internal/units"
+	"github.com/dnbd3go/dnbd3go/nbdbridge"
+	"github.com/spf13/pflag"
+)
+
+func runResize(ctx context.Context, args []string, s stdio) int {
+	fs := pflag.NewFlagSet("dnbd3-nbd resize", pflag.ContinueOnError)
+	fs.SetOutput(s.err)
+	fs.Usage = func() {
+		fmt.Fprintf(s.err, "Usage: dnbd3-nbd resize /dev/nbdN SIZE\n\n"+
+			"Changes the size of a copy-on-write device (attached with -c or -L): the session gets exactly\n"+
+			"SIZE bytes (suffixes K, M, G, T), the device SIZE rounded down to its block size. Growing reads\n"+
+			"zeros past the old end; shrinking and growing again does not bring old data back.\n")
+	}
+	if err := fs.Parse(args); err != nil {
+		return exitUsage
+	}
+	if fs.NArg() != 2 {
+		fs.Usage()
+		return exitUsage
+	}
+	index, err := nbdbridge.ParseDevice(fs.Arg(0))
+	if err != nil {
+		fmt.Fprintf(s.err, "dnbd3-nbd resize: %v\n", err)
+		return exitUsage
+	}
+	size, err := units.ParseSize(fs.Arg(1))
+	if err != nil {
+		fmt.Fprintf(s.err, "dnbd3-nbd resize: %v\n", err)
+		return exitUsage
+	}
+	var res struct {
+		Size       int64 `json:"size"`
+		DeviceSize int64 `json:"deviceSize"`
+	}
+	if err := nbdbridge.Control(index, nbdbridge.ControlRequest{Op: "resize", Size: size}, &res, time.Minute); err != nil {
+		return exitWith(s, "resize", fmt.Errorf("%s: %w", nbdbridge.DevicePath(index), err))
+	}
+	fmt.Fprintf(s.out, "%s: image %d bytes, device %d bytes\n", nbdbridge.DevicePath(index), res.Size, res.DeviceSize)
+	return exitOK
+}
