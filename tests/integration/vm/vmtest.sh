@@ -5,7 +5,7 @@
 # usage (from anywhere; package paths are relative to the module root):
 #   tests/integration/vm/vmtest.sh [-p PKG]... [-run REGEX] [-timeout SEC] [-files DIR]
 #       [-m MiB] [-smp N] [-no-nbd] [-mod MODULE]... [-cmds PATTERN|none]
-#       [-hostbin PATH]... [-env K=V]... [-keep]
+#       [-hostbin PATH]... [-env K=V]... [-disk FILE]... [-keep]
 #
 #   -p PKG        Go package pattern to build with `go test -c` (repeatable;
 #                 default ./tests/integration/kernel/...)
@@ -20,6 +20,9 @@
 #                 (default ./cmd/...; "none" to skip)
 #   -hostbin PATH copy a host binary with its shared libraries (mke2fs always is)
 #   -env K=V      set an environment variable for the tests
+#   -disk FILE    attach a raw disk image as /dev/vda, /dev/vdb, ... (virtio,
+#                 writable, cache=unsafe: the file is scratch space); the
+#                 tests see DNBD3GO_VM_DISKS="vda vdb ..."
 #   -keep         keep the work directory (initramfs, console log)
 #
 # Guest: Debian bookworm's cloud kernel (TCG, -cpu max), busybox, nbd.ko loaded
@@ -42,7 +45,7 @@
 set -euo pipefail
 
 PKGS=(); RUN=""; TMO=600; FILES=""; MEM=2048; SMP=2; NBD=1; MODS=(); CMDS=./cmd/...
-HOSTBINS=(); ENVS=(); KEEP=0
+HOSTBINS=(); ENVS=(); KEEP=0; DISKS=()
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case $1 in
@@ -57,6 +60,7 @@ while [ $# -gt 0 ]; do
     -cmds) CMDS=$2; shift 2;;
     -hostbin) HOSTBINS+=("$2"); shift 2;;
     -env) ENVS+=("$2"); shift 2;;
+    -disk) DISKS+=("$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"); shift 2;;
     -keep) KEEP=1; shift;;
     -h|-help|--help) usage;;
     *) echo "vmtest: unknown argument $1" >&2; usage;;
@@ -182,6 +186,7 @@ addmod() {
   MODORDER+=("$m")
 }
 addmod nbd
+[ ${#DISKS[@]} -gt 0 ] && MODS+=(virtio_pci virtio_blk)
 for m in "${MODS[@]}"; do addmod "$m"; done
 : > "$R/etc/vmtest/modules"
 for m in "${MODORDER[@]}"; do
@@ -236,6 +241,10 @@ if [ "$TMO" -gt 80 ]; then echo "$((TMO - 20))s"; else echo "$((TMO * 3 / 4))s";
 {
   echo "DNBD3GO_VM=1"; echo "DNBD3GO_VM_NBD=$NBD"; echo "DNBD3GO_NBD_KO=/lib/modules/nbd.ko"
   echo "DNBD3GO_VM_CMDS=$([ "$CMDS" = none ] && echo 0 || echo 1)"
+  if [ ${#DISKS[@]} -gt 0 ]; then
+    names=""; for i in "${!DISKS[@]}"; do names="$names vd$(printf "\\x$(printf %x $((97 + i)))")"; done
+    echo "DNBD3GO_VM_DISKS=${names# }"
+  fi
   for e in "${ENVS[@]}"; do echo "$e"; done
 } > "$R/etc/vmtest/env"
 cat > "$R/init" <<'EOF'
@@ -277,11 +286,16 @@ log "booting $KPKG (tcg, smp=$SMP, mem=${MEM}M, initrd $(( $(stat -c %s "$W/init
 # about once in dozens of boots on this host): a boot that does not reach
 # the "VMTEST ready" line within BOOT_TIMEOUT is killed and retried.
 BOOT_TIMEOUT=${DNBD3GO_VM_BOOT_TIMEOUT:-90}
+DISKARGS=()
+for d in "${DISKS[@]}"; do
+  [ -f "$d" ] || die "-disk $d: no such file"
+  DISKARGS+=(-drive "file=$d,format=raw,if=virtio,cache=unsafe")
+done
 boot() {
   : > "$W/console.log"
   timeout -k 5 "$TMO" qemu-system-x86_64 -accel tcg -cpu max -m "$MEM" -smp "$SMP" \
     -nographic -no-reboot -nic none -kernel "$KDIR/vmlinuz" -initrd "$W/initrd.cpio" \
-    -append "console=ttyS0 panic=-1 quiet" ${VMTEST_QEMU_EXTRA:-} </dev/null >"$W/console.log" 2>&1 &
+    -append "console=ttyS0 panic=-1 quiet" "${DISKARGS[@]}" ${VMTEST_QEMU_EXTRA:-} </dev/null >"$W/console.log" 2>&1 &
   local qpid=$!
   tail -n +1 -f --pid=$qpid "$W/console.log" |
     sed -u 's/\r$//; s/\x1b\[[0-9;?]*[a-zA-Z]//g; s/\x1bc//g; s/^.*Booting from ROM\.*//' |
