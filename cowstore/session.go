@@ -276,3 +276,15 @@ func fdatasync(f *os.File) error {
 		}
 	}
 }
+
+// ErrNoRevision means a session has no revision record.
+var ErrNoRevision = errors.New("the session has no revision record")
+
+// SessionRevision returns the revision recorded in a session directory.
+func SessionRevision(dir string) (uint16, error) {
+	rid, err := readRevision(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return 0, ErrNoRevision
+	}
+	return rid, err
+}

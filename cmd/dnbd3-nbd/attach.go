@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os/signal"
 	"runtime"
 	"strconv"
+	"syscall"
 	"time"
 
 	"github.com/dnbd3go/dnbd3go/client"
@@ -28,6 +30,7 @@ type attachStatus struct {
 	Started     time.Time             `json:"started"`
 	Client      client.Stats          `json:"client"`
 	Engine      nbdbridge.EngineStats `json:"engine"`
+	COW         *cowStatus            `json:"cow,omitempty"`
 }
 
 func runAttach(ctx context.Context, args []string, s stdio) int {
@@ -37,19 +40,23 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 	var blockSize uint64
 	var deadConn time.Duration
 	var force bool
+	var cow cowFlags
 	fs := pflag.NewFlagSet("dnbd3-nbd attach", pflag.ContinueOnError)
 	fs.SortFlags = false
 	fs.SetOutput(s.err)
 	f.register(fs)
+	cow.register(fs)
 	fs.StringVar(&device, "device", "", "use this device (/dev/nbdN); default: the kernel picks a free one")
 	fs.IntVar(&conns, "connections", min(4, runtime.NumCPU()), "connections (socketpairs) to the kernel")
 	fs.Uint64Var(&blockSize, "block-size", 512, "logical block size: 512 or 4096")
 	fs.DurationVar(&deadConn, "dead-conn-timeout", nbdbridge.DefaultDeadConnTimeout, "how long the kernel holds I/O for a restarted daemon")
 	fs.BoolVar(&force, "force", false, "on SIGTERM, disconnect the device even if it is mounted or open")
 	fs.Usage = func() {
-		fmt.Fprintf(s.err, "Usage: dnbd3-nbd attach -h \"HOST[:PORT] ...\" -i IMAGE [-r RID] [--device /dev/nbdN] [--connections N] [--block-size 512|4096] [-S] [-l LOG]\n\n"+
-			"Attaches a DNBD3 image as a read-only /dev/nbdX, prints the device path once it is ready and serves it\n"+
-			"in the foreground until it is detached or the process gets SIGTERM.\n\nFlags:\n")
+		fmt.Fprintf(s.err, "Usage: dnbd3-nbd attach -h \"HOST[:PORT] ...\" -i IMAGE [-r RID] [--device /dev/nbdN] [--connections N] [--block-size 512|4096] [-S] [-l LOG]\n"+
+			"                        [-c DIR | -L DIR] [-C MERGER] [-m] [--upload-uuid UUID] [--cow-stats-file] [--cow-stats-stdout]\n\n"+
+			"Attaches a DNBD3 image as /dev/nbdX, prints the device path once it is ready and serves it in the\n"+
+			"foreground until it is detached or the process gets SIGTERM. The device is read-only, or writable\n"+
+			"with a copy-on-write session (-c new, -L load) whose changes upload to a merger (-C) in the background.\n\nFlags:\n")
 		fs.PrintDefaults()
 	}
 	if code, ok := parseFlags(fs, args, s, "attach"); !ok {
@@ -61,6 +68,16 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 	}
 	if err := f.validate(); err != nil {
 		return bad("%v", err)
+	}
+	if err := cow.validate(); err != nil {
+		return bad("%v", err)
+	}
+	if rid, err := cow.sessionRID(); err != nil {
+		return bad("-L: %v", err)
+	} else if rid != 0 && f.rid != 0 && rid != f.rid {
+		return bad("-L: the session is based on revision %d, not -r %d", rid, f.rid)
+	} else if rid != 0 {
+		f.rid = rid // unchanged blocks must come from the session's revision, not the latest
 	}
 	if blockSize != 512 && blockSize != 4096 {
 		return bad("--block-size %d: want 512 or 4096", blockSize)
@@ -99,33 +116,50 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 	if f.timeout == 0 {
 		kernelTimeout = 24 * time.Hour // never fail I/O; a stuck socket is reconfigured
 	}
+	var backend nbdbridge.Backend = imageBackend{img}
+	backendID := "dnbd3go:" + img.Name() + ":r" + strconv.Itoa(int(img.RID()))
+	info := map[string]string{"image": img.Name(), "rid": strconv.Itoa(int(img.RID())), "servers": f.hosts}
+	var cs *cowSession
+	if cow.enabled() {
+		if cs, err = openCOW(ctx, &cow, img, log); err != nil {
+			return exitWith(s, "attach", err)
+		}
+		backend, backendID, info["cow"] = cs.overlay, cs.backendID(), cow.dir()
+	}
 	dev, err := nbdbridge.Attach(ctx, nbdbridge.AttachOptions{
-		Backend:         imageBackend{img},
+		Backend:         backend,
 		Device:          index,
 		Connections:     conns,
 		BlockSize:       blockSize,
 		Timeout:         kernelTimeout,
 		DeadConnTimeout: deadConn,
-		BackendID:       "dnbd3go:" + img.Name() + ":r" + strconv.Itoa(int(img.RID())),
-		Info:            map[string]string{"image": img.Name(), "rid": strconv.Itoa(int(img.RID())), "servers": f.hosts},
+		BackendID:       backendID,
+		Info:            info,
 		Workers:         remoteWorkers,
 		Logger:          log,
 	})
 	if err != nil {
+		if cs != nil {
+			cs.finish(context.Background(), false)
+		}
 		return exitWith(s, "attach", err)
 	}
 	started := time.Now()
 	ctlCtx, stopCtl := context.WithCancel(context.Background())
 	defer stopCtl()
 	status := func() any {
-		cs := img.Stats()
+		clientStats := img.Stats()
 		state := "serving"
-		if cs.Panic {
+		if clientStats.Panic {
 			state = "failover"
 		}
-		return attachStatus{Device: dev.Path, PID: osPID(), Image: img.Name(), RID: img.RID(), Size: img.Size(),
-			BlockSize: blockSize, Connections: conns, ReadOnly: true, State: state, Started: started,
-			Client: cs, Engine: dev.Engine().Stats()}
+		st := attachStatus{Device: dev.Path, PID: osPID(), Image: img.Name(), RID: img.RID(), Size: backend.Size(),
+			BlockSize: blockSize, Connections: conns, ReadOnly: cs == nil, State: state, Started: started,
+			Client: clientStats, Engine: dev.Engine().Stats()}
+		if cs != nil {
+			st.COW = cs.status()
+		}
+		return st
 	}
 	handle := func(req nbdbridge.ControlRequest) (any, error) {
 		switch req.Op {
@@ -144,21 +178,28 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 		"server", img.Stats().Current, "tookOver", dev.TookOver)
 	fmt.Fprintln(s.out, dev.Path)
 
+	detached := false
 	select {
 	case <-ctx.Done():
 		log.Info("signal received, shutting down", "device", dev.Path)
-		detached, err := dev.Shutdown(force)
+		d, err := dev.Shutdown(force)
 		if err != nil {
 			log.Error("shutdown", "err", err)
-			return exitError
 		}
-		if !detached {
-			return exitOK
-		}
+		detached = d
 	case <-dev.Disconnected():
 		log.Info("device was disconnected", "device", dev.Path)
-		if _, err := dev.Shutdown(true); err != nil && !errors.Is(err, context.Canceled) {
+		if _, err := dev.Shutdown(true); err != nil {
 			log.Warn("cleanup after disconnect", "err", err)
+		}
+		detached = true
+	}
+	if cs != nil {
+		// The final upload may take a while; a second SIGTERM/SIGINT aborts it.
+		fctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+		defer stop()
+		if err := cs.finish(fctx, detached); err != nil {
+			return exitWith(s, "attach", err)
 		}
 	}
 	return exitOK

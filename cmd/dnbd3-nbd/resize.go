@@ -14,7 +14,7 @@ func runResize(ctx context.Context, args []string, s stdio) int {
 	fs := pflag.NewFlagSet("dnbd3-nbd resize", pflag.ContinueOnError)
 	fs.SetOutput(s.err)
 	fs.Usage = func() {
-		fmt.Fprintf(s.err, "Usage: dnbd3-nbd resize /dev/nbdN SIZE\n\n"+
+		fmt.Fprintf(s.err, "Usage: dnbd3-nbd resize /dev/nbdN SIZE\n       dnbd3-nbd resize /dev/nbdN      (check only: exit 0 if the device can be resized)\n\n"+
 			"Changes the size of a copy-on-write device (attached with -c or -L): the session gets exactly\n"+
 			"SIZE bytes (suffixes K, M, G, T), the device SIZE rounded down to its block size. Growing reads\n"+
 			"zeros past the old end; shrinking and growing again does not bring old data back.\n")
@@ -22,7 +22,7 @@ func runResize(ctx context.Context, args []string, s stdio) int {
 	if err := fs.Parse(args); err != nil {
 		return exitUsage
 	}
-	if fs.NArg() != 2 {
+	if fs.NArg() != 1 && fs.NArg() != 2 {
 		fs.Usage()
 		return exitUsage
 	}
@@ -30,6 +30,17 @@ func runResize(ctx context.Context, args []string, s stdio) int {
 	if err != nil {
 		fmt.Fprintf(s.err, "dnbd3-nbd resize: %v\n", err)
 		return exitUsage
+	}
+	if fs.NArg() == 1 {
+		var st attachStatus
+		if err := nbdbridge.QueryControl(index, &st); err != nil {
+			return exitWith(s, "resize", fmt.Errorf("%s: %w", nbdbridge.DevicePath(index), err))
+		}
+		if st.COW == nil {
+			return exitWith(s, "resize", fmt.Errorf("%s is not a copy-on-write device (attach with -c or -L)", nbdbridge.DevicePath(index)))
+		}
+		fmt.Fprintf(s.out, "%s: copy-on-write image of %d bytes, resizable\n", nbdbridge.DevicePath(index), st.COW.Size)
+		return exitOK
 	}
 	size, err := units.ParseSize(fs.Arg(1))
 	if err != nil {

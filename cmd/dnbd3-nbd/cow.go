@@ -1,0 +1,193 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"time"
+
+	"github.com/dnbd3go/dnbd3go/client"
+	"github.com/dnbd3go/dnbd3go/cowstore"
+	"github.com/dnbd3go/dnbd3go/cowstore/upload"
+	"github.com/spf13/pflag"
+)
+
+// cowFlags are the reference FUSE client's copy-on-write flags.
+type cowFlags struct {
+	newDir      string
+	loadDir     string
+	merger      string
+	merge       bool
+	uploadUUID  string
+	statsFile   bool
+	statsStdout bool
+	uploadDelay time.Duration
+	tokenFile   string
+	caFile      string
+}
+
+func (c *cowFlags) register(fs *pflag.FlagSet) {
+	fs.StringVarP(&c.newDir, "cow", "c", "", "start a new copy-on-write session in DIR: the device becomes writable")
+	fs.StringVarP(&c.loadDir, "cow-load", "L", "", "load the copy-on-write session in DIR")
+	fs.StringVarP(&c.merger, "merger", "C", "", "merger service that receives the changes: host:port or http(s)://host[:port]")
+	fs.BoolVarP(&c.merge, "merge", "m", false, "on detach, after every change is uploaded, ask the merger to build the next revision")
+	fs.StringVar(&c.uploadUUID, "upload-uuid", "", "use this merger session instead of creating one")
+	fs.BoolVar(&c.statsFile, "cow-stats-file", false, "keep the upload status in DIR/status")
+	fs.BoolVar(&c.statsStdout, "cow-stats-stdout", false, "log the upload status every 5 s")
+	fs.DurationVar(&c.uploadDelay, "upload-delay", 60*time.Second, "upload a changed cluster once it is unchanged this long")
+	fs.StringVar(&c.tokenFile, "merger-token-file", "", "file with a bearer token for the merger")
+	fs.StringVar(&c.caFile, "merger-ca", "", "PEM file with the CA certificates of an https merger")
+}
+
+func (c *cowFlags) enabled() bool { return c.newDir != "" || c.loadDir != "" }
+
+func (c *cowFlags) dir() string {
+	if c.newDir != "" {
+		return c.newDir
+	}
+	return c.loadDir
+}
+
+func (c *cowFlags) validate() error {
+	switch {
+	case c.newDir != "" && c.loadDir != "":
+		return errors.New("-c (new session) and -L (load a session) exclude each other")
+	case !c.enabled() && (c.merger != "" || c.merge || c.uploadUUID != "" || c.statsFile || c.statsStdout):
+		return errors.New("-C, -m, --upload-uuid and --cow-stats-* need a copy-on-write session (-c DIR or -L DIR)")
+	case c.merge && c.merger == "":
+		return errors.New("-m needs the merger (-C URL)")
+	case c.uploadDelay < 0:
+		return errors.New("--upload-delay must not be negative")
+	}
+	return nil
+}
+
+// sessionRID returns the revision recorded in a session to load (0 if the
+// session has no record).
+func (c *cowFlags) sessionRID() (uint16, error) {
+	if c.loadDir == "" {
+		return 0, nil
+	}
+	rid, err := cowstore.SessionRevision(c.loadDir)
+	if err != nil && !errors.Is(err, cowstore.ErrNoRevision) {
+		return 0, err
+	}
+	return rid, nil
+}
+
+// cowSession is an open overlay and its uploader.
+type cowSession struct {
+	flags    *cowFlags
+	overlay  *cowstore.Overlay
+	uploader *upload.Uploader // nil without -C
+	stopRun  context.CancelFunc
+	runDone  chan struct{}
+	log      *slog.Logger
+}
+
+// openCOW creates or loads the session over img and starts the uploader.
+func openCOW(ctx context.Context, c *cowFlags, img *client.Image, log *slog.Logger) (*cowSession, error) {
+	opts := cowstore.Options{Remote: img, ImageName: img.Name(), RID: img.RID(), Logger: log}
+	var ovl *cowstore.Overlay
+	var err error
+	if c.newDir != "" {
+		ovl, err = cowstore.Create(c.newDir, opts)
+	} else {
+		ovl, err = cowstore.Load(c.loadDir, opts)
+	}
+	if err != nil {
+		return nil, err
+	}
+	s := &cowSession{flags: c, overlay: ovl, log: log}
+	if c.merger == "" {
+		log.Warn("no merger (-C): changes stay in the session directory only", "dir", c.dir())
+		return s, nil
+	}
+	mc := upload.MergerConfig{CAFile: c.caFile}
+	if c.tokenFile != "" {
+		if mc.Token, err = upload.ReadTokenFile(c.tokenFile); err != nil {
+			ovl.Close()
+			return nil, err
+		}
+	}
+	m, err := upload.NewMerger(c.merger, mc)
+	if err != nil {
+		ovl.Close()
+		return nil, err
+	}
+	if c.uploadUUID != "" {
+		if err := ovl.SetUUID(c.uploadUUID); err != nil {
+			ovl.Close()
+			return nil, err
+		}
+	}
+	cfg := upload.Config{MinDelay: c.uploadDelay, StatsToLog: c.statsStdout, Logger: log}
+	if c.statsFile {
+		cfg.StatusFile = filepath.Join(c.dir(), "status")
+	}
+	s.uploader = upload.New(ovl, m, cfg)
+	uuid, err := s.uploader.EnsureSession(ctx)
+	if err != nil {
+		ovl.Close()
+		return nil, fmt.Errorf("merger session: %w", err)
+	}
+	log.Info("uploading changes", "merger", m.URL(), "uuid", uuid, "delay", c.uploadDelay)
+	runCtx, stop := context.WithCancel(context.Background())
+	s.stopRun, s.runDone = stop, make(chan struct{})
+	go func() { defer close(s.runDone); s.uploader.Run(runCtx) }()
+	return s, nil
+}
+
+// backendID names the device's backend so a restarted daemon with -L finds
+// its device again.
+func (s *cowSession) backendID() string {
+	abs, err := filepath.Abs(s.flags.dir())
+	if err != nil {
+		abs = s.flags.dir()
+	}
+	return "dnbd3go-cow:" + abs
+}
+
+// finish ends the session. After a real detach (nothing writes any more)
+// the uploader's final flush runs and, with -m, the merge request; if the
+// device stays attached for a successor, uploads just stop.
+func (s *cowSession) finish(ctx context.Context, detached bool) error {
+	var ferr error
+	if s.uploader != nil {
+		if detached {
+			res, err := s.uploader.Finish(ctx, s.flags.merge)
+			s.log.Info("final upload", "uploaded", res.Uploaded, "dirty", res.Dirty, "merge", res.MergeAccepted, "uuid", res.UUID)
+			ferr = err
+		} else {
+			s.stopRun()
+			<-s.runDone
+		}
+	}
+	if err := s.overlay.Close(); err != nil && ferr == nil {
+		ferr = fmt.Errorf("close session: %w", err)
+	}
+	return ferr
+}
+
+// cowStatus is the copy-on-write part of attach's status.
+type cowStatus struct {
+	Dir             string       `json:"dir"`
+	UUID            string       `json:"uuid"`
+	Size            int64        `json:"size"`
+	ValidRemoteSize int64        `json:"validRemoteSize"`
+	DirtyClusters   int          `json:"dirtyClusters"`
+	CleanClusters   int          `json:"cleanClusters"`
+	Upload          upload.Stats `json:"upload"`
+}
+
+func (s *cowSession) status() *cowStatus {
+	d, c := s.overlay.Counts()
+	st := &cowStatus{Dir: s.flags.dir(), UUID: s.overlay.UUID(), Size: s.overlay.Size(),
+		ValidRemoteSize: s.overlay.ValidRemoteSize(), DirtyClusters: d, CleanClusters: c}
+	if s.uploader != nil {
+		st.Upload = s.uploader.Stats()
+	}
+	return st
+}
