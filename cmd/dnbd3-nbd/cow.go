@@ -123,7 +123,11 @@ func openCOW(ctx context.Context, c *cowFlags, img *client.Image, log *slog.Logg
 			return nil, err
 		}
 	}
-	cfg := upload.Config{MinDelay: c.uploadDelay, StatsToLog: c.statsStdout, Logger: log}
+	delay := c.uploadDelay
+	if delay == 0 {
+		delay = -1 // the uploader's 0 means its default; --upload-delay 0 means at once
+	}
+	cfg := upload.Config{MinDelay: delay, StatsToLog: c.statsStdout, Logger: log}
 	if c.statsFile {
 		cfg.StatusFile = filepath.Join(c.dir(), "status")
 	}

@@ -23,6 +23,9 @@
 #   -disk FILE    attach a raw disk image as /dev/vda, /dev/vdb, ... (virtio,
 #                 writable, cache=unsafe: the file is scratch space); the
 #                 tests see DNBD3GO_VM_DISKS="vda vdb ..."
+#   -disk-snapshot FILE  the same, but the guest's writes go to a temporary
+#                 overlay and FILE stays unchanged (a prepared disk reused
+#                 by every run)
 #   -keep         keep the work directory (initramfs, console log)
 #
 # Guest: Debian bookworm's cloud kernel (TCG, -cpu max), busybox, nbd.ko loaded
@@ -61,6 +64,7 @@ while [ $# -gt 0 ]; do
     -hostbin) HOSTBINS+=("$2"); shift 2;;
     -env) ENVS+=("$2"); shift 2;;
     -disk) DISKS+=("$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"); shift 2;;
+    -disk-snapshot) DISKS+=("$(cd "$(dirname "$2")" && pwd)/$(basename "$2"):snapshot"); shift 2;;
     -keep) KEEP=1; shift;;
     -h|-help|--help) usage;;
     *) echo "vmtest: unknown argument $1" >&2; usage;;
@@ -288,8 +292,10 @@ log "booting $KPKG (tcg, smp=$SMP, mem=${MEM}M, initrd $(( $(stat -c %s "$W/init
 BOOT_TIMEOUT=${DNBD3GO_VM_BOOT_TIMEOUT:-90}
 DISKARGS=()
 for d in "${DISKS[@]}"; do
+  snap=""
+  case $d in *:snapshot) d=${d%:snapshot}; snap=",snapshot=on";; esac
   [ -f "$d" ] || die "-disk $d: no such file"
-  DISKARGS+=(-drive "file=$d,format=raw,if=virtio,cache=unsafe")
+  DISKARGS+=(-drive "file=$d,format=raw,if=virtio,cache=unsafe$snap")
 done
 boot() {
   : > "$W/console.log"
