@@ -48,7 +48,8 @@ fuzz:
 test-integration: deps build
 	$(GO) test -count=1 ./tests/...
 	tests/integration/vm/testdata.sh out/vm-testdata
-	tests/integration/vm/vmtest.sh -files out/vm-testdata -timeout 1200
+	tests/integration/vm/cowdisk.sh out/vm-cowdisk.img
+	tests/integration/vm/vmtest.sh -files out/vm-testdata -disk-snapshot out/vm-cowdisk.img -timeout 1500
 
 bench: deps build
 	./bench/run.sh

@@ -1,0 +1,264 @@
+package kernel
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/dnbd3go/dnbd3go/cowstore/mergertest"
+)
+
+// writeTree writes files into dir and returns their checksums.
+func writeTree(t *testing.T, dir string, seed uint64) map[string]string {
+	t.Helper()
+	rng := rand.New(rand.NewPCG(seed, 7))
+	sums := map[string]string{}
+	for i, size := range []int{100, 5000, 1 << 20, 3<<20 + 17} {
+		name := filepath.Join(fmt.Sprintf("d%d", i%2), fmt.Sprintf("file%d-%d.bin", seed, i))
+		b := make([]byte, size)
+		for j := range b {
+			b[j] = byte(rng.UintN(256))
+		}
+		os.MkdirAll(filepath.Join(dir, filepath.Dir(name)), 0o755)
+		if err := os.WriteFile(filepath.Join(dir, name), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		s := sha256.Sum256(b)
+		sums[name] = hex.EncodeToString(s[:])
+	}
+	return sums
+}
+
+func verifyTree(t *testing.T, dir string, sums map[string]string) {
+	t.Helper()
+	for name, want := range sums {
+		b, err := os.ReadFile(filepath.Join(dir, name))
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if s := sha256.Sum256(b); hex.EncodeToString(s[:]) != want {
+			t.Fatalf("%s: checksum differs", name)
+		}
+	}
+}
+
+func mountDev(t *testing.T, dev string, opts ...string) string {
+	t.Helper()
+	mnt := filepath.Join("/mnt", filepath.Base(dev))
+	os.MkdirAll(mnt, 0o755)
+	args := append([]string{"-t", "ext4"}, opts...)
+	if out, err := exec.Command("mount", append(args, dev, mnt)...).CombinedOutput(); err != nil {
+		t.Fatalf("mount %s: %v\n%s", dev, err, out)
+	}
+	return mnt
+}
+
+func umount(t *testing.T, mnt string) {
+	t.Helper()
+	if out, err := exec.Command("umount", mnt).CombinedOutput(); err != nil {
+		t.Fatalf("umount %s: %v\n%s", mnt, err, out)
+	}
+}
+
+func sha256File(t *testing.T, path string) string {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		t.Fatal(err)
+	}
+	return hex.EncodeToString(h.Sum(nil))
+}
+
+// TestCOWFilesystemCycle: attach with -c, mkfs.ext4, mount, write files,
+// unmount, detach (the final upload reaches the merger); attach again with
+// -L: the files are intact, and the merger's data equals the device.
+func TestCOWFilesystemCycle(t *testing.T) {
+	requireNBD(t)
+	base := t.TempDir()
+	genImage(t, filepath.Join(base, "cowbase.r1"), 96<<20)
+	original, _ := os.ReadFile(filepath.Join(base, "cowbase.r1"))
+	_, addr := server(t, base)
+	m := mergertest.Start(t)
+	sess := t.TempDir()
+
+	p, dev, _ := attachCmd(t, "-h", addr, "-i", "cowbase", "-c", sess, "-C", m.Addr, "--cow-stats-file", "--upload-delay", "0")
+	if ro, _ := os.ReadFile(fmt.Sprintf("/sys/block/%s/ro", filepath.Base(dev))); strings.TrimSpace(string(ro)) != "0" {
+		t.Fatalf("COW device is read-only")
+	}
+	if out, err := exec.Command("mkfs.ext4", "-q", "-F", dev).CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4: %v\n%s", err, out)
+	}
+	mnt := mountDev(t, dev)
+	sums := writeTree(t, mnt, 1)
+	umount(t, mnt)
+	out, code := nbd(t, "detach", dev)
+	if code != 0 {
+		t.Fatalf("detach: %s", out)
+	}
+	if c := p.wait(60 * time.Second); c != 0 {
+		t.Fatalf("attach exited %d after detach", c)
+	}
+	if !strings.Contains(p.output(), "final upload") {
+		t.Errorf("no final upload logged:\n%s", p.output())
+	}
+	status, _ := os.ReadFile(filepath.Join(sess, "status"))
+	if !strings.Contains(string(status), "state=done") || !strings.Contains(string(status), "[General]") {
+		t.Errorf("status file:\n%s", status)
+	}
+	uuids := m.Sessions()
+	if len(uuids) != 1 {
+		t.Fatalf("merger sessions: %v", uuids)
+	}
+	ms, _ := m.Session(uuids[0])
+	t.Logf("merger received %d updates for %d clusters", ms.Updates, len(ms.Clusters))
+
+	_, dev2, _ := attachCmd(t, "-h", addr, "-i", "cowbase", "-L", sess, "-C", m.Addr)
+	mnt2 := mountDev(t, dev2, "-o", "ro,noload")
+	verifyTree(t, mnt2, sums)
+	umount(t, mnt2)
+	// The merger holds every change: original + uploaded clusters equals
+	// what the device shows.
+	img := mergedFromUploads(t, original, ms)
+	if got := sha256File(t, dev2); got != fmt.Sprintf("%x", sha256.Sum256(img)) {
+		t.Fatal("device content differs from the original plus the uploaded clusters")
+	}
+}
+
+// mergedFromUploads applies every uploaded cluster to the original image.
+func mergedFromUploads(t *testing.T, original []byte, s mergertest.Session) []byte {
+	t.Helper()
+	img := bytes.Clone(original)
+	for idx, c := range s.Clusters {
+		data := c.Blocks
+		for b := range 320 {
+			if c.Bitfield[b/8]&(1<<(b%8)) == 0 {
+				continue
+			}
+			off := idx*1310720 + b*4096
+			copy(img[off:off+4096], data[:4096])
+			data = data[4096:]
+		}
+	}
+	return img
+}
+
+// TestCOWSyncThenKill: data that was synced survives a SIGKILL of the
+// daemon; the restarted daemon takes the mounted device over, and a fresh
+// attach of the session shows everything.
+func TestCOWSyncThenKill(t *testing.T) {
+	requireNBD(t)
+	base := t.TempDir()
+	genImage(t, filepath.Join(base, "k.r1"), 64<<20)
+	_, addr := server(t, base)
+	sess := t.TempDir()
+	p, dev, _ := attachCmd(t, "-h", addr, "-i", "k", "-c", sess)
+	if out, err := exec.Command("mkfs.ext4", "-q", "-F", dev).CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4: %v\n%s", err, out)
+	}
+	mnt := mountDev(t, dev)
+	sums := writeTree(t, mnt, 2)
+	syscall.Sync()
+	p.cmd.Process.Signal(syscall.SIGKILL)
+	p.wait(10 * time.Second)
+
+	p2, dev2, _ := attachCmd(t, "-h", addr, "-i", "k", "-L", sess)
+	if dev2 != dev || !strings.Contains(p2.output(), "took over") {
+		t.Fatalf("restart attached %s, want a takeover of %s:\n%s", dev2, dev, p2.output())
+	}
+	dropCaches()
+	verifyTree(t, mnt, sums)
+	more := writeTree(t, mnt, 3)
+	umount(t, mnt)
+	p2.cmd.Process.Signal(syscall.SIGTERM)
+	if c := p2.wait(30 * time.Second); c != 0 {
+		t.Fatalf("attach exited %d:\n%s", c, p2.output())
+	}
+
+	_, dev3, _ := attachCmd(t, "-h", addr, "-i", "k", "-L", sess)
+	mnt3 := mountDev(t, dev3, "-o", "ro,noload")
+	verifyTree(t, mnt3, sums)
+	verifyTree(t, mnt3, more)
+	umount(t, mnt3)
+}
+
+// cowDisk mounts the prepared cowtest disk (vm/cowdisk.sh) or skips.
+func cowDisk(t *testing.T) string {
+	t.Helper()
+	if !strings.Contains(os.Getenv("DNBD3GO_VM_DISKS"), "vda") {
+		t.Skip("SKIP: needs the cowtest disk (vmtest.sh -disk-snapshot out/vm-cowdisk.img, made by vm/cowdisk.sh)")
+	}
+	mnt := "/mnt/cowdisk"
+	if _, err := os.Stat(mnt + "/images/test.r1"); err == nil {
+		return mnt
+	}
+	os.MkdirAll(mnt, 0o755)
+	if out, err := exec.Command("mount", "-t", "ext4", "/dev/vda", mnt).CombinedOutput(); err != nil {
+		t.Fatalf("mount /dev/vda: %v\n%s", err, out)
+	}
+	return mnt
+}
+
+func cowtest(t *testing.T, args ...string) string {
+	t.Helper()
+	start := time.Now()
+	out, err := exec.Command("dnbd3-cowtest", args...).CombinedOutput()
+	t.Logf("dnbd3-cowtest %s (%v):\n%s", strings.Join(args, " "), time.Since(start).Round(time.Second), out)
+	if err != nil {
+		t.Fatalf("dnbd3-cowtest %s: %v", strings.Join(args, " "), err)
+	}
+	if strings.Contains(string(out), "SKIP:") || !strings.Contains(string(out), " 0 SKIPPED") {
+		t.Fatalf("dnbd3-cowtest skipped steps on a COW device")
+	}
+	return string(out)
+}
+
+// TestCowtestStandardSequence runs the reference CI's standard sequence on
+// the device: -t on a new session, detach, reload with -L and -v.
+func TestCowtestStandardSequence(t *testing.T) {
+	requireNBD(t)
+	disk := cowDisk(t)
+	_, addr := server(t, disk+"/images")
+	sess := disk + "/session-standard"
+	os.MkdirAll(sess, 0o755)
+	p, dev, _ := attachCmd(t, "-h", addr, "-i", "test", "-c", sess, "--block-size", "4096")
+	cowtest(t, "-t", dev)
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	if c := p.wait(60 * time.Second); c != 0 {
+		t.Fatalf("attach exited %d", c)
+	}
+	_, dev2, _ := attachCmd(t, "-h", addr, "-i", "test", "-L", sess, "--block-size", "4096")
+	cowtest(t, "-v", dev2)
+}
+
+// TestCowtestRandom runs the random test for 60 s against a plain copy,
+// then compares again after a reload of the session.
+func TestCowtestRandom(t *testing.T) {
+	requireNBD(t)
+	disk := cowDisk(t)
+	_, addr := server(t, disk+"/images")
+	sess := disk + "/session-random"
+	os.MkdirAll(sess, 0o755)
+	p, dev, _ := attachCmd(t, "-h", addr, "-i", "test", "-c", sess)
+	cowtest(t, "-r", dev, disk+"/normal.img", "--duration", "60s")
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	if c := p.wait(60 * time.Second); c != 0 {
+		t.Fatalf("attach exited %d", c)
+	}
+	_, dev2, _ := attachCmd(t, "-h", addr, "-i", "test", "-L", sess)
+	cowtest(t, "-x", dev2, disk+"/normal.img")
+}
