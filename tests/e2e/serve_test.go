@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -11,6 +12,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/dnbd3go/dnbd3go/cowstore/mergertest"
 )
 
 // needTool skips (visibly) when a Debian tool the test drives is missing.
@@ -23,10 +26,10 @@ func needTool(t *testing.T, name, pkg string) {
 
 // startServe runs `dnbd3-nbd serve` for image against the dnbd3 server at
 // addr and returns the NBD URI of its unix socket.
-func startServe(t *testing.T, addr, image string) string {
+func startServe(t *testing.T, addr, image string, extra ...string) string {
 	t.Helper()
 	sock := filepath.Join(t.TempDir(), "nbd.sock")
-	cmd := exec.Command(bin("dnbd3-nbd"), "serve", "-h", addr, "-i", image, "--listen", "unix:"+sock)
+	cmd := exec.Command(bin("dnbd3-nbd"), append([]string{"serve", "-h", addr, "-i", image, "--listen", "unix:" + sock}, extra...)...)
 	stdout, _ := cmd.StdoutPipe()
 	var stderr strings.Builder
 	cmd.Stderr = syncWriter(&stderr)
@@ -123,5 +126,64 @@ func TestServeWithLibnbdTools(t *testing.T) {
 	out, _ = exec.Command("qemu-io", "-f", "raw", "-c", "write 0 4096", uri).CombinedOutput()
 	if lo := strings.ToLower(string(out)); !strings.Contains(lo, "read-only") && !strings.Contains(lo, "not permitted") && !strings.Contains(lo, "permission denied") {
 		t.Errorf("qemu-io write on the read-only export: %s", out)
+	}
+}
+
+// TestServeCOWWritable exports a copy-on-write session with `serve -c`,
+// writes through qemu-io, stops (the final upload reaches the merger),
+// serves the session again with -L and reads it back with nbdcopy.
+func TestServeCOWWritable(t *testing.T) {
+	needTool(t, "qemu-io", "qemu-utils")
+	needTool(t, "nbdcopy", "libnbd-bin")
+	base := t.TempDir()
+	img := filepath.Join(base, "w.r1")
+	original := randomImage(t, img, 8<<20)
+	d, _ := startDaemon(t, base, "", nil)
+	m := mergertest.Start(t)
+	sess := t.TempDir()
+
+	sock := filepath.Join(t.TempDir(), "w.sock")
+	cmd := exec.Command(bin("dnbd3-nbd"), "serve", "-h", d.addr, "-i", "w", "--listen", "unix:"+sock,
+		"-c", sess, "-C", m.Addr, "--cow-stats-file", "--upload-delay", "0")
+	var stderr strings.Builder
+	cmd.Stderr = syncWriter(&stderr)
+	stdout, _ := cmd.StdoutPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := bufio.NewReader(stdout).ReadString('\n'); err != nil {
+		t.Fatalf("serve: %v\n%s", err, stderr.String())
+	}
+	uri := "nbd+unix:///?socket=" + sock
+	if out, err := exec.Command("qemu-io", "-f", "raw", "-c", "write -P 0x5a 1000000 3000000", "-c", "flush", uri).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-io: %v\n%s", err, out)
+	}
+	cmd.Process.Signal(os.Interrupt)
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("serve -c exited with %v\n%s", err, stderr.String())
+	}
+	want := append([]byte(nil), original...)
+	for i := 1000000; i < 4000000; i++ {
+		want[i] = 0x5a
+	}
+	uuids := m.Sessions()
+	if len(uuids) != 1 {
+		t.Fatalf("merger sessions %v\n%s", uuids, stderr.String())
+	}
+	if s, _ := m.Session(uuids[0]); len(s.Clusters) != 4 {
+		t.Errorf("merger got %d clusters, want 4 (bytes 1,000,000..4,000,000 lie in clusters 0-3)", len(s.Clusters))
+	}
+	if st, _ := os.ReadFile(filepath.Join(sess, "status")); !strings.Contains(string(st), "state=done") {
+		t.Errorf("status file: %s", st)
+	}
+
+	uri2 := startServe(t, d.addr, "w", "-L", sess)
+	dst := filepath.Join(t.TempDir(), "back.img")
+	if out, err := exec.Command("nbdcopy", uri2, dst).CombinedOutput(); err != nil {
+		t.Fatalf("nbdcopy: %v\n%s", err, out)
+	}
+	got, _ := os.ReadFile(dst)
+	if !bytes.Equal(got, want) {
+		t.Fatal("the session read back differs from what was written")
 	}
 }
