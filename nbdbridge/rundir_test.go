@@ -1,8 +1,8 @@
 package nbdbridge
 
 import (
-	"fmt"
 	"context"
+	"fmt"
 	"os/exec"
 	"testing"
 	"time"
