@@ -115,6 +115,7 @@ func TestOutOfOrderRepliesAndHandleQuirk(t *testing.T) {
 	cfg := fastConfig(t, "test", srv.Addr())
 	cfg.MaxRequest = 16 << 10
 	cfg.KeepaliveInterval = 5 * time.Millisecond // keepalive replies carry GET_BLOCK handles
+	cfg.StallTimeout = 3 * time.Second           // this test is about reordering, not stalls (-race on a busy host is slow)
 	img := openT(t, cfg)
 	var wg sync.WaitGroup
 	for g := range 4 {
