@@ -1,0 +1,255 @@
+package server
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"math/bits"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/dnbd3go/dnbd3go/protocol"
+)
+
+// CacheMap records which 4 KiB blocks of an incomplete (replicated) image
+// are present in the local copy: bit k (byte k/8, bit k%8, LSB first) is
+// block k. On disk it is the `.map` sidecar, ceil(virtual size / 32 KiB)
+// bytes; no `.map` file means the image is complete. A short file leaves
+// the missing tail absent.
+type CacheMap struct {
+	mu      sync.RWMutex
+	bits    []byte
+	blocks  int64
+	present int64
+	changed time.Time // last change not yet saved (zero: saved)
+}
+
+// NewCacheMap returns an empty map for an image of virtualSize bytes.
+func NewCacheMap(virtualSize int64) *CacheMap {
+	blocks := (virtualSize + protocol.BlockSize - 1) / protocol.BlockSize
+	return &CacheMap{bits: make([]byte, (blocks+7)/8), blocks: blocks}
+}
+
+// LoadCacheMap reads a `.map` file for an image of virtualSize bytes.
+func LoadCacheMap(path string, virtualSize int64) (*CacheMap, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	m := NewCacheMap(virtualSize)
+	copy(m.bits, b)
+	m.trimTail()
+	for _, x := range m.bits {
+		m.present += int64(bits.OnesCount8(x))
+	}
+	return m, nil
+}
+
+// trimTail clears bits past the last block.
+func (m *CacheMap) trimTail() {
+	if rem := m.blocks % 8; rem != 0 && len(m.bits) > 0 {
+		m.bits[len(m.bits)-1] &= byte(1<<rem) - 1
+	}
+}
+
+// Blocks returns the number of 4 KiB blocks the map covers.
+func (m *CacheMap) Blocks() int64 { return m.blocks }
+
+func blockRange(start, end int64) (int64, int64) {
+	return start / protocol.BlockSize, (end + protocol.BlockSize - 1) / protocol.BlockSize
+}
+
+// Has reports whether every block touching [start, end) is present.
+func (m *CacheMap) Has(start, end int64) bool {
+	first, last := blockRange(start, end)
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	for b := first; b < last && b < m.blocks; b++ {
+		if m.bits[b/8]&(1<<(b%8)) == 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// Missing returns the runs of absent blocks touching [start, end), as
+// 4 KiB-aligned byte ranges [from, to).
+func (m *CacheMap) Missing(start, end int64) [][2]int64 {
+	first, last := blockRange(start, end)
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	var out [][2]int64
+	for b := first; b < last && b < m.blocks; b++ {
+		if m.bits[b/8]&(1<<(b%8)) != 0 {
+			continue
+		}
+		if n := len(out); n > 0 && out[n-1][1] == b*protocol.BlockSize {
+			out[n-1][1] += protocol.BlockSize
+		} else {
+			out = append(out, [2]int64{b * protocol.BlockSize, (b + 1) * protocol.BlockSize})
+		}
+	}
+	return out
+}
+
+// Set marks the blocks fully inside [start, end) present. It reports
+// whether the map is now complete.
+func (m *CacheMap) Set(start, end int64) bool {
+	first := (start + protocol.BlockSize - 1) / protocol.BlockSize
+	last := end / protocol.BlockSize
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for b := first; b < last && b < m.blocks; b++ {
+		if m.bits[b/8]&(1<<(b%8)) == 0 {
+			m.bits[b/8] |= 1 << (b % 8)
+			m.present++
+			if m.changed.IsZero() {
+				m.changed = time.Now()
+			}
+		}
+	}
+	return m.present == m.blocks
+}
+
+// Clear marks the blocks touching [start, end) absent (a failed hash
+// check: they are fetched again).
+func (m *CacheMap) Clear(start, end int64) {
+	first, last := blockRange(start, end)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for b := first; b < last && b < m.blocks; b++ {
+		if m.bits[b/8]&(1<<(b%8)) != 0 {
+			m.bits[b/8] &^= 1 << (b % 8)
+			m.present--
+			if m.changed.IsZero() {
+				m.changed = time.Now()
+			}
+		}
+	}
+}
+
+// Complete reports whether every block is present.
+func (m *CacheMap) Complete() bool {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return m.present == m.blocks
+}
+
+// Percent returns the share of present blocks as the RPC's integer
+// percentage (rounded down, 100 only when complete).
+func (m *CacheMap) Percent() int {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	if m.blocks == 0 || m.present == m.blocks {
+		return 100
+	}
+	return int(m.present * 100 / m.blocks)
+}
+
+// Present returns the number of present blocks.
+func (m *CacheMap) Present() int64 {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return m.present
+}
+
+// Bytes returns a copy of the map as the `.map` file and /cachemap hold it.
+func (m *CacheMap) Bytes() []byte {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return append([]byte(nil), m.bits...)
+}
+
+// Unsaved reports since when the map has changes not yet saved.
+func (m *CacheMap) Unsaved() (since time.Time, dirty bool) {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return m.changed, !m.changed.IsZero()
+}
+
+// Save writes the map to path atomically (temporary file, fsync, rename).
+// The caller must have synced the image data the map describes first, so
+// a crash never leaves bits set over data that is not on disk.
+func (m *CacheMap) Save(path string) error {
+	m.mu.Lock()
+	b := append([]byte(nil), m.bits...)
+	changed := m.changed
+	m.changed = time.Time{}
+	m.mu.Unlock()
+	if err := writeFileAtomic(path, b); err != nil {
+		m.mu.Lock()
+		if m.changed.IsZero() {
+			m.changed = changed
+		}
+		m.mu.Unlock()
+		return err
+	}
+	return nil
+}
+
+// writeFileAtomic replaces path with data: temporary file, fsync, rename,
+// fsync of the directory.
+func writeFileAtomic(path string, data []byte) error {
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if d, err := os.Open(filepath.Dir(path)); err == nil {
+		d.Sync()
+		d.Close()
+	}
+	return nil
+}
+
+// WriteMeta writes the `.meta` sidecar with the last access time, which
+// the proxy's LRU deletion of replicated images uses.
+func WriteMeta(imagePath string, atime time.Time) error {
+	return writeFileAtomic(imagePath+".meta", []byte("[main]\natime="+strconv.FormatInt(atime.Unix(), 10)+"\n"))
+}
+
+// ReadMeta reads the last access time from a `.meta` sidecar; without one
+// the image file's mtime counts.
+func ReadMeta(imagePath string) (time.Time, error) {
+	var atime time.Time
+	b, err := os.ReadFile(imagePath + ".meta")
+	if errors.Is(err, os.ErrNotExist) {
+		st, err := os.Stat(imagePath)
+		if err != nil {
+			return atime, err
+		}
+		return st.ModTime(), nil
+	}
+	if err != nil {
+		return atime, err
+	}
+	found := false
+	parseINI(bytes.NewReader(b), func(section, key, value string, _ int) {
+		if section == "main" && key == "atime" {
+			if n, err := strconv.ParseInt(value, 10, 64); err == nil {
+				atime, found = time.Unix(n, 0), true
+			}
+		}
+	})
+	if !found {
+		return atime, fmt.Errorf("%s.meta: no atime", imagePath)
+	}
+	return atime, nil
+}

@@ -1,0 +1,91 @@
+package server
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/dnbd3go/dnbd3go/internal/testutil"
+)
+
+// TestCacheMapMatchesProxyCapture rebuilds the captured proxy's map from
+// the five ranges its client read and compares it with the `.map` and
+// /cachemap bytes the reference wrote.
+func TestCacheMapMatchesProxyCapture(t *testing.T) {
+	const vsize = 41955328
+	ref, err := os.ReadFile(testutil.Testdata(t, "sidecars", "crctest.r1.map"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	live, _ := os.ReadFile(testutil.Testdata(t, "rpc", "cachemap-proxy-id1.bin"))
+	if !bytes.Equal(ref, live) {
+		t.Fatal("fixtures disagree")
+	}
+	m := NewCacheMap(vsize)
+	for _, r := range [][2]int64{{0, 4096}, {100000, 150000}, {16775168, 16779264}, {33554432, 33685504}, {41953280, 41955328}} {
+		// the proxy fetched the 4 KiB-aligned covering range
+		for _, miss := range m.Missing(r[0], r[1]) {
+			m.Set(miss[0], miss[1])
+		}
+	}
+	if !bytes.Equal(m.Bytes(), ref) {
+		t.Fatalf("map differs from the reference's .map")
+	}
+	if m.Present() != 49 || m.Percent() != 0 || m.Complete() {
+		t.Fatalf("present %d percent %d", m.Present(), m.Percent())
+	}
+	// and loading the reference file gives the same
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "x.map"), ref, 0o644)
+	l, err := LoadCacheMap(filepath.Join(dir, "x.map"), vsize)
+	if err != nil || l.Present() != 49 || !l.Has(33554432, 33685504) || l.Has(4096, 8192) {
+		t.Fatalf("load: %v present %d", err, l.Present())
+	}
+	if got := l.Missing(0, 3*4096); len(got) != 1 || got[0] != [2]int64{4096, 12288} {
+		t.Fatalf("missing %v", got)
+	}
+}
+
+func TestCacheMapCompleteShortFileAndSave(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "img.r1.map")
+	os.WriteFile(path, []byte{0xff}, 0o644) // short: the rest is missing
+	m, err := LoadCacheMap(path, 10*4096+100) // 11 blocks
+	if err != nil || m.Present() != 8 || m.Blocks() != 11 {
+		t.Fatalf("%v %d %d", err, m.Present(), m.Blocks())
+	}
+	if m.Set(8*4096, 11*4096) != true || !m.Complete() || m.Percent() != 100 {
+		t.Fatal("not complete")
+	}
+	if _, dirty := m.Unsaved(); !dirty {
+		t.Fatal("changes not tracked")
+	}
+	if err := m.Save(path); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(path); !bytes.Equal(b, []byte{0xff, 0x07}) {
+		t.Fatalf("saved %x", b)
+	}
+	m.Clear(4096, 4097)
+	if m.Complete() || m.Has(4096, 8192) || !m.Has(0, 4096) {
+		t.Fatal("clear")
+	}
+	now := time.Unix(1795248691, 0)
+	img := filepath.Join(dir, "img.r1")
+	os.WriteFile(img, nil, 0o644)
+	if err := WriteMeta(img, now); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(img + ".meta"); string(b) != "[main]\natime=1795248691\n" {
+		t.Fatalf("meta %q", b)
+	}
+	if got, err := ReadMeta(img); err != nil || !got.Equal(now) {
+		t.Fatalf("ReadMeta %v %v", got, err)
+	}
+	ref, _ := os.ReadFile(testutil.Testdata(t, "sidecars", "crctest.r1.meta"))
+	if string(ref) != "[main]\natime=1795248691\n" {
+		t.Fatalf("reference .meta format %q", ref)
+	}
+}
