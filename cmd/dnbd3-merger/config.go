@@ -1,0 +1,254 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/dnbd3go/dnbd3go/internal/logging"
+	"github.com/dnbd3go/dnbd3go/internal/units"
+	"github.com/dnbd3go/dnbd3go/merger"
+	"github.com/spf13/pflag"
+)
+
+// defaultURL is where the reference listens without a Urls setting.
+const defaultURL = "http://localhost:5000"
+
+// flags are the command line as given.
+type flags struct {
+	settings        string
+	workingDir      string
+	originalDir     string
+	destinationDir  string
+	listen          []string
+	retention       string
+	abandonAfter    string
+	maxMerges       int
+	minFreeSpace    string
+	tokenFile       string
+	tlsCert         string
+	tlsKey          string
+	logFormat       string
+	logLevel        string
+	shutdownTimeout time.Duration
+	version         bool
+
+	fs *pflag.FlagSet // to ask which flags were given
+}
+
+// config is the merged configuration: the settings file, overridden by
+// flags, validated.
+type config struct {
+	settingsFile   string // "" if none was read
+	workingDir     string // absolute
+	originalDir    string
+	destinationDir string
+	urls           []listenURL
+	retention      time.Duration
+	abandonAfter   time.Duration
+	maxMerges      int
+	minFreeSpace   int64
+	tokenFile      string
+	tlsCert        string
+	tlsKey         string
+	logFormat      string
+	logLevel       slog.Level
+	shutdown       time.Duration
+}
+
+// usageError is a bad command line (exit code 2); other configuration
+// errors exit with 1.
+type usageError struct{ err error }
+
+func (e usageError) Error() string { return e.err.Error() }
+func (e usageError) Unwrap() error { return e.err }
+
+func usagef(format string, args ...any) error { return usageError{fmt.Errorf(format, args...)} }
+
+// newFlagSet defines the command's flags.
+func newFlagSet(f *flags, stderr io.Writer) *pflag.FlagSet {
+	fs := pflag.NewFlagSet("dnbd3-merger", pflag.ContinueOnError)
+	fs.SortFlags = false
+	fs.SetOutput(stderr)
+	fs.StringVar(&f.settings, "settings", defaultSettingsFile, "the reference's appsettings.json (Settings.*Directory, Urls); the default file is optional, \"\" reads none")
+	fs.StringVar(&f.workingDir, "working-dir", "", "session directory (overrides "+keyWorkingDirectory+")")
+	fs.StringVar(&f.originalDir, "original-dir", "", "directory of the original images NAME.rREV (overrides "+keyOriginalImageDirectory+")")
+	fs.StringVar(&f.destinationDir, "destination-dir", "", "where merged revisions go, e.g. dnbd3-server's basePath (overrides "+keyDestinationDirectory+")")
+	fs.StringArrayVar(&f.listen, "listen", nil, "listen URL, e.g. http://0.0.0.0:5000 or https://[::]:5443; repeatable or a comma/semicolon list (overrides Urls; default "+defaultURL+")")
+	fs.StringVar(&f.retention, "retention", "24h", "how long merged and failed sessions are kept (Go duration or days, e.g. 36h, 7d)")
+	fs.StringVar(&f.abandonAfter, "abandon-after", "7d", "delete sessions without uploads for this long")
+	fs.IntVar(&f.maxMerges, "max-merges", merger.DefaultMaxConcurrentMerges, "merges that may run at once (more get 503 + Retry-After)")
+	fs.StringVar(&f.minFreeSpace, "min-free-space", "1G", "free space uploads and merges must leave (K, M, G, T suffixes; 0 disables the check)")
+	fs.StringVar(&f.tokenFile, "token-file", "", "file with a bearer token every request must carry (keep it unreadable for others)")
+	fs.StringVar(&f.tlsCert, "tls-cert", "", "PEM certificate (chain) for https:// listen URLs")
+	fs.StringVar(&f.tlsKey, "tls-key", "", "PEM private key for https:// listen URLs")
+	fs.StringVar(&f.logFormat, "log-format", "text", "log format: text or json")
+	fs.StringVar(&f.logLevel, "log-level", "info", "lowest level logged: error, warning, info, debug (every request) or debug2")
+	fs.DurationVar(&f.shutdownTimeout, "shutdown-timeout", 30*time.Second, "on SIGTERM, how long requests in flight may take to finish")
+	fs.BoolVarP(&f.version, "version", "v", false, "print the version and exit")
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, "Usage: dnbd3-merger [--settings appsettings.json] [--working-dir DIR --original-dir DIR --destination-dir DIR] [--listen URL]...\n\n"+
+			"Receives the changed clusters of dnbd3 copy-on-write sessions and merges them into the\n"+
+			"image's next revision (the REST API of cow_merger_service, /v1/File/* and /api/File/*).\n"+
+			"Settings come from the reference's appsettings.json; flags override them.\n\nFlags:\n")
+		fs.PrintDefaults()
+	}
+	f.fs = fs
+	return fs
+}
+
+// given reports whether a flag was set on the command line.
+func (f *flags) given(name string) bool { return f.fs.Changed(name) }
+
+// parseDuration parses a Go duration or a whole number of days ("7d").
+func parseDuration(s string) (time.Duration, error) {
+	t := strings.TrimSpace(s)
+	if d, ok := strings.CutSuffix(t, "d"); ok {
+		n, err := strconv.ParseInt(d, 10, 64)
+		if err != nil || n < 0 || n > 100*365 {
+			return 0, fmt.Errorf("bad duration %q: want e.g. 36h, 90m or 7d", s)
+		}
+		return time.Duration(n) * 24 * time.Hour, nil
+	}
+	dur, err := time.ParseDuration(t)
+	if err != nil || dur < 0 {
+		return 0, fmt.Errorf("bad duration %q: want e.g. 36h, 90m or 7d", s)
+	}
+	return dur, nil
+}
+
+// check validates what the command line alone decides (errors are
+// usageErrors, exit 2) and fills in those parts of c.
+func (f *flags) check(c *config) error {
+	var err error
+	if c.retention, err = parseDuration(f.retention); err != nil {
+		return usagef("--retention: %w", err)
+	}
+	if c.abandonAfter, err = parseDuration(f.abandonAfter); err != nil {
+		return usagef("--abandon-after: %w", err)
+	}
+	if f.maxMerges < 1 {
+		return usagef("--max-merges must be at least 1")
+	}
+	c.maxMerges = f.maxMerges
+	if c.minFreeSpace, err = units.ParseSize(f.minFreeSpace); err != nil {
+		return usagef("--min-free-space: %w", err)
+	}
+	if f.logFormat != "text" && f.logFormat != "json" {
+		return usagef("--log-format %q: use text or json", f.logFormat)
+	}
+	c.logFormat = f.logFormat
+	if c.logLevel, err = logging.ParseLevel(f.logLevel); err != nil {
+		return usagef("--log-level: %w", err)
+	}
+	if (f.tlsCert == "") != (f.tlsKey == "") {
+		return usagef("--tls-cert and --tls-key go together")
+	}
+	c.tlsCert, c.tlsKey, c.tokenFile = f.tlsCert, f.tlsKey, f.tokenFile
+	if f.shutdownTimeout <= 0 {
+		return usagef("--shutdown-timeout must be positive")
+	}
+	c.shutdown = f.shutdownTimeout
+	for _, l := range f.listen {
+		for _, s := range splitList(l) {
+			u, err := parseListenURL(s)
+			if err != nil {
+				return usagef("--listen: %w", err)
+			}
+			if u.tls() && f.tlsCert == "" {
+				return usagef("--listen %s: https needs --tls-cert and --tls-key", s)
+			}
+			c.urls = append(c.urls, u)
+		}
+	}
+	if f.given("listen") && len(c.urls) == 0 {
+		return usagef("--listen: no URL given")
+	}
+	return nil
+}
+
+// buildConfig merges the settings file and the flags. cwd resolves
+// relative directories, as the reference resolves them against the
+// process's working directory.
+func buildConfig(f *flags, cwd string) (config, error) {
+	var c config
+	if err := f.check(&c); err != nil {
+		return c, err
+	}
+	var s appSettings
+	path := f.settings
+	if path != "" {
+		if !filepath.IsAbs(path) {
+			path = filepath.Join(cwd, path)
+		}
+		_, statErr := os.Stat(path)
+		switch {
+		case statErr == nil:
+			var err error
+			if s, err = loadSettings(path); err != nil {
+				return c, err
+			}
+			c.settingsFile = path
+		case !f.given("settings") && errors.Is(statErr, os.ErrNotExist):
+			// The default file is optional.
+		default:
+			return c, fmt.Errorf("settings file: %w", statErr)
+		}
+	}
+
+	dirs := []struct {
+		dst       *string
+		fromFile  *string
+		fromFlag  string
+		key, flag string
+	}{
+		{&c.workingDir, s.Settings.WorkingDirectory, f.workingDir, keyWorkingDirectory, "--working-dir"},
+		{&c.originalDir, s.Settings.OriginalImageDirectory, f.originalDir, keyOriginalImageDirectory, "--original-dir"},
+		{&c.destinationDir, s.Settings.DestinationDirectory, f.destinationDir, keyDestinationDirectory, "--destination-dir"},
+	}
+	for _, d := range dirs {
+		p, from := d.fromFlag, d.flag
+		if p == "" && d.fromFile != nil {
+			p, from = *d.fromFile, d.key+" in "+c.settingsFile
+		}
+		if strings.TrimSpace(p) == "" {
+			return c, fmt.Errorf("%s is not set: give it in the settings file or with %s", d.key, d.flag)
+		}
+		if !filepath.IsAbs(p) {
+			p = filepath.Join(cwd, p)
+		}
+		p = filepath.Clean(p)
+		st, err := os.Stat(p)
+		switch {
+		case err != nil:
+			return c, fmt.Errorf("%s (%s): directory %s does not exist or cannot be read: %w (create it or fix the setting)", d.key, from, p, err)
+		case !st.IsDir():
+			return c, fmt.Errorf("%s (%s): %s is not a directory", d.key, from, p)
+		}
+		*d.dst = p
+	}
+
+	if len(c.urls) == 0 { // no --listen: the settings file's Urls, else the default
+		list := defaultURL
+		if s.Urls != nil && strings.TrimSpace(*s.Urls) != "" {
+			list = *s.Urls
+		}
+		for _, raw := range splitList(list) {
+			u, err := parseListenURL(raw)
+			if err != nil {
+				return c, fmt.Errorf("%s in %s: %w", keyUrls, c.settingsFile, err)
+			}
+			if u.tls() && c.tlsCert == "" {
+				return c, fmt.Errorf("%s in %s: %s needs a certificate: give --tls-cert and --tls-key", keyUrls, c.settingsFile, raw)
+			}
+			c.urls = append(c.urls, u)
+		}
+	}
+	return c, nil
+}

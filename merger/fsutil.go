@@ -1,0 +1,193 @@
+package merger
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// This file holds the small file-system primitives the durable parts of
+// the package are built from. They follow one rule: data is synced before
+// the metadata (directory entry, journal record, state file) that points
+// at it.
+
+// fdatasync flushes f's data and the metadata needed to read it back
+// (its size), but not its timestamps.
+func fdatasync(f *os.File) error {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		for {
+			serr = unix.Fdatasync(int(fd))
+			if serr != unix.EINTR {
+				return
+			}
+		}
+	}); err != nil {
+		return err
+	}
+	if serr != nil {
+		return &os.PathError{Op: "fdatasync", Path: f.Name(), Err: serr}
+	}
+	return nil
+}
+
+// syncDir fsyncs a directory, making the creation, removal and renaming
+// of its entries durable.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	err = d.Sync()
+	if cerr := d.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("sync directory %s: %w", dir, err)
+	}
+	return nil
+}
+
+// writeFileAtomic replaces path with data so that a crash leaves either
+// the old or the new content, never a mix: it writes path+".tmp", fsyncs
+// it, renames it over path and fsyncs the directory.
+func writeFileAtomic(path string, data []byte, perm fs.FileMode) error {
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, perm)
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	return syncDir(filepath.Dir(path))
+}
+
+// mkdirAllSync creates dir (below the existing directory root) and its
+// missing parents, fsyncing each parent whose entries it changed, so that
+// a file renamed into dir later cannot vanish with a directory that was
+// never made durable.
+func mkdirAllSync(root, dir string) error {
+	rel, err := filepath.Rel(root, dir)
+	if err != nil || rel == ".." || strings.HasPrefix(rel, "../") || filepath.IsAbs(rel) {
+		return fmt.Errorf("directory %s is not below %s", dir, root)
+	}
+	if rel == "." {
+		return nil
+	}
+	parent := root
+	for _, part := range strings.Split(rel, "/") {
+		cur := filepath.Join(parent, part)
+		err := os.Mkdir(cur, 0o755)
+		switch {
+		case err == nil:
+			if err := syncDir(parent); err != nil {
+				return err
+			}
+		case errors.Is(err, fs.ErrExist):
+			st, serr := os.Stat(cur)
+			if serr != nil {
+				return serr
+			}
+			if !st.IsDir() {
+				return fmt.Errorf("%s exists and is not a directory: remove or rename it", cur)
+			}
+		default:
+			return err
+		}
+		parent = cur
+	}
+	return nil
+}
+
+// errDestExists is returned by renameNoReplace when newpath exists.
+var errDestExists = errors.New("destination exists")
+
+// renameNoReplace renames oldpath to newpath atomically, failing with
+// errDestExists instead of replacing an existing newpath. It uses
+// renameat2(RENAME_NOREPLACE); on file systems without it, link(2) +
+// unlink(2), which is just as exclusive (a crash in between leaves both
+// names for the same complete inode, which recovery resolves).
+func renameNoReplace(oldpath, newpath string) error {
+	err := unix.Renameat2(unix.AT_FDCWD, oldpath, unix.AT_FDCWD, newpath, unix.RENAME_NOREPLACE)
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, unix.EEXIST):
+		return errDestExists
+	case errors.Is(err, unix.EINVAL), errors.Is(err, unix.ENOSYS), errors.Is(err, unix.EOPNOTSUPP):
+		if err := os.Link(oldpath, newpath); err != nil {
+			if errors.Is(err, fs.ErrExist) {
+				return errDestExists
+			}
+			return err
+		}
+		return os.Remove(oldpath)
+	default:
+		return &os.LinkError{Op: "renameat2", Old: oldpath, New: newpath, Err: err}
+	}
+}
+
+// fileID identifies an inode: a renamed file keeps it.
+type fileID struct {
+	Dev  uint64 `json:"dev"`
+	Ino  uint64 `json:"ino"`
+	Size int64  `json:"size"`
+}
+
+// statID returns the fileID of path (not following a final symlink).
+func statID(path string) (fileID, error) {
+	st, err := os.Lstat(path)
+	if err != nil {
+		return fileID{}, err
+	}
+	sys, ok := st.Sys().(*syscall.Stat_t)
+	if !ok {
+		return fileID{}, fmt.Errorf("stat %s: no inode information", path)
+	}
+	return fileID{Dev: uint64(sys.Dev), Ino: sys.Ino, Size: st.Size()}, nil
+}
+
+// deviceOf returns the st_dev of path.
+func deviceOf(path string) (uint64, error) {
+	st, err := os.Stat(path)
+	if err != nil {
+		return 0, err
+	}
+	sys, ok := st.Sys().(*syscall.Stat_t)
+	if !ok {
+		return 0, fmt.Errorf("stat %s: no device information", path)
+	}
+	return uint64(sys.Dev), nil
+}
+
+// freeSpace returns the bytes available to unprivileged users on the file
+// system holding path.
+func freeSpace(path string) (int64, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(path, &st); err != nil {
+		return 0, &os.PathError{Op: "statfs", Path: path, Err: err}
+	}
+	return int64(st.Bavail) * int64(st.Bsize), nil
+}

@@ -1,0 +1,56 @@
+package httpapi
+
+import (
+	"crypto/sha256"
+	"crypto/subtle"
+	"log/slog"
+	"net/http"
+	"strings"
+)
+
+// bearerAuth checks "Authorization: Bearer <token>" in constant time.
+type bearerAuth struct {
+	sum [sha256.Size]byte // of the token; comparing hashes hides its length
+}
+
+// newBearerAuth returns a checker for token, or nil if token is empty
+// (no authentication).
+func newBearerAuth(token string) *bearerAuth {
+	if token == "" {
+		return nil
+	}
+	return &bearerAuth{sum: sha256.Sum256([]byte(token))}
+}
+
+// check reports whether r carries the token. If not, it answers 401 with a
+// WWW-Authenticate challenge and logs the attempt.
+func (a *bearerAuth) check(w http.ResponseWriter, r *http.Request, log *slog.Logger) bool {
+	got, ok := bearerToken(r.Header.Get("Authorization"))
+	if ok {
+		sum := sha256.Sum256([]byte(got))
+		if subtle.ConstantTimeCompare(sum[:], a.sum[:]) == 1 {
+			return true
+		}
+	}
+	challenge := `Bearer realm="dnbd3-merger"`
+	reason := "no bearer token"
+	if ok {
+		challenge += `, error="invalid_token"`
+		reason = "wrong bearer token"
+	}
+	log.Warn("request rejected", "reason", reason, "method", r.Method, "path", r.URL.Path, "remote", r.RemoteAddr)
+	w.Header().Set("WWW-Authenticate", challenge)
+	writeText(w, http.StatusUnauthorized, "Unauthorized: "+reason)
+	return false
+}
+
+// bearerToken extracts the token from an Authorization header value
+// ("Bearer" is matched case-insensitively, RFC 6750).
+func bearerToken(h string) (string, bool) {
+	scheme, tok, ok := strings.Cut(strings.TrimSpace(h), " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") {
+		return "", false
+	}
+	tok = strings.TrimSpace(tok)
+	return tok, tok != ""
+}

@@ -1,0 +1,535 @@
+package merger
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/dnbd3go/dnbd3go/protocol"
+	"golang.org/x/sys/unix"
+)
+
+// Defaults of Config.
+const (
+	DefaultRetention           = 24 * time.Hour
+	DefaultAbandonAfter        = 7 * 24 * time.Hour
+	DefaultMaxConcurrentMerges = 2
+	// DefaultMinFreeSpace is the value a command should give MinFreeSpace
+	// unless told otherwise (in Config, 0 disables the check).
+	DefaultMinFreeSpace int64 = 1 << 30
+)
+
+// MaxImageSize is the largest newFileSize a merge accepts: the COW
+// format addresses 10^12 bytes.
+const MaxImageSize = 1_000_000_000_000
+
+// Back-pressure delays suggested to clients (the reference client honours
+// Retry-After up to 120 s).
+const (
+	busyRetryAfter     = 30 * time.Second
+	diskRetryAfter     = 60 * time.Second
+	shutdownRetryAfter = 10 * time.Second
+)
+
+// Config configures a Manager.
+type Config struct {
+	// WorkingDirectory holds one directory per session (see session.go).
+	WorkingDirectory string
+	// OriginalImageDirectory holds the images sessions are based on,
+	// <name>.r<revision> (names may contain '/').
+	OriginalImageDirectory string
+	// DestinationDirectory receives the merged revisions. It is usually
+	// dnbd3-server's basePath, and often the same directory as
+	// OriginalImageDirectory.
+	DestinationDirectory string
+
+	// Retention is how long Done and Failed sessions are kept after they
+	// finished (default 24h).
+	Retention time.Duration
+	// AbandonAfter is how long an Active session may go without uploads
+	// before it is deleted (default 7 days).
+	AbandonAfter time.Duration
+	// SweepInterval is how often sessions are checked against Retention
+	// and AbandonAfter (default a tenth of the smaller one, between 1 s
+	// and 10 min).
+	SweepInterval time.Duration
+	// MaxConcurrentMerges bounds the merges that run at once (default 2).
+	// A merge request beyond it gets a *BackPressureError.
+	MaxConcurrentMerges int
+	// MinFreeSpace is the free space (bytes) an upload must leave in
+	// WorkingDirectory's file system and a merge in
+	// DestinationDirectory's; otherwise they get a *BackPressureError.
+	// 0 disables the check; commands should default to
+	// DefaultMinFreeSpace.
+	MinFreeSpace int64
+	// CopyMethod selects how a merge copies the original (default
+	// CopyAuto: reflink, else copy_file_range, else read/write).
+	CopyMethod CopyMethod
+	// Logger receives the service's log (default: discarded).
+	Logger *slog.Logger
+}
+
+// Manager is the merger service's core: it implements Service with
+// sessions that survive restarts and crashes, and merges them into new
+// revisions (see Merge). Create one with NewManager, call Start, and
+// Close it when done. Its methods are safe for concurrent use.
+type Manager struct {
+	cfg Config
+	log *slog.Logger
+
+	ctx    context.Context // cancelled by Close; merges and sweeps run under it
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	// mergeSlots holds a token per running merge.
+	mergeSlots chan struct{}
+
+	lock *os.File // flock on WorkingDirectory/.lock: one Manager per directory
+
+	mu       sync.Mutex
+	sessions map[string]*session
+	started  bool
+	closed   bool
+
+	// Test seams.
+	now  func() time.Time
+	hook func(point, uuid string) error // called at the crash points of a merge
+}
+
+var _ Service = (*Manager)(nil)
+
+// NewManager checks cfg and loads the sessions found in
+// cfg.WorkingDirectory, so that they answer at once; interrupted merges
+// resume when Start is called.
+func NewManager(cfg Config) (*Manager, error) {
+	for _, d := range []struct{ name, path string }{
+		{"WorkingDirectory", cfg.WorkingDirectory},
+		{"OriginalImageDirectory", cfg.OriginalImageDirectory},
+		{"DestinationDirectory", cfg.DestinationDirectory},
+	} {
+		if d.path == "" {
+			return nil, fmt.Errorf("merger: %s is not set", d.name)
+		}
+		st, err := os.Stat(d.path)
+		if err != nil {
+			return nil, fmt.Errorf("merger: %s: %w (create the directory or fix the configuration)", d.name, err)
+		}
+		if !st.IsDir() {
+			return nil, fmt.Errorf("merger: %s %s is not a directory", d.name, d.path)
+		}
+	}
+	var err error
+	for _, p := range []*string{&cfg.WorkingDirectory, &cfg.OriginalImageDirectory, &cfg.DestinationDirectory} {
+		if *p, err = filepath.Abs(*p); err != nil {
+			return nil, fmt.Errorf("merger: %w", err)
+		}
+	}
+	if cfg.Retention <= 0 {
+		cfg.Retention = DefaultRetention
+	}
+	if cfg.AbandonAfter <= 0 {
+		cfg.AbandonAfter = DefaultAbandonAfter
+	}
+	if cfg.SweepInterval <= 0 {
+		cfg.SweepInterval = min(max(min(cfg.Retention, cfg.AbandonAfter)/10, time.Second), 10*time.Minute)
+	}
+	if cfg.MaxConcurrentMerges <= 0 {
+		cfg.MaxConcurrentMerges = DefaultMaxConcurrentMerges
+	}
+	if !cfg.CopyMethod.valid() {
+		return nil, fmt.Errorf("merger: unknown copy method %q (use %q, %q, %q or empty for automatic)", cfg.CopyMethod, CopyClone, CopyRange, CopyStream)
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	lock, err := lockDir(cfg.WorkingDirectory)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	m := &Manager{
+		lock:       lock,
+		cfg:        cfg,
+		log:        log,
+		ctx:        ctx,
+		cancel:     cancel,
+		mergeSlots: make(chan struct{}, cfg.MaxConcurrentMerges),
+		sessions:   make(map[string]*session),
+		now:        time.Now,
+	}
+	if err := m.loadSessions(); err != nil {
+		cancel()
+		lock.Close()
+		return nil, err
+	}
+	return m, nil
+}
+
+// lockFileName is the lock file in WorkingDirectory.
+const lockFileName = ".lock"
+
+// lockDir takes an exclusive lock on dir, so that two merger processes
+// (or two Managers) never work on the same sessions.
+func lockDir(dir string) (*os.File, error) {
+	f, err := os.OpenFile(filepath.Join(dir, lockFileName), os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("merger: lock WorkingDirectory: %w", err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("merger: WorkingDirectory %s is in use by another merger (stop it, or configure another directory)", dir)
+		}
+		return nil, fmt.Errorf("merger: lock WorkingDirectory: %w", err)
+	}
+	return f, nil
+}
+
+// Start resumes the merges a crash or shutdown interrupted (see
+// recovery.go) and starts the retention sweeps, which run until ctx is
+// cancelled or the Manager is closed. It returns once recovery has been
+// scheduled.
+func (m *Manager) Start(ctx context.Context) error {
+	m.mu.Lock()
+	if m.closed {
+		m.mu.Unlock()
+		return errors.New("merger: Start after Close")
+	}
+	if m.started {
+		m.mu.Unlock()
+		return errors.New("merger: Start called twice")
+	}
+	m.started = true
+	m.mu.Unlock()
+	m.recover()
+	m.wg.Add(1)
+	go m.sweepLoop(ctx)
+	return nil
+}
+
+// Close stops the Manager: it waits for uploads in flight, interrupts
+// running merges (they resume on the next Start; their state on disk
+// stays Copying or Merging) and closes every session's files. Calls
+// after Close get a *BackPressureError.
+func (m *Manager) Close() error {
+	m.mu.Lock()
+	if m.closed {
+		m.mu.Unlock()
+		return nil
+	}
+	m.closed = true
+	all := make([]*session, 0, len(m.sessions))
+	for _, s := range m.sessions {
+		all = append(all, s)
+	}
+	m.mu.Unlock()
+	for _, s := range all {
+		s.uploadMu.Lock()
+		s.mu.Lock()
+		s.closed = true
+		s.mu.Unlock()
+		s.uploadMu.Unlock()
+	}
+	m.cancel()
+	m.wg.Wait()
+	var errs []error
+	for _, s := range all {
+		s.mu.Lock()
+		if s.st != nil {
+			errs = append(errs, s.st.close())
+			s.st = nil
+		}
+		s.mu.Unlock()
+	}
+	errs = append(errs, m.lock.Close()) // releases the flock
+	return errors.Join(errs...)
+}
+
+// errShuttingDown is returned for calls during and after Close.
+func errShuttingDown() error {
+	return &BackPressureError{RetryAfter: shutdownRetryAfter, Reason: "the merger service is shutting down"}
+}
+
+// lookup returns the session with the given id.
+func (m *Manager) lookup(id string) (*session, error) {
+	canon, ok := parseUUID(id)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return nil, errShuttingDown()
+	}
+	s := m.sessions[canon]
+	if !ok || s == nil {
+		return nil, fmt.Errorf("%w: no session %q (it never existed, or it finished or was abandoned and was deleted)", ErrSessionNotFound, id)
+	}
+	return s, nil
+}
+
+// usableLocked checks, with s.mu held, that s was neither deleted nor
+// closed.
+func (s *session) usableLocked() error {
+	switch {
+	case s.deleted:
+		return fmt.Errorf("%w: session %s was deleted", ErrSessionNotFound, s.meta.UUID)
+	case s.closed:
+		return errShuttingDown()
+	}
+	return nil
+}
+
+// originalPath returns the path of revision rev of name in
+// OriginalImageDirectory (name is valid).
+func (m *Manager) originalPath(name string, rev int) string {
+	return filepath.Join(m.cfg.OriginalImageDirectory, name+".r"+strconv.Itoa(rev))
+}
+
+// destPath returns the path of revision rev of name in
+// DestinationDirectory (name is valid).
+func (m *Manager) destPath(name string, rev int) string {
+	return filepath.Join(m.cfg.DestinationDirectory, name+".r"+strconv.Itoa(rev))
+}
+
+// Create starts a session for revision revision of imageName. The name
+// must satisfy protocol.ValidImageName (ErrInvalidName), bitfieldSize
+// must be BitfieldSize and the revision in [1, 65534] (ErrBadRequest),
+// and <OriginalImageDirectory>/<imageName>.r<revision> must be a regular
+// file (ErrImageNotFound). The original is not copied: the merge reads it.
+func (m *Manager) Create(imageName string, revision, bitfieldSize int) (SessionInfo, error) {
+	if !protocol.ValidImageName(imageName) {
+		return SessionInfo{}, fmt.Errorf("%w %q: names must not be empty, start with '/' or '.', end with '/' or contain \"/.\"", ErrInvalidName, imageName)
+	}
+	if bitfieldSize != BitfieldSize {
+		return SessionInfo{}, fmt.Errorf("%w: bitfieldSize %d, the merger only supports %d (bytes per 1.25 MiB cluster)", ErrBadRequest, bitfieldSize, BitfieldSize)
+	}
+	if revision < 1 || revision >= 65535 {
+		return SessionInfo{}, fmt.Errorf("%w: revision %d: it must be between 1 and 65534 (the merge creates revision+1, and dnbd3 revisions end at 65535)", ErrBadRequest, revision)
+	}
+	src := m.originalPath(imageName, revision)
+	st, err := os.Stat(src)
+	switch {
+	case errors.Is(err, fs.ErrNotExist), errors.Is(err, syscall.ENOTDIR):
+		return SessionInfo{}, fmt.Errorf("%w: %s.r%d is not in %s", ErrImageNotFound, imageName, revision, m.cfg.OriginalImageDirectory)
+	case err != nil:
+		return SessionInfo{}, fmt.Errorf("merger: check the original image: %w", err)
+	case !st.Mode().IsRegular():
+		return SessionInfo{}, fmt.Errorf("%w: %s is not a regular file", ErrImageNotFound, src)
+	}
+	m.mu.Lock()
+	closed := m.closed
+	m.mu.Unlock()
+	if closed {
+		return SessionInfo{}, errShuttingDown()
+	}
+
+	id := newUUID()
+	now := m.now()
+	s := &session{
+		dir: filepath.Join(m.cfg.WorkingDirectory, id),
+		meta: sessionFile{
+			Version:          sessionVersion,
+			UUID:             id,
+			ImageName:        imageName,
+			OriginalRevision: revision,
+			NewRevision:      -1,
+			BitfieldSize:     bitfieldSize,
+			State:            StateActive,
+			Created:          now,
+		},
+		lastUpload: now,
+	}
+	if err := m.createSessionFiles(s, now); err != nil {
+		os.RemoveAll(s.dir)
+		return SessionInfo{}, fmt.Errorf("merger: create session directory in %s: %w", m.cfg.WorkingDirectory, err)
+	}
+	st2, err := openStore(s.dir, m.log)
+	if err != nil {
+		os.RemoveAll(s.dir)
+		return SessionInfo{}, fmt.Errorf("merger: open new session: %w", err)
+	}
+	s.st = st2
+	m.mu.Lock()
+	if m.closed {
+		m.mu.Unlock()
+		st2.close()
+		return SessionInfo{}, errShuttingDown()
+	}
+	m.sessions[id] = s
+	m.mu.Unlock()
+	m.log.Info("session created", "session", id, "image", imageName, "revision", revision)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.info(), nil
+}
+
+// createSessionFiles creates a new session's directory: the empty store
+// first, session.json last (so a directory with a session.json always
+// has its store), then syncs the working directory.
+func (m *Manager) createSessionFiles(s *session, now time.Time) error {
+	if err := os.Mkdir(s.dir, 0o755); err != nil {
+		return err
+	}
+	if err := createStoreFiles(s.dir); err != nil {
+		return err
+	}
+	if err := s.persist(now); err != nil { // syncs s.dir
+		return err
+	}
+	return syncDir(m.cfg.WorkingDirectory)
+}
+
+// openStoreLocked opens s's store if it is not open (with s.mu held).
+func (m *Manager) openStoreLocked(s *session) (*store, error) {
+	if s.st != nil {
+		return s.st, nil
+	}
+	if s.meta.State == StateDone {
+		return nil, fmt.Errorf("session %s is merged; its uploads were deleted", s.meta.UUID)
+	}
+	st, err := openStore(s.dir, m.log.With("session", s.meta.UUID))
+	if err != nil {
+		return nil, fmt.Errorf("merger: load session %s: %w", s.meta.UUID, err)
+	}
+	s.st = st
+	return st, nil
+}
+
+// validateUpdate checks an upload's cluster index and body length.
+func validateUpdate(u *Update) error {
+	if u.Cluster < 0 || u.Cluster >= MaxClusters {
+		return fmt.Errorf("%w: cluster index %d is outside [0, %d)", ErrBadRequest, u.Cluster, MaxClusters)
+	}
+	n := popcount(&u.Bitfield)
+	if u.Full {
+		if len(u.Blocks) != ClusterSize {
+			return fmt.Errorf("%w: a full cluster upload has %d data bytes, want %d", ErrBadRequest, len(u.Blocks), ClusterSize)
+		}
+		return nil
+	}
+	if len(u.Blocks) != n*BlockSize {
+		return fmt.Errorf("%w: the bitfield has %d bits set, so the body must hold %d data bytes (4096 per set bit, ascending), not %d",
+			ErrBadRequest, n, n*BlockSize, len(u.Blocks))
+	}
+	return nil
+}
+
+// Update stores one uploaded cluster durably, replacing the cluster's
+// previous upload: when it returns nil, the blocks and the journal record
+// pointing at them are synced to disk. Errors: ErrSessionNotFound,
+// ErrBadRequest (cluster index out of range, body length not 4096 x
+// popcount(bitfield), or not ClusterSize with Full), ErrSessionClosed
+// (the session is merging or finished), *BackPressureError (disk nearly
+// full, or shutting down); anything else is an I/O error on the server.
+func (m *Manager) Update(id string, u Update) error {
+	s, err := m.lookup(id)
+	if err != nil {
+		return err
+	}
+	if err := validateUpdate(&u); err != nil {
+		return err
+	}
+	s.uploadMu.RLock()
+	defer s.uploadMu.RUnlock()
+	s.mu.Lock()
+	if err := s.usableLocked(); err != nil {
+		s.mu.Unlock()
+		return err
+	}
+	if s.meta.State != StateActive {
+		state := s.meta.State
+		s.mu.Unlock()
+		return fmt.Errorf("%w: session %s is %s", ErrSessionClosed, id, state)
+	}
+	st, err := m.openStoreLocked(s)
+	s.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	if err := m.checkSpace(m.cfg.WorkingDirectory, int64(popcount(&u.Bitfield))*BlockSize, "upload"); err != nil {
+		return err
+	}
+	if err := st.put(&u); err != nil {
+		if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
+			return &BackPressureError{RetryAfter: diskRetryAfter, Reason: fmt.Sprintf("no space left for uploads in %s", m.cfg.WorkingDirectory)}
+		}
+		m.log.Error("upload failed", "session", id, "cluster", u.Cluster, "err", err)
+		return fmt.Errorf("merger: store cluster %d of session %s: %w", u.Cluster, id, err)
+	}
+	s.mu.Lock()
+	s.lastUpload = m.now()
+	s.mu.Unlock()
+	return nil
+}
+
+// checkSpace returns a *BackPressureError if writing need more bytes
+// into dir's file system would leave less than MinFreeSpace free.
+func (m *Manager) checkSpace(dir string, need int64, what string) error {
+	if m.cfg.MinFreeSpace <= 0 {
+		return nil
+	}
+	free, err := freeSpace(dir)
+	if err != nil {
+		return fmt.Errorf("merger: %w", err)
+	}
+	if free < m.cfg.MinFreeSpace+need {
+		return &BackPressureError{
+			RetryAfter: diskRetryAfter,
+			Reason: fmt.Sprintf("%s needs %d bytes in %s, which has %d bytes free and must keep %d free",
+				what, need, dir, free, m.cfg.MinFreeSpace),
+		}
+	}
+	return nil
+}
+
+// Status reports a session (ErrSessionNotFound if there is none).
+func (m *Manager) Status(id string) (SessionInfo, error) {
+	s, err := m.lookup(id)
+	if err != nil {
+		return SessionInfo{}, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.deleted {
+		return SessionInfo{}, s.usableLocked()
+	}
+	if s.meta.State == StateActive && s.st == nil && !s.closed {
+		if _, err := m.openStoreLocked(s); err != nil {
+			m.log.Warn("status: cannot load the session's uploads", "session", id, "err", err)
+		}
+	}
+	return s.info(), nil
+}
+
+// TopModified returns up to n of the session's clusters with the most
+// uploads, the most modified first. It returns nil (and no error) for a
+// session that is Done, whose uploads are deleted (the reference answers
+// 204 then). A negative n is ErrBadRequest.
+func (m *Manager) TopModified(id string, n int) ([]ClusterCount, error) {
+	if n < 0 {
+		return nil, fmt.Errorf("%w: amount %d is negative", ErrBadRequest, n)
+	}
+	s, err := m.lookup(id)
+	if err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.usableLocked(); err != nil {
+		return nil, err
+	}
+	if s.meta.State == StateDone {
+		return nil, nil
+	}
+	st, err := m.openStoreLocked(s)
+	if err != nil {
+		return nil, err
+	}
+	return st.topModified(n), nil
+}

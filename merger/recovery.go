@@ -1,0 +1,157 @@
+package merger
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+)
+
+// Recovery after a crash or a shutdown. The state in session.json says
+// how far a session got, and each step of a merge is persisted before
+// the next one depends on it, so a restart can always tell what to do:
+//
+//	Active           nothing; the journal is replayed when the session is
+//	                 next used (acknowledged uploads are all there).
+//	Copying/Merging  without a finalize record: the rename has not
+//	                 happened, <name>.r<N+1> is not ours. Delete the
+//	                 temporary file and merge again from scratch.
+//	Merging with a   the temporary file was complete and synced before
+//	finalize record  the record was written.
+//	                 - destination exists with the recorded inode and
+//	                   size: the rename happened; finish (Done).
+//	                 - else the temporary file exists with that inode:
+//	                   do the rename now (no-replace; EEXIST = conflict).
+//	                 - else merge again from scratch.
+//	Done             delete uploads left over by a crash right after
+//	                 Done was persisted.
+//	Failed           nothing (a new Merge request retries).
+//
+// The new revision only ever appears through the no-replace rename of a
+// synced file, so no crash can expose a partial <name>.r<N+1>.
+
+// loadSessions reads every session directory of WorkingDirectory.
+// Directories that are not sessions are left alone; a directory of a
+// Create that crashed before writing session.json is removed.
+func (m *Manager) loadSessions() error {
+	entries, err := os.ReadDir(m.cfg.WorkingDirectory)
+	if err != nil {
+		return fmt.Errorf("merger: read WorkingDirectory: %w", err)
+	}
+	for _, e := range entries {
+		if !e.IsDir() {
+			continue
+		}
+		if id, ok := parseUUID(e.Name()); !ok || id != e.Name() {
+			continue
+		}
+		dir := filepath.Join(m.cfg.WorkingDirectory, e.Name())
+		s, err := loadSession(dir)
+		if errors.Is(err, fs.ErrNotExist) && incompleteCreate(dir) {
+			m.log.Info("removing a session directory whose creation was interrupted", "dir", dir)
+			if err := os.RemoveAll(dir); err != nil {
+				m.log.Warn("cannot remove directory", "dir", dir, "err", err)
+			}
+			continue
+		}
+		if err != nil {
+			m.log.Error("ignoring a session directory that cannot be loaded; inspect or remove it", "dir", dir, "err", err)
+			continue
+		}
+		m.sessions[s.meta.UUID] = s
+	}
+	m.log.Info("sessions loaded", "count", len(m.sessions), "dir", m.cfg.WorkingDirectory)
+	return nil
+}
+
+// incompleteCreate reports whether dir holds nothing but what Create
+// writes before session.json.
+func incompleteCreate(dir string) bool {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return false
+	}
+	for _, e := range entries {
+		switch e.Name() {
+		case dataFileName, journalFileName, sessionFileName + ".tmp":
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+// recover resumes what a crash or shutdown interrupted (see the table
+// above).
+func (m *Manager) recover() {
+	m.mu.Lock()
+	all := make([]*session, 0, len(m.sessions))
+	for _, s := range m.sessions {
+		all = append(all, s)
+	}
+	m.mu.Unlock()
+	for _, s := range all {
+		m.recoverSession(s)
+	}
+}
+
+func (m *Manager) recoverSession(s *session) {
+	s.mu.Lock()
+	state, fin, id := s.meta.State, s.meta.Finalize, s.meta.UUID
+	busy := s.running || s.closed || s.deleted
+	s.mu.Unlock()
+	if busy {
+		return
+	}
+	switch state {
+	case StateDone:
+		if err := removeStoreFiles(s.dir); err != nil {
+			m.log.Warn("cannot delete a merged session's uploads", "session", id, "err", err)
+		}
+		return
+	case StateCopying, StateMerging:
+	default:
+		return
+	}
+	if fin != nil {
+		if did, err := statID(fin.Dest); err == nil && did == fin.ID {
+			// A crash of the link+unlink fallback can leave both names.
+			if tid, err := statID(fin.Temp); err == nil && tid == fin.ID {
+				os.Remove(fin.Temp)
+			}
+			m.log.Info("recovery: the merge had completed before the restart", "session", id, "output", fin.Dest)
+			m.finishDone(s, fin.Temp, fin.Dest)
+			return
+		}
+		if tid, err := statID(fin.Temp); err == nil && tid == fin.ID {
+			m.log.Info("recovery: completing an interrupted merge's final rename", "session", id, "output", fin.Dest)
+			err := renameNoReplace(fin.Temp, fin.Dest)
+			if err == nil {
+				m.finishDone(s, fin.Temp, fin.Dest)
+				return
+			}
+			s.mu.Lock()
+			defer s.mu.Unlock()
+			m.removeTempLocked(s)
+			if errors.Is(err, errDestExists) {
+				err = conflictError(s.meta.ImageName, s.meta.OriginalRevision)
+			} else {
+				err = fmt.Errorf("move the new revision into place: %w", err)
+			}
+			m.failLocked(s, err)
+			return
+		}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.running || (s.meta.State != StateCopying && s.meta.State != StateMerging) {
+		return
+	}
+	m.removeTempLocked(s)
+	s.meta.Finalize = nil
+	m.log.Info("recovery: merging an interrupted session again", "session", id, "image", s.meta.ImageName, "to", s.meta.NewRevision)
+	if !s.closed && !s.deleted { // Close marks sessions closed before it waits for merges
+		m.startMergeLocked(s, false)
+	}
+}
