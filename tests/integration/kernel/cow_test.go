@@ -227,24 +227,6 @@ func cowtest(t *testing.T, args ...string) string {
 	return string(out)
 }
 
-// TestCowtestStandardSequence runs the reference CI's standard sequence on
-// the device: -t on a new session, detach, reload with -L and -v.
-func TestCowtestStandardSequence(t *testing.T) {
-	requireNBD(t)
-	disk := cowDisk(t)
-	_, addr := server(t, disk+"/images")
-	sess := disk + "/session-standard"
-	os.MkdirAll(sess, 0o755)
-	p, dev, _ := attachCmd(t, "-h", addr, "-i", "test", "-c", sess, "--block-size", "4096")
-	cowtest(t, "-t", dev)
-	p.cmd.Process.Signal(syscall.SIGTERM)
-	if c := p.wait(60 * time.Second); c != 0 {
-		t.Fatalf("attach exited %d", c)
-	}
-	_, dev2, _ := attachCmd(t, "-h", addr, "-i", "test", "-L", sess, "--block-size", "4096")
-	cowtest(t, "-v", dev2)
-}
-
 // TestCowtestRandom runs the random test for 60 s against a plain copy,
 // then compares again after a reload of the session.
 func TestCowtestRandom(t *testing.T) {
