@@ -51,7 +51,7 @@ func TestCacheMapMatchesProxyCapture(t *testing.T) {
 func TestCacheMapCompleteShortFileAndSave(t *testing.T) {
 	dir := t.TempDir()
 	path := filepath.Join(dir, "img.r1.map")
-	os.WriteFile(path, []byte{0xff}, 0o644) // short: the rest is missing
+	os.WriteFile(path, []byte{0xff}, 0o644)   // short: the rest is missing
 	m, err := LoadCacheMap(path, 10*4096+100) // 11 blocks
 	if err != nil || m.Present() != 8 || m.Blocks() != 11 {
 		t.Fatalf("%v %d %d", err, m.Present(), m.Blocks())
