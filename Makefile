@@ -9,7 +9,7 @@ PKG      := github.com/dnbd3go/dnbd3go
 LDFLAGS  := -X $(PKG)/internal/version.Version=$(VERSION) -X $(PKG)/internal/version.BuildDate=$(shell date -u +%Y-%m-%d)
 CMDS     := $(notdir $(wildcard cmd/*))
 UNIT_PKGS = $(shell $(GO) list ./... | grep -v /tests/)
-FUZZTIME ?= 3s
+FUZZTIME ?= 20000x
 
 .PHONY: all build test test-unit test-integration bench demo fuzz deps vet clean
 
@@ -31,9 +31,11 @@ test: test-unit test-integration
 test-unit: deps vet
 	$(GO) test -count=1 $(UNIT_PKGS)
 	$(GO) test -count=1 -race -short ./protocol/ ./server/ ./client/
-	@$(MAKE) --no-print-directory fuzz FUZZTIME=2s
+	@$(MAKE) --no-print-directory fuzz FUZZTIME=10000x
 
-# Runs every fuzz target for FUZZTIME (the seed corpora also run in test-unit).
+# Runs every fuzz target for FUZZTIME: an iteration count like 20000x (a
+# duration like 30s also works, but short durations can fail spuriously with
+# "context deadline exceeded" in Go's fuzzer). The seed corpora also run in test-unit.
 fuzz:
 	@for pkg in $$($(GO) list ./...); do \
 	  dir=$$($(GO) list -f '{{.Dir}}' $$pkg); \
