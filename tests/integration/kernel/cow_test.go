@@ -227,8 +227,9 @@ func cowtest(t *testing.T, args ...string) string {
 	return string(out)
 }
 
-// TestCowtestRandom runs the random test for 60 s against a plain copy,
-// then compares again after a reload of the session.
+// TestCowtestRandom runs the random test for 60 s against a plain copy of
+// the image, followed by its compare (the reference CI's random test).
+// Persistence across a reload is covered by the standard sequence.
 func TestCowtestRandom(t *testing.T) {
 	requireNBD(t)
 	disk := cowDisk(t)
@@ -241,6 +242,4 @@ func TestCowtestRandom(t *testing.T) {
 	if c := p.wait(60 * time.Second); c != 0 {
 		t.Fatalf("attach exited %d", c)
 	}
-	_, dev2, _ := attachCmd(t, "-h", addr, "-i", "test", "-L", sess)
-	cowtest(t, "-x", dev2, disk+"/normal.img")
 }
