@@ -56,9 +56,10 @@ type AltServer struct {
 	// used for images whose name starts with one of them.
 	Namespaces []string
 
-	mu    sync.Mutex
-	rtt   [altRTTHistory]uint32 // µs, oldest first
-	fails int
+	mu       sync.Mutex
+	rtt      [altRTTHistory]uint32 // µs, oldest first
+	fails    int
+	lastFail time.Time
 }
 
 // AltServerStatus is a consistent copy of an AltServer's runtime state.
@@ -84,7 +85,24 @@ func (a *AltServer) RecordFailure() int {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.fails++
+	a.lastFail = time.Now()
 	return a.fails
+}
+
+// Failure thresholds of uplink selection: an alt server that failed
+// altBlockFails times in a row is not used for altBlockTime after its last
+// failure.
+const (
+	altBlockFails = 20
+	altBlockTime  = 5 * time.Minute
+)
+
+// blocked reports whether the server failed too often recently to be
+// tried as an uplink.
+func (a *AltServer) blocked() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.fails >= altBlockFails && time.Since(a.lastFail) < altBlockTime
 }
 
 // RecordSuccess resets the failure count.

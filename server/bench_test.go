@@ -48,13 +48,16 @@ func startBenchServer(b *testing.B, base string) *testServer {
 	return ts
 }
 
-func benchConn(b *testing.B, addr string) net.Conn {
+func benchConn(b *testing.B, addr string) net.Conn { return benchConnImage(b, addr, "bench") }
+
+// benchConnImage connects and selects image name rid 1.
+func benchConnImage(b *testing.B, addr, name string) net.Conn {
 	d := net.Dialer{KeepAlive: -1}
 	c, err := d.Dial("tcp", addr)
 	if err != nil {
 		b.Fatal(err)
 	}
-	p := protocol.SelectImage{Version: 3, Name: "bench", RID: 1}.Marshal()
+	p := protocol.SelectImage{Version: 3, Name: name, RID: 1}.Marshal()
 	h := protocol.Request{Cmd: protocol.CmdSelectImage, Size: uint32(len(p))}.Marshal()
 	c.Write(append(h[:], p...))
 	var rh [protocol.ReplySize]byte

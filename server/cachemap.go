@@ -253,3 +253,175 @@ func ReadMeta(imagePath string) (time.Time, error) {
 	}
 	return atime, nil
 }
+
+// blocksPerHashBlock is the number of 4 KiB blocks in a 16 MiB hash block;
+// in the map a hash block is 512 consecutive bytes.
+const blocksPerHashBlock = protocol.HashBlockSize / protocol.BlockSize
+
+// NewFullCacheMap returns a map with every block present: the starting
+// point when a hash block of a complete image fails its check and has to
+// be fetched again.
+func NewFullCacheMap(virtualSize int64) *CacheMap {
+	m := NewCacheMap(virtualSize)
+	for i := range m.bits {
+		m.bits[i] = 0xFF
+	}
+	m.trimTail()
+	m.present = m.blocks
+	return m
+}
+
+// SetRange marks the blocks fully inside [start, end) present, like Set.
+// It reports whether this call completed the map and which 16 MiB hash
+// blocks it completed (they had a block set by this call and are now
+// fully present), so each is CRC-checked exactly once.
+func (m *CacheMap) SetRange(start, end int64) (completed bool, hashBlocks []int) {
+	first := (start + protocol.BlockSize - 1) / protocol.BlockSize
+	last := min(end/protocol.BlockSize, m.blocks)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	touched := -1
+	for b := first; b < last; b++ {
+		if m.bits[b/8]&(1<<(b%8)) != 0 {
+			continue
+		}
+		m.bits[b/8] |= 1 << (b % 8)
+		m.present++
+		if m.changed.IsZero() {
+			m.changed = time.Now()
+		}
+		if hb := int(b / blocksPerHashBlock); hb != touched {
+			touched = hb
+			hashBlocks = append(hashBlocks, hb)
+		}
+	}
+	done := hashBlocks[:0]
+	for _, hb := range hashBlocks {
+		if m.hashBlockCompleteLocked(hb) {
+			done = append(done, hb)
+		}
+	}
+	return len(hashBlocks) > 0 && m.present == m.blocks, done
+}
+
+// hashBlockRange returns the map blocks [first, last) of hash block hb.
+func (m *CacheMap) hashBlockRange(hb int) (int64, int64) {
+	first := int64(hb) * blocksPerHashBlock
+	return first, min(first+blocksPerHashBlock, m.blocks)
+}
+
+// fullByte is the value of map byte i when all its blocks are present
+// (the last byte may cover fewer than 8 blocks).
+func (m *CacheMap) fullByte(i int) byte {
+	if i == len(m.bits)-1 {
+		if rem := m.blocks % 8; rem != 0 {
+			return byte(1<<rem) - 1
+		}
+	}
+	return 0xFF
+}
+
+// hashBlockPresentLocked counts the present blocks of hash block hb and
+// returns it with the hash block's number of blocks.
+func (m *CacheMap) hashBlockPresentLocked(hb int) (present, total int64) {
+	first, last := m.hashBlockRange(hb)
+	if first >= last {
+		return 0, 0
+	}
+	// hash blocks start on byte boundaries (4096 blocks = 512 bytes)
+	for i := first / 8; i < (last+7)/8; i++ {
+		present += int64(bits.OnesCount8(m.bits[i]))
+	}
+	return present, last - first
+}
+
+func (m *CacheMap) hashBlockCompleteLocked(hb int) bool {
+	p, n := m.hashBlockPresentLocked(hb)
+	return n > 0 && p == n
+}
+
+// HashBlockComplete reports whether every block of 16 MiB hash block hb
+// is present.
+func (m *CacheMap) HashBlockComplete(hb int) bool {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return m.hashBlockCompleteLocked(hb)
+}
+
+// NextChunk returns the index of the first map byte at or after from
+// (wrapping around once) whose 32 KiB are not all present; with
+// partialOnly, only bytes inside 16 MiB hash blocks that are partially
+// present count (backgroundReplication=hashblock). ok is false if there is
+// none.
+func (m *CacheMap) NextChunk(from int64, partialOnly bool) (idx int64, ok bool) {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	n := int64(len(m.bits))
+	if n == 0 || m.present == m.blocks {
+		return 0, false
+	}
+	from = ((from % n) + n) % n
+	const bytesPerHashBlock = blocksPerHashBlock / 8
+	curHB, curPartial := int64(-1), false
+	for k := int64(0); k < n; k++ {
+		i := (from + k) % n
+		if m.bits[i] == m.fullByte(int(i)) {
+			continue
+		}
+		if partialOnly {
+			hb := i / bytesPerHashBlock
+			if hb != curHB {
+				curHB = hb
+				p, total := m.hashBlockPresentLocked(int(hb))
+				curPartial = p > 0 && p < total
+			}
+			if !curPartial {
+				// skip to the end of this hash block
+				k += (hb+1)*bytesPerHashBlock - i - 1
+				continue
+			}
+		}
+		return i, true
+	}
+	return 0, false
+}
+
+// SaveSynced writes the map to path like Save, but calls sync (which must
+// make the image data durable, e.g. fdatasync of the image file) after
+// taking the copy it writes and before writing it: every bit on disk then
+// describes data that reached the disk first, even while blocks keep
+// arriving.
+func (m *CacheMap) SaveSynced(path string, sync func() error) error {
+	m.mu.Lock()
+	b := append([]byte(nil), m.bits...)
+	changed := m.changed
+	m.changed = time.Time{}
+	m.mu.Unlock()
+	err := sync()
+	if err == nil {
+		err = writeFileAtomic(path, b)
+	}
+	if err != nil {
+		m.mu.Lock()
+		if m.changed.IsZero() {
+			m.changed = changed
+		}
+		m.mu.Unlock()
+		return err
+	}
+	return nil
+}
+
+// Replace loads the bits of a `.map` file read again from disk (a server
+// that is not the replicating party follows the one that is).
+func (m *CacheMap) Replace(b []byte) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	clear(m.bits)
+	copy(m.bits, b)
+	m.trimTail()
+	m.present = 0
+	for _, x := range m.bits {
+		m.present += int64(bits.OnesCount8(x))
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -27,10 +28,20 @@ type clientConn struct {
 	img       *Image // selected image (nil until the handshake succeeded)
 	isServer  atomic.Bool
 	bytesSent atomic.Uint64
+	timeout   time.Duration // clientTimeout at the handshake
 
 	lastHandle uint64 // handle of the last GET_BLOCK (reply quirk)
 	readBy     time.Time
-	writeBy    time.Time
+
+	// Replies come from the request loop and, for requests relayed to an
+	// uplink, from the goroutines that receive the data: every reply is
+	// written whole under wmu.
+	wmu     sync.Mutex
+	writeBy time.Time // guarded by wmu
+	dead    bool      // guarded by wmu: no more replies (the loop left)
+
+	relays    atomic.Int32  // relayed requests not answered yet
+	relayDone chan struct{} // cap 1: a relayed request was answered
 }
 
 // serveDNBD3 runs the handshake and the request loop.
@@ -55,7 +66,7 @@ func (cc *clientConn) serveDNBD3() {
 		cc.logAt(slog.LevelDebug, "closing: bad select image", "err", err, "version", sel.Version)
 		return
 	}
-	img, err := cc.srv.store.Get(sel.Name, sel.RID)
+	img, err := cc.srv.selectImage(sel)
 	if err != nil {
 		cc.logAt(slog.LevelInfo, "closing: image not available", "image", sel.Name, "rid", sel.RID, "err", err)
 		return
@@ -63,13 +74,22 @@ func (cc *clientConn) serveDNBD3() {
 	defer cc.srv.store.Release(img)
 	cc.img = img
 	cc.isServer.Store(sel.Flags&protocol.FlagServer != 0)
+	cfg := cc.srv.config()
+	cc.timeout = cfg.ClientTimeout
+	cc.relayDone = make(chan struct{}, 1)
+	// After the loop: no relay goroutine writes to the connection or reads
+	// the image file on its behalf once Release may have closed it.
+	defer cc.markDead()
+	if err := cc.srv.proxyPenalty(img); err != nil {
+		cc.logAt(slog.LevelDebug, "closing: "+err.Error(), "image", img.String())
+		return
+	}
 
 	version := min(sel.Version, protocol.Version)
 	reply := protocol.SelectImageReply{Version: version, Name: img.Name, RID: img.RID, Size: uint64(img.VirtualSize)}
 	if err := cc.sendReply(protocol.CmdSelectImage, 0, reply.Marshal()); err != nil {
 		return
 	}
-	cfg := cc.srv.config()
 	penalty := cfg.ClientPenalty
 	if cc.isServer.Load() {
 		penalty = cfg.ServerPenalty
@@ -89,6 +109,10 @@ func (cc *clientConn) requestLoop(timeout time.Duration) {
 	r := cc.r
 	var hdr [protocol.RequestSize]byte
 	for {
+		if cc.relays.Load() > maxClientRelays && !cc.waitRelays(timeout) {
+			cc.logAt(slog.LevelInfo, "closing: too many outstanding relayed requests for too long", "outstanding", cc.relays.Load())
+			return
+		}
 		cc.refreshReadDeadline(4 * timeout)
 		if _, err := io.ReadFull(r, hdr[:]); err != nil {
 			if !isClosedErr(err) {
@@ -105,7 +129,6 @@ func (cc *clientConn) requestLoop(timeout time.Duration) {
 			cc.logAt(slog.LevelDebug, "closing: payload too large", "cmd", req.Cmd, "size", req.Size)
 			return
 		}
-		cc.refreshWriteDeadline(timeout)
 		switch req.Cmd {
 		case protocol.CmdGetBlock:
 			err = cc.getBlock(req)
@@ -132,12 +155,50 @@ func (cc *clientConn) requestLoop(timeout time.Duration) {
 			}
 		}
 		if err != nil {
-			if !isClosedErr(err) {
+			var ref *refusal
+			switch {
+			case errors.As(err, &ref):
+				cc.logAt(ref.level, "closing: "+ref.msg, ref.args...)
+			case !isClosedErr(err):
 				cc.logAt(slog.LevelDebug, "closing: write reply", "err", err)
 			}
 			return
 		}
 	}
+}
+
+// maxClientRelays is the number of outstanding relayed requests above
+// which the server stops reading a client's requests.
+const maxClientRelays = 250
+
+// waitRelays waits until at most maxClientRelays relayed requests are
+// outstanding. It reports false if none completed within timeout.
+func (cc *clientConn) waitRelays(timeout time.Duration) bool {
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	for cc.relays.Load() > maxClientRelays {
+		select {
+		case <-cc.relayDone:
+			t.Reset(timeout)
+		case <-t.C:
+			return false
+		}
+	}
+	return true
+}
+
+// refusal is an error that ends a client connection on purpose (a request
+// the server refuses to relay); the request loop logs it.
+type refusal struct {
+	level slog.Level
+	msg   string
+	args  []any
+}
+
+func (r *refusal) Error() string { return r.msg }
+
+func refuse(msg string, args ...any) error {
+	return &refusal{level: slog.LevelInfo, msg: msg, args: args}
 }
 
 // getBlock answers one GET_BLOCK: CMD_ERROR for a range outside the image
@@ -151,19 +212,67 @@ func (cc *clientConn) getBlock(req protocol.Request) error {
 		return cc.sendReply(protocol.CmdError, req.Handle, nil)
 	}
 	img.Touch()
-	rep := protocol.Reply{Cmd: protocol.CmdGetBlock, Size: req.Size, Handle: req.Handle}
+	if img.cache.Load() != nil || img.hasBad.Load() {
+		return cc.getBlockSlow(req)
+	}
+	return cc.sendFromFile(req.Handle, int64(req.Offset), req.Size)
+}
+
+// getBlockSlow answers a GET_BLOCK of an image that is incomplete or has
+// hash blocks that failed their check: present data comes from the file,
+// the rest is relayed to the uplink (proxy) or refused with CMD_ERROR.
+func (cc *clientConn) getBlockSlow(req protocol.Request) error {
+	img := cc.img
+	start, end := int64(req.Offset), int64(req.Offset)+int64(req.Size)
+	if img.hasBad.Load() && img.touchesBad(start, end) {
+		// Safe behaviour of a server that cannot repair: never serve data
+		// known to be corrupt; the client may try another server.
+		cc.logAt(slog.LevelDebug, "refusing read of a hash block that failed its check", "image", img.String(), "offset", start, "size", req.Size)
+		return cc.sendReply(protocol.CmdError, req.Handle, nil)
+	}
+	cm := img.cache.Load()
+	if cm == nil || cm.Has(start, end) {
+		return cc.sendFromFile(req.Handle, start, req.Size)
+	}
+	return cc.relay(req)
+}
+
+// sendFromFile answers a GET_BLOCK with size bytes of the image file at
+// off (sendfile on sockets).
+func (cc *clientConn) sendFromFile(handle uint64, off int64, size uint32) error {
+	img := cc.img
+	rep := protocol.Reply{Cmd: protocol.CmdGetBlock, Size: size, Handle: handle}
 	var hdr [protocol.ReplySize]byte
 	rep.MarshalTo(hdr[:])
-	if req.Size == 0 {
+	// Counted before the data leaves, so that a client that got its reply
+	// sees it in the statistics.
+	cc.bytesSent.Add(uint64(size))
+	cc.srv.bytesSent.Add(uint64(size))
+	if !cc.lockWrite() {
+		return net.ErrClosed
+	}
+	defer cc.wmu.Unlock()
+	if size == 0 {
 		_, err := cc.c.Write(hdr[:])
 		return err
 	}
-	if err := sendReply(cc.c, hdr[:], img.file, img.fd, img.RealSize, int64(req.Offset), int64(req.Size)); err != nil {
-		return err
+	return sendReply(cc.c, hdr[:], img.file, img.fd, img.RealSize, off, int64(size))
+}
+
+// sendData answers a GET_BLOCK with data from memory (a relayed request).
+func (cc *clientConn) sendData(handle uint64, data []byte) error {
+	rep := protocol.Reply{Cmd: protocol.CmdGetBlock, Size: uint32(len(data)), Handle: handle}
+	var hdr [protocol.ReplySize]byte
+	rep.MarshalTo(hdr[:])
+	cc.bytesSent.Add(uint64(len(data)))
+	cc.srv.bytesSent.Add(uint64(len(data)))
+	if !cc.lockWrite() {
+		return net.ErrClosed
 	}
-	cc.bytesSent.Add(uint64(req.Size))
-	cc.srv.bytesSent.Add(uint64(req.Size))
-	return nil
+	defer cc.wmu.Unlock()
+	bufs := net.Buffers{hdr[:], data}
+	_, err := bufs.WriteTo(cc.c)
+	return err
 }
 
 // sendReply writes a reply header and its payload in one write.
@@ -174,8 +283,51 @@ func (cc *clientConn) sendReply(cmd protocol.Cmd, handle uint64, payload []byte)
 	rep := protocol.Reply{Cmd: cmd, Size: uint32(len(payload)), Handle: handle}
 	rep.MarshalTo(buf)
 	copy(buf[protocol.ReplySize:], payload)
+	if !cc.lockWrite() {
+		return net.ErrClosed
+	}
+	defer cc.wmu.Unlock()
 	_, err := cc.c.Write(buf)
 	return err
+}
+
+// lockWrite takes the write lock and refreshes the write deadline. It
+// returns false (without the lock) once the connection is dead.
+func (cc *clientConn) lockWrite() bool {
+	cc.wmu.Lock()
+	if cc.dead {
+		cc.wmu.Unlock()
+		return false
+	}
+	cc.refreshWriteDeadline(cc.writeTimeout())
+	return true
+}
+
+func (cc *clientConn) writeTimeout() time.Duration {
+	if cc.timeout > 0 {
+		return cc.timeout
+	}
+	return cc.srv.config().ClientTimeout
+}
+
+// markDead stops all further replies on the connection.
+func (cc *clientConn) markDead() {
+	cc.wmu.Lock()
+	cc.dead = true
+	cc.wmu.Unlock()
+}
+
+// failRelayed answers a relayed request that cannot be served with
+// CMD_ERROR and shuts the connection down, as the reference does when an
+// uplink request is cancelled.
+func (cc *clientConn) failRelayed(handle uint64) {
+	if cc.lockWrite() {
+		rep := protocol.Reply{Cmd: protocol.CmdError, Handle: handle}.Marshal()
+		cc.c.Write(rep[:])
+		cc.dead = true
+		cc.wmu.Unlock()
+	}
+	cc.c.Close()
 }
 
 // refreshReadDeadline moves the read deadline to now+d, but only every few
@@ -188,6 +340,7 @@ func (cc *clientConn) refreshReadDeadline(d time.Duration) {
 	}
 }
 
+// refreshWriteDeadline is called with wmu held.
 func (cc *clientConn) refreshWriteDeadline(d time.Duration) {
 	now := time.Now()
 	if cc.writeBy.Sub(now) < d-d/8 {
@@ -195,8 +348,6 @@ func (cc *clientConn) refreshWriteDeadline(d time.Duration) {
 		cc.c.SetWriteDeadline(cc.writeBy)
 	}
 }
-
-var errTooManyClients = errors.New("too many clients")
 
 // logAt logs with the client's address attached, skipping the work when the
 // level is disabled (most of these are debug messages on hot paths).

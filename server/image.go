@@ -1,7 +1,9 @@
 package server
 
 import (
+	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -39,11 +41,31 @@ type Image struct {
 	crc   []uint32 // per-16-MiB CRC list from the .crc sidecar, nil if none
 
 	users    atomic.Int32 // connected clients
-	refs     atomic.Int32 // users plus the store's own reference
+	refs     atomic.Int32 // users plus the store's own reference plus uplinks and checks
 	atime    atomic.Int64 // unix seconds of the last access
 	problems atomic.Uint32
 	closeMu  sync.Mutex
 	closed   bool
+
+	// Incomplete (replicated) images. The request loop's fast path looks
+	// at cache and hasBad only: both nil/false means "serve from the file".
+
+	cache   atomic.Pointer[CacheMap] // present blocks; nil: the file is complete
+	replica atomic.Bool              // replicated from an uplink: keeps a .meta, LRU candidate
+	saveMu  sync.Mutex               // serialises .map saves and completion
+
+	wmu   sync.Mutex
+	wfile *os.File // write handle of the local copy, opened on first use
+
+	hasBad atomic.Bool // some hash blocks failed their CRC check
+	badMu  sync.Mutex
+	bad    map[int]bool // failed hash blocks whose reads are refused
+	fixes  map[int]int  // how often each hash block was fetched again
+
+	up        atomic.Pointer[uplink] // the proxy's uplink for this image, if any
+	upMu      sync.Mutex             // serialises uplink creation
+	upFailed  atomic.Int64           // unix nanoseconds of the last failed uplink start
+	bytesRecv atomic.Uint64          // bytes received from uplinks
 }
 
 // openImage opens path as image name/rid and loads its .crc sidecar.
@@ -102,8 +124,22 @@ func (img *Image) setCRCList(list []uint32) {
 // Users returns the number of connected clients.
 func (img *Image) Users() int { return int(img.users.Load()) }
 
-// Problems returns the problem bits (ProblemRead, ...).
-func (img *Image) Problems() uint32 { return img.problems.Load() }
+// Problems returns the problem bits (ProblemRead, ...). The uplink bits
+// are computed: an incomplete image without a connected uplink has
+// ProblemNoUplink, one whose uplink queue is congested ProblemUplinkQueued.
+func (img *Image) Problems() uint32 {
+	p := img.problems.Load()
+	if img.cache.Load() != nil {
+		up := img.up.Load()
+		switch {
+		case up == nil || !up.connected():
+			p |= ProblemNoUplink
+		case up.congested():
+			p |= ProblemUplinkQueued
+		}
+	}
+	return p
+}
 
 // Touch records an access now.
 func (img *Image) Touch() {
@@ -120,7 +156,125 @@ func (img *Image) Idle() time.Duration {
 
 // Complete returns the percentage of the image present locally (100 for
 // images served from a complete file).
-func (img *Image) Complete() int { return 100 }
+func (img *Image) Complete() int {
+	if cm := img.cache.Load(); cm != nil {
+		return cm.Percent()
+	}
+	return 100
+}
+
+// Incomplete reports whether some blocks of the image are not in the
+// local file yet.
+func (img *Image) Incomplete() bool { return img.cache.Load() != nil }
+
+// loadSidecars reads the `.map` (incomplete image) and `.meta` (last
+// access time of a replicated image) sidecars. An unreadable `.map`
+// counts as all blocks missing: the data is fetched again rather than
+// trusted.
+func (img *Image) loadSidecars(log *slog.Logger) {
+	if _, err := os.Stat(img.Path + ".map"); err == nil {
+		cm, err := LoadCacheMap(img.Path+".map", img.VirtualSize)
+		if err != nil {
+			log.Warn("cannot read cache map, treating every block as missing", "image", img.String(), "err", err)
+			cm = NewCacheMap(img.VirtualSize)
+		}
+		img.replica.Store(true)
+		if !cm.Complete() {
+			img.cache.Store(cm)
+		}
+	}
+	if _, err := os.Stat(img.Path + ".meta"); err == nil {
+		img.replica.Store(true)
+		if t, err := ReadMeta(img.Path); err == nil {
+			img.atime.Store(t.Unix())
+		}
+	}
+}
+
+// errImageClosed is returned for images whose file was closed.
+var errImageClosed = errors.New("image closed")
+
+// writer returns the write handle of the local copy, opening it on first
+// use. A failure sets ProblemWrite.
+func (img *Image) writer() (*os.File, error) {
+	img.wmu.Lock()
+	defer img.wmu.Unlock()
+	if img.wfile != nil {
+		return img.wfile, nil
+	}
+	img.closeMu.Lock()
+	closed := img.closed
+	img.closeMu.Unlock()
+	if closed {
+		return nil, errImageClosed
+	}
+	f, err := os.OpenFile(img.Path, os.O_WRONLY, 0)
+	if err != nil {
+		img.problems.Or(ProblemWrite)
+		return nil, fmt.Errorf("open %s for writing: %w", img.Path, err)
+	}
+	img.wfile = f
+	return f, nil
+}
+
+// ref takes a reference that keeps the file open (uplinks, queued
+// checks). It fails if the image was closed.
+func (img *Image) ref() bool {
+	for {
+		r := img.refs.Load()
+		if r <= 0 {
+			return false
+		}
+		if img.refs.CompareAndSwap(r, r+1) {
+			return true
+		}
+	}
+}
+
+// markBad records a hash block that failed its check; reads touching it
+// are refused until it passes again.
+func (img *Image) markBad(hb int) {
+	img.badMu.Lock()
+	defer img.badMu.Unlock()
+	if img.bad == nil {
+		img.bad = map[int]bool{}
+	}
+	img.bad[hb] = true
+	img.hasBad.Store(true)
+}
+
+// countRepair counts an attempt to repair hash block hb and returns the
+// number of attempts so far.
+func (img *Image) countRepair(hb int) int {
+	img.badMu.Lock()
+	defer img.badMu.Unlock()
+	if img.fixes == nil {
+		img.fixes = map[int]int{}
+	}
+	img.fixes[hb]++
+	return img.fixes[hb]
+}
+
+// markGood forgets a failed hash block that passed its check.
+func (img *Image) markGood(hb int) {
+	img.badMu.Lock()
+	defer img.badMu.Unlock()
+	delete(img.bad, hb)
+	img.hasBad.Store(len(img.bad) > 0)
+}
+
+// touchesBad reports whether [start, end) overlaps a failed hash block.
+func (img *Image) touchesBad(start, end int64) bool {
+	img.badMu.Lock()
+	defer img.badMu.Unlock()
+	for hb := range img.bad {
+		hs := int64(hb) * protocol.HashBlockSize
+		if start < hs+protocol.HashBlockSize && end > hs {
+			return true
+		}
+	}
+	return false
+}
 
 // acquire takes a client reference. It fails if the image was closed.
 func (img *Image) acquire() bool {
@@ -146,14 +300,27 @@ func (img *Image) release() {
 func (img *Image) unref() {
 	if img.refs.Add(-1) == 0 {
 		img.closeMu.Lock()
-		defer img.closeMu.Unlock()
-		if !img.closed {
-			img.closed = true
+		wasClosed := img.closed
+		img.closed = true
+		if !wasClosed {
 			img.file.Close()
 		}
+		img.closeMu.Unlock()
+		// writer takes wmu, then closeMu: never both in the other order
+		img.wmu.Lock()
+		if img.wfile != nil {
+			img.wfile.Close()
+			img.wfile = nil
+		}
+		img.wmu.Unlock()
 	}
 }
 
-// CacheMap returns the cache map the RPC's /cachemap shows: the single byte
-// 0xFF for a complete image.
-func (img *Image) CacheMap() []byte { return []byte{0xFF} }
+// CacheMap returns the cache map the RPC's /cachemap shows: the live map
+// of an incomplete image, the single byte 0xFF for a complete one.
+func (img *Image) CacheMap() []byte {
+	if cm := img.cache.Load(); cm != nil {
+		return cm.Bytes()
+	}
+	return []byte{0xFF}
+}

@@ -233,6 +233,11 @@ func imageJSON(img *Image) []byte {
 	o.Int("idle", int64(img.Idle()/time.Second))
 	o.Int("size", img.VirtualSize)
 	o.Uint("problems", uint64(img.Problems()))
+	if up := img.up.Load(); up != nil {
+		// only while an uplink exists, as the reference does
+		o.Uint("bytesReceived", img.bytesRecv.Load())
+		o.Str("uplinkServer", up.server())
+	}
 	return o.Bytes()
 }
 

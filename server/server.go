@@ -50,8 +50,13 @@ type Server struct {
 
 	runID     uint64
 	started   time.Time
-	bytesSent atomic.Uint64
-	bytesRecv atomic.Uint64
+	bytesSent atomic.Uint64 // served to clients, relayed data included
+	bytesRecv atomic.Uint64 // received from uplinks
+
+	proxy   *proxy   // uplinks, replication, cache map saving
+	checker *checker // background hash block checks
+	hooks   proxyHooks
+	listen  syncValue[netip.AddrPort]
 
 	connMu  sync.Mutex
 	conns   map[net.Conn]struct{} // every accepted connection
@@ -90,12 +95,15 @@ func New(opts Options) (*Server, error) {
 		return nil, fmt.Errorf("rpc.acl: %w", err)
 	}
 	s.acl = acl
+	s.checker = newChecker(s)
+	s.proxy = newProxy(s)
 	s.store = NewStore(StoreOptions{
 		BasePath:      opts.Config.BasePath,
 		VMDKLegacy:    opts.Config.VMDKLegacyMode,
 		RemoveMissing: opts.Config.RemoveMissingImages,
 		MaxImages:     opts.Config.MaxImages,
 		Logger:        s.log,
+		OnLoad:        s.onLoad,
 	})
 	added, _, _, err := s.store.Reload()
 	if err != nil {
@@ -125,9 +133,21 @@ func Listen(addr string) (net.Listener, error) {
 
 // Serve accepts connections on ln until ctx is cancelled, then closes every
 // connection and returns once all handlers have finished.
+//
+// On shutdown, relays and replication stop, uplinks close, and the cache
+// maps and `.meta` files of incomplete and replicated images are saved
+// before Serve returns.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
-	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	s.listen.Store(addrPort(ln.Addr()))
+	stop := context.AfterFunc(ctx, func() {
+		ln.Close()
+		s.proxy.abort()
+	})
 	defer stop()
+	bgCtx, bgCancel := context.WithCancel(context.Background())
+	defer bgCancel()
+	s.checker.run(bgCtx)
+	s.proxy.start()
 	s.wg.Add(1)
 	go func() { defer s.wg.Done(); s.rpc.serve() }()
 	var tempDelay time.Duration
@@ -166,8 +186,14 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	}
 	s.connMu.Unlock()
 	s.wg.Wait()
+	bgCancel()
+	s.checker.wait()
+	s.proxy.stop()
 	return err
 }
+
+// listenAddr returns the address Serve listens on (invalid before Serve).
+func (s *Server) listenAddr() netip.AddrPort { return s.listen.Load() }
 
 // track registers a connection; false if maxClients is reached.
 func (s *Server) track(c net.Conn) bool {
@@ -268,32 +294,6 @@ func (s *Server) Reload() error {
 	}
 	s.log.Info("reloaded", "added", added, "replaced", replaced, "removed", removed)
 	return nil
-}
-
-// VerifyAll checks the CRC-32 list of every loaded image (SIGUSR1) and
-// returns the number of images and of failed hash blocks.
-func (s *Server) VerifyAll(ctx context.Context) (images, failed int) {
-	s.log.Info("verifying checksums of all images")
-	for _, img := range s.store.List() {
-		if ctx.Err() != nil {
-			break
-		}
-		bad, err := img.Verify(ctx)
-		if err != nil {
-			s.log.Error("cannot verify image", "image", img.String(), "err", err)
-			continue
-		}
-		if img.CRCList() == nil {
-			continue
-		}
-		images++
-		failed += len(bad)
-		for _, b := range bad {
-			s.log.Error(fmt.Sprintf("Hash check for block %d of %s failed", b, img.Name), "image", img.String())
-		}
-	}
-	s.log.Info("checksum verification done", "images", images, "failedBlocks", failed)
-	return images, failed
 }
 
 func addrPort(a net.Addr) netip.AddrPort {

@@ -29,6 +29,9 @@ type StoreOptions struct {
 	RemoveMissing bool   // drop images whose file vanished on reload
 	MaxImages     int    // most images loaded at once (0 = 5000)
 	Logger        *slog.Logger
+	// OnLoad, if set, is called for every image the store loads (after it
+	// was registered), e.g. to queue its integrity checks.
+	OnLoad func(*Image)
 }
 
 type imageKey struct {
@@ -204,6 +207,7 @@ func (s *Store) load(k imageKey, path string) (*Image, error) {
 		return nil, err
 	}
 	img.setCRCList(loadCRCFile(path, img.VirtualSize, s.log))
+	img.loadSidecars(s.log)
 	s.mu.Lock()
 	if old, ok := s.images[k]; ok {
 		s.mu.Unlock()
@@ -220,7 +224,10 @@ func (s *Store) load(k imageKey, path string) (*Image, error) {
 	s.images[k] = img
 	s.mu.Unlock()
 	s.log.Info("loaded image", "id", img.ID, "image", img.String(), "size", img.VirtualSize,
-		"crc", img.CRCList() != nil, "path", path)
+		"crc", img.CRCList() != nil, "complete", img.Complete(), "path", path)
+	if s.opts.OnLoad != nil {
+		s.opts.OnLoad(img)
+	}
 	return img, nil
 }
 
@@ -347,6 +354,29 @@ func (s *Store) ByID(id int) *Image {
 		}
 	}
 	return nil
+}
+
+// Remove drops img from the store if it is still registered and has no
+// users (LRU deletion). It reports whether it did.
+func (s *Store) Remove(img *Image) bool {
+	k := imageKey{img.Name, img.RID}
+	s.mu.Lock()
+	if s.images[k] != img || img.Users() > 0 {
+		s.mu.Unlock()
+		return false
+	}
+	delete(s.images, k)
+	s.mu.Unlock()
+	img.unref()
+	return true
+}
+
+// Loaded returns the loaded image name/rid without taking a reference, or
+// nil.
+func (s *Store) Loaded(name string, rid uint16) *Image {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.images[imageKey{name, rid}]
 }
 
 // Close drops every image; files close when their last client leaves.
