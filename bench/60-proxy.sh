@@ -1,0 +1,213 @@
+#!/usr/bin/env bash
+# dnbd3-server as a caching proxy (isProxy=true), each figure against a peer
+# measured in the same run:
+#  1. cold read of a 256 MiB image through a proxy (empty cache, no
+#     background replication) vs the same read straight from the origin,
+#     both on loopback; and the warm re-read from the proxy's cache;
+#  2. full background replication (bgrWindowSize=8) of a 1 GiB image,
+#     triggered by a 4 KiB read: on loopback vs a plain `dnbd3-nbd get` of
+#     the whole image from the origin, and (as root, in network namespaces)
+#     over a tc-shaped link vs the link's raw transfer time and vs a plain
+#     get over the same link;
+#  3. the proxy's RPC (GET /query?q=stats&q=images&q=clients) with 1,000
+#     idle clients connected (dnbd3-bench --idle) vs with none, and the RSS
+#     each idle client costs.
+# Environment: RUNS (default 3), LINK_MBIT (default 1000), NETNS=0 skips
+# the namespace part.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. bench/lib.sh
+RUNS=${RUNS:-3} LINK_MBIT=${LINK_MBIT:-1000} NETNS=${NETNS:-1}
+ORIGIN=15601 PROXY=15602
+OIP=127.0.0.1 PIP=127.0.0.2 # the proxy gets its own loopback address
+P=$W/proxy
+NSP=dnbd3b-$$- # namespace prefix
+PIDS=()
+
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  if [ "$(id -u)" = 0 ]; then
+    for ns in $(ip netns list 2>/dev/null | awk -v p="$NSP" 'index($1, p) == 1 {print $1}'); do
+      for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
+      ip netns del "$ns" 2>/dev/null || true
+    done
+  fi
+}
+trap cleanup EXIT
+
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }'; }
+least() { printf '%s\n' "$@" | sort -g | head -1; }
+
+# wait_on IP PORT [NS]: wait until something listens there.
+wait_on() {
+  local pre=()
+  [ -n "${3:-}" ] && pre=(ip netns exec "$3")
+  for _ in $(seq 200); do
+    "${pre[@]}" bash -c "exec 3<>/dev/tcp/$1/$2" 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "nothing listens on $1:$2 ${3:+in $3}" >&2; return 1
+}
+
+# conf DIR BASE PORT [PROXY_KEYS...]: write server.conf (and alt-servers
+# from $UPLINK when set).
+conf() {
+  local dir=$1 base=$2 port=$3; shift 3
+  mkdir -p "$dir" "$base"
+  { printf '[dnbd3]\nbasePath=%s\nlistenPort=%s\nautoFreeDiskSpaceDelay=-1\n' "$base" "$port"
+    for kv in "$@"; do echo "$kv"; done
+    printf '[logging]\nconsoleMask=ERROR WARNING\n'; } > "$dir/server.conf"
+  rm -f "$dir/alt-servers"
+  if [ -n "${UPLINK:-}" ]; then printf '[%s]\ncomment=origin\nfor=replication\n' "$UPLINK" > "$dir/alt-servers"; fi
+}
+
+# start_server NAME DIR BIND [NS] -> sets SPID
+start_server() {
+  local pre=()
+  [ -n "${4:-}" ] && pre=(ip netns exec "$4")
+  "${pre[@]}" "$BIN/dnbd3-server" -n -c "$2" ${3:+-b "$3"} >> "$P/$1.log" 2>&1 &
+  SPID=$!; PIDS+=("$SPID")
+}
+stop_server() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+
+# get HOST IMAGE [NS] [ARGS...]: read the image to /dev/null, print seconds.
+get() {
+  local host=$1 img=$2 ns=${3:-}; shift 3 || shift $#
+  local pre=() t
+  [ -n "$ns" ] && pre=(ip netns exec "$ns")
+  t=$(now)
+  "${pre[@]}" "$BIN/dnbd3-nbd" get -h "$host" -i "$img" -S -q -o /dev/null "$@" || { echo "get $img from $host failed" >&2; echo n/a; return; }
+  elapsed "$t"
+}
+
+# complete HOST:PORT IMAGE [NS]: the image's RPC complete value (or -1).
+complete() {
+  local pre=()
+  [ -n "${3:-}" ] && pre=(ip netns exec "$3")
+  "${pre[@]}" curl -s --max-time 5 "http://$1/query?q=images" |
+    jq -r --arg n "$2" '[.images[] | select(.name == $n) | .complete] | (.[0] // -1)' 2>/dev/null || echo -1
+}
+
+# replicate HOST:PORT IMAGE MAPFILE [NS]: trigger full background
+# replication with a 4 KiB read, print the seconds until RPC complete=100
+# and the .map is gone (n/a after 300 s).
+replicate() {
+  local t c
+  t=$(now)
+  [ "$(get "$1" "$2" "${4:-}" --length 4K)" = n/a ] && { echo n/a; return; }
+  for _ in $(seq 6000); do
+    c=$(complete "$1" "$2" "${4:-}")
+    if [ "$c" = 100 ] && [ ! -e "$3" ]; then elapsed "$t"; return; fi
+    sleep 0.05
+  done
+  echo "replication of $2 did not finish (complete=$c)" >&2; echo n/a
+}
+
+mkdir -p "$P"
+rm -f "$P"/*.log
+[ -f "$P/origin/img/cold.r1" ] || { mkdir -p "$P/origin/img"; head -c 256M /dev/urandom > "$P/origin/img/cold.r1"; }
+[ -f "$P/origin/img/big.r1" ] || head -c 1G /dev/urandom > "$P/origin/img/big.r1"
+cat "$P/origin/img/cold.r1" "$P/origin/img/big.r1" > /dev/null # page cache warm
+
+conf "$P/origin/etc" "$P/origin/img" $ORIGIN
+start_server origin "$P/origin/etc" $OIP; OPID=$SPID
+wait_on $OIP $ORIGIN
+
+# --- 1. cold read through the proxy vs direct ---------------------------------
+declare -A R
+for i in $(seq "$RUNS"); do
+  R[direct]+=" $(get $OIP:$ORIGIN cold)"
+  rm -rf "$P/proxy/img"
+  UPLINK=$OIP:$ORIGIN conf "$P/proxy/etc" "$P/proxy/img" $PROXY isProxy=true backgroundReplication=false
+  start_server proxy "$P/proxy/etc" $PIP; PPID_=$SPID
+  wait_on $PIP $PROXY
+  R[cold]+=" $(get $PIP:$PROXY cold)"
+  R[warm]+=" $(get $PIP:$PROXY cold)"
+  [ "$i" = "$RUNS" ] || stop_server $PPID_
+done
+# The proxy keeps running with "cold" cached for part 3. Its copy must be right.
+if cmp -s "$P/origin/img/cold.r1" "$P/proxy/img/cold.r1"; then COPY=identical; else COPY=DIFFERENT; fi
+
+# --- 3. RPC with 1,000 idle clients vs none (on the proxy from part 1) --------
+URL="http://$PIP:$PROXY/query?q=stats&q=images&q=clients"
+rpc_ms() { # mean ms of 200 requests on one keep-alive connection
+  local args=()
+  for _ in $(seq 200); do args+=(-o /dev/null "$URL"); done
+  curl -s -w '%{http_code} %{time_total}\n' "${args[@]}" |
+    awk '$1 == 200 {s += $2; n++} END { if (n == 200) printf "%.3f", s / n * 1000; else print "n/a" }'
+}
+RPC0=$(rpc_ms)
+RSS0=$(rss_kib $PPID_)
+"$BIN/dnbd3-bench" -h $PIP:$PROXY -i cold --idle 1000 --duration 60s > "$P/idle.out" 2>&1 & BPID=$!; PIDS+=($BPID)
+for _ in $(seq 200); do grep -q open "$P/idle.out" 2>/dev/null && break; sleep 0.05; done
+NCLIENTS=$(curl -s "$URL" | jq '.clients | length' 2>/dev/null || echo 0)
+RSS1=$(rss_kib $PPID_)
+RPC1=$(rpc_ms)
+RESP=$(curl -s "$URL" | wc -c)
+stop_server $BPID
+stop_server $PPID_
+PER_CLIENT=$(awk -v a="$RSS1" -v b="$RSS0" -v n="$NCLIENTS" 'BEGIN { if (n > 0) printf "%.1f", (a - b) / n; else print "n/a" }')
+
+# --- 2a. full background replication on loopback vs a plain get -------------
+for i in $(seq "$RUNS"); do
+  R[get1g]+=" $(get $OIP:$ORIGIN big)"
+  rm -rf "$P/proxy/img"
+  UPLINK=$OIP:$ORIGIN conf "$P/proxy/etc" "$P/proxy/img" $PROXY isProxy=true backgroundReplication=true bgrWindowSize=8
+  start_server proxy "$P/proxy/etc" $PIP; PPID_=$SPID
+  wait_on $PIP $PROXY
+  R[bgr1g]+=" $(replicate $PIP:$PROXY big "$P/proxy/img/big.r1.map")"
+  stop_server $PPID_
+done
+if cmp -s "$P/origin/img/big.r1" "$P/proxy/img/big.r1"; then BIGCOPY=identical; else BIGCOPY=DIFFERENT; fi
+rm -rf "$P/proxy/img"
+stop_server $OPID
+
+# --- 2b. the same over a shaped link between two network namespaces ----------
+NS_OK=
+if [ "$NETNS" = 1 ] && [ "$(id -u)" = 0 ] && ip netns add ${NSP}central 2>/dev/null; then
+  NS_OK=1
+  C=${NSP}central B=${NSP}roomB
+  ip netns add $B
+  ip -n $C link set lo up; ip -n $B link set lo up
+  ip -n $C link add name wan0 type veth peer name wan0 netns $B
+  ip -n $C addr add 10.213.9.1/24 dev wan0; ip -n $B addr add 10.213.9.2/24 dev wan0
+  ip -n $C link set wan0 up; ip -n $B link set wan0 up
+  for ns in $C $B; do
+    ip netns exec $ns tc qdisc add dev wan0 root tbf rate ${LINK_MBIT}mbit burst 1mb latency 50ms
+  done
+  conf "$P/nsorigin/etc" "$P/origin/img" 5003
+  start_server nsorigin "$P/nsorigin/etc" "" $C; NOPID=$SPID
+  wait_on 10.213.9.1 5003 $C
+  R[linkget]=$(get 10.213.9.1:5003 big $B)
+  rm -rf "$P/nsproxy/img"
+  UPLINK=10.213.9.1:5003 conf "$P/nsproxy/etc" "$P/nsproxy/img" 5003 isProxy=true backgroundReplication=true bgrWindowSize=8
+  start_server nsproxy "$P/nsproxy/etc" "" $B; NPPID=$SPID
+  wait_on 10.213.9.2 5003 $B
+  R[linkbgr]=$(replicate 10.213.9.2:5003 big "$P/nsproxy/img/big.r1.map" $B)
+  if cmp -s "$P/origin/img/big.r1" "$P/nsproxy/img/big.r1"; then NSCOPY=identical; else NSCOPY=DIFFERENT; fi
+  stop_server $NPPID; stop_server $NOPID
+  rm -rf "$P/nsproxy/img"
+  RAW=$(awk -v m="$LINK_MBIT" 'BEGIN { printf "%.3f", 1073741824 * 8 / (m * 1e6) }')
+fi
+
+# --- report --------------------------------------------------------------------
+isnum() { [[ $1 =~ ^[0-9]+(\.[0-9]+)?$ ]]; }
+num() { if isnum "$1"; then printf '%.2f' "$1"; else echo n/a; fi; }
+rat() { if isnum "$1" && isnum "$2"; then ratio "$1" "$2"; else echo n/a; fi; }
+rowt() { printf '%-46s %12s %12s %8s %s\n' "$1" "$(num "$2")" "$(num "$3")" "$(rat "$2" "$3")" "$4"; }
+mins() { local v; v=$(printf '%s\n' $1 | grep -v n/a | sort -g | head -1); echo "${v:-n/a}"; }
+printf '\n%-46s %12s %12s %8s %s\n' "proxy (best of $RUNS; seconds unless noted)" "proxy" "peer" "ratio" "peer"
+rowt "cold read 256 MiB via proxy, loopback" "$(mins "${R[cold]}")" "$(mins "${R[direct]}")" "direct get from origin"
+rowt "warm re-read 256 MiB from proxy cache" "$(mins "${R[warm]}")" "$(mins "${R[direct]}")" "direct get from origin"
+rowt "full BGR 1 GiB (window 8), loopback" "$(mins "${R[bgr1g]}")" "$(mins "${R[get1g]}")" "plain get of 1 GiB"
+if [ -n "$NS_OK" ]; then
+  rowt "full BGR 1 GiB over ${LINK_MBIT} Mbit/s link (netns)" "${R[linkbgr]}" "$RAW" "raw link time"
+  rowt "plain get 1 GiB over the same link" "${R[linkget]}" "$RAW" "raw link time"
+else
+  echo "(network namespace part skipped: needs root and ip netns, or NETNS=0)"
+fi
+printf '%-46s %12s %12s %8s %s\n' "RPC stats+images+clients (ms/request)" "$RPC1" "$RPC0" "$(rat "$RPC1" "$RPC0")" "1000 clients vs none"
+printf '%-46s %12s %12s %8s %s\n' "RSS per idle client on the proxy (KiB)" "$PER_CLIENT" "" "" "$NCLIENTS clients, response $RESP bytes"
+echo "(copies: cold $COPY, 1 GiB loopback $BIGCOPY${NS_OK:+, 1 GiB netns $NSCOPY}; runs: cold${R[cold]} | direct${R[direct]} | bgr${R[bgr1g]} | get${R[get1g]})"
