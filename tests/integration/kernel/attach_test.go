@@ -85,11 +85,24 @@ var nextPort atomic.Int32
 // server starts dnbd3-server serving base on a fresh loopback port.
 func server(t *testing.T, base string) (*proc, string) {
 	t.Helper()
+	return serverWith(t, base, "", "")
+}
+
+// serverWith starts dnbd3-server serving base on a fresh loopback port,
+// with extra lines in the [dnbd3] section of server.conf and, if not
+// empty, an alt-servers file.
+func serverWith(t *testing.T, base, extra, altServers string) (*proc, string) {
+	t.Helper()
 	port := 16000 + int(nextPort.Add(1))
 	etc := t.TempDir()
-	conf := fmt.Sprintf("[dnbd3]\nbasePath=%s\nlistenPort=%d\n", base, port)
+	conf := fmt.Sprintf("[dnbd3]\nbasePath=%s\nlistenPort=%d\n%s", base, port, extra)
 	if err := os.WriteFile(filepath.Join(etc, "server.conf"), []byte(conf), 0o644); err != nil {
 		t.Fatal(err)
+	}
+	if altServers != "" {
+		if err := os.WriteFile(filepath.Join(etc, "alt-servers"), []byte(altServers), 0o644); err != nil {
+			t.Fatal(err)
+		}
 	}
 	p := start(t, nil, "dnbd3-server", "-n", "-c", etc, "-b", "127.0.0.1")
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
