@@ -257,16 +257,6 @@ func (o *Overlay) Close() error {
 	return err
 }
 
-// syncDir fsyncs a directory so new entries in it survive power loss.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
-}
-
 // revisionFile is our sidecar that records the session's revision.
 func revisionFile(dir string) string { return filepath.Join(dir, "revision") }
 

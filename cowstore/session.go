@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/dnbd3go/dnbd3go/internal/fsutil"
 	"golang.org/x/sys/unix"
 )
 
@@ -90,7 +91,7 @@ func Create(dir string, opts Options) (*Overlay, error) {
 	if err := o.commit(); err != nil {
 		return fail(err)
 	}
-	if err := syncDir(dir); err != nil {
+	if err := fsutil.SyncDir(dir); err != nil {
 		return fail(err)
 	}
 	o.startBackground()

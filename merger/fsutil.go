@@ -9,6 +9,7 @@ import (
 	"strings"
 	"syscall"
 
+	"github.com/dnbd3go/dnbd3go/internal/fsutil"
 	"golang.org/x/sys/unix"
 )
 
@@ -41,49 +42,6 @@ func fdatasync(f *os.File) error {
 	return nil
 }
 
-// syncDir fsyncs a directory, making the creation, removal and renaming
-// of its entries durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	err = d.Sync()
-	if cerr := d.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return fmt.Errorf("sync directory %s: %w", dir, err)
-	}
-	return nil
-}
-
-// writeFileAtomic replaces path with data so that a crash leaves either
-// the old or the new content, never a mix: it writes path+".tmp", fsyncs
-// it, renames it over path and fsyncs the directory.
-func writeFileAtomic(path string, data []byte, perm fs.FileMode) error {
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, perm)
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return err
-	}
-	return syncDir(filepath.Dir(path))
-}
-
 // mkdirAllSync creates dir (below the existing directory root) and its
 // missing parents, fsyncing each parent whose entries it changed, so that
 // a file renamed into dir later cannot vanish with a directory that was
@@ -102,7 +60,7 @@ func mkdirAllSync(root, dir string) error {
 		err := os.Mkdir(cur, 0o755)
 		switch {
 		case err == nil:
-			if err := syncDir(parent); err != nil {
+			if err := fsutil.SyncDir(parent); err != nil {
 				return err
 			}
 		case errors.Is(err, fs.ErrExist):

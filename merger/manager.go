@@ -13,6 +13,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/internal/fsutil"
 	"github.com/dnbd3go/dnbd3go/protocol"
 	"golang.org/x/sys/unix"
 )
@@ -382,7 +383,7 @@ func (m *Manager) createSessionFiles(s *session, now time.Time) error {
 	if err := s.persist(now); err != nil { // syncs s.dir
 		return err
 	}
-	return syncDir(m.cfg.WorkingDirectory)
+	return fsutil.SyncDir(m.cfg.WorkingDirectory)
 }
 
 // openStoreLocked opens s's store if it is not open (with s.mu held).

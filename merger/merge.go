@@ -10,6 +10,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/dnbd3go/dnbd3go/internal/fsutil"
 )
 
 // Merge points at which Manager.hook is called (tests simulate crashes
@@ -475,11 +477,11 @@ func (m *Manager) finalize(s *session, temp, dest string, release func()) error 
 // deletes the session's uploads. The new revision exists at this point,
 // so errors are only logged (a restart finishes the job).
 func (m *Manager) finishDone(s *session, temp, dest string) {
-	if err := syncDir(filepath.Dir(dest)); err != nil {
+	if err := fsutil.SyncDir(filepath.Dir(dest)); err != nil {
 		m.log.Warn("cannot sync the destination directory", "err", err)
 	}
 	if filepath.Dir(temp) != filepath.Dir(dest) {
-		if err := syncDir(filepath.Dir(temp)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		if err := fsutil.SyncDir(filepath.Dir(temp)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			m.log.Warn("cannot sync a directory", "err", err)
 		}
 	}
@@ -504,7 +506,7 @@ func (m *Manager) finishDone(s *session, temp, dest string) {
 	if err := removeStoreFiles(s.dir); err != nil {
 		m.log.Warn("cannot delete a merged session's uploads", "session", s.meta.UUID, "err", err)
 	}
-	if err := syncDir(s.dir); err != nil && !errors.Is(err, syscall.ENOENT) {
+	if err := fsutil.SyncDir(s.dir); err != nil && !errors.Is(err, syscall.ENOENT) {
 		m.log.Warn("cannot sync a session directory", "err", err)
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/internal/fsutil"
 	"github.com/dnbd3go/dnbd3go/protocol"
 )
 
@@ -100,7 +101,7 @@ func (s *session) persist(now time.Time) error {
 	if err != nil {
 		return err
 	}
-	if err := writeFileAtomic(s.path(sessionFileName), append(b, '\n'), 0o644); err != nil {
+	if err := fsutil.WriteFileAtomic(s.path(sessionFileName), append(b, '\n'), 0o644); err != nil {
 		return fmt.Errorf("save state of session %s: %w", s.meta.UUID, err)
 	}
 	return nil

@@ -11,6 +11,8 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+
+	"github.com/dnbd3go/dnbd3go/internal/fsutil"
 )
 
 // A session's uploaded clusters live in two files of its directory:
@@ -179,7 +181,7 @@ func (s *store) compact(records []journalRecord) (int64, error) {
 		buf = keep[i].appendTo(buf)
 	}
 	jpath := filepath.Join(s.dir, journalFileName)
-	if err := writeFileAtomic(jpath, buf, 0o644); err != nil {
+	if err := fsutil.WriteFileAtomic(jpath, buf, 0o644); err != nil {
 		return 0, fmt.Errorf("compact %s: %w", jpath, err)
 	}
 	jf, err := os.OpenFile(jpath, os.O_RDWR, 0)

@@ -6,11 +6,11 @@ import (
 	"fmt"
 	"math/bits"
 	"os"
-	"path/filepath"
 	"strconv"
 	"sync"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/internal/fsutil"
 	"github.com/dnbd3go/dnbd3go/protocol"
 )
 
@@ -179,7 +179,7 @@ func (m *CacheMap) Save(path string) error {
 	changed := m.changed
 	m.changed = time.Time{}
 	m.mu.Unlock()
-	if err := writeFileAtomic(path, b); err != nil {
+	if err := fsutil.WriteFileAtomic(path, b, 0o644); err != nil {
 		m.mu.Lock()
 		if m.changed.IsZero() {
 			m.changed = changed
@@ -190,39 +190,10 @@ func (m *CacheMap) Save(path string) error {
 	return nil
 }
 
-// writeFileAtomic replaces path with data: temporary file, fsync, rename,
-// fsync of the directory.
-func writeFileAtomic(path string, data []byte) error {
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if d, err := os.Open(filepath.Dir(path)); err == nil {
-		d.Sync()
-		d.Close()
-	}
-	return nil
-}
-
 // WriteMeta writes the `.meta` sidecar with the last access time, which
 // the proxy's LRU deletion of replicated images uses.
 func WriteMeta(imagePath string, atime time.Time) error {
-	return writeFileAtomic(imagePath+".meta", []byte("[main]\natime="+strconv.FormatInt(atime.Unix(), 10)+"\n"))
+	return fsutil.WriteFileAtomic(imagePath+".meta", []byte("[main]\natime="+strconv.FormatInt(atime.Unix(), 10)+"\n"), 0o644)
 }
 
 // ReadMeta reads the last access time from a `.meta` sidecar; without one
@@ -399,7 +370,7 @@ func (m *CacheMap) SaveSynced(path string, sync func() error) error {
 	m.mu.Unlock()
 	err := sync()
 	if err == nil {
-		err = writeFileAtomic(path, b)
+		err = fsutil.WriteFileAtomic(path, b, 0o644)
 	}
 	if err != nil {
 		m.mu.Lock()

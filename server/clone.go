@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/dnbd3go/dnbd3go/client"
+	"github.com/dnbd3go/dnbd3go/internal/fsutil"
 	"github.com/dnbd3go/dnbd3go/protocol"
 	"golang.org/x/sys/unix"
 )
@@ -272,7 +273,7 @@ func (p *proxy) createReplica(ci *client.Image, path string, size int64, cfg Con
 		list = nil
 	}
 	mapLen := (size + 8*protocol.BlockSize - 1) / (8 * protocol.BlockSize)
-	if err := writeFileAtomic(path+".map", make([]byte, mapLen)); err != nil {
+	if err := fsutil.WriteFileAtomic(path+".map", make([]byte, mapLen), 0o644); err != nil {
 		return err
 	}
 	cleanup := func() {
@@ -281,7 +282,7 @@ func (p *proxy) createReplica(ci *client.Image, path string, size int64, cfg Con
 		os.Remove(path + ".meta")
 	}
 	if list != nil {
-		if err := writeFileAtomic(path+".crc", protocol.MarshalCRCList(list)); err != nil {
+		if err := fsutil.WriteFileAtomic(path+".crc", protocol.MarshalCRCList(list), 0o644); err != nil {
 			cleanup()
 			return err
 		}
@@ -335,6 +336,6 @@ func (p *proxy) createReplica(ci *client.Image, path string, size int64, cfg Con
 		cleanup()
 		return fmt.Errorf("rename %s: %w", tmp, err)
 	}
-	syncDir(filepath.Dir(path))
+	fsutil.SyncDir(filepath.Dir(path))
 	return nil
 }

@@ -29,6 +29,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/internal/fsutil"
 	"github.com/dnbd3go/dnbd3go/protocol"
 	"golang.org/x/sys/unix"
 )
@@ -363,18 +364,10 @@ func (p *proxy) completed(img *Image, cm *CacheMap) {
 		p.log.Error("cannot delete cache map of completed image", "image", img.String(), "err", err)
 		return
 	}
-	syncDir(filepath.Dir(img.Path))
+	fsutil.SyncDir(filepath.Dir(img.Path))
 	img.cache.Store(nil)
 	p.writeMeta(img)
 	p.log.Info(fmt.Sprintf("Replication of %s complete", img.Name), "image", img.String())
-}
-
-// syncDir makes a rename or unlink in dir durable.
-func syncDir(dir string) {
-	if d, err := os.Open(dir); err == nil {
-		d.Sync()
-		d.Close()
-	}
 }
 
 // selectImage resolves a SELECT_IMAGE: a loaded or on-disk image, else
