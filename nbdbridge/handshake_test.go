@@ -8,6 +8,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"syscall"
 	"testing"
 	"time"
 
@@ -81,10 +82,13 @@ func (c *hsTestClient) expect(opt, typ uint32) hsTestReply {
 }
 
 // closed reports whether the server closed the connection.
+// closed reports whether the server closed the connection: EOF, or
+// ECONNRESET when it closed with the client's last request still unread
+// in its receive queue (Linux unix sockets report that to the peer).
 func (c *hsTestClient) closed() bool {
 	c.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
 	_, err := c.conn.Read(make([]byte, 1))
-	return errors.Is(err, io.EOF)
+	return errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)
 }
 
 func hsTestInfoData(name string, infos ...uint16) []byte {
