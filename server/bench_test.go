@@ -5,7 +5,6 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
-	"os"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -24,26 +23,13 @@ func benchServer(b *testing.B) (*testServer, int64) {
 }
 
 func startBenchServer(b *testing.B, base string) *testServer {
-	// startServer takes *testing.T; benchmarks reuse its body through a T
-	// shim that forwards failures.
-	dir := b.TempDir()
-	os.WriteFile(filepath.Join(dir, "server.conf"), []byte("[dnbd3]\nbasePath="+base+"\n"), 0o644)
-	cfg, _, err := LoadConfig(dir, nil)
-	if err != nil {
-		b.Fatal(err)
-	}
+	dir, cfg := writeConfigDir(b, base, "", nil)
 	srv, err := New(Options{ConfigDir: dir, Config: cfg, Version: "bench"})
 	if err != nil {
 		b.Fatal(err)
 	}
-	ln, err := Listen("127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	ts := &testServer{Server: srv, addr: ln.Addr().String(), done: make(chan error, 1)}
-	ctx, cancel := contextWithCancel()
-	ts.cancel = cancel
-	go func() { ts.done <- srv.Serve(ctx, ln) }()
+	ts := &testServer{Server: srv}
+	ts.addr, ts.cancel, ts.done = serveTest(b, srv, "127.0.0.1:0")
 	b.Cleanup(ts.stop)
 	return ts
 }

@@ -30,7 +30,13 @@ type CacheMap struct {
 // NewCacheMap returns an empty map for an image of virtualSize bytes.
 func NewCacheMap(virtualSize int64) *CacheMap {
 	blocks := (virtualSize + protocol.BlockSize - 1) / protocol.BlockSize
-	return &CacheMap{bits: make([]byte, (blocks+7)/8), blocks: blocks}
+	return &CacheMap{bits: make([]byte, mapLen(virtualSize)), blocks: blocks}
+}
+
+// mapLen returns the length of the `.map` of an image of virtualSize
+// bytes: one bit per 4 KiB block.
+func mapLen(virtualSize int64) int64 {
+	return (virtualSize + 8*protocol.BlockSize - 1) / (8 * protocol.BlockSize)
 }
 
 // LoadCacheMap reads a `.map` file for an image of virtualSize bytes.
@@ -40,11 +46,7 @@ func LoadCacheMap(path string, virtualSize int64) (*CacheMap, error) {
 		return nil, err
 	}
 	m := NewCacheMap(virtualSize)
-	copy(m.bits, b)
-	m.trimTail()
-	for _, x := range m.bits {
-		m.present += int64(bits.OnesCount8(x))
-	}
+	m.Replace(b)
 	return m, nil
 }
 
@@ -93,25 +95,6 @@ func (m *CacheMap) Missing(start, end int64) [][2]int64 {
 		}
 	}
 	return out
-}
-
-// Set marks the blocks fully inside [start, end) present. It reports
-// whether the map is now complete.
-func (m *CacheMap) Set(start, end int64) bool {
-	first := (start + protocol.BlockSize - 1) / protocol.BlockSize
-	last := end / protocol.BlockSize
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	for b := first; b < last && b < m.blocks; b++ {
-		if m.bits[b/8]&(1<<(b%8)) == 0 {
-			m.bits[b/8] |= 1 << (b % 8)
-			m.present++
-			if m.changed.IsZero() {
-				m.changed = time.Now()
-			}
-		}
-	}
-	return m.present == m.blocks
 }
 
 // Clear marks the blocks touching [start, end) absent (a failed hash
@@ -174,20 +157,7 @@ func (m *CacheMap) Unsaved() (since time.Time, dirty bool) {
 // The caller must have synced the image data the map describes first, so
 // a crash never leaves bits set over data that is not on disk.
 func (m *CacheMap) Save(path string) error {
-	m.mu.Lock()
-	b := append([]byte(nil), m.bits...)
-	changed := m.changed
-	m.changed = time.Time{}
-	m.mu.Unlock()
-	if err := fsutil.WriteFileAtomic(path, b, 0o644); err != nil {
-		m.mu.Lock()
-		if m.changed.IsZero() {
-			m.changed = changed
-		}
-		m.mu.Unlock()
-		return err
-	}
-	return nil
+	return m.SaveSynced(path, func() error { return nil })
 }
 
 // WriteMeta writes the `.meta` sidecar with the last access time, which
@@ -199,15 +169,22 @@ func WriteMeta(imagePath string, atime time.Time) error {
 // ReadMeta reads the last access time from a `.meta` sidecar; without one
 // the image file's mtime counts.
 func ReadMeta(imagePath string) (time.Time, error) {
-	var atime time.Time
-	b, err := os.ReadFile(imagePath + ".meta")
+	atime, err := readMetaFile(imagePath)
 	if errors.Is(err, os.ErrNotExist) {
 		st, err := os.Stat(imagePath)
 		if err != nil {
-			return atime, err
+			return time.Time{}, err
 		}
 		return st.ModTime(), nil
 	}
+	return atime, err
+}
+
+// readMetaFile reads the last access time from imagePath's `.meta`; an
+// error satisfying errors.Is(err, os.ErrNotExist) means there is none.
+func readMetaFile(imagePath string) (time.Time, error) {
+	var atime time.Time
+	b, err := os.ReadFile(imagePath + ".meta")
 	if err != nil {
 		return atime, err
 	}
@@ -242,8 +219,7 @@ func NewFullCacheMap(virtualSize int64) *CacheMap {
 	return m
 }
 
-// SetRange marks the blocks fully inside [start, end) present, like Set.
-// It reports whether this call completed the map and which 16 MiB hash
+// SetRange marks the blocks fully inside [start, end) present. It reports whether this call completed the map and which 16 MiB hash
 // blocks it completed (they had a block set by this call and are now
 // fully present), so each is CRC-checked exactly once.
 func (m *CacheMap) SetRange(start, end int64) (completed bool, hashBlocks []int) {

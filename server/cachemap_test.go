@@ -27,7 +27,7 @@ func TestCacheMapMatchesProxyCapture(t *testing.T) {
 	for _, r := range [][2]int64{{0, 4096}, {100000, 150000}, {16775168, 16779264}, {33554432, 33685504}, {41953280, 41955328}} {
 		// the proxy fetched the 4 KiB-aligned covering range
 		for _, miss := range m.Missing(r[0], r[1]) {
-			m.Set(miss[0], miss[1])
+			m.SetRange(miss[0], miss[1])
 		}
 	}
 	if !bytes.Equal(m.Bytes(), ref) {
@@ -56,7 +56,7 @@ func TestCacheMapCompleteShortFileAndSave(t *testing.T) {
 	if err != nil || m.Present() != 8 || m.Blocks() != 11 {
 		t.Fatalf("%v %d %d", err, m.Present(), m.Blocks())
 	}
-	if m.Set(8*4096, 11*4096) != true || !m.Complete() || m.Percent() != 100 {
+	if completed, _ := m.SetRange(8*4096, 11*4096); !completed || !m.Complete() || m.Percent() != 100 {
 		t.Fatal("not complete")
 	}
 	if _, dirty := m.Unsaved(); !dirty {

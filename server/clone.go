@@ -11,7 +11,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strconv"
 	"time"
 
 	"github.com/dnbd3go/dnbd3go/client"
@@ -170,13 +169,9 @@ func (p *proxy) clientConfig(name string, rid uint16, servers []string) client.C
 // the first connection that reports the same name (and rid, unless 0)
 // with a size between 4 KiB and maxReplicationSize.
 func (p *proxy) openUpstream(name string, rid uint16) (*client.Image, error) {
-	cands := p.candidates(name)
-	if len(cands) == 0 {
+	servers := p.candidateAddrs(name)
+	if len(servers) == 0 {
 		return nil, ErrNoUplink
-	}
-	servers := make([]string, len(cands))
-	for i, a := range cands {
-		servers[i] = a.Addr.String()
 	}
 	cfg := p.cfg()
 	for len(servers) > 0 {
@@ -218,7 +213,7 @@ func removeString(list []string, s string) []string {
 }
 
 func (p *proxy) imagePath(name string, rid uint16) string {
-	return filepath.Join(p.cfg().BasePath, filepath.FromSlash(name)+".r"+strconv.Itoa(int(rid)))
+	return imageFilePath(p.cfg().BasePath, name, rid)
 }
 
 func fileExists(path string) bool {
@@ -272,8 +267,7 @@ func (p *proxy) createReplica(ci *client.Image, path string, size int64, cfg Con
 		p.log.Warn("ignoring CRC list from uplink", "image", ci.Name(), "rid", ci.RID(), "err", err)
 		list = nil
 	}
-	mapLen := (size + 8*protocol.BlockSize - 1) / (8 * protocol.BlockSize)
-	if err := fsutil.WriteFileAtomic(path+".map", make([]byte, mapLen), 0o644); err != nil {
+	if err := fsutil.WriteFileAtomic(path+".map", make([]byte, mapLen(size)), 0o644); err != nil {
 		return err
 	}
 	cleanup := func() {

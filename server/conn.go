@@ -28,7 +28,7 @@ type clientConn struct {
 	img       *Image // selected image (nil until the handshake succeeded)
 	isServer  atomic.Bool
 	bytesSent atomic.Uint64
-	timeout   time.Duration // clientTimeout at the handshake
+	timeout   time.Duration // clientTimeout at the handshake (set before any reply)
 
 	lastHandle uint64 // handle of the last GET_BLOCK (reply quirk)
 	readBy     time.Time
@@ -100,7 +100,7 @@ func (cc *clientConn) serveDNBD3() {
 	cc.srv.addClient(cc)
 	defer cc.srv.removeClient(cc)
 	cc.logAt(slog.LevelDebug, "client selected image", "image", img.String(), "server", cc.isServer.Load())
-	cc.requestLoop(cfg.ClientTimeout)
+	cc.requestLoop(cc.timeout)
 }
 
 // requestLoop reads and answers requests in order until the client leaves,
@@ -158,7 +158,7 @@ func (cc *clientConn) requestLoop(timeout time.Duration) {
 			var ref *refusal
 			switch {
 			case errors.As(err, &ref):
-				cc.logAt(ref.level, "closing: "+ref.msg, ref.args...)
+				cc.logAt(slog.LevelInfo, "closing: "+ref.msg, ref.args...)
 			case !isClosedErr(err):
 				cc.logAt(slog.LevelDebug, "closing: write reply", "err", err)
 			}
@@ -188,17 +188,16 @@ func (cc *clientConn) waitRelays(timeout time.Duration) bool {
 }
 
 // refusal is an error that ends a client connection on purpose (a request
-// the server refuses to relay); the request loop logs it.
+// the server refuses to relay); the request loop logs it at info level.
 type refusal struct {
-	level slog.Level
-	msg   string
-	args  []any
+	msg  string
+	args []any
 }
 
 func (r *refusal) Error() string { return r.msg }
 
 func refuse(msg string, args ...any) error {
-	return &refusal{level: slog.LevelInfo, msg: msg, args: args}
+	return &refusal{msg: msg, args: args}
 }
 
 // getBlock answers one GET_BLOCK: CMD_ERROR for a range outside the image
@@ -299,15 +298,8 @@ func (cc *clientConn) lockWrite() bool {
 		cc.wmu.Unlock()
 		return false
 	}
-	cc.refreshWriteDeadline(cc.writeTimeout())
+	cc.refreshWriteDeadline(cc.timeout)
 	return true
-}
-
-func (cc *clientConn) writeTimeout() time.Duration {
-	if cc.timeout > 0 {
-		return cc.timeout
-	}
-	return cc.srv.config().ClientTimeout
 }
 
 // markDead stops all further replies on the connection.

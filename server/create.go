@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strconv"
 
 	"github.com/dnbd3go/dnbd3go/protocol"
 	"golang.org/x/sys/unix"
@@ -26,7 +25,7 @@ func CreateImage(basePath, name string, rid uint16, size int64, sparse, ignoreAl
 		return "", errors.New("size must be positive")
 	}
 	size = protocol.VirtualSize(size)
-	path := filepath.Join(basePath, filepath.FromSlash(name)+".r"+strconv.Itoa(int(rid)))
+	path := imageFilePath(basePath, name, rid)
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return "", err
 	}
@@ -56,8 +55,7 @@ func CreateImage(basePath, name string, rid uint16, size int64, sparse, ignoreAl
 	if err := f.Close(); err != nil {
 		return fail(err)
 	}
-	mapLen := (size + 8*protocol.BlockSize - 1) / (8 * protocol.BlockSize)
-	if err := writeFileExclusive(path+".map", make([]byte, mapLen)); err != nil {
+	if err := writeFileExclusive(path+".map", make([]byte, mapLen(size))); err != nil {
 		os.Remove(path)
 		return "", err
 	}

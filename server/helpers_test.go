@@ -30,9 +30,24 @@ type testServer struct {
 // plus extra lines, and any other files given) and starts a server.
 func startServer(t *testing.T, base string, conf string, files map[string]string) *testServer {
 	t.Helper()
+	dir, cfg := writeConfigDir(t, base, conf, files)
+	srv, err := New(Options{ConfigDir: dir, Config: cfg, Logger: testutil.Logger(t), Version: "test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts := &testServer{Server: srv, base: base, configDir: dir}
+	ts.addr, ts.cancel, ts.done = serveTest(t, srv, "127.0.0.1:0")
+	t.Cleanup(ts.stop)
+	return ts
+}
+
+// writeConfigDir writes a config directory: server.conf with
+// "[dnbd3] basePath=base" plus conf, and the other files given. It returns
+// the directory and the configuration loaded from it.
+func writeConfigDir(t testing.TB, base, conf string, files map[string]string) (string, Config) {
+	t.Helper()
 	dir := t.TempDir()
-	if err := os.WriteFile(filepath.Join(dir, "server.conf"),
-		[]byte("[dnbd3]\nbasePath="+base+"\n"+conf), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, "server.conf"), []byte("[dnbd3]\nbasePath="+base+"\n"+conf), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	for name, content := range files {
@@ -40,23 +55,28 @@ func startServer(t *testing.T, base string, conf string, files map[string]string
 			t.Fatal(err)
 		}
 	}
-	cfg, _, err := LoadConfig(dir, nil)
+	cfg, warns, err := LoadConfig(dir, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv, err := New(Options{ConfigDir: dir, Config: cfg, Logger: testutil.Logger(t), Version: "test"})
-	if err != nil {
-		t.Fatal(err)
+	for _, w := range warns {
+		t.Log("config:", w)
 	}
-	ln, err := Listen("127.0.0.1:0")
+	return dir, cfg
+}
+
+// serveTest runs srv on a new listener on addr. Cancelling stops it;
+// Serve's result arrives on done.
+func serveTest(t testing.TB, srv *Server, addr string) (listening string, cancel context.CancelFunc, done chan error) {
+	t.Helper()
+	ln, err := Listen(addr)
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	ts := &testServer{Server: srv, addr: ln.Addr().String(), base: base, configDir: dir, cancel: cancel, done: make(chan error, 1)}
-	go func() { ts.done <- srv.Serve(ctx, ln) }()
-	t.Cleanup(ts.stop)
-	return ts
+	done = make(chan error, 1)
+	go func() { done <- srv.Serve(ctx, ln) }()
+	return ln.Addr().String(), cancel, done
 }
 
 func (ts *testServer) stop() {
@@ -192,8 +212,4 @@ func replay(t *testing.T, c net.Conn, msgs []testutil.WireMsg, fileSize int64) {
 			t.Fatalf("line %d (%s):\n got  %x\n want %x", m.Line, strings.SplitN(m.Comment, ";", 2)[0], got, want)
 		}
 	}
-}
-
-func contextWithCancel() (context.Context, context.CancelFunc) {
-	return context.WithCancel(context.Background())
 }

@@ -172,8 +172,7 @@ func (img *Image) Incomplete() bool { return img.cache.Load() != nil }
 // counts as all blocks missing: the data is fetched again rather than
 // trusted.
 func (img *Image) loadSidecars(log *slog.Logger) {
-	if _, err := os.Stat(img.Path + ".map"); err == nil {
-		cm, err := LoadCacheMap(img.Path+".map", img.VirtualSize)
+	if cm, err := LoadCacheMap(img.Path+".map", img.VirtualSize); !errors.Is(err, os.ErrNotExist) {
 		if err != nil {
 			log.Warn("cannot read cache map, treating every block as missing", "image", img.String(), "err", err)
 			cm = NewCacheMap(img.VirtualSize)
@@ -183,9 +182,9 @@ func (img *Image) loadSidecars(log *slog.Logger) {
 			img.cache.Store(cm)
 		}
 	}
-	if _, err := os.Stat(img.Path + ".meta"); err == nil {
+	if t, err := readMetaFile(img.Path); !errors.Is(err, os.ErrNotExist) {
 		img.replica.Store(true)
-		if t, err := ReadMeta(img.Path); err == nil {
+		if err == nil {
 			img.atime.Store(t.Unix())
 		}
 	}

@@ -265,32 +265,3 @@ func (s *Server) VerifyAll(ctx context.Context) (images, failed int) {
 	s.log.Info("checksum verification done", "images", images, "failedBlocks", failed)
 	return images, failed
 }
-
-// Verify recomputes the CRC-32 of every hash block of the image and returns
-// the indexes of blocks that do not match its CRC list (none if the image
-// has no list). Blocks an incomplete image does not have are skipped.
-func (img *Image) Verify(ctx context.Context) ([]int, error) {
-	list := img.CRCList()
-	if list == nil {
-		return nil, nil
-	}
-	buf := make([]byte, 1<<20)
-	var bad []int
-	for i, want := range list {
-		if err := ctx.Err(); err != nil {
-			return bad, err
-		}
-		if cm := img.cache.Load(); cm != nil && !cm.HashBlockComplete(i) {
-			continue
-		}
-		got, err := protocol.BlockCRC(img.file, img.RealSize, i, buf)
-		if err != nil {
-			img.problems.Or(ProblemRead)
-			return bad, err
-		}
-		if got != want {
-			bad = append(bad, i)
-		}
-	}
-	return bad, nil
-}

@@ -17,15 +17,18 @@ package server
 //	integrity.go  CRC checks of hash blocks, repair by fetching them again
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -257,11 +260,7 @@ func (p *proxy) unregister(up *uplink) {
 func (p *proxy) uplinkList() []*uplink {
 	p.upMu.Lock()
 	defer p.upMu.Unlock()
-	out := make([]*uplink, 0, len(p.uplinks))
-	for up := range p.uplinks {
-		out = append(out, up)
-	}
-	return out
+	return slices.Collect(maps.Keys(p.uplinks))
 }
 
 // housekeeping saves cache maps that changed more than the save interval
@@ -509,9 +508,15 @@ func sortStableByFails(list []*AltServer) {
 	for _, a := range list {
 		fails[a] = a.Snapshot().Fails
 	}
-	for i := 1; i < len(list); i++ {
-		for j := i; j > 0 && fails[list[j]] < fails[list[j-1]]; j-- {
-			list[j], list[j-1] = list[j-1], list[j]
-		}
+	slices.SortStableFunc(list, func(a, b *AltServer) int { return cmp.Compare(fails[a], fails[b]) })
+}
+
+// candidateAddrs returns the dial addresses of candidates(name).
+func (p *proxy) candidateAddrs(name string) []string {
+	cands := p.candidates(name)
+	addrs := make([]string, len(cands))
+	for i, a := range cands {
+		addrs[i] = a.Addr.String()
 	}
+	return addrs
 }

@@ -42,22 +42,7 @@ func runServer(t testing.TB, base, conf string, files map[string]string, hook fu
 // runServerAt is runServer listening on addr.
 func runServerAt(t testing.TB, addr, base, conf string, files map[string]string, hook func(*Server)) *tsrv {
 	t.Helper()
-	dir := t.TempDir()
-	if err := os.WriteFile(filepath.Join(dir, "server.conf"), []byte("[dnbd3]\nbasePath="+base+"\n"+conf), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	for name, content := range files {
-		if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	cfg, warns, err := LoadConfig(dir, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, w := range warns {
-		t.Log("config:", w)
-	}
+	dir, cfg := writeConfigDir(t, base, conf, files)
 	logs := &logRecorder{next: testutil.Logger(t).Handler()}
 	logs.init()
 	srv, err := New(Options{ConfigDir: dir, Config: cfg, Logger: slog.New(logs), Version: "test"})
@@ -67,13 +52,8 @@ func runServerAt(t testing.TB, addr, base, conf string, files map[string]string,
 	if hook != nil {
 		hook(srv)
 	}
-	ln, err := Listen(addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	ts := &tsrv{Server: srv, addr: ln.Addr().String(), base: base, cancel: cancel, done: make(chan error, 1), logs: logs}
-	go func() { ts.done <- srv.Serve(ctx, ln) }()
+	ts := &tsrv{Server: srv, base: base, logs: logs}
+	ts.addr, ts.cancel, ts.done = serveTest(t, srv, addr)
 	t.Cleanup(ts.stop)
 	return ts
 }

@@ -54,7 +54,6 @@ type fetch struct {
 
 	waiters []*relay
 	client  bool // counted in uplink.clientWait
-	done    bool
 	buf     []byte
 	err     error
 }
@@ -359,7 +358,6 @@ func (up *uplink) finish(f *fetch) {
 	if i := slices.Index(up.fetches, f); i >= 0 {
 		up.fetches = slices.Delete(up.fetches, i, i+1)
 	}
-	f.done = true
 	if f.client {
 		up.clientWait--
 	}

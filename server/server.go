@@ -10,10 +10,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"math/rand/v2"
 	"net"
 	"net/netip"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -265,11 +267,7 @@ func (s *Server) removeClient(cc *clientConn) {
 func (s *Server) clientList() []*clientConn {
 	s.connMu.Lock()
 	defer s.connMu.Unlock()
-	out := make([]*clientConn, 0, len(s.clients))
-	for cc := range s.clients {
-		out = append(out, cc)
-	}
-	return out
+	return slices.Collect(maps.Keys(s.clients))
 }
 
 // Reload re-reads server.conf (keys that are not startup-only) and rescans

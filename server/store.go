@@ -250,7 +250,7 @@ func (s *Store) Get(name string, rid uint16) (*Image, error) {
 		img := s.images[k]
 		s.mu.RUnlock()
 		if img == nil {
-			path := filepath.Join(s.opts.BasePath, filepath.FromSlash(name)+".r"+strconv.Itoa(int(rid)))
+			path := imageFilePath(s.opts.BasePath, name, rid)
 			st, err := os.Stat(path)
 			if err != nil || !st.Mode().IsRegular() || st.Size() == 0 {
 				return nil, fmt.Errorf("%w: %s:%d", ErrImageNotFound, name, rid)
@@ -266,6 +266,11 @@ func (s *Store) Get(name string, rid uint16) (*Image, error) {
 		// replaced or removed concurrently: look again
 	}
 	return nil, fmt.Errorf("%w: %s:%d (changing)", ErrImageNotFound, name, rid)
+}
+
+// imageFilePath returns the file of image name/rid below basePath.
+func imageFilePath(basePath, name string, rid uint16) string {
+	return filepath.Join(basePath, filepath.FromSlash(name)+".r"+strconv.Itoa(int(rid)))
 }
 
 // Release drops the reference Get took.
@@ -318,6 +323,11 @@ func (s *Store) dirEntries(dir string) []string {
 	names := make([]string, len(entries))
 	for i, e := range entries {
 		names[i] = e.Name()
+	}
+	// A listing of a directory changed within the last second may miss an
+	// entry created later in the same timestamp tick: not cached.
+	if time.Since(st.ModTime()) < time.Second {
+		return names
 	}
 	if s.dirs == nil || len(s.dirs) > 4096 {
 		s.dirs = map[string]dirListing{}

@@ -104,17 +104,13 @@ func (p *proxy) ensureUplink(img *Image) (*uplink, error) {
 	if t := img.upFailed.Load(); t != 0 && time.Since(time.Unix(0, t)) < uplinkRetryDelay {
 		return nil, fmt.Errorf("%w: the last attempt failed moments ago", ErrNoUplink)
 	}
-	cands := p.candidates(img.Name)
-	if len(cands) == 0 {
+	servers := p.candidateAddrs(img.Name)
+	if len(servers) == 0 {
 		return nil, ErrNoUplink
 	}
 	up := p.newUplink(img)
 	if up == nil {
 		return nil, errUplinkGone
-	}
-	servers := make([]string, len(cands))
-	for i, a := range cands {
-		servers[i] = a.Addr.String()
 	}
 	if !up.spawn(func() { up.connect(servers) }) {
 		up.setConn(nil, errUplinkGone)
@@ -188,12 +184,10 @@ func (up *uplink) connect(servers []string) {
 func (up *uplink) setConn(ci *client.Image, err error) {
 	up.ci, up.err = ci, err
 	if ci != nil {
-		st := ci.Stats()
-		if ap, perr := netip.ParseAddrPort(st.Current); perr == nil {
-			up.current.Store(ap)
-		}
+		cur := ci.Stats().Current
+		up.setCurrent(cur)
 		up.img.upFailed.Store(0)
-		up.log.Info("uplink connected", "server", st.Current)
+		up.log.Info("uplink connected", "server", cur)
 		up.spawn(up.replicate)
 	}
 	close(up.ready)
@@ -224,7 +218,13 @@ func (up *uplink) connected() bool {
 	if up.ci == nil || up.isClosing() {
 		return false
 	}
-	ap, err := netip.ParseAddrPort(up.ci.Stats().Current)
+	return up.setCurrent(up.ci.Stats().Current)
+}
+
+// setCurrent records the client library's current server address (none
+// while it is not connected) and reports whether there is one.
+func (up *uplink) setCurrent(addr string) bool {
+	ap, err := netip.ParseAddrPort(addr)
 	if err != nil {
 		up.current.Store(netip.AddrPort{})
 		return false
@@ -333,11 +333,7 @@ func (up *uplink) monitor() {
 		return
 	}
 	st := up.ci.Stats()
-	if ap, err := netip.ParseAddrPort(st.Current); err == nil {
-		up.current.Store(ap)
-	} else {
-		up.current.Store(netip.AddrPort{})
-	}
+	up.setCurrent(st.Current)
 	for _, ss := range st.Servers {
 		a := up.p.altByAddr(ss.Addr)
 		if a == nil {
