@@ -70,11 +70,8 @@ func (c *conn) crcReply(rep protocol.Reply) error {
 	if _, err := io.ReadFull(c.br, p); err != nil {
 		return c.readErr(err)
 	}
-	var res crcResult
-	switch {
-	case rep.Size == 0:
-		// the server has no CRC list
-	default:
+	var res crcResult // an empty payload: the server has no CRC list
+	if rep.Size > 0 {
 		list, err := protocol.ParseCRCList(p)
 		switch {
 		case err != nil:

@@ -2,6 +2,8 @@ package client
 
 import (
 	"context"
+	"errors"
+	"net"
 	"slices"
 	"time"
 )
@@ -52,16 +54,23 @@ func (i *Image) startFailoverLocked() {
 	go func() {
 		defer i.wg.Done()
 		start := time.Now()
-		res := i.connectAny(i.ctx, servers, delays, i.cfg.FailoverConnectTimeout)
-		res.took = time.Since(start)
-		i.failoverRes <- res // cap 1 and one round at a time: never blocks
+		d, errs := raceHandshakes(i.ctx, i.cfg.Dial, servers, delays, i.id, i.cfg.SelectFlags, i.cfg.FailoverConnectTimeout)
+		if i.ctx.Err() != nil {
+			errs = nil // closing: the attempts were cancelled, not the servers' fault
+		}
+		i.failoverRes <- failoverResult{d: d, errs: errs, took: time.Since(start)} // cap 1 and one round at a time: never blocks
 	}()
 }
 
-// connectAny tries every server in parallel (each after its delay) and
-// returns the first that completes the handshake with the image's
-// identity. The other attempts are cancelled and their connections closed.
-func (i *Image) connectAny(ctx context.Context, servers []*server, delays []time.Duration, timeout time.Duration) failoverResult {
+// errNotTried marks a server whose attempt never started.
+var errNotTried = errors.New("not tried")
+
+// raceHandshakes starts a handshake for want with every server, server k
+// after delays[k], and returns the first that succeeds. The other attempts
+// are cancelled and their connections closed. errs lists, in the order
+// they came in, the failures before the winner; an attempt cancelled
+// before it started fails with errNotTried.
+func raceHandshakes(ctx context.Context, dial func(context.Context, string, string) (net.Conn, error), servers []*server, delays []time.Duration, want identity, flags uint8, timeout time.Duration) (win *dialed, errs []serverError) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	type result struct {
@@ -77,29 +86,28 @@ func (i *Image) connectAny(ctx context.Context, servers []*server, delays []time
 				select {
 				case <-ctx.Done():
 					t.Stop()
-					results <- result{srv: s, err: context.Cause(ctx)}
+					results <- result{srv: s, err: errNotTried}
 					return
 				case <-t.C:
 				}
 			}
-			d, err := handshake(ctx, i.cfg.Dial, s, i.id, i.cfg.SelectFlags, timeout)
+			d, err := handshake(ctx, dial, s, want, flags, timeout)
 			results <- result{srv: s, d: d, err: err}
 		}()
 	}
-	var res failoverResult
 	for range servers {
 		r := <-results
 		switch {
-		case r.err == nil && res.d == nil:
-			res.d = r.d
-			cancel()
+		case r.err == nil && win == nil:
+			win = r.d
+			cancel() // stop the others; keep collecting so none leaks
 		case r.err == nil:
 			r.d.close()
-		case res.d == nil && ctx.Err() == nil:
-			res.errs = append(res.errs, serverError{r.srv, r.err})
+		case win == nil:
+			errs = append(errs, serverError{r.srv, r.err})
 		}
 	}
-	return res
+	return win, errs
 }
 
 // failoverDone adopts the result of a failover round or schedules the next.

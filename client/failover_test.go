@@ -38,8 +38,7 @@ func readLoop(img *Image, want []byte, chunk int, stop <-chan struct{}) error {
 func TestFailoverWhenActiveServerDies(t *testing.T) {
 	t.Parallel()
 	data := genImage(4<<20, 5)
-	a := startServer(t, dnbd3test.Image{Name: "test", Data: data})
-	b := startServer(t, dnbd3test.Image{Name: "test", Data: data})
+	a, b := startPair(t, data)
 	a.Update(func(bh *dnbd3test.Behavior) { bh.BlockDelay = 2 * time.Millisecond })
 	img := openT(t, fastConfig(t, "test", a.Addr(), b.Addr()))
 	if img.Stats().Current != a.Addr() {
@@ -78,8 +77,7 @@ func TestFailoverWhenActiveServerDies(t *testing.T) {
 func TestSameIPDifferentPortsAreTwoServers(t *testing.T) {
 	t.Parallel()
 	data := genImage(1<<20, 6)
-	a := startServer(t, dnbd3test.Image{Name: "test", Data: data})
-	b := startServer(t, dnbd3test.Image{Name: "test", Data: data})
+	a, b := startPair(t, data)
 	cfg := fastConfig(t, "test", a.Addr()+" "+b.Addr()) // one -h string
 	cfg.Sticky = true
 	img := openT(t, cfg)
@@ -97,8 +95,7 @@ func TestSameIPDifferentPortsAreTwoServers(t *testing.T) {
 func TestStalledServerFailover(t *testing.T) {
 	t.Parallel()
 	data := genImage(1<<20, 7)
-	a := startServer(t, dnbd3test.Image{Name: "test", Data: data})
-	b := startServer(t, dnbd3test.Image{Name: "test", Data: data})
+	a, b := startPair(t, data)
 	cfg := fastConfig(t, "test", a.Addr(), b.Addr())
 	cfg.OpenStagger = 300 * time.Millisecond // A wins Open
 	img := openT(t, cfg)
@@ -126,8 +123,7 @@ func TestStalledServerFailover(t *testing.T) {
 func TestStalledHandshakeAtOpen(t *testing.T) {
 	t.Parallel()
 	data := genImage(64<<10, 7)
-	a := startServer(t, dnbd3test.Image{Name: "test", Data: data})
-	b := startServer(t, dnbd3test.Image{Name: "test", Data: data})
+	a, b := startPair(t, data)
 	a.Update(func(bh *dnbd3test.Behavior) { bh.StallHandshake = true })
 	img := openT(t, fastConfig(t, "test", a.Addr(), b.Addr()))
 	if img.Stats().Current != b.Addr() {
@@ -138,8 +134,7 @@ func TestStalledHandshakeAtOpen(t *testing.T) {
 func TestLearnedServersUsedForFailover(t *testing.T) {
 	t.Parallel()
 	data := genImage(1<<20, 8)
-	a := startServer(t, dnbd3test.Image{Name: "test", Data: data})
-	b := startServer(t, dnbd3test.Image{Name: "test", Data: data})
+	a, b := startPair(t, data)
 	a.Update(func(bh *dnbd3test.Behavior) { bh.Servers = []netip.AddrPort{b.AddrPort(), a.AddrPort()} })
 	img := openT(t, fastConfig(t, "test", a.Addr()))
 	eventually(t, 2*time.Second, "B learned", func() bool { return len(img.Stats().Servers) == 2 })
@@ -171,8 +166,7 @@ func TestLearnedServersUsedForFailover(t *testing.T) {
 
 func TestDeadlineWhenAllServersDown(t *testing.T) {
 	t.Parallel()
-	a := startServer(t, dnbd3test.Image{Name: "test", Data: genImage(64<<10, 0)})
-	b := startServer(t, dnbd3test.Image{Name: "test", Data: genImage(64<<10, 0)})
+	a, b := startPair(t, genImage(64<<10, 0))
 	cfg := fastConfig(t, "test", a.Addr(), b.Addr())
 	cfg.Deadline = 400 * time.Millisecond
 	img := openT(t, cfg)
@@ -235,8 +229,7 @@ func TestServerComesBackBeforeDeadline(t *testing.T) {
 func TestCmdErrorIsRetried(t *testing.T) {
 	t.Parallel()
 	data := genImage(1<<20, 10)
-	a := startServer(t, dnbd3test.Image{Name: "test", Data: data})
-	b := startServer(t, dnbd3test.Image{Name: "test", Data: data})
+	a, b := startPair(t, data)
 	img := openT(t, fastConfig(t, "test", a.Addr(), b.Addr()))
 	a.Update(func(bh *dnbd3test.Behavior) { bh.ErrorAll = true })
 	buf := make([]byte, 64<<10)
@@ -332,8 +325,7 @@ func TestFailoverRejectsDifferentImage(t *testing.T) {
 func TestGoroutinesAfterClose(t *testing.T) {
 	// Not parallel: counts goroutines.
 	data := genImage(1<<20, 13)
-	a := dnbd3test.Start(t, dnbd3test.Image{Name: "test", Data: data})
-	b := dnbd3test.Start(t, dnbd3test.Image{Name: "test", Data: data})
+	a, b := startPair(t, data)
 	before := countGoroutines()
 	cfg := fastConfig(t, "test", a.Addr(), b.Addr())
 	cfg.NoProbe = false

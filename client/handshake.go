@@ -52,7 +52,7 @@ func handshake(ctx context.Context, dial func(context.Context, string, string) (
 		return nil, fmt.Errorf("connect: %w", err)
 	}
 	stop := watchConn(ctx, nc)
-	d, err := selectImage(nc, srv, want, flags)
+	sel, br, err := selectImage(nc, want, flags, readerSize)
 	if !stop() || err != nil {
 		nc.Close()
 		if err == nil || ctx.Err() != nil {
@@ -60,8 +60,7 @@ func handshake(ctx context.Context, dial func(context.Context, string, string) (
 		}
 		return nil, err
 	}
-	d.hsRTT = time.Since(start)
-	return d, nil
+	return &dialed{srv: srv, nc: nc, br: br, reply: sel, hsRTT: time.Since(start)}, nil
 }
 
 // watchConn makes blocking I/O on nc fail when ctx ends. The returned
@@ -71,42 +70,53 @@ func watchConn(ctx context.Context, nc net.Conn) func() bool {
 	return stop
 }
 
-func selectImage(nc net.Conn, srv *server, want identity, flags uint8) (*dialed, error) {
+// SelectImage performs the SELECT_IMAGE exchange on nc, a new connection
+// to a DNBD3 server, for tools that speak the protocol themselves (such as
+// dnbd3-bench): it asks for image name at revision rid (0: the latest)
+// with the given flags and checks the reply as Open does. Everything the
+// server sends after the reply must be read through the returned reader,
+// which buffers bufSize bytes of nc. Deadlines on nc are up to the caller.
+func SelectImage(nc net.Conn, name string, rid uint16, flags uint8, bufSize int) (protocol.SelectImageReply, *bufio.Reader, error) {
+	return selectImage(nc, identity{name: name, rid: rid}, flags, bufSize)
+}
+
+func selectImage(nc net.Conn, want identity, flags uint8, bufSize int) (protocol.SelectImageReply, *bufio.Reader, error) {
+	var none protocol.SelectImageReply
 	payload := protocol.SelectImage{Version: protocol.Version, Name: want.name, RID: want.rid, Flags: flags}.Marshal()
 	hdr := protocol.Request{Cmd: protocol.CmdSelectImage, Size: uint32(len(payload))}.Marshal()
 	if _, err := nc.Write(append(hdr[:], payload...)); err != nil {
-		return nil, fmt.Errorf("send SELECT_IMAGE: %w", err)
+		return none, nil, fmt.Errorf("send SELECT_IMAGE: %w", err)
 	}
-	br := bufio.NewReaderSize(nc, readerSize)
+	br := bufio.NewReaderSize(nc, bufSize)
 	var rb [protocol.ReplySize]byte
 	if _, err := io.ReadFull(br, rb[:]); err != nil {
 		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || isConnReset(err) {
-			return nil, errClosedInHandshake
+			return none, nil, errClosedInHandshake
 		}
-		return nil, fmt.Errorf("read SELECT_IMAGE reply: %w", err)
+		return none, nil, fmt.Errorf("read SELECT_IMAGE reply: %w", err)
 	}
 	rep, err := protocol.ParseReply(rb[:])
 	if err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrHandshake, err)
+		return none, nil, fmt.Errorf("%w: %w", ErrHandshake, err)
 	}
 	if rep.Cmd != protocol.CmdSelectImage {
-		return nil, fmt.Errorf("%w: reply command %v, want SELECT_IMAGE", ErrHandshake, rep.Cmd)
+		return none, nil, fmt.Errorf("%w: reply command %v, want SELECT_IMAGE", ErrHandshake, rep.Cmd)
 	}
 	if rep.Size < 3 || rep.Size > protocol.MaxPayload {
-		return nil, fmt.Errorf("%w: reply payload of %d bytes (want 3..%d)", ErrHandshake, rep.Size, protocol.MaxPayload)
+		return none, nil, fmt.Errorf("%w: reply payload of %d bytes (want 3..%d)", ErrHandshake, rep.Size, protocol.MaxPayload)
 	}
 	p := make([]byte, rep.Size)
 	if _, err := io.ReadFull(br, p); err != nil {
-		return nil, fmt.Errorf("read SELECT_IMAGE reply payload: %w", err)
+		return none, nil, fmt.Errorf("read SELECT_IMAGE reply payload: %w", err)
 	}
 	sel, err := protocol.ParseSelectImageReply(p)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrHandshake, err)
+		return none, nil, fmt.Errorf("%w: %w", ErrHandshake, err)
 	}
 	if err := checkReply(sel, want); err != nil {
-		return nil, err
+		return none, nil, err
 	}
-	return &dialed{srv: srv, nc: nc, br: br, reply: sel}, nil
+	return sel, br, nil
 }
 
 // checkReply applies the reference clients' validation of a SELECT_IMAGE
@@ -135,7 +145,7 @@ const probeBlock = protocol.BlockSize
 // probe measures srv: connect, SELECT_IMAGE, GET_BLOCK 4096 @ 0 with
 // handle 0, all within timeout. d.rtt is the connect-to-data time. On
 // success the connection stays open so it can become the active one.
-func probe(ctx context.Context, dial func(context.Context, string, string) (net.Conn, error), srv *server, want identity, flags uint8, timeout time.Duration, scratch []byte) (*dialed, error) {
+func probe(ctx context.Context, dial func(context.Context, string, string) (net.Conn, error), srv *server, want identity, flags uint8, timeout time.Duration) (*dialed, error) {
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
@@ -144,7 +154,7 @@ func probe(ctx context.Context, dial func(context.Context, string, string) (net.
 		return nil, err
 	}
 	stop := watchConn(ctx, d.nc)
-	err = probeRead(d, scratch)
+	err = probeRead(d)
 	if !stop() || err != nil {
 		d.close()
 		if err == nil || ctx.Err() != nil {
@@ -156,7 +166,7 @@ func probe(ctx context.Context, dial func(context.Context, string, string) (net.
 	return d, nil
 }
 
-func probeRead(d *dialed, scratch []byte) error {
+func probeRead(d *dialed) error {
 	hdr := protocol.Request{Cmd: protocol.CmdGetBlock, Size: probeBlock, Offset: 0, Handle: 0}.Marshal()
 	if _, err := d.nc.Write(hdr[:]); err != nil {
 		return fmt.Errorf("send probe GET_BLOCK: %w", err)
@@ -172,7 +182,7 @@ func probeRead(d *dialed, scratch []byte) error {
 	if rep.Cmd != protocol.CmdGetBlock || rep.Size != probeBlock || rep.Handle != 0 {
 		return fmt.Errorf("%w: probe reply %v, want GET_BLOCK size=%d handle=0", ErrProtocol, rep, probeBlock)
 	}
-	if _, err := io.ReadFull(d.br, scratch[:probeBlock]); err != nil {
+	if _, err := d.br.Discard(probeBlock); err != nil {
 		return fmt.Errorf("read probe data: %w", err)
 	}
 	return nil

@@ -4,15 +4,14 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"runtime"
-	"strings"
 	"testing"
 	"time"
 
 	"github.com/dnbd3go/dnbd3go/client/dnbd3test"
+	"github.com/dnbd3go/dnbd3go/internal/testutil"
 )
 
 // TestMain fails the run if goroutines are left over after all tests.
@@ -62,18 +61,12 @@ func padded(data []byte) []byte {
 	return out
 }
 
-type logWriter struct{ t testing.TB }
-
-func (w logWriter) Write(p []byte) (int, error) {
-	w.t.Log(strings.TrimRight(string(p), "\n"))
-	return len(p), nil
-}
-
+// testLogger logs through t.Log with -v and discards otherwise.
 func testLogger(t testing.TB) *slog.Logger {
 	if !testing.Verbose() {
-		return slog.New(slog.NewTextHandler(io.Discard, nil))
+		return slog.New(slog.DiscardHandler)
 	}
-	return slog.New(slog.NewTextHandler(logWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	return testutil.Logger(t)
 }
 
 // fastConfig is a Config with short timeouts so failure tests run fast.
@@ -109,6 +102,12 @@ func openT(t testing.TB, cfg Config) *Image {
 func startServer(t testing.TB, images ...dnbd3test.Image) *dnbd3test.Server {
 	t.Helper()
 	return dnbd3test.Start(t, images...)
+}
+
+// startPair starts two servers that both serve data as image "test".
+func startPair(t testing.TB, data []byte) (a, b *dnbd3test.Server) {
+	t.Helper()
+	return startServer(t, dnbd3test.Image{Name: "test", Data: data}), startServer(t, dnbd3test.Image{Name: "test", Data: data})
 }
 
 // readAll reads the whole image in chunks of chunk bytes.

@@ -105,60 +105,28 @@ func Open(ctx context.Context, cfg Config) (*Image, error) {
 	return i, nil
 }
 
-// errNotTried marks a server whose attempt never started.
-var errNotTried = errors.New("not tried")
-
-type openResult struct {
-	d   *dialed
-	srv *server
-	err error
-}
-
 // openFirst runs the staggered initial connection attempts.
 func openFirst(ctx context.Context, cfg Config, servers []*server) (*dialed, error) {
 	ctx, cancel := context.WithTimeout(ctx, cfg.OpenTimeout)
 	defer cancel()
-	want := identity{name: cfg.Image, rid: cfg.RID}
-	results := make(chan openResult, len(servers))
-	for k, s := range servers {
-		go func() {
-			if k > 0 {
-				t := time.NewTimer(time.Duration(k) * cfg.OpenStagger)
-				select {
-				case <-ctx.Done():
-					t.Stop()
-					results <- openResult{srv: s, err: errNotTried}
-					return
-				case <-t.C:
-				}
-			}
-			d, err := handshake(ctx, cfg.Dial, s, want, cfg.SelectFlags, cfg.ConnectTimeout)
-			results <- openResult{d: d, srv: s, err: err}
-		}()
+	delays := make([]time.Duration, len(servers))
+	for k := range delays {
+		delays[k] = time.Duration(k) * cfg.OpenStagger
 	}
-	var win *dialed
+	win, failed := raceHandshakes(ctx, cfg.Dial, servers, delays, identity{name: cfg.Image, rid: cfg.RID}, cfg.SelectFlags, cfg.ConnectTimeout)
+	now := time.Now()
 	var errs []string
 	notFound, tried := 0, 0
-	for range servers {
-		r := <-results
-		switch {
-		case r.err == nil && win == nil:
-			win = r.d
-			r.srv.hsRTT = r.d.hsRTT
-			cancel() // stop the others; keep collecting so none leaks
-		case r.err == nil:
-			r.d.close()
-		case win == nil:
-			r.srv.fail(r.err, time.Now())
-			if r.err == errNotTried {
-				continue
-			}
-			tried++
-			if errors.Is(r.err, errClosedInHandshake) {
-				notFound++
-			}
-			errs = append(errs, r.srv.key+": "+r.err.Error())
+	for _, e := range failed {
+		e.srv.fail(e.err, now)
+		if e.err == errNotTried {
+			continue
 		}
+		tried++
+		if errors.Is(e.err, errClosedInHandshake) {
+			notFound++
+		}
+		errs = append(errs, e.srv.key+": "+e.err.Error())
 	}
 	if win != nil {
 		return win, nil

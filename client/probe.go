@@ -38,7 +38,7 @@ type probeResult struct {
 }
 
 // startProbeLocked starts a probe round in the background.
-func (i *Image) startProbeLocked(now time.Time) {
+func (i *Image) startProbeLocked() {
 	c := i.active
 	if c == nil || i.closed {
 		return
@@ -63,8 +63,7 @@ func (i *Image) startProbeLocked(now time.Time) {
 		results := make(chan probeResult, len(targets))
 		for _, s := range targets {
 			go func() {
-				scratch := make([]byte, probeBlock)
-				d, err := probe(i.ctx, i.cfg.Dial, s, i.id, i.cfg.SelectFlags, timeout, scratch)
+				d, err := probe(i.ctx, i.cfg.Dial, s, i.id, i.cfg.SelectFlags, timeout)
 				results <- probeResult{srv: s, d: d, err: err}
 			}()
 		}

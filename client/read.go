@@ -32,7 +32,6 @@ type request struct {
 	conn      *conn     // connection it was last sent on, nil if unsent
 	start     time.Time // submission (for Config.Deadline)
 	sent      time.Time // last send (for stalls and live RTT)
-	tries     int
 	err       error
 	done      chan struct{} // cap 1, signalled once by finishLocked
 }
@@ -134,7 +133,6 @@ func (i *Image) ReadAtHops(ctx context.Context, p []byte, off int64, hops uint8)
 		r.err = nil
 		r.conn = nil
 		r.cancelled = false
-		r.tries = 0
 		i.reqs.Put(r)
 	}
 	if firstErr != nil {
@@ -210,7 +208,6 @@ func (i *Image) dispatchLocked(now time.Time) {
 		}
 		r.conn = c
 		r.sent = now
-		r.tries++
 		c.inflight++
 		hops := r.hops
 		if c.oldProto {

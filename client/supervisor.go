@@ -67,7 +67,7 @@ func (i *Image) housekeeping(now time.Time) time.Duration {
 				i.probeInterval = i.cfg.ProbeStartupInterval
 			}
 			if !now.Before(i.probeAt) {
-				i.startProbeLocked(now)
+				i.startProbeLocked()
 			} else {
 				next = earlier(next, i.probeAt)
 			}

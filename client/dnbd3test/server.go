@@ -1,7 +1,7 @@
 // Package dnbd3test provides an in-process DNBD3 server for tests, in the
 // spirit of net/http/httptest. It serves images from memory on 127.0.0.1
 // and can be told to misbehave: delay replies, reorder them, drop the
-// connection, answer with CMD_ERROR, refuse images, stall or send garbage.
+// connection, answer with CMD_ERROR, stall or send garbage.
 //
 // It is a test double, not a server: it implements just enough of the
 // protocol (SELECT_IMAGE, GET_BLOCK, KEEPALIVE, GET_SERVERS, GET_CRC32) to
@@ -11,6 +11,7 @@ package dnbd3test
 
 import (
 	"bufio"
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -50,10 +51,8 @@ const (
 )
 
 // Behavior is how the server treats requests. Change it any time with
-// SetBehavior or Update; connections pick up the change at the next request.
+// Update; connections pick up the change at the next request.
 type Behavior struct {
-	// HandshakeDelay delays the SELECT_IMAGE reply.
-	HandshakeDelay time.Duration
 	// BlockDelay delays each GET_BLOCK reply by this long after its
 	// request arrived (latency, not serialization: requests overlap).
 	BlockDelay time.Duration
@@ -67,9 +66,6 @@ type Behavior struct {
 	// ErrorAll answers every GET_BLOCK with CMD_ERROR (like a proxy whose
 	// uplink failed) instead of data.
 	ErrorAll bool
-	// Refuse closes every connection after reading SELECT_IMAGE, as for an
-	// unknown image.
-	Refuse bool
 	// StallHandshake reads SELECT_IMAGE and never answers.
 	StallHandshake bool
 	// StallBlocks completes the handshake but never answers GET_BLOCK
@@ -81,8 +77,6 @@ type Behavior struct {
 	Servers []netip.AddrPort
 	// SizeOverride, if non-zero, is reported as the image size.
 	SizeOverride uint64
-	// RIDOverride, if non-zero, is reported as the revision.
-	RIDOverride uint16
 }
 
 // Server is a fake DNBD3 server on 127.0.0.1.
@@ -106,11 +100,6 @@ type Server struct {
 
 // NewServer starts a server on 127.0.0.1 with a random port.
 func NewServer(images ...Image) (*Server, error) {
-	return NewServerAt("127.0.0.1:0", images...)
-}
-
-// NewServerAt starts a server on the given address.
-func NewServerAt(addr string, images ...Image) (*Server, error) {
 	for i := range images {
 		vs := protocol.VirtualSize(int64(len(images[i].Data)))
 		if vs < protocol.BlockSize {
@@ -126,7 +115,7 @@ func NewServerAt(addr string, images ...Image) (*Server, error) {
 		}
 	}
 	s := &Server{images: images, conns: make(map[net.Conn]struct{})}
-	ln, err := net.Listen("tcp", addr)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return nil, err
 	}
@@ -151,13 +140,6 @@ func (s *Server) Addr() string { return s.addr }
 
 // AddrPort returns the address as a netip.AddrPort.
 func (s *Server) AddrPort() netip.AddrPort { return netip.MustParseAddrPort(s.addr) }
-
-// SetBehavior replaces the behavior.
-func (s *Server) SetBehavior(b Behavior) {
-	s.mu.Lock()
-	s.behavior = b
-	s.mu.Unlock()
-}
 
 // Update changes the behavior in place.
 func (s *Server) Update(f func(b *Behavior)) {
@@ -320,22 +302,16 @@ func (s *Server) handle(c net.Conn) {
 	}
 	b := s.current()
 	img := s.find(sel.Name, sel.RID)
-	if img == nil || b.Refuse {
+	if img == nil {
 		return
 	}
 	if b.StallHandshake {
 		io.Copy(io.Discard, br)
 		return
 	}
-	if b.HandshakeDelay > 0 {
-		time.Sleep(b.HandshakeDelay)
-	}
 	rep := protocol.SelectImageReply{Version: protocol.Version, Name: img.Name, RID: img.RID, Size: uint64(len(img.Data))}
 	if b.SizeOverride != 0 {
 		rep.Size = b.SizeOverride
-	}
-	if b.RIDOverride != 0 {
-		rep.RID = b.RIDOverride
 	}
 	p := rep.Marshal()
 	out := protocol.Reply{Cmd: protocol.CmdSelectImage, Size: uint32(len(p))}.Marshal()
@@ -393,32 +369,16 @@ func (s *Server) handle(c net.Conn) {
 		case protocol.CmdGetCRC32:
 			var pl []byte
 			if img.CRC {
-				l, err := protocol.ComputeCRCList(bytesReaderAt(img.Data), int64(len(img.Data)))
+				l, err := protocol.ComputeCRCList(bytes.NewReader(img.Data), int64(len(img.Data)))
 				if err == nil {
 					pl = protocol.MarshalCRCList(l)
 				}
 			}
 			jobs <- job{cmd: protocol.CmdGetCRC32, handle: lastHandle, payload: pl}
-		default:
-			if req.Size > 0 && req.Cmd != protocol.CmdGetBlock {
-				// like the reference: the payload is not drained
-				continue
-			}
 		}
+		// Other commands are ignored; like the reference, their payload
+		// is not drained.
 	}
-}
-
-type bytesReaderAt []byte
-
-func (b bytesReaderAt) ReadAt(p []byte, off int64) (int, error) {
-	if off >= int64(len(b)) {
-		return 0, io.EOF
-	}
-	n := copy(p, b[off:])
-	if n < len(p) {
-		return n, io.EOF
-	}
-	return n, nil
 }
 
 // writer sends the replies of one connection.

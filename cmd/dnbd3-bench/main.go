@@ -16,6 +16,13 @@
 //
 // keeps Q pipelined GET_BLOCKs in flight on each of N connections for D and
 // prints MB/s, IOPS and latency percentiles.
+//
+// Idle mode (--idle N):
+//
+//	dnbd3-bench -h HOSTS -i IMAGE --idle N [--duration D]
+//
+// opens N connections, completes the handshake on each and holds them idle
+// for D (default 10s), to measure a server's cost per connected client.
 package main
 
 import (
@@ -29,9 +36,8 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/dnbd3go/dnbd3go/internal/units"
-
 	"github.com/dnbd3go/dnbd3go/client"
+	"github.com/dnbd3go/dnbd3go/internal/units"
 	"github.com/spf13/pflag"
 )
 
@@ -102,7 +108,7 @@ func parseFlags(args []string, stderr io.Writer) (o options, help bool, err erro
 	if fs.Changed("duration") && o.idle == 0 {
 		o.load = true
 	}
-	if o.load && o.duration == 0 {
+	if (o.load || o.idle > 0) && o.duration == 0 {
 		o.duration = 10 * time.Second
 	}
 	o.blockSize = 4096
@@ -152,11 +158,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	if o.idle > 0 {
-		hold := o.duration
-		if hold == 0 {
-			hold = 10 * time.Second
-		}
-		if err := runIdle(ctx, hosts, o.image, o.rid, o.idle, hold, o.timeout, stdout); err != nil {
+		if err := runIdle(ctx, hosts, o.image, o.rid, o.idle, o.duration, o.timeout, stdout); err != nil {
 			fmt.Fprintln(stderr, "dnbd3-bench:", err)
 			return 1
 		}
