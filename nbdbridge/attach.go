@@ -115,10 +115,7 @@ func Attach(ctx context.Context, opts AttachOptions) (*Device, error) {
 	ok := false
 	defer func() {
 		if !ok {
-			d.cancel()
-			d.closeConns()
-			d.wg.Wait()
-			d.lock.Unlock()
+			d.stop(false)
 		}
 	}()
 
@@ -239,12 +236,15 @@ func (d *Device) connect(size int64) (int, error) {
 	lock, free, err := TryLockDevice(idx)
 	if err != nil || !free {
 		Disconnect(idx)
-		return -1, fmt.Errorf("lock %s: held by another process (%v)", DevicePath(idx), err)
+		if err == nil {
+			err = errors.New("held by another process")
+		}
+		return -1, fmt.Errorf("lock %s: %w", DevicePath(idx), err)
 	}
 	d.lock = lock
 	d.Index = idx
 	d.log.Info("connected", "device", DevicePath(idx), "size", size, "connections", o.Connections,
-		"blockSize", o.BlockSize, "flags", fmt.Sprintf("%#x", d.engine.Flags()))
+		"blockSize", o.BlockSize, "flags", FormatFlags(d.engine.Flags()))
 	return idx, nil
 }
 
@@ -281,11 +281,11 @@ func (d *Device) serveSlot(conn net.Conn) {
 		d.track(conn, false)
 		conn.Close()
 		if d.ctx.Err() != nil {
-			d.slotEnded(false)
+			d.slotEnded()
 			return
 		}
 		if err == nil || errors.Is(err, ErrDisconnected) {
-			d.slotEnded(true)
+			d.slotEnded()
 			return
 		}
 		if time.Since(start) < time.Second {
@@ -295,7 +295,7 @@ func (d *Device) serveSlot(conn net.Conn) {
 		}
 		if quick >= maxQuickFailures {
 			d.log.Warn("kernel keeps dropping a connection; giving up this connection", "device", d.Path, "err", err)
-			d.slotEnded(false)
+			d.slotEnded()
 			return
 		}
 		d.log.Warn("kernel connection lost, reconfiguring a new one", "device", d.Path, "err", err)
@@ -304,7 +304,7 @@ func (d *Device) serveSlot(conn net.Conn) {
 		// with no dead slot succeeds but drops the socket).
 		select {
 		case <-d.ctx.Done():
-			d.slotEnded(false)
+			d.slotEnded()
 			return
 		case <-time.After(200 * time.Millisecond):
 		}
@@ -324,7 +324,7 @@ func (d *Device) serveSlot(conn net.Conn) {
 			d.log.Error("cannot reconfigure the device", "device", d.Path, "err", nerr)
 			select {
 			case <-d.ctx.Done():
-				d.slotEnded(false)
+				d.slotEnded()
 				return
 			case <-time.After(time.Second):
 			}
@@ -350,7 +350,8 @@ func (d *Device) closeConns() {
 	}
 }
 
-func (d *Device) slotEnded(disc bool) {
+// slotEnded counts a slot that stopped serving for good.
+func (d *Device) slotEnded() {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.active--
@@ -360,8 +361,9 @@ func (d *Device) slotEnded(disc bool) {
 	}
 }
 
-// Disconnected is closed when the kernel ended every connection, e.g.
-// because `dnbd3-nbd detach` disconnected the device.
+// Disconnected is closed when every connection has ended for good: the
+// kernel disconnected the device (e.g. `dnbd3-nbd detach`), or the slots
+// gave up or were stopped.
 func (d *Device) Disconnected() <-chan struct{} { return d.discCh }
 
 // Engine returns the transmission engine (for statistics).
@@ -395,21 +397,27 @@ func (d *Device) Shutdown(force bool) (disconnected bool, err error) {
 		case <-time.After(10 * time.Second):
 			d.log.Warn("kernel did not end every connection within 10 s", "device", d.Path)
 		}
-		d.cancel()
-		d.closeConns()
-		d.wg.Wait()
-		RemoveState(d.Index)
-		d.lock.Unlock()
+		d.stop(true)
 		d.log.Info("detached", "device", d.Path)
 		return true, err
 	}
 	d.log.Warn(fmt.Sprintf("%s is in use (mounted or open): leaving it attached; restart dnbd3-nbd attach within %v to take it over, or I/O on it fails",
 		d.Path, d.opts.DeadConnTimeout), "device", d.Path)
+	d.stop(false)
+	return false, err
+}
+
+// stop ends every slot and waits for them, removes the state files if
+// asked to (while still holding the lock, so they cannot be a successor's)
+// and releases the device lock.
+func (d *Device) stop(removeState bool) {
 	d.cancel()
 	d.closeConns()
 	d.wg.Wait()
+	if removeState {
+		RemoveState(d.Index)
+	}
 	d.lock.Unlock()
-	return false, err
 }
 
 // watchLinkDead logs the kernel's LINK_DEAD events for this device; the

@@ -257,33 +257,36 @@ func (s Sysfs) NBDSMax() (int, error) {
 // With ClientFlagDisconnectOnClose the probing open's close disconnects
 // an otherwise unused device.
 func (s Sysfs) InUse(index int) (bool, error) {
-	names := []string{"nbd" + strconv.Itoa(index)}
 	parts, err := s.Partitions(index)
 	if err != nil {
 		return false, fmt.Errorf("check whether %s is in use: %w", DevicePath(index), err)
 	}
-	names = append(names, parts...)
-	for _, name := range names {
-		dir := s.blockDir(index)
-		if name != names[0] {
-			dir = filepath.Join(dir, name)
+	names := append([]string{"nbd" + strconv.Itoa(index)}, parts...)
+	var devs []string // major:minor of the device and its partitions
+	for i, name := range names {
+		rel := "" // sysfs directory relative to the device's
+		if i > 0 {
+			rel = name
 		}
-		holders, err := os.ReadDir(filepath.Join(dir, "holders"))
+		holders, err := os.ReadDir(filepath.Join(s.blockDir(index), rel, "holders"))
 		if err != nil && !errors.Is(err, fs.ErrNotExist) {
 			return false, fmt.Errorf("check holders of %s: %w", name, err)
 		}
 		if len(holders) > 0 {
 			return true, nil
 		}
+		if v, err := s.readAttr(index, filepath.Join(rel, "dev")); err == nil {
+			devs = append(devs, strings.TrimSpace(v))
+		}
 	}
-	mounted, err := s.mounted(index, names)
+	mounted, err := s.mounted(names, devs)
 	if err != nil {
 		return false, err
 	}
 	if mounted {
 		return true, nil
 	}
-	if open, err := s.openElsewhere(index, names); err != nil || open {
+	if open, err := s.openElsewhere(devs); err != nil || open {
 		return open, err
 	}
 	fd, err := unix.Open(s.Path(index), unix.O_RDONLY|unix.O_EXCL|unix.O_CLOEXEC|unix.O_NONBLOCK, 0)
@@ -297,22 +300,14 @@ func (s Sysfs) InUse(index int) (bool, error) {
 	return false, nil
 }
 
-// openElsewhere reports whether another process has the device or one of
-// its partitions open: a /proc/PID/fd entry whose target has the device
-// number of one of them.
-func (s Sysfs) openElsewhere(index int, names []string) (bool, error) {
+// openElsewhere reports whether another process has one of the block
+// devices devs ("major:minor") open: a /proc/PID/fd entry whose target has
+// one of these device numbers.
+func (s Sysfs) openElsewhere(devs []string) (bool, error) {
 	rdevs := map[uint64]bool{}
-	for i, name := range names {
-		attr := "dev"
-		if i > 0 {
-			attr = filepath.Join(name, "dev")
-		}
-		v, err := s.readAttr(index, attr)
-		if err != nil {
-			continue
-		}
+	for _, v := range devs {
 		var maj, mnr uint32
-		if _, err := fmt.Sscanf(strings.TrimSpace(v), "%d:%d", &maj, &mnr); err == nil {
+		if _, err := fmt.Sscanf(v, "%d:%d", &maj, &mnr); err == nil {
 			rdevs[unix.Mkdev(maj, mnr)] = true
 		}
 	}
@@ -346,21 +341,14 @@ func (s Sysfs) openElsewhere(index int, names []string) (bool, error) {
 	return false, nil
 }
 
-// mounted reports whether a device or partition in names appears in the
-// mount table, by major:minor or by source path.
-func (s Sysfs) mounted(index int, names []string) (bool, error) {
-	devs := map[string]bool{}
+// mounted reports whether one of the block devices names (device node
+// names) or devs ("major:minor") appears in the mount table, by
+// major:minor or by source path.
+func (s Sysfs) mounted(names, devs []string) (bool, error) {
 	sources := map[string]bool{}
-	for i, name := range names {
+	for _, name := range names {
 		sources[s.devNode(name)] = true
 		sources["/dev/"+name] = true
-		attr := "dev"
-		if i > 0 {
-			attr = filepath.Join(name, "dev")
-		}
-		if v, err := s.readAttr(index, attr); err == nil {
-			devs[strings.TrimSpace(v)] = true
-		}
 	}
 	f, err := os.Open(s.mountInfo())
 	if err != nil {
@@ -375,7 +363,7 @@ func (s Sysfs) mounted(index int, names []string) (bool, error) {
 		if len(fields) < 3 {
 			continue
 		}
-		if devs[fields[2]] {
+		if slices.Contains(devs, fields[2]) {
 			return true, nil
 		}
 		for i, f := range fields {

@@ -76,10 +76,3 @@ func (t *writeTracker) pendingBelow(mark uint64) bool {
 	}
 	return false
 }
-
-// pending returns the number of write-type requests in flight.
-func (t *writeTracker) pending() int {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return len(t.inflight)
-}

@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/internal/fsutil"
 	"golang.org/x/sys/unix"
 )
 
@@ -103,11 +104,7 @@ func WriteState(s State) error {
 	if err != nil {
 		return err
 	}
-	tmp := runFile(s.Index, ".json.tmp")
-	if err := os.WriteFile(tmp, b, 0o644); err != nil {
-		return err
-	}
-	return os.Rename(tmp, runFile(s.Index, ".json"))
+	return fsutil.WriteFileAtomic(runFile(s.Index, ".json"), b, 0o644)
 }
 
 // ReadState loads a device's state file.

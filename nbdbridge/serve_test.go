@@ -39,12 +39,10 @@ func srvTestStart(t testing.TB, b Backend, opts EngineOptions, network string) *
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := &srvTest{e: NewEngine(b, opts)}
+	s := &srvTest{e: NewEngine(b, opts), addr: ln.Addr().String()}
 	if network == "unix" {
-		s.addr = ln.Addr().String()
 		s.uri = "nbd+unix:///?socket=" + s.addr
 	} else {
-		s.addr = ln.Addr().String()
 		s.uri = "nbd://" + s.addr + "/"
 	}
 	ctx, cancel := context.WithCancel(context.Background())

@@ -43,11 +43,8 @@ const (
 	// Error values of simple replies (proto.md "Error values").
 	wireEPERM     = protocol.TRANSMISSION_ERROR_EPERM
 	wireEIO       = uint32(5)
-	wireENOMEM    = uint32(12)
 	wireEINVAL    = protocol.TRANSMISSION_ERROR_EINVAL
 	wireENOSPC    = uint32(28)
-	wireEOVERFLOW = uint32(75)
-	wireENOTSUP   = uint32(95)
 	wireESHUTDOWN = uint32(108)
 
 	// Handshake phase.
@@ -68,7 +65,6 @@ const (
 	wireRepServer     = protocol.NEGOTIATION_TYPE_REPLY_SERVER
 	wireRepInfo       = protocol.NEGOTIATION_TYPE_REPLY_INFO
 	wireRepErrUnsup   = protocol.NEGOTIATION_TYPE_REPLY_ERR_UNSUPPORTED
-	wireRepErrPolicy  = uint32(2 | 1<<31)
 	wireRepErrInvalid = uint32(3 | 1<<31)
 	wireRepErrUnknown = protocol.NEGOTIATION_TYPE_REPLY_ERR_UNKNOWN
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"os/signal"
 	"runtime"
 	"strconv"
@@ -41,11 +42,7 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 	var deadConn time.Duration
 	var force bool
 	var cow cowFlags
-	fs := pflag.NewFlagSet("dnbd3-nbd attach", pflag.ContinueOnError)
-	fs.SortFlags = false
-	fs.SetOutput(s.err)
-	f.register(fs)
-	cow.register(fs)
+	fs := newImageFlagSet("attach", s, &f, &cow)
 	fs.StringVar(&device, "device", "", "use this device (/dev/nbdN); default: the kernel picks a free one")
 	fs.IntVar(&conns, "connections", min(4, runtime.NumCPU()), "connections (socketpairs) to the kernel")
 	fs.Uint64Var(&blockSize, "block-size", 512, "logical block size: 512 or 4096")
@@ -66,18 +63,8 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 		fmt.Fprintf(s.err, "dnbd3-nbd attach: "+format+"\n", a...)
 		return exitUsage
 	}
-	if err := f.validate(); err != nil {
+	if err := f.validateWithCOW(&cow); err != nil {
 		return bad("%v", err)
-	}
-	if err := cow.validate(); err != nil {
-		return bad("%v", err)
-	}
-	if rid, err := cow.sessionRID(); err != nil {
-		return bad("-L: %v", err)
-	} else if rid != 0 && f.rid != 0 && rid != f.rid {
-		return bad("-L: the session is based on revision %d, not -r %d", rid, f.rid)
-	} else if rid != 0 {
-		f.rid = rid // unchanged blocks must come from the session's revision, not the latest
 	}
 	if blockSize != 512 && blockSize != 4096 {
 		return bad("--block-size %d: want 512 or 4096", blockSize)
@@ -153,7 +140,7 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 		if clientStats.Panic {
 			state = "failover"
 		}
-		st := attachStatus{Device: dev.Path, PID: osPID(), Image: img.Name(), RID: img.RID(), Size: backend.Size(),
+		st := attachStatus{Device: dev.Path, PID: os.Getpid(), Image: img.Name(), RID: img.RID(), Size: backend.Size(),
 			BlockSize: blockSize, Connections: conns, ReadOnly: cs == nil, State: state, Started: started,
 			Client: clientStats, Engine: dev.Engine().Stats()}
 		if cs != nil {
@@ -205,17 +192,28 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 	return exitOK
 }
 
-// parseFlags parses args; ok is false when the command should return code.
+// parseFlags parses the flags of a command without positional arguments;
+// ok is false when the command should return code.
 func parseFlags(fs *pflag.FlagSet, args []string, s stdio, name string) (code int, ok bool) {
+	if code, ok := parseFlagArgs(fs, args, s, name); !ok {
+		return code, false
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(s.err, "dnbd3-nbd %s: unexpected argument %q\n", name, fs.Arg(0))
+		return exitUsage, false
+	}
+	return 0, true
+}
+
+// parseFlagArgs parses args and leaves the positional arguments to the
+// caller; ok is false when the command should return code (0 after
+// --help).
+func parseFlagArgs(fs *pflag.FlagSet, args []string, s stdio, name string) (code int, ok bool) {
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, pflag.ErrHelp) {
 			return exitOK, false
 		}
 		fmt.Fprintf(s.err, "dnbd3-nbd %s: %v\n", name, err)
-		return exitUsage, false
-	}
-	if fs.NArg() > 0 {
-		fmt.Fprintf(s.err, "dnbd3-nbd %s: unexpected argument %q\n", name, fs.Arg(0))
 		return exitUsage, false
 	}
 	return 0, true

@@ -9,29 +9,23 @@ import (
 	"os"
 	"time"
 
-	"github.com/dnbd3go/dnbd3go/internal/units"
-
 	"github.com/dnbd3go/dnbd3go/client"
 	"github.com/dnbd3go/dnbd3go/internal/logging"
 	"github.com/dnbd3go/dnbd3go/internal/progress"
+	"github.com/dnbd3go/dnbd3go/internal/units"
 	"github.com/spf13/pflag"
 )
 
-// getOptions are the flags of "dnbd3-nbd get".
+// getOptions are the flags of "dnbd3-nbd get". Of the image flags it uses
+// -h -i -r -S, --timeout and the log format and level (no -l).
 type getOptions struct {
-	hosts     string
-	image     string
-	rid       uint16
-	sticky    bool
+	imageFlags
 	output    string
 	offset    int64
 	length    int64
-	timeout   time.Duration
 	parallel  int
 	blockSize int64
 	quiet     bool
-	logFormat string
-	logLevel  string
 }
 
 func runGet(ctx context.Context, args []string, s stdio) int {
@@ -40,10 +34,7 @@ func runGet(ctx context.Context, args []string, s stdio) int {
 	fs := pflag.NewFlagSet("dnbd3-nbd get", pflag.ContinueOnError)
 	fs.SortFlags = false
 	fs.SetOutput(s.err)
-	fs.StringVarP(&o.hosts, "host", "h", "", `servers, space-separated: "host[:port] [v6]:port ..." (default port 5003)`)
-	fs.StringVarP(&o.image, "image", "i", "", "image name")
-	fs.Uint16VarP(&o.rid, "rid", "r", 0, "revision (0 = latest)")
-	fs.BoolVarP(&o.sticky, "sticky", "S", false, "use only the given servers, don't learn others via GET_SERVERS")
+	o.registerSource(fs)
 	fs.StringVarP(&o.output, "output", "o", "-", `output file, "-" for stdout`)
 	fs.StringVar(&offset, "offset", "0", "first byte to fetch (suffixes K, M, G, T = powers of 1024)")
 	fs.StringVar(&length, "length", "0", "number of bytes to fetch (0 = to the end of the image)")
@@ -58,22 +49,15 @@ func runGet(ctx context.Context, args []string, s stdio) int {
 			"Downloads an image (or a byte range of it) from DNBD3 servers to a file or stdout.\n\nFlags:\n")
 		fs.PrintDefaults()
 	}
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, pflag.ErrHelp) {
-			return exitOK
-		}
-		fmt.Fprintf(s.err, "dnbd3-nbd get: %v\n", err)
-		return exitUsage
+	if code, ok := parseFlags(fs, args, s, "get"); !ok {
+		return code
 	}
 	bad := func(format string, a ...any) int {
 		fmt.Fprintf(s.err, "dnbd3-nbd get: "+format+"\n", a...)
 		return exitUsage
 	}
-	if fs.NArg() > 0 {
-		return bad("unexpected argument %q", fs.Arg(0))
-	}
-	if o.hosts == "" || o.image == "" {
-		return bad("-h HOSTS and -i IMAGE are required (see --help)")
+	if err := o.validate(); err != nil {
+		return bad("%v", err)
 	}
 	var err error
 	if o.offset, err = units.ParseSize(offset); err != nil {
@@ -87,9 +71,6 @@ func runGet(ctx context.Context, args []string, s stdio) int {
 	}
 	if o.parallel < 1 || o.parallel > 256 {
 		return bad("--parallel %d: want 1 to 256", o.parallel)
-	}
-	if o.timeout < 0 {
-		return bad("--timeout must not be negative")
 	}
 	level, err := logging.ParseLevel(o.logLevel)
 	if err != nil {
@@ -128,14 +109,7 @@ type getResult struct {
 // writing in order so stdout may be a pipe.
 func get(ctx context.Context, o getOptions, s stdio, log *slog.Logger) (getResult, error) {
 	start := time.Now()
-	img, err := client.Open(ctx, client.Config{
-		Servers:  []string{o.hosts},
-		Image:    o.image,
-		RID:      o.rid,
-		Sticky:   o.sticky,
-		Deadline: o.timeout,
-		Logger:   log,
-	})
+	img, err := o.open(ctx, log)
 	if err != nil {
 		return getResult{}, err
 	}

@@ -27,11 +27,28 @@ type imageFlags struct {
 	logLevel  string
 }
 
-func (f *imageFlags) register(fs *pflag.FlagSet) {
+// newImageFlagSet returns the flag set of a command that serves an image
+// (attach, serve): the image flags, then the copy-on-write flags.
+func newImageFlagSet(name string, s stdio, f *imageFlags, cow *cowFlags) *pflag.FlagSet {
+	fs := pflag.NewFlagSet("dnbd3-nbd "+name, pflag.ContinueOnError)
+	fs.SortFlags = false
+	fs.SetOutput(s.err)
+	f.register(fs)
+	cow.register(fs)
+	return fs
+}
+
+// registerSource registers the flags that name the image and its servers
+// (-h -i -r -S).
+func (f *imageFlags) registerSource(fs *pflag.FlagSet) {
 	fs.StringVarP(&f.hosts, "host", "h", "", `servers, space-separated: "host[:port] [v6]:port ..." (default port 5003)`)
 	fs.StringVarP(&f.image, "image", "i", "", "image name")
 	fs.Uint16VarP(&f.rid, "rid", "r", 0, "revision (0 = latest)")
 	fs.BoolVarP(&f.sticky, "sticky", "S", false, "use only the given servers, don't learn others via GET_SERVERS")
+}
+
+func (f *imageFlags) register(fs *pflag.FlagSet) {
+	f.registerSource(fs)
 	fs.DurationVar(&f.timeout, "timeout", time.Minute, "a read fails (EIO) after waiting this long with no server answering (0 = wait forever)")
 	fs.StringVarP(&f.logFile, "log", "l", "", "also write the log to this file")
 	fs.StringVar(&f.logFormat, "log-format", "text", "log format: text or json")
@@ -44,6 +61,28 @@ func (f *imageFlags) validate() error {
 	}
 	if f.timeout < 0 {
 		return errors.New("--timeout must not be negative")
+	}
+	return nil
+}
+
+// validateWithCOW checks the image flags together with the copy-on-write
+// flags. A session loaded with -L fixes the revision: unchanged blocks must
+// come from the session's revision, not the latest.
+func (f *imageFlags) validateWithCOW(cow *cowFlags) error {
+	if err := f.validate(); err != nil {
+		return err
+	}
+	if err := cow.validate(); err != nil {
+		return err
+	}
+	rid, err := cow.sessionRID()
+	switch {
+	case err != nil:
+		return fmt.Errorf("-L: %w", err)
+	case rid != 0 && f.rid != 0 && rid != f.rid:
+		return fmt.Errorf("-L: the session is based on revision %d, not -r %d", rid, f.rid)
+	case rid != 0:
+		f.rid = rid
 	}
 	return nil
 }

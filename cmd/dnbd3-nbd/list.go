@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"os"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -42,17 +41,25 @@ func (d deviceInfo) stateWord() string {
 	}
 }
 
+// inspect asks the kernel whether device index is connected and describes it.
 func inspect(index int) (deviceInfo, error) {
-	d := deviceInfo{index: index, path: nbdbridge.DevicePath(index)}
 	st, err := nbdbridge.Status(index)
 	if err != nil {
-		return d, err
+		return deviceInfo{index: index, path: nbdbridge.DevicePath(index)}, err
 	}
+	connected := false
 	for _, s := range st {
 		if s.Index == index {
-			d.connected = s.Connected
+			connected = s.Connected
 		}
 	}
+	return describe(index, connected), nil
+}
+
+// describe collects what sysfs, the state file and a live daemon tell
+// about device index.
+func describe(index int, connected bool) deviceInfo {
+	d := deviceInfo{index: index, path: nbdbridge.DevicePath(index), connected: connected}
 	d.backendID, _ = nbdbridge.DeviceBackend(index)
 	if s, err := nbdbridge.ReadState(index); err == nil {
 		d.state, d.hasState = s, true
@@ -61,7 +68,7 @@ func inspect(index int) (deviceInfo, error) {
 	if nbdbridge.QueryControl(index, &live) == nil {
 		d.live = &live
 	}
-	return d, nil
+	return d
 }
 
 func runList(ctx context.Context, args []string, s stdio) int {
@@ -86,8 +93,11 @@ func runList(ctx context.Context, args []string, s stdio) int {
 	tw := tabwriter.NewWriter(s.out, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "DEVICE\tIMAGE\tRID\tSERVER\tRTT\tCONNS\tSTATE")
 	for _, e := range st {
-		d, err := inspect(e.Index)
-		if err != nil || !d.connected || (!d.ours() && !all) {
+		if !e.Connected {
+			continue
+		}
+		d := describe(e.Index, true)
+		if !d.ours() && !all {
 			continue
 		}
 		image, rid, server, rtt, conns := "-", "-", "-", "-", "-"
@@ -119,8 +129,8 @@ func runStatus(ctx context.Context, args []string, s stdio) int {
 		fmt.Fprintf(s.err, "Usage: dnbd3-nbd status /dev/nbdN [--json]\n\nShows one device: its kernel state and, while its daemon runs, image, servers and I/O counters.\nExit code 0 if the device is connected, 3 if not.\n\nFlags:\n")
 		fs.PrintDefaults()
 	}
-	if err := fs.Parse(args); err != nil {
-		return exitUsage
+	if code, ok := parseFlagArgs(fs, args, s, "status"); !ok {
+		return code
 	}
 	if fs.NArg() != 1 {
 		fmt.Fprintln(s.err, "dnbd3-nbd status: want exactly one device, e.g. /dev/nbd0")
@@ -172,8 +182,8 @@ func runDetach(ctx context.Context, args []string, s stdio) int {
 		fmt.Fprintf(s.err, "Usage: dnbd3-nbd detach /dev/nbdN [--force]\n\nDisconnects the device; its daemon (if running) exits.\n\nFlags:\n")
 		fs.PrintDefaults()
 	}
-	if err := fs.Parse(args); err != nil {
-		return exitUsage
+	if code, ok := parseFlagArgs(fs, args, s, "detach"); !ok {
+		return code
 	}
 	if fs.NArg() != 1 {
 		fmt.Fprintln(s.err, "dnbd3-nbd detach: want exactly one device, e.g. /dev/nbd0")
@@ -220,5 +230,3 @@ func orDash(s string) string {
 	}
 	return s
 }
-
-func osPID() int { return os.Getpid() }

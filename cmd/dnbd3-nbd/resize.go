@@ -19,8 +19,8 @@ func runResize(ctx context.Context, args []string, s stdio) int {
 			"SIZE bytes (suffixes K, M, G, T), the device SIZE rounded down to its block size. Growing reads\n"+
 			"zeros past the old end; shrinking and growing again does not bring old data back.\n")
 	}
-	if err := fs.Parse(args); err != nil {
-		return exitUsage
+	if code, ok := parseFlagArgs(fs, args, s, "resize"); !ok {
+		return code
 	}
 	if fs.NArg() != 1 && fs.NArg() != 2 {
 		fs.Usage()

@@ -7,18 +7,13 @@ import (
 	"syscall"
 
 	"github.com/dnbd3go/dnbd3go/nbdbridge"
-	"github.com/spf13/pflag"
 )
 
 func runServe(ctx context.Context, args []string, s stdio) int {
 	var f imageFlags
 	var cow cowFlags
 	var listen string
-	fs := pflag.NewFlagSet("dnbd3-nbd serve", pflag.ContinueOnError)
-	fs.SortFlags = false
-	fs.SetOutput(s.err)
-	f.register(fs)
-	cow.register(fs)
+	fs := newImageFlagSet("serve", s, &f, &cow)
 	fs.StringVar(&listen, "listen", "", "where to export: unix:PATH or tcp:HOST:PORT")
 	fs.Usage = func() {
 		fmt.Fprintf(s.err, "Usage: dnbd3-nbd serve -h \"HOST[:PORT] ...\" -i IMAGE [-r RID] [-S] --listen unix:PATH|tcp:ADDR [-c DIR | -L DIR] [-C MERGER] [-m]\n\n"+
@@ -30,19 +25,9 @@ func runServe(ctx context.Context, args []string, s stdio) int {
 	if code, ok := parseFlags(fs, args, s, "serve"); !ok {
 		return code
 	}
-	if err := f.validate(); err != nil {
+	if err := f.validateWithCOW(&cow); err != nil {
 		fmt.Fprintf(s.err, "dnbd3-nbd serve: %v\n", err)
 		return exitUsage
-	}
-	if err := cow.validate(); err != nil {
-		fmt.Fprintf(s.err, "dnbd3-nbd serve: %v\n", err)
-		return exitUsage
-	}
-	if rid, err := cow.sessionRID(); err != nil || (rid != 0 && f.rid != 0 && rid != f.rid) {
-		fmt.Fprintf(s.err, "dnbd3-nbd serve: -L: session revision %d, -r %d (%v)\n", rid, f.rid, err)
-		return exitUsage
-	} else if rid != 0 {
-		f.rid = rid
 	}
 	if listen == "" {
 		fmt.Fprintln(s.err, "dnbd3-nbd serve: --listen unix:PATH or tcp:HOST:PORT is required")

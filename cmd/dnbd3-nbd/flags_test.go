@@ -1,0 +1,51 @@
+package main
+
+import (
+	"strings"
+	"testing"
+)
+
+// TestFlagErrors covers the command-line checks that run before any
+// server, kernel module or privilege is needed.
+func TestFlagErrors(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		code int
+		msg  string
+	}{
+		{[]string{"attach", "-i", "img"}, 2, "-h HOSTS and -i IMAGE are required"},
+		{[]string{"attach", "-h", "h", "-i", "img", "--block-size", "1024"}, 2, "--block-size 1024"},
+		{[]string{"attach", "-h", "h", "-i", "img", "--connections", "0"}, 2, "--connections 0"},
+		{[]string{"attach", "-h", "h", "-i", "img", "-c", "a", "-L", "b"}, 2, "exclude each other"},
+		{[]string{"attach", "-h", "h", "-i", "img", "--device", "/dev/nbd1p2"}, 2, "is a partition"},
+		{[]string{"attach", "-h", "h", "-i", "img", "extra"}, 2, "unexpected argument"},
+		{[]string{"serve", "-h", "h", "-i", "img"}, 2, "--listen"},
+		{[]string{"serve", "-h", "h", "-i", "img", "-m", "--listen", "unix:x"}, 2, "need a copy-on-write session"},
+		{[]string{"serve", "-h", "h", "-i", "img", "--timeout", "-1s", "--listen", "unix:x"}, 2, "--timeout"},
+		{[]string{"status"}, 2, "exactly one device"},
+		{[]string{"status", "--bogus", "/dev/nbd0"}, 2, "dnbd3-nbd status: unknown flag: --bogus"},
+		{[]string{"detach", "sda"}, 2, "not an NBD device"},
+		{[]string{"detach", "--bogus", "/dev/nbd0"}, 2, "dnbd3-nbd detach: unknown flag: --bogus"},
+		{[]string{"resize", "/dev/nbd0", "12Q"}, 2, "dnbd3-nbd resize:"},
+		{[]string{"resize", "--bogus", "/dev/nbd0"}, 2, "dnbd3-nbd resize: unknown flag: --bogus"},
+		{[]string{"list", "extra"}, 2, "unexpected argument"},
+	} {
+		code, _, stderr := runT(t, tc.args...)
+		if code != tc.code || !strings.Contains(stderr, tc.msg) {
+			t.Errorf("%v: exit %d, stderr %q; want exit %d with %q", tc.args, code, stderr, tc.code, tc.msg)
+		}
+	}
+}
+
+// TestCommandHelp checks that every command's help exits 0 and shows its
+// usage line, whether asked as "COMMAND --help" or "help COMMAND".
+func TestCommandHelp(t *testing.T) {
+	for _, c := range commands() {
+		for _, args := range [][]string{{c.name, "--help"}, {"help", c.name}} {
+			code, _, stderr := runT(t, args...)
+			if code != 0 || !strings.Contains(stderr, "Usage: dnbd3-nbd "+c.name) {
+				t.Errorf("%v: exit %d, stderr %q", args, code, stderr)
+			}
+		}
+	}
+}
