@@ -1,6 +1,7 @@
 package cowstore
 
 import (
+	"cmp"
 	"fmt"
 	"slices"
 )
@@ -107,7 +108,7 @@ func (o *Overlay) commit() error {
 		requeue()
 		return fmt.Errorf("sync COW data: %w", err)
 	}
-	slices.SortFunc(writes, func(a, b write) int { return int(a.off - b.off) })
+	slices.SortFunc(writes, func(a, b write) int { return cmp.Compare(a.off, b.off) })
 	for i := 0; i < len(writes); {
 		// coalesce adjacent writes into one pwrite
 		j, buf := i+1, writes[i].b

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math/bits"
 )
 
 // Format constants of session version 3.
@@ -81,7 +82,7 @@ func parseHeader(b []byte) (header, error) {
 	}
 	switch magic := le.Uint64(b); {
 	case magic == MetaMagic:
-	case magic == swap64(MetaMagic):
+	case magic == bits.ReverseBytes64(MetaMagic):
 		return h, errWrongEndian
 	default:
 		return h, errNotMeta
@@ -110,12 +111,6 @@ func cString(b []byte) string {
 		}
 	}
 	return string(b)
-}
-
-func swap64(v uint64) uint64 {
-	var b [8]byte
-	binary.BigEndian.PutUint64(b[:], v)
-	return le.Uint64(b[:])
 }
 
 // entry is one L2 entry: a cluster's slot, upload bookkeeping and bitfield.
@@ -154,9 +149,7 @@ func (e *entry) clear(block int)    { e.bits[block/8] &^= 1 << (block % 8) }
 func (e *entry) popcount() int {
 	n := 0
 	for _, b := range e.bits {
-		for ; b != 0; b &= b - 1 {
-			n++
-		}
+		n += bits.OnesCount8(b)
 	}
 	return n
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/bits"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -247,7 +248,7 @@ func TestLoadRefusesForeignOrCorrupt(t *testing.T) {
 		{"other revision", nil, Options{Remote: remote, ImageName: "img", RID: 4}, "revision 3"},
 		{"remote too small", nil, Options{Remote: &memRemote{data: make([]byte, 4096)}, ImageName: "img", RID: 3}, "valid bytes"},
 		{"bad magic", func(d string) { patch(d, "meta", 0, []byte{1}) }, good, "bad magic"},
-		{"byte-swapped", func(d string) { patch(d, "meta", 0, le64(int64(swap64(MetaMagic)))) }, good, "byte order"},
+		{"byte-swapped", func(d string) { patch(d, "meta", 0, le64(int64(bits.ReverseBytes64(MetaMagic)))) }, good, "byte order"},
 		{"version", func(d string) { patch(d, "meta", 16, le32(2)) }, good, "version 2"},
 		{"bitfield size", func(d string) { patch(d, "meta", 40, le32(80)) }, good, "bitfield"},
 		{"L1 beyond nextL2", func(d string) { patch(d, "meta", StartL1+4*5, le32(7)) }, good, "nextL2"},

@@ -56,17 +56,19 @@ func (o *Overlay) read(p []byte, off int64) error {
 			bits, slot = e.bits, e.offset
 			mu.RUnlock()
 		}
+		// isLocal reports whether the block at byte done of this piece is
+		// in the data file.
+		isLocal := func(done int) bool {
+			b := int((inCluster + int64(done)) / BlockSize)
+			return slot >= 0 && bits[b/8]&(1<<(b%8)) != 0
+		}
 		// walk the blocks of this cluster piece, grouping runs
 		for done := 0; done < n; {
-			b := int((inCluster + int64(done)) / BlockSize)
-			local := slot >= 0 && bits[b/8]&(1<<(b%8)) != 0
+			local := isLocal(done)
 			runEnd := done
-			for runEnd < n {
-				rb := int((inCluster + int64(runEnd)) / BlockSize)
-				if (slot >= 0 && bits[rb/8]&(1<<(rb%8)) != 0) != local {
-					break
-				}
-				runEnd = min(n, int((int64(rb)+1)*BlockSize-inCluster))
+			for runEnd < n && isLocal(runEnd) == local {
+				rb := (inCluster + int64(runEnd)) / BlockSize
+				runEnd = min(n, int((rb+1)*BlockSize-inCluster))
 			}
 			at := pos + done
 			cnt := runEnd - done

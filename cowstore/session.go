@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math/bits"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -84,7 +85,7 @@ func Create(dir string, opts Options) (*Overlay, error) {
 	if _, err := data.WriteAt(magic[:], 0); err != nil {
 		return fail(err)
 	}
-	if err := os.WriteFile(revisionFile(dir), []byte(strconv.Itoa(int(opts.RID))+"\n"), 0o600); err != nil {
+	if err := writeRevision(dir, opts.RID); err != nil {
 		return fail(err)
 	}
 	o.headDirty = true
@@ -162,8 +163,12 @@ func load(dir string, opts Options, meta, data *os.File) (*Overlay, error) {
 	case h.nextClusterOffset < FirstSlot || h.nextClusterOffset%ClusterSize != 0:
 		return nil, fmt.Errorf("nextClusterOffset %d is not a slot boundary", h.nextClusterOffset)
 	}
-	if st, err := meta.Stat(); err != nil || st.Size() < MetaSize {
-		return nil, fmt.Errorf("meta file is %d bytes, want %d", st.Size(), int64(MetaSize))
+	mst, err := meta.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if mst.Size() < MetaSize {
+		return nil, fmt.Errorf("meta file is %d bytes, want %d", mst.Size(), int64(MetaSize))
 	}
 	var dmagic [8]byte
 	if _, err := data.ReadAt(dmagic[:], 0); err != nil {
@@ -171,7 +176,7 @@ func load(dir string, opts Options, meta, data *os.File) (*Overlay, error) {
 	}
 	switch le.Uint64(dmagic[:]) {
 	case DataMagic:
-	case swap64(DataMagic):
+	case bits.ReverseBytes64(DataMagic):
 		return nil, errors.New("data file has the wrong byte order")
 	default:
 		return nil, errors.New("data file: bad magic")
@@ -196,7 +201,7 @@ func load(dir string, opts Options, meta, data *os.File) (*Overlay, error) {
 	case errors.Is(err, os.ErrNotExist) && opts.RID == 0:
 		return nil, fmt.Errorf("the session has no revision record (made by the reference client?): give the revision it was created from with -r")
 	case errors.Is(err, os.ErrNotExist):
-		if err := os.WriteFile(revisionFile(dir), []byte(strconv.Itoa(int(opts.RID))+"\n"), 0o600); err != nil {
+		if err := writeRevision(dir, opts.RID); err != nil {
 			return nil, err
 		}
 	default:
@@ -254,6 +259,11 @@ func load(dir string, opts Options, meta, data *os.File) (*Overlay, error) {
 		o.tableSaved[l1] = true
 	}
 	return o, nil
+}
+
+// writeRevision records rid in the session's revision file, durably.
+func writeRevision(dir string, rid uint16) error {
+	return fsutil.WriteFileAtomic(revisionFile(dir), []byte(strconv.Itoa(int(rid))+"\n"), 0o600)
 }
 
 func readRevision(dir string) (uint16, error) {

@@ -64,6 +64,7 @@ type options struct {
 	nbdCmd   string
 	force    bool
 	l2       int64
+	lo       layout // from l2
 }
 
 const usageText = `Usage: dnbd3-cowtest MODE [FLAGS]
@@ -122,13 +123,10 @@ func parseArgs(args []string, stdout io.Writer) (o options, help bool, err error
 	fs := pflag.NewFlagSet("dnbd3-cowtest", pflag.ContinueOnError)
 	fs.SortFlags = false
 	fs.SetOutput(io.Discard)
+	// The modes are listed in usageText, with their second arguments.
 	modeVals := make(map[string]*string, len(modes))
 	for _, m := range modes {
-		modeVals[m.short] = new(string)
-	}
-	// The modes are listed in usageText, with their second arguments.
-	for _, m := range modes {
-		fs.StringVarP(modeVals[m.short], m.long, m.short, "", "mode")
+		modeVals[m.short] = fs.StringP(m.long, m.short, "", "mode")
 		_ = fs.MarkHidden(m.long)
 	}
 	var delay secondsValue
@@ -220,7 +218,7 @@ func parseArgs(args []string, stdout io.Writer) (o options, help bool, err error
 	if o.ops < 0 {
 		return o, false, fmt.Errorf("--ops %d: want a count >= 0", o.ops)
 	}
-	if _, err := newLayout(o.l2); err != nil {
+	if o.lo, err = newLayout(o.l2); err != nil {
 		return o, false, fmt.Errorf("--l2-capacity: %w", err)
 	}
 	return o, false, nil
@@ -263,7 +261,7 @@ func run(ctx context.Context, args []string, e *env) int {
 		fmt.Fprintf(e.stderr, "Try dnbd3-cowtest --help.\n")
 		return exitUsage
 	}
-	lo, _ := newLayout(o.l2)
+	lo := o.lo
 	if o.l2 != defaultL2Capacity {
 		fmt.Fprintf(e.stdout, "note: scaled layout, l2 capacity %d: original size %d, final size %d\n", lo.l2, lo.testFileSize, lo.grown)
 	}

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 )
@@ -87,12 +86,8 @@ func compareContent(ctx context.Context, a, b target, n int64) error {
 		if err := readFull(b, bb[:m], off); err != nil {
 			return err
 		}
-		if !bytes.Equal(ba[:m], bb[:m]) {
-			for i := range m {
-				if ba[i] != bb[i] {
-					return fmt.Errorf("first difference at offset %d: %s has 0x%02x, %s has 0x%02x", off+i, a.Name(), ba[i], b.Name(), bb[i])
-				}
-			}
+		if i := firstDiff(ba[:m], bb[:m]); i >= 0 {
+			return fmt.Errorf("first difference at offset %d: %s has 0x%02x, %s has 0x%02x", off+int64(i), a.Name(), ba[i], b.Name(), bb[i])
 		}
 		off += m
 	}

@@ -1,15 +1,15 @@
 package main
 
 import (
-	"crypto/sha256"
 	"fmt"
-	"io"
 	"math"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/dnbd3go/dnbd3go/internal/testutil"
 )
 
 // holeDir returns a temporary directory on tmpfs if there is one: the -w
@@ -107,23 +107,9 @@ func TestSpecialTwoFiles(t *testing.T) {
 	writeFilled(t, b, 1<<20, baseData)
 	out = te.mustRun(t, 0, "-w", dev, b, "--seed", "7", "--nbd-cmd", resizeScript(t))
 	mustContain(t, out, "PASSED: 18 OK, 0 FAILED, 0 SKIPPED")
-	if ha, hb := fileHash(t, dev), fileHash(t, b); ha != hb {
+	if ha, hb := testutil.SHA256File(t, dev), testutil.SHA256File(t, b); ha != hb {
 		t.Error("the session file differs from the plain file")
 	}
-}
-
-func fileHash(t *testing.T, path string) string {
-	t.Helper()
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		t.Fatal(err)
-	}
-	return fmt.Sprintf("%x", h.Sum(nil))
 }
 
 func TestRandomFiles(t *testing.T) {
@@ -147,7 +133,7 @@ func TestRandomFiles(t *testing.T) {
 		out := te.mustRun(t, 0, "-r", filepath.Join(dir, pair[0]), filepath.Join(dir, pair[1]), "--seed", "12345", "--ops", "400", "-z", "130")
 		mustContain(t, out, "seed 12345", "stopped by operation count after 400 operations")
 	}
-	if fileHash(t, filepath.Join(dir, "m1")) != fileHash(t, filepath.Join(dir, "m2")) {
+	if testutil.SHA256File(t, filepath.Join(dir, "m1")) != testutil.SHA256File(t, filepath.Join(dir, "m2")) {
 		t.Error("--seed --ops did not replay the same run")
 	}
 

@@ -122,7 +122,7 @@ func TestDeviceTargetResize(t *testing.T) {
 	rs.fail = true
 	err := dt.Resize(context.Background(), 4096)
 	var unavailable *resizeUnavailableError
-	if err == nil || errorsAs(err, &unavailable) {
+	if err == nil || errors.As(err, &unavailable) {
 		t.Errorf("failure after a successful resize: %v", err)
 	}
 
@@ -130,10 +130,10 @@ func TestDeviceTargetResize(t *testing.T) {
 	rs2 := &fakeResizer{fail: true}
 	dt2, _, _ := newFakeTarget(t, 512, 1<<20, rs2)
 	err = dt2.Resize(context.Background(), 4096)
-	if !errorsAs(err, &unavailable) || !strings.Contains(err.Error(), "cannot resize") {
+	if !errors.As(err, &unavailable) || !strings.Contains(err.Error(), "cannot resize") {
 		t.Fatalf("first failure: %v", err)
 	}
-	if err := dt2.CheckResize(context.Background()); !errorsAs(err, &unavailable) {
+	if err := dt2.CheckResize(context.Background()); !errors.As(err, &unavailable) {
 		t.Errorf("CheckResize after a failed resize: %v", err)
 	}
 	dt2.Resize(context.Background(), 8192)
@@ -141,5 +141,3 @@ func TestDeviceTargetResize(t *testing.T) {
 		t.Errorf("the resize command ran again after failing: %v", rs2.calls)
 	}
 }
-
-func errorsAs(err error, target any) bool { return errors.As(err, target) }

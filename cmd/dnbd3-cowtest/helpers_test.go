@@ -16,8 +16,8 @@ import (
 
 // testL2 scales the layout down (original size 30,408,704, final size
 // 51,380,224) so the whole standard test, verify and compare run in
-// milliseconds. The real constants are tested in layout_test.go and, on a
-// sparse file, in TestStandardRealConstants.
+// milliseconds. The real constants are tested in TestLayoutRealConstants
+// and, on a sparse file, in TestStandardRealConstants.
 const testL2 = 10 << 20
 
 var scaled = "--l2-capacity=" + fmt.Sprint(testL2)
@@ -109,11 +109,7 @@ func newTestEnv(bs int64) *testEnv {
 			return strings.HasSuffix(path, ".dev") || isBlockDevice(path, fi)
 		},
 		openDevice: func(path string, write bool) (blockDevice, error) {
-			flag := os.O_RDONLY
-			if write {
-				flag = os.O_RDWR
-			}
-			f, err := os.OpenFile(path, flag, 0)
+			f, err := openFile(path, write)
 			if err != nil {
 				return nil, err
 			}

@@ -34,8 +34,7 @@ type randomTest struct {
 
 	rng  *rand.Rand
 	data *rand.ChaCha8
-	// order is the targets in resize order: devices first, so that a
-	// device that cannot be resized fails before the file was changed.
+	// order is the targets in resize order (see resizeOrder).
 	order    []target
 	sizes    map[target]int64 // current visible sizes
 	orig     int64            // the normal copy's size at the start
@@ -57,10 +56,7 @@ func seededGenerators(seed uint64) (*rand.Rand, *rand.ChaCha8) {
 
 func (r *randomTest) run() int {
 	r.rng, r.data = seededGenerators(r.seed)
-	r.order = []target{r.mounted, r.normal}
-	if r.normal.IsDevice() && !r.mounted.IsDevice() {
-		r.order = []target{r.normal, r.mounted}
-	}
+	r.order = resizeOrder(r.mounted, r.normal)
 	r.extend = !r.mounted.IsDevice() && !r.normal.IsDevice()
 	r.sizes = map[target]int64{}
 	for _, t := range r.order {

@@ -120,15 +120,24 @@ func (e *mismatchError) Error() string {
 // compareBuf returns a *mismatchError for the first byte where got differs
 // from want (got was read at off), or nil.
 func compareBuf(what string, off int64, got, want []byte) error {
-	if bytes.Equal(got, want) {
-		return nil
-	}
-	for i := range got {
-		if got[i] != want[i] {
-			return &mismatchError{what: what, off: off + int64(i), want: want[i], got: got[i]}
-		}
+	if i := firstDiff(got, want); i >= 0 {
+		return &mismatchError{what: what, off: off + int64(i), want: want[i], got: got[i]}
 	}
 	return nil
+}
+
+// firstDiff returns the index of the first byte where a and b (of equal
+// length) differ, or -1 if they are equal.
+func firstDiff(a, b []byte) int {
+	if bytes.Equal(a, b) {
+		return -1
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	return -1
 }
 
 // fill sets every byte of b to v.

@@ -50,10 +50,7 @@ type specialTest struct {
 
 func (s *specialTest) run() int {
 	_, data := seededGenerators(s.seed)
-	s.order = []target{s.a, s.b}
-	if s.b.IsDevice() && !s.a.IsDevice() {
-		s.order = []target{s.b, s.a}
-	}
+	s.order = resizeOrder(s.a, s.b)
 	fmt.Fprintf(s.out, "special test: %s and %s, %d operations, data seed %d\n", s.a.Name(), s.b.Name(), len(specialOps), s.seed)
 	rep := newReporter(s.out)
 	for i, op := range specialOps {

@@ -119,15 +119,31 @@ func (e *env) open(path string, write bool, nbdCmd string) (target, error) {
 	if !fi.Mode().IsRegular() {
 		return nil, fmt.Errorf("%s is neither a regular file nor a block device (%v)", path, fi.Mode().Type())
 	}
-	flag := os.O_RDONLY
-	if write {
-		flag = os.O_RDWR
-	}
-	f, err := os.OpenFile(path, flag, 0)
+	f, err := openFile(path, write)
 	if err != nil {
 		return nil, err
 	}
 	return &fileTarget{f: f}, nil
+}
+
+// openFile opens an existing file read-write, or read-only when write is
+// false.
+func openFile(path string, write bool) (*os.File, error) {
+	flag := os.O_RDONLY
+	if write {
+		flag = os.O_RDWR
+	}
+	return os.OpenFile(path, flag, 0)
+}
+
+// resizeOrder returns a and b in the order they are resized: a device
+// before a regular file, so that a device that cannot be resized fails
+// before the file was changed.
+func resizeOrder(a, b target) []target {
+	if b.IsDevice() && !a.IsDevice() {
+		return []target{b, a}
+	}
+	return []target{a, b}
 }
 
 // readFull reads exactly len(p) bytes at off.

@@ -45,6 +45,9 @@ func (s *Server) handle(r *http.Request, ep string, body []byte) reply {
 // badRequest is a 400 reply.
 func badRequest(msg string) reply { return reply{status: http.StatusBadRequest, body: msg} }
 
+// sessionNotFound is the reply for an unknown session id.
+func sessionNotFound() reply { return reply{status: http.StatusNotFound, body: "Session not found"} }
+
 // lookup returns the first value of key, compared case-insensitively.
 func lookup(v url.Values, key string) (string, bool) {
 	for k, vs := range v {
@@ -112,17 +115,7 @@ func (s *Server) create(r *http.Request, body []byte) reply {
 	if len(s.nextUUIDs) > 0 {
 		id, s.nextUUIDs = s.nextUUIDs[0], s.nextUUIDs[1:]
 	}
-	s.sessions[id] = &session{
-		Session: Session{
-			UUID:         id,
-			ImageName:    name,
-			Revision:     int(rev),
-			BitfieldSize: int(bfs),
-			Created:      time.Now(),
-		},
-		clusters: make(map[int]*Cluster),
-	}
-	s.order = append(s.order, id)
+	s.addSessionLocked(id, name, int(rev))
 	return reply{status: http.StatusOK, body: id}
 }
 
@@ -161,7 +154,7 @@ func (s *Server) update(r *http.Request, body []byte) reply {
 	switch {
 	case !ok:
 		s.mu.Unlock()
-		return reply{status: http.StatusNotFound, body: "Session not found"}
+		return sessionNotFound()
 	case len(sess.Merges) > 0:
 		s.mu.Unlock()
 		return reply{status: http.StatusConflict, body: "session already merged"}
@@ -203,7 +196,7 @@ func (s *Server) merge(r *http.Request, body []byte) reply {
 	defer s.mu.Unlock()
 	sess, ok := s.sessions[id]
 	if !ok {
-		return reply{status: http.StatusNotFound, body: "Session not found"}
+		return sessionNotFound()
 	}
 	sess.Merges = append(sess.Merges, Merge{OriginalFileSize: orig, NewFileSize: size, Time: time.Now()})
 	return reply{status: http.StatusOK, body: "Merge started"}
@@ -230,7 +223,7 @@ func (s *Server) status(r *http.Request) reply {
 	defer s.mu.Unlock()
 	sess, ok := s.sessions[id]
 	if !ok {
-		return reply{status: http.StatusNotFound, body: "Session not found"}
+		return sessionNotFound()
 	}
 	st := statusJSON{
 		ImageName:            sess.ImageName,

@@ -2,7 +2,6 @@ package mergertest
 
 import (
 	"bytes"
-
 	"net/http"
 	"net/url"
 	"time"
@@ -124,6 +123,11 @@ func (s *Server) AddSession(uuid, imageName string, revision int) {
 	if _, ok := s.sessions[uuid]; ok {
 		return
 	}
+	s.addSessionLocked(uuid, imageName, revision)
+}
+
+// addSessionLocked registers a new session; the caller holds s.mu.
+func (s *Server) addSessionLocked(uuid, imageName string, revision int) {
 	s.sessions[uuid] = &session{
 		Session:  Session{UUID: uuid, ImageName: imageName, Revision: revision, BitfieldSize: BitfieldSize, Created: time.Now()},
 		clusters: make(map[int]*Cluster),

@@ -13,6 +13,8 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+
+	"github.com/dnbd3go/dnbd3go/internal/testutil"
 )
 
 var guidRE = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$`)
@@ -297,10 +299,7 @@ func TestConcurrencyCount(t *testing.T) {
 // client sent (testdata/cow-session-v3) and checks that the merged image
 // is the expected one.
 func TestReferenceFixtureMerge(t *testing.T) {
-	dir := filepath.Join("..", "..", "..", "shared", "testdata", "cow-session-v3")
-	if _, err := os.Stat(dir); err != nil {
-		t.Skip("fixture not present:", err)
-	}
+	dir := testutil.Testdata(t, "cow-session-v3")
 	s := Start(t)
 	s.NextUUIDs("c0ffee00-5e71-4d3b-9a0c-000000000001")
 	id := create(t, s, "cowsrc")
@@ -316,11 +315,7 @@ func TestReferenceFixtureMerge(t *testing.T) {
 	if code, _ := post(t, s.URL+"/v1/file/merge", formCT, []byte("originalFileSize=8388608&newFileSize=9000000&uuid="+id)); code != 200 {
 		t.Fatal("merge")
 	}
-	orig := make([]byte, 8388608)
-	for i := range orig {
-		orig[i] = byte((i*7 + 3) % 251)
-	}
-	img, err := s.MergedImage(orig, id)
+	img, err := s.MergedImage(testutil.GenImage(0, 8388608), id)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -3,7 +3,6 @@ package upload
 import (
 	"context"
 	"errors"
-	"io"
 	"log/slog"
 	"runtime"
 	"slices"
@@ -243,7 +242,7 @@ func newEnv(t *testing.T) *env {
 		MinDelay:          60 * time.Second,
 		PassInterval:      5 * time.Millisecond,
 		StatsInterval:     time.Hour,
-		Logger:            slog.New(slog.NewTextHandler(io.Discard, nil)),
+		Logger:            slog.New(slog.DiscardHandler),
 		Now:               clock.Now,
 		BackPressureDelay: 50 * time.Millisecond,
 		RetryBackoff:      5 * time.Millisecond,

@@ -17,10 +17,16 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/dnbd3go/dnbd3go/internal/testutil"
 )
 
-// fixtureDir is the reference client's COW session (see its README).
-var fixtureDir = filepath.Join("..", "..", "..", "shared", "testdata", "cow-session-v3")
+// fixture returns the path of a file of the reference client's COW session
+// (../shared/testdata/cow-session-v3, see its README).
+func fixture(t *testing.T, elem ...string) string {
+	t.Helper()
+	return testutil.Testdata(t, append([]string{"cow-session-v3"}, elem...)...)
+}
 
 const fixtureUUID = "c0ffee00-5e71-4d3b-9a0c-000000000001"
 
@@ -188,9 +194,9 @@ func fixtureCluster(t *testing.T, data []byte, slot int, bitsSet ...int) ([Bitfi
 }
 
 func TestUpdateMatchesReferenceBodies(t *testing.T) {
-	data, err := os.ReadFile(filepath.Join(fixtureDir, "data"))
+	data, err := os.ReadFile(fixture(t, "data"))
 	if err != nil {
-		t.Skip("fixture not present:", err)
+		t.Fatal(err)
 	}
 	rec := newRecorder(t, 200, "", nil)
 	m := newTestMerger(t, hostPort(rec.URL), MergerConfig{})
@@ -202,7 +208,7 @@ func TestUpdateMatchesReferenceBodies(t *testing.T) {
 		if err := m.Update(context.Background(), fixtureUUID, c.cluster, bf, blocks); err != nil {
 			t.Fatal(err)
 		}
-		want, err := os.ReadFile(filepath.Join(fixtureDir, "merger-uploads", fmt.Sprintf("cluster-%d.bin", c.cluster)))
+		want, err := os.ReadFile(fixture(t, "merger-uploads", fmt.Sprintf("cluster-%d.bin", c.cluster)))
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -25,7 +25,6 @@ const (
 
 // passResult sums up one pass.
 type passResult struct {
-	candidates    int
 	uploaded      int
 	failed        int
 	backPressured int
@@ -63,9 +62,11 @@ func (u *Uploader) due(changed int64, now time.Time) bool {
 // pass uploads the candidate clusters, at most parallel at a time, and
 // waits for its uploads to end. It stops queueing new uploads when ctx
 // ends, when the merger asks to slow down, or when it cannot be reached.
+// Passes never overlap (Run runs them one after another, Finish only once
+// Run has ended), so a cluster is never uploaded twice at the same time.
 func (u *Uploader) pass(ctx context.Context, parallel int, final bool) passResult {
 	cands := u.candidates(final)
-	pr := passResult{candidates: len(cands)}
+	var pr passResult
 	if len(cands) == 0 {
 		return pr
 	}
@@ -95,18 +96,12 @@ queue:
 		case <-ctx.Done():
 			break queue
 		}
-		if stop() || !u.claim(c.index) {
+		if stop() {
 			<-sem
-			if stop() {
-				break
-			}
-			continue
+			break
 		}
 		wg.Go(func() {
-			defer func() {
-				u.release(c.index)
-				<-sem
-			}()
+			defer func() { <-sem }()
 			o, err := u.uploadOne(ctx, uuid, c.index)
 			mu.Lock()
 			defer mu.Unlock()
@@ -129,25 +124,6 @@ queue:
 	}
 	wg.Wait()
 	return pr
-}
-
-// claim marks a cluster as being uploaded; it reports false if it already
-// is (by an overlapping pass).
-func (u *Uploader) claim(index int) bool {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	if _, busy := u.inflight[index]; busy {
-		return false
-	}
-	u.inflight[index] = struct{}{}
-	return true
-}
-
-// release ends claim.
-func (u *Uploader) release(index int) {
-	u.mu.Lock()
-	delete(u.inflight, index)
-	u.mu.Unlock()
 }
 
 // uploadOne snapshots a cluster, uploads it and records the result in the

@@ -127,12 +127,10 @@ type Uploader struct {
 
 	mu            sync.Mutex
 	state         string
-	running       bool
 	finished      bool
-	stopRun       context.CancelFunc
-	runDone       chan struct{}
-	inflight      map[int]struct{}
-	throttleUntil time.Time // real time
+	stopRun       context.CancelFunc // set while Run runs
+	runDone       chan struct{}      // closed when that Run has ended
+	throttleUntil time.Time          // real time
 	lastErr       error
 	lastErrAt     time.Time
 	statusCreated bool
@@ -156,11 +154,10 @@ type Uploader struct {
 func New(src Source, m *Merger, cfg Config) *Uploader {
 	cfg = cfg.withDefaults()
 	u := &Uploader{
-		src:      src,
-		m:        m,
-		cfg:      cfg,
-		log:      cfg.Logger,
-		inflight: make(map[int]struct{}),
+		src: src,
+		m:   m,
+		cfg: cfg,
+		log: cfg.Logger,
 	}
 	u.errLog.every = cfg.ErrorLogInterval
 	u.bpLog.every = cfg.ErrorLogInterval
@@ -202,13 +199,13 @@ func (u *Uploader) Run(ctx context.Context) error {
 	case u.finished:
 		u.mu.Unlock()
 		return ErrFinished
-	case u.running:
+	case u.stopRun != nil:
 		u.mu.Unlock()
 		return errors.New("upload: Run is already running")
 	}
 	runCtx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
-	u.running, u.stopRun, u.runDone = true, cancel, done
+	u.stopRun, u.runDone = cancel, done
 	u.state = StateBackgroundUpload
 	u.mu.Unlock()
 
@@ -217,7 +214,7 @@ func (u *Uploader) Run(ctx context.Context) error {
 		cancel()
 		wg.Wait()
 		u.mu.Lock()
-		u.running, u.stopRun = false, nil
+		u.stopRun = nil
 		u.mu.Unlock()
 		close(done)
 	}()
