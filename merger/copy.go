@@ -178,16 +178,13 @@ func allZero(p []byte) bool {
 // whole range is one segment.
 func forDataSegments(f *os.File, n int64, fn func(off, end int64) error) error {
 	for off := int64(0); off < n; {
-		var data, hole int64
-		err := withFds(f, f, func(fd, _ int) error {
-			var err error
-			data, err = unix.Seek(fd, off, unix.SEEK_DATA)
-			if err != nil {
-				return err
-			}
-			hole, err = unix.Seek(fd, data, unix.SEEK_HOLE)
-			return err
-		})
+		// Moving f's offset is harmless: the copy reads with explicit
+		// offsets (pread, copy_file_range).
+		data, err := f.Seek(off, unix.SEEK_DATA)
+		var hole int64
+		if err == nil {
+			hole, err = f.Seek(data, unix.SEEK_HOLE)
+		}
 		switch {
 		case errors.Is(err, unix.ENXIO):
 			return nil // only a hole remains

@@ -102,6 +102,36 @@ func waitFinished(t *testing.T, m *Manager, id string) SessionInfo {
 	}
 }
 
+// mergeDone merges a session and waits for the merge, failing the test
+// unless the request is accepted and the session ends Done.
+func mergeDone(t *testing.T, m *Manager, id string, originalFileSize, newFileSize int64) SessionInfo {
+	t.Helper()
+	if _, err := m.Merge(id, originalFileSize, newFileSize); err != nil {
+		t.Fatal(err)
+	}
+	st := waitFinished(t, m, id)
+	if st.State != StateDone {
+		t.Fatalf("merge of %s: %s (%+v)", id, st.Error, st)
+	}
+	return st
+}
+
+// crashAt returns a Manager configuration whose merges stop at the
+// given crash point as if the process had died there, and a channel
+// closed when that happened.
+func crashAt(point string) (configure func(*Manager), crashed <-chan struct{}) {
+	c := make(chan struct{})
+	return func(m *Manager) {
+		m.hook = func(p, _ string) error {
+			if p == point {
+				close(c)
+				return errSimulatedCrash
+			}
+			return nil
+		}
+	}, c
+}
+
 // randBytes returns n pseudo-random bytes.
 func randBytes(rng *rand.Rand, n int) []byte {
 	b := make([]byte, n)

@@ -6,8 +6,10 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"sync"
 	"syscall"
@@ -227,11 +229,8 @@ func (m *Manager) Close() error {
 		return nil
 	}
 	m.closed = true
-	all := make([]*session, 0, len(m.sessions))
-	for _, s := range m.sessions {
-		all = append(all, s)
-	}
 	m.mu.Unlock()
+	all := m.allSessions() // complete: Create adds none once closed is set
 	for _, s := range all {
 		s.uploadMu.Lock()
 		s.mu.Lock()
@@ -254,6 +253,13 @@ func (m *Manager) Close() error {
 	return errors.Join(errs...)
 }
 
+// allSessions returns the sessions, in no particular order.
+func (m *Manager) allSessions() []*session {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return slices.Collect(maps.Values(m.sessions))
+}
+
 // errShuttingDown is returned for calls during and after Close.
 func errShuttingDown() error {
 	return &BackPressureError{RetryAfter: shutdownRetryAfter, Reason: "the merger service is shutting down"}
@@ -261,7 +267,7 @@ func errShuttingDown() error {
 
 // lookup returns the session with the given id.
 func (m *Manager) lookup(id string) (*session, error) {
-	canon, ok := parseUUID(id)
+	canon, ok := ParseUUID(id)
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {

@@ -216,12 +216,7 @@ func TestBackPressureMerges(t *testing.T) {
 	mustUpdate(t, m, b.UUID, ub, false)
 	close(release)
 	waitFinished(t, m, a.UUID)
-	if _, err := m.Merge(b.UUID, size, size); err != nil {
-		t.Fatal(err)
-	}
-	if st := waitFinished(t, m, b.UUID); st.State != StateDone {
-		t.Fatal(st.Error)
-	}
+	mergeDone(t, m, b.UUID, size, size)
 	sameBytes(t, "b", e.destFile("b.r2"), expectedImage(original, []*upload{ub}, size, size))
 }
 
@@ -397,20 +392,6 @@ func TestRetentionBackground(t *testing.T) {
 	}
 	if _, err := m.Status(active.UUID); err != nil {
 		t.Fatal(err)
-	}
-}
-
-func TestUUID(t *testing.T) {
-	seen := make(map[string]bool)
-	for i := 0; i < 1000; i++ {
-		id := newUUID()
-		if len(id) != 36 || id[14] != '4' || !strings.ContainsRune("89ab", rune(id[19])) || strings.ToLower(id) != id || seen[id] {
-			t.Fatalf("bad uuid %q", id)
-		}
-		if p, ok := parseUUID(id); !ok || p != id {
-			t.Fatalf("parse %q: %q %v", id, p, ok)
-		}
-		seen[id] = true
 	}
 }
 

@@ -128,10 +128,7 @@ func TestMergeNameWithDirectories(t *testing.T) {
 	}
 	u := randomUpload(rng, 1, 0.5)
 	mustUpdate(t, m, info.UUID, u, false)
-	if _, err := m.Merge(info.UUID, int64(len(original)), int64(len(original))); err != nil {
-		t.Fatal(err)
-	}
-	if done := waitFinished(t, m, info.UUID); done.State != StateDone || done.NewRevision != 8 {
+	if done := mergeDone(t, m, info.UUID, int64(len(original)), int64(len(original))); done.NewRevision != 8 {
 		t.Fatalf("%+v", done)
 	}
 	want := expectedImage(original, []*upload{u}, int64(len(original)), int64(len(original)))
@@ -252,10 +249,7 @@ func TestMergeRetryAfterFailure(t *testing.T) {
 	if st, _ := m.Status(info.UUID); st.State != StateFailed {
 		t.Fatalf("after restart: %+v", st)
 	}
-	if _, err := m.Merge(info.UUID, size, size); err != nil {
-		t.Fatal(err)
-	}
-	if done := waitFinished(t, m, info.UUID); done.State != StateDone || done.Error != "" {
+	if done := mergeDone(t, m, info.UUID, size, size); done.Error != "" {
 		t.Fatalf("%+v", done)
 	}
 	sameBytes(t, "merged", e.destFile("retry.r2"), expectedImage(original, ups, size, size))
@@ -273,12 +267,7 @@ func TestMergeConflict(t *testing.T) {
 	ua, ub := randomUpload(rng, 1, 0.5), randomUpload(rng, 1, 0.5)
 	mustUpdate(t, m, a.UUID, ua, false)
 	mustUpdate(t, m, b.UUID, ub, false)
-	if _, err := m.Merge(a.UUID, size, size); err != nil {
-		t.Fatal(err)
-	}
-	if st := waitFinished(t, m, a.UUID); st.State != StateDone {
-		t.Fatal(st.Error)
-	}
+	mergeDone(t, m, a.UUID, size, size)
 	r2 := expectedImage(original, []*upload{ua}, size, size)
 	sameBytes(t, "r2", e.destFile("img.r2"), r2)
 
@@ -347,16 +336,8 @@ func TestCrashMidMerge(t *testing.T) {
 			original := randBytes(rng, 8<<20+333)
 			size := int64(len(original))
 			e.original("crash", 1, original)
-			crashed := make(chan struct{})
-			m1 := e.manager(func(m *Manager) {
-				m.hook = func(p, _ string) error {
-					if p == point {
-						close(crashed)
-						return errSimulatedCrash
-					}
-					return nil
-				}
-			})
+			configure, crashed := crashAt(point)
+			m1 := e.manager(configure)
 			info, _ := m1.Create("crash", 1, BitfieldSize)
 			ups := testUploads(rng, size)
 			for i, u := range ups {
@@ -600,16 +581,8 @@ func TestRecoverFinalizeVariants(t *testing.T) {
 			original := randBytes(rng, 3<<20)
 			size := int64(len(original))
 			e.original("fin", 1, original)
-			crashed := make(chan struct{})
-			m1 := e.manager(func(m *Manager) {
-				m.hook = func(p, _ string) error {
-					if p == hookFinalizing {
-						close(crashed)
-						return errSimulatedCrash
-					}
-					return nil
-				}
-			})
+			configure, crashed := crashAt(hookFinalizing)
+			m1 := e.manager(configure)
 			info, _ := m1.Create("fin", 1, BitfieldSize)
 			ups := testUploads(rng, size)
 			for _, u := range ups {

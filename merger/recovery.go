@@ -43,7 +43,7 @@ func (m *Manager) loadSessions() error {
 		if !e.IsDir() {
 			continue
 		}
-		if id, ok := parseUUID(e.Name()); !ok || id != e.Name() {
+		if id, ok := ParseUUID(e.Name()); !ok || id != e.Name() {
 			continue
 		}
 		dir := filepath.Join(m.cfg.WorkingDirectory, e.Name())
@@ -85,13 +85,7 @@ func incompleteCreate(dir string) bool {
 // recover resumes what a crash or shutdown interrupted (see the table
 // above).
 func (m *Manager) recover() {
-	m.mu.Lock()
-	all := make([]*session, 0, len(m.sessions))
-	for _, s := range m.sessions {
-		all = append(all, s)
-	}
-	m.mu.Unlock()
-	for _, s := range all {
+	for _, s := range m.allSessions() {
 		m.recoverSession(s)
 	}
 }

@@ -33,15 +33,9 @@ func (m *Manager) sweepLoop(ctx context.Context) {
 // sweep deletes the sessions that are past their retention.
 func (m *Manager) sweep() {
 	now := m.now()
-	m.mu.Lock()
-	all := make([]*session, 0, len(m.sessions))
-	for _, s := range m.sessions {
-		all = append(all, s)
-	}
-	m.mu.Unlock()
-	for _, s := range all {
+	for _, s := range m.allSessions() {
 		s.mu.Lock()
-		expired := m.expiredLocked(s, now)
+		expired := m.expiryReasonLocked(s, now) != ""
 		s.mu.Unlock()
 		if expired {
 			m.deleteSession(s, now)
@@ -49,11 +43,8 @@ func (m *Manager) sweep() {
 	}
 }
 
-// expiredLocked returns why s should be deleted, or "" (with s.mu held).
-func (m *Manager) expiredLocked(s *session, now time.Time) bool {
-	return m.expiryReasonLocked(s, now) != ""
-}
-
+// expiryReasonLocked returns why s should be deleted, or "" (with s.mu
+// held).
 func (m *Manager) expiryReasonLocked(s *session, now time.Time) string {
 	if s.running || s.closed || s.deleted {
 		return ""

@@ -134,27 +134,28 @@ func (s *session) info() SessionInfo {
 
 // loadSession reads the session in dir.
 func loadSession(dir string) (*session, error) {
-	b, err := os.ReadFile(filepath.Join(dir, sessionFileName))
+	path := filepath.Join(dir, sessionFileName)
+	b, err := os.ReadFile(path)
 	if err != nil {
 		return nil, err
 	}
 	s := &session{dir: dir}
 	if err := json.Unmarshal(b, &s.meta); err != nil {
-		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, sessionFileName), err)
+		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	m := &s.meta
 	switch {
 	case m.Version != sessionVersion:
-		return nil, fmt.Errorf("%s: unsupported version %d", filepath.Join(dir, sessionFileName), m.Version)
+		return nil, fmt.Errorf("%s: unsupported version %d", path, m.Version)
 	case m.UUID != filepath.Base(dir):
-		return nil, fmt.Errorf("%s: uuid %q does not match the directory", filepath.Join(dir, sessionFileName), m.UUID)
+		return nil, fmt.Errorf("%s: uuid %q does not match the directory", path, m.UUID)
 	case !protocol.ValidImageName(m.ImageName):
-		return nil, fmt.Errorf("%s: invalid image name %q", filepath.Join(dir, sessionFileName), m.ImageName)
+		return nil, fmt.Errorf("%s: invalid image name %q", path, m.ImageName)
 	}
 	switch m.State {
 	case StateActive, StateCopying, StateMerging, StateDone, StateFailed:
 	default:
-		return nil, fmt.Errorf("%s: unknown state %q", filepath.Join(dir, sessionFileName), m.State)
+		return nil, fmt.Errorf("%s: unknown state %q", path, m.State)
 	}
 	s.lastUpload = m.Created
 	if st, err := os.Stat(filepath.Join(dir, journalFileName)); err == nil && st.ModTime().After(s.lastUpload) {

@@ -45,6 +45,11 @@ type clusterEntry struct {
 	bitfield [BitfieldSize]byte
 }
 
+// entry returns the index entry of the cluster version r records.
+func (r *journalRecord) entry() clusterEntry {
+	return clusterEntry{slot: r.Slot, mods: r.Mods, crc: r.DataCRC, bitfield: r.Bitfield}
+}
+
 // clusterVersion is one cluster to apply in a merge.
 type clusterVersion struct {
 	cluster  uint32
@@ -135,7 +140,7 @@ func (s *store) replay(log *slog.Logger) error {
 	s.index = make(map[uint32]clusterEntry)
 	var nextSeq uint64 = 1
 	for _, r := range res.records {
-		s.index[r.Cluster] = clusterEntry{slot: r.Slot, mods: r.Mods, crc: r.DataCRC, bitfield: r.Bitfield}
+		s.index[r.Cluster] = r.entry()
 		nextSeq = r.Seq + 1
 	}
 	end := res.validEnd
@@ -264,7 +269,7 @@ func (s *store) durable(recs []journalRecord) {
 		if old, ok := s.index[r.Cluster]; ok {
 			s.slots.release(old.slot)
 		}
-		s.index[r.Cluster] = clusterEntry{slot: r.Slot, mods: r.Mods, crc: r.DataCRC, bitfield: r.Bitfield}
+		s.index[r.Cluster] = r.entry()
 	}
 }
 

@@ -129,12 +129,7 @@ func TestUploadsSurviveRestart(t *testing.T) {
 	more := randomUpload(rng, 2, 0.2)
 	mustUpdate(t, m, info.UUID, more, false)
 	ups = append(ups, more)
-	if _, err := m.Merge(info.UUID, size, size); err != nil {
-		t.Fatal(err)
-	}
-	if st := waitFinished(t, m, info.UUID); st.State != StateDone {
-		t.Fatal(st.Error)
-	}
+	mergeDone(t, m, info.UUID, size, size)
 	sameBytes(t, "merged", e.destFile("keep.r2"), expectedImage(original, ups, size, size))
 }
 
@@ -189,12 +184,7 @@ func TestJournalTornTail(t *testing.T) {
 			m.Close()
 			m = e.manager(nil)
 			checkStored(t, m, info.UUID, want)
-			if _, err := m.Merge(info.UUID, size, size); err != nil {
-				t.Fatal(err)
-			}
-			if st := waitFinished(t, m, info.UUID); st.State != StateDone {
-				t.Fatal(st.Error)
-			}
+			mergeDone(t, m, info.UUID, size, size)
 			sameBytes(t, "merged", e.destFile("torn.r2"), expectedImage(original, []*upload{want[1], want[2], want[3]}, size, size))
 		})
 	}
@@ -295,12 +285,7 @@ func TestConcurrentUploads(t *testing.T) {
 	if inUse != 2*workers {
 		t.Fatalf("%d slots in use for %d clusters", inUse, 2*workers)
 	}
-	if _, err := m.Merge(info.UUID, size, size); err != nil {
-		t.Fatal(err)
-	}
-	if st := waitFinished(t, m, info.UUID); st.State != StateDone {
-		t.Fatal(st.Error)
-	}
+	mergeDone(t, m, info.UUID, size, size)
 	sameBytes(t, "merged", e.destFile("conc.r2"), expectedImage(original, all, size, size))
 }
 
@@ -481,12 +466,7 @@ func TestUploadsSurviveSIGKILL(t *testing.T) {
 	}
 	// And it merges.
 	size := int64(len(original))
-	if _, err := m.Merge(id, size, size); err != nil {
-		t.Fatal(err)
-	}
-	if st := waitFinished(t, m, id); st.State != StateDone {
-		t.Fatal(st.Error)
-	}
+	mergeDone(t, m, id, size, size)
 	b, _ := os.ReadFile(filepath.Join(root, "dest", "crash.r2"))
 	sameBytes(t, "merged", b, expectedImage(original, final, size, size))
 }

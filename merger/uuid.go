@@ -3,7 +3,6 @@ package merger
 import (
 	"crypto/rand"
 	"encoding/hex"
-	"strings"
 )
 
 // newUUID returns a random (version 4) UUID in the canonical lowercase
@@ -30,12 +29,13 @@ func formatUUID(b [16]byte) string {
 	return string(s[:])
 }
 
-// parseUUID normalises a session id the way ASP.NET's Guid binder accepts
-// it: canonical, upper or lower case, with or without braces or
-// parentheses, or as 32 bare hex digits. It returns the canonical
-// lowercase form, or false. Only canonical ids are ever used as file
-// names, so a session id can never name a path outside WorkingDirectory.
-func parseUUID(s string) (string, bool) {
+// ParseUUID normalises a session id the way ASP.NET's Guid binder
+// accepts it: canonical ("D", 8-4-4-4-12), upper or lower case, with or
+// without braces ("B") or parentheses ("P"), or as 32 bare hex digits
+// ("N"). It returns the canonical lowercase form, or false. Only
+// canonical ids are ever used as file names, so a session id can never
+// name a path outside WorkingDirectory.
+func ParseUUID(s string) (string, bool) {
 	if len(s) == 38 && (s[0] == '{' && s[37] == '}' || s[0] == '(' && s[37] == ')') {
 		s = s[1:37]
 	}
@@ -52,7 +52,7 @@ func parseUUID(s string) (string, bool) {
 		return "", false
 	}
 	var b [16]byte
-	if _, err := hex.Decode(b[:], []byte(strings.ToLower(hexDigits))); err != nil {
+	if _, err := hex.Decode(b[:], []byte(hexDigits)); err != nil { // either case
 		return "", false
 	}
 	return formatUUID(b), true

@@ -187,18 +187,15 @@ func buildConfig(f *flags, cwd string) (config, error) {
 		if !filepath.IsAbs(path) {
 			path = filepath.Join(cwd, path)
 		}
-		_, statErr := os.Stat(path)
+		var err error
+		s, err = loadSettings(path)
 		switch {
-		case statErr == nil:
-			var err error
-			if s, err = loadSettings(path); err != nil {
-				return c, err
-			}
+		case err == nil:
 			c.settingsFile = path
-		case !f.given("settings") && errors.Is(statErr, os.ErrNotExist):
+		case !f.given("settings") && errors.Is(err, os.ErrNotExist):
 			// The default file is optional.
 		default:
-			return c, fmt.Errorf("settings file: %w", statErr)
+			return c, err
 		}
 	}
 

@@ -134,7 +134,13 @@ func serve(ctx context.Context, cfg config, log *slog.Logger, e env) int {
 			log.Error("cannot start: TLS certificate", "cert", cfg.tlsCert, "key", cfg.tlsKey, "err", err)
 			return exitError
 		}
-		tlsCfg = &tls.Config{MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{cert}}
+		// NextProtos names h2 so that HTTP/2 is set up whichever listener
+		// starts first: a plain Serve that wins http.Server's one-time
+		// setup configures HTTP/2 only if TLSConfig mentions it, while
+		// ServeTLS offers h2 regardless, and h2 clients got a dropped
+		// connection.
+		tlsCfg = &tls.Config{MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{cert},
+			NextProtos: []string{"h2", "http/1.1"}}
 	}
 	log.Info("starting", "version", version.String(), "settings", cfg.settingsFile,
 		"workingDirectory", cfg.workingDir, "originalImageDirectory", cfg.originalDir,

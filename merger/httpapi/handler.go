@@ -64,14 +64,14 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if h.auth != nil && !h.auth.check(rec, r, h.log) {
 		return
 	}
-	rt, allowed := h.lookup(r.URL.Path)
+	rt, ok := h.lookup(r.URL.Path)
 	switch {
-	case allowed == "":
+	case !ok:
 		writeText(rec, http.StatusNotFound, "Not found")
 		return
 	case rt.method != r.Method:
-		rec.Header().Set("Allow", allowed)
-		writeText(rec, http.StatusMethodNotAllowed, "Method not allowed: use "+allowed)
+		rec.Header().Set("Allow", rt.method)
+		writeText(rec, http.StatusMethodNotAllowed, "Method not allowed: use "+rt.method)
 		return
 	}
 	if err := rt.action(h, rt.gen, rec, r); err != nil {

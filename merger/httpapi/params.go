@@ -7,6 +7,8 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+
+	"github.com/dnbd3go/dnbd3go/merger"
 )
 
 // field is one name=value pair of a query string or form.
@@ -123,13 +125,14 @@ func (b *binder) int64(name string, lo int64) int64 {
 }
 
 // guid returns a required GUID parameter in its canonical form
-// (lower-case 8-4-4-4-12).
+// (lower-case 8-4-4-4-12; the other .NET formats are accepted, see
+// merger.ParseUUID).
 func (b *binder) guid(name string) string {
 	v, ok := b.raw(name)
 	if !ok {
 		return ""
 	}
-	g, ok := parseGUID(v)
+	g, ok := merger.ParseUUID(v)
 	if !ok {
 		b.fail(name, fmt.Sprintf("The value '%s' is not valid for %s.", clip(v), name))
 		return ""
@@ -152,42 +155,4 @@ func clip(s string) string {
 		return s[:n] + "…"
 	}
 	return s
-}
-
-// parseGUID accepts the GUID formats .NET's Guid.Parse does for
-// hyphenated and plain strings: "D" (8-4-4-4-12), "N" (32 hex digits),
-// "B" ({D}) and "P" ((D)), in any case. It returns the "D" form in lower
-// case.
-func parseGUID(s string) (string, bool) {
-	if len(s) == 38 && (s[0] == '{' && s[37] == '}' || s[0] == '(' && s[37] == ')') {
-		s = s[1:37]
-	}
-	var hex []byte
-	switch len(s) {
-	case 36:
-		for i := 0; i < 36; i++ {
-			if i == 8 || i == 13 || i == 18 || i == 23 {
-				if s[i] != '-' {
-					return "", false
-				}
-				continue
-			}
-			hex = append(hex, s[i])
-		}
-	case 32:
-		hex = []byte(s)
-	default:
-		return "", false
-	}
-	for i, c := range hex {
-		switch {
-		case '0' <= c && c <= '9', 'a' <= c && c <= 'f':
-		case 'A' <= c && c <= 'F':
-			hex[i] = c + 'a' - 'A'
-		default:
-			return "", false
-		}
-	}
-	h := string(hex)
-	return h[0:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:32], true
 }

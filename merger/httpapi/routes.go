@@ -31,16 +31,12 @@ func buildRoutes(gens ...*generation) map[string]route {
 }
 
 // lookup finds the route of a request path, ignoring case and one
-// trailing slash (as ASP.NET Core routing does). allowed is the route's
-// method, or "" if there is no such route.
-func (h *handler) lookup(path string) (rt route, allowed string) {
+// trailing slash (as ASP.NET Core routing does).
+func (h *handler) lookup(path string) (route, bool) {
 	key := strings.ToLower(path)
 	if len(key) > 1 {
 		key = strings.TrimSuffix(key, "/")
 	}
 	rt, ok := h.routes[key]
-	if !ok {
-		return route{}, ""
-	}
-	return rt, rt.method
+	return rt, ok
 }

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -172,28 +173,13 @@ func TestUpdateTooLarge(t *testing.T) {
 
 	// Chunked, without Content-Length: cut off at the limit.
 	big := make([]byte, MaxUpdateBytes+1)
-	req, _ := http.NewRequest("POST", srv.URL+"/v1/file/update?uuid="+id+"&clusterindex=1", io.MultiReader(bytes.NewReader(big)))
-	req.Header.Set("Content-Type", "application/octet-stream")
-	req.ContentLength = -1
-	resp, err = srv.Client().Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusRequestEntityTooLarge {
-		t.Fatalf("chunked: %d, want 413", resp.StatusCode)
+	path := "/v1/file/update?uuid=" + id + "&clusterindex=1"
+	if code := postChunked(t, srv, path, "application/octet-stream", big); code != http.StatusRequestEntityTooLarge {
+		t.Fatalf("chunked: %d, want 413", code)
 	}
 	// Exactly the limit, chunked, is fine.
-	req, _ = http.NewRequest("POST", srv.URL+"/v1/file/update?uuid="+id+"&clusterindex=1", io.MultiReader(bytes.NewReader(big[:MaxUpdateBytes])))
-	req.Header.Set("Content-Type", "application/octet-stream")
-	req.ContentLength = -1
-	resp, err = srv.Client().Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != 200 {
-		t.Fatalf("chunked full cluster: %d, want 200", resp.StatusCode)
+	if code := postChunked(t, srv, path, "application/octet-stream", big[:MaxUpdateBytes]); code != 200 {
+		t.Fatalf("chunked full cluster: %d, want 200", code)
 	}
 	if u, _ := f.lastUpdate(); len(f.updates) != 1 || !u.u.Full {
 		t.Fatalf("updates %d full=%v", len(f.updates), u.u.Full)
@@ -203,20 +189,30 @@ func TestUpdateTooLarge(t *testing.T) {
 	form := "imageName=" + strings.Repeat("a", MaxFormBytes) + "&revision=1&bitfieldSize=40"
 	post(t, srv, "/v1/file/create", form).want(t, 413, "text/plain; charset=utf-8", "*")
 	ct, body := multipartForm(t, "imageName", strings.Repeat("a", MaxFormBytes), "revision", "1", "bitfieldSize", "40")
-	req, _ = http.NewRequest("POST", srv.URL+"/v1/file/create", io.MultiReader(bytes.NewReader(body)))
-	req.Header.Set("Content-Type", ct)
-	req.ContentLength = -1
-	resp, err = srv.Client().Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusRequestEntityTooLarge {
-		t.Fatalf("chunked multipart: %d, want 413", resp.StatusCode)
+	if code := postChunked(t, srv, "/v1/file/create", ct, body); code != http.StatusRequestEntityTooLarge {
+		t.Fatalf("chunked multipart: %d, want 413", code)
 	}
 	if len(f.creates) != 0 {
 		t.Fatalf("creates = %+v", f.creates)
 	}
+}
+
+// postChunked POSTs body without Content-Length (chunked) and returns
+// the reply's status code.
+func postChunked(t *testing.T, srv *httptest.Server, path, ctype string, body []byte) int {
+	t.Helper()
+	req, err := http.NewRequest("POST", srv.URL+path, io.MultiReader(bytes.NewReader(body)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", ctype)
+	req.ContentLength = -1
+	resp, err := srv.Client().Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	return resp.StatusCode
 }
 
 // TestUpdateExpectContinue sends updates with "Expect: 100-continue" over
