@@ -12,9 +12,8 @@ cd "$(dirname "$0")/.."
 OURS=15201 PEER=15202 RUNS=${RUNS:-3}
 gcc -O2 -o "$W/dnbd3-minimal" bench/peers/dnbd3-minimal.c -lpthread
 gcc -O2 -o "$W/dnbd3-hsbench" bench/peers/dnbd3-hsbench.c -lpthread
-mkdir -p "$W/img" "$W/etc"
-[ -f "$W/img/bench.r1" ] || head -c 256M /dev/urandom > "$W/img/bench.r1"
-printf '[dnbd3]\nbasePath=%s\nlistenPort=%s\n[logging]\nconsoleMask=ERROR WARNING\n' "$W/img" $OURS > "$W/etc/server.conf"
+random_file "$W/img/bench.r1" 256M
+server_conf "$W/etc" "$W/img" $OURS
 "$BIN/dnbd3-server" -n -c "$W/etc" -b 127.0.0.1 > "$W/server.log" 2>&1 & S1=$!
 "$W/dnbd3-minimal" $PEER bench "$W/img/bench.r1" & S2=$!
 trap 'kill $S1 $S2 2>/dev/null || true' EXIT
@@ -44,7 +43,7 @@ mem() { # pid port -> KiB per idle client
   before=$(rss_kib "$1")
   "$BIN/dnbd3-bench" -h 127.0.0.1:$2 -i bench --idle 1000 --duration 3s > "$W/idle.out" &
   local b=$!
-  for _ in $(seq 100); do grep -q open "$W/idle.out" 2>/dev/null && break; sleep 0.05; done
+  wait_until grep -q open "$W/idle.out" || true
   after=$(rss_kib "$1")
   wait $b
   awk -v a="$after" -v b="$before" 'BEGIN { printf "%.1f", (a - b) / 1000 }'

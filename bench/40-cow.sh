@@ -11,10 +11,9 @@ cd "$(dirname "$0")/.."
 . bench/lib.sh
 RUNS=${RUNS:-3} SECS=${SECS:-5}
 PORT=15241 MPORT=15242
-mkdir -p "$W/cowimg" "$W/cowetc"
 BASE=$W/cowimg/cow.r1
-[ -f "$BASE" ] || head -c 512M /dev/urandom > "$BASE"
-printf '[dnbd3]\nbasePath=%s\nlistenPort=%s\n[logging]\nconsoleMask=ERROR WARNING\n' "$W/cowimg" $PORT > "$W/cowetc/server.conf"
+random_file "$BASE" 512M
+server_conf "$W/cowetc" "$W/cowimg" $PORT
 "$BIN/dnbd3-server" -n -c "$W/cowetc" -b 127.0.0.1 > "$W/cowserver.log" 2>&1 & S=$!
 go build -o "$W/sinkmerger" ./bench/peers/sinkmerger
 "$W/sinkmerger" 127.0.0.1:$MPORT & M=$!
@@ -23,21 +22,17 @@ trap 'kill $S $M $P 2>/dev/null || true' EXIT
 wait_port $PORT; wait_port $MPORT
 
 # fio_write SOCKET RW BS QD -> "bw_bytes iops"
-fio_write() {
-  fio --name=w --ioengine=nbd --uri="nbd+unix:///?socket=$1" --rw="$2" --bs="$3" --iodepth="$4" \
-      --size=512M --runtime="$SECS" --time_based --output-format=json 2>/dev/null |
-    awk -F'[:,]' '/"write" :/ {r=1} r && /"bw_bytes"/ && bw == "" {gsub(/ /,"",$2); bw=$2} r && /"iops"/ && !i {gsub(/ /,"",$2); i=$2} END {print bw, i}'
-}
+fio_write() { fio_nbd "$@" 512M; }
 start_ours() { # extra args...
   rm -rf "$W/sess" "$W/ours.sock"; mkdir -p "$W/sess"
   "$BIN/dnbd3-nbd" serve -h 127.0.0.1:$PORT -i cow --listen "unix:$W/ours.sock" -c "$W/sess" --log-level error "$@" > /dev/null & P=$!
-  for _ in $(seq 100); do [ -S "$W/ours.sock" ] && return; sleep 0.05; done
+  wait_sock "$W/ours.sock"
 }
 start_qemu() {
   rm -f "$W/ovl.qcow2" "$W/qemu.sock"
   qemu-img create -q -f qcow2 -b "$BASE" -F raw "$W/ovl.qcow2"
   qemu-nbd --persistent --shared=16 -f qcow2 --socket="$W/qemu.sock" "$W/ovl.qcow2" & P=$!
-  for _ in $(seq 100); do [ -S "$W/qemu.sock" ] && return; sleep 0.05; done
+  wait_sock "$W/qemu.sock"
 }
 stop() { kill -INT $P 2>/dev/null; wait $P 2>/dev/null || true; P=""; }
 cat "$BASE" > /dev/null
@@ -55,6 +50,6 @@ r_o=$(best ${R[rand_ours]}); r_q=$(best ${R[rand_qemu]}); r_u=$(best ${R[rand_up
 s_o=$(best ${R[seq_ours]}); s_q=$(best ${R[seq_qemu]})
 printf '\n%-46s %12s %12s %8s %s\n' "fio nbd engine, writes (best of $RUNS)" "dnbd3-nbd" "qemu-nbd" "ratio" "target"
 printf '%-46s %12.0f %12.0f %8s %s\n' "rand write 4 KiB QD32 (IOPS), COW vs qcow2" "$r_o" "$r_q" "$(ratio "$r_o" "$r_q")" ">= 1.0"
-printf '%-46s %12.0f %12.0f %8s %s\n' "seq write 1 MiB QD8 (MB/s), COW vs qcow2" "$(echo "$s_o/1000000" | bc -l)" "$(echo "$s_q/1000000" | bc -l)" "$(ratio "$s_o" "$s_q")" ">= 1.0"
+printf '%-46s %12.0f %12.0f %8s %s\n' "seq write 1 MiB QD8 (MB/s), COW vs qcow2" "$(mb "$s_o")" "$(mb "$s_q")" "$(ratio "$s_o" "$s_q")" ">= 1.0"
 printf '%-46s %12.0f %12.0f %8s %s\n' "rand write 4 KiB QD32 (IOPS), uploads on/off" "$r_u" "$r_o" "$(ratio "$r_u" "$r_o")" ">= 0.8"
 echo "(uploads: every changed cluster sent at once to bench/peers/sinkmerger; $(curl -s 127.0.0.1:$MPORT/stats | awk '{print $1" uploads, "$2" bytes"}') in total)"

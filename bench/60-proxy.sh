@@ -38,29 +38,13 @@ trap cleanup EXIT
 
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }'; }
-least() { printf '%s\n' "$@" | sort -g | head -1; }
-
-# wait_on IP PORT [NS]: wait until something listens there.
-wait_on() {
-  local pre=()
-  [ -n "${3:-}" ] && pre=(ip netns exec "$3")
-  for _ in $(seq 200); do
-    "${pre[@]}" bash -c "exec 3<>/dev/tcp/$1/$2" 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "nothing listens on $1:$2 ${3:+in $3}" >&2; return 1
-}
 
 # conf DIR BASE PORT [PROXY_KEYS...]: write server.conf (and alt-servers
 # from $UPLINK when set).
 conf() {
-  local dir=$1 base=$2 port=$3; shift 3
-  mkdir -p "$dir" "$base"
-  { printf '[dnbd3]\nbasePath=%s\nlistenPort=%s\nautoFreeDiskSpaceDelay=-1\n' "$base" "$port"
-    for kv in "$@"; do echo "$kv"; done
-    printf '[logging]\nconsoleMask=ERROR WARNING\n'; } > "$dir/server.conf"
-  rm -f "$dir/alt-servers"
-  if [ -n "${UPLINK:-}" ]; then printf '[%s]\ncomment=origin\nfor=replication\n' "$UPLINK" > "$dir/alt-servers"; fi
+  server_conf "$1" "$2" "$3" autoFreeDiskSpaceDelay=-1 "${@:4}"
+  rm -f "$1/alt-servers"
+  if [ -n "${UPLINK:-}" ]; then printf '[%s]\ncomment=origin\nfor=replication\n' "$UPLINK" > "$1/alt-servers"; fi
 }
 
 # start_server NAME DIR BIND [NS] -> sets SPID
@@ -107,8 +91,8 @@ replicate() {
 
 mkdir -p "$P"
 rm -f "$P"/*.log
-[ -f "$P/origin/img/cold.r1" ] || { mkdir -p "$P/origin/img"; head -c 256M /dev/urandom > "$P/origin/img/cold.r1"; }
-[ -f "$P/origin/img/big.r1" ] || head -c 1G /dev/urandom > "$P/origin/img/big.r1"
+random_file "$P/origin/img/cold.r1" 256M
+random_file "$P/origin/img/big.r1" 1G
 cat "$P/origin/img/cold.r1" "$P/origin/img/big.r1" > /dev/null # page cache warm
 
 conf "$P/origin/etc" "$P/origin/img" $ORIGIN
@@ -141,7 +125,7 @@ rpc_ms() { # mean ms of 200 requests on one keep-alive connection
 RPC0=$(rpc_ms)
 RSS0=$(rss_kib $PPID_)
 "$BIN/dnbd3-bench" -h $PIP:$PROXY -i cold --idle 1000 --duration 60s > "$P/idle.out" 2>&1 & BPID=$!; PIDS+=($BPID)
-for _ in $(seq 200); do grep -q open "$P/idle.out" 2>/dev/null && break; sleep 0.05; done
+wait_until grep -q open "$P/idle.out" || true
 NCLIENTS=$(curl -s "$URL" | jq '.clients | length' 2>/dev/null || echo 0)
 RSS1=$(rss_kib $PPID_)
 RPC1=$(rpc_ms)

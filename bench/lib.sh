@@ -3,17 +3,75 @@ BIN=${BIN:-$PWD/bin}
 W=${W:-$PWD/out/bench/work}
 mkdir -p "$W"
 
-# wait_port PORT: wait until something listens on 127.0.0.1:PORT.
-wait_port() {
-  for _ in $(seq 100); do
-    (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0
+# wait_until CMD...: run CMD every 50 ms until it succeeds (status 0) or
+# 10 s have passed (status 1).
+wait_until() {
+  for _ in $(seq 200); do
+    "$@" 2>/dev/null && return 0
     sleep 0.05
   done
-  echo "nothing listens on port $1" >&2; return 1
+  return 1
+}
+
+# listening IP PORT [NS]: something accepts TCP connections on IP:PORT (in
+# network namespace NS).
+listening() {
+  local pre=()
+  [ -n "${3:-}" ] && pre=(ip netns exec "$3")
+  "${pre[@]}" bash -c "exec 3<>/dev/tcp/$1/$2"
+}
+
+# wait_on IP PORT [NS]: wait until something listens there.
+wait_on() {
+  wait_until listening "$@" || { echo "nothing listens on $1:$2${3:+ in $3}" >&2; return 1; }
+}
+
+# wait_port PORT: wait until something listens on 127.0.0.1:PORT.
+wait_port() { wait_on 127.0.0.1 "$1"; }
+
+# wait_sock PATH...: wait until every PATH is a unix socket.
+wait_sock() {
+  local s
+  for s in "$@"; do
+    wait_until test -S "$s" || { echo "no socket $s" >&2; return 1; }
+  done
+}
+
+# random_file PATH SIZE: PATH holding SIZE random bytes (SIZE as for
+# head -c: 256M, 1G), made once and kept for later runs.
+random_file() {
+  [ -f "$1" ] && return
+  mkdir -p "$(dirname "$1")"
+  head -c "$2" /dev/urandom > "$1.tmp" && mv "$1.tmp" "$1"
+}
+
+# server_conf DIR BASE PORT [KEY=VALUE...]: write DIR/server.conf for a
+# dnbd3-server serving BASE on PORT that logs only errors and warnings, with
+# the extra keys in its [dnbd3] section.
+server_conf() {
+  local dir=$1 base=$2 port=$3 kv; shift 3
+  mkdir -p "$dir" "$base"
+  { printf '[dnbd3]\nbasePath=%s\nlistenPort=%s\n' "$base" "$port"
+    for kv in "$@"; do echo "$kv"; done
+    printf '[logging]\nconsoleMask=ERROR WARNING\n'; } > "$dir/server.conf"
+}
+
+# fio_nbd SOCKET RW BS QD SIZE: fio's nbd engine (libnbd) on a unix socket
+# for $SECS seconds; prints "bytes_per_s iops" of the reads (RW read,
+# randread) or writes (write, randwrite).
+fio_nbd() {
+  local dir=read
+  case $2 in *write) dir=write;; esac
+  fio --name=b --ioengine=nbd --uri="nbd+unix:///?socket=$1" --rw="$2" --bs="$3" --iodepth="$4" \
+      --size="$5" --runtime="$SECS" --time_based --output-format=json 2>/dev/null |
+    awk -F'[:,]' -v d="\"$dir\" :" 'index($0, d) {r=1} r && /"bw_bytes"/ && bw == "" {gsub(/ /,"",$2); bw=$2} r && /"iops"/ && !i {gsub(/ /,"",$2); i=$2} END {print bw, i}'
 }
 
 # ratio A B: A/B with two decimals.
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+
+# mb BYTES_PER_S: the same in MB/s (10^6 bytes).
+mb() { awk -v b="$1" 'BEGIN { printf "%.0f", b / 1e6 }'; }
 
 # best VALUES...: the largest number (best of several runs).
 best() { printf '%s\n' "$@" | sort -g | tail -1; }

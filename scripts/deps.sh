@@ -11,7 +11,7 @@ declare -A want=(
   [nbdkit]=nbdkit [fio]=fio
   [qemu-system-x86_64]=qemu-system-x86
   [curl]=curl [ip]=iproute2 [tc]=iproute2
-  [mke2fs]=e2fsprogs [xz]=xz-utils [bc]=bc
+  [mke2fs]=e2fsprogs [xz]=xz-utils [bc]=bc [jq]=jq
 )
 # qemu-system-x86 is large; skip it when only unit tests are wanted
 [ "${1:-}" = "--no-vm" ] && unset 'want[qemu-system-x86_64]'

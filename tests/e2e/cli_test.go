@@ -2,11 +2,8 @@ package e2e
 
 import (
 	"bytes"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"os"
@@ -16,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/dnbd3go/dnbd3go/internal/testutil"
 )
 
 // daemon is a dnbd3-server process started from its binary.
@@ -36,15 +35,15 @@ func freePort(t *testing.T) int {
 	return l.Addr().(*net.TCPAddr).Port
 }
 
-// startDaemon writes a config directory and runs `dnbd3-server -n -c DIR`.
-func startDaemon(t *testing.T, base, extra string, files map[string]string) (*daemon, string) {
+// startDaemon writes a config directory serving base and runs
+// `dnbd3-server -n -c DIR`.
+func startDaemon(t *testing.T, base string) *daemon {
 	t.Helper()
 	etc := t.TempDir()
 	port := freePort(t)
-	conf := fmt.Sprintf("[dnbd3]\nbasePath=%s\nlistenPort=%d\n%s\n[logging]\nconsoleMask=ERROR WARNING MINOR INFO DEBUG1\n", base, port, extra)
-	os.WriteFile(filepath.Join(etc, "server.conf"), []byte(conf), 0o644)
-	for n, c := range files {
-		os.WriteFile(filepath.Join(etc, n), []byte(c), 0o644)
+	conf := fmt.Sprintf("[dnbd3]\nbasePath=%s\nlistenPort=%d\n[logging]\nconsoleMask=ERROR WARNING MINOR INFO DEBUG1\n", base, port)
+	if err := os.WriteFile(filepath.Join(etc, "server.conf"), []byte(conf), 0o644); err != nil {
+		t.Fatal(err)
 	}
 	d := &daemon{addr: fmt.Sprintf("127.0.0.1:%d", port), log: &bytes.Buffer{}, done: make(chan error, 1)}
 	d.cmd = exec.Command(bin("dnbd3-server"), "-n", "-c", etc, "-b", "127.0.0.1")
@@ -60,17 +59,10 @@ func startDaemon(t *testing.T, base, extra string, files map[string]string) (*da
 			t.Logf("dnbd3-server log:\n%s", d.logText())
 		}
 	})
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if c, err := net.Dial("tcp", d.addr); err == nil {
-			c.Close()
-			return d, etc
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("dnbd3-server did not listen on %s:\n%s", d.addr, d.logText())
-		}
-		time.Sleep(20 * time.Millisecond)
+	if err := testutil.WaitListening(d.addr, 10*time.Second); err != nil {
+		t.Fatalf("dnbd3-server did not listen on %s: %v\n%s", d.addr, err, d.logText())
 	}
+	return d
 }
 
 func (d *daemon) logText() string {
@@ -125,32 +117,20 @@ func run(t *testing.T, name string, args ...string) (stdout, stderr string, code
 	return o.String(), e.String(), code
 }
 
-func fileSHA(t *testing.T, path string) string {
-	t.Helper()
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	h := sha256.New()
-	io.Copy(h, f)
-	return hex.EncodeToString(h.Sum(nil))
-}
-
 // TestServerBinaryLifecycle drives dnbd3-server like an administrator:
 // get an image, query the RPC, reload with SIGHUP, verify with SIGUSR1,
 // stop with SIGTERM.
 func TestServerBinaryLifecycle(t *testing.T) {
 	base := t.TempDir()
 	randomImage(t, filepath.Join(base, "lab", "win.img.r1"), 24<<20)
-	d, _ := startDaemon(t, base, "", nil)
+	d := startDaemon(t, base)
 
 	out := filepath.Join(t.TempDir(), "copy.img")
 	_, stderr, code := run(t, "dnbd3-nbd", "get", "-h", d.addr, "-i", "lab/win.img", "-o", out)
 	if code != 0 {
 		t.Fatalf("dnbd3-nbd get: exit %d: %s", code, stderr)
 	}
-	if fileSHA(t, out) != fileSHA(t, filepath.Join(base, "lab", "win.img.r1")) {
+	if testutil.SHA256File(t, out) != testutil.SHA256File(t, filepath.Join(base, "lab", "win.img.r1")) {
 		t.Fatal("downloaded image differs")
 	}
 	if st := d.query(t, "stats"); st["bytesSent"].(float64) != 24<<20 {
@@ -208,8 +188,8 @@ func TestServerBinaryLifecycle(t *testing.T) {
 func TestGetSurvivesServerKill(t *testing.T) {
 	base := t.TempDir()
 	randomImage(t, filepath.Join(base, "big.r1"), 192<<20)
-	a, _ := startDaemon(t, base, "", nil)
-	b, _ := startDaemon(t, base, "", nil)
+	a := startDaemon(t, base)
+	b := startDaemon(t, base)
 	out := filepath.Join(t.TempDir(), "copy.img")
 	cmd := exec.Command(bin("dnbd3-nbd"), "get", "-h", a.addr+" "+b.addr, "-S", "-i", "big", "-o", out, "--parallel", "2", "--block-size", "256K")
 	var stderr bytes.Buffer
@@ -232,7 +212,7 @@ func TestGetSurvivesServerKill(t *testing.T) {
 	if err := cmd.Wait(); err != nil {
 		t.Fatalf("get failed after the server was killed: %v\n%s", err, stderr.String())
 	}
-	if fileSHA(t, out) != fileSHA(t, filepath.Join(base, "big.r1")) {
+	if testutil.SHA256File(t, out) != testutil.SHA256File(t, filepath.Join(base, "big.r1")) {
 		t.Fatal("downloaded image differs")
 	}
 	if sent := b.query(t, "stats")["bytesSent"].(float64); sent == 0 {
@@ -274,7 +254,7 @@ func TestServerOneShotsAndBadInput(t *testing.T) {
 func TestBenchAgainstServer(t *testing.T) {
 	base := t.TempDir()
 	randomImage(t, filepath.Join(base, "b.r1"), 16<<20)
-	d, _ := startDaemon(t, base, "", nil)
+	d := startDaemon(t, base)
 	out, stderr, code := run(t, "dnbd3-bench", "-h", d.addr, "-i", "b", "-n", "200", "-t", "4")
 	if code != 0 || !strings.Contains(out, "Summary: Attempts: 800, Success: 800, Fails: 0") {
 		t.Fatalf("handshake mode: exit %d\n%s%s", code, out, stderr)

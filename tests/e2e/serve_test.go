@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	"github.com/dnbd3go/dnbd3go/cowstore/mergertest"
+	"github.com/dnbd3go/dnbd3go/internal/testutil"
 )
 
 // needTool skips (visibly) when a Debian tool the test drives is missing.
@@ -25,8 +27,10 @@ func needTool(t *testing.T, name, pkg string) {
 }
 
 // startServe runs `dnbd3-nbd serve` for image against the dnbd3 server at
-// addr and returns the NBD URI of its unix socket.
-func startServe(t *testing.T, addr, image string, extra ...string) string {
+// addr and returns the NBD URI of its unix socket and a stop function:
+// SIGINT, then the exit status (an error also for no exit within 10 s).
+// Cleanup stops it too and fails the test on an unclean exit.
+func startServe(t *testing.T, addr, image string, extra ...string) (uri string, stop func() error) {
 	t.Helper()
 	sock := filepath.Join(t.TempDir(), "nbd.sock")
 	cmd := exec.Command(bin("dnbd3-nbd"), append([]string{"serve", "-h", addr, "-i", image, "--listen", "unix:" + sock}, extra...)...)
@@ -36,18 +40,28 @@ func startServe(t *testing.T, addr, image string, extra ...string) string {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		cmd.Process.Signal(os.Interrupt)
-		done := make(chan error, 1)
-		go func() { done <- cmd.Wait() }()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("dnbd3-nbd serve exited with %v after SIGINT:\n%s", err, stderr.String())
+	var once sync.Once
+	var stopErr error
+	stop = func() error {
+		once.Do(func() {
+			cmd.Process.Signal(os.Interrupt)
+			done := make(chan error, 1)
+			go func() { done <- cmd.Wait() }()
+			select {
+			case err := <-done:
+				if err != nil {
+					stopErr = fmt.Errorf("dnbd3-nbd serve exited with %v after SIGINT:\n%s", err, stderr.String())
+				}
+			case <-time.After(10 * time.Second):
+				cmd.Process.Kill()
+				stopErr = errors.New("dnbd3-nbd serve did not stop within 10 s of SIGINT")
 			}
-		case <-time.After(10 * time.Second):
-			cmd.Process.Kill()
-			t.Error("dnbd3-nbd serve did not stop within 10 s of SIGINT")
+		})
+		return stopErr
+	}
+	t.Cleanup(func() {
+		if err := stop(); err != nil {
+			t.Error(err)
 		}
 	})
 	line, err := bufio.NewReader(stdout).ReadString('\n')
@@ -57,7 +71,7 @@ func startServe(t *testing.T, addr, image string, extra ...string) string {
 	if strings.TrimSpace(line) != sock {
 		t.Fatalf("serve printed %q, want %q", line, sock)
 	}
-	return "nbd+unix:///?socket=" + sock
+	return "nbd+unix:///?socket=" + sock, stop
 }
 
 // TestServeWithLibnbdTools exports an image from dnbd3-server through
@@ -68,8 +82,8 @@ func TestServeWithLibnbdTools(t *testing.T) {
 	base := t.TempDir()
 	img := filepath.Join(base, "vm", "disk.r2")
 	randomImage(t, img, 48<<20+4096)
-	d, _ := startDaemon(t, base, "", nil)
-	uri := startServe(t, d.addr, "vm/disk")
+	d := startDaemon(t, base)
+	uri, _ := startServe(t, d.addr, "vm/disk")
 
 	out, err := exec.Command("nbdinfo", "--json", uri).Output()
 	if err != nil {
@@ -94,32 +108,32 @@ func TestServeWithLibnbdTools(t *testing.T) {
 		t.Errorf("nbdinfo --list: %v\n%s", err, out)
 	}
 
-	want := fileSHA(t, img)
-	var wg sync.WaitGroup
-	errs := make(chan error, 4)
-	for i, args := range [][]string{
+	want := testutil.SHA256File(t, img)
+	copies := [][]string{
 		{"--connections=4"},
 		{"--connections=1", "--requests=16"},
 		{"--connections=2"},
-	} {
+	}
+	dsts := make([]string, len(copies))
+	errs := make([]error, len(copies))
+	var wg sync.WaitGroup
+	for i, args := range copies {
+		dsts[i] = filepath.Join(t.TempDir(), fmt.Sprintf("copy%d.img", i))
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			dst := filepath.Join(t.TempDir(), fmt.Sprintf("copy%d.img", i))
-			cmd := exec.Command("nbdcopy", append(args, uri, dst)...)
-			if out, err := cmd.CombinedOutput(); err != nil {
-				errs <- fmt.Errorf("nbdcopy %v: %v\n%s", args, err, out)
-				return
-			}
-			if got := fileSHA(t, dst); got != want {
-				errs <- fmt.Errorf("nbdcopy %v: sha256 %s, want %s", args, got, want)
+			if out, err := exec.Command("nbdcopy", append(args, uri, dsts[i])...).CombinedOutput(); err != nil {
+				errs[i] = fmt.Errorf("nbdcopy %v: %v\n%s", args, err, out)
 			}
 		}()
 	}
 	wg.Wait()
-	close(errs)
-	for err := range errs {
-		t.Error(err)
+	for i, args := range copies {
+		if errs[i] != nil {
+			t.Error(errs[i])
+		} else if got := testutil.SHA256File(t, dsts[i]); got != want {
+			t.Errorf("nbdcopy %v: sha256 %s, want %s", args, got, want)
+		}
 	}
 	// writes are refused on the read-only export
 	needTool(t, "qemu-io", "qemu-utils")
@@ -138,29 +152,16 @@ func TestServeCOWWritable(t *testing.T) {
 	base := t.TempDir()
 	img := filepath.Join(base, "w.r1")
 	original := randomImage(t, img, 8<<20)
-	d, _ := startDaemon(t, base, "", nil)
+	d := startDaemon(t, base)
 	m := mergertest.Start(t)
 	sess := t.TempDir()
 
-	sock := filepath.Join(t.TempDir(), "w.sock")
-	cmd := exec.Command(bin("dnbd3-nbd"), "serve", "-h", d.addr, "-i", "w", "--listen", "unix:"+sock,
-		"-c", sess, "-C", m.Addr, "--cow-stats-file", "--upload-delay", "0")
-	var stderr strings.Builder
-	cmd.Stderr = syncWriter(&stderr)
-	stdout, _ := cmd.StdoutPipe()
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := bufio.NewReader(stdout).ReadString('\n'); err != nil {
-		t.Fatalf("serve: %v\n%s", err, stderr.String())
-	}
-	uri := "nbd+unix:///?socket=" + sock
+	uri, stop := startServe(t, d.addr, "w", "-c", sess, "-C", m.Addr, "--cow-stats-file", "--upload-delay", "0")
 	if out, err := exec.Command("qemu-io", "-f", "raw", "-c", "write -P 0x5a 1000000 3000000", "-c", "flush", uri).CombinedOutput(); err != nil {
 		t.Fatalf("qemu-io: %v\n%s", err, out)
 	}
-	cmd.Process.Signal(os.Interrupt)
-	if err := cmd.Wait(); err != nil {
-		t.Fatalf("serve -c exited with %v\n%s", err, stderr.String())
+	if err := stop(); err != nil {
+		t.Fatalf("serve -c: %v", err)
 	}
 	want := append([]byte(nil), original...)
 	for i := 1000000; i < 4000000; i++ {
@@ -168,7 +169,7 @@ func TestServeCOWWritable(t *testing.T) {
 	}
 	uuids := m.Sessions()
 	if len(uuids) != 1 {
-		t.Fatalf("merger sessions %v\n%s", uuids, stderr.String())
+		t.Fatalf("merger sessions %v", uuids)
 	}
 	if s, _ := m.Session(uuids[0]); len(s.Clusters) != 4 {
 		t.Errorf("merger got %d clusters, want 4 (bytes 1,000,000..4,000,000 lie in clusters 0-3)", len(s.Clusters))
@@ -177,7 +178,7 @@ func TestServeCOWWritable(t *testing.T) {
 		t.Errorf("status file: %s", st)
 	}
 
-	uri2 := startServe(t, d.addr, "w", "-L", sess)
+	uri2, _ := startServe(t, d.addr, "w", "-L", sess)
 	dst := filepath.Join(t.TempDir(), "back.img")
 	if out, err := exec.Command("nbdcopy", uri2, dst).CombinedOutput(); err != nil {
 		t.Fatalf("nbdcopy: %v\n%s", err, out)

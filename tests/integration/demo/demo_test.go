@@ -6,11 +6,7 @@ package demo
 
 import (
 	"bufio"
-	"crypto/sha256"
-	"encoding/hex"
 	"fmt"
-	"io"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -19,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/internal/testutil"
 	"github.com/dnbd3go/dnbd3go/nbdbridge"
 )
 
@@ -52,15 +49,8 @@ func TestDemo(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer func() { srv.Process.Signal(syscall.SIGTERM); srv.Wait() }()
-	for i := 0; ; i++ {
-		if c, err := net.Dial("tcp", "127.0.0.1:15004"); err == nil {
-			c.Close()
-			break
-		}
-		if i > 200 {
-			t.Fatal("dnbd3-server did not start")
-		}
-		time.Sleep(10 * time.Millisecond)
+	if err := testutil.WaitListening("127.0.0.1:15004", 5*time.Second); err != nil {
+		t.Fatalf("dnbd3-server did not start: %v", err)
 	}
 
 	say("dnbd3-nbd attach -h 127.0.0.1:15004 -i demo")
@@ -85,15 +75,8 @@ func TestDemo(t *testing.T) {
 	fmt.Print(run(t, "ls", "-l", mnt))
 	hello, _ := os.ReadFile(filepath.Join(mnt, "hello.txt"))
 	say("hello.txt: %s", strings.TrimSpace(string(hello)))
-	f, err := os.Open(filepath.Join(mnt, "random.bin"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	h := sha256.New()
-	io.Copy(h, f)
-	f.Close()
+	got := testutil.SHA256File(t, filepath.Join(mnt, "random.bin"))
 	want, _ := os.ReadFile(filepath.Join(mnt, "random.bin.sha256"))
-	got := hex.EncodeToString(h.Sum(nil))
 	say("random.bin sha256 %s (recorded when the image was made: %s)", got, strings.TrimSpace(string(want)))
 	if got != strings.TrimSpace(string(want)) {
 		t.Fatal("random.bin differs")

@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -20,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/internal/testutil"
 	"github.com/dnbd3go/dnbd3go/nbdbridge"
 	"golang.org/x/sys/unix"
 )
@@ -106,17 +106,10 @@ func serverWith(t *testing.T, base, extra, altServers string) (*proc, string) {
 	}
 	p := start(t, nil, "dnbd3-server", "-n", "-c", etc, "-b", "127.0.0.1")
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if c, err := net.Dial("tcp", addr); err == nil {
-			c.Close()
-			return p, addr
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("dnbd3-server does not listen:\n%s", p.output())
-		}
-		time.Sleep(10 * time.Millisecond)
+	if err := testutil.WaitListening(addr, 10*time.Second); err != nil {
+		t.Fatalf("dnbd3-server does not listen: %v\n%s", err, p.output())
 	}
+	return p, addr
 }
 
 // attachCmd runs `dnbd3-nbd attach ARGS` and returns once it printed the
@@ -226,6 +219,23 @@ func nbd(t *testing.T, args ...string) (string, int) {
 	return string(out), code
 }
 
+// readManifest returns the checksums of the files in /testdata/images/fs.r1
+// by path (vm/testdata.sh writes them to /testdata/fs.manifest); without
+// the file the test skips.
+func readManifest(t *testing.T) map[string]string {
+	t.Helper()
+	manifest, err := os.ReadFile("/testdata/fs.manifest")
+	if err != nil {
+		t.Skipf("SKIP: /testdata/fs.manifest missing (run the harness with -files from vm/testdata.sh): %v", err)
+	}
+	sums := map[string]string{}
+	for _, line := range strings.Split(strings.TrimSpace(string(manifest)), "\n") {
+		sum, path, _ := strings.Cut(line, "  ")
+		sums[path] = sum
+	}
+	return sums
+}
+
 func statusJSON(t *testing.T, dev string) map[string]any {
 	t.Helper()
 	out, code := nbd(t, "status", dev, "--json")
@@ -292,30 +302,12 @@ func TestAttachReadFull(t *testing.T) {
 // -d, see vm/testdata.sh) from a read-only attach and verifies its files.
 func TestAttachExt4ReadOnly(t *testing.T) {
 	requireNBD(t)
-	manifest, err := os.ReadFile("/testdata/fs.manifest")
-	if err != nil {
-		t.Skipf("SKIP: /testdata/fs.manifest missing (run the harness with -files from vm/testdata.sh): %v", err)
-	}
+	sums := readManifest(t)
 	_, addr := server(t, "/testdata/images")
 	p, dev, idx := attachCmd(t, "-h", addr, "-i", "fs")
-	mnt := "/mnt/" + filepath.Base(dev)
-	os.MkdirAll(mnt, 0o755)
-	if out, err := exec.Command("mount", "-t", "ext4", "-o", "ro,noload", dev, mnt).CombinedOutput(); err != nil {
-		t.Fatalf("mount: %v\n%s", err, out)
-	}
-	n := 0
-	for _, line := range strings.Split(strings.TrimSpace(string(manifest)), "\n") {
-		sum, path, _ := strings.Cut(line, "  ")
-		data, err := os.ReadFile(filepath.Join(mnt, path))
-		if err != nil {
-			t.Fatalf("%s: %v", path, err)
-		}
-		if got := sha256.Sum256(data); hex.EncodeToString(got[:]) != sum {
-			t.Fatalf("%s: checksum differs", path)
-		}
-		n++
-	}
-	t.Logf("%d files verified on %s", n, mnt)
+	mnt := mountDev(t, dev, "-o", "ro,noload")
+	verifyTree(t, mnt, sums)
+	t.Logf("%d files verified on %s", len(sums), mnt)
 	if busy, _ := nbdbridge.InUse(idx); !busy {
 		t.Error("InUse false while mounted")
 	}
@@ -336,9 +328,7 @@ func TestAttachExt4ReadOnly(t *testing.T) {
 	if data, err := os.ReadFile(filepath.Join(mnt, "hello.txt")); err != nil || !strings.HasPrefix(string(data), "hello") {
 		t.Fatalf("read after takeover: %q %v", data, err)
 	}
-	if out, err := exec.Command("umount", mnt).CombinedOutput(); err != nil {
-		t.Fatalf("umount: %v %s", err, out)
-	}
+	umount(t, mnt)
 }
 
 // TestFailoverDuringRead kills the serving dnbd3-server during a full read

@@ -5,7 +5,6 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
-	"io"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -16,6 +15,7 @@ import (
 	"time"
 
 	"github.com/dnbd3go/dnbd3go/cowstore/mergertest"
+	"github.com/dnbd3go/dnbd3go/internal/testutil"
 )
 
 // writeTree writes files into dir and returns their checksums.
@@ -39,6 +39,8 @@ func writeTree(t *testing.T, dir string, seed uint64) map[string]string {
 	return sums
 }
 
+// verifyTree checks the files of dir against their checksums (by path
+// below dir).
 func verifyTree(t *testing.T, dir string, sums map[string]string) {
 	t.Helper()
 	for name, want := range sums {
@@ -52,6 +54,15 @@ func verifyTree(t *testing.T, dir string, sums map[string]string) {
 	}
 }
 
+// mkfs makes an ext4 filesystem on dev.
+func mkfs(t *testing.T, dev string) {
+	t.Helper()
+	if out, err := exec.Command("mkfs.ext4", "-q", "-F", dev).CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4: %v\n%s", err, out)
+	}
+}
+
+// mountDev mounts the ext4 filesystem on dev at /mnt/<device name>.
 func mountDev(t *testing.T, dev string, opts ...string) string {
 	t.Helper()
 	mnt := filepath.Join("/mnt", filepath.Base(dev))
@@ -70,20 +81,6 @@ func umount(t *testing.T, mnt string) {
 	}
 }
 
-func sha256File(t *testing.T, path string) string {
-	t.Helper()
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		t.Fatal(err)
-	}
-	return hex.EncodeToString(h.Sum(nil))
-}
-
 // TestCOWFilesystemCycle: attach with -c, mkfs.ext4, mount, write files,
 // unmount, detach (the final upload reaches the merger); attach again with
 // -L: the files are intact, and the merger's data equals the device.
@@ -100,9 +97,7 @@ func TestCOWFilesystemCycle(t *testing.T) {
 	if ro, _ := os.ReadFile(fmt.Sprintf("/sys/block/%s/ro", filepath.Base(dev))); strings.TrimSpace(string(ro)) != "0" {
 		t.Fatalf("COW device is read-only")
 	}
-	if out, err := exec.Command("mkfs.ext4", "-q", "-F", dev).CombinedOutput(); err != nil {
-		t.Fatalf("mkfs.ext4: %v\n%s", err, out)
-	}
+	mkfs(t, dev)
 	mnt := mountDev(t, dev)
 	sums := writeTree(t, mnt, 1)
 	umount(t, mnt)
@@ -134,7 +129,7 @@ func TestCOWFilesystemCycle(t *testing.T) {
 	// The merger holds every change: original + uploaded clusters equals
 	// what the device shows.
 	img := mergedFromUploads(t, original, ms)
-	if got := sha256File(t, dev2); got != fmt.Sprintf("%x", sha256.Sum256(img)) {
+	if got := testutil.SHA256File(t, dev2); got != fmt.Sprintf("%x", sha256.Sum256(img)) {
 		t.Fatal("device content differs from the original plus the uploaded clusters")
 	}
 }
@@ -167,9 +162,7 @@ func TestCOWSyncThenKill(t *testing.T) {
 	_, addr := server(t, base)
 	sess := t.TempDir()
 	p, dev, _ := attachCmd(t, "-h", addr, "-i", "k", "-c", sess)
-	if out, err := exec.Command("mkfs.ext4", "-q", "-F", dev).CombinedOutput(); err != nil {
-		t.Fatalf("mkfs.ext4: %v\n%s", err, out)
-	}
+	mkfs(t, dev)
 	mnt := mountDev(t, dev)
 	sums := writeTree(t, mnt, 2)
 	syscall.Sync()

@@ -45,7 +45,7 @@ func TestPartitionsWaitReady(t *testing.T) {
 		t.Fatalf("WaitReady: %v", err)
 	}
 	t.Logf("WaitReady with 2 partitions took %v", time.Since(start).Round(time.Microsecond))
-	name := "nbd" + strings.TrimPrefix(nbdbridge.DevicePath(a.idx), "/dev/nbd")
+	name := filepath.Base(nbdbridge.DevicePath(a.idx))
 	parts, err := nbdbridge.Sysfs{}.Partitions(a.idx)
 	if err != nil || !slices.Equal(parts, []string{name + "p1", name + "p2"}) {
 		t.Fatalf("partitions = %v, %v", parts, err)
@@ -76,9 +76,7 @@ func TestMkfsMount(t *testing.T) {
 		t.Fatal(err)
 	}
 	start := time.Now()
-	if out, err := exec.Command("mkfs.ext4", "-q", "-F", dev).CombinedOutput(); err != nil {
-		t.Fatalf("mkfs.ext4: %v\n%s", err, out)
-	}
+	mkfs(t, dev)
 	t.Logf("mkfs.ext4 on 64 MiB took %v (FLUSH %d, TRIM %d)", time.Since(start).Round(time.Millisecond),
 		srv.count(nbdCmdFlush), srv.count(nbdCmdTrim))
 	mnt := t.TempDir()

@@ -3,9 +3,7 @@ package kernel
 import (
 	"context"
 	"fmt"
-	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -14,9 +12,11 @@ import (
 	"time"
 
 	"github.com/dnbd3go/dnbd3go/cowstore/upload"
+	"github.com/dnbd3go/dnbd3go/internal/testutil"
 )
 
-// merger starts dnbd3-merger with the given directories on a fresh port.
+// mergerProc is a dnbd3-merger process; startMerger starts one with the
+// given directories on a fresh port.
 type mergerProc struct {
 	p    *proc
 	addr string
@@ -36,16 +36,8 @@ func startMerger(t *testing.T, work, orig, dest string) *mergerProc {
 func (m *mergerProc) start(t *testing.T) {
 	t.Helper()
 	m.p = start(t, nil, "dnbd3-merger", m.args...)
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if c, err := net.Dial("tcp", m.addr); err == nil {
-			c.Close()
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("dnbd3-merger does not listen:\n%s", m.p.output())
-		}
-		time.Sleep(20 * time.Millisecond)
+	if err := testutil.WaitListening(m.addr, 20*time.Second); err != nil {
+		t.Fatalf("dnbd3-merger does not listen: %v\n%s", err, m.p.output())
 	}
 }
 
@@ -110,13 +102,11 @@ func TestMergeEndToEnd(t *testing.T) {
 	mg := startMerger(t, t.TempDir(), base, base)
 	sess := t.TempDir()
 	p, dev, _ := attachCmd(t, "-h", addr, "-i", "m", "-c", sess, "-C", mg.addr, "-m", "--upload-delay", "0", "--cow-stats-file")
-	if out, err := exec.Command("mkfs.ext4", "-q", "-F", dev).CombinedOutput(); err != nil {
-		t.Fatalf("mkfs.ext4: %v\n%s", err, out)
-	}
+	mkfs(t, dev)
 	mnt := mountDev(t, dev)
 	sums := writeTree(t, mnt, 5)
 	umount(t, mnt)
-	want := sha256File(t, dev)
+	want := testutil.SHA256File(t, dev)
 	uuid := sessionUUID(t, sess)
 	if out, code := nbd(t, "detach", dev); code != 0 {
 		t.Fatalf("detach: %s", out)
@@ -126,7 +116,7 @@ func TestMergeEndToEnd(t *testing.T) {
 	}
 	waitState(t, mg.addr, uuid, 120*time.Second, "Done")
 	r2 := filepath.Join(base, "m.r2")
-	if got := sha256File(t, r2); got != want {
+	if got := testutil.SHA256File(t, r2); got != want {
 		t.Fatal("m.r2 differs from what the device showed before detach")
 	}
 	// the server serves it as the latest revision; a read-only attach of

@@ -25,11 +25,11 @@ const (
 	nbdCmdTrim        = 4
 	nbdCmdWriteZeroes = 6
 
-	nbdFlagHasFlags  = 1 << 0
-	nbdFlagReadOnly  = 1 << 1
-	nbdFlagSendFlush = 1 << 2
-	nbdFlagSendFUA   = 1 << 3
-	nbdFlagSendTrim  = 1 << 5
+	nbdFlagHasFlags     = 1 << 0
+	nbdFlagSendFlush    = 1 << 2
+	nbdFlagSendFUA      = 1 << 3
+	nbdFlagSendTrim     = 1 << 5
+	nbdFlagCanMultiConn = 1 << 8
 
 	errnoEINVAL = 22
 )

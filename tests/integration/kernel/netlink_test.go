@@ -390,7 +390,7 @@ func TestMultiConnFallback(t *testing.T) {
 	go func() { s1 <- srv.serve(c1) }()
 	go func() { s2 <- srv.serve(c2) }()
 	idx, err := nbdbridge.Connect(nbdbridge.ConnectOptions{Index: -1, SizeBytes: 8 << 20,
-		ServerFlags: nbdFlagHasFlags | 1<<8, Timeout: 30 * time.Second, DeadConnTimeout: 10 * time.Second,
+		ServerFlags: nbdFlagHasFlags | nbdFlagCanMultiConn, Timeout: 30 * time.Second, DeadConnTimeout: 10 * time.Second,
 		BackendID: backendID(t), SocketFDs: []int{k1, k2}})
 	unix.Close(k1)
 	unix.Close(k2)

@@ -1,19 +1,17 @@
 package kernel
 
 import (
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/dnbd3go/dnbd3go/internal/testutil"
 )
 
 // proxyImage is one entry of a server's RPC `images` list.
@@ -48,20 +46,6 @@ func rpcImage(t *testing.T, addr, name string) proxyImage {
 	return proxyImage{}
 }
 
-func sha256Of(t *testing.T, path string) string {
-	t.Helper()
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		t.Fatal(err)
-	}
-	return hex.EncodeToString(h.Sum(nil))
-}
-
 // TestAttachThroughProxy attaches an image through a caching proxy
 // (isProxy=true, no background replication) that does not have it yet:
 // mounting the ext4 filesystem and reading its files fetches only part of
@@ -70,11 +54,8 @@ func sha256Of(t *testing.T, path string) string {
 // killed the device still reads correctly from the proxy alone.
 func TestAttachThroughProxy(t *testing.T) {
 	requireNBD(t)
-	manifest, err := os.ReadFile("/testdata/fs.manifest")
-	if err != nil {
-		t.Skipf("SKIP: /testdata/fs.manifest missing (run the harness with -files from vm/testdata.sh): %v", err)
-	}
-	want := sha256Of(t, "/testdata/images/fs.r1")
+	sums := readManifest(t)
+	want := testutil.SHA256File(t, "/testdata/images/fs.r1")
 	origin, originAddr := server(t, "/testdata/images")
 	proxyBase := t.TempDir()
 	_, proxyAddr := serverWith(t, proxyBase,
@@ -82,24 +63,9 @@ func TestAttachThroughProxy(t *testing.T) {
 		fmt.Sprintf("[%s]\ncomment=origin\nfor=replication\n", originAddr))
 
 	_, dev, _ := attachCmd(t, "-h", proxyAddr, "-i", "fs")
-	mnt := "/mnt/" + filepath.Base(dev)
-	os.MkdirAll(mnt, 0o755)
-	if out, err := exec.Command("mount", "-t", "ext4", "-o", "ro,noload", dev, mnt).CombinedOutput(); err != nil {
-		t.Fatalf("mount through the proxy: %v\n%s", err, out)
-	}
-	for _, line := range strings.Split(strings.TrimSpace(string(manifest)), "\n") {
-		sum, path, _ := strings.Cut(line, "  ")
-		data, err := os.ReadFile(filepath.Join(mnt, path))
-		if err != nil {
-			t.Fatalf("%s through the proxy: %v", path, err)
-		}
-		if got := sha256.Sum256(data); hex.EncodeToString(got[:]) != sum {
-			t.Fatalf("%s through the proxy: checksum differs", path)
-		}
-	}
-	if out, err := exec.Command("umount", mnt).CombinedOutput(); err != nil {
-		t.Fatalf("umount: %v %s", err, out)
-	}
+	mnt := mountDev(t, dev, "-o", "ro,noload")
+	verifyTree(t, mnt, sums)
+	umount(t, mnt)
 	part := rpcImage(t, proxyAddr, "fs")
 	t.Logf("after mounting and reading the files: proxy complete %d%%, bytesReceived %d, uplink %s",
 		part.Complete, part.BytesReceived, part.UplinkServer)
@@ -129,7 +95,7 @@ func TestAttachThroughProxy(t *testing.T) {
 	if full := rpcImage(t, proxyAddr, "fs"); full.Complete != 100 {
 		t.Errorf("proxy RPC complete %d after a full read, want 100", full.Complete)
 	}
-	if got := sha256Of(t, copyPath); got != want {
+	if got := testutil.SHA256File(t, copyPath); got != want {
 		t.Fatalf("proxy's copy sha256 %s, origin's %s", got, want)
 	}
 

@@ -6,7 +6,6 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
-	"io"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -15,6 +14,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/dnbd3go/dnbd3go/internal/testutil"
 )
 
 const (
@@ -50,21 +51,6 @@ func makeImage(t *testing.T, dir, name string, size int64) string {
 		t.Fatal(err)
 	}
 	return hex.EncodeToString(h.Sum(nil))
-}
-
-// sha256File returns the hex sha256 of a file ("" and the error if it
-// cannot be read).
-func sha256File(path string) (string, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		return "", err
-	}
-	return hex.EncodeToString(h.Sum(nil)), nil
 }
 
 // getResult is the outcome of one dnbd3-nbd get.
@@ -155,7 +141,7 @@ func checkGet(t *testing.T, what string, r getResult, want string) {
 	if want == "" {
 		return
 	}
-	got, err := sha256File(r.file)
+	got, err := testutil.SHA256Of(r.file)
 	if err != nil {
 		t.Fatalf("%s: %v", what, err)
 	}

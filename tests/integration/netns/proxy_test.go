@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/internal/testutil"
 	"github.com/dnbd3go/dnbd3go/protocol"
 )
 
@@ -28,9 +29,17 @@ func originWithImage(t *testing.T, tp *topology, image string, size int64) (*ser
 	return origin, sum
 }
 
-// proxyConf is a room B proxy's configuration with origin as its uplink.
+// proxyConf is a proxy's configuration with uplink as its only uplink.
 func proxyConf(uplink, bgr string, window int) serverConf {
 	return serverConf{Proxy: true, BGR: bgr, BGRWindow: window, Uplinks: []string{uplink}}
+}
+
+// startProxyB starts proxy B in room B with uplink as its uplink.
+func startProxyB(t *testing.T, tp *topology, uplink, bgr string, window int) *server {
+	t.Helper()
+	proxy := newServer(t, "proxy B", tp.roomB, roomBUpIP, proxyConf(uplink, bgr, window))
+	proxy.start()
+	return proxy
 }
 
 // imageState returns the proxy's RPC entry for image (nil if not listed)
@@ -48,21 +57,27 @@ func imageState(s *server, image string) (*rpcImage, *rpcStats, string) {
 		s.name, image, img.Complete, img.Users, img.Problems, img.BytesReceived, img.UplinkServer, st.BytesReceived)
 }
 
+// waitComplete waits until s reports image complete (RPC complete = 100).
+func waitComplete(t *testing.T, s *server, image string, within time.Duration, what string) {
+	t.Helper()
+	waitFor(t, within, what, func() (bool, string) {
+		img, _, state := imageState(s, image)
+		return img != nil && img.Complete == 100, state
+	})
+}
+
 // waitReplicated waits until the proxy reports image complete, its .map
 // file is gone and its copy's sha256 is want.
 func waitReplicated(t *testing.T, proxy *server, image, want string, within time.Duration) time.Duration {
 	t.Helper()
 	start := time.Now()
-	waitFor(t, within, proxy.name+" to complete "+image+" (RPC complete = 100)", func() (bool, string) {
-		img, _, state := imageState(proxy, image)
-		return img != nil && img.Complete == 100, state
-	})
+	waitComplete(t, proxy, image, within, proxy.name+" to complete "+image+" (RPC complete = 100)")
 	took := time.Since(start)
 	mapFile := proxy.imagePath(image, 1) + ".map"
 	waitFor(t, 30*time.Second, "the proxy to delete "+mapFile+" after completing the image", func() (bool, string) {
 		return !fileExists(mapFile), mapFile + " still exists"
 	})
-	got, err := sha256File(proxy.imagePath(image, 1))
+	got, err := testutil.SHA256Of(proxy.imagePath(image, 1))
 	if err != nil {
 		t.Fatalf("%s's copy of %s: %v", proxy.name, image, err)
 	}
@@ -80,8 +95,7 @@ func waitReplicated(t *testing.T, proxy *server, image, want string, within time
 func TestProxyFirstReadOverLinkSecondLocal(t *testing.T) {
 	tp := newTopology(t, false)
 	origin, sum := originWithImage(t, tp, "room", imageSize)
-	proxy := newServer(t, "proxy B", tp.roomB, roomBUpIP, proxyConf(origin.addr(), "false", 0))
-	proxy.start()
+	proxy := startProxyB(t, tp, origin.addr(), "false", 0)
 
 	// First client; sample the proxy's RPC and cache map while it reads.
 	c1 := startGet(t, tp.roomB, proxy.addr(), "room", 120*time.Second, "-S")
@@ -141,10 +155,7 @@ func TestProxyFirstReadOverLinkSecondLocal(t *testing.T) {
 	if !sawUplink {
 		t.Errorf("RPC images[].uplinkServer never showed the origin %s while the proxy fetched (samples %v)", origin.addr(), samples)
 	}
-	waitFor(t, 10*time.Second, "the proxy to report the image complete after a full read", func() (bool, string) {
-		img, _, state := imageState(proxy, "room")
-		return img != nil && img.Complete == 100, state
-	})
+	waitComplete(t, proxy, "room", 10*time.Second, "the proxy to report the image complete after a full read")
 	if img, _, _ := imageState(proxy, "room"); img != nil {
 		if blocks, err := proxy.cacheMap(img.ID, img.Size); err != nil || blocks != imageSize/4096 {
 			t.Errorf("/cachemap after a full read: %d of %d blocks (err %v)", blocks, imageSize/4096, err)
@@ -175,8 +186,7 @@ func TestProxyFirstReadOverLinkSecondLocal(t *testing.T) {
 func TestProxyBackgroundReplication(t *testing.T) {
 	tp := newTopology(t, false)
 	origin, sum := originWithImage(t, tp, "bgr", imageSize)
-	proxy := newServer(t, "proxy B", tp.roomB, roomBUpIP, proxyConf(origin.addr(), "true", 8))
-	proxy.start()
+	proxy := startProxyB(t, tp, origin.addr(), "true", 8)
 
 	head := mustGet(t, "read of the first MiB", tp.roomB, proxy.addr(), "bgr", "", 60*time.Second, "-S", "--length", "1M")
 	if fi, err := os.Stat(head.file); err != nil || fi.Size() != mib {
@@ -205,8 +215,7 @@ func TestProxyBackgroundReplication(t *testing.T) {
 func TestProxyKilledMidRead(t *testing.T) {
 	tp := newTopology(t, false)
 	origin, sum := originWithImage(t, tp, "failover", imageSize)
-	proxy := newServer(t, "proxy B", tp.roomB, roomBUpIP, proxyConf(origin.addr(), "false", 0))
-	proxy.start()
+	proxy := startProxyB(t, tp, origin.addr(), "false", 0)
 
 	c := startGet(t, tp.roomB, proxy.addr()+" "+origin.addr(), "failover", 120*time.Second, "-S")
 	waitFor(t, 30*time.Second, "the client to read 8 MiB through the proxy (proxy stats.bytesReceived >= 8 MiB)", func() (bool, string) {
@@ -240,8 +249,7 @@ func TestProxyKilledMidRead(t *testing.T) {
 func TestOriginKilledAfterReplication(t *testing.T) {
 	tp := newTopology(t, false)
 	origin, sum := originWithImage(t, tp, "survivor", imageSize)
-	proxy := newServer(t, "proxy B", tp.roomB, roomBUpIP, proxyConf(origin.addr(), "true", 8))
-	proxy.start()
+	proxy := startProxyB(t, tp, origin.addr(), "true", 8)
 	mustGet(t, "read of the first MiB", tp.roomB, proxy.addr(), "survivor", "", 60*time.Second, "-S", "--length", "1M")
 	waitReplicated(t, proxy, "survivor", sum, 120*time.Second)
 
@@ -273,8 +281,7 @@ func TestProxyChain(t *testing.T) {
 	const size = 32 * mib
 	origin, sum := originWithImage(t, tp, "chain", size)
 	rel := startRelay(t, tp.central, centralIP+":5004", "127.0.0.1:5003")
-	proxyB := newServer(t, "proxy B", tp.roomB, roomBUpIP, proxyConf(rel.addr(), "false", 0))
-	proxyB.start()
+	proxyB := startProxyB(t, tp, rel.addr(), "false", 0)
 	proxyC := newServer(t, "proxy C", tp.roomC, roomCIP, proxyConf(roomBDownIP+":5003", "false", 0))
 	proxyC.start()
 
@@ -319,10 +326,7 @@ func TestProxyChain(t *testing.T) {
 	}
 	// Both proxies cached the image on the way.
 	for _, p := range []*server{proxyB, proxyC} {
-		waitFor(t, 10*time.Second, p.name+" to hold the complete image", func() (bool, string) {
-			img, _, state := imageState(p, "chain")
-			return img != nil && img.Complete == 100, state
-		})
+		waitComplete(t, p, "chain", 10*time.Second, p.name+" to hold the complete image")
 	}
 }
 
@@ -398,8 +402,7 @@ func TestAltServerCycle(t *testing.T) {
 func TestProxyRestartFetchesOnlyMissing(t *testing.T) {
 	tp := newTopology(t, false)
 	origin, sum := originWithImage(t, tp, "resume", imageSize)
-	proxy := newServer(t, "proxy B", tp.roomB, roomBUpIP, proxyConf(origin.addr(), "false", 0))
-	proxy.start()
+	proxy := startProxyB(t, tp, origin.addr(), "false", 0)
 
 	mustGet(t, "read of the first 24 MiB", tp.roomB, proxy.addr(), "resume", "", 60*time.Second, "-S", "--length", "24M")
 	st0 := proxy.query()
@@ -443,8 +446,7 @@ func TestCorruptBlockRepaired(t *testing.T) {
 		t.Fatalf("dnbd3-server --crc: %v\n%s", err, out)
 	}
 	origin.start()
-	proxy := newServer(t, "proxy B", tp.roomB, roomBUpIP, proxyConf(origin.addr(), "true", 8))
-	proxy.start()
+	proxy := startProxyB(t, tp, origin.addr(), "true", 8)
 	mustGet(t, "read of the first MiB", tp.roomB, proxy.addr(), "crc", "", 60*time.Second, "-S", "--length", "1M")
 	waitReplicated(t, proxy, "crc", sum, 120*time.Second)
 	if !fileExists(proxy.imagePath("crc", 1) + ".crc") {
@@ -466,7 +468,7 @@ func TestCorruptBlockRepaired(t *testing.T) {
 		t.Fatal(err)
 	}
 	f.Close()
-	if got, _ := sha256File(proxy.imagePath("crc", 1)); got == sum {
+	if got, _ := testutil.SHA256Of(proxy.imagePath("crc", 1)); got == sum {
 		t.Fatal("flipping a byte did not change the proxy's copy")
 	}
 	recv0 := proxy.query().BytesReceived
@@ -479,7 +481,7 @@ func TestCorruptBlockRepaired(t *testing.T) {
 		return strings.Contains(l, want), "log since SIGUSR1: " + lastLines(l, 8)
 	})
 	waitFor(t, 60*time.Second, "the proxy's copy to be repaired (sha256 equal to the origin's)", func() (bool, string) {
-		got, err := sha256File(proxy.imagePath("crc", 1))
+		got, err := testutil.SHA256Of(proxy.imagePath("crc", 1))
 		_, _, state := imageState(proxy, "crc")
 		return err == nil && got == sum, fmt.Sprintf("sha256 %s (err %v); %s", got, err, state)
 	})
@@ -495,7 +497,7 @@ func TestCorruptBlockRepaired(t *testing.T) {
 	if recv > 24*mib {
 		t.Errorf("the proxy fetched %d bytes for the repair, want only the bad 16 MiB hash block (16-24 MiB)", recv)
 	}
-	if got, _ := sha256File(proxy.imagePath("crc", 1)); got != sum {
+	if got, _ := testutil.SHA256Of(proxy.imagePath("crc", 1)); got != sum {
 		t.Errorf("proxy's copy after the repair: sha256 %s, want %s", got, sum)
 	}
 }

@@ -43,12 +43,8 @@ func newTopology(t *testing.T, withRoomC bool) *topology {
 	tp := &topology{t: t, prefix: fmt.Sprintf("%s%d-%d-", nsPrefix, os.Getpid(), topoSeq.Add(1))}
 	tp.central = tp.addNS("central")
 	tp.roomB = tp.addNS("roomB")
-	// The shaped WAN link: created inside central, its peer moved to room B.
-	tp.ip("-n", tp.central, "link", "add", "name", "wan0", "type", "veth", "peer", "name", "wan0", "netns", tp.roomB)
-	tp.ip("-n", tp.central, "addr", "add", centralIP+"/24", "dev", "wan0")
-	tp.ip("-n", tp.roomB, "addr", "add", roomBUpIP+"/24", "dev", "wan0")
-	tp.ip("-n", tp.central, "link", "set", "wan0", "up")
-	tp.ip("-n", tp.roomB, "link", "set", "wan0", "up")
+	// The shaped WAN link.
+	tp.veth("wan0", tp.central, centralIP, tp.roomB, roomBUpIP)
 	for _, ns := range []string{tp.central, tp.roomB} {
 		// tbf on each end's egress: the link is shaped in both directions.
 		// burst must exceed rate/HZ; 256 KiB also holds a GSO super-packet.
@@ -57,11 +53,7 @@ func newTopology(t *testing.T, withRoomC bool) *topology {
 	}
 	if withRoomC {
 		tp.roomC = tp.addNS("roomC")
-		tp.ip("-n", tp.roomB, "link", "add", "name", "lan0", "type", "veth", "peer", "name", "lan0", "netns", tp.roomC)
-		tp.ip("-n", tp.roomB, "addr", "add", roomBDownIP+"/24", "dev", "lan0")
-		tp.ip("-n", tp.roomC, "addr", "add", roomCIP+"/24", "dev", "lan0")
-		tp.ip("-n", tp.roomB, "link", "set", "lan0", "up")
-		tp.ip("-n", tp.roomC, "link", "set", "lan0", "up")
+		tp.veth("lan0", tp.roomB, roomBDownIP, tp.roomC, roomCIP)
 		// No forwarding in room B and no route from room C to central:
 		// whatever room C gets passes proxy B.
 	}
@@ -75,6 +67,17 @@ func (tp *topology) addNS(host string) string {
 	tp.t.Cleanup(func() { deleteNamespace(name) })
 	tp.ip("-n", name, "link", "set", "lo", "up")
 	return name
+}
+
+// veth joins namespaces a and b with a veth pair named dev on both ends
+// (created in a, its peer moved to b), addresses aIP and bIP (/24), up.
+func (tp *topology) veth(dev, a, aIP, b, bIP string) {
+	tp.t.Helper()
+	tp.ip("-n", a, "link", "add", "name", dev, "type", "veth", "peer", "name", dev, "netns", b)
+	tp.ip("-n", a, "addr", "add", aIP+"/24", "dev", dev)
+	tp.ip("-n", b, "addr", "add", bIP+"/24", "dev", dev)
+	tp.ip("-n", a, "link", "set", dev, "up")
+	tp.ip("-n", b, "link", "set", dev, "up")
 }
 
 func (tp *topology) ip(args ...string) { tp.t.Helper(); tp.run("ip", args...) }

@@ -8,7 +8,6 @@ import (
 	"bufio"
 	"fmt"
 	"math/rand/v2"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -19,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/internal/testutil"
 	"github.com/dnbd3go/dnbd3go/nbdbridge"
 	"golang.org/x/sys/unix"
 )
@@ -45,12 +45,8 @@ func TestVMBench(t *testing.T) {
 	srv := exec.Command("dnbd3-server", "-n", "-c", etc, "-b", "127.0.0.1")
 	srv.Start()
 	defer func() { srv.Process.Kill(); srv.Wait() }()
-	for i := 0; i < 300; i++ {
-		if c, err := net.Dial("tcp", "127.0.0.1:15010"); err == nil {
-			c.Close()
-			break
-		}
-		time.Sleep(10 * time.Millisecond)
+	if err := testutil.WaitListening("127.0.0.1:15010", 5*time.Second); err != nil {
+		t.Fatalf("dnbd3-server does not listen: %v", err)
 	}
 	att := exec.Command("dnbd3-nbd", "attach", "-h", "127.0.0.1:15010", "-i", "b", "--log-level", "error")
 	out, _ := att.StdoutPipe()
