@@ -79,34 +79,6 @@ func mkdirAllSync(root, dir string) error {
 	return nil
 }
 
-// errDestExists is returned by renameNoReplace when newpath exists.
-var errDestExists = errors.New("destination exists")
-
-// renameNoReplace renames oldpath to newpath atomically, failing with
-// errDestExists instead of replacing an existing newpath. It uses
-// renameat2(RENAME_NOREPLACE); on file systems without it, link(2) +
-// unlink(2), which is just as exclusive (a crash in between leaves both
-// names for the same complete inode, which recovery resolves).
-func renameNoReplace(oldpath, newpath string) error {
-	err := unix.Renameat2(unix.AT_FDCWD, oldpath, unix.AT_FDCWD, newpath, unix.RENAME_NOREPLACE)
-	switch {
-	case err == nil:
-		return nil
-	case errors.Is(err, unix.EEXIST):
-		return errDestExists
-	case errors.Is(err, unix.EINVAL), errors.Is(err, unix.ENOSYS), errors.Is(err, unix.EOPNOTSUPP):
-		if err := os.Link(oldpath, newpath); err != nil {
-			if errors.Is(err, fs.ErrExist) {
-				return errDestExists
-			}
-			return err
-		}
-		return os.Remove(oldpath)
-	default:
-		return &os.LinkError{Op: "renameat2", Old: oldpath, New: newpath, Err: err}
-	}
-}
-
 // fileID identifies an inode: a renamed file keeps it.
 type fileID struct {
 	Dev  uint64 `json:"dev"`

@@ -456,8 +456,8 @@ func (m *Manager) applyPhase(ctx context.Context, s *session, p *mergePlan, out 
 // anything and marks s Done. The finalize record is already persisted.
 // release frees the merge slot.
 func (m *Manager) finalize(s *session, temp, dest string, release func()) error {
-	if err := renameNoReplace(temp, dest); err != nil {
-		if errors.Is(err, errDestExists) {
+	if err := fsutil.RenameNoReplace(temp, dest); err != nil {
+		if errors.Is(err, fsutil.ErrDestExists) {
 			return m.conflict(s)
 		}
 		return fmt.Errorf("move the new revision into place: %w", err)

@@ -6,6 +6,8 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+
+	"github.com/dnbd3go/dnbd3go/internal/fsutil"
 )
 
 // Recovery after a crash or a shutdown. The state in session.json says
@@ -120,7 +122,7 @@ func (m *Manager) recoverSession(s *session) {
 		}
 		if tid, err := statID(fin.Temp); err == nil && tid == fin.ID {
 			m.log.Info("recovery: completing an interrupted merge's final rename", "session", id, "output", fin.Dest)
-			err := renameNoReplace(fin.Temp, fin.Dest)
+			err := fsutil.RenameNoReplace(fin.Temp, fin.Dest)
 			if err == nil {
 				m.finishDone(s, fin.Temp, fin.Dest)
 				return
@@ -128,7 +130,7 @@ func (m *Manager) recoverSession(s *session) {
 			s.mu.Lock()
 			defer s.mu.Unlock()
 			m.removeTempLocked(s)
-			if errors.Is(err, errDestExists) {
+			if errors.Is(err, fsutil.ErrDestExists) {
 				err = conflictError(s.meta.ImageName, s.meta.OriginalRevision)
 			} else {
 				err = fmt.Errorf("move the new revision into place: %w", err)

@@ -16,7 +16,6 @@ import (
 	"github.com/dnbd3go/dnbd3go/client"
 	"github.com/dnbd3go/dnbd3go/internal/fsutil"
 	"github.com/dnbd3go/dnbd3go/protocol"
-	"golang.org/x/sys/unix"
 )
 
 // Errors of upstream lookups.
@@ -287,49 +286,16 @@ func (p *proxy) createReplica(ci *client.Image, path string, size int64, cfg Con
 		cleanup()
 		return err
 	}
-	tmp := filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+".part")
-	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
-	if err != nil {
-		cleanup()
-		return fmt.Errorf("create %s: %w", tmp, err)
+	allocErr, err := createImageFile(path, size, sparse, cfg.IgnoreAllocErrors)
+	if errors.Is(err, fsutil.ErrDestExists) {
+		return nil // appeared meanwhile: whoever made it owns the sidecars
 	}
-	fail := func(err error) error {
-		f.Close()
-		os.Remove(tmp)
+	if err != nil {
 		cleanup()
 		return err
 	}
-	if err := f.Truncate(size); err != nil {
-		return fail(fmt.Errorf("size %s: %w", tmp, err))
+	if allocErr != nil {
+		p.log.Warn("cannot preallocate local copy, continuing with a sparse file (ignoreAllocErrors)", "path", path, "err", allocErr)
 	}
-	if !sparse {
-		if err := unix.Fallocate(int(f.Fd()), 0, 0, size); err != nil {
-			if !cfg.IgnoreAllocErrors {
-				return fail(fmt.Errorf("preallocate %d bytes for %s: %w (set ignoreAllocErrors=true or sparseFiles=true to allow sparse files)", size, path, err))
-			}
-			p.log.Warn("cannot preallocate local copy, continuing with a sparse file (ignoreAllocErrors)", "path", path, "err", err)
-		}
-	}
-	if err := f.Sync(); err != nil {
-		return fail(err)
-	}
-	if err := f.Close(); err != nil {
-		os.Remove(tmp)
-		cleanup()
-		return err
-	}
-	err = unix.Renameat2(unix.AT_FDCWD, tmp, unix.AT_FDCWD, path, unix.RENAME_NOREPLACE)
-	if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOSYS) {
-		err = os.Rename(tmp, path) // file systems without RENAME_NOREPLACE
-	}
-	if err != nil {
-		os.Remove(tmp)
-		if errors.Is(err, unix.EEXIST) {
-			return nil // appeared meanwhile: whoever made it owns the sidecars
-		}
-		cleanup()
-		return fmt.Errorf("rename %s: %w", tmp, err)
-	}
-	fsutil.SyncDir(filepath.Dir(path))
 	return nil
 }

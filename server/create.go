@@ -6,8 +6,8 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/dnbd3go/dnbd3go/internal/fsutil"
 	"github.com/dnbd3go/dnbd3go/protocol"
-	"golang.org/x/sys/unix"
 )
 
 // CreateImage creates an empty image `<basePath>/<name>.r<rid>` of size
@@ -29,34 +29,21 @@ func CreateImage(basePath, name string, rid uint16, size int64, sparse, ignoreAl
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return "", err
 	}
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
-	if err != nil {
-		if errors.Is(err, os.ErrExist) {
-			return "", fmt.Errorf("%s already exists", path)
-		}
-		return "", err
+	exists := fmt.Errorf("%s already exists", path)
+	if _, err := os.Lstat(path); err == nil {
+		return "", exists
 	}
-	fail := func(err error) (string, error) {
-		f.Close()
-		os.Remove(path)
-		return "", err
-	}
-	if err := f.Truncate(size); err != nil {
-		return fail(err)
-	}
-	if !sparse {
-		if err := unix.Fallocate(int(f.Fd()), 0, 0, size); err != nil && !ignoreAllocErrors {
-			return fail(fmt.Errorf("preallocate %d bytes for %s: %w (set ignoreAllocErrors=true or sparseFiles=true to allow sparse files)", size, path, err))
-		}
-	}
-	if err := f.Sync(); err != nil {
-		return fail(err)
-	}
-	if err := f.Close(); err != nil {
-		return fail(err)
-	}
+	// The `.map` comes first and the image file last, complete, under its
+	// final name: a server watching basePath never sees the new image
+	// without its map (it would serve it as a complete image of zeros).
 	if err := writeFileExclusive(path+".map", make([]byte, mapLen(size))); err != nil {
-		os.Remove(path)
+		return "", err
+	}
+	if _, err := createImageFile(path, size, sparse, ignoreAllocErrors); err != nil {
+		os.Remove(path + ".map")
+		if errors.Is(err, fsutil.ErrDestExists) {
+			return "", exists
+		}
 		return "", err
 	}
 	return path, nil

@@ -34,3 +34,26 @@ func TestWriteFileAtomicErrors(t *testing.T) {
 		t.Fatalf("SyncDir of a missing directory: %v", err)
 	}
 }
+
+func TestRenameNoReplace(t *testing.T) {
+	dir := t.TempDir()
+	a, b := filepath.Join(dir, "a"), filepath.Join(dir, "b")
+	os.WriteFile(a, []byte("new"), 0o644)
+	os.WriteFile(b, []byte("old"), 0o644)
+	if err := RenameNoReplace(a, b); err != ErrDestExists {
+		t.Fatalf("rename over an existing file: %v", err)
+	}
+	if got, _ := os.ReadFile(b); string(got) != "old" {
+		t.Fatalf("destination replaced: %q", got)
+	}
+	os.Remove(b)
+	if err := RenameNoReplace(a, b); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := os.ReadFile(b); string(got) != "new" {
+		t.Fatalf("renamed content %q", got)
+	}
+	if _, err := os.Stat(a); !os.IsNotExist(err) {
+		t.Fatalf("source still there: %v", err)
+	}
+}
