@@ -53,7 +53,7 @@ const (
 	smallTestSize      int64 = 2 * 4096        // the 8 KiB of sub-tests 2–4
 	sizeChangeReadSize int64 = 10 * 4096       // 40,960: the reads/writes of fileSizeChanges
 	longPatternChunk   int64 = 10 * 4096       // 40,960: writeLongNonAlignedPattern's buffer
-	verifySizeChunk    int64 = 2 * 4096        // verifyFileSizeChanges reads 8 KiB pieces
+	verifySizeChunk    int64 = 2 * 4096        // verifyFileSizeChanges first reads 8 KiB at the shrink point
 	singleBitEnd       int64 = 2 * 4096        // testSingleBit touches [0, 8192)
 	singleBitByteOff   int64 = 4096 + 2048     // 6,144: the 1-byte write
 	interleavedEnd           = interleavedOffset + interleavedSize

@@ -50,10 +50,7 @@ func verifyRegions(lo layout) []region {
 			clear(b[head:])
 		}},
 		{name: "writeLongNonAlignedPattern", start: lo.longStart, end: lo.longEnd, needsResize: true, fill: func(b []byte, off int64) {
-			for i := 0; i < len(b); {
-				p := (off + int64(i) - lo.longStart) % longPatternChunk
-				i += copy(b[i:], long[p:])
-			}
+			fillLongPattern(b, long, off-lo.longStart)
 		}},
 		{name: "grown space (zeros)", start: lo.longEnd, end: lo.grown, needsResize: true, fill: constant(0)},
 	}

@@ -3,13 +3,14 @@
 # throw-away qemu VM, using only Debian packages and Go.
 #
 # usage (from anywhere; package paths are relative to the module root):
-#   tests/integration/vm/vmtest.sh [-p PKG]... [-run REGEX] [-timeout SEC] [-files DIR]
+#   tests/integration/vm/vmtest.sh [-p PKG]... [-run REGEX] [-skip REGEX] [-timeout SEC] [-files DIR]
 #       [-m MiB] [-smp N] [-no-nbd] [-mod MODULE]... [-cmds PATTERN|none]
 #       [-hostbin PATH]... [-env K=V]... [-disk FILE]... [-keep]
 #
 #   -p PKG        Go package pattern to build with `go test -c` (repeatable;
 #                 default ./tests/integration/kernel/...)
 #   -run REGEX    passed to the tests as -test.run
+#   -skip REGEX   passed to the tests as -test.skip
 #   -timeout SEC  host-side limit for the whole boot (default 600); the tests get
 #                 -test.timeout of SEC-20 (or 3/4 of SEC when SEC <= 80)
 #   -files DIR    copied into the guest's /testdata (it lives in guest RAM)
@@ -47,13 +48,14 @@
 # Env: VMTEST_QEMU_EXTRA (extra qemu arguments).
 set -euo pipefail
 
-PKGS=(); RUN=""; TMO=600; FILES=""; MEM=2048; SMP=2; NBD=1; MODS=(); CMDS=./cmd/...
+PKGS=(); RUN=""; SKIP=""; TMO=600; FILES=""; MEM=2048; SMP=2; NBD=1; MODS=(); CMDS=./cmd/...
 HOSTBINS=(); ENVS=(); KEEP=0; DISKS=()
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case $1 in
     -p) PKGS+=("$2"); shift 2;;
     -run) RUN=$2; shift 2;;
+    -skip) SKIP=$2; shift 2;;
     -timeout) TMO=$2; shift 2;;
     -files) FILES=$2; shift 2;;
     -m) MEM=$2; shift 2;;
@@ -241,6 +243,7 @@ cp "$BB" "$R/bin/busybox"
 for a in $("$BB" --list); do [ -e "$R/bin/$a" ] || ln -s busybox "$R/bin/$a"; done
 if [ -n "$FILES" ]; then mkdir -p "$R/testdata"; cp -a "$FILES/." "$R/testdata/"; fi
 printf '%s\n' "$RUN" > "$R/etc/vmtest/run"
+printf '%s\n' "$SKIP" > "$R/etc/vmtest/skip"
 if [ "$TMO" -gt 80 ]; then echo "$((TMO - 20))s"; else echo "$((TMO * 3 / 4))s"; fi > "$R/etc/vmtest/timeout"
 {
   echo "DNBD3GO_VM=1"; echo "DNBD3GO_VM_NBD=$NBD"; echo "DNBD3GO_NBD_KO=/lib/modules/nbd.ko"
@@ -267,11 +270,11 @@ while read -r m params; do
   [ -n "$m" ] && { insmod /lib/modules/$m.ko $params || echo "VMTEST insmod $m failed"; }
 done < /etc/vmtest/modules
 while IFS= read -r kv; do [ -n "$kv" ] && export "$kv"; done < /etc/vmtest/env
-RUN=$(cat /etc/vmtest/run); TT=$(cat /etc/vmtest/timeout); rc=0
+RUN=$(cat /etc/vmtest/run); SKIP=$(cat /etc/vmtest/skip); TT=$(cat /etc/vmtest/timeout); rc=0
 echo "VMTEST ready: $(uname -r), uptime $(cut -d' ' -f1 /proc/uptime)s"
 for t in /tests/*.test; do
   cd /tmp
-  "$t" -test.v -test.count=1 -test.timeout "$TT" ${RUN:+-test.run "$RUN"} || rc=$?
+  "$t" -test.v -test.count=1 -test.timeout "$TT" ${RUN:+-test.run "$RUN"} ${SKIP:+-test.skip "$SKIP"} || rc=$?
 done
 if [ $rc != 0 ]; then echo "VMTEST kernel log (tail):"; dmesg | tail -n 40; fi
 echo "VMTEST EXIT=$rc uptime=$(cut -d' ' -f1 /proc/uptime)s"
