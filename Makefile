@@ -46,12 +46,14 @@ fuzz:
 	done
 
 # End-to-end tests without root, then the root scenarios against the kernel
-# NBD driver inside a throw-away qemu VM (tests/integration/vm/vmtest.sh).
+# NBD driver inside throw-away qemu VMs: one boot per area, each with its own
+# time limit (tests/integration/vm/suites.sh -list; SUITES="cow bridge" runs
+# only those).
 test-integration: deps build
 	$(GO) test -count=1 ./tests/...
 	tests/integration/vm/testdata.sh out/vm-testdata
 	tests/integration/vm/cowdisk.sh out/vm-cowdisk.img
-	tests/integration/vm/vmtest.sh -files out/vm-testdata -disk-snapshot out/vm-cowdisk.img -timeout 1500
+	tests/integration/vm/suites.sh $(SUITES)
 
 bench: deps build
 	./bench/run.sh
