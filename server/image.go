@@ -34,8 +34,9 @@ type Image struct {
 	RealSize    int64  // file size in bytes
 	VirtualSize int64  // RealSize rounded up to 4 KiB: what clients see
 
-	file *os.File
-	fd   int
+	file     *os.File
+	fd       int
+	onDemand bool // loaded for a request, not by the scan (set before registering)
 
 	crcMu sync.RWMutex
 	crc   []uint32 // per-16-MiB CRC list from the .crc sidecar, nil if none
@@ -188,6 +189,26 @@ func (img *Image) loadSidecars(log *slog.Logger) {
 			img.atime.Store(t.Unix())
 		}
 	}
+}
+
+// evictable reports whether the store may unload the image to make room:
+// it was loaded on demand or replicated (so it loads again from its files
+// when requested), and nothing but the store holds it: no client, no
+// uplink, no queued check, no cache map changes that are not on disk and
+// no failed hash block (which only the in-memory state remembers).
+func (img *Image) evictable() bool {
+	if !img.onDemand && !img.replica.Load() {
+		return false
+	}
+	if img.users.Load() != 0 || img.refs.Load() != 1 || img.up.Load() != nil || img.hasBad.Load() {
+		return false
+	}
+	if cm := img.cache.Load(); cm != nil {
+		if _, dirty := cm.Unsaved(); dirty {
+			return false
+		}
+	}
+	return true
 }
 
 // errImageClosed is returned for images whose file was closed.

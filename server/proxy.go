@@ -304,6 +304,10 @@ func (p *proxy) housekeeping(now time.Time) {
 // the map was copied and before the copy is written, so no bit on disk
 // ever describes data that is not durable.
 func (p *proxy) saveMap(img *Image, cm *CacheMap) error {
+	if !img.ref() {
+		return nil // unloaded meanwhile: its last save was complete
+	}
+	defer img.unref() // keeps the file open while it is synced
 	img.saveMu.Lock()
 	defer img.saveMu.Unlock()
 	if img.cache.Load() != cm {
@@ -348,6 +352,10 @@ func (p *proxy) reloadMap(img *Image, cm *CacheMap) {
 // deleted and the image served as complete from then on. The uplink
 // closes in the housekeeping once no fetch is outstanding.
 func (p *proxy) completed(img *Image, cm *CacheMap) {
+	if !img.ref() {
+		return
+	}
+	defer img.unref()
 	img.saveMu.Lock()
 	defer img.saveMu.Unlock()
 	if img.cache.Load() != cm || !cm.Complete() {
@@ -377,7 +385,7 @@ func (s *Server) selectImage(sel protocol.SelectImage) (*Image, error) {
 	peerServer := sel.Flags&protocol.FlagServer != 0
 	peerBgRep := peerServer && sel.Flags&protocol.FlagBgRep != 0
 	if !cfg.IsProxy || !protocol.ValidImageName(sel.Name) {
-		return s.store.Get(sel.Name, sel.RID)
+		return s.getImage(sel.Name, sel.RID)
 	}
 	// A BGR peer would replicate everything through us: we only serve it
 	// images we have complete unless we replicate fully ourselves.
@@ -389,14 +397,14 @@ func (s *Server) selectImage(sel protocol.SelectImage) (*Image, error) {
 		if mayLookup {
 			s.proxy.lookupLatest(sel.Name, peerServer)
 		}
-		img, err = s.store.Get(sel.Name, 0)
+		img, err = s.getImage(sel.Name, 0)
 	} else {
-		img, err = s.store.Get(sel.Name, sel.RID)
+		img, err = s.getImage(sel.Name, sel.RID)
 		if errors.Is(err, ErrImageNotFound) && mayLookup {
 			if lerr := s.proxy.lookup(sel.Name, sel.RID, peerServer); lerr != nil {
 				return nil, lerr
 			}
-			img, err = s.store.Get(sel.Name, sel.RID)
+			img, err = s.getImage(sel.Name, sel.RID)
 		}
 	}
 	if err != nil {
@@ -407,6 +415,45 @@ func (s *Server) selectImage(sel protocol.SelectImage) (*Image, error) {
 		return nil, fmt.Errorf("peer does background replication but %s is incomplete here and this proxy does not replicate fully", img)
 	}
 	return img, nil
+}
+
+// getImage is store.Get that, when the table is full of images kept by
+// idle uplinks, closes the least recently used one and tries again.
+func (s *Server) getImage(name string, rid uint16) (*Image, error) {
+	img, err := s.store.Get(name, rid)
+	if errors.Is(err, ErrTooManyImages) && s.proxy.makeRoom() {
+		img, err = s.store.Get(name, rid)
+	}
+	return img, err
+}
+
+// makeRoom closes the uplink of the least recently used image that could
+// be unloaded but for its uplink (no client uses it), and saves its cache
+// map, so that the store can unload it. It reports whether it closed one.
+func (p *proxy) makeRoom() bool {
+	var victim *Image
+	var up *uplink
+	for _, img := range p.s.store.List() {
+		u := img.up.Load()
+		if u == nil || img.Users() > 0 || (!img.onDemand && !img.replica.Load()) {
+			continue
+		}
+		if victim == nil || img.atime.Load() < victim.atime.Load() {
+			victim, up = img, u
+		}
+	}
+	if victim == nil {
+		return false
+	}
+	up.log.Info("closing the uplink of an image without clients to make room (maxImages reached)")
+	up.close()
+	if cm := victim.cache.Load(); cm != nil {
+		if err := p.saveMap(victim, cm); err != nil {
+			p.log.Error("cannot save cache map", "image", victim.String(), "err", err)
+		}
+		p.writeMeta(victim)
+	}
+	return true
 }
 
 // errPenaltyReject is returned by proxyPenalty for a rejected connection.

@@ -22,6 +22,10 @@ const maxComponentLength = 150
 // ErrImageNotFound is returned when no file serves a requested name/rid.
 var ErrImageNotFound = errors.New("image not found")
 
+// ErrTooManyImages is returned when maxImages images are loaded and none
+// of them may be unloaded to make room.
+var ErrTooManyImages = errors.New("too many images loaded")
+
 // StoreOptions configures a Store.
 type StoreOptions struct {
 	BasePath      string // image root (absolute)
@@ -42,6 +46,15 @@ type imageKey struct {
 // Store is the set of loaded images below the base path. It scans the tree
 // at start and on Reload, and loads files that appear later on first
 // request.
+//
+// The table holds at most MaxImages images. When it is full, a load
+// unloads the least recently used image that is idle and can be loaded
+// again at any time: one loaded on demand or replicated from an uplink,
+// with no client, no other reference (uplink, queued check), no unsaved
+// or unsynced cache map and no failed hash block. So no sequence of
+// requests can fill the table: requests only name files that exist (one
+// canonical name each, protocol.ValidImageName), and those idle ones make
+// room for the next.
 type Store struct {
 	opts StoreOptions
 	log  *slog.Logger
@@ -189,7 +202,7 @@ func (s *Store) Reload() (added, replaced, removed int, err error) {
 		if loaded {
 			continue
 		}
-		if _, err := s.load(k, seen[k].path); err != nil {
+		if _, err := s.load(k, seen[k].path, false); err != nil {
 			s.log.Warn("cannot load image", "path", seen[k].path, "err", err)
 			continue
 		}
@@ -200,35 +213,61 @@ func (s *Store) Reload() (added, replaced, removed int, err error) {
 }
 
 // load opens a file and registers it; an image that is already loaded is
-// returned as is.
-func (s *Store) load(k imageKey, path string) (*Image, error) {
+// returned as is. onDemand marks images loaded for a request rather than
+// by the scan: they may be unloaded again when the table is full.
+func (s *Store) load(k imageKey, path string, onDemand bool) (*Image, error) {
 	img, err := openImage(path, k.name, k.rid)
 	if err != nil {
 		return nil, err
 	}
 	img.setCRCList(loadCRCFile(path, img.VirtualSize, s.log))
 	img.loadSidecars(s.log)
+	img.onDemand = onDemand
 	s.mu.Lock()
 	if old, ok := s.images[k]; ok {
 		s.mu.Unlock()
 		img.unref()
 		return old, nil
 	}
+	var evicted *Image
 	if len(s.images) >= s.opts.MaxImages {
-		s.mu.Unlock()
-		img.unref()
-		return nil, fmt.Errorf("too many images loaded (maxImages=%d)", s.opts.MaxImages)
+		evicted = s.evictLocked()
+		if evicted == nil {
+			s.mu.Unlock()
+			img.unref()
+			return nil, fmt.Errorf("%w (maxImages=%d) and none is idle: raise maxImages or wait for clients to leave", ErrTooManyImages, s.opts.MaxImages)
+		}
 	}
 	s.nextID++
 	img.ID = s.nextID
 	s.images[k] = img
 	s.mu.Unlock()
+	if evicted != nil {
+		s.log.Info("unloaded idle image to make room (maxImages reached); it loads again on request",
+			"id", evicted.ID, "image", evicted.String())
+		evicted.unref()
+	}
 	s.log.Info("loaded image", "id", img.ID, "image", img.String(), "size", img.VirtualSize,
 		"crc", img.CRCList() != nil, "complete", img.Complete(), "path", path)
 	if s.opts.OnLoad != nil {
 		s.opts.OnLoad(img)
 	}
 	return img, nil
+}
+
+// evictLocked removes the least recently used evictable image from the
+// table and returns it (the caller drops the store's reference), or nil.
+func (s *Store) evictLocked() *Image {
+	var victim *Image
+	for _, img := range s.images {
+		if img.evictable() && (victim == nil || img.atime.Load() < victim.atime.Load()) {
+			victim = img
+		}
+	}
+	if victim != nil {
+		delete(s.images, imageKey{victim.Name, victim.RID})
+	}
+	return victim
 }
 
 // Get returns image name/rid with a client reference taken; rid 0 selects
@@ -255,7 +294,7 @@ func (s *Store) Get(name string, rid uint16) (*Image, error) {
 			if err != nil || !st.Mode().IsRegular() || st.Size() == 0 {
 				return nil, fmt.Errorf("%w: %s:%d", ErrImageNotFound, name, rid)
 			}
-			if img, err = s.load(k, path); err != nil {
+			if img, err = s.load(k, path, true); err != nil {
 				return nil, err
 			}
 		}
