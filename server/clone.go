@@ -268,6 +268,9 @@ func (p *proxy) createReplica(ci *client.Image, path string, size int64, cfg Con
 	if fileExists(path) {
 		return nil // another lookup won
 	}
+	if err := checkDirs(cfg.BasePath, ci.Name()); err != nil {
+		return fmt.Errorf("no local copy of %s: %w", ci.Name(), err)
+	}
 	sparse := cfg.SparseFiles
 	if err := p.ensureDiskSpace(size, sparse); err != nil {
 		return err

@@ -123,15 +123,21 @@ func (s *Store) Reload() (added, replaced, removed int, err error) {
 	}
 	seen := map[imageKey]found{}
 	base := s.opts.BasePath
-	walkErr := filepath.WalkDir(base, func(path string, d fs.DirEntry, err error) error {
+	// WalkDir does not follow a symlinked root, nor (rightly, see
+	// basepath.go) symlinked directories below it.
+	root := base
+	if r, err := filepath.EvalSymlinks(base); err == nil {
+		root = r
+	}
+	walkErr := filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
 		if err != nil {
 			s.log.Warn("cannot scan", "path", path, "err", err)
-			if d != nil && d.IsDir() && path != base {
+			if d != nil && d.IsDir() && path != root {
 				return fs.SkipDir
 			}
 			return nil
 		}
-		if path == base {
+		if path == root {
 			return nil
 		}
 		if strings.HasPrefix(d.Name(), ".") || len(d.Name()) > maxComponentLength {
@@ -143,7 +149,8 @@ func (s *Store) Reload() (added, replaced, removed int, err error) {
 		if d.IsDir() {
 			return nil
 		}
-		rel, _ := filepath.Rel(base, path)
+		rel, _ := filepath.Rel(root, path)
+		path = filepath.Join(base, rel)
 		name, rid, ok, why := ParseImageFileName(rel, s.opts.VMDKLegacy)
 		if !ok {
 			if why != "sidecar" && why != "hidden" {
@@ -151,8 +158,11 @@ func (s *Store) Reload() (added, replaced, removed int, err error) {
 			}
 			return nil
 		}
-		st, err := os.Stat(path) // follows symlinks
-		if err != nil || !st.Mode().IsRegular() || st.Size() == 0 {
+		st, err := servableFile(base, path)
+		if errors.Is(err, errOutsideBase) {
+			s.log.Warn("ignoring symlink that leads outside basePath", "path", path, "err", err)
+		}
+		if err != nil {
 			return nil
 		}
 		seen[imageKey{name, rid}] = found{path, st.Size()}
@@ -289,10 +299,9 @@ func (s *Store) Get(name string, rid uint16) (*Image, error) {
 		img := s.images[k]
 		s.mu.RUnlock()
 		if img == nil {
-			path := imageFilePath(s.opts.BasePath, name, rid)
-			st, err := os.Stat(path)
-			if err != nil || !st.Mode().IsRegular() || st.Size() == 0 {
-				return nil, fmt.Errorf("%w: %s:%d", ErrImageNotFound, name, rid)
+			path, err := s.onDemandPath(name, rid)
+			if err != nil {
+				return nil, fmt.Errorf("%w: %s:%d: %w", ErrImageNotFound, name, rid, err)
 			}
 			if img, err = s.load(k, path, true); err != nil {
 				return nil, err
@@ -305,6 +314,25 @@ func (s *Store) Get(name string, rid uint16) (*Image, error) {
 		// replaced or removed concurrently: look again
 	}
 	return nil, fmt.Errorf("%w: %s:%d (changing)", ErrImageNotFound, name, rid)
+}
+
+// onDemandPath returns the file of image name/rid if the scan would have
+// loaded it: a name the scan derives from that file (no hidden or overlong
+// component), no symlinked directory on the way, a non-empty regular file
+// or a symlink to one inside basePath (basepath.go).
+func (s *Store) onDemandPath(name string, rid uint16) (string, error) {
+	rel := name + ".r" + strconv.Itoa(int(rid))
+	if n, r, ok, why := ParseImageFileName(rel, false); !ok || n != name || r != rid {
+		return "", fmt.Errorf("file %s would not be loaded by the scan (%s)", rel, why)
+	}
+	if err := checkDirs(s.opts.BasePath, rel); err != nil {
+		return "", err
+	}
+	path := imageFilePath(s.opts.BasePath, name, rid)
+	if _, err := servableFile(s.opts.BasePath, path); err != nil {
+		return "", err
+	}
+	return path, nil
 }
 
 // imageFilePath returns the file of image name/rid below basePath.
@@ -325,6 +353,9 @@ func (s *Store) latestRID(name string) uint16 {
 		}
 	}
 	s.mu.RUnlock()
+	if checkDirs(s.opts.BasePath, name) != nil {
+		return best
+	}
 	dir := filepath.Join(s.opts.BasePath, filepath.Dir(filepath.FromSlash(name)))
 	base := filepath.Base(name) + ".r"
 	for _, entry := range s.dirEntries(dir) {
@@ -336,7 +367,7 @@ func (s *Store) latestRID(name string) uint16 {
 		if err != nil || rid == 0 || strings.ContainsAny(n, "+-") || uint16(rid) <= best {
 			continue
 		}
-		if st, err := os.Stat(filepath.Join(dir, entry)); err == nil && st.Mode().IsRegular() && st.Size() > 0 {
+		if _, err := servableFile(s.opts.BasePath, filepath.Join(dir, entry)); err == nil {
 			best = uint16(rid)
 		}
 	}
