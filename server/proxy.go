@@ -61,6 +61,8 @@ const (
 // value means the defaults above and statfs(2).
 type proxyHooks struct {
 	freeSpace       func() (int64, error)
+	syncData        func(*os.File) error              // fdatasync of a local copy
+	writeMap        func(path string, b []byte) error // atomic write of a `.map`
 	mapSaveInterval time.Duration
 	uplinkIdle      time.Duration
 	lruMinAge       time.Duration
@@ -302,7 +304,8 @@ func (p *proxy) housekeeping(now time.Time) {
 
 // saveMap writes img's cache map: the image data is fdatasync'ed after
 // the map was copied and before the copy is written, so no bit on disk
-// ever describes data that is not durable.
+// ever describes data that is not durable. A failure is permanent for the
+// image (failSync).
 func (p *proxy) saveMap(img *Image, cm *CacheMap) error {
 	if !img.ref() {
 		return nil // unloaded meanwhile: its last save was complete
@@ -310,17 +313,68 @@ func (p *proxy) saveMap(img *Image, cm *CacheMap) error {
 	defer img.unref() // keeps the file open while it is synced
 	img.saveMu.Lock()
 	defer img.saveMu.Unlock()
+	if err := img.SyncFailed(); err != nil {
+		return fmt.Errorf("not saved since a sync failed: %w", err)
+	}
 	if img.cache.Load() != cm {
 		return nil // completed or replaced meanwhile
 	}
 	if _, dirty := cm.Unsaved(); !dirty {
 		return nil
 	}
-	sync := func() error { return nil }
+	sync := func() error { return nil } // nothing was ever written without a writer
 	if w, err := img.writer(); err == nil {
-		sync = func() error { return unix.Fdatasync(int(w.Fd())) }
+		sync = func() error { return p.syncData(w) }
 	}
-	return cm.SaveSynced(img.Path+".map", sync)
+	if err := cm.SaveSynced(sync, p.mapWriter(img.Path+".map")); err != nil {
+		p.failSync(img, cm, err)
+		return err
+	}
+	return nil
+}
+
+// syncData makes the data written to a local copy durable.
+func (p *proxy) syncData(w *os.File) error {
+	if f := p.s.hooks.syncData; f != nil {
+		return f(w)
+	}
+	if err := unix.Fdatasync(int(w.Fd())); err != nil {
+		return fmt.Errorf("fdatasync %s: %w", w.Name(), err)
+	}
+	return nil
+}
+
+// mapWriter returns the function that replaces the `.map` at path.
+func (p *proxy) mapWriter(path string) func([]byte) error {
+	if f := p.s.hooks.writeMap; f != nil {
+		return func(b []byte) error { return f(path, b) }
+	}
+	return AtomicMapWriter(path)
+}
+
+// failSync makes a failed sync of img's local copy or of its cache map
+// permanent ("fsyncgate": the kernel may have dropped the dirty pages, and
+// a retried fsync would report success). For a proxy cache safety means
+// never claiming a block that may not be on disk: cm (if any) keeps only
+// the blocks of the last successful save, the `.map` on disk; the copy is
+// not written any more, so no block is added; the RPC shows ProblemWrite.
+// Clients still get the dropped blocks, relayed from the uplink. A restart
+// loads the `.map` on disk and fetches the rest again. Callers hold
+// img.saveMu.
+func (p *proxy) failSync(img *Image, cm *CacheMap, err error) {
+	first := img.syncErr.CompareAndSwap(nil, &err)
+	img.problems.Or(ProblemWrite)
+	if cm != nil {
+		saved, rerr := os.ReadFile(img.Path + ".map")
+		if rerr != nil {
+			saved = nil // unreadable: claim nothing
+		}
+		cm.Fail(err, saved)
+	}
+	if first {
+		p.log.Error("sync of the local copy or its cache map failed: blocks not in the last saved map are fetched again, "+
+			"and the copy is not written until the server restarts (check the disk)", "image", img.String(), "err", err)
+	}
 }
 
 // writeMeta writes img's `.meta` with its last access time.
@@ -358,12 +412,12 @@ func (p *proxy) completed(img *Image, cm *CacheMap) {
 	defer img.unref()
 	img.saveMu.Lock()
 	defer img.saveMu.Unlock()
-	if img.cache.Load() != cm || !cm.Complete() {
+	if img.cache.Load() != cm || !cm.Complete() || img.SyncFailed() != nil {
 		return
 	}
 	if w, err := img.writer(); err == nil {
-		if err := unix.Fdatasync(int(w.Fd())); err != nil {
-			p.log.Error("cannot sync completed image; keeping its cache map", "image", img.String(), "err", err)
+		if err := p.syncData(w); err != nil {
+			p.failSync(img, cm, err) // the map is incomplete again: the .map stays
 			return
 		}
 	}
