@@ -2,9 +2,11 @@ package server
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"path/filepath"
 	"testing"
 	"time"
@@ -225,5 +227,50 @@ func TestProxyLookupCacheBounded(t *testing.T) {
 	proxy.proxy.lkMu.Unlock()
 	if n > lookupCacheMax {
 		t.Fatalf("lookup cache holds %d entries, bound %d", n, lookupCacheMax)
+	}
+}
+
+// TestStoreOnDemandChurn: many clients loading more distinct on-demand
+// images than the table holds never see an image they just loaded
+// unloaded under them ("not found"); the only refusal is a table full of
+// images in use.
+func TestStoreOnDemandChurn(t *testing.T) {
+	base := t.TempDir()
+	s := NewStore(StoreOptions{BasePath: base, MaxImages: 4})
+	defer s.Close()
+	const names = 16
+	old := time.Now().Add(-time.Hour)
+	for i := range names {
+		p := filepath.Join(base, fmt.Sprintf("n%d.r1", i))
+		writeFile(t, p, make([]byte, 4096))
+		os.Chtimes(p, old, old) // an old file must not look least recently used once loaded
+	}
+	errs := make(chan error, 8)
+	for g := range 8 {
+		go func() {
+			var bad error
+			for i := range 300 {
+				img, err := s.Get(fmt.Sprintf("n%d", (g*7+i)%names), 1)
+				if err != nil {
+					if !errors.Is(err, ErrTooManyImages) && bad == nil {
+						bad = err
+					}
+					continue
+				}
+				if img.Users() < 1 {
+					bad = fmt.Errorf("%s returned without a client reference", img)
+				}
+				s.Release(img)
+			}
+			errs <- bad
+		}()
+	}
+	for range 8 {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
+	if n := len(s.List()); n > 4 {
+		t.Errorf("%d images loaded, maxImages=4", n)
 	}
 }

@@ -223,8 +223,10 @@ func (s *Store) Reload() (added, replaced, removed int, err error) {
 }
 
 // load opens a file and registers it; an image that is already loaded is
-// returned as is. onDemand marks images loaded for a request rather than
-// by the scan: they may be unloaded again when the table is full.
+// returned instead. onDemand marks an image loaded for a request rather
+// than by the scan: it may be unloaded again when idle and the table is
+// full, and it is returned with a client reference taken (under the lock,
+// so that no other load unloads it before its client uses it).
 func (s *Store) load(k imageKey, path string, onDemand bool) (*Image, error) {
 	img, err := openImage(path, k.name, k.rid)
 	if err != nil {
@@ -235,6 +237,9 @@ func (s *Store) load(k imageKey, path string, onDemand bool) (*Image, error) {
 	img.onDemand = onDemand
 	s.mu.Lock()
 	if old, ok := s.images[k]; ok {
+		if onDemand {
+			old.acquire() // registered images hold the store's reference: never fails
+		}
 		s.mu.Unlock()
 		img.unref()
 		return old, nil
@@ -251,6 +256,9 @@ func (s *Store) load(k imageKey, path string, onDemand bool) (*Image, error) {
 	s.nextID++
 	img.ID = s.nextID
 	s.images[k] = img
+	if onDemand {
+		img.acquire()
+	}
 	s.mu.Unlock()
 	if evicted != nil {
 		s.log.Info("unloaded idle image to make room (maxImages reached); it loads again on request",
@@ -306,6 +314,8 @@ func (s *Store) Get(name string, rid uint16) (*Image, error) {
 			if img, err = s.load(k, path, true); err != nil {
 				return nil, err
 			}
+			img.Touch()
+			return img, nil
 		}
 		if img.acquire() {
 			img.Touch()
