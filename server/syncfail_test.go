@@ -121,6 +121,7 @@ func TestProxySyncFailureIsPermanent(t *testing.T) {
 			// still served, from the uplink; nothing new claimed or saved
 			proxyRead(t, proxy.addr, "img", 4*blk, blk, want)
 			proxyRead(t, proxy.addr, "img", 8*blk, blk, want) // C
+			proxyRead(t, proxy.addr, "img", blk/2, blk, want) // half in A, half not cached
 			if cm.Has(4*blk, 5*blk) || cm.Has(8*blk, 9*blk) {
 				t.Error("blocks fetched after the failure claimed as cached")
 			}
