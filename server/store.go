@@ -302,28 +302,27 @@ func (s *Store) Get(name string, rid uint16) (*Image, error) {
 		}
 	}
 	k := imageKey{name, rid}
-	for range 3 {
-		s.mu.RLock()
-		img := s.images[k]
-		s.mu.RUnlock()
-		if img == nil {
-			path, err := s.onDemandPath(name, rid)
-			if err != nil {
-				return nil, fmt.Errorf("%w: %s:%d: %w", ErrImageNotFound, name, rid, err)
-			}
-			if img, err = s.load(k, path, true); err != nil {
-				return nil, err
-			}
-			img.Touch()
-			return img, nil
-		}
-		if img.acquire() {
-			img.Touch()
-			return img, nil
-		}
-		// replaced or removed concurrently: look again
+	// The reference is taken under the lock: eviction and LRU deletion,
+	// which check for clients under the write lock, then never unload an
+	// image a client is about to use. (A registered image holds the
+	// store's reference, so acquire cannot fail here.)
+	s.mu.RLock()
+	img := s.images[k]
+	if img != nil && !img.acquire() {
+		img = nil
 	}
-	return nil, fmt.Errorf("%w: %s:%d (changing)", ErrImageNotFound, name, rid)
+	s.mu.RUnlock()
+	if img == nil {
+		path, err := s.onDemandPath(name, rid)
+		if err != nil {
+			return nil, fmt.Errorf("%w: %s:%d: %w", ErrImageNotFound, name, rid, err)
+		}
+		if img, err = s.load(k, path, true); err != nil {
+			return nil, err
+		}
+	}
+	img.Touch()
+	return img, nil
 }
 
 // onDemandPath returns the file of image name/rid if the scan would have
