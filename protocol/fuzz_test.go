@@ -2,6 +2,8 @@ package protocol
 
 import (
 	"bytes"
+	"path"
+	"strings"
 	"testing"
 
 	"github.com/dnbd3go/dnbd3go/internal/testutil"
@@ -123,6 +125,27 @@ func FuzzParseLatestRID(f *testing.F) {
 		}
 		if !bytes.Equal(MarshalLatestRID(rid), b) {
 			t.Fatalf("rid %d re-encodes differently", rid)
+		}
+	})
+}
+
+// FuzzValidImageName: an accepted name is canonical, relative and without
+// hidden components, so no two accepted names address the same file.
+func FuzzValidImageName(f *testing.F) {
+	for _, s := range []string{"test", "sub/dir/odd.img", "a//b", "a/./b", "a/", "/a", "a/../b", ".x", "x/.y", "a\x00"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, name string) {
+		if !ValidImageName(name) {
+			return
+		}
+		if path.Clean(name) != name || path.IsAbs(name) || len(name) > MaxNameLength || strings.IndexByte(name, 0) >= 0 {
+			t.Fatalf("accepted non-canonical name %q", name)
+		}
+		for _, c := range strings.Split(name, "/") {
+			if c == "" || c[0] == '.' {
+				t.Fatalf("accepted %q with component %q", name, c)
+			}
 		}
 	})
 }

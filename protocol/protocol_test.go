@@ -77,7 +77,9 @@ func TestSerializerReadPastEnd(t *testing.T) {
 
 func TestValidImageName(t *testing.T) {
 	good := []string{"test", "sub/dir/odd.img", "ubuntu/base.qcow2", "a.b/c", "ONDEMAND", "x/y..z"}
-	bad := []string{"", "../x", "/abs", "a/.b", ".hidden", "./test", "test/", "a/../b", "a\x00b", strings.Repeat("n", MaxNameLength+1)}
+	bad := []string{"", "../x", "/abs", "a/.b", ".hidden", "./test", "test/", "a/../b", "a\x00b", strings.Repeat("n", MaxNameLength+1),
+		// aliases of "sub/dir/odd.img" that name the same file
+		"sub//dir/odd.img", "sub/dir//odd.img", "sub///dir/odd.img", "sub/./dir/odd.img", "sub/dir/./odd.img", "sub/x/../dir/odd.img", "sub/dir/odd.img/"}
 	for _, n := range good {
 		if !ValidImageName(n) {
 			t.Errorf("%q refused", n)

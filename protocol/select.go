@@ -2,6 +2,7 @@ package protocol
 
 import (
 	"errors"
+	"path"
 	"strings"
 )
 
@@ -101,16 +102,21 @@ func ParseSelectImageReply(p []byte) (SelectImageReply, error) {
 const MaxNameLength = MaxPayload - 2 - 1 - 2 - 1
 
 // ValidImageName reports whether a requested image name is acceptable to a
-// server: not empty, no leading or trailing '/', no leading '.', no "/."
-// anywhere (which rules out "..", hidden components and "./x"), no NUL and
-// at most MaxNameLength bytes.
+// server: not empty, at most MaxNameLength bytes, no NUL, not absolute, no
+// component starting with '.' (which rules out "..", "./x" and hidden
+// files), and canonical: path.Clean leaves it unchanged, so there is no
+// "//" and no trailing '/'. Every file below the base path then has
+// exactly one valid name; aliases such as "a//b" for "a/b" are refused
+// instead of becoming images of their own.
 func ValidImageName(name string) bool {
 	switch {
 	case name == "", len(name) > MaxNameLength:
 		return false
-	case name[0] == '/', name[0] == '.', name[len(name)-1] == '/':
+	case name[0] == '/', name[0] == '.':
 		return false
 	case strings.Contains(name, "/."), strings.IndexByte(name, 0) >= 0:
+		return false
+	case path.Clean(name) != name:
 		return false
 	}
 	return true

@@ -77,7 +77,16 @@ type aclRule struct {
 // ACL is the parsed rpc.acl. A nil *ACL or one without rules allows
 // everything.
 type ACL struct {
-	rules []aclRule
+	rules   []aclRule
+	invalid int // lines that were meant as rules but did not parse
+}
+
+// OpenByMistake reports whether the file had rule lines but none of them
+// parsed: the RPC is then open to everyone, as with no file at all (the
+// reference's behaviour), which is rarely what the admin meant. An absent
+// file or one with only comments and blank lines is not a mistake.
+func (a *ACL) OpenByMistake() bool {
+	return a != nil && len(a.rules) == 0 && a.invalid > 0
 }
 
 // Len returns the number of rules.
@@ -140,6 +149,9 @@ func parseACL(data []byte) (*ACL, []string) {
 			warns = append(warns, fmt.Sprintf("line %d: %s", line, warn))
 		}
 		if !ok {
+			if warn != "" {
+				acl.invalid++
+			}
 			continue
 		}
 		if len(acl.rules) >= MaxACLRules {
@@ -149,6 +161,7 @@ func parseACL(data []byte) (*ACL, []string) {
 		acl.rules = append(acl.rules, r)
 	}
 	if err := sc.Err(); err != nil {
+		acl.invalid++
 		warns = append(warns, fmt.Sprintf("line %d: %v; rest of the file ignored", line+1, err))
 	}
 	return acl, warns

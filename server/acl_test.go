@@ -172,3 +172,49 @@ func FuzzACL(f *testing.F) {
 		}
 	})
 }
+
+// TestACLOpenByMistakeLogged: an rpc.acl whose rule lines all fail to
+// parse leaves the RPC open (as the reference does) but says so at ERROR;
+// an absent, empty or comment-only file is silent.
+func TestACLOpenByMistakeLogged(t *testing.T) {
+	base := t.TempDir()
+	writeFile(t, filepath.Join(base, "img.r1"), make([]byte, 4096))
+	const msg = "RPC is open to everyone"
+	for _, tc := range []struct {
+		name    string
+		acl     *string
+		errLine bool
+	}{
+		{"absent", nil, false},
+		{"empty", ptr(""), false},
+		{"comments", ptr("# nothing yet\n\n   # really\n"), false},
+		{"all invalid", ptr("10.0.0.300 ALL\n127.0.0.1 EVERYTHING\nnonsense\n"), true},
+		{"one valid", ptr("nonsense\n10.0.0.0/8 STATS\n"), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			files := map[string]string{}
+			if tc.acl != nil {
+				files[ACLFileName] = *tc.acl
+			}
+			dir, cfg := writeConfigDir(t, base, "", files)
+			log, lc := captureLogger(t)
+			srv, err := New(Options{ConfigDir: dir, Config: cfg, Logger: log})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer srv.store.Close()
+			logged := strings.Contains(lc.String(), "level=ERROR") && strings.Contains(lc.String(), msg)
+			if logged != tc.errLine {
+				t.Errorf("ERROR %q logged: %v, want %v; log:\n%s", msg, logged, tc.errLine, lc.String())
+			}
+			if srv.acl.OpenByMistake() != tc.errLine {
+				t.Errorf("OpenByMistake() = %v", srv.acl.OpenByMistake())
+			}
+			if want := PermAll; tc.errLine && srv.acl.Allowed(netip.MustParseAddr("192.0.2.1")) != want {
+				t.Error("the reference's behaviour (open RPC) not kept")
+			}
+		})
+	}
+}
+
+func ptr[T any](v T) *T { return &v }

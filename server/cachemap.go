@@ -25,6 +25,7 @@ type CacheMap struct {
 	blocks  int64
 	present int64
 	changed time.Time // last change not yet saved (zero: saved)
+	failed  error     // a save failed: no more blocks are set or saved (Fail)
 }
 
 // NewCacheMap returns an empty map for an image of virtualSize bytes.
@@ -157,7 +158,14 @@ func (m *CacheMap) Unsaved() (since time.Time, dirty bool) {
 // The caller must have synced the image data the map describes first, so
 // a crash never leaves bits set over data that is not on disk.
 func (m *CacheMap) Save(path string) error {
-	return m.SaveSynced(path, func() error { return nil })
+	return m.SaveSynced(func() error { return nil }, AtomicMapWriter(path))
+}
+
+// AtomicMapWriter returns the write function of SaveSynced that replaces
+// the `.map` at path atomically and durably (temporary file, fsync,
+// rename, directory fsync).
+func AtomicMapWriter(path string) func([]byte) error {
+	return func(b []byte) error { return fsutil.WriteFileAtomic(path, b, 0o644) }
 }
 
 // WriteMeta writes the `.meta` sidecar with the last access time, which
@@ -219,14 +227,18 @@ func NewFullCacheMap(virtualSize int64) *CacheMap {
 	return m
 }
 
-// SetRange marks the blocks fully inside [start, end) present. It reports whether this call completed the map and which 16 MiB hash
-// blocks it completed (they had a block set by this call and are now
-// fully present), so each is CRC-checked exactly once.
+// SetRange marks the blocks fully inside [start, end) present (nothing
+// after Fail). It reports whether this call completed the map and which
+// 16 MiB hash blocks it completed (they had a block set by this call and
+// are now fully present), so each is CRC-checked exactly once.
 func (m *CacheMap) SetRange(start, end int64) (completed bool, hashBlocks []int) {
 	first := (start + protocol.BlockSize - 1) / protocol.BlockSize
 	last := min(end/protocol.BlockSize, m.blocks)
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if m.failed != nil {
+		return false, nil // nothing written now can be made durable
+	}
 	touched := -1
 	for b := first; b < last; b++ {
 		if m.bits[b/8]&(1<<(b%8)) != 0 {
@@ -333,20 +345,29 @@ func (m *CacheMap) NextChunk(from int64, partialOnly bool) (idx int64, ok bool) 
 	return 0, false
 }
 
-// SaveSynced writes the map to path like Save, but calls sync (which must
-// make the image data durable, e.g. fdatasync of the image file) after
-// taking the copy it writes and before writing it: every bit on disk then
-// describes data that reached the disk first, even while blocks keep
+// SaveSynced writes the map like Save, with write, but calls sync (which
+// must make the image data durable, e.g. fdatasync of the image file)
+// after taking the copy it writes and before writing it: every bit on disk
+// then describes data that reached the disk first, even while blocks keep
 // arriving.
-func (m *CacheMap) SaveSynced(path string, sync func() error) error {
+//
+// A failure is not retried into a success: after an fsync error the
+// kernel may have dropped the dirty pages and a later fsync reports
+// nothing ("fsyncgate"). The caller makes it permanent with Fail; until
+// then the changes stay unsaved.
+func (m *CacheMap) SaveSynced(sync func() error, write func([]byte) error) error {
 	m.mu.Lock()
+	if m.failed != nil {
+		m.mu.Unlock()
+		return fmt.Errorf("an earlier save failed, the cache map is no longer saved: %w", m.failed)
+	}
 	b := append([]byte(nil), m.bits...)
 	changed := m.changed
 	m.changed = time.Time{}
 	m.mu.Unlock()
 	err := sync()
 	if err == nil {
-		err = fsutil.WriteFileAtomic(path, b, 0o644)
+		err = write(b)
 	}
 	if err != nil {
 		m.mu.Lock()
@@ -357,6 +378,36 @@ func (m *CacheMap) SaveSynced(path string, sync func() error) error {
 		return err
 	}
 	return nil
+}
+
+// Fail makes a failed save permanent: the map keeps only the blocks that
+// saved (the `.map` on disk, the last successful save; nil if unreadable)
+// also has, since only those are known to be durable; it forgets its
+// unsaved changes, SetRange sets no more blocks and every later save
+// returns err. Clearing blocks still works (saying less is always safe).
+func (m *CacheMap) Fail(err error, saved []byte) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.failed == nil {
+		m.failed = err
+	}
+	m.present = 0
+	for i := range m.bits {
+		var d byte
+		if i < len(saved) {
+			d = saved[i]
+		}
+		m.bits[i] &= d
+		m.present += int64(bits.OnesCount8(m.bits[i]))
+	}
+	m.changed = time.Time{}
+}
+
+// Failed returns the error Fail recorded, or nil.
+func (m *CacheMap) Failed() error {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return m.failed
 }
 
 // Replace loads the bits of a `.map` file read again from disk (a server

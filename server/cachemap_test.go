@@ -2,12 +2,14 @@ package server
 
 import (
 	"bytes"
+	"errors"
 	"os"
 	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/dnbd3go/dnbd3go/internal/testutil"
+	"github.com/dnbd3go/dnbd3go/protocol"
 )
 
 // TestCacheMapMatchesProxyCapture rebuilds the captured proxy's map from
@@ -87,5 +89,32 @@ func TestCacheMapCompleteShortFileAndSave(t *testing.T) {
 	ref, _ := os.ReadFile(testutil.Testdata(t, "sidecars", "crctest.r1.meta"))
 	if string(ref) != "[main]\natime=1795248691\n" {
 		t.Fatalf("reference .meta format %q", ref)
+	}
+}
+
+// TestCacheMapFail: after Fail the map keeps only the blocks both it and
+// the saved copy have, sets no more and never saves again.
+func TestCacheMapFail(t *testing.T) {
+	m := NewCacheMap(64 * protocol.BlockSize)
+	m.SetRange(0, 16*protocol.BlockSize)
+	saved := m.Bytes()
+	m.SetRange(16*protocol.BlockSize, 32*protocol.BlockSize) // not saved
+	m.Clear(0, protocol.BlockSize)                           // cleared after the save
+	m.Fail(errors.New("EIO"), saved)
+	if m.Has(0, protocol.BlockSize) || !m.Has(protocol.BlockSize, 16*protocol.BlockSize) || m.Has(16*protocol.BlockSize, 17*protocol.BlockSize) {
+		t.Fatalf("bits after Fail: %x", m.Bytes())
+	}
+	if m.Present() != 15 {
+		t.Fatalf("present %d, want 15", m.Present())
+	}
+	if _, dirty := m.Unsaved(); dirty {
+		t.Error("unsaved changes after Fail")
+	}
+	if done, hbs := m.SetRange(32*protocol.BlockSize, 64*protocol.BlockSize); done || hbs != nil || m.Has(32*protocol.BlockSize, 33*protocol.BlockSize) {
+		t.Error("SetRange after Fail set blocks")
+	}
+	wrote := false
+	if err := m.SaveSynced(func() error { return nil }, func([]byte) error { wrote = true; return nil }); err == nil || wrote {
+		t.Errorf("save after Fail: %v, wrote %v", err, wrote)
 	}
 }

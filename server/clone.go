@@ -77,13 +77,6 @@ func (p *proxy) cachedLookup(k imageKey, peerServer bool) lookupEntry {
 	}
 	c := &lookupCall{done: make(chan struct{})}
 	p.lkCalls[k] = c
-	if len(p.lkCache) > 10000 {
-		for key, e := range p.lkCache {
-			if now.Sub(e.at) >= lookupCacheTTL {
-				delete(p.lkCache, key)
-			}
-		}
-	}
 	p.lkMu.Unlock()
 
 	var res lookupEntry
@@ -98,13 +91,36 @@ func (p *proxy) cachedLookup(k imageKey, peerServer bool) lookupEntry {
 	}
 	p.lkMu.Lock()
 	if p.ctx.Err() == nil {
-		p.lkCache[k] = res
+		p.rememberLocked(k, res)
 	}
 	delete(p.lkCalls, k)
 	p.lkMu.Unlock()
 	c.res = res
 	close(c.done)
 	return res
+}
+
+// lookupCacheMax bounds the lookup cache: names are up to ~1000 bytes and
+// anyone may ask for any number of them.
+const lookupCacheMax = 10000
+
+// rememberLocked caches a lookup result, first dropping expired entries
+// and, if that is not enough, arbitrary ones (caller holds lkMu).
+func (p *proxy) rememberLocked(k imageKey, res lookupEntry) {
+	if _, ok := p.lkCache[k]; !ok && len(p.lkCache) >= lookupCacheMax {
+		for key, e := range p.lkCache {
+			if res.at.Sub(e.at) >= lookupCacheTTL {
+				delete(p.lkCache, key)
+			}
+		}
+		for key := range p.lkCache {
+			if len(p.lkCache) < lookupCacheMax {
+				break
+			}
+			delete(p.lkCache, key)
+		}
+	}
+	p.lkCache[k] = res
 }
 
 // cloneRevision clones name/rid unless it appeared locally meanwhile.
@@ -233,7 +249,7 @@ func (p *proxy) clone(ci *client.Image) error {
 		ci.Close()
 		return err
 	}
-	img, err := p.s.store.Get(name, rid)
+	img, err := p.s.getImage(name, rid)
 	if err != nil {
 		ci.Close()
 		return fmt.Errorf("load the new local copy of %s: %w", name, err)
@@ -251,6 +267,9 @@ func (p *proxy) clone(ci *client.Image) error {
 func (p *proxy) createReplica(ci *client.Image, path string, size int64, cfg Config) error {
 	if fileExists(path) {
 		return nil // another lookup won
+	}
+	if err := checkDirs(cfg.BasePath, ci.Name()); err != nil {
+		return fmt.Errorf("no local copy of %s: %w", ci.Name(), err)
 	}
 	sparse := cfg.SparseFiles
 	if err := p.ensureDiskSpace(size, sparse); err != nil {

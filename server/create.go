@@ -16,7 +16,10 @@ import (
 // preallocation fails and ignoreAllocErrors is set, the file stays sparse.
 func CreateImage(basePath, name string, rid uint16, size int64, sparse, ignoreAllocErrors bool) (string, error) {
 	if !protocol.ValidImageName(name) {
-		return "", fmt.Errorf("invalid image name %q: it must not be empty, start with '/' or '.', end with '/' or contain \"/.\"", name)
+		return "", fmt.Errorf("invalid image name %q: it must not be empty, start with '/' or '.', end with '/' or contain \"/.\" or \"//\"", name)
+	}
+	if err := checkDirs(basePath, name); err != nil {
+		return "", fmt.Errorf("%w: the server would not serve the image there", err)
 	}
 	if rid == 0 {
 		return "", errors.New("revision must be between 1 and 65535")

@@ -5,10 +5,12 @@ import (
 	"context"
 	"errors"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -212,4 +214,35 @@ func replay(t *testing.T, c net.Conn, msgs []testutil.WireMsg, fileSize int64) {
 			t.Fatalf("line %d (%s):\n got  %x\n want %x", m.Line, strings.SplitN(m.Comment, ";", 2)[0], got, want)
 		}
 	}
+}
+
+// logCapture records a logger's text output (and passes it to t.Log).
+type logCapture struct {
+	t  testing.TB
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+// captureLogger returns a logger whose output String returns.
+func captureLogger(t testing.TB) (*slog.Logger, *logCapture) {
+	lc := &logCapture{t: t}
+	return slog.New(slog.NewTextHandler(lc, &slog.HandlerOptions{Level: slog.LevelDebug})), lc
+}
+
+func (lc *logCapture) Write(p []byte) (int, error) {
+	lc.mu.Lock()
+	lc.b.Write(p)
+	lc.mu.Unlock()
+	func() {
+		defer func() { _ = recover() }() // logging after the test ended
+		lc.t.Log(strings.TrimRight(string(p), "\n"))
+	}()
+	return len(p), nil
+}
+
+// String returns everything logged so far.
+func (lc *logCapture) String() string {
+	lc.mu.Lock()
+	defer lc.mu.Unlock()
+	return lc.b.String()
 }

@@ -34,8 +34,9 @@ type Image struct {
 	RealSize    int64  // file size in bytes
 	VirtualSize int64  // RealSize rounded up to 4 KiB: what clients see
 
-	file *os.File
-	fd   int
+	file     *os.File
+	fd       int
+	onDemand bool // loaded for a request, not by the scan (set before registering)
 
 	crcMu sync.RWMutex
 	crc   []uint32 // per-16-MiB CRC list from the .crc sidecar, nil if none
@@ -54,8 +55,9 @@ type Image struct {
 	replica atomic.Bool              // replicated from an uplink: keeps a .meta, LRU candidate
 	saveMu  sync.Mutex               // serialises .map saves and completion
 
-	wmu   sync.Mutex
-	wfile *os.File // write handle of the local copy, opened on first use
+	wmu     sync.Mutex
+	wfile   *os.File              // write handle of the local copy, opened on first use
+	syncErr atomic.Pointer[error] // set for good when a sync of the copy or its map failed
 
 	hasBad atomic.Bool // some hash blocks failed their CRC check
 	badMu  sync.Mutex
@@ -129,6 +131,9 @@ func (img *Image) Users() int { return int(img.users.Load()) }
 // ProblemNoUplink, one whose uplink queue is congested ProblemUplinkQueued.
 func (img *Image) Problems() uint32 {
 	p := img.problems.Load()
+	if img.SyncFailed() != nil {
+		p |= ProblemWrite
+	}
 	if img.cache.Load() != nil {
 		up := img.up.Load()
 		switch {
@@ -190,12 +195,50 @@ func (img *Image) loadSidecars(log *slog.Logger) {
 	}
 }
 
+// evictable reports whether the store may unload the image to make room:
+// it was loaded on demand or replicated (so it loads again from its files
+// when requested), and nothing but the store holds it: no client, no
+// uplink, no queued check, no cache map changes that are not on disk, no
+// failed hash block (which only the in-memory state remembers) and no
+// failed sync (which stays visible in the RPC until a restart).
+func (img *Image) evictable() bool {
+	if !img.onDemand && !img.replica.Load() {
+		return false
+	}
+	if img.users.Load() != 0 || img.refs.Load() != 1 || img.up.Load() != nil || img.hasBad.Load() || img.SyncFailed() != nil {
+		return false
+	}
+	if cm := img.cache.Load(); cm != nil {
+		if _, dirty := cm.Unsaved(); dirty {
+			return false
+		}
+	}
+	return true
+}
+
 // errImageClosed is returned for images whose file was closed.
 var errImageClosed = errors.New("image closed")
 
+// SyncFailed returns the error of a failed sync of the local copy or its
+// cache map, or nil. Such a failure is permanent until the image is loaded
+// again (a restart): the kernel may have dropped the unsynced data, so
+// nothing is written to the copy any more.
+func (img *Image) SyncFailed() error {
+	if e := img.syncErr.Load(); e != nil {
+		return *e
+	}
+	return nil
+}
+
+// errSyncFailed wraps SyncFailed's error for writes that are refused.
+var errSyncFailed = errors.New("local copy not written since a sync failed (restart the server once the disk is fixed)")
+
 // writer returns the write handle of the local copy, opening it on first
-// use. A failure sets ProblemWrite.
+// use. A failure sets ProblemWrite. After a failed sync it always fails.
 func (img *Image) writer() (*os.File, error) {
+	if err := img.SyncFailed(); err != nil {
+		return nil, fmt.Errorf("%w: %w", errSyncFailed, err)
+	}
 	img.wmu.Lock()
 	defer img.wmu.Unlock()
 	if img.wfile != nil {

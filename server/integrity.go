@@ -209,10 +209,12 @@ func (p *proxy) invalidate(img *Image, hb int) bool {
 	}
 	cm.Clear(start, end)
 	// Clearing bits needs no data sync: the map on disk says less.
-	err := cm.Save(img.Path + ".map")
+	err := cm.SaveSynced(func() error { return nil }, p.mapWriter(img.Path+".map"))
 	if err == nil {
 		img.replica.Store(true)
 		img.cache.Store(cm)
+	} else {
+		p.failSync(img, cm, err)
 	}
 	img.saveMu.Unlock()
 	p.kick()

@@ -61,6 +61,8 @@ const (
 // value means the defaults above and statfs(2).
 type proxyHooks struct {
 	freeSpace       func() (int64, error)
+	syncData        func(*os.File) error              // fdatasync of a local copy
+	writeMap        func(path string, b []byte) error // atomic write of a `.map`
 	mapSaveInterval time.Duration
 	uplinkIdle      time.Duration
 	lruMinAge       time.Duration
@@ -302,21 +304,77 @@ func (p *proxy) housekeeping(now time.Time) {
 
 // saveMap writes img's cache map: the image data is fdatasync'ed after
 // the map was copied and before the copy is written, so no bit on disk
-// ever describes data that is not durable.
+// ever describes data that is not durable. A failure is permanent for the
+// image (failSync).
 func (p *proxy) saveMap(img *Image, cm *CacheMap) error {
+	if !img.ref() {
+		return nil // unloaded meanwhile: its last save was complete
+	}
+	defer img.unref() // keeps the file open while it is synced
 	img.saveMu.Lock()
 	defer img.saveMu.Unlock()
+	if err := img.SyncFailed(); err != nil {
+		return fmt.Errorf("not saved since a sync failed: %w", err)
+	}
 	if img.cache.Load() != cm {
 		return nil // completed or replaced meanwhile
 	}
 	if _, dirty := cm.Unsaved(); !dirty {
 		return nil
 	}
-	sync := func() error { return nil }
+	sync := func() error { return nil } // nothing was ever written without a writer
 	if w, err := img.writer(); err == nil {
-		sync = func() error { return unix.Fdatasync(int(w.Fd())) }
+		sync = func() error { return p.syncData(w) }
 	}
-	return cm.SaveSynced(img.Path+".map", sync)
+	if err := cm.SaveSynced(sync, p.mapWriter(img.Path+".map")); err != nil {
+		p.failSync(img, cm, err)
+		return err
+	}
+	return nil
+}
+
+// syncData makes the data written to a local copy durable.
+func (p *proxy) syncData(w *os.File) error {
+	if f := p.s.hooks.syncData; f != nil {
+		return f(w)
+	}
+	if err := unix.Fdatasync(int(w.Fd())); err != nil {
+		return fmt.Errorf("fdatasync %s: %w", w.Name(), err)
+	}
+	return nil
+}
+
+// mapWriter returns the function that replaces the `.map` at path.
+func (p *proxy) mapWriter(path string) func([]byte) error {
+	if f := p.s.hooks.writeMap; f != nil {
+		return func(b []byte) error { return f(path, b) }
+	}
+	return AtomicMapWriter(path)
+}
+
+// failSync makes a failed sync of img's local copy or of its cache map
+// permanent ("fsyncgate": the kernel may have dropped the dirty pages, and
+// a retried fsync would report success). For a proxy cache safety means
+// never claiming a block that may not be on disk: cm (if any) keeps only
+// the blocks of the last successful save, the `.map` on disk; the copy is
+// not written any more, so no block is added; the RPC shows ProblemWrite.
+// Clients still get the dropped blocks, relayed from the uplink. A restart
+// loads the `.map` on disk and fetches the rest again. Callers hold
+// img.saveMu.
+func (p *proxy) failSync(img *Image, cm *CacheMap, err error) {
+	first := img.syncErr.CompareAndSwap(nil, &err)
+	img.problems.Or(ProblemWrite)
+	if cm != nil {
+		saved, rerr := os.ReadFile(img.Path + ".map")
+		if rerr != nil {
+			saved = nil // unreadable: claim nothing
+		}
+		cm.Fail(err, saved)
+	}
+	if first {
+		p.log.Error("sync of the local copy or its cache map failed: blocks not in the last saved map are fetched again, "+
+			"and the copy is not written until the server restarts (check the disk)", "image", img.String(), "err", err)
+	}
 }
 
 // writeMeta writes img's `.meta` with its last access time.
@@ -348,14 +406,18 @@ func (p *proxy) reloadMap(img *Image, cm *CacheMap) {
 // deleted and the image served as complete from then on. The uplink
 // closes in the housekeeping once no fetch is outstanding.
 func (p *proxy) completed(img *Image, cm *CacheMap) {
+	if !img.ref() {
+		return
+	}
+	defer img.unref()
 	img.saveMu.Lock()
 	defer img.saveMu.Unlock()
-	if img.cache.Load() != cm || !cm.Complete() {
+	if img.cache.Load() != cm || !cm.Complete() || img.SyncFailed() != nil {
 		return
 	}
 	if w, err := img.writer(); err == nil {
-		if err := unix.Fdatasync(int(w.Fd())); err != nil {
-			p.log.Error("cannot sync completed image; keeping its cache map", "image", img.String(), "err", err)
+		if err := p.syncData(w); err != nil {
+			p.failSync(img, cm, err) // the map is incomplete again: the .map stays
 			return
 		}
 	}
@@ -377,7 +439,7 @@ func (s *Server) selectImage(sel protocol.SelectImage) (*Image, error) {
 	peerServer := sel.Flags&protocol.FlagServer != 0
 	peerBgRep := peerServer && sel.Flags&protocol.FlagBgRep != 0
 	if !cfg.IsProxy || !protocol.ValidImageName(sel.Name) {
-		return s.store.Get(sel.Name, sel.RID)
+		return s.getImage(sel.Name, sel.RID)
 	}
 	// A BGR peer would replicate everything through us: we only serve it
 	// images we have complete unless we replicate fully ourselves.
@@ -389,14 +451,14 @@ func (s *Server) selectImage(sel protocol.SelectImage) (*Image, error) {
 		if mayLookup {
 			s.proxy.lookupLatest(sel.Name, peerServer)
 		}
-		img, err = s.store.Get(sel.Name, 0)
+		img, err = s.getImage(sel.Name, 0)
 	} else {
-		img, err = s.store.Get(sel.Name, sel.RID)
+		img, err = s.getImage(sel.Name, sel.RID)
 		if errors.Is(err, ErrImageNotFound) && mayLookup {
 			if lerr := s.proxy.lookup(sel.Name, sel.RID, peerServer); lerr != nil {
 				return nil, lerr
 			}
-			img, err = s.store.Get(sel.Name, sel.RID)
+			img, err = s.getImage(sel.Name, sel.RID)
 		}
 	}
 	if err != nil {
@@ -407,6 +469,45 @@ func (s *Server) selectImage(sel protocol.SelectImage) (*Image, error) {
 		return nil, fmt.Errorf("peer does background replication but %s is incomplete here and this proxy does not replicate fully", img)
 	}
 	return img, nil
+}
+
+// getImage is store.Get that, when the table is full of images kept by
+// idle uplinks, closes the least recently used one and tries again.
+func (s *Server) getImage(name string, rid uint16) (*Image, error) {
+	img, err := s.store.Get(name, rid)
+	if errors.Is(err, ErrTooManyImages) && s.proxy.makeRoom() {
+		img, err = s.store.Get(name, rid)
+	}
+	return img, err
+}
+
+// makeRoom closes the uplink of the least recently used image that could
+// be unloaded but for its uplink (no client uses it), and saves its cache
+// map, so that the store can unload it. It reports whether it closed one.
+func (p *proxy) makeRoom() bool {
+	var victim *Image
+	var up *uplink
+	for _, img := range p.s.store.List() {
+		u := img.up.Load()
+		if u == nil || img.Users() > 0 || (!img.onDemand && !img.replica.Load()) {
+			continue
+		}
+		if victim == nil || img.atime.Load() < victim.atime.Load() {
+			victim, up = img, u
+		}
+	}
+	if victim == nil {
+		return false
+	}
+	up.log.Info("closing the uplink of an image without clients to make room (maxImages reached)")
+	up.close()
+	if cm := victim.cache.Load(); cm != nil {
+		if err := p.saveMap(victim, cm); err != nil {
+			p.log.Error("cannot save cache map", "image", victim.String(), "err", err)
+		}
+		p.writeMeta(victim)
+	}
+	return true
 }
 
 // errPenaltyReject is returned by proxyPenalty for a rejected connection.

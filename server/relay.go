@@ -161,7 +161,11 @@ func (up *uplink) request(r *relay, start, end int64, hops uint8) (ready bool, e
 	if len(up.fetches)+len(gaps) > uplinkQueueMax {
 		return false, errQueueFull
 	}
-	if len(gaps) == 1 && len(overlaps) == 0 && gaps[0] == [2]int64{start, end} {
+	// Without a writable copy (ProblemWrite, e.g. after a failed sync)
+	// fetched data never reaches the file: one fetch of the whole range
+	// answers from its own buffer.
+	whole := len(gaps) == 1 && len(overlaps) == 0 && gaps[0] == [2]int64{start, end}
+	if whole || up.img.problems.Load()&ProblemWrite != 0 || up.img.SyncFailed() != nil {
 		f := up.newFetchLocked(start, end, hops, fetchClient)
 		r.single = f
 		r.parts.Store(1)

@@ -56,8 +56,8 @@ func (up *uplink) replicate() {
 			continue // complete; a failed hash check may make it incomplete again
 		}
 		cfg := up.p.cfg()
-		if cfg.BackgroundReplication == BGROff || img.Users() < cfg.BGRMinClients {
-			continue
+		if cfg.BackgroundReplication == BGROff || img.Users() < cfg.BGRMinClients || img.SyncFailed() != nil {
+			continue // (after a failed sync nothing fetched would be kept)
 		}
 		up.mu.Lock()
 		clientBusy := up.clientWait > 0

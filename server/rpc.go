@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -16,12 +17,16 @@ import (
 )
 
 // HTTP connection limits of the reference: above softHTTPClients the server
-// closes after each response, above maxHTTPClients it answers 503.
+// closes after each response, above maxHTTPClients it answers 503. Unlike
+// the reference, one source (an IPv4 address or an IPv6 /64) gets at most
+// maxHTTPClientsPerSource of the slots, so a client that opens connections
+// and never finishes its request cannot lock everyone else out.
 const (
-	softHTTPClients = 40
-	maxHTTPClients  = 50
-	logfileTail     = 4000
-	maxQueryItems   = 10
+	softHTTPClients         = 40
+	maxHTTPClients          = 50
+	maxHTTPClientsPerSource = 8
+	logfileTail             = 4000
+	maxQueryItems           = 10
 )
 
 // rpcServer answers the HTTP JSON RPC (/query, /cachemap) on connections
@@ -31,10 +36,13 @@ type rpcServer struct {
 	ln     *handoffListener
 	http   *http.Server
 	active atomic.Int32
+
+	slotMu   sync.Mutex
+	bySource map[netip.Prefix]int // RPC connections per source
 }
 
 func newRPCServer(s *Server) *rpcServer {
-	r := &rpcServer{srv: s, ln: newHandoffListener()}
+	r := &rpcServer{srv: s, ln: newHandoffListener(), bySource: map[netip.Prefix]int{}}
 	timeout := s.config().ClientTimeout
 	r.http = &http.Server{
 		Handler:           r,
@@ -60,21 +68,57 @@ func (r *rpcServer) close() {
 // handoff passes an HTTP connection (whose first bytes were already read)
 // to the HTTP server. done runs when the connection is closed.
 func (r *rpcServer) handoff(c net.Conn, prefix []byte, done func()) bool {
-	if r.active.Load() >= maxHTTPClients {
+	src := rpcSource(addrPort(c.RemoteAddr()).Addr())
+	if !r.takeSlot(src) {
 		c.SetWriteDeadline(time.Now().Add(time.Second))
 		c.Write([]byte("HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"))
 		return false
 	}
-	r.active.Add(1)
 	pc := &prefixConn{Conn: c, prefix: append([]byte(nil), prefix...), onClose: func() {
-		r.active.Add(-1)
+		r.releaseSlot(src)
 		done()
 	}}
 	if !r.ln.put(pc) {
-		r.active.Add(-1)
+		r.releaseSlot(src)
 		return false
 	}
 	return true
+}
+
+// rpcSource is the unit the per-source slot limit counts: the IPv4
+// address, or the /64 of an IPv6 address (one host usually owns a whole
+// /64).
+func rpcSource(a netip.Addr) netip.Prefix {
+	a = a.Unmap()
+	bits := a.BitLen()
+	if a.Is6() {
+		bits = 64
+	}
+	p, _ := a.Prefix(bits)
+	return p
+}
+
+// takeSlot reserves an RPC connection slot for src; false if all slots
+// or all of src's share are taken.
+func (r *rpcServer) takeSlot(src netip.Prefix) bool {
+	r.slotMu.Lock()
+	defer r.slotMu.Unlock()
+	if r.active.Load() >= maxHTTPClients || r.bySource[src] >= maxHTTPClientsPerSource {
+		return false
+	}
+	r.active.Add(1)
+	r.bySource[src]++
+	return true
+}
+
+// releaseSlot returns a slot takeSlot gave src.
+func (r *rpcServer) releaseSlot(src netip.Prefix) {
+	r.slotMu.Lock()
+	defer r.slotMu.Unlock()
+	r.active.Add(-1)
+	if r.bySource[src]--; r.bySource[src] <= 0 {
+		delete(r.bySource, src)
+	}
 }
 
 // ServeHTTP routes /query and /cachemap.

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -232,5 +233,64 @@ func TestRPCACL(t *testing.T) {
 	ts3 := startServer(t, base, "", map[string]string{"rpc.acl": "127.0.0.1 ALL\n"})
 	if code, _, body := httpGet(t, ts3.addr, "/query?q=config"); code != 200 || !bytes.Contains(body, []byte("basePath")) {
 		t.Errorf("config with ALL: %d %s", code, body)
+	}
+}
+
+// httpGetFrom is httpGet from the local address from.
+func httpGetFrom(t *testing.T, addr, from, path string) (int, []byte) {
+	t.Helper()
+	d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(from)}, Timeout: 5 * time.Second}
+	cl := &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{DialContext: d.DialContext, DisableKeepAlives: true}}
+	resp, err := cl.Get("http://" + addr + path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp.StatusCode, body
+}
+
+// TestRPCSlotsPerSource: 50 connections from one address that send half
+// a request header (and would hold their slots for the header timeout)
+// take at most maxHTTPClientsPerSource slots; the rest get 503 at once,
+// and another address is still served.
+func TestRPCSlotsPerSource(t *testing.T) {
+	base := t.TempDir()
+	writeFile(t, filepath.Join(base, "img.r1"), make([]byte, 4096))
+	ts := startServer(t, base, "", nil)
+	held, refused := 0, 0
+	for range maxHTTPClients {
+		c := dialFrom(t, ts.addr, "127.0.0.1")
+		before := ts.rpc.active.Load()
+		if _, err := c.Write([]byte("GET /query?q=stats HTTP/1.1\r\nHost: x\r\n")); err != nil {
+			t.Fatal(err)
+		}
+		// either the server holds the connection (a slot more in use) or
+		// it answers 503 and closes
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			if ts.rpc.active.Load() > before {
+				held++
+				break
+			}
+			c.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
+			if b, _ := io.ReadAll(c); bytes.HasPrefix(b, []byte("HTTP/1.1 503")) {
+				refused++
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("connection %d neither held nor refused", held+refused)
+			}
+		}
+	}
+	if held != maxHTTPClientsPerSource || refused != maxHTTPClients-maxHTTPClientsPerSource {
+		t.Errorf("one address holds %d RPC slots (%d refused), want %d", held, refused, maxHTTPClientsPerSource)
+	}
+	code, body := httpGetFrom(t, ts.addr, "127.0.0.2", "/query?q=stats")
+	if code != http.StatusOK || !bytes.Contains(body, []byte(`"uptime"`)) {
+		t.Fatalf("another address while one holds its slots: %d %q", code, body)
 	}
 }

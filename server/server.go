@@ -96,6 +96,9 @@ func New(opts Options) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("rpc.acl: %w", err)
 	}
+	if acl.OpenByMistake() {
+		s.log.Error("rpc.acl: no line is a valid rule, so the RPC is open to everyone (as without the file); fix the lines warned about above, or empty the file to allow everyone on purpose")
+	}
 	s.acl = acl
 	s.checker = newChecker(s)
 	s.proxy = newProxy(s)

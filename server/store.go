@@ -22,6 +22,10 @@ const maxComponentLength = 150
 // ErrImageNotFound is returned when no file serves a requested name/rid.
 var ErrImageNotFound = errors.New("image not found")
 
+// ErrTooManyImages is returned when maxImages images are loaded and none
+// of them may be unloaded to make room.
+var ErrTooManyImages = errors.New("too many images loaded")
+
 // StoreOptions configures a Store.
 type StoreOptions struct {
 	BasePath      string // image root (absolute)
@@ -42,6 +46,15 @@ type imageKey struct {
 // Store is the set of loaded images below the base path. It scans the tree
 // at start and on Reload, and loads files that appear later on first
 // request.
+//
+// The table holds at most MaxImages images. When it is full, a load
+// unloads the least recently used image that is idle and can be loaded
+// again at any time: one loaded on demand or replicated from an uplink,
+// with no client, no other reference (uplink, queued check), no unsaved
+// or unsynced cache map and no failed hash block. So no sequence of
+// requests can fill the table: requests only name files that exist (one
+// canonical name each, protocol.ValidImageName), and those idle ones make
+// room for the next.
 type Store struct {
 	opts StoreOptions
 	log  *slog.Logger
@@ -110,15 +123,21 @@ func (s *Store) Reload() (added, replaced, removed int, err error) {
 	}
 	seen := map[imageKey]found{}
 	base := s.opts.BasePath
-	walkErr := filepath.WalkDir(base, func(path string, d fs.DirEntry, err error) error {
+	// WalkDir does not follow a symlinked root, nor (rightly, see
+	// basepath.go) symlinked directories below it.
+	root := base
+	if r, err := filepath.EvalSymlinks(base); err == nil {
+		root = r
+	}
+	walkErr := filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
 		if err != nil {
 			s.log.Warn("cannot scan", "path", path, "err", err)
-			if d != nil && d.IsDir() && path != base {
+			if d != nil && d.IsDir() && path != root {
 				return fs.SkipDir
 			}
 			return nil
 		}
-		if path == base {
+		if path == root {
 			return nil
 		}
 		if strings.HasPrefix(d.Name(), ".") || len(d.Name()) > maxComponentLength {
@@ -130,7 +149,8 @@ func (s *Store) Reload() (added, replaced, removed int, err error) {
 		if d.IsDir() {
 			return nil
 		}
-		rel, _ := filepath.Rel(base, path)
+		rel, _ := filepath.Rel(root, path)
+		path = filepath.Join(base, rel)
 		name, rid, ok, why := ParseImageFileName(rel, s.opts.VMDKLegacy)
 		if !ok {
 			if why != "sidecar" && why != "hidden" {
@@ -138,8 +158,11 @@ func (s *Store) Reload() (added, replaced, removed int, err error) {
 			}
 			return nil
 		}
-		st, err := os.Stat(path) // follows symlinks
-		if err != nil || !st.Mode().IsRegular() || st.Size() == 0 {
+		st, err := servableFile(base, path)
+		if errors.Is(err, errOutsideBase) {
+			s.log.Warn("ignoring symlink that leads outside basePath", "path", path, "err", err)
+		}
+		if err != nil {
 			return nil
 		}
 		seen[imageKey{name, rid}] = found{path, st.Size()}
@@ -189,7 +212,7 @@ func (s *Store) Reload() (added, replaced, removed int, err error) {
 		if loaded {
 			continue
 		}
-		if _, err := s.load(k, seen[k].path); err != nil {
+		if _, err := s.load(k, seen[k].path, false); err != nil {
 			s.log.Warn("cannot load image", "path", seen[k].path, "err", err)
 			continue
 		}
@@ -200,35 +223,69 @@ func (s *Store) Reload() (added, replaced, removed int, err error) {
 }
 
 // load opens a file and registers it; an image that is already loaded is
-// returned as is.
-func (s *Store) load(k imageKey, path string) (*Image, error) {
+// returned instead. onDemand marks an image loaded for a request rather
+// than by the scan: it may be unloaded again when idle and the table is
+// full, and it is returned with a client reference taken (under the lock,
+// so that no other load unloads it before its client uses it).
+func (s *Store) load(k imageKey, path string, onDemand bool) (*Image, error) {
 	img, err := openImage(path, k.name, k.rid)
 	if err != nil {
 		return nil, err
 	}
 	img.setCRCList(loadCRCFile(path, img.VirtualSize, s.log))
 	img.loadSidecars(s.log)
+	img.onDemand = onDemand
 	s.mu.Lock()
 	if old, ok := s.images[k]; ok {
+		if onDemand {
+			old.acquire() // registered images hold the store's reference: never fails
+		}
 		s.mu.Unlock()
 		img.unref()
 		return old, nil
 	}
+	var evicted *Image
 	if len(s.images) >= s.opts.MaxImages {
-		s.mu.Unlock()
-		img.unref()
-		return nil, fmt.Errorf("too many images loaded (maxImages=%d)", s.opts.MaxImages)
+		evicted = s.evictLocked()
+		if evicted == nil {
+			s.mu.Unlock()
+			img.unref()
+			return nil, fmt.Errorf("%w (maxImages=%d) and none is idle: raise maxImages or wait for clients to leave", ErrTooManyImages, s.opts.MaxImages)
+		}
 	}
 	s.nextID++
 	img.ID = s.nextID
 	s.images[k] = img
+	if onDemand {
+		img.acquire()
+	}
 	s.mu.Unlock()
+	if evicted != nil {
+		s.log.Info("unloaded idle image to make room (maxImages reached); it loads again on request",
+			"id", evicted.ID, "image", evicted.String())
+		evicted.unref()
+	}
 	s.log.Info("loaded image", "id", img.ID, "image", img.String(), "size", img.VirtualSize,
 		"crc", img.CRCList() != nil, "complete", img.Complete(), "path", path)
 	if s.opts.OnLoad != nil {
 		s.opts.OnLoad(img)
 	}
 	return img, nil
+}
+
+// evictLocked removes the least recently used evictable image from the
+// table and returns it (the caller drops the store's reference), or nil.
+func (s *Store) evictLocked() *Image {
+	var victim *Image
+	for _, img := range s.images {
+		if img.evictable() && (victim == nil || img.atime.Load() < victim.atime.Load()) {
+			victim = img
+		}
+	}
+	if victim != nil {
+		delete(s.images, imageKey{victim.Name, victim.RID})
+	}
+	return victim
 }
 
 // Get returns image name/rid with a client reference taken; rid 0 selects
@@ -245,27 +302,46 @@ func (s *Store) Get(name string, rid uint16) (*Image, error) {
 		}
 	}
 	k := imageKey{name, rid}
-	for range 3 {
-		s.mu.RLock()
-		img := s.images[k]
-		s.mu.RUnlock()
-		if img == nil {
-			path := imageFilePath(s.opts.BasePath, name, rid)
-			st, err := os.Stat(path)
-			if err != nil || !st.Mode().IsRegular() || st.Size() == 0 {
-				return nil, fmt.Errorf("%w: %s:%d", ErrImageNotFound, name, rid)
-			}
-			if img, err = s.load(k, path); err != nil {
-				return nil, err
-			}
-		}
-		if img.acquire() {
-			img.Touch()
-			return img, nil
-		}
-		// replaced or removed concurrently: look again
+	// The reference is taken under the lock: eviction and LRU deletion,
+	// which check for clients under the write lock, then never unload an
+	// image a client is about to use. (A registered image holds the
+	// store's reference, so acquire cannot fail here.)
+	s.mu.RLock()
+	img := s.images[k]
+	if img != nil && !img.acquire() {
+		img = nil
 	}
-	return nil, fmt.Errorf("%w: %s:%d (changing)", ErrImageNotFound, name, rid)
+	s.mu.RUnlock()
+	if img == nil {
+		path, err := s.onDemandPath(name, rid)
+		if err != nil {
+			return nil, fmt.Errorf("%w: %s:%d: %w", ErrImageNotFound, name, rid, err)
+		}
+		if img, err = s.load(k, path, true); err != nil {
+			return nil, err
+		}
+	}
+	img.Touch()
+	return img, nil
+}
+
+// onDemandPath returns the file of image name/rid if the scan would have
+// loaded it: a name the scan derives from that file (no hidden or overlong
+// component), no symlinked directory on the way, a non-empty regular file
+// or a symlink to one inside basePath (basepath.go).
+func (s *Store) onDemandPath(name string, rid uint16) (string, error) {
+	rel := name + ".r" + strconv.Itoa(int(rid))
+	if n, r, ok, why := ParseImageFileName(rel, false); !ok || n != name || r != rid {
+		return "", fmt.Errorf("file %s would not be loaded by the scan (%s)", rel, why)
+	}
+	if err := checkDirs(s.opts.BasePath, rel); err != nil {
+		return "", err
+	}
+	path := imageFilePath(s.opts.BasePath, name, rid)
+	if _, err := servableFile(s.opts.BasePath, path); err != nil {
+		return "", err
+	}
+	return path, nil
 }
 
 // imageFilePath returns the file of image name/rid below basePath.
@@ -286,6 +362,9 @@ func (s *Store) latestRID(name string) uint16 {
 		}
 	}
 	s.mu.RUnlock()
+	if checkDirs(s.opts.BasePath, name) != nil {
+		return best
+	}
 	dir := filepath.Join(s.opts.BasePath, filepath.Dir(filepath.FromSlash(name)))
 	base := filepath.Base(name) + ".r"
 	for _, entry := range s.dirEntries(dir) {
@@ -297,7 +376,7 @@ func (s *Store) latestRID(name string) uint16 {
 		if err != nil || rid == 0 || strings.ContainsAny(n, "+-") || uint16(rid) <= best {
 			continue
 		}
-		if st, err := os.Stat(filepath.Join(dir, entry)); err == nil && st.Mode().IsRegular() && st.Size() > 0 {
+		if _, err := servableFile(s.opts.BasePath, filepath.Join(dir, entry)); err == nil {
 			best = uint16(rid)
 		}
 	}
