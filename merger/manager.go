@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"maps"
 	"os"
+	"path"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -304,14 +305,23 @@ func (m *Manager) destPath(name string, rev int) string {
 	return filepath.Join(m.cfg.DestinationDirectory, name+".r"+strconv.Itoa(rev))
 }
 
+// validImageName reports whether name may name a session's image: it must
+// satisfy protocol.ValidImageName and be canonical (path.Clean leaves it
+// unchanged: no "a//b"), so that two spellings never stand for one image
+// file - neither here (where they would count as different images) nor in
+// dnbd3-server, which refuses such names.
+func validImageName(name string) bool {
+	return protocol.ValidImageName(name) && path.Clean(name) == name
+}
+
 // Create starts a session for revision revision of imageName. The name
-// must satisfy protocol.ValidImageName (ErrInvalidName), bitfieldSize
+// must satisfy validImageName (ErrInvalidName), bitfieldSize
 // must be BitfieldSize and the revision in [1, 65534] (ErrBadRequest),
 // and <OriginalImageDirectory>/<imageName>.r<revision> must be a regular
 // file (ErrImageNotFound). The original is not copied: the merge reads it.
 func (m *Manager) Create(imageName string, revision, bitfieldSize int) (SessionInfo, error) {
-	if !protocol.ValidImageName(imageName) {
-		return SessionInfo{}, fmt.Errorf("%w %q: names must not be empty, start with '/' or '.', end with '/' or contain \"/.\"", ErrInvalidName, imageName)
+	if !validImageName(imageName) {
+		return SessionInfo{}, fmt.Errorf("%w %q: names must not be empty, start with '/' or '.', end with '/', contain \"/.\" or \"//\"", ErrInvalidName, imageName)
 	}
 	if bitfieldSize != BitfieldSize {
 		return SessionInfo{}, fmt.Errorf("%w: bitfieldSize %d, the merger only supports %d (bytes per 1.25 MiB cluster)", ErrBadRequest, bitfieldSize, BitfieldSize)

@@ -52,10 +52,12 @@ func TestValidation(t *testing.T) {
 	original := randBytes(rng, 2*ClusterSize+10)
 	e.original("good", 1, original)
 	e.original("x", 1, original)
+	e.original("pool/img", 1, original)
 	os.MkdirAll(filepath.Join(e.orig, "dir.r1"), 0o755)
 	m := e.manager(nil)
 
-	for _, name := range []string{"../x", "/abs", "a/../b", ".hidden", "a/.b", "a/./b", "", "trailing/", "nul\x00x"} {
+	for _, name := range []string{"../x", "/abs", "a/../b", ".hidden", "a/.b", "a/./b", "", "trailing/", "nul\x00x",
+		"pool//img", "pool///img", "./good", "a//b/c", "good//"} {
 		if _, err := m.Create(name, 1, BitfieldSize); !errors.Is(err, ErrInvalidName) {
 			t.Errorf("Create(%q): %v, want ErrInvalidName", name, err)
 		}
