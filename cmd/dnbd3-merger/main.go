@@ -146,19 +146,11 @@ func serve(ctx context.Context, cfg config, log *slog.Logger, e env) int {
 		"workingDirectory", cfg.workingDir, "originalImageDirectory", cfg.originalDir,
 		"destinationDirectory", cfg.destinationDir)
 
+	warnExposed(log, cfg.urls, token)
 	lns, err := listenAll(ctx, cfg.urls, log)
 	if err != nil {
 		log.Error("cannot start", "err", err)
 		return exitError
-	}
-	if token == "" {
-		for _, l := range lns {
-			if !l.url.isLoopback() {
-				log.Warn("no --token-file: anyone who can reach this address can create sessions, upload and merge",
-					"url", l.url.raw)
-				break
-			}
-		}
 	}
 	svc, err := e.open(ctx, merger.Config{
 		WorkingDirectory:       cfg.workingDir,
@@ -227,6 +219,26 @@ func serve(ctx context.Context, cfg config, log *slog.Logger, e env) int {
 	}
 	log.Info("stopped")
 	return code
+}
+
+// warnExposed warns about listen URLs reachable from other hosts that
+// are not protected: without a token anyone may use the service, and with
+// a token on plain http the token crosses the network in clear text.
+func warnExposed(log *slog.Logger, urls []listenURL, token string) {
+	for _, u := range urls {
+		if u.isLoopback() {
+			continue
+		}
+		if token == "" {
+			log.Warn("no --token-file: anyone who can reach this address can create sessions, upload and merge",
+				"url", u.raw)
+			return
+		}
+		if !u.tls() {
+			log.Warn("the bearer token crosses the network in clear text on this plain http address: anyone who can watch the traffic can use it; "+
+				"listen on https:// (--tls-cert, --tls-key), or on loopback behind a TLS proxy", "url", u.raw)
+		}
+	}
 }
 
 // loadToken reads the bearer token file, if any, warning if every user

@@ -296,6 +296,39 @@ func TestRunNoTokenWarning(t *testing.T) {
 	}
 }
 
+// TestRunTokenOverPlainHTTPWarning checks the warning at start when a
+// token would cross the network in clear text. The non-loopback address
+// is from TEST-NET-1 (192.0.2.0/24), which no interface has: nothing is
+// bound, the listen fails after the warning (exit 1).
+func TestRunTokenOverPlainHTTPWarning(t *testing.T) {
+	root, args := dirs(t)
+	tokenFile := filepath.Join(root, "token")
+	if err := os.WriteFile(tokenFile, []byte("tok"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cert, key, _ := selfSigned(t, root)
+	args = append(args, "--token-file", tokenFile, "--tls-cert", cert, "--tls-key", key)
+	const warning = "clear text"
+	for _, c := range []struct {
+		listen string
+		warn   bool
+	}{
+		{"http://192.0.2.1:5000", true},
+		{"https://127.0.0.1:0;http://[2001:db8::1]:5000", true},
+		{"https://192.0.2.1:5443", false},
+		{"http://127.0.0.1:0;http://localhost:0", false},
+	} {
+		var out syncBuffer
+		ctx, cancel := context.WithCancel(context.Background())
+		ready := func([]net.Addr) { cancel() } // stop at once if it starts
+		code := run(ctx, append(args, "--listen", c.listen), env{stdout: &out, stderr: &out, open: newFakeEngine().open, ready: ready})
+		cancel()
+		if got := strings.Contains(out.String(), warning); got != c.warn {
+			t.Errorf("--listen %s (exit %d): clear-text warning %v, want %v:\n%s", c.listen, code, got, c.warn, out.String())
+		}
+	}
+}
+
 func TestRunExitCodes(t *testing.T) {
 	root, args := dirs(t)
 	bad := filepath.Join(root, "bad.json")

@@ -26,14 +26,18 @@ type handler struct {
 	log    *slog.Logger
 	auth   *bearerAuth // nil without a token
 	routes map[string]route
+	// throttle limits the lines about refused requests (see
+	// logthrottle.go).
+	throttle *logThrottle
 }
 
 // New returns the HTTP API of both generations for svc.
 func New(svc merger.Service, opts Options) http.Handler {
 	h := &handler{
-		svc:  svc,
-		log:  opts.Logger,
-		auth: newBearerAuth(opts.Token),
+		svc:      svc,
+		log:      opts.Logger,
+		auth:     newBearerAuth(opts.Token),
+		throttle: newLogThrottle(time.Now),
 	}
 	if h.log == nil {
 		h.log = slog.Default()
@@ -61,8 +65,11 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		h.log.Debug("request", "method", r.Method, "path", r.URL.Path, "query", r.URL.RawQuery,
 			"status", rec.status(), "bytes", rec.written, "duration", time.Since(start), "remote", r.RemoteAddr)
 	}()
-	if h.auth != nil && !h.auth.check(rec, r, h.log) {
-		return
+	if h.auth != nil {
+		if ok, reason := h.auth.check(rec, r); !ok {
+			h.logThrottled(r, slog.LevelWarn, "request rejected", "reason", reason)
+			return
+		}
 	}
 	rt, ok := h.lookup(r.URL.Path)
 	switch {
@@ -77,4 +84,19 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if err := rt.action(h, rt.gen, rec, r); err != nil {
 		h.writeError(rec, r, err)
 	}
+}
+
+// logThrottled logs a line about a refused request, at most one per
+// source address and message per minute (see logthrottle.go); the line
+// that gets through says how many were suppressed before it.
+func (h *handler) logThrottled(r *http.Request, level slog.Level, msg string, args ...any) {
+	ok, suppressed := h.throttle.allow(msg, r.RemoteAddr)
+	if !ok {
+		return
+	}
+	args = append(args, "method", r.Method, "path", r.URL.Path, "remote", r.RemoteAddr)
+	if suppressed > 0 {
+		args = append(args, "suppressed", suppressed)
+	}
+	h.log.Log(r.Context(), level, msg, args...)
 }
