@@ -61,6 +61,15 @@ func (f *fakeEngine) Create(name string, rev, _ int) (merger.SessionInfo, error)
 	return *f.sessions[id], nil
 }
 
+func (f *fakeEngine) CanUpload(id string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, ok := f.sessions[id]; !ok {
+		return merger.ErrSessionNotFound
+	}
+	return nil
+}
+
 func (f *fakeEngine) Update(id string, u merger.Update) error {
 	if u.Cluster == f.blockCluster {
 		f.entered <- struct{}{}
