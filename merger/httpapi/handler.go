@@ -18,6 +18,17 @@ type Options struct {
 	// Logger receives a Debug line per request and the errors;
 	// nil means slog.Default().
 	Logger *slog.Logger
+	// MaxUploads bounds the uploads received and stored at once, each
+	// holding a 1.3 MB buffer; more wait up to 10 s for a slot, then get
+	// 503 with Retry-After (see uploads.go). 0 means DefaultMaxUploads.
+	MaxUploads int
+	// MaxUploadsPerClient bounds the uploads (waiting ones included)
+	// from one client address; more get 503 with Retry-After at once.
+	// 0 means DefaultMaxUploadsPerClient.
+	MaxUploadsPerClient int
+	// UploadTimeout is how long an admitted upload's body may take to
+	// arrive; 0 means DefaultUploadTimeout.
+	UploadTimeout time.Duration
 }
 
 // handler is the http.Handler New returns.
@@ -29,6 +40,9 @@ type handler struct {
 	// throttle limits the lines about refused requests (see
 	// logthrottle.go).
 	throttle *logThrottle
+	// uploads admits uploads (see uploads.go).
+	uploads       *uploadLimiter
+	uploadTimeout time.Duration
 }
 
 // New returns the HTTP API of both generations for svc.
@@ -41,6 +55,18 @@ func New(svc merger.Service, opts Options) http.Handler {
 	}
 	if h.log == nil {
 		h.log = slog.Default()
+	}
+	maxUploads, perClient := opts.MaxUploads, opts.MaxUploadsPerClient
+	if maxUploads <= 0 {
+		maxUploads = DefaultMaxUploads
+	}
+	if perClient <= 0 {
+		perClient = DefaultMaxUploadsPerClient
+	}
+	h.uploads = newUploadLimiter(maxUploads, min(perClient, maxUploads), uploadWait)
+	h.uploadTimeout = opts.UploadTimeout
+	if h.uploadTimeout <= 0 {
+		h.uploadTimeout = DefaultUploadTimeout
 	}
 	h.routes = buildRoutes(v1API, seedAPI)
 	return h
