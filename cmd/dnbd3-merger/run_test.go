@@ -199,7 +199,9 @@ func TestRunServesAndStopsCleanly(t *testing.T) {
 	eng := newFakeEngine()
 	eng.blockCluster = 9
 	args = append(args, "--listen", "http://127.0.0.1:0", "--token-file", tokenFile, "--log-level", "debug",
-		"--retention", "2d", "--abandon-after", "90m", "--max-merges", "3", "--min-free-space", "2G")
+		"--retention", "2d", "--abandon-after", "90m", "--max-merges", "3", "--min-free-space", "2G",
+		"--max-sessions", "7", "--max-sessions-per-image", "3", "--max-open-sessions", "9", "--session-quota", "3G",
+		"--abandon-empty-after", "20m")
 	s := startRun(t, context.Background(), args, eng.open)
 
 	// The engine got the configuration.
@@ -208,7 +210,8 @@ func TestRunServesAndStopsCleanly(t *testing.T) {
 	eng.mu.Unlock()
 	want := merger.Config{WorkingDirectory: filepath.Join(root, "work"), OriginalImageDirectory: filepath.Join(root, "orig"),
 		DestinationDirectory: filepath.Join(root, "dest"), Retention: 48 * time.Hour, AbandonAfter: 90 * time.Minute,
-		MaxConcurrentMerges: 3, MinFreeSpace: 2 << 30}
+		MaxConcurrentMerges: 3, MinFreeSpace: 2 << 30, MaxSessions: 7, MaxSessionsPerImage: 3, MaxOpenSessions: 9,
+		SessionQuota: 3 << 30, AbandonEmptyAfter: 20 * time.Minute}
 	if cfg.Logger == nil {
 		t.Error("no logger given to the engine")
 	}
