@@ -103,3 +103,13 @@ func (c *slotConn) Close() error {
 	c.release()
 	return err
 }
+
+// CloseWrite half-closes the connection if the underlying one can (a
+// TCP connection): net/http uses it to let a client read a reply to a
+// request whose body was not read, instead of resetting the connection.
+func (c *slotConn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return nil
+}

@@ -183,3 +183,44 @@ func FuzzLimitSettings(f *testing.F) {
 		}
 	})
 }
+
+// TestSlotConnCloseWrite: a connection behind the limit still half-
+// closes. net/http half-closes and drains a connection whose request
+// body it did not read (an upload refused from its headers) so that the
+// client gets the reply instead of a reset; the wrapper must pass
+// CloseWrite through.
+func TestSlotConnCloseWrite(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ll := &limitedListener{Listener: ln, slots: newConnSlots(1), plain: true}
+	defer ll.Close()
+	client, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	srv, err := ll.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	cw, ok := srv.(interface{ CloseWrite() error })
+	if !ok {
+		t.Fatal("the accepted connection has no CloseWrite")
+	}
+	if err := cw.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	client.SetDeadline(time.Now().Add(5 * time.Second))
+	if n, err := client.Read(make([]byte, 1)); n != 0 || err != io.EOF {
+		t.Fatalf("client read after CloseWrite: %d %v, want EOF", n, err)
+	}
+	// Still open the other way.
+	io.WriteString(client, "x")
+	srv.SetDeadline(time.Now().Add(5 * time.Second))
+	if n, err := srv.Read(make([]byte, 1)); n != 1 || err != nil {
+		t.Fatalf("server read after its CloseWrite: %d %v", n, err)
+	}
+}
