@@ -52,7 +52,7 @@ var limitDefs = []limitDef{
 		"uploads received at once, each holding a 1.3 MB buffer (more wait up to 10 s, then 503 + Retry-After)",
 		func(l *limits, s string) (err error) { l.maxUploads, err = parseCount(s); return }},
 	{"max-uploads-per-client", "MaxUploadsPerClient", strconv.Itoa(httpapi.DefaultMaxUploadsPerClient),
-		"uploads at once from one client address (more get 503 + Retry-After)",
+		"uploads at once from one client address (more get 503 + Retry-After); behind a reverse proxy all clients share its address",
 		func(l *limits, s string) (err error) { l.maxUploadsPerClient, err = parseCount(s); return }},
 	{"upload-timeout", "UploadTimeout", "1m",
 		"how long the body of one upload may take to arrive",
