@@ -1,6 +1,7 @@
 package merger
 
 import (
+	"container/list"
 	"context"
 	"errors"
 	"fmt"
@@ -8,6 +9,7 @@ import (
 	"log/slog"
 	"maps"
 	"os"
+	"path"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -28,6 +30,18 @@ const (
 	// DefaultMinFreeSpace is the value a command should give MinFreeSpace
 	// unless told otherwise (in Config, 0 disables the check).
 	DefaultMinFreeSpace int64 = 1 << 30
+	// DefaultMaxSessions is the default of Config.MaxSessions.
+	DefaultMaxSessions = 1000
+	// DefaultMaxSessionsPerImage is the default of
+	// Config.MaxSessionsPerImage.
+	DefaultMaxSessionsPerImage = 50
+	// DefaultMaxOpenSessions is the default of Config.MaxOpenSessions.
+	DefaultMaxOpenSessions = 64
+	// DefaultAbandonEmptyAfter is the default of Config.AbandonEmptyAfter.
+	DefaultAbandonEmptyAfter = time.Hour
+	// MinAutoQuota is the smallest automatic session quota (see
+	// Config.SessionQuota).
+	MinAutoQuota int64 = 1 << 30
 )
 
 // MaxImageSize is the largest newFileSize a merge accepts: the COW
@@ -40,6 +54,8 @@ const (
 	busyRetryAfter     = 30 * time.Second
 	diskRetryAfter     = 60 * time.Second
 	shutdownRetryAfter = 10 * time.Second
+	filesRetryAfter    = 10 * time.Second
+	sessionsRetryAfter = 60 * time.Second
 )
 
 // Config configures a Manager.
@@ -73,6 +89,31 @@ type Config struct {
 	// 0 disables the check; commands should default to
 	// DefaultMinFreeSpace.
 	MinFreeSpace int64
+	// MaxSessions bounds the sessions kept, in any state (finished ones
+	// count until Retention deletes them); Create beyond it gets a
+	// *BackPressureError. Default DefaultMaxSessions.
+	MaxSessions int
+	// MaxSessionsPerImage bounds the sessions of one image name (all
+	// revisions, any state), the same way. Default
+	// DefaultMaxSessionsPerImage.
+	MaxSessionsPerImage int
+	// MaxOpenSessions bounds the sessions whose uploads (two files,
+	// two descriptors) are open at once; the least recently used idle
+	// ones are closed to make room, and when every open one is busy an
+	// upload gets a *BackPressureError. Sessions being merged may exceed
+	// it (MaxConcurrentMerges bounds them). Default
+	// DefaultMaxOpenSessions.
+	MaxOpenSessions int
+	// SessionQuota bounds the uploads one session may hold, in bytes:
+	// at most SessionQuota/ClusterSize (rounded up) distinct clusters,
+	// each taking at most ClusterSize on disk (re-uploads replace). 0
+	// means automatic: twice the size of the session's original image,
+	// at least MinAutoQuota.
+	SessionQuota int64
+	// AbandonEmptyAfter is how long an Active session that never
+	// received an upload is kept (default DefaultAbandonEmptyAfter, at
+	// most AbandonAfter).
+	AbandonEmptyAfter time.Duration
 	// CopyMethod selects how a merge copies the original (default
 	// CopyAuto: reflink, else copy_file_range, else read/write).
 	CopyMethod CopyMethod
@@ -98,8 +139,19 @@ type Manager struct {
 
 	mu       sync.Mutex
 	sessions map[string]*session
+	images   map[string]int // sessions (and creates in progress) by image name
+	creating int            // creates in progress, not yet in sessions
 	started  bool
 	closed   bool
+
+	// Open stores, least recently used at the back (see openstores.go).
+	openMu    sync.Mutex
+	openLRU   list.List // of *session
+	openCount int       // stores open or being opened
+
+	// mergeRetry is how long a merge that ran out of file descriptors
+	// pauses before it is tried again.
+	mergeRetry time.Duration
 
 	// Test seams.
 	now  func() time.Time
@@ -140,11 +192,27 @@ func NewManager(cfg Config) (*Manager, error) {
 	if cfg.AbandonAfter <= 0 {
 		cfg.AbandonAfter = DefaultAbandonAfter
 	}
+	if cfg.AbandonEmptyAfter <= 0 {
+		cfg.AbandonEmptyAfter = DefaultAbandonEmptyAfter
+	}
+	cfg.AbandonEmptyAfter = min(cfg.AbandonEmptyAfter, cfg.AbandonAfter)
 	if cfg.SweepInterval <= 0 {
-		cfg.SweepInterval = min(max(min(cfg.Retention, cfg.AbandonAfter)/10, time.Second), 10*time.Minute)
+		cfg.SweepInterval = min(max(min(cfg.Retention, cfg.AbandonEmptyAfter)/10, time.Second), 10*time.Minute)
 	}
 	if cfg.MaxConcurrentMerges <= 0 {
 		cfg.MaxConcurrentMerges = DefaultMaxConcurrentMerges
+	}
+	if cfg.MaxSessions <= 0 {
+		cfg.MaxSessions = DefaultMaxSessions
+	}
+	if cfg.MaxSessionsPerImage <= 0 {
+		cfg.MaxSessionsPerImage = DefaultMaxSessionsPerImage
+	}
+	if cfg.MaxOpenSessions <= 0 {
+		cfg.MaxOpenSessions = DefaultMaxOpenSessions
+	}
+	if cfg.SessionQuota < 0 {
+		return nil, fmt.Errorf("merger: negative SessionQuota %d (0 is automatic)", cfg.SessionQuota)
 	}
 	if !cfg.CopyMethod.valid() {
 		return nil, fmt.Errorf("merger: unknown copy method %q (use %q, %q, %q or empty for automatic)", cfg.CopyMethod, CopyClone, CopyRange, CopyStream)
@@ -166,6 +234,8 @@ func NewManager(cfg Config) (*Manager, error) {
 		cancel:     cancel,
 		mergeSlots: make(chan struct{}, cfg.MaxConcurrentMerges),
 		sessions:   make(map[string]*session),
+		images:     make(map[string]int),
+		mergeRetry: 30 * time.Second,
 		now:        time.Now,
 	}
 	if err := m.loadSessions(); err != nil {
@@ -243,10 +313,7 @@ func (m *Manager) Close() error {
 	var errs []error
 	for _, s := range all {
 		s.mu.Lock()
-		if s.st != nil {
-			errs = append(errs, s.st.close())
-			s.st = nil
-		}
+		errs = append(errs, m.closeStoreLocked(s))
 		s.mu.Unlock()
 	}
 	errs = append(errs, m.lock.Close()) // releases the flock
@@ -304,14 +371,23 @@ func (m *Manager) destPath(name string, rev int) string {
 	return filepath.Join(m.cfg.DestinationDirectory, name+".r"+strconv.Itoa(rev))
 }
 
+// validImageName reports whether name may name a session's image: it must
+// satisfy protocol.ValidImageName and be canonical (path.Clean leaves it
+// unchanged: no "a//b"), so that two spellings never stand for one image
+// file - neither here (where they would count as different images) nor in
+// dnbd3-server, which refuses such names.
+func validImageName(name string) bool {
+	return protocol.ValidImageName(name) && path.Clean(name) == name
+}
+
 // Create starts a session for revision revision of imageName. The name
-// must satisfy protocol.ValidImageName (ErrInvalidName), bitfieldSize
+// must satisfy validImageName (ErrInvalidName), bitfieldSize
 // must be BitfieldSize and the revision in [1, 65534] (ErrBadRequest),
 // and <OriginalImageDirectory>/<imageName>.r<revision> must be a regular
 // file (ErrImageNotFound). The original is not copied: the merge reads it.
 func (m *Manager) Create(imageName string, revision, bitfieldSize int) (SessionInfo, error) {
-	if !protocol.ValidImageName(imageName) {
-		return SessionInfo{}, fmt.Errorf("%w %q: names must not be empty, start with '/' or '.', end with '/' or contain \"/.\"", ErrInvalidName, imageName)
+	if !validImageName(imageName) {
+		return SessionInfo{}, fmt.Errorf("%w %q: names must not be empty, start with '/' or '.', end with '/', contain \"/.\" or \"//\"", ErrInvalidName, imageName)
 	}
 	if bitfieldSize != BitfieldSize {
 		return SessionInfo{}, fmt.Errorf("%w: bitfieldSize %d, the merger only supports %d (bytes per 1.25 MiB cluster)", ErrBadRequest, bitfieldSize, BitfieldSize)
@@ -329,11 +405,12 @@ func (m *Manager) Create(imageName string, revision, bitfieldSize int) (SessionI
 	case !st.Mode().IsRegular():
 		return SessionInfo{}, fmt.Errorf("%w: %s is not a regular file", ErrImageNotFound, src)
 	}
-	m.mu.Lock()
-	closed := m.closed
-	m.mu.Unlock()
-	if closed {
-		return SessionInfo{}, errShuttingDown()
+	if err := m.reserveSession(imageName); err != nil {
+		return SessionInfo{}, err
+	}
+	if err := m.checkSpace(m.cfg.WorkingDirectory, 0, "a new session"); err != nil {
+		m.unreserveSession(imageName)
+		return SessionInfo{}, err
 	}
 
 	id := newUUID()
@@ -345,27 +422,30 @@ func (m *Manager) Create(imageName string, revision, bitfieldSize int) (SessionI
 			UUID:             id,
 			ImageName:        imageName,
 			OriginalRevision: revision,
+			OriginalSize:     st.Size(),
 			NewRevision:      -1,
 			BitfieldSize:     bitfieldSize,
 			State:            StateActive,
 			Created:          now,
 		},
 		lastUpload: now,
+		counted:    true, // no clusters yet
 	}
 	if err := m.createSessionFiles(s, now); err != nil {
-		os.RemoveAll(s.dir)
+		removeCreated(s.dir)
+		m.unreserveSession(imageName)
+		if bp := resourceError(err, "creating a session"); bp != nil {
+			m.log.Warn("cannot create a session", "image", imageName, "revision", revision, "err", err)
+			return SessionInfo{}, bp
+		}
 		return SessionInfo{}, fmt.Errorf("merger: create session directory in %s: %w", m.cfg.WorkingDirectory, err)
 	}
-	st2, err := openStore(s.dir, m.log)
-	if err != nil {
-		os.RemoveAll(s.dir)
-		return SessionInfo{}, fmt.Errorf("merger: open new session: %w", err)
-	}
-	s.st = st2
 	m.mu.Lock()
+	m.creating--
 	if m.closed {
+		m.images[imageName]--
 		m.mu.Unlock()
-		st2.close()
+		removeCreated(s.dir)
 		return SessionInfo{}, errShuttingDown()
 	}
 	m.sessions[id] = s
@@ -376,9 +456,51 @@ func (m *Manager) Create(imageName string, revision, bitfieldSize int) (SessionI
 	return s.info(), nil
 }
 
+// reserveSession counts a session of image that is being created against
+// MaxSessions and MaxSessionsPerImage, or returns a *BackPressureError.
+// unreserveSession undoes it if the create fails.
+func (m *Manager) reserveSession(image string) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	switch {
+	case m.closed:
+		return errShuttingDown()
+	case len(m.sessions)+m.creating >= m.cfg.MaxSessions:
+		return &BackPressureError{RetryAfter: sessionsRetryAfter, Reason: fmt.Sprintf(
+			"the merger holds %d sessions, its maximum (finished ones count until their retention ends)", m.cfg.MaxSessions)}
+	case m.images[imageKey(image)] >= m.cfg.MaxSessionsPerImage:
+		return &BackPressureError{RetryAfter: sessionsRetryAfter, Reason: fmt.Sprintf(
+			"the merger holds %d sessions of %s, the maximum per image (finished ones count until their retention ends)", m.cfg.MaxSessionsPerImage, image)}
+	}
+	m.creating++
+	m.images[imageKey(image)]++
+	return nil
+}
+
+func (m *Manager) unreserveSession(image string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.creating--
+	m.forgetImageLocked(image)
+}
+
+// forgetImageLocked takes one session of image off the count (m.mu held).
+func (m *Manager) forgetImageLocked(image string) {
+	k := imageKey(image)
+	if m.images[k]--; m.images[k] <= 0 {
+		delete(m.images, k)
+	}
+}
+
+// imageKey is the key of an image name in Manager.images: the canonical
+// spelling, so that sessions created before names had to be canonical
+// count with their image.
+func imageKey(name string) string { return path.Clean(name) }
+
 // createSessionFiles creates a new session's directory: the empty store
 // first, session.json last (so a directory with a session.json always
-// has its store), then syncs the working directory.
+// has its store), then syncs the working directory. It leaves every
+// file closed.
 func (m *Manager) createSessionFiles(s *session, now time.Time) error {
 	if err := os.Mkdir(s.dir, 0o755); err != nil {
 		return err
@@ -392,20 +514,29 @@ func (m *Manager) createSessionFiles(s *session, now time.Time) error {
 	return fsutil.SyncDir(m.cfg.WorkingDirectory)
 }
 
-// openStoreLocked opens s's store if it is not open (with s.mu held).
-func (m *Manager) openStoreLocked(s *session) (*store, error) {
-	if s.st != nil {
-		return s.st, nil
+// removeCreated deletes what createSessionFiles made, session.json first
+// (a directory without it is removed at the next start, see
+// loadSessions). It removes each file by name, which needs no file
+// descriptor: a create that failed because the process ran out of them
+// still leaves nothing behind.
+func removeCreated(dir string) {
+	for _, name := range []string{sessionFileName, sessionFileName + ".tmp", journalFileName, dataFileName} {
+		os.Remove(filepath.Join(dir, name))
 	}
-	if s.meta.State == StateDone {
-		return nil, fmt.Errorf("session %s is merged; its uploads were deleted", s.meta.UUID)
+	os.Remove(dir)
+}
+
+// resourceError returns a *BackPressureError if err means the process
+// ran out of file descriptors or the disk is full (conditions that pass),
+// else nil.
+func resourceError(err error, what string) error {
+	switch {
+	case errors.Is(err, syscall.EMFILE), errors.Is(err, syscall.ENFILE):
+		return &BackPressureError{RetryAfter: filesRetryAfter, Reason: what + ": the merger has too many files open (" + err.Error() + ")"}
+	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
+		return &BackPressureError{RetryAfter: diskRetryAfter, Reason: what + ": no space left (" + err.Error() + ")"}
 	}
-	st, err := openStore(s.dir, m.log.With("session", s.meta.UUID))
-	if err != nil {
-		return nil, fmt.Errorf("merger: load session %s: %w", s.meta.UUID, err)
-	}
-	s.st = st
-	return st, nil
+	return nil
 }
 
 // validateUpdate checks an upload's cluster index and body length.
@@ -427,13 +558,39 @@ func validateUpdate(u *Update) error {
 	return nil
 }
 
+// acceptsUploadsLocked checks, with s.mu held, that s takes uploads.
+func (s *session) acceptsUploadsLocked() error {
+	if err := s.usableLocked(); err != nil {
+		return err
+	}
+	if s.meta.State != StateActive {
+		return fmt.Errorf("%w: session %s is %s", ErrSessionClosed, s.meta.UUID, s.meta.State)
+	}
+	return nil
+}
+
+// CanUpload reports whether the session exists and accepts uploads, so
+// that the HTTP layer refuses an upload before it reads (and buffers) its
+// body. It opens nothing.
+func (m *Manager) CanUpload(id string) error {
+	s, err := m.lookup(id)
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.acceptsUploadsLocked()
+}
+
 // Update stores one uploaded cluster durably, replacing the cluster's
 // previous upload: when it returns nil, the blocks and the journal record
 // pointing at them are synced to disk. Errors: ErrSessionNotFound,
 // ErrBadRequest (cluster index out of range, body length not 4096 x
 // popcount(bitfield), or not ClusterSize with Full), ErrSessionClosed
-// (the session is merging or finished), *BackPressureError (disk nearly
-// full, or shutting down); anything else is an I/O error on the server.
+// (the session is merging or finished), ErrQuotaExceeded (a new cluster
+// beyond the session's quota), *BackPressureError (disk nearly full, out
+// of file descriptors, every open session busy, or shutting down);
+// anything else is an I/O error on the server. It does not keep u.Blocks.
 func (m *Manager) Update(id string, u Update) error {
 	s, err := m.lookup(id)
 	if err != nil {
@@ -445,16 +602,11 @@ func (m *Manager) Update(id string, u Update) error {
 	s.uploadMu.RLock()
 	defer s.uploadMu.RUnlock()
 	s.mu.Lock()
-	if err := s.usableLocked(); err != nil {
+	if err := s.acceptsUploadsLocked(); err != nil {
 		s.mu.Unlock()
 		return err
 	}
-	if s.meta.State != StateActive {
-		state := s.meta.State
-		s.mu.Unlock()
-		return fmt.Errorf("%w: session %s is %s", ErrSessionClosed, id, state)
-	}
-	st, err := m.openStoreLocked(s)
+	st, err := m.openStoreLocked(s, false)
 	s.mu.Unlock()
 	if err != nil {
 		return err
@@ -466,11 +618,15 @@ func (m *Manager) Update(id string, u Update) error {
 		if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
 			return &BackPressureError{RetryAfter: diskRetryAfter, Reason: fmt.Sprintf("no space left for uploads in %s", m.cfg.WorkingDirectory)}
 		}
+		if errors.Is(err, ErrQuotaExceeded) {
+			return err
+		}
 		m.log.Error("upload failed", "session", id, "cluster", u.Cluster, "err", err)
 		return fmt.Errorf("merger: store cluster %d of session %s: %w", u.Cluster, id, err)
 	}
 	s.mu.Lock()
 	s.lastUpload = m.now()
+	s.uploaded = true
 	s.mu.Unlock()
 	return nil
 }
@@ -506,8 +662,8 @@ func (m *Manager) Status(id string) (SessionInfo, error) {
 	if s.deleted {
 		return SessionInfo{}, s.usableLocked()
 	}
-	if s.meta.State == StateActive && s.st == nil && !s.closed {
-		if _, err := m.openStoreLocked(s); err != nil {
+	if s.meta.State == StateActive && s.st == nil && !s.counted && !s.closed {
+		if _, err := m.openStoreLocked(s, false); err != nil {
 			m.log.Warn("status: cannot load the session's uploads", "session", id, "err", err)
 		}
 	}
@@ -534,7 +690,7 @@ func (m *Manager) TopModified(id string, n int) ([]ClusterCount, error) {
 	if s.meta.State == StateDone {
 		return nil, nil
 	}
-	st, err := m.openStoreLocked(s)
+	st, err := m.openStoreLocked(s, false)
 	if err != nil {
 		return nil, err
 	}

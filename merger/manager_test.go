@@ -41,7 +41,9 @@ func TestNewManagerConfig(t *testing.T) {
 	}
 	defer m.Close()
 	if m.cfg.Retention != DefaultRetention || m.cfg.AbandonAfter != DefaultAbandonAfter ||
-		m.cfg.MaxConcurrentMerges != DefaultMaxConcurrentMerges || m.cfg.SweepInterval != 10*time.Minute {
+		m.cfg.MaxConcurrentMerges != DefaultMaxConcurrentMerges || m.cfg.SweepInterval != 6*time.Minute ||
+		m.cfg.AbandonEmptyAfter != DefaultAbandonEmptyAfter || m.cfg.MaxSessions != DefaultMaxSessions ||
+		m.cfg.MaxSessionsPerImage != DefaultMaxSessionsPerImage || m.cfg.MaxOpenSessions != DefaultMaxOpenSessions {
 		t.Fatalf("defaults: %+v", m.cfg)
 	}
 }
@@ -52,10 +54,12 @@ func TestValidation(t *testing.T) {
 	original := randBytes(rng, 2*ClusterSize+10)
 	e.original("good", 1, original)
 	e.original("x", 1, original)
+	e.original("pool/img", 1, original)
 	os.MkdirAll(filepath.Join(e.orig, "dir.r1"), 0o755)
 	m := e.manager(nil)
 
-	for _, name := range []string{"../x", "/abs", "a/../b", ".hidden", "a/.b", "a/./b", "", "trailing/", "nul\x00x"} {
+	for _, name := range []string{"../x", "/abs", "a/../b", ".hidden", "a/.b", "a/./b", "", "trailing/", "nul\x00x",
+		"pool//img", "pool///img", "./good", "a//b/c", "good//"} {
 		if _, err := m.Create(name, 1, BitfieldSize); !errors.Is(err, ErrInvalidName) {
 			t.Errorf("Create(%q): %v, want ErrInvalidName", name, err)
 		}
@@ -226,11 +230,19 @@ func TestBackPressureDiskSpace(t *testing.T) {
 	rng := rand.New(rand.NewPCG(45, 46))
 	e.original("full", 1, randBytes(rng, ClusterSize))
 	m := e.manager(nil)
+	var bp *BackPressureError
+	if _, err := m.Create("full", 1, BitfieldSize); !errors.As(err, &bp) || !strings.Contains(bp.Reason, "free") {
+		t.Fatalf("create on a full disk: %v", err)
+	}
+	if entries, _ := os.ReadDir(e.work); len(entries) != 1 {
+		t.Fatalf("the refused create left %d entries", len(entries)-1)
+	}
+	m.cfg.MinFreeSpace = 0
 	info, err := m.Create("full", 1, BitfieldSize)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var bp *BackPressureError
+	m.cfg.MinFreeSpace = 1 << 60
 	if err := m.Update(info.UUID, randomUpload(rng, 0, 0.1).update(false)); !errors.As(err, &bp) || !strings.Contains(bp.Reason, "free") {
 		t.Fatalf("upload on a full disk: %v", err)
 	}

@@ -106,7 +106,7 @@ func (m *Manager) Merge(id string, originalFileSize, newFileSize int64) (Session
 		return s.info(), fmt.Errorf("%w: originalFileSize %d exceeds the size of %s.r%d (%d bytes, %d rounded up to 4 KiB)",
 			ErrBadRequest, originalFileSize, name, rev, ost.Size(), limit)
 	}
-	st, err := m.openStoreLocked(s)
+	st, err := m.openStoreLocked(s, false)
 	if err != nil {
 		return s.info(), err
 	}
@@ -139,6 +139,9 @@ func (m *Manager) Merge(id string, originalFileSize, newFileSize int64) (Session
 	if err := s.persist(m.now()); err != nil {
 		s.meta = prev
 		<-m.mergeSlots
+		if bp := resourceError(err, "starting a merge"); bp != nil {
+			return s.info(), bp
+		}
 		return s.info(), fmt.Errorf("merger: %w", err)
 	}
 	m.log.Info("merge accepted", "session", id, "image", name, "from", rev, "to", newRev,
@@ -164,25 +167,65 @@ func (m *Manager) startMergeLocked(s *session, haveSlot bool) {
 	go m.runMerge(s, haveSlot)
 }
 
-// runMerge runs a merge and records how it ended.
+// runMerge runs a merge and records how it ended. A merge that fails
+// because the process has too many files open is paused and tried again
+// (an exhausted resource is not the session's fault); any other failure
+// marks the session Failed.
 func (m *Manager) runMerge(s *session, haveSlot bool) {
 	defer m.wg.Done()
-	if !haveSlot {
-		select {
-		case m.mergeSlots <- struct{}{}:
-		case <-m.ctx.Done():
-			s.mu.Lock()
-			s.running = false
-			s.mu.Unlock()
-			return
+	for {
+		if !haveSlot {
+			select {
+			case m.mergeSlots <- struct{}{}:
+			case <-m.ctx.Done():
+				s.mu.Lock()
+				s.running = false
+				s.mu.Unlock()
+				return
+			}
 		}
+		// The slot is free before the session's end state is visible, so a
+		// client that saw Done or Failed can start the next merge at once.
+		release := sync.OnceFunc(func() { <-m.mergeSlots })
+		err := m.merge(m.ctx, s, release)
+		release()
+		if m.pauseMerge(s, err) {
+			haveSlot = false
+			continue
+		}
+		m.endMerge(s, err)
+		return
 	}
-	// The slot is free before the session's end state is visible, so a
-	// client that saw Done or Failed can start the next merge at once.
-	release := sync.OnceFunc(func() { <-m.mergeSlots })
-	defer release()
-	err := m.merge(m.ctx, s, release)
-	release()
+}
+
+// pauseMerge reports whether a merge that ended with err is to be tried
+// again: when it ran out of file descriptors before its result was
+// complete. It waits Manager.mergeRetry first (or until the Manager
+// closes; then the next acquire of a slot ends the merge, which resumes
+// at the next start).
+func (m *Manager) pauseMerge(s *session, err error) bool {
+	if !errors.Is(err, syscall.EMFILE) && !errors.Is(err, syscall.ENFILE) {
+		return false
+	}
+	s.mu.Lock()
+	if s.meta.Finalize != nil || m.ctx.Err() != nil {
+		s.mu.Unlock()
+		return false
+	}
+	m.removeTempLocked(s)
+	s.mu.Unlock()
+	m.log.Warn("merge paused: the merger has too many files open; it is tried again", "session", s.meta.UUID, "in", m.mergeRetry, "err", err)
+	t := time.NewTimer(m.mergeRetry)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-m.ctx.Done():
+	}
+	return true
+}
+
+// endMerge records how a merge ended.
+func (m *Manager) endMerge(s *session, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.running = false
@@ -244,7 +287,7 @@ type mergePlan struct {
 func (m *Manager) plan(s *session) (*mergePlan, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	st, err := m.openStoreLocked(s)
+	st, err := m.openStoreLocked(s, true)
 	if err != nil {
 		return nil, err
 	}
@@ -497,11 +540,8 @@ func (m *Manager) finishDone(s *session, temp, dest string) {
 		m.log.Error("cannot save a merged session's state; a restart will finish it", "session", s.meta.UUID, "err", err)
 		return
 	}
-	if s.st != nil {
-		if err := s.st.close(); err != nil {
-			m.log.Warn("closing a session's store", "session", s.meta.UUID, "err", err)
-		}
-		s.st = nil
+	if err := m.closeStoreLocked(s); err != nil {
+		m.log.Warn("closing a session's store", "session", s.meta.UUID, "err", err)
 	}
 	if err := removeStoreFiles(s.dir); err != nil {
 		m.log.Warn("cannot delete a merged session's uploads", "session", s.meta.UUID, "err", err)

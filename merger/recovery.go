@@ -62,6 +62,7 @@ func (m *Manager) loadSessions() error {
 			continue
 		}
 		m.sessions[s.meta.UUID] = s
+		m.images[imageKey(s.meta.ImageName)]++
 	}
 	m.log.Info("sessions loaded", "count", len(m.sessions), "dir", m.cfg.WorkingDirectory)
 	return nil

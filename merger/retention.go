@@ -9,7 +9,9 @@ import (
 // Retention: finished sessions (Done or Failed) are deleted
 // Config.Retention after they finished, Active ones that received no
 // upload for Config.AbandonAfter (after a restart, the journal's mtime
-// counts as the last upload). A session that is merging is never
+// counts as the last upload), and Active ones that never received one
+// Config.AbandonEmptyAfter after they were created (so that sessions
+// created and forgotten do not hold the session limits for long). A session that is merging is never
 // deleted. Deleting removes the session directory (and with it the
 // uploads); the merged revision in DestinationDirectory stays.
 
@@ -58,6 +60,9 @@ func (m *Manager) expiryReasonLocked(s *session, now time.Time) string {
 		if now.Sub(s.lastUpload) >= m.cfg.AbandonAfter {
 			return "abandoned (no uploads for longer than the abandon time)"
 		}
+		if !s.uploaded && now.Sub(s.lastUpload) >= m.cfg.AbandonEmptyAfter {
+			return "abandoned (no upload at all within the abandon time of empty sessions)"
+		}
 	}
 	return ""
 }
@@ -74,20 +79,17 @@ func (m *Manager) deleteSession(s *session, now time.Time) {
 		return
 	}
 	s.deleted = true
-	st := s.st
-	s.st = nil
+	if err := m.closeStoreLocked(s); err != nil {
+		m.log.Warn("closing a deleted session's store", "session", s.meta.UUID, "err", err)
+	}
 	meta := s.meta
 	s.mu.Unlock()
 	s.uploadMu.Unlock()
 
 	m.mu.Lock()
 	delete(m.sessions, meta.UUID)
+	m.forgetImageLocked(meta.ImageName)
 	m.mu.Unlock()
-	if st != nil {
-		if err := st.close(); err != nil {
-			m.log.Warn("closing a deleted session's store", "session", meta.UUID, "err", err)
-		}
-	}
 	if meta.MergeTemp != "" {
 		os.Remove(meta.MergeTemp)
 	}

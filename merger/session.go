@@ -1,6 +1,7 @@
 package merger
 
 import (
+	"container/list"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -43,7 +44,8 @@ type sessionFile struct {
 	UUID             string    `json:"uuid"`
 	ImageName        string    `json:"imageName"`
 	OriginalRevision int       `json:"originalRevision"`
-	NewRevision      int       `json:"newRevision"` // -1 until a merge is accepted
+	OriginalSize     int64     `json:"originalSize,omitempty"` // at create, for the quota
+	NewRevision      int       `json:"newRevision"`            // -1 until a merge is accepted
 	BitfieldSize     int       `json:"bitfieldSize"`
 	State            State     `json:"state"`
 	OriginalFileSize int64     `json:"originalFileSize"`
@@ -84,11 +86,16 @@ type session struct {
 
 	mu         sync.Mutex
 	meta       sessionFile
-	st         *store    // nil until first needed, and after Done
+	st         *store    // nil until needed, while evicted, and after Done (see openstores.go)
 	lastUpload time.Time // last upload, or Created / the journal's mtime
-	running    bool      // a merge goroutine owns the session
-	closed     bool      // the manager was closed
-	deleted    bool      // removed by the retention sweep
+	uploaded   bool      // the session has received at least one upload
+	clusters   int       // clusters stored, when counted and st is nil
+	counted    bool
+	running    bool // a merge goroutine owns the session
+	closed     bool // the manager was closed
+	deleted    bool // removed by the retention sweep
+
+	lru *list.Element // in Manager.openLRU while st is open; guarded by Manager.openMu
 }
 
 // path returns the path of a file in the session directory.
@@ -111,8 +118,12 @@ func (s *session) persist(now time.Time) error {
 func (s *session) info() SessionInfo {
 	m := &s.meta
 	total := m.TotalClusters
-	if m.State == StateActive && s.st != nil {
+	switch {
+	case m.State != StateActive:
+	case s.st != nil:
 		total = s.st.clusters()
+	case s.counted:
+		total = s.clusters
 	}
 	return SessionInfo{
 		UUID:             m.UUID,
@@ -158,8 +169,12 @@ func loadSession(dir string) (*session, error) {
 		return nil, fmt.Errorf("%s: unknown state %q", path, m.State)
 	}
 	s.lastUpload = m.Created
-	if st, err := os.Stat(filepath.Join(dir, journalFileName)); err == nil && st.ModTime().After(s.lastUpload) {
-		s.lastUpload = st.ModTime()
+	s.uploaded = m.State != StateActive
+	if st, err := os.Stat(filepath.Join(dir, journalFileName)); err == nil {
+		if st.ModTime().After(s.lastUpload) {
+			s.lastUpload = st.ModTime()
+		}
+		s.uploaded = s.uploaded || st.Size() > journalHeaderSize
 	}
 	return s, nil
 }

@@ -70,6 +70,11 @@ type store struct {
 	index   map[uint32]clusterEntry
 	pending map[uint32]uint32 // clusters with records queued but not yet durable
 	slots   *slotAllocator
+	// Quota: at most maxClusters distinct clusters, counting the ones
+	// in the index and new ones being uploaded (see reserve).
+	maxClusters int
+	inflight    map[uint32]int  // uploads in progress by cluster
+	newInflight map[uint32]bool // clusters in progress that were not in the index
 }
 
 // createStoreFiles creates the empty data file and journal of a new
@@ -105,7 +110,8 @@ func openStore(dir string, log *slog.Logger) (*store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open session data: %w", err)
 	}
-	s := &store{dir: dir, data: data, pending: make(map[uint32]uint32)}
+	s := &store{dir: dir, data: data, pending: make(map[uint32]uint32), maxClusters: MaxClusters,
+		inflight: make(map[uint32]int), newInflight: make(map[uint32]bool)}
 	if err := s.replay(log); err != nil {
 		data.Close()
 		if s.jf != nil {
@@ -204,11 +210,17 @@ func (s *store) close() error {
 }
 
 // put stores one cluster version durably (see the file comment).
-// u must be validated.
+// u must be validated. An upload of a cluster the session does not hold
+// yet fails with ErrQuotaExceeded when the session holds maxClusters.
 func (s *store) put(u *Update) error {
 	if err := s.j.isBroken(); err != nil {
 		return err
 	}
+	c := uint32(u.Cluster)
+	if err := s.reserve(c); err != nil {
+		return err
+	}
+	defer s.unreserve(c)
 	rec := journalRecord{Cluster: uint32(u.Cluster), Slot: noSlot, Bitfield: u.Bitfield}
 	if popcount(&u.Bitfield) > 0 {
 		s.mu.Lock()
@@ -247,6 +259,41 @@ func (s *store) writeBlocks(slot uint32, u *Update) (uint32, error) {
 		off += int64(len(p))
 	}
 	return crc, nil
+}
+
+// reserve counts an upload of cluster c against the quota: a cluster
+// that is neither stored nor being uploaded is refused once the session
+// holds (or is receiving) maxClusters clusters. Re-uploads always pass:
+// they replace a version. So the data file never holds more than
+// maxClusters slots plus one per upload in progress.
+func (s *store) reserve(c uint32) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, stored := s.index[c]; !stored && s.inflight[c] == 0 {
+		n := len(s.index)
+		for nc := range s.newInflight {
+			if _, stored := s.index[nc]; !stored {
+				n++
+			}
+		}
+		if n >= s.maxClusters {
+			return fmt.Errorf("%w: the session holds %d clusters of %d bytes, its quota; re-uploads of these clusters are still accepted "+
+				"(the merger's administrator can raise --session-quota)", ErrQuotaExceeded, n, ClusterSize)
+		}
+		s.newInflight[c] = true
+	}
+	s.inflight[c]++
+	return nil
+}
+
+// unreserve ends an upload that reserve admitted.
+func (s *store) unreserve(c uint32) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.inflight[c]--; s.inflight[c] <= 0 {
+		delete(s.inflight, c)
+		delete(s.newInflight, c)
+	}
 }
 
 // assignMods returns the modification count of a new record of cluster c

@@ -24,9 +24,9 @@ func stored(t *testing.T, m *Manager, id string) map[int]*upload {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s.mu.Lock()
-	st, err := m.openStoreLocked(s)
-	s.mu.Unlock()
+	s.mu.Lock() // keeps the store open
+	defer s.mu.Unlock()
+	st, err := m.openStoreLocked(s, false)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -80,6 +80,9 @@ var (
 	// ErrConflict: the session's base revision is no longer the latest
 	// (another session was merged first) - see Manager.Merge.
 	ErrConflict = errors.New("conflict")
+	// ErrQuotaExceeded: an upload of a new cluster to a session that
+	// holds as many clusters as its quota allows (Config.SessionQuota).
+	ErrQuotaExceeded = errors.New("session quota exceeded")
 )
 
 // BackPressureError asks the client to retry later (503 + Retry-After).
@@ -96,8 +99,14 @@ func (e *BackPressureError) Error() string {
 type Service interface {
 	// Create starts a session for <OriginalImageDirectory>/<imageName>.r<revision>.
 	Create(imageName string, revision, bitfieldSize int) (SessionInfo, error)
+	// CanUpload reports, before an upload's body is read, whether the
+	// session exists and accepts uploads: nil, or the error Update would
+	// return for any body (ErrSessionNotFound, ErrSessionClosed,
+	// *BackPressureError).
+	CanUpload(uuid string) error
 	// Update stores one cluster durably (on disk and synced) before it
 	// returns; the newest upload of a cluster replaces the previous one.
+	// It does not keep u.Blocks after it returns (the caller reuses it).
 	Update(uuid string, u Update) error
 	// Merge starts (or, if already started or done, reports) the merge
 	// into the next revision. It returns without waiting for the merge.

@@ -38,6 +38,7 @@ type flags struct {
 	logLevel        string
 	shutdownTimeout time.Duration
 	version         bool
+	limits          limitFlags
 
 	fs *pflag.FlagSet // to ask which flags were given
 }
@@ -60,6 +61,7 @@ type config struct {
 	logFormat      string
 	logLevel       slog.Level
 	shutdown       time.Duration
+	limits         limits
 }
 
 // usageError is a bad command line (exit code 2); other configuration
@@ -85,6 +87,7 @@ func newFlagSet(f *flags, stderr io.Writer) *pflag.FlagSet {
 	fs.StringVar(&f.abandonAfter, "abandon-after", "7d", "delete sessions without uploads for this long")
 	fs.IntVar(&f.maxMerges, "max-merges", merger.DefaultMaxConcurrentMerges, "merges that may run at once (more get 503 + Retry-After)")
 	fs.StringVar(&f.minFreeSpace, "min-free-space", "1G", "free space uploads and merges must leave (K, M, G, T suffixes; 0 disables the check)")
+	f.limits = defineLimitFlags(fs)
 	fs.StringVar(&f.tokenFile, "token-file", "", "file with a bearer token every request must carry (keep it unreadable for others)")
 	fs.StringVar(&f.tlsCert, "tls-cert", "", "PEM certificate (chain) for https:// listen URLs")
 	fs.StringVar(&f.tlsKey, "tls-key", "", "PEM private key for https:// listen URLs")
@@ -197,6 +200,11 @@ func buildConfig(f *flags, cwd string) (config, error) {
 		default:
 			return c, err
 		}
+	}
+
+	var err error
+	if c.limits, err = buildLimits(f.limits, f.given, s.Limits, c.settingsFile); err != nil {
+		return c, err
 	}
 
 	dirs := []struct {

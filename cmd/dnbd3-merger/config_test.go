@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"errors"
+	"io"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -284,6 +285,17 @@ func TestExamples(t *testing.T) {
 		if _, err := parseListenURL(raw); err != nil {
 			t.Error(err)
 		}
+	}
+	// The example lists every limit, with its default.
+	var f flags
+	newFlagSet(&f, io.Discard)
+	defaults, err := buildLimits(f.limits, f.given, nil, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := buildLimits(f.limits, f.given, s.Limits, "example")
+	if err != nil || l != defaults || len(s.Limits) != len(limitDefs) {
+		t.Errorf("example Limits: %+v (%d keys), %v; want every key with the defaults %+v", l, len(s.Limits), err, defaults)
 	}
 	unit, err := os.ReadFile(filepath.Join("..", "..", "examples", "dnbd3-merger.service"))
 	if err != nil {

@@ -12,8 +12,12 @@
 // Settings.OriginalImageDirectory, Settings.DestinationDirectory (relative
 // paths are resolved against the working directory of the process, as the
 // reference does) and Urls (a semicolon-separated list such as
-// "http://localhost:5000;http://0.0.0.0:5001"); other keys are ignored.
-// Flags override the file. SIGTERM or SIGINT stops it cleanly: requests in
+// "http://localhost:5000;http://0.0.0.0:5001"), and from dnbd3go's own
+// section "Limits" the bounds on what clients can make it hold (uploads
+// and connections at once, sessions in total and per image, open
+// sessions, the quota of a session, how long an empty session is kept:
+// see limits.go and examples/merger/appsettings.json); other keys are
+// ignored. Flags override the file. SIGTERM or SIGINT stops it cleanly: requests in
 // flight finish, the sessions are saved, merges in progress resume at the
 // next start.
 //
@@ -146,19 +150,19 @@ func serve(ctx context.Context, cfg config, log *slog.Logger, e env) int {
 		"workingDirectory", cfg.workingDir, "originalImageDirectory", cfg.originalDir,
 		"destinationDirectory", cfg.destinationDir)
 
-	lns, err := listenAll(ctx, cfg.urls, log)
+	nofile, err := descriptorLimit()
+	if err == nil {
+		err = fitDescriptors(&cfg.limits, cfg.maxMerges, nofile, log)
+	}
 	if err != nil {
 		log.Error("cannot start", "err", err)
 		return exitError
 	}
-	if token == "" {
-		for _, l := range lns {
-			if !l.url.isLoopback() {
-				log.Warn("no --token-file: anyone who can reach this address can create sessions, upload and merge",
-					"url", l.url.raw)
-				break
-			}
-		}
+	warnExposed(log, cfg.urls, token)
+	lns, err := listenAll(ctx, cfg.urls, log)
+	if err != nil {
+		log.Error("cannot start", "err", err)
+		return exitError
 	}
 	svc, err := e.open(ctx, merger.Config{
 		WorkingDirectory:       cfg.workingDir,
@@ -168,6 +172,11 @@ func serve(ctx context.Context, cfg config, log *slog.Logger, e env) int {
 		AbandonAfter:           cfg.abandonAfter,
 		MaxConcurrentMerges:    cfg.maxMerges,
 		MinFreeSpace:           cfg.minFreeSpace,
+		MaxSessions:            cfg.limits.maxSessions,
+		MaxSessionsPerImage:    cfg.limits.maxSessionsPerImage,
+		MaxOpenSessions:        cfg.limits.maxOpenSessions,
+		SessionQuota:           cfg.limits.sessionQuota,
+		AbandonEmptyAfter:      cfg.limits.abandonEmptyAfter,
 		Logger:                 log,
 	})
 	if err != nil {
@@ -179,11 +188,14 @@ func serve(ctx context.Context, cfg config, log *slog.Logger, e env) int {
 	}
 
 	srv := &http.Server{
-		Handler:           httpapi.New(svc, httpapi.Options{Token: token, Logger: log}),
+		Handler: httpapi.New(svc, httpapi.Options{Token: token, Logger: log,
+			MaxUploads: cfg.limits.maxUploads, MaxUploadsPerClient: cfg.limits.maxUploadsPerClient,
+			UploadTimeout: cfg.limits.uploadTimeout}),
 		TLSConfig:         tlsCfg,
-		ReadHeaderTimeout: 30 * time.Second,
-		// A cluster is 1.3 MB; even a slow client sends it well within this.
-		ReadTimeout:    10 * time.Minute,
+		ReadHeaderTimeout: 20 * time.Second,
+		// Forms are at most 64 KiB; an upload's body gets its own deadline
+		// (--upload-timeout) once it is admitted, after waiting up to 10 s.
+		ReadTimeout:    time.Minute,
 		WriteTimeout:   10 * time.Minute,
 		IdleTimeout:    2 * time.Minute,
 		MaxHeaderBytes: 64 << 10,
@@ -192,14 +204,16 @@ func serve(ctx context.Context, cfg config, log *slog.Logger, e env) int {
 	}
 	errc := make(chan error, len(lns))
 	addrs := make([]net.Addr, 0, len(lns))
+	slots := newConnSlots(cfg.limits.maxConnections)
 	for _, l := range lns {
 		log.Info("listening", "url", l.url.raw, "addr", l.Addr().String())
 		addrs = append(addrs, l.Addr())
+		ll := &limitedListener{Listener: l, slots: slots, plain: !l.url.tls()}
 		go func() {
 			if l.url.tls() {
-				errc <- srv.ServeTLS(l, "", "")
+				errc <- srv.ServeTLS(ll, "", "")
 			} else {
-				errc <- srv.Serve(l)
+				errc <- srv.Serve(ll)
 			}
 		}()
 	}
@@ -227,6 +241,26 @@ func serve(ctx context.Context, cfg config, log *slog.Logger, e env) int {
 	}
 	log.Info("stopped")
 	return code
+}
+
+// warnExposed warns about listen URLs reachable from other hosts that
+// are not protected: without a token anyone may use the service, and with
+// a token on plain http the token crosses the network in clear text.
+func warnExposed(log *slog.Logger, urls []listenURL, token string) {
+	for _, u := range urls {
+		if u.isLoopback() {
+			continue
+		}
+		if token == "" {
+			log.Warn("no --token-file: anyone who can reach this address can create sessions, upload and merge",
+				"url", u.raw)
+			return
+		}
+		if !u.tls() {
+			log.Warn("the bearer token crosses the network in clear text on this plain http address: anyone who can watch the traffic can use it; "+
+				"listen on https:// (--tls-cert, --tls-key), or on loopback behind a TLS proxy", "url", u.raw)
+		}
+	}
 }
 
 // loadToken reads the bearer token file, if any, warning if every user

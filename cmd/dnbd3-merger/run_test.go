@@ -61,6 +61,15 @@ func (f *fakeEngine) Create(name string, rev, _ int) (merger.SessionInfo, error)
 	return *f.sessions[id], nil
 }
 
+func (f *fakeEngine) CanUpload(id string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, ok := f.sessions[id]; !ok {
+		return merger.ErrSessionNotFound
+	}
+	return nil
+}
+
 func (f *fakeEngine) Update(id string, u merger.Update) error {
 	if u.Cluster == f.blockCluster {
 		f.entered <- struct{}{}
@@ -190,7 +199,9 @@ func TestRunServesAndStopsCleanly(t *testing.T) {
 	eng := newFakeEngine()
 	eng.blockCluster = 9
 	args = append(args, "--listen", "http://127.0.0.1:0", "--token-file", tokenFile, "--log-level", "debug",
-		"--retention", "2d", "--abandon-after", "90m", "--max-merges", "3", "--min-free-space", "2G")
+		"--retention", "2d", "--abandon-after", "90m", "--max-merges", "3", "--min-free-space", "2G",
+		"--max-sessions", "7", "--max-sessions-per-image", "3", "--max-open-sessions", "9", "--session-quota", "3G",
+		"--abandon-empty-after", "20m")
 	s := startRun(t, context.Background(), args, eng.open)
 
 	// The engine got the configuration.
@@ -199,7 +210,8 @@ func TestRunServesAndStopsCleanly(t *testing.T) {
 	eng.mu.Unlock()
 	want := merger.Config{WorkingDirectory: filepath.Join(root, "work"), OriginalImageDirectory: filepath.Join(root, "orig"),
 		DestinationDirectory: filepath.Join(root, "dest"), Retention: 48 * time.Hour, AbandonAfter: 90 * time.Minute,
-		MaxConcurrentMerges: 3, MinFreeSpace: 2 << 30}
+		MaxConcurrentMerges: 3, MinFreeSpace: 2 << 30, MaxSessions: 7, MaxSessionsPerImage: 3, MaxOpenSessions: 9,
+		SessionQuota: 3 << 30, AbandonEmptyAfter: 20 * time.Minute}
 	if cfg.Logger == nil {
 		t.Error("no logger given to the engine")
 	}
@@ -293,6 +305,39 @@ func TestRunNoTokenWarning(t *testing.T) {
 	s.wait(t)
 	if !strings.Contains(s.stderr.String(), "no --token-file") {
 		t.Errorf("no warning about an open non-loopback listener:\n%s", s.stderr)
+	}
+}
+
+// TestRunTokenOverPlainHTTPWarning checks the warning at start when a
+// token would cross the network in clear text. The non-loopback address
+// is from TEST-NET-1 (192.0.2.0/24), which no interface has: nothing is
+// bound, the listen fails after the warning (exit 1).
+func TestRunTokenOverPlainHTTPWarning(t *testing.T) {
+	root, args := dirs(t)
+	tokenFile := filepath.Join(root, "token")
+	if err := os.WriteFile(tokenFile, []byte("tok"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cert, key, _ := selfSigned(t, root)
+	args = append(args, "--token-file", tokenFile, "--tls-cert", cert, "--tls-key", key)
+	const warning = "clear text"
+	for _, c := range []struct {
+		listen string
+		warn   bool
+	}{
+		{"http://192.0.2.1:5000", true},
+		{"https://127.0.0.1:0;http://[2001:db8::1]:5000", true},
+		{"https://192.0.2.1:5443", false},
+		{"http://127.0.0.1:0;http://localhost:0", false},
+	} {
+		var out syncBuffer
+		ctx, cancel := context.WithCancel(context.Background())
+		ready := func([]net.Addr) { cancel() } // stop at once if it starts
+		code := run(ctx, append(args, "--listen", c.listen), env{stdout: &out, stderr: &out, open: newFakeEngine().open, ready: ready})
+		cancel()
+		if got := strings.Contains(out.String(), warning); got != c.warn {
+			t.Errorf("--listen %s (exit %d): clear-text warning %v, want %v:\n%s", c.listen, code, got, c.warn, out.String())
+		}
 	}
 }
 

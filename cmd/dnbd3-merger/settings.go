@@ -33,6 +33,9 @@ type appSettings struct {
 	}
 	// Urls is a semicolon-separated list of listen URLs.
 	Urls *string
+	// Limits is dnbd3go's own section (see limits.go): numbers, sizes
+	// and durations by name.
+	Limits map[string]json.RawMessage
 }
 
 // loadSettings reads an appsettings.json file. Like .NET's JSON

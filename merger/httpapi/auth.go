@@ -3,7 +3,6 @@ package httpapi
 import (
 	"crypto/sha256"
 	"crypto/subtle"
-	"log/slog"
 	"net/http"
 	"strings"
 )
@@ -23,25 +22,24 @@ func newBearerAuth(token string) *bearerAuth {
 }
 
 // check reports whether r carries the token. If not, it answers 401 with a
-// WWW-Authenticate challenge and logs the attempt.
-func (a *bearerAuth) check(w http.ResponseWriter, r *http.Request, log *slog.Logger) bool {
+// WWW-Authenticate challenge and returns the reason for the log.
+func (a *bearerAuth) check(w http.ResponseWriter, r *http.Request) (ok bool, reason string) {
 	got, ok := bearerToken(r.Header.Get("Authorization"))
 	if ok {
 		sum := sha256.Sum256([]byte(got))
 		if subtle.ConstantTimeCompare(sum[:], a.sum[:]) == 1 {
-			return true
+			return true, ""
 		}
 	}
 	challenge := `Bearer realm="dnbd3-merger"`
-	reason := "no bearer token"
+	reason = "no bearer token"
 	if ok {
 		challenge += `, error="invalid_token"`
 		reason = "wrong bearer token"
 	}
-	log.Warn("request rejected", "reason", reason, "method", r.Method, "path", r.URL.Path, "remote", r.RemoteAddr)
 	w.Header().Set("WWW-Authenticate", challenge)
 	writeText(w, http.StatusUnauthorized, "Unauthorized: "+reason)
-	return false
+	return false, reason
 }
 
 // bearerToken extracts the token from an Authorization header value

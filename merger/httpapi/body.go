@@ -159,19 +159,32 @@ func checkOctetStream(r *http.Request) error {
 }
 
 // readUpdateBody reads an update body of at most MaxUpdateBytes (with or
-// without Content-Length).
-func readUpdateBody(w http.ResponseWriter, r *http.Request) ([]byte, error) {
+// without Content-Length) into buf, which holds MaxUpdateBytes, and
+// returns the part of buf it filled.
+func readUpdateBody(w http.ResponseWriter, r *http.Request, buf []byte) ([]byte, error) {
 	body := &trackingReader{r: http.MaxBytesReader(w, r.Body, MaxUpdateBytes)}
 	if r.ContentLength >= 0 {
-		buf := make([]byte, r.ContentLength)
-		if _, err := io.ReadFull(body, buf); err != nil {
+		p := buf[:r.ContentLength] // checkOctetStream bounded it
+		if _, err := io.ReadFull(body, p); err != nil {
 			return nil, bodyError(body, fmt.Errorf("%w after fewer than the announced %s bytes", err, strconv.FormatInt(r.ContentLength, 10)))
 		}
-		return buf, nil
+		return p, nil
 	}
-	b, err := io.ReadAll(body)
-	if err != nil {
-		return nil, bodyError(body, err)
+	n, err := io.ReadFull(body, buf[:MaxUpdateBytes])
+	switch err {
+	case io.EOF, io.ErrUnexpectedEOF:
+		return buf[:n], nil
+	case nil: // full: anything more is over the limit
+		var one [1]byte
+		switch _, err := io.ReadFull(body, one[:]); err {
+		case io.EOF:
+			return buf[:n], nil
+		case nil:
+			err = tooLarge(MaxUpdateBytes)
+			fallthrough
+		default:
+			return nil, bodyError(body, err)
+		}
 	}
-	return b, nil
+	return nil, bodyError(body, err)
 }

@@ -83,7 +83,7 @@ func TestRealClientRoundTrip(t *testing.T) {
 		t.Fatalf("create of a missing image: %v", err)
 	}
 	f.fail("update", &merger.BackPressureError{RetryAfter: 3 * time.Second, Reason: "copying"})
-	err = m.Update(ctx, id, 1, bf, blocks)
+	err = m.Update(ctx, f.addSession("pool/win 11", 4, merger.StateActive), 1, bf, blocks)
 	if d, ok := upload.BackPressure(err); !ok || d != 3*time.Second {
 		t.Fatalf("back-pressure: %v (%v, %v)", err, d, ok)
 	}

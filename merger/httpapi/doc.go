@@ -25,8 +25,9 @@
 // Errors: missing or unparsable parameters give 400 application/problem+json
 // (a ValidationProblemDetails body); an unknown session or image 404
 // text/plain; a wrong Content-Type 415; a too large body 413; a closed
-// session or a revision conflict 409; back-pressure from the Service 503
-// with Retry-After; anything else 500. Unknown routes give 404, a wrong
+// session or a revision conflict 409; an upload beyond the session's quota
+// 507; back-pressure from the Service, or too many uploads at once (see
+// uploads.go), 503 with Retry-After; anything else 500. Unknown routes give 404, a wrong
 // method 405. With Options.Token set every request needs
 // "Authorization: Bearer <token>" (else 401).
 package httpapi

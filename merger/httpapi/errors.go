@@ -109,10 +109,18 @@ func (h *handler) writeError(w http.ResponseWriter, r *http.Request, err error) 
 		status, message = http.StatusBadRequest, publicMessage(err)
 	case errors.Is(err, merger.ErrSessionClosed), errors.Is(err, merger.ErrConflict):
 		status, message = http.StatusConflict, publicMessage(err)
+	case errors.Is(err, merger.ErrQuotaExceeded):
+		status, message = http.StatusInsufficientStorage, publicMessage(err)
 	default:
 		status, message, level = http.StatusInternalServerError, textInternal, slog.LevelError
 	}
-	h.logError(r, level, status, err)
+	if bp != nil {
+		// Back-pressure comes in bursts (a client retrying, or one
+		// holding many connections): one line per source and minute.
+		h.logThrottled(r, level, "request refused: busy", "query", r.URL.RawQuery, "status", status, "err", err)
+	} else {
+		h.logError(r, level, status, err)
+	}
 	writeText(w, status, message)
 }
 

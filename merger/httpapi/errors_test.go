@@ -32,6 +32,7 @@ func TestErrorMapping(t *testing.T) {
 		{"back-pressure", &merger.BackPressureError{RetryAfter: 1500 * time.Millisecond, Reason: "disk nearly full"}, 503, "~disk nearly full", "2"},
 		{"back-pressure wrapped", fmt.Errorf("x: %w", &merger.BackPressureError{RetryAfter: 30 * time.Second, Reason: "copying"}), 503, "~copying", "30"},
 		{"back-pressure zero", &merger.BackPressureError{Reason: "busy"}, 503, "*", "1"},
+		{"quota", fmt.Errorf("%w: the session holds 820 clusters", merger.ErrQuotaExceeded), 507, "session quota exceeded: the session holds 820 clusters", ""},
 		{"internal", errors.New("write /srv/merger/working/x/data: input/output error"), 500, "Internal server error", ""},
 	}
 	type call struct {

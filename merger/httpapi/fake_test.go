@@ -103,6 +103,22 @@ func (f *fakeService) Create(name string, rev, bfs int) (merger.SessionInfo, err
 	return f.newSession(name, rev, merger.StateActive).info, nil
 }
 
+func (f *fakeService) CanUpload(id string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.begin("canupload", id); err != nil {
+		return err
+	}
+	s, ok := f.sessions[id]
+	switch {
+	case !ok:
+		return fmt.Errorf("session %s: %w", id, merger.ErrSessionNotFound)
+	case s.info.State != merger.StateActive:
+		return merger.ErrSessionClosed
+	}
+	return nil
+}
+
 func (f *fakeService) Update(id string, u merger.Update) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()

@@ -18,6 +18,17 @@ type Options struct {
 	// Logger receives a Debug line per request and the errors;
 	// nil means slog.Default().
 	Logger *slog.Logger
+	// MaxUploads bounds the uploads received and stored at once, each
+	// holding a 1.3 MB buffer; more wait up to 10 s for a slot, then get
+	// 503 with Retry-After (see uploads.go). 0 means DefaultMaxUploads.
+	MaxUploads int
+	// MaxUploadsPerClient bounds the uploads (waiting ones included)
+	// from one client address; more get 503 with Retry-After at once.
+	// 0 means DefaultMaxUploadsPerClient.
+	MaxUploadsPerClient int
+	// UploadTimeout is how long an admitted upload's body may take to
+	// arrive; 0 means DefaultUploadTimeout.
+	UploadTimeout time.Duration
 }
 
 // handler is the http.Handler New returns.
@@ -26,17 +37,36 @@ type handler struct {
 	log    *slog.Logger
 	auth   *bearerAuth // nil without a token
 	routes map[string]route
+	// throttle limits the lines about refused requests (see
+	// logthrottle.go).
+	throttle *logThrottle
+	// uploads admits uploads (see uploads.go).
+	uploads       *uploadLimiter
+	uploadTimeout time.Duration
 }
 
 // New returns the HTTP API of both generations for svc.
 func New(svc merger.Service, opts Options) http.Handler {
 	h := &handler{
-		svc:  svc,
-		log:  opts.Logger,
-		auth: newBearerAuth(opts.Token),
+		svc:      svc,
+		log:      opts.Logger,
+		auth:     newBearerAuth(opts.Token),
+		throttle: newLogThrottle(time.Now),
 	}
 	if h.log == nil {
 		h.log = slog.Default()
+	}
+	maxUploads, perClient := opts.MaxUploads, opts.MaxUploadsPerClient
+	if maxUploads <= 0 {
+		maxUploads = DefaultMaxUploads
+	}
+	if perClient <= 0 {
+		perClient = DefaultMaxUploadsPerClient
+	}
+	h.uploads = newUploadLimiter(maxUploads, min(perClient, maxUploads), uploadWait)
+	h.uploadTimeout = opts.UploadTimeout
+	if h.uploadTimeout <= 0 {
+		h.uploadTimeout = DefaultUploadTimeout
 	}
 	h.routes = buildRoutes(v1API, seedAPI)
 	return h
@@ -61,8 +91,11 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		h.log.Debug("request", "method", r.Method, "path", r.URL.Path, "query", r.URL.RawQuery,
 			"status", rec.status(), "bytes", rec.written, "duration", time.Since(start), "remote", r.RemoteAddr)
 	}()
-	if h.auth != nil && !h.auth.check(rec, r, h.log) {
-		return
+	if h.auth != nil {
+		if ok, reason := h.auth.check(rec, r); !ok {
+			h.logThrottled(r, slog.LevelWarn, "request rejected", "reason", reason)
+			return
+		}
 	}
 	rt, ok := h.lookup(r.URL.Path)
 	switch {
@@ -77,4 +110,19 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if err := rt.action(h, rt.gen, rec, r); err != nil {
 		h.writeError(rec, r, err)
 	}
+}
+
+// logThrottled logs a line about a refused request, at most one per
+// source address and message per minute (see logthrottle.go); the line
+// that gets through says how many were suppressed before it.
+func (h *handler) logThrottled(r *http.Request, level slog.Level, msg string, args ...any) {
+	ok, suppressed := h.throttle.allow(msg, r.RemoteAddr)
+	if !ok {
+		return
+	}
+	args = append(args, "method", r.Method, "path", r.URL.Path, "remote", r.RemoteAddr)
+	if suppressed > 0 {
+		args = append(args, "suppressed", suppressed)
+	}
+	h.log.Log(r.Context(), level, msg, args...)
 }

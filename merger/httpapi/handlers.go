@@ -3,6 +3,7 @@ package httpapi
 import (
 	"fmt"
 	"net/http"
+	"time"
 
 	"github.com/dnbd3go/dnbd3go/merger"
 )
@@ -55,6 +56,10 @@ func (h *handler) create(g *generation, w http.ResponseWriter, r *http.Request) 
 // an application/octet-stream body with the 40-byte bitfield, then either
 // the 4 KiB blocks whose bit is set (v1 only) or the whole cluster. It
 // answers 200 with an empty body once the Service has stored the cluster.
+//
+// Nothing is buffered before the session is known to accept uploads and
+// the upload is admitted (see uploads.go); the body must then arrive
+// within the upload timeout.
 func (h *handler) update(g *generation, w http.ResponseWriter, r *http.Request) error {
 	if err := checkOctetStream(r); err != nil {
 		return err
@@ -69,7 +74,20 @@ func (h *handler) update(g *generation, w http.ResponseWriter, r *http.Request) 
 	if err := b.err(); err != nil {
 		return err
 	}
-	body, err := readUpdateBody(w, r)
+	if err := h.svc.CanUpload(id); err != nil {
+		return &opError{fmt.Sprintf("update session %s cluster %d", id, idx), err}
+	}
+	buf, release, err := h.uploads.acquire(r.Context(), sourceOf(r.RemoteAddr))
+	if err != nil {
+		return err
+	}
+	defer release()
+	rc := http.NewResponseController(w)
+	// Not every ResponseWriter has deadlines (ErrNotSupported): then the
+	// server's own timeouts are all there is.
+	_ = rc.SetReadDeadline(time.Now().Add(h.uploadTimeout))
+	body, err := readUpdateBody(w, r, buf)
+	_ = rc.SetReadDeadline(time.Time{}) // the next request gets the server's
 	if err != nil {
 		return err
 	}
