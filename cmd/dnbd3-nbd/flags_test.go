@@ -17,6 +17,7 @@ func TestFlagErrors(t *testing.T) {
 		{[]string{"attach", "-h", "h", "-i", "img", "--block-size", "1024"}, 2, "--block-size 1024"},
 		{[]string{"attach", "-h", "h", "-i", "img", "--connections", "0"}, 2, "--connections 0"},
 		{[]string{"attach", "-h", "h", "-i", "img", "-c", "a", "-L", "b"}, 2, "exclude each other"},
+		{[]string{"attach", "-h", "h", "-i", "img", "--oom-score-adj", "-1001"}, 2, "--oom-score-adj -1001: want -1000 to 1000"},
 		{[]string{"attach", "-h", "h", "-i", "img", "--device", "/dev/nbd1p2"}, 2, "is a partition"},
 		{[]string{"attach", "-h", "h", "-i", "img", "extra"}, 2, "unexpected argument"},
 		{[]string{"serve", "-h", "h", "-i", "img"}, 2, "--listen"},
