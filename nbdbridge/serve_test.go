@@ -4,10 +4,13 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
+	"io/fs"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -111,6 +114,67 @@ func TestListenAddr(t *testing.T) {
 		if l, err := ListenAddr(bad); err == nil {
 			l.Close()
 			t.Errorf("ListenAddr(%q) succeeded", bad)
+		}
+	}
+}
+
+// TestListenSocketMode: a unix socket file gets exactly the requested mode
+// (0600 by default) whatever the umask: neither widened by a permissive
+// umask nor narrowed by a strict one. Other users can connect only when a
+// wider mode is asked for.
+func TestListenSocketMode(t *testing.T) {
+	engTestNoLeak(t)
+	dir := t.TempDir()
+	old := syscall.Umask(0)
+	t.Cleanup(func() { syscall.Umask(old) })
+	for i, tc := range []struct {
+		umask int
+		mode  fs.FileMode // 0: ListenAddr's default
+		want  fs.FileMode
+	}{
+		{0, 0, 0o600},
+		{0o022, 0, 0o600},
+		{0o077, 0o660, 0o660},
+		{0o022, 0o666, 0o666},
+		{0, 0o640, 0o640},
+	} {
+		syscall.Umask(tc.umask)
+		sock := filepath.Join(dir, fmt.Sprintf("s%d", i))
+		var ln net.Listener
+		var err error
+		if tc.mode == 0 {
+			ln, err = ListenAddr("unix:" + sock)
+		} else {
+			lc := ListenConfig{SocketMode: tc.mode}
+			ln, err = lc.Listen("unix:" + sock)
+		}
+		if err != nil {
+			t.Fatalf("umask %03o mode %03o: %v", tc.umask, tc.mode, err)
+		}
+		fi, err := os.Lstat(sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if fi.Mode().Type() != fs.ModeSocket || fi.Mode().Perm() != tc.want {
+			t.Errorf("umask %03o mode %03o: socket file is %v, want socket %v", tc.umask, tc.mode, fi.Mode(), tc.want)
+		}
+		ln.Close()
+	}
+}
+
+// TestListenAddrUnguarded: only a unix socket file is guarded by file
+// permissions.
+func TestListenAddrUnguarded(t *testing.T) {
+	for spec, want := range map[string]bool{
+		"unix:/run/x.sock": false,
+		"unix:rel.sock":    false,
+		"unix:@abstract":   true,
+		"tcp:127.0.0.1:1":  true,
+		"tcp::10809":       true,
+		"bogus":            true,
+	} {
+		if got := ListenAddrUnguarded(spec); got != want {
+			t.Errorf("ListenAddrUnguarded(%q) = %v, want %v", spec, got, want)
 		}
 	}
 }

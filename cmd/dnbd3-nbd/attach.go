@@ -41,6 +41,7 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 	var blockSize uint64
 	var deadConn time.Duration
 	var force bool
+	var oomScoreAdj int
 	var cow cowFlags
 	fs := newImageFlagSet("attach", s, &f, &cow)
 	fs.StringVar(&device, "device", "", "use this device (/dev/nbdN); default: the kernel picks a free one")
@@ -48,6 +49,7 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 	fs.Uint64Var(&blockSize, "block-size", 512, "logical block size: 512 or 4096")
 	fs.DurationVar(&deadConn, "dead-conn-timeout", nbdbridge.DefaultDeadConnTimeout, "how long the kernel holds I/O for a restarted daemon")
 	fs.BoolVar(&force, "force", false, "on SIGTERM, disconnect the device even if it is mounted or open")
+	fs.IntVar(&oomScoreAdj, "oom-score-adj", nbdbridge.DefaultOOMScoreAdj, "the daemon's oom_score_adj (-1000 to 1000; -1000: the OOM killer never picks it)")
 	fs.Usage = func() {
 		fmt.Fprintf(s.err, "Usage: dnbd3-nbd attach -h \"HOST[:PORT] ...\" -i IMAGE [-r RID] [--device /dev/nbdN] [--connections N] [--block-size 512|4096] [-S] [-l LOG]\n"+
 			"                        [-c DIR | -L DIR] [-C MERGER] [-m] [--upload-uuid UUID] [--cow-stats-file] [--cow-stats-stdout]\n\n"+
@@ -72,6 +74,9 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 	if conns < 1 || conns > 64 {
 		return bad("--connections %d: want 1 to 64", conns)
 	}
+	if oomScoreAdj < -1000 || oomScoreAdj > 1000 {
+		return bad("--oom-score-adj %d: want -1000 to 1000", oomScoreAdj)
+	}
 	index := -1
 	if device != "" {
 		var err error
@@ -89,6 +94,9 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 	if err := nbdbridge.Available(); err != nil {
 		return exitWith(s, "attach", err)
 	}
+	// The device's writeback runs through this process: keep it from
+	// deadlocking in memory reclaim (I/O flusher, locked memory, OOM).
+	nbdbridge.ProtectDaemon(log, oomScoreAdj)
 	img, err := f.open(ctx, log)
 	if err != nil {
 		return exitWith(s, "attach", err)

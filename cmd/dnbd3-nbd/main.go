@@ -23,6 +23,7 @@ import (
 	"syscall"
 
 	"github.com/dnbd3go/dnbd3go/internal/version"
+	"github.com/dnbd3go/dnbd3go/nbdbridge"
 )
 
 // Exit codes.
@@ -61,6 +62,12 @@ func commands() []command {
 }
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == "attach" {
+		// First of all, before the runtime's threads matter: re-executes
+		// so that every thread of the daemon is an I/O flusher. A failure
+		// is logged by attach (nbdbridge.ProtectDaemon).
+		_ = nbdbridge.ReexecAsIOFlusher()
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	code := run(ctx, os.Args[1:], stdio{os.Stdin, os.Stdout, os.Stderr})
 	stop()
