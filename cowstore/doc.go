@@ -11,6 +11,12 @@
 //	DIR/status    upload status (written by the uploader, INI)
 //	DIR/revision  the image revision the session is based on (our sidecar:
 //	              the header has no field for it)
+//	DIR/name      the full image name (our sidecar: the header keeps only
+//	              199 bytes, and two images may share them); uploads and
+//	              Load use it
+//	DIR/lock      flock'd by the process that has the session open (Create,
+//	              Load); holds its PID, so a second process is refused with
+//	              a message that names the first
 //
 // # The meta file (all integers little-endian)
 //
