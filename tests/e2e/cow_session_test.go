@@ -64,7 +64,8 @@ func waitFile(t *testing.T, path string, within time.Duration) {
 // must merge into the long one's next revision.
 func TestServeLongImageNameMergesIntoItsImage(t *testing.T) {
 	needTool(t, "qemu-io", "qemu-utils")
-	long := strings.Repeat("d", 200) + "/img"
+	// path components stay below the scan's 150-byte limit
+	long := strings.Repeat("d", 100) + "/" + strings.Repeat("e", 99) + "/img"
 	prefix := long[:199]
 	base := t.TempDir()
 	original := randomImage(t, filepath.Join(base, long+".r1"), 4<<20)
