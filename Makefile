@@ -85,7 +85,7 @@ test-integration: deps build
 # Static binaries (no cgo) for install and the packages.
 static:
 	@mkdir -p $(STATIC)/bin
-	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(STATIC)/bin/ ./cmd/...
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w $(LDFLAGS)" -o $(STATIC)/bin/ ./cmd/...
 
 # Man pages from docs/man/*.md, gzipped as Debian wants them.
 man:
@@ -131,7 +131,7 @@ install: static man completions
 
 # .deb and .rpm packages of the installed tree, one per role (see README).
 package: deps
-	rm -rf out/pkgroot out/scripts
+	rm -rf out/pkgroot out/scripts out/packages
 	$(MAKE) --no-print-directory install DESTDIR=$(CURDIR)/out/pkgroot PREFIX=/usr \
 	  ZSHCOMPDIR=/usr/share/zsh/vendor-completions DOCDIR=/usr/share/doc/dnbd3go
 	@mkdir -p out/packages
@@ -148,6 +148,9 @@ package: deps
 	    sed -e "s#@PACKAGE@#$$p#g; s#@UNITS@#$$units#g; s#@INSTANCES@#$$inst#g; s#@SYSUSERS@#$$sysusers#g; s#@USER@#dnbd3-merger#g; s#@PURGE@#$$purge#g" \
 	      $$s > out/scripts/$$p/$$(basename $$s .in) || exit 1; \
 	  done; \
+	  printf '%s (%s) unstable; urgency=medium\n\n  * Build of dnbd3go %s.\n\n -- dnbd3go maintainers <dnbd3go@example.org>  %s\n' \
+	    $$p '$(PKG_VERSION)' "$(VERSION)" "$$(date -R -d @$$(git log -1 --format=%ct 2>/dev/null || date +%s))" \
+	    | gzip -9n > out/scripts/$$p/changelog.gz; \
 	  for fmt in deb rpm; do \
 	    PKGROOT=$(CURDIR)/out/pkgroot SCRIPTS=$(CURDIR)/out/scripts PKG_VERSION='$(PKG_VERSION)' GOARCH=$$($(GO) env GOARCH) \
 	      $(NFPM) package -f packaging/nfpm-$${p#dnbd3go-}.yaml -p $$fmt -t out/packages/ || exit 1; \
