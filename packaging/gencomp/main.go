@@ -137,8 +137,8 @@ func main() {
 // write writes the three completion files of c.
 func write(dir string, c Command) error {
 	files := map[string]string{
-		filepath.Join(dir, "bash", c.Name):          Bash(c),
-		filepath.Join(dir, "zsh", "_"+c.Name):       Zsh(c),
+		filepath.Join(dir, "bash", c.Name):         Bash(c),
+		filepath.Join(dir, "zsh", "_"+c.Name):      Zsh(c),
 		filepath.Join(dir, "fish", c.Name+".fish"): Fish(c),
 	}
 	for path, text := range files {
