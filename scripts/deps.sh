@@ -12,6 +12,10 @@ declare -A want=(
   [qemu-system-x86_64]=qemu-system-x86
   [curl]=curl [ip]=iproute2 [tc]=iproute2
   [mke2fs]=e2fsprogs [xz]=xz-utils [bc]=bc [jq]=jq
+  # make package / test-packages: lintian, rpm -qpl, systemd-analyze verify
+  # (with man for the units' Documentation=), completion syntax checks
+  [lintian]=lintian [rpm]=rpm [systemd-analyze]=systemd [man]=man-db
+  [zsh]=zsh [fish]=fish
 )
 # qemu-system-x86 is large; skip it when only unit tests are wanted
 [ "${1:-}" = "--no-vm" ] && unset 'want[qemu-system-x86_64]'

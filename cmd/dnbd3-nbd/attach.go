@@ -142,7 +142,7 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 	started := time.Now()
 	ctlCtx, stopCtl := context.WithCancel(context.Background())
 	defer stopCtl()
-	status := func() any {
+	status := func() attachStatus {
 		clientStats := img.Stats()
 		state := "serving"
 		if clientStats.Panic {
@@ -172,6 +172,8 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 	log.Info("attached", "device", dev.Path, "image", img.Name(), "rid", img.RID(), "size", img.Size(),
 		"server", img.Stats().Current, "tookOver", dev.TookOver)
 	fmt.Fprintln(s.out, dev.Path)
+	sd := notifyAttached(ctx, log, status)
+	defer sd.Stop()
 
 	detached := false
 	select {

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/dnbd3go/dnbd3go/internal/logging"
+	"github.com/dnbd3go/dnbd3go/internal/sdnotify"
 	"github.com/dnbd3go/dnbd3go/internal/version"
 	"github.com/dnbd3go/dnbd3go/server"
 	"github.com/spf13/pflag"
@@ -161,7 +162,10 @@ func run(args []string) int {
 			}
 		}
 	}()
+	// systemd (Type=notify): ready once listening, then status lines.
+	sd := sdnotify.Start(ctx, sdnotify.Options{Status: srv.StatusLine, Logger: log})
 	err = srv.Serve(ctx, ln)
+	sd.Stop()
 	signal.Stop(sigs)
 	close(sigs)
 	if err != nil {
