@@ -340,17 +340,26 @@ func TestFailoverDuringRead(t *testing.T) {
 	a, addrA := server(t, base)
 	b, addrB := server(t, base)
 	_, dev, _ := attachCmd(t, "-h", addrA+" "+addrB, "-S", "-i", "fo", "--timeout", "60s")
-	cur := statusJSON(t, dev)["client"].(map[string]any)["Current"].(string)
-	victim := map[string]*proc{addrA: a, addrB: b}[cur]
-	if victim == nil {
-		t.Fatalf("current server %q is neither %s nor %s", cur, addrA, addrB)
-	}
+	servers := map[string]*proc{addrA: a, addrB: b}
+	// The victim is the server in use when 64 MiB have been read: RTT
+	// probing may have switched between the two equal servers before.
 	var killed atomic.Bool
+	var victim string
+	var victimErr error
 	got, err := readDevice(dev, func(n int64) {
 		if n > 64<<20 && !killed.Swap(true) {
-			victim.cmd.Process.Signal(syscall.SIGKILL)
+			victim = statusJSON(t, dev)["client"].(map[string]any)["Current"].(string)
+			p := servers[victim]
+			if p == nil {
+				victimErr = fmt.Errorf("current server %q is neither %s nor %s", victim, addrA, addrB)
+				return
+			}
+			p.cmd.Process.Signal(syscall.SIGKILL)
 		}
 	})
+	if victimErr != nil {
+		t.Fatal(victimErr)
+	}
 	if err != nil {
 		t.Fatalf("read failed across the failover: %v", err)
 	}
@@ -358,10 +367,10 @@ func TestFailoverDuringRead(t *testing.T) {
 		t.Fatal("data read across the failover differs")
 	}
 	now := statusJSON(t, dev)["client"].(map[string]any)
-	if now["Current"] == cur || now["Failovers"].(float64) < 1 {
-		t.Fatalf("no failover recorded: was %s, now %v", cur, now)
+	if now["Current"] == victim || now["Failovers"].(float64) < 1 {
+		t.Fatalf("no failover recorded: killed %s, now %v", victim, now)
 	}
-	t.Logf("killed %s at 64 MiB, read completed on %s (failovers %v)", cur, now["Current"], now["Failovers"])
+	t.Logf("killed %s at 64 MiB, read completed on %s (failovers %v)", victim, now["Current"], now["Failovers"])
 }
 
 // TestDaemonKilledWhileReading SIGKILLs the daemon while a reader waits on
