@@ -5,10 +5,8 @@ package server
 
 import (
 	"fmt"
-	"math"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"time"
 
@@ -184,36 +182,13 @@ type Config struct {
 // DefaultConfig returns the reference server's defaults. BasePath is empty:
 // server.conf must set it.
 func DefaultConfig() Config {
-	return Config{
-		ListenPort:             5003,
-		BackgroundReplication:  BGRFull,
-		BGRWindowSize:          1,
-		LookupMissingForProxy:  true,
-		RemoveMissingImages:    true,
-		UplinkTimeout:          5000 * time.Millisecond,
-		ClientTimeout:          15000 * time.Millisecond,
-		AutoFreeDiskSpaceDelay: 36000 * time.Second,
-		ISCSIServer:            true,
-		MaxClients:             MaxClientsLimit,
-		MaxImages:              MaxImagesLimit,
-		MaxPayload:             9000000,
-		MaxReplicationSize:     100000000000,
-		MaxPrefetch:            262144,
-		MinRequestSize:         0,
-		LogFileMask:            logging.DefaultFileMask,
-		LogConsoleMask:         logging.DefaultConsoleMask,
+	var c Config
+	for i := range configKeys {
+		if k := &configKeys[i]; k.def != "" {
+			k.parse(&c, k.def) // the defaults are valid: TestConfigKeyTable
+		}
 	}
-}
-
-// configKeys lists the known keys per section, for spotting misspellings.
-var configKeys = map[string][]string{
-	"dnbd3": {"basePath", "listenPort", "serverPenalty", "clientPenalty", "isProxy",
-		"backgroundReplication", "bgrMinClients", "bgrWindowSize", "lookupMissingForProxy",
-		"sparseFiles", "ignoreAllocErrors", "removeMissingImages", "uplinkTimeout",
-		"clientTimeout", "closeUnusedFd", "vmdkLegacyMode", "proxyPrivateOnly",
-		"pretendClient", "autoFreeDiskSpaceDelay", "iScsiServer"},
-	"limits":  {"maxClients", "maxImages", "maxPayload", "maxReplicationSize", "maxPrefetch", "minRequestSize"},
-	"logging": {"file", "fileMask", "consoleMask", "consoleTimestamps"},
+	return c
 }
 
 // LoadConfig reads dir/server.conf on top of the defaults.
@@ -236,7 +211,7 @@ func LoadConfig(dir string, prev *Config) (Config, []string, error) {
 	defer f.Close()
 
 	c := DefaultConfig()
-	l := configLoader{c: &c, path: path}
+	l := configLoader{c: &c, path: path, lines: map[*configKey]int{}}
 	if err := parseINI(f, l.set); err != nil {
 		if _, ok := err.(*iniSyntaxError); !ok {
 			return Config{}, nil, fmt.Errorf("read server config %s: %w", path, err)
@@ -260,175 +235,39 @@ type configLoader struct {
 	c     *Config
 	path  string
 	warns []string
-	// seen records the section.key pairs present in the file.
-	seen map[string]bool
+	// lines records the line of each key present in the file.
+	lines map[*configKey]int
 }
 
 func (l *configLoader) warnf(format string, args ...any) {
 	l.warns = append(l.warns, fmt.Sprintf(format, args...))
 }
 
-// num parses a number value; on error it warns and reports false.
-func (l *configLoader) num(section, key, value string, line int) (int64, bool) {
-	n, err := parseNumber(value)
-	if err != nil {
-		l.warnf("%s:%d: [%s] %s: %v; keeping the default", l.path, line, section, key, err)
-		return 0, false
-	}
-	return n, true
-}
-
-// intIn parses a number and checks lo ≤ n ≤ hi; out-of-range values warn.
-func (l *configLoader) intIn(section, key, value string, line int, lo, hi int64) (int64, bool) {
-	n, ok := l.num(section, key, value, line)
-	if !ok {
-		return 0, false
-	}
-	if n < lo || n > hi {
-		l.warnf("%s:%d: [%s] %s=%s is out of range %d…%d; keeping the default", l.path, line, section, key, value, lo, hi)
-		return 0, false
-	}
-	return n, true
-}
-
-// duration parses a number in the given unit.
-func (l *configLoader) duration(section, key, value string, line int, unit time.Duration, lo int64) (time.Duration, bool) {
-	n, ok := l.intIn(section, key, value, line, lo, math.MaxInt64/int64(unit))
-	if !ok {
-		return 0, false
-	}
-	return time.Duration(n) * unit, true
-}
-
 // set is the parseINI callback.
-func (l *configLoader) set(section, key, value string, line int) {
-	c := l.c
-	if l.seen == nil {
-		l.seen = map[string]bool{}
+func (l *configLoader) set(section, name, value string, line int) {
+	k := findConfigKey(section, name)
+	if k == nil {
+		l.unknown(section, name, line)
+		return
 	}
-	l.seen[section+"."+key] = true
-	switch section + "." + key {
-	// [dnbd3]
-	case "dnbd3.basePath":
-		c.BasePath = value
-	case "dnbd3.listenPort":
-		if n, ok := l.intIn(section, key, value, line, 1, math.MaxUint16); ok {
-			c.ListenPort = uint16(n)
-		}
-	case "dnbd3.serverPenalty":
-		if d, ok := l.duration(section, key, value, line, time.Microsecond, 0); ok {
-			c.ServerPenalty = d
-		}
-	case "dnbd3.clientPenalty":
-		if d, ok := l.duration(section, key, value, line, time.Microsecond, 0); ok {
-			c.ClientPenalty = d
-		}
-	case "dnbd3.isProxy":
-		c.IsProxy = parseBool(value)
-	case "dnbd3.backgroundReplication":
-		c.BackgroundReplication = parseBGRMode(value)
-	case "dnbd3.bgrMinClients":
-		if n, ok := l.intIn(section, key, value, line, 0, math.MaxInt32); ok {
-			c.BGRMinClients = int(n)
-		}
-	case "dnbd3.bgrWindowSize":
-		if n, ok := l.num(section, key, value, line); ok {
-			if n < 1 || n > MaxBGRWindowSize {
-				clamped := min(max(n, 1), MaxBGRWindowSize)
-				l.warnf("%s:%d: [dnbd3] bgrWindowSize=%s is outside 1…%d; using %d", l.path, line, value, MaxBGRWindowSize, clamped)
-				n = clamped
-			}
-			c.BGRWindowSize = int(n)
-		}
-	case "dnbd3.lookupMissingForProxy":
-		c.LookupMissingForProxy = parseBool(value)
-	case "dnbd3.sparseFiles":
-		c.SparseFiles = parseBool(value)
-	case "dnbd3.ignoreAllocErrors":
-		c.IgnoreAllocErrors = parseBool(value)
-	case "dnbd3.removeMissingImages":
-		c.RemoveMissingImages = parseBool(value)
-	case "dnbd3.uplinkTimeout":
-		if d, ok := l.duration(section, key, value, line, time.Millisecond, 1); ok {
-			c.UplinkTimeout = d
-		}
-	case "dnbd3.clientTimeout":
-		if d, ok := l.duration(section, key, value, line, time.Millisecond, 1); ok {
-			c.ClientTimeout = d
-		}
-	case "dnbd3.closeUnusedFd":
-		c.CloseUnusedFd = parseBool(value)
-	case "dnbd3.vmdkLegacyMode":
-		c.VMDKLegacyMode = parseBool(value)
-	case "dnbd3.proxyPrivateOnly":
-		c.ProxyPrivateOnly = parseBool(value)
-	case "dnbd3.pretendClient":
-		c.PretendClient = parseBool(value)
-	case "dnbd3.autoFreeDiskSpaceDelay":
-		if n, ok := l.num(section, key, value, line); ok {
-			switch {
-			case n < 0:
-				c.AutoFreeDiskSpaceDelay = -time.Second
-			case n > math.MaxInt64/int64(time.Second):
-				l.warnf("%s:%d: [dnbd3] autoFreeDiskSpaceDelay=%s is too large; keeping the default", l.path, line, value)
-			default:
-				c.AutoFreeDiskSpaceDelay = time.Duration(n) * time.Second
-			}
-		}
-	case "dnbd3.iScsiServer":
-		c.ISCSIServer = parseBool(value)
+	l.lines[k] = line
+	note, err := k.parse(l.c, value)
+	switch {
+	case err != nil:
+		l.warnf("%s:%d: [%s] %s=%s: %v; keeping the default", l.path, line, section, name, value, err)
+	case note != "":
+		l.warnf("%s:%d: [%s] %s=%s: %s", l.path, line, section, name, value, note)
+	}
+}
 
-	// [limits]
-	case "limits.maxClients":
-		if n, ok := l.intIn(section, key, value, line, 1, math.MaxInt64); ok {
-			if n > MaxClientsLimit {
-				l.warnf("%s:%d: [limits] maxClients=%s is above the limit; using %d", l.path, line, value, MaxClientsLimit)
-				n = MaxClientsLimit
-			}
-			c.MaxClients = int(n)
-		}
-	case "limits.maxImages":
-		if n, ok := l.intIn(section, key, value, line, 1, math.MaxInt64); ok {
-			if n > MaxImagesLimit {
-				l.warnf("%s:%d: [limits] maxImages=%s is above the limit; using %d", l.path, line, value, MaxImagesLimit)
-				n = MaxImagesLimit
-			}
-			c.MaxImages = int(n)
-		}
-	case "limits.maxPayload":
-		if n, ok := l.intIn(section, key, value, line, 1, math.MaxInt64); ok {
-			c.MaxPayload = n
-		}
-	case "limits.maxReplicationSize":
-		if n, ok := l.intIn(section, key, value, line, 0, math.MaxInt64); ok {
-			c.MaxReplicationSize = n
-		}
-	case "limits.maxPrefetch":
-		if n, ok := l.intIn(section, key, value, line, 0, math.MaxInt64); ok {
-			c.MaxPrefetch = n
-		}
-	case "limits.minRequestSize":
-		if n, ok := l.intIn(section, key, value, line, 0, math.MaxInt64); ok {
-			c.MinRequestSize = n
-		}
-
-	// [logging]
-	case "logging.file":
-		c.LogFile = value
-	case "logging.fileMask":
-		c.LogFileMask = logging.ParseMask(value)
-	case "logging.consoleMask":
-		c.LogConsoleMask = logging.ParseMask(value)
-	case "logging.consoleTimestamps":
-		c.ConsoleTimestamps = parseBool(value)
-
-	default:
-		for _, k := range configKeys[strings.ToLower(section)] {
-			if strings.EqualFold(k, key) {
-				l.warnf("%s:%d: [%s] %s is not a known key (keys are case-sensitive: did you mean [%s] %s?); ignored",
-					l.path, line, section, key, strings.ToLower(section), k)
-				return
-			}
+// unknown handles a key that is not in the table: a warning if it differs
+// from a key of its section only in case.
+func (l *configLoader) unknown(section, name string, line int) {
+	for _, k := range configKeys {
+		if k.section == strings.ToLower(section) && strings.EqualFold(k.name, name) {
+			l.warnf("%s:%d: [%s] %s is not a known key (keys are case-sensitive: did you mean [%s] %s?); ignored",
+				l.path, line, section, name, k.section, k.name)
+			return
 		}
 	}
 }
@@ -437,11 +276,6 @@ func (l *configLoader) set(section, key, value string, line int) {
 // rule on reload.
 func (l *configLoader) finish(prev *Config) {
 	c := l.c
-	c.BasePath = strings.TrimRight(c.BasePath, "/")
-	if l.seen["dnbd3.basePath"] && c.BasePath == "" {
-		// "/" alone: the image root is the file system root.
-		c.BasePath = "/"
-	}
 	if prev != nil {
 		l.keepStartup(prev)
 	}
@@ -460,69 +294,34 @@ func (l *configLoader) finish(prev *Config) {
 }
 
 // keepStartup restores the startup-only settings from prev, warning about
-// changes that need a restart.
+// changes that need a restart. A required key missing from the file is
+// no change.
 func (l *configLoader) keepStartup(prev *Config) {
-	c := l.c
-	changed := func(key string, now, was any) {
-		if fmt.Sprint(now) != fmt.Sprint(was) {
-			l.warnf("%s: %s changed from %v to %v; restart the server to apply it", l.path, key, was, now)
+	for i := range configKeys {
+		k := &configKeys[i]
+		if !k.startup {
+			continue
 		}
+		_, set := l.lines[k]
+		if was, now := k.format(prev), k.format(l.c); was != now && (set || !k.required) {
+			l.warnf("%s: %s changed from %s to %s; restart the server to apply it", l.path, k.name, was, now)
+		}
+		k.copy(l.c, prev)
 	}
-	if l.seen["dnbd3.basePath"] {
-		changed("basePath", c.BasePath, prev.BasePath)
-	}
-	changed("listenPort", c.ListenPort, prev.ListenPort)
-	changed("vmdkLegacyMode", c.VMDKLegacyMode, prev.VMDKLegacyMode)
-	changed("maxClients", c.MaxClients, prev.MaxClients)
-	changed("maxImages", c.MaxImages, prev.MaxImages)
-	c.BasePath = prev.BasePath
-	c.ListenPort = prev.ListenPort
-	c.VMDKLegacyMode = prev.VMDKLegacyMode
-	c.MaxClients = prev.MaxClients
-	c.MaxImages = prev.MaxImages
 }
 
 // String returns the effective configuration as server.conf text (the RPC
 // q=config dump), with values in the units the file uses.
 func (c Config) String() string {
 	var b strings.Builder
-	kv := func(k string, v any) { fmt.Fprintf(&b, "%s=%v\n", k, v) }
-	b.WriteString("[dnbd3]\n")
-	kv("basePath", c.BasePath)
-	kv("listenPort", c.ListenPort)
-	kv("serverPenalty", c.ServerPenalty.Microseconds())
-	kv("clientPenalty", c.ClientPenalty.Microseconds())
-	kv("isProxy", c.IsProxy)
-	kv("backgroundReplication", c.BackgroundReplication)
-	kv("bgrMinClients", c.BGRMinClients)
-	kv("bgrWindowSize", c.BGRWindowSize)
-	kv("lookupMissingForProxy", c.LookupMissingForProxy)
-	kv("sparseFiles", c.SparseFiles)
-	kv("ignoreAllocErrors", c.IgnoreAllocErrors)
-	kv("removeMissingImages", c.RemoveMissingImages)
-	kv("uplinkTimeout", c.UplinkTimeout.Milliseconds())
-	kv("clientTimeout", c.ClientTimeout.Milliseconds())
-	kv("closeUnusedFd", c.CloseUnusedFd)
-	kv("vmdkLegacyMode", c.VMDKLegacyMode)
-	kv("proxyPrivateOnly", c.ProxyPrivateOnly)
-	kv("pretendClient", c.PretendClient)
-	if c.AutoFreeDiskSpaceDelay < 0 {
-		kv("autoFreeDiskSpaceDelay", -1)
-	} else {
-		kv("autoFreeDiskSpaceDelay", strconv.FormatInt(int64(c.AutoFreeDiskSpaceDelay/time.Second), 10))
+	section := ""
+	for i := range configKeys {
+		k := &configKeys[i]
+		if k.section != section {
+			section = k.section
+			fmt.Fprintf(&b, "[%s]\n", section)
+		}
+		fmt.Fprintf(&b, "%s=%s\n", k.name, k.format(&c))
 	}
-	kv("iScsiServer", c.ISCSIServer)
-	b.WriteString("[limits]\n")
-	kv("maxClients", c.MaxClients)
-	kv("maxImages", c.MaxImages)
-	kv("maxPayload", c.MaxPayload)
-	kv("maxReplicationSize", c.MaxReplicationSize)
-	kv("maxPrefetch", c.MaxPrefetch)
-	kv("minRequestSize", c.MinRequestSize)
-	b.WriteString("[logging]\n")
-	kv("file", c.LogFile)
-	kv("fileMask", c.LogFileMask)
-	kv("consoleMask", c.LogConsoleMask)
-	kv("consoleTimestamps", c.ConsoleTimestamps)
 	return b.String()
 }

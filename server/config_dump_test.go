@@ -1,6 +1,9 @@
 package server
 
-import "testing"
+import (
+	"reflect"
+	"testing"
+)
 
 // TestConfigDumpBytes pins the text of Config.String (the RPC's q=config)
 // byte for byte, for a full file, the defaults and values that are
@@ -124,5 +127,66 @@ consoleTimestamps=false
 	d := DefaultConfig()
 	if got := d.String(); got[:len("[dnbd3]\nbasePath=\nlistenPort=5003\n")] != "[dnbd3]\nbasePath=\nlistenPort=5003\n" {
 		t.Errorf("DefaultConfig().String() = %q", got)
+	}
+}
+
+// TestConfigKeyTable checks the key table: one key per Config field,
+// unique names, defaults that parse cleanly and are written back as
+// spelled.
+func TestConfigKeyTable(t *testing.T) {
+	// Every field non-zero, so that copying it shows.
+	var src Config
+	sv := reflect.ValueOf(&src).Elem()
+	for i := range sv.NumField() {
+		f := sv.Field(i)
+		switch f.Kind() {
+		case reflect.Bool:
+			f.SetBool(true)
+		case reflect.String:
+			f.SetString("x")
+		case reflect.Int, reflect.Int64:
+			f.SetInt(7)
+		case reflect.Uint8, reflect.Uint16:
+			f.SetUint(7)
+		default:
+			t.Fatalf("field %s: kind %s not handled by this test", sv.Type().Field(i).Name, f.Kind())
+		}
+	}
+	owner := map[string]string{}
+	names := map[string]bool{}
+	for _, k := range configKeys {
+		if names[k.section+"."+k.name] {
+			t.Errorf("[%s] %s twice", k.section, k.name)
+		}
+		names[k.section+"."+k.name] = true
+		var dst Config
+		k.copy(&dst, &src)
+		dv := reflect.ValueOf(dst)
+		for i := range dv.NumField() {
+			if dv.Field(i).IsZero() {
+				continue
+			}
+			field := sv.Type().Field(i).Name
+			if o, ok := owner[field]; ok {
+				t.Errorf("field %s set by [%s] %s and %s", field, k.section, k.name, o)
+			}
+			owner[field] = k.section + "." + k.name
+		}
+		if k.def == "" {
+			continue
+		}
+		var c Config
+		note, err := k.parse(&c, k.def)
+		if err != nil || note != "" {
+			t.Errorf("[%s] %s: default %q: %q, %v", k.section, k.name, k.def, note, err)
+		}
+		if got := k.format(&c); got != k.def {
+			t.Errorf("[%s] %s: default %q written back as %q", k.section, k.name, k.def, got)
+		}
+	}
+	for i := range sv.NumField() {
+		if name := sv.Type().Field(i).Name; owner[name] == "" {
+			t.Errorf("field %s has no key", name)
+		}
 	}
 }
