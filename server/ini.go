@@ -231,7 +231,3 @@ func numberSuffix(suffix string) (mul int64, ok bool) {
 	}
 	return mul, true
 }
-
-// ParseSize parses a byte count with the configuration file's suffix rules
-// (K, M, G, T ... x1024^n; KB, MB ... x1000^n), for command-line flags.
-func ParseSize(s string) (int64, error) { return parseNumber(s) }

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/dnbd3go/dnbd3go/internal/logging"
+	"github.com/dnbd3go/dnbd3go/internal/units"
 	"github.com/dnbd3go/dnbd3go/internal/version"
 	"github.com/dnbd3go/dnbd3go/server"
 	"github.com/spf13/pflag"
@@ -52,7 +53,7 @@ func run(args []string) int {
 	fs.StringVar(&f.crcFile, "crc", "", "one-shot: write FILE.crc for an image file and exit")
 	fs.StringVar(&f.create, "create", "", "one-shot: create an empty image NAME (with --revision and --size) below basePath and exit")
 	fs.Uint16Var(&f.revision, "revision", 0, "revision for --create")
-	fs.StringVar(&f.size, "size", "", "size in bytes for --create (suffixes K, M, G, T allowed)")
+	fs.StringVar(&f.size, "size", "", "size in bytes for --create (suffixes K, M, G, T: powers of 1024; 4M, 4MiB and 4m are all 4 MiB)")
 	fs.StringVar(&f.errorMsg, "errormsg", "", "answer every connection with an HTTP JSON error message TEXT and nothing else")
 	fs.StringVar(&f.logFormat, "log-format", "text", "console log format: text or json")
 	fs.BoolVarP(&f.showVer, "version", "v", false, "print the version and exit")
@@ -173,9 +174,13 @@ func run(args []string) int {
 }
 
 func create(cfg server.Config, f flags) int {
-	size, err := server.ParseSize(f.size)
-	if err != nil || f.revision == 0 {
+	if f.revision == 0 || f.size == "" {
 		fmt.Fprintln(os.Stderr, "dnbd3-server: --create needs --revision N (1..65535) and --size BYTES")
+		return 2
+	}
+	size, err := units.ParseSize(f.size)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "dnbd3-server: --size: %v\n", err)
 		return 2
 	}
 	path, err := server.CreateImage(cfg.BasePath, f.create, f.revision, size, cfg.SparseFiles, cfg.IgnoreAllocErrors)
