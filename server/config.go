@@ -4,9 +4,14 @@ package server
 // (-c DIR, default /etc/dnbd3-server) at startup and again on SIGHUP.
 
 import (
+	"cmp"
+	"errors"
 	"fmt"
+	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -193,102 +198,169 @@ func DefaultConfig() Config {
 
 // LoadConfig reads dir/server.conf on top of the defaults.
 //
-// Unknown sections and keys are ignored (a key that differs from a known
-// one only in case gives a warning). Values that cannot be parsed or are out
-// of range give a warning and keep the default or are clamped, like the
-// reference does. When prev is not nil (a reload after SIGHUP), the
-// startup-only settings basePath, listenPort, vmdkLegacyMode, maxClients and
-// maxImages keep prev's values.
+// Unknown sections and keys are ignored with a warning ("did you mean"
+// when a known key is close). Values that cannot be parsed or are out of
+// range give a warning and keep the default or are clamped, like the
+// reference does, except where no fallback makes sense (listenPort,
+// basePath): those are errors. When prev is not nil (a reload after
+// SIGHUP), the startup-only settings (basePath, listenPort,
+// vmdkLegacyMode, maxClients, maxImages and the [logging] keys) keep
+// prev's values.
 //
-// The error is non-nil if the file cannot be read or, on first load,
-// basePath is missing or not absolute.
+// The error is non-nil if the file cannot be read, has an error (see
+// above) or, on first load, lacks basePath. The warnings are
+// "file:line: message" texts.
 func LoadConfig(dir string, prev *Config) (Config, []string, error) {
-	path := filepath.Join(dir, ConfigFileName)
-	f, err := os.Open(path)
+	cf := readConfig(dir, prev)
+	var warns []string
+	for _, p := range cf.problems {
+		if p.Severity == SeverityWarning {
+			warns = append(warns, p.text())
+		}
+	}
+	if err := problemsError(cf.problems); err != nil {
+		return Config{}, warns, err
+	}
+	return cf.cfg, warns, nil
+}
+
+// configFile is server.conf as read: the configuration, its problems in
+// line order (whole-file ones last), and where each key was set.
+type configFile struct {
+	path     string
+	cfg      Config
+	problems []Problem
+	lines    map[*configKey]int // line of each key present in the file
+	sections map[string]bool    // unknown sections already warned about
+}
+
+// newConfigFile returns the defaults, to be read from path.
+func newConfigFile(path string) *configFile {
+	return &configFile{path: path, cfg: DefaultConfig(), lines: map[*configKey]int{}, sections: map[string]bool{}}
+}
+
+// readConfig reads dir/server.conf on top of the defaults (see
+// LoadConfig).
+func readConfig(dir string, prev *Config) *configFile {
+	l := newConfigFile(filepath.Join(dir, ConfigFileName))
+	f, err := os.Open(l.path)
 	if err != nil {
-		return Config{}, nil, fmt.Errorf("read server config: %w (pass the configuration directory with -c; it needs a %s with at least [dnbd3] basePath=/path/to/images)", err, ConfigFileName)
+		if pe := (*fs.PathError)(nil); errors.As(err, &pe) {
+			err = pe.Err
+		}
+		l.add(SeverityError, 0, "cannot read it: %v (pass the configuration directory with -c; it needs a %s with at least [dnbd3] basePath=/path/to/images)", err, ConfigFileName)
+		l.cfg = Config{}
+		return l
 	}
 	defer f.Close()
+	l.parse(f, prev)
+	return l
+}
 
-	c := DefaultConfig()
-	l := configLoader{c: &c, path: path, lines: map[*configKey]int{}}
-	if err := parseINI(f, l.set); err != nil {
-		if _, ok := err.(*iniSyntaxError); !ok {
-			return Config{}, nil, fmt.Errorf("read server config %s: %w", path, err)
+// parse reads server.conf from r (see LoadConfig).
+func (l *configFile) parse(r io.Reader, prev *Config) {
+	err := parseINI(r, l.set)
+	for _, e := range unjoin(err) {
+		if se := (*iniSyntaxError)(nil); errors.As(e, &se) {
+			l.add(SeverityWarning, se.Line, "line %d ignored: %s", se.Line, se.Msg)
+		} else {
+			l.add(SeverityError, 0, "cannot read it: %v", e)
 		}
-		l.warnf("%s: %v (line ignored)", path, err)
 	}
 	l.finish(prev)
-	if prev == nil {
-		if c.BasePath == "" {
-			return Config{}, l.warns, fmt.Errorf("%s: [dnbd3] basePath is not set: set it to the absolute path of the image directory", path)
-		}
-		if !filepath.IsAbs(c.BasePath) {
-			return Config{}, l.warns, fmt.Errorf("%s: [dnbd3] basePath %q is not absolute: use a path starting with /", path, c.BasePath)
-		}
+	slices.SortStableFunc(l.problems, func(a, b Problem) int { return cmp.Compare(lineOrder(a.Line), lineOrder(b.Line)) })
+}
+
+// unjoin returns the errors joined in err (errors.Join), err alone, or none.
+func unjoin(err error) []error {
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		return j.Unwrap()
 	}
-	return c, l.warns, nil
+	if err != nil {
+		return []error{err}
+	}
+	return nil
 }
 
-// configLoader applies server.conf lines to a Config.
-type configLoader struct {
-	c     *Config
-	path  string
-	warns []string
-	// lines records the line of each key present in the file.
-	lines map[*configKey]int
+// add records a problem at line (0: the file as a whole).
+func (l *configFile) add(sev Severity, line int, format string, args ...any) {
+	l.problems = append(l.problems, Problem{Severity: sev, File: l.path, Line: line, Msg: fmt.Sprintf(format, args...)})
 }
 
-func (l *configLoader) warnf(format string, args ...any) {
-	l.warns = append(l.warns, fmt.Sprintf(format, args...))
+// line returns the line of [section] name in the file, 0 if absent.
+func (l *configFile) line(section, name string) int {
+	if k := findConfigKey(section, name); k != nil {
+		return l.lines[k]
+	}
+	return 0
 }
 
 // set is the parseINI callback.
-func (l *configLoader) set(section, name, value string, line int) {
+func (l *configFile) set(section, name, value string, line int) {
 	k := findConfigKey(section, name)
 	if k == nil {
 		l.unknown(section, name, line)
 		return
 	}
+	if first, ok := l.lines[k]; ok {
+		l.add(SeverityWarning, line, "[%s] %s is set again (first on line %d); this later value counts", section, name, first)
+	}
 	l.lines[k] = line
-	note, err := k.parse(l.c, value)
+	note, err := k.parse(&l.cfg, value)
 	switch {
+	case err != nil && k.strict:
+		l.add(SeverityError, line, "[%s] %s=%s: %v; the server does not start with it (no fallback to a default)", section, name, value, err)
 	case err != nil:
-		l.warnf("%s:%d: [%s] %s=%s: %v; keeping the default", l.path, line, section, name, value, err)
+		l.add(SeverityWarning, line, "[%s] %s=%s: %v; keeping the default", section, name, value, err)
 	case note != "":
-		l.warnf("%s:%d: [%s] %s=%s: %s", l.path, line, section, name, value, note)
+		l.add(SeverityWarning, line, "[%s] %s=%s: %s", section, name, value, note)
 	}
 }
 
-// unknown handles a key that is not in the table: a warning if it differs
-// from a key of its section only in case.
-func (l *configLoader) unknown(section, name string, line int) {
-	for _, k := range configKeys {
-		if k.section == strings.ToLower(section) && strings.EqualFold(k.name, name) {
-			l.warnf("%s:%d: [%s] %s is not a known key (keys are case-sensitive: did you mean [%s] %s?); ignored",
-				l.path, line, section, name, k.section, k.name)
-			return
+// unknown warns about a key that is not in the table, with the known key
+// it most likely means.
+func (l *configFile) unknown(section, name string, line int) {
+	if k := closestConfigKey(name); k != nil {
+		l.add(SeverityWarning, line, "[%s] %s is not a known key (%s); ignored", section, name, k.hint(section, name))
+		return
+	}
+	if !slices.ContainsFunc(configKeys, func(k configKey) bool { return k.section == section }) {
+		if !l.sections[section] {
+			l.sections[section] = true
+			where := fmt.Sprintf("[%s] is not a section of %s", section, ConfigFileName)
+			if section == "" {
+				where = fmt.Sprintf("%s is outside any section", name)
+			}
+			l.add(SeverityWarning, line, "%s (the sections are [dnbd3], [limits] and [logging]); its keys are ignored", where)
 		}
+		return
 	}
+	l.add(SeverityWarning, line, "[%s] %s is not a known key of [%s]; ignored", section, name, section)
 }
 
-// finish applies the rules that involve several keys, and the startup-only
-// rule on reload.
-func (l *configLoader) finish(prev *Config) {
-	c := l.c
+// finish applies the rules that involve several keys, the required keys
+// of a first load and the startup-only rule of a reload.
+func (l *configFile) finish(prev *Config) {
+	c := &l.cfg
 	if prev != nil {
 		l.keepStartup(prev)
+	} else {
+		for i := range configKeys {
+			if k := &configKeys[i]; k.required != "" && l.lines[k] == 0 {
+				l.add(SeverityError, 0, "[%s] %s is not set: %s", k.section, k.name, k.required)
+			}
+		}
 	}
 	if c.IsProxy && c.MaxPayload < MinProxyPayload {
-		l.warnf("%s: [limits] maxPayload=%d is below %d, the minimum for a proxy; using %d", l.path, c.MaxPayload, MinProxyPayload, MinProxyPayload)
+		l.add(SeverityWarning, l.line("limits", "maxPayload"), "[limits] maxPayload=%d is below %d, the minimum for a proxy; using %d", c.MaxPayload, MinProxyPayload, MinProxyPayload)
 		c.MaxPayload = MinProxyPayload
 	}
 	if c.MinRequestSize > c.MaxPayload {
-		l.warnf("%s: [limits] minRequestSize=%d is above maxPayload=%d; using %d", l.path, c.MinRequestSize, c.MaxPayload, c.MaxPayload)
+		l.add(SeverityWarning, l.line("limits", "minRequestSize"), "[limits] minRequestSize=%d is above maxPayload=%d; using %d", c.MinRequestSize, c.MaxPayload, c.MaxPayload)
 		c.MinRequestSize = c.MaxPayload
 	}
 	if c.SparseFiles && c.BackgroundReplication == BGRFull && c.BGRMinClients < minBGRClientsForSparse {
-		l.warnf("%s: [dnbd3] sparseFiles=true makes no sense with backgroundReplication=true and bgrMinClients < %d (every replicated image gets filled completely anyway); disabling sparseFiles", l.path, minBGRClientsForSparse)
+		l.add(SeverityWarning, l.line("dnbd3", "sparseFiles"), "[dnbd3] sparseFiles=true makes no sense with backgroundReplication=true and bgrMinClients < %d (every replicated image gets filled completely anyway); disabling sparseFiles", minBGRClientsForSparse)
 		c.SparseFiles = false
 	}
 }
@@ -296,17 +368,17 @@ func (l *configLoader) finish(prev *Config) {
 // keepStartup restores the startup-only settings from prev, warning about
 // changes that need a restart. A required key missing from the file is
 // no change.
-func (l *configLoader) keepStartup(prev *Config) {
+func (l *configFile) keepStartup(prev *Config) {
 	for i := range configKeys {
 		k := &configKeys[i]
 		if !k.startup {
 			continue
 		}
-		_, set := l.lines[k]
-		if was, now := k.format(prev), k.format(l.c); was != now && (set || !k.required) {
-			l.warnf("%s: %s changed from %s to %s; restart the server to apply it", l.path, k.name, was, now)
+		line, set := l.lines[k]
+		if was, now := k.format(prev), k.format(&l.cfg); was != now && (set || k.required == "") {
+			l.add(SeverityWarning, line, "%s changed from %s to %s; restart the server to apply it", k.name, was, now)
 		}
-		k.copy(l.c, prev)
+		k.copy(&l.cfg, prev)
 	}
 }
 

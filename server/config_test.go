@@ -134,8 +134,9 @@ func TestConfigDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(warns) != 0 {
-		t.Errorf("unknown keys should be silent, got %q", warns)
+	// Unknown sections and keys are ignored, with a warning each.
+	if len(warns) != 2 || !strings.Contains(warns[0], ":4: [unknown] is not a section") || !strings.Contains(warns[1], ":6: [dnbd3] noSuchKey is not a known key") {
+		t.Errorf("unknown section and key: warnings %q", warns)
 	}
 	want := DefaultConfig()
 	want.BasePath = "/srv"
@@ -244,7 +245,6 @@ func TestConfigValueRules(t *testing.T) {
 	conf := `[dnbd3]
 basePath=/srv
 isProxy=true
-listenPort=70000
 bgrWindowSize=1000
 uplinkTimeout=soon
 clientTimeout=0
@@ -264,7 +264,7 @@ maxReplicationSize=8E
 		t.Fatal(err)
 	}
 	d := DefaultConfig()
-	if c.ListenPort != d.ListenPort || c.UplinkTimeout != d.UplinkTimeout || c.ClientTimeout != d.ClientTimeout ||
+	if c.UplinkTimeout != d.UplinkTimeout || c.ClientTimeout != d.ClientTimeout ||
 		c.ServerPenalty != 0 || c.MaxReplicationSize != d.MaxReplicationSize {
 		t.Errorf("bad values should keep defaults: %+v", c)
 	}
@@ -287,7 +287,7 @@ maxReplicationSize=8E
 		t.Errorf("BasePath = %q (keys are case-sensitive)", c.BasePath)
 	}
 	joined := strings.Join(warns, "\n")
-	for _, w := range []string{"listenPort", "bgrWindowSize", "uplinkTimeout", "clientTimeout", "serverPenalty",
+	for _, w := range []string{"bgrWindowSize", "uplinkTimeout", "clientTimeout", "serverPenalty",
 		"maxPayload", "maxClients", "maxImages", "maxReplicationSize", "BasePath"} {
 		if !strings.Contains(joined, w) {
 			t.Errorf("no warning mentioning %s in:\n%s", w, joined)

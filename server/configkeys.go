@@ -9,9 +9,11 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
+	"unicode"
 
 	"github.com/dnbd3go/dnbd3go/internal/logging"
 )
@@ -24,9 +26,10 @@ type configKey struct {
 	// startup keys are read only at start: a reload keeps the running
 	// value and warns that a changed one needs a restart.
 	startup bool
-	// required keys must be set at start; a reload without them keeps
-	// the running value silently.
-	required bool
+	// required, if not empty, makes the key mandatory at start and says
+	// what to set it to; a reload without it keeps the running value
+	// silently.
+	required string
 	// strict keys stop the server when their value cannot be used,
 	// instead of falling back to the default.
 	strict bool
@@ -67,8 +70,8 @@ func key[T any](section, name, def string, field func(*Config) *T, k kind[T]) co
 // startupOnly marks k as read at start only.
 func (k configKey) startupOnly() configKey { k.startup = true; return k }
 
-// mustBeSet marks k as required at start.
-func (k configKey) mustBeSet() configKey { k.required = true; return k }
+// mustBeSet marks k as required at start; how says what to set it to.
+func (k configKey) mustBeSet(how string) configKey { k.required = how; return k }
 
 // strictValue marks k as one whose bad value stops the server.
 func (k configKey) strictValue() configKey { k.strict = true; return k }
@@ -76,8 +79,9 @@ func (k configKey) strictValue() configKey { k.strict = true; return k }
 // configKeys is the table of server.conf keys, in the order Config.String
 // writes them.
 var configKeys = []configKey{
-	key("dnbd3", "basePath", "", func(c *Config) *string { return &c.BasePath }, basePathKind).startupOnly().mustBeSet(),
-	key("dnbd3", "listenPort", "5003", func(c *Config) *uint16 { return &c.ListenPort }, integer[uint16](intRange{lo: 1, hi: math.MaxUint16})).startupOnly(),
+	key("dnbd3", "basePath", "", func(c *Config) *string { return &c.BasePath }, basePathKind).startupOnly().strictValue().
+		mustBeSet("set it to the absolute path of the image directory"),
+	key("dnbd3", "listenPort", "5003", func(c *Config) *uint16 { return &c.ListenPort }, integer[uint16](intRange{lo: 1, hi: math.MaxUint16})).startupOnly().strictValue(),
 	key("dnbd3", "serverPenalty", "0", func(c *Config) *time.Duration { return &c.ServerPenalty }, duration(time.Microsecond, 0)),
 	key("dnbd3", "clientPenalty", "0", func(c *Config) *time.Duration { return &c.ClientPenalty }, duration(time.Microsecond, 0)),
 	key("dnbd3", "isProxy", "false", func(c *Config) *bool { return &c.IsProxy }, boolean),
@@ -132,15 +136,20 @@ var (
 		parse:  func(s string) (bool, string, error) { return parseBool(s), "", nil },
 		format: strconv.FormatBool,
 	}
-	// basePathKind is a directory without trailing slashes ("/" alone
-	// stays "/").
+	// basePathKind is an absolute directory, stored without trailing
+	// slashes ("/" alone stays "/").
 	basePathKind = kind[string]{
 		parse: func(s string) (string, string, error) {
-			p := strings.TrimRight(s, "/")
-			if p == "" {
-				p = "/"
+			switch {
+			case s == "":
+				return "", "", errors.New("empty: set it to the absolute path of the image directory")
+			case !filepath.IsAbs(s):
+				return "", "", errors.New("not absolute: use a path starting with /")
 			}
-			return p, "", nil
+			if p := strings.TrimRight(s, "/"); p != "" {
+				return p, "", nil
+			}
+			return "/", "", nil
 		},
 		format: func(s string) string { return s },
 	}
@@ -151,7 +160,10 @@ var (
 	}
 	// maskKind is a log level mask (logging.ParseMask).
 	maskKind = kind[logging.Mask]{
-		parse:  func(s string) (logging.Mask, string, error) { return logging.ParseMask(s), "", nil },
+		parse: func(s string) (logging.Mask, string, error) {
+			m := logging.ParseMask(s)
+			return m, maskNote(s, m), nil
+		},
 		format: logging.Mask.String,
 	}
 	// freeSpaceDelay is autoFreeDiskSpaceDelay: seconds, any negative
@@ -222,4 +234,90 @@ func duration(unit time.Duration, lo int64) kind[time.Duration] {
 		},
 		format: func(d time.Duration) string { return n.format(int64(d / unit)) },
 	}
+}
+
+// maskNote warns about a log mask that selects no level and about words
+// that select none (level words are upper-case and matched as
+// substrings, so "error" or "WARN" select nothing).
+func maskNote(s string, m logging.Mask) string {
+	levels := strings.Fields(logging.MaskAll.String())
+	var unknown []string
+	var meant logging.Mask
+	for _, w := range strings.FieldsFunc(s, func(r rune) bool { return !unicode.IsLetter(r) && !unicode.IsDigit(r) }) {
+		if logging.ParseMask(w) != 0 {
+			continue
+		}
+		unknown = append(unknown, w)
+		meant |= logging.ParseMask(strings.ToUpper(w))
+		for _, l := range levels {
+			if strings.HasPrefix(l, strings.ToUpper(w)) {
+				meant |= logging.ParseMask(l)
+			}
+		}
+	}
+	var note string
+	switch {
+	case m == 0:
+		note = "selects no level, so nothing at all is logged there, not even errors"
+	case len(unknown) > 0:
+		note = fmt.Sprintf("%s selects no level and is ignored", strings.Join(unknown, " "))
+	default:
+		return ""
+	}
+	note += fmt.Sprintf(" (the level words are %s, upper-case)", strings.Join(levels, ", "))
+	if meant != 0 {
+		note += fmt.Sprintf("; did you mean %s?", (m | meant).String())
+	} else if m == 0 {
+		note += "; e.g. " + logging.DefaultConsoleMask.String()
+	}
+	return note
+}
+
+// closestConfigKey returns the key name most likely means: the same name
+// in other letter case or another section, or one a typo or two away;
+// nil if none is close.
+func closestConfigKey(name string) *configKey {
+	lname := strings.ToLower(name)
+	limit := min(2, len(name)/3)
+	var best *configKey
+	for i := range configKeys {
+		k := &configKeys[i]
+		if d := editDistance(lname, strings.ToLower(k.name)); d <= limit {
+			best, limit = k, d-1
+		}
+	}
+	return best
+}
+
+// hint says how [section] name differs from k.
+func (k *configKey) hint(section, name string) string {
+	h := fmt.Sprintf("did you mean [%s] %s?", k.section, k.name)
+	switch {
+	case !strings.EqualFold(k.section, section):
+		return fmt.Sprintf("%s It belongs below [%s]", h, k.section)
+	case k.section != section || strings.EqualFold(k.name, name):
+		return "names are case-sensitive: " + h
+	}
+	return h
+}
+
+// editDistance is the Levenshtein distance of a and b (bytes).
+func editDistance(a, b string) int {
+	prev := make([]int, len(b)+1)
+	cur := make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			sub := prev[j-1]
+			if a[i-1] != b[j-1] {
+				sub++
+			}
+			cur[j] = min(sub, prev[j]+1, cur[j-1]+1)
+		}
+		prev, cur = cur, prev
+	}
+	return prev[len(b)]
 }

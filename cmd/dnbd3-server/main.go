@@ -41,6 +41,8 @@ type flags struct {
 	errorMsg   string
 	logFormat  string
 	showVer    bool
+	check      bool
+	allowOpen  bool
 }
 
 func run(args []string) int {
@@ -56,9 +58,11 @@ func run(args []string) int {
 	fs.StringVar(&f.size, "size", "", "size in bytes for --create (suffixes K, M, G, T: powers of 1024; 4M, 4MiB and 4m are all 4 MiB)")
 	fs.StringVar(&f.errorMsg, "errormsg", "", "answer every connection with an HTTP JSON error message TEXT and nothing else")
 	fs.StringVar(&f.logFormat, "log-format", "text", "console log format: text or json")
+	fs.BoolVar(&f.check, "check-config", false, "check the configuration directory (as the user the server runs as), print every problem and exit: 1 if the server would not start")
+	fs.BoolVar(&f.allowOpen, "allow-open-rpc", false, "start even if rpc.acl has rule lines but none is valid (the RPC is then open to everyone, as in the reference)")
 	fs.BoolVarP(&f.showVer, "version", "v", false, "print the version and exit")
 	fs.Usage = func() {
-		fmt.Fprintf(os.Stderr, "Usage: dnbd3-server [-n] [-c DIR] [-b ADDR]\n       dnbd3-server --crc FILE\n       dnbd3-server -c DIR --create NAME --revision N --size BYTES\n\n")
+		fmt.Fprintf(os.Stderr, "Usage: dnbd3-server [-n] [-c DIR] [-b ADDR]\n       dnbd3-server --check-config [-c DIR]\n       dnbd3-server --crc FILE\n       dnbd3-server -c DIR --create NAME --revision N --size BYTES\n\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -85,17 +89,25 @@ func run(args []string) int {
 		fmt.Printf("wrote %s.crc (%d hash blocks)\n", f.crcFile, len(list))
 		return 0
 	}
-	cfg, warnings, err := server.LoadConfig(f.configDir, nil)
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "dnbd3-server: %v\n", err)
-		return 1
+	if f.check {
+		return checkConfig(f)
 	}
-	if f.create != "" {
-		return create(cfg, f)
-	}
-	if f.errorMsg != "" {
+	if f.create != "" || f.errorMsg != "" {
+		cfg, _, err := server.LoadConfig(f.configDir, nil)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "dnbd3-server: %v\n", err)
+			return 1
+		}
+		if f.create != "" {
+			return create(cfg, f)
+		}
 		return errorMode(cfg, f)
 	}
+	dir := readConfigDir(f)
+	if dir == nil {
+		return 1
+	}
+	cfg := dir.Config
 	if !f.foreground && os.Getenv(daemonEnv) == "" {
 		return daemonize(args)
 	}
@@ -114,8 +126,8 @@ func run(args []string) int {
 	}
 	defer lg.Close()
 	log := lg.Logger
-	for _, w := range warnings {
-		log.Warn("server.conf: " + w)
+	for _, p := range dir.Problems {
+		log.Warn(p.Msg, "at", p.Where())
 	}
 	log.Info("starting", "version", version.String(), "config", f.configDir, "basePath", cfg.BasePath)
 
@@ -125,6 +137,7 @@ func run(args []string) int {
 		Logger:    log,
 		LogTail:   lg.Tail,
 		Version:   version.String(),
+		Files:     dir,
 	})
 	if err != nil {
 		log.Error("cannot start", "err", err)
@@ -171,6 +184,50 @@ func run(args []string) int {
 	}
 	log.Info("shut down cleanly")
 	return 0
+}
+
+// checkConfig is --check-config: every problem of the configuration
+// directory on stdout, exit status 1 if one of them would stop a start.
+func checkConfig(f flags) int {
+	d := server.ReadConfigDir(f.configDir, server.CheckOptions{AllowOpenRPC: f.allowOpen})
+	errs := 0
+	for _, p := range d.Problems {
+		fmt.Println(p)
+		if p.Severity == server.SeverityError {
+			errs++
+		}
+	}
+	warns := len(d.Problems) - errs
+	if errs > 0 {
+		fmt.Printf("%s: %s, %s: dnbd3-server would not start\n", f.configDir, plural(errs, "error"), plural(warns, "warning"))
+		return 1
+	}
+	fmt.Printf("%s: OK, %s\n", f.configDir, plural(warns, "warning"))
+	return 0
+}
+
+// readConfigDir reads and checks the configuration directory for a start.
+// With errors it prints them and returns nil; the warnings are left for
+// the log.
+func readConfigDir(f flags) *server.ConfigDir {
+	d := server.ReadConfigDir(f.configDir, server.CheckOptions{AllowOpenRPC: f.allowOpen})
+	if d.Err() == nil {
+		return d
+	}
+	for _, p := range d.Problems {
+		if p.Severity == server.SeverityError {
+			fmt.Fprintln(os.Stderr, "dnbd3-server:", p)
+		}
+	}
+	fmt.Fprintf(os.Stderr, "dnbd3-server: not starting; `dnbd3-server --check-config -c %s` lists every problem\n", f.configDir)
+	return nil
+}
+
+func plural(n int, word string) string {
+	if n == 1 {
+		return "1 " + word
+	}
+	return fmt.Sprintf("%d %ss", n, word)
 }
 
 func create(cfg server.Config, f flags) int {
