@@ -171,7 +171,8 @@ type Config struct {
 
 	// [logging]
 
-	// LogFile is the log file path; empty for none (file).
+	// LogFile is the log file path; empty for none (file). The [logging]
+	// keys are startup only: the log is set up once.
 	LogFile string
 	// LogFileMask selects the levels written to LogFile (fileMask, default
 	// ERROR WARNING MINOR INFO DEBUG1).
@@ -376,7 +377,7 @@ func (l *configFile) keepStartup(prev *Config) {
 		}
 		line, set := l.lines[k]
 		if was, now := k.format(prev), k.format(&l.cfg); was != now && (set || k.required == "") {
-			l.add(SeverityWarning, line, "%s changed from %s to %s; restart the server to apply it", k.name, was, now)
+			l.add(SeverityWarning, line, "%s changed from %q to %q; restart the server to apply it", k.name, was, now)
 		}
 		k.copy(&l.cfg, prev)
 	}

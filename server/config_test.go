@@ -308,3 +308,27 @@ maxReplicationSize=8E
 		t.Errorf("syntax error: %v %q", err, warns)
 	}
 }
+
+// TestConfigReloadLoggingKeys: the log is set up once at start, so a
+// reload keeps the [logging] settings in effect and says that a change
+// needs a restart, instead of showing settings that are not applied.
+func TestConfigReloadLoggingKeys(t *testing.T) {
+	first, _, err := LoadConfig(cfgTestDir(t, "[dnbd3]\nbasePath=/a\n[logging]\nconsoleMask=ERROR\nfile=/var/log/a.log\n"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, warns, err := LoadConfig(cfgTestDir(t, "[dnbd3]\nbasePath=/a\n[logging]\nconsoleMask=ERROR WARNING\nconsoleTimestamps=true\n"), &first)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.LogConsoleMask != first.LogConsoleMask || c.LogFile != "/var/log/a.log" || c.ConsoleTimestamps {
+		t.Errorf("[logging] changed on reload: %+v", c)
+	}
+	joined := strings.Join(warns, "\n")
+	for _, w := range []string{`server.conf:4: consoleMask changed from "ERROR" to "ERROR WARNING"; restart the server to apply it`,
+		`server.conf:5: consoleTimestamps changed from "false" to "true"`, `server.conf: file changed from "/var/log/a.log" to ""`} {
+		if !strings.Contains(joined, w) {
+			t.Errorf("warnings lack %q:\n%s", w, joined)
+		}
+	}
+}

@@ -24,7 +24,8 @@ type configKey struct {
 	name    string // as spelled in the file (case-sensitive)
 	def     string // default, as server.conf spells it ("" = the zero value)
 	// startup keys are read only at start: a reload keeps the running
-	// value and warns that a changed one needs a restart.
+	// value and warns that a changed one needs a restart. The [logging]
+	// keys are among them: the log is set up once.
 	startup bool
 	// required, if not empty, makes the key mandatory at start and says
 	// what to set it to; a reload without it keeps the running value
@@ -108,10 +109,10 @@ var configKeys = []configKey{
 	key("limits", "maxPrefetch", "262144", func(c *Config) *int64 { return &c.MaxPrefetch }, integer[int64](intRange{lo: 0, hi: math.MaxInt64})),
 	key("limits", "minRequestSize", "0", func(c *Config) *int64 { return &c.MinRequestSize }, integer[int64](intRange{lo: 0, hi: math.MaxInt64})),
 
-	key("logging", "file", "", func(c *Config) *string { return &c.LogFile }, text),
-	key("logging", "fileMask", logging.DefaultFileMask.String(), func(c *Config) *logging.Mask { return &c.LogFileMask }, maskKind),
-	key("logging", "consoleMask", logging.DefaultConsoleMask.String(), func(c *Config) *logging.Mask { return &c.LogConsoleMask }, maskKind),
-	key("logging", "consoleTimestamps", "false", func(c *Config) *bool { return &c.ConsoleTimestamps }, boolean),
+	key("logging", "file", "", func(c *Config) *string { return &c.LogFile }, text).startupOnly(),
+	key("logging", "fileMask", logging.DefaultFileMask.String(), func(c *Config) *logging.Mask { return &c.LogFileMask }, maskKind).startupOnly(),
+	key("logging", "consoleMask", logging.DefaultConsoleMask.String(), func(c *Config) *logging.Mask { return &c.LogConsoleMask }, maskKind).startupOnly(),
+	key("logging", "consoleTimestamps", "false", func(c *Config) *bool { return &c.ConsoleTimestamps }, boolean).startupOnly(),
 }
 
 // findConfigKey returns the key [section] name, or nil.
