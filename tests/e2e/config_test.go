@@ -2,11 +2,13 @@ package e2e
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -68,6 +70,22 @@ func confDir(t *testing.T, conf string, files map[string]string) string {
 	return etc
 }
 
+// startRefused runs a dnbd3-server start that must fail at once; one
+// that serves instead is killed after 10 s and reported.
+func startRefused(t *testing.T, args ...string) (stderr string, code int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, bin("dnbd3-server"), args...)
+	var e bytes.Buffer
+	cmd.Stderr = &e
+	cmd.Run()
+	if ctx.Err() != nil {
+		t.Errorf("dnbd3-server %v is still running after 10 s instead of refusing to start", args)
+	}
+	return e.String(), cmd.ProcessState.ExitCode()
+}
+
 // TestServerCheckConfig runs `dnbd3-server --check-config` like an admin
 // and checks its output (every problem with file:line) and exit status,
 // and that a start (-n) refuses the same errors instead of serving
@@ -118,7 +136,7 @@ func TestServerCheckConfig(t *testing.T) {
 	}
 	// The start refuses the same errors, before detaching.
 	for _, mode := range [][]string{{"-n"}, {}} {
-		_, stderr, code := run(t, "dnbd3-server", append(mode, "-c", etc)...)
+		stderr, code := startRefused(t, append(mode, "-c", etc)...)
 		if code != 1 || !strings.Contains(stderr, "dnbd3-server: "+etc+"/server.conf:3: error: [dnbd3] listenPort=70000") ||
 			!strings.Contains(stderr, "basePath "+base+"/missing does not exist") || !strings.Contains(stderr, "--check-config") {
 			t.Errorf("start %v with errors: exit %d\n%s", mode, code, stderr)
@@ -137,7 +155,7 @@ func TestServerCheckConfig(t *testing.T) {
 	if out, _, code := run(t, "dnbd3-server", "--check-config", "-c", etc); code != 1 || !strings.Contains(out, "/server.conf:2: error: basePath "+ro+" is not writable") {
 		t.Errorf("read-only proxy basePath: exit %d\n%s", code, out)
 	}
-	if _, stderr, code := run(t, "dnbd3-server", "-n", "-c", etc); code != 1 || !strings.Contains(stderr, "is not writable") {
+	if stderr, code := startRefused(t, "-n", "-c", etc); code != 1 || !strings.Contains(stderr, "is not writable") {
 		t.Errorf("start of a proxy with a read-only basePath: exit %d\n%s", code, stderr)
 	}
 }
@@ -149,7 +167,7 @@ func TestServerOpenRPCOptIn(t *testing.T) {
 	randomImage(t, filepath.Join(base, "img.r1"), 4096)
 	port := freePort(t)
 	etc := confDir(t, fmt.Sprintf("[dnbd3]\nbasePath=%s\nlistenPort=%d\n", base, port), map[string]string{"rpc.acl": "127.0.0.1 EVERYTHING\n"})
-	if _, stderr, code := run(t, "dnbd3-server", "-n", "-c", etc, "-b", "127.0.0.1"); code != 1 || !strings.Contains(stderr, "--allow-open-rpc") {
+	if stderr, code := startRefused(t, "-n", "-c", etc, "-b", "127.0.0.1"); code != 1 || !strings.Contains(stderr, "--allow-open-rpc") {
 		t.Fatalf("open rpc.acl: exit %d\n%s", code, stderr)
 	}
 	out, _, code := run(t, "dnbd3-server", "--check-config", "--allow-open-rpc", "-c", etc)
@@ -173,4 +191,50 @@ func TestServerOpenRPCOptIn(t *testing.T) {
 	if !strings.Contains(d.logText(), "RPC is open to everyone") {
 		t.Errorf("no warning about the open RPC in the log:\n%s", d.logText())
 	}
+}
+
+// TestServerCRCThenSIGHUP: `dnbd3-server --crc` for an image the running
+// server has loaded, then SIGHUP: the server takes the list for the same
+// image; nothing "changed on disk", the image keeps its id.
+func TestServerCRCThenSIGHUP(t *testing.T) {
+	base := t.TempDir()
+	img := filepath.Join(base, "lab", "win.r1")
+	randomImage(t, img, 20<<20)
+	d := startDaemon(t, base)
+	if _, stderr, code := run(t, "dnbd3-server", "--crc", img); code != 0 {
+		t.Fatalf("--crc: %s", stderr)
+	}
+	d.signal(t, syscall.SIGHUP)
+	d.waitLog(t, "reloaded")
+	if strings.Contains(d.logText(), "image changed on disk") {
+		t.Errorf("SIGHUP after --crc logged a change:\n%s", d.logText())
+	}
+	if !strings.Contains(d.logText(), "CRC list added to a loaded image") {
+		t.Errorf("the new CRC list was not taken:\n%s", d.logText())
+	}
+	imgs := d.query(t, "images")["images"].([]any)
+	if len(imgs) != 1 || imgs[0].(map[string]any)["id"].(float64) != 1 {
+		t.Errorf("images after SIGHUP: %v", imgs)
+	}
+}
+
+// TestServerStartLogsConfigWarnings: the warnings --check-config prints
+// are in the log of a start, with their file and line.
+func TestServerStartLogsConfigWarnings(t *testing.T) {
+	base := t.TempDir()
+	randomImage(t, filepath.Join(base, "img.r1"), 4096)
+	port := freePort(t)
+	etc := confDir(t, fmt.Sprintf("[dnbd3]\nbasePath=%s\nlistenPort=%d\nbackgroundReplicaton=true\n", base, port), map[string]string{})
+	d := &daemon{addr: fmt.Sprintf("127.0.0.1:%d", port), log: &bytes.Buffer{}, done: make(chan error, 1)}
+	d.cmd = exec.Command(bin("dnbd3-server"), "-n", "-c", etc, "-b", "127.0.0.1")
+	d.cmd.Stdout, d.cmd.Stderr = syncWriter(d.log), syncWriter(d.log)
+	if err := d.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { d.done <- d.cmd.Wait() }()
+	t.Cleanup(func() { d.cmd.Process.Kill(); <-d.done })
+	if err := testutil.WaitListening(d.addr, 10*time.Second); err != nil {
+		t.Fatalf("not listening: %v\n%s", err, d.logText())
+	}
+	d.waitLog(t, `msg="[dnbd3] backgroundReplicaton is not a known key (did you mean [dnbd3] backgroundReplication?); ignored" at=`+etc+"/server.conf:4")
 }
