@@ -332,3 +332,18 @@ func TestConfigReloadLoggingKeys(t *testing.T) {
 		}
 	}
 }
+
+// TestConfigReloadWithError: a reload of a file with an error applies
+// none of it; the running configuration stays.
+func TestConfigReloadWithError(t *testing.T) {
+	base := t.TempDir()
+	writeFile(t, filepath.Join(base, "img.r1"), make([]byte, 4096))
+	ts := startServer(t, base, "clientPenalty=5\n", nil)
+	writeFile(t, filepath.Join(ts.configDir, ConfigFileName), []byte("[dnbd3]\nbasePath="+base+"\nclientPenalty=7\nlistenPort=abc\n"))
+	if err := ts.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	if got := ts.config().ClientPenalty; got != 5*time.Microsecond {
+		t.Errorf("clientPenalty = %v after a reload of a broken file, want the running 5µs", got)
+	}
+}
