@@ -76,32 +76,8 @@ func run(args []string) int {
 		fmt.Fprintf(os.Stderr, "dnbd3-server: unexpected argument %q\n", fs.Arg(0))
 		return 2
 	}
-	if f.showVer {
-		fmt.Println(version.String())
-		return 0
-	}
-	if f.crcFile != "" {
-		list, err := server.WriteCRCFile(f.crcFile)
-		if err != nil {
-			fmt.Fprintln(os.Stderr, "dnbd3-server: --crc:", err)
-			return 1
-		}
-		fmt.Printf("wrote %s.crc (%d hash blocks)\n", f.crcFile, len(list))
-		return 0
-	}
-	if f.check {
-		return checkConfig(f)
-	}
-	if f.create != "" || f.errorMsg != "" {
-		cfg, _, err := server.LoadConfig(f.configDir, nil)
-		if err != nil {
-			fmt.Fprintf(os.Stderr, "dnbd3-server: %v\n", err)
-			return 1
-		}
-		if f.create != "" {
-			return create(cfg, f)
-		}
-		return errorMode(cfg, f)
+	if code, done := oneShot(f); done {
+		return code
 	}
 	dir := readConfigDir(f)
 	if dir == nil {
@@ -184,6 +160,38 @@ func run(args []string) int {
 	}
 	log.Info("shut down cleanly")
 	return 0
+}
+
+// oneShot runs the modes that do something and exit instead of serving
+// (--version, --crc, --check-config, --create, --errormsg); done is false
+// for a normal start.
+func oneShot(f flags) (code int, done bool) {
+	switch {
+	case f.showVer:
+		fmt.Println(version.String())
+		return 0, true
+	case f.crcFile != "":
+		list, err := server.WriteCRCFile(f.crcFile)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "dnbd3-server: --crc:", err)
+			return 1, true
+		}
+		fmt.Printf("wrote %s.crc (%d hash blocks)\n", f.crcFile, len(list))
+		return 0, true
+	case f.check:
+		return checkConfig(f), true
+	case f.create == "" && f.errorMsg == "":
+		return 0, false
+	}
+	cfg, _, err := server.LoadConfig(f.configDir, nil)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "dnbd3-server: %v\n", err)
+		return 1, true
+	}
+	if f.create != "" {
+		return create(cfg, f), true
+	}
+	return errorMode(cfg, f), true
 }
 
 // checkConfig is --check-config: every problem of the configuration
