@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
@@ -155,7 +156,7 @@ func ReadConfigDir(dir string, opts CheckOptions) *ConfigDir {
 // lineOrder sorts whole-file problems (line 0) after the numbered lines.
 func lineOrder(line int) int {
 	if line == 0 {
-		return int(^uint(0) >> 1)
+		return math.MaxInt
 	}
 	return line
 }

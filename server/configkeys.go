@@ -34,8 +34,9 @@ type configKey struct {
 	// strict keys stop the server when their value cannot be used,
 	// instead of falling back to the default.
 	strict bool
-	// parse stores value in c. An error leaves c unchanged; a note says
-	// how the value was adjusted (clamped) before it was stored.
+	// parse stores value in c. An error leaves c unchanged; a note is a
+	// warning about the stored value (clamped, or a log mask that selects
+	// nothing).
 	parse func(c *Config, value string) (note string, err error)
 	// format returns c's value as server.conf spells it.
 	format func(c *Config) string
