@@ -107,6 +107,17 @@ func openImage(path, name string, rid uint16) (*Image, error) {
 // String names the image as name:rid.
 func (img *Image) String() string { return fmt.Sprintf("%s:%d", img.Name, img.RID) }
 
+// isFile reports whether path names the file img has open (not one that
+// replaced it).
+func (img *Image) isFile(path string) bool {
+	st, err := os.Stat(path)
+	if err != nil {
+		return false
+	}
+	open, err := img.file.Stat()
+	return err == nil && os.SameFile(st, open)
+}
+
 // File returns the open image file.
 func (img *Image) File() *os.File { return img.file }
 

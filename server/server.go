@@ -8,13 +8,11 @@ import (
 	"bufio"
 	"context"
 	"errors"
-	"fmt"
 	"log/slog"
 	"maps"
 	"math/rand/v2"
 	"net"
 	"net/netip"
-	"path/filepath"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -36,6 +34,15 @@ type Options struct {
 	LogTail func(n int) []byte
 	// Version is reported by RPC q=version.
 	Version string
+	// Files, if set, is ConfigDir as ReadConfigDir read and checked it
+	// for this start: New takes the alt servers and the RPC access list
+	// from it. Otherwise New reads alt-servers and rpc.acl itself, logs
+	// their warnings and runs the same checks on Config, failing on
+	// errors.
+	Files *ConfigDir
+	// AllowOpenRPC accepts an rpc.acl without a valid rule when New reads
+	// the files itself (see CheckOptions).
+	AllowOpenRPC bool
 }
 
 // Server is a DNBD3 server. Create it with New and run it with Serve.
@@ -81,25 +88,21 @@ func New(opts Options) (*Server, error) {
 		conns:   map[net.Conn]struct{}{},
 		clients: map[*clientConn]struct{}{},
 	}
-	alts, warnings, err := LoadAltServers(filepath.Join(opts.ConfigDir, "alt-servers"))
-	for _, w := range warnings {
-		s.log.Warn("alt-servers: " + w)
+	files := opts.Files
+	if files == nil {
+		files = &ConfigDir{Dir: opts.ConfigDir, Config: opts.Config}
+		files.readAux()
+		files.check(CheckOptions{AllowOpenRPC: opts.AllowOpenRPC}, func(string, string) int { return 0 })
+		for _, p := range files.Problems {
+			if p.Severity == SeverityWarning {
+				s.log.Warn(p.Msg, "at", p.Where())
+			}
+		}
+		if err := files.Err(); err != nil {
+			return nil, err
+		}
 	}
-	if err != nil {
-		return nil, fmt.Errorf("alt-servers: %w", err)
-	}
-	s.alts = alts
-	acl, warnings, err := LoadACL(filepath.Join(opts.ConfigDir, "rpc.acl"))
-	for _, w := range warnings {
-		s.log.Warn("rpc.acl: " + w)
-	}
-	if err != nil {
-		return nil, fmt.Errorf("rpc.acl: %w", err)
-	}
-	if acl.OpenByMistake() {
-		s.log.Error("rpc.acl: no line is a valid rule, so the RPC is open to everyone (as without the file); fix the lines warned about above, or empty the file to allow everyone on purpose")
-	}
-	s.acl = acl
+	s.alts, s.acl = files.AltServers, files.ACL
 	s.checker = newChecker(s)
 	s.proxy = newProxy(s)
 	s.store = NewStore(StoreOptions{
