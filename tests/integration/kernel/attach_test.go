@@ -130,7 +130,11 @@ func attachCmd(t *testing.T, args ...string) (*proc, string, int) {
 	case <-p.done:
 		t.Fatalf("attach exited before printing a device:\n%s", p.output())
 	case <-time.After(60 * time.Second):
-		t.Fatalf("attach printed no device within 60 s:\n%s", p.output())
+		// SIGQUIT makes the Go runtime print every goroutine's stack:
+		// the output then shows where the daemon is stuck.
+		p.cmd.Process.Signal(syscall.SIGQUIT)
+		p.wait(5 * time.Second)
+		t.Fatalf("attach printed no device within 60 s (goroutine dump after SIGQUIT below):\n%s", p.output())
 	}
 	idx, err := nbdbridge.ParseDevice(dev)
 	if err != nil {
