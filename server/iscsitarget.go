@@ -160,6 +160,12 @@ func (d *iscsiDisk) Read(ctx context.Context, off, n int64) (iscsi.Data, error) 
 	return d.s.awaitRange(ctx, img, off, n)
 }
 
+// Ready reports whether the range is in the file (or refused at once).
+func (d *iscsiDisk) Ready(off, n int64) bool {
+	cm := d.img.cache.Load()
+	return cm == nil || cm.Has(off, off+n) || d.img.hasBad.Load() && d.img.touchesBad(off, off+n)
+}
+
 // awaitRange fetches the absent blocks of [off, off+n) from the uplink,
 // in pieces of at most maxPayload, with a prefetch after the range like a
 // DNBD3 client's relayed request. The data then comes from the file, or

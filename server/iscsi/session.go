@@ -21,6 +21,10 @@ const cmdWindow = 32
 // pingTag is the target transfer tag of our NOP-In pings.
 const pingTag = 0x0000_1000
 
+// readBuffer is the connection's read buffer: a whole window of command
+// PDUs in one read(2).
+const readBuffer = 4096
+
 // session is one connection and its session (MaxConnections=1): the login,
 // then the full feature phase. The reader goroutine (run) reads PDUs,
 // keeps the CmdSN window and answers NOP-Outs and text requests itself;
@@ -59,7 +63,8 @@ type session struct {
 	textTTT  uint32
 	loggedIn bool
 
-	queue chan work
+	queue   chan work
+	pending atomic.Int32 // work queued or running in the executor
 
 	tmu   sync.Mutex
 	tasks map[uint32]*task // queued and running SCSI commands by ITT
@@ -76,7 +81,7 @@ func newSession(t *Target, c net.Conn, r *bufio.Reader) *session {
 	s := &session{
 		t:       t,
 		c:       c,
-		pr:      pduReader{r: r, maxData: ourMaxRecvDataSegment},
+		pr:      pduReader{r: bufio.NewReaderSize(r, readBuffer), maxData: ourMaxRecvDataSegment},
 		remote:  addrPort(c.RemoteAddr()),
 		local:   addrPort(c.LocalAddr()),
 		log:     t.log,
@@ -180,9 +185,15 @@ func (s *session) run() error {
 // readLoop reads PDUs until the connection fails or closes.
 func (s *session) readLoop() error {
 	silent := 0
+	var readBy time.Time
 	for {
+		// The deadline moves only every few seconds: deadlines are not
+		// free, and commands come fast.
 		timeout := s.t.cfg.Timeout()
-		s.c.SetReadDeadline(time.Now().Add(timeout))
+		if now := time.Now(); readBy.Sub(now) < timeout-timeout/8 {
+			readBy = now.Add(timeout)
+			s.c.SetReadDeadline(readBy)
+		}
 		p, err := s.pr.read()
 		if err != nil {
 			if errors.Is(err, os.ErrDeadlineExceeded) && p == nil && s.ctx.Err() == nil {
@@ -192,6 +203,7 @@ func (s *session) readLoop() error {
 					if err := s.ping(); err != nil {
 						return err
 					}
+					readBy = time.Time{}
 					continue
 				}
 				return errors.New("initiator silent for 4 client timeouts")
@@ -274,15 +286,51 @@ func (s *session) dispatch(p *PDU) error {
 			s.retire(counted)
 			return s.reject(p, rejectProtocol) // discovery session
 		}
+		if s.pending.Load() == 0 && s.quick(p) {
+			return s.inline(p)
+		}
 		return s.queueCommand(p)
 	case OpTMFReq:
-		s.queue <- work{pdu: p, marked: s.markAborts(p)}
+		s.enqueue(work{pdu: p, marked: s.markAborts(p)})
 		return nil
 	case OpLogoutReq:
-		s.queue <- work{pdu: p}
+		s.enqueue(work{pdu: p})
 		return nil
 	}
 	return nil
+}
+
+// enqueue hands work to the executor.
+func (s *session) enqueue(w work) {
+	s.pending.Add(1)
+	s.queue <- w
+}
+
+// quick reports whether a command can run in the reader: it needs no
+// Data-Out and its reads do not wait for an uplink. With the executor
+// idle, running it at once keeps the order and saves two goroutine
+// switches per command.
+func (s *session) quick(p *PDU) bool {
+	if needsDataOut(p) {
+		return false
+	}
+	cdb := p.BHS[32:48]
+	switch cdb[0] {
+	case opRead6, opRead10, opRead12, opRead16, opVerify10, opVerify12, opVerify16, opPrefetch10, opPrefetch16:
+		lba, blocks := lbaRange(cdb)
+		if !s.checkRange(lba, blocks) {
+			return true // an error answer
+		}
+		return s.disk.Ready(int64(lba)*blockSize, int64(blocks)*blockSize)
+	}
+	return true
+}
+
+// inline runs a quick command in the reader.
+func (s *session) inline(p *PDU) error {
+	p.Data = nil
+	t := &task{pdu: p, itt: p.ITT(), cmdSN: p.U32(24), immediate: p.Immediate(), ctx: s.ctx, state: taskRunning}
+	return s.scsi(t)
 }
 
 // retire counts a non-immediate request as done: the window moves on.
@@ -315,7 +363,7 @@ func (s *session) queueCommand(p *PDU) error {
 		s.retire(!p.Immediate())
 		return s.reject(p, rejectInvalidField)
 	}
-	s.queue <- work{task: t}
+	s.enqueue(work{task: t})
 	return nil
 }
 
@@ -334,8 +382,9 @@ func (s *session) execute() {
 		case w.pdu.Opcode() == OpLogoutReq:
 			err = s.logout(w.pdu)
 		}
+		s.pending.Add(-1)
 		if err != nil {
-			if !isClosed(err) && !errors.Is(err, context.Canceled) {
+			if !isClosed(err) && !errors.Is(err, context.Canceled) && err != errLoggedOut {
 				s.logAt(slog.LevelDebug, "closing connection", "err", err)
 			}
 			s.c.Close()

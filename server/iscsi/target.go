@@ -29,6 +29,9 @@ type Disk interface {
 	// ends the wait. An error wrapping ErrMedium means the range cannot
 	// be read (MEDIUM ERROR for the initiator).
 	Read(ctx context.Context, off, n int64) (Data, error)
+	// Ready reports whether Read of the range would return at once (the
+	// data is local).
+	Ready(off, n int64) bool
 	// Close releases the disk when the session ends.
 	Close()
 }
