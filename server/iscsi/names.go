@@ -22,9 +22,11 @@ type ImageRef struct {
 // ParseTargetName returns the images a target name may select, the
 // reference server's reading first. As in the reference, the name is split
 // at colons and the last two parts are NAME:RID (`iqn.2024-01.org.example:
-// ubuntu:7` and `ubuntu:7` are ubuntu rid 7); a last part that is no valid
-// rid (1-65535) belongs to the name and the rid is 0, the latest. A NAME
-// of the form wwn-0x<16 hex digits> selects the image by its WWN.
+// ubuntu:7` and `ubuntu:7` are ubuntu rid 7, `ubuntu:0` is the latest
+// ubuntu). A last part that is no rid (0-65535) is ignored by the
+// reference (`x:ubuntu:latest` is the latest ubuntu); we then also try
+// the last part as the name (`iqn.2024-01.org.example:ubuntu`). A NAME of
+// the form wwn-0x<16 hex digits> selects the image by its WWN.
 //
 // Image names may contain colons, which the reference cannot address: the
 // longer suffixes follow as further candidates (`iqn...:a:b:7` also means
@@ -32,23 +34,26 @@ type ImageRef struct {
 func ParseTargetName(target string) []ImageRef {
 	parts := strings.Split(target, ":")
 	var rid uint16
-	if len(parts) > 1 {
-		if n, err := strconv.ParseUint(parts[len(parts)-1], 10, 16); err == nil && n > 0 {
-			rid = uint16(n)
-			parts = parts[:len(parts)-1]
-		}
+	var names []string
+	if n, err := strconv.ParseUint(parts[len(parts)-1], 10, 16); err == nil && len(parts) > 1 {
+		rid = uint16(n)
+		parts = parts[:len(parts)-1]
+	} else if len(parts) > 1 {
+		names = append(names, parts[len(parts)-2])
+	}
+	for i := len(parts) - 1; i >= 0; i-- {
+		names = append(names, strings.Join(parts[i:], ":"))
 	}
 	var refs []ImageRef
-	for i := len(parts) - 1; i >= 0; i-- {
-		name := strings.Join(parts[i:], ":")
-		if name == "" {
+	seen := map[string]bool{}
+	for _, name := range names {
+		if name == "" || seen[name] {
 			continue
 		}
-		if i == len(parts)-1 {
-			if wwn, ok := parseWWN(name); ok {
-				refs = append(refs, ImageRef{WWN: wwn, ByWWN: true, RID: rid})
-				continue
-			}
+		seen[name] = true
+		if wwn, ok := parseWWN(name); ok {
+			refs = append(refs, ImageRef{WWN: wwn, ByWWN: true, RID: rid})
+			continue
 		}
 		refs = append(refs, ImageRef{Name: name, RID: rid})
 	}

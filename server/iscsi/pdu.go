@@ -147,11 +147,16 @@ type pduReader struct {
 	dataDigest   bool
 }
 
-// read returns the next PDU. Its Data slice is fresh for every PDU.
+// read returns the next PDU. Its Data slice is fresh for every PDU. An
+// error in the middle of a PDU leaves the stream unusable.
 func (pr *pduReader) read() (*PDU, error) {
 	p := &PDU{}
 	if _, err := io.ReadFull(pr.r, p.BHS[:]); err != nil {
 		return nil, err
+	}
+	n := p.DataLen()
+	if n > pr.maxData {
+		return nil, fmt.Errorf("%w: %d > %d (opcode %#x)", ErrDataTooLong, n, pr.maxData, p.Opcode())
 	}
 	if n := p.AHSLen(); n > 0 {
 		p.AHS = make([]byte, n) // at most 1020 bytes
@@ -167,10 +172,6 @@ func (pr *pduReader) read() (*PDU, error) {
 		if binary.LittleEndian.Uint32(d[:]) != crc32c(p.BHS[:], p.AHS) {
 			return nil, ErrHeaderDigest
 		}
-	}
-	n := p.DataLen()
-	if n > pr.maxData {
-		return nil, fmt.Errorf("%w: %d > %d (opcode %#x)", ErrDataTooLong, n, pr.maxData, p.Opcode())
 	}
 	if n == 0 {
 		return p, nil

@@ -194,12 +194,13 @@ func (s *session) readLoop() error {
 			readBy = now.Add(timeout)
 			s.c.SetReadDeadline(readBy)
 		}
-		p, err := s.pr.read()
-		if err != nil {
-			if errors.Is(err, os.ErrDeadlineExceeded) && p == nil && s.ctx.Err() == nil {
+		// Wait for the first byte of a PDU: a timeout here is silence; in
+		// the middle of a PDU it is the end.
+		if _, err := s.pr.r.Peek(1); err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) && s.ctx.Err() == nil {
 				// Silent for a timeout: ping; after 4 timeouts without a
 				// PDU the initiator is gone (a DNBD3 client's idle limit).
-				if silent++; silent < 4 && s.pr.r.Buffered() == 0 {
+				if silent++; silent < 4 {
 					if err := s.ping(); err != nil {
 						return err
 					}
@@ -208,6 +209,10 @@ func (s *session) readLoop() error {
 				}
 				return errors.New("initiator silent for 4 client timeouts")
 			}
+			return err
+		}
+		p, err := s.pr.read()
+		if err != nil {
 			return err
 		}
 		silent = 0
