@@ -57,7 +57,7 @@ test: test-unit test-packages test-integration
 
 test-unit: deps vet
 	$(GO) test -count=1 $(UNIT_PKGS)
-	$(GO) test -count=1 -race -short ./protocol/ ./server/ ./client/
+	$(GO) test -count=1 -race -short ./protocol/ ./server/ ./server/iscsi/ ./client/
 	@$(MAKE) --no-print-directory fuzz FUZZTIME=10000x
 
 # Runs every fuzz target for FUZZTIME: an iteration count like 20000x (a
