@@ -77,7 +77,10 @@ fuzz:
 # time limit (tests/integration/vm/suites.sh -list; SUITES="cow bridge" runs
 # only those).
 test-integration: deps build
-	$(GO) test -count=1 ./tests/...
+	@mkdir -p out
+	DNBD3GO_ISCSI_TABLE=$(CURDIR)/out/iscsi-compliance.txt $(GO) test -count=1 ./tests/...
+	@echo "libiscsi compliance (iscsi-test-cu), our iSCSI target and the reference's:"; \
+	  cat out/iscsi-compliance.txt 2>/dev/null || echo "SKIP: no table (libiscsi-bin missing? see go test -v -run TestISCSICompliance ./tests/e2e/)"
 	tests/integration/vm/testdata.sh out/vm-testdata
 	tests/integration/vm/cowdisk.sh out/vm-cowdisk.img
 	tests/integration/vm/suites.sh $(SUITES)

@@ -2,6 +2,7 @@ package server
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"net"
 	"os"
@@ -96,6 +97,18 @@ func TestISCSIServesImages(t *testing.T) {
 		}
 		if img.Name == "sub/dir/img" {
 			wwn = img.WWN
+		}
+	}
+
+	// VPD 0x83 carries the RPC's WWN as the NAA designator.
+	ic7 := iscsiLogin(t, ts.addr, "ubuntu:7", iscsitest.Options{})
+	res, err := ic7.Command([]byte{0x12, 1, 0x83, 0, 255, 0}, 255, nil)
+	if err != nil || res.Status != 0 || len(res.Data) < 16 {
+		t.Fatalf("VPD 0x83: %v", err)
+	}
+	for _, img := range q.Images {
+		if img.Name == "ubuntu" && binary.BigEndian.Uint64(res.Data[8:]) != img.WWN {
+			t.Fatalf("NAA %x, RPC wwn %x", res.Data[8:16], img.WWN)
 		}
 	}
 

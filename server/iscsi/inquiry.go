@@ -116,10 +116,14 @@ func printable(s string) []byte {
 	return b
 }
 
-// serial is the unit serial number: WWN and revision in hex, so every
-// revision of an image is a different unit.
+// serial is the unit serial number: the image name, as the reference
+// server has it (at most 252 bytes, printable ASCII).
 func (s *session) serial() string {
-	return fmt.Sprintf("%016X%04X", s.disk.WWN(), s.disk.RID())
+	b := printable(s.disk.Name())
+	if len(b) > 252 {
+		b = b[:252]
+	}
+	return string(b)
 }
 
 // deviceID returns the designators of VPD page 0x83: the NAA name from

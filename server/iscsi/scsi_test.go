@@ -184,7 +184,7 @@ func TestInquiryAndCapacity(t *testing.T) {
 		t.Fatalf("no T10 vendor ID with name:rid in % q", res.Data)
 	}
 	res = expectGood(t, ic, "VPD 0x80", []byte{opInquiry, 1, 0x80, 0, 255, 0}, 255)
-	if string(res.Data[4:]) != "2000000347000003"+"0003" {
+	if string(res.Data[4:]) != "disk" {
 		t.Fatalf("serial %q", res.Data[4:])
 	}
 	res = expectGood(t, ic, "VPD 0xB0", []byte{opInquiry, 1, 0xb0, 0, 255, 0}, 255)
