@@ -23,9 +23,12 @@ DISK=out/vm-cowdisk.img
 
 # name | limit (s) | quiet duration (s, measured) | vmtest.sh arguments
 # The bridge suite takes every test no other suite names, so a new test
-# always runs somewhere.
+# always runs somewhere. The iscsi suite loads the kernel's iSCSI
+# initiator and copies the host's open-iscsi daemon and tool (package
+# open-iscsi, installed by scripts/deps.sh).
 SUITES=(
-  "bridge|600|150|-skip ^Test(COW|Merge|Cowtest) -files $DATA"
+  "bridge|600|150|-skip ^Test(COW|Merge|Cowtest|ISCSI) -files $DATA"
+  "iscsi|240|35|-run ^TestISCSI -files $DATA -mod iscsi_tcp -mod sd_mod -hostbin iscsid -hostbin iscsiadm"
   "cow|300|60|-run ^Test(COW|Merge) -files $DATA"
   "cowtest-random|600|170|-run ^TestCowtestRandom$ -disk-snapshot $DISK"
   "cowtest-sequence|1500|600|-run ^TestCowtestSequenceWithMerger$ -disk-snapshot $DISK"
