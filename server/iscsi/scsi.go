@@ -164,28 +164,6 @@ func (s *session) claimResponse(t *task) bool {
 	return true
 }
 
-// sendData sends one Data-In PDU with k bytes of src at off: with sendfile
-// when the data needs neither padding nor a digest.
-func (s *session) sendData(h *BHS, src Data, off, k int64, mode statMode) error {
-	s.bytesSent.Add(uint64(k))
-	if s.t.cfg.Sent != nil {
-		s.t.cfg.Sent(k)
-	}
-	if !s.pr.dataDigest && k%4 == 0 {
-		s.wmu.Lock()
-		defer s.wmu.Unlock()
-		s.stampLocked(h, mode)
-		h.SetDataLen(int(k))
-		s.refreshWriteDeadline()
-		return src.SendTo(s.c, header(h, s.pr.headerDigest), off, k)
-	}
-	buf := make([]byte, k)
-	if _, err := src.ReadAt(buf, off); err != nil {
-		return err
-	}
-	return s.send(h, buf, mode)
-}
-
 // memData is Data in memory.
 type memData []byte
 

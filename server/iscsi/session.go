@@ -48,8 +48,10 @@ type session struct {
 	cancel context.CancelFunc
 
 	wmu     sync.Mutex
-	statSN  uint32    // guarded by wmu: the next StatSN
-	writeBy time.Time // guarded by wmu
+	statSN  uint32      // guarded by wmu: the next StatSN
+	writeBy time.Time   // guarded by wmu
+	out     []byte      // guarded by wmu: PDUs not written yet
+	batch   atomic.Bool // the reader answers a burst: writes may wait
 
 	cmdBase  uint32        // ExpCmdSN after the login
 	expCmdSN atomic.Uint32 // next CmdSN expected
@@ -216,8 +218,19 @@ func (s *session) readLoop() error {
 			return err
 		}
 		silent = 0
+		// More of a burst waiting: the answers may go out together.
+		s.batch.Store(s.pr.r.Buffered() >= BHSLen)
 		if err := s.handle(p); err != nil {
 			return err
+		}
+		if !s.batch.Load() {
+			continue
+		}
+		if s.pr.r.Buffered() < BHSLen {
+			s.batch.Store(false)
+			if err := s.flush(); err != nil {
+				return err
+			}
 		}
 	}
 }
@@ -478,49 +491,4 @@ func (s *session) reject(p *PDU, reason uint8) error {
 	h[2] = reason
 	h.SetU32(16, reserved)
 	return s.send(&h, p.BHS[:], statAdvance)
-}
-
-// How send fills in StatSN.
-type statMode uint8
-
-const (
-	statNone    statMode = iota // the PDU has no StatSN (Data-In without status)
-	statCurrent                 // the next StatSN, not advanced (R2T, pings)
-	statAdvance                 // a status: this StatSN, then the next
-)
-
-// send writes one PDU with its data segment from memory, filling in
-// StatSN, ExpCmdSN and MaxCmdSN.
-func (s *session) send(h *BHS, data []byte, mode statMode) error {
-	s.wmu.Lock()
-	defer s.wmu.Unlock()
-	s.stampLocked(h, mode)
-	buf := appendPDU(make([]byte, 0, BHSLen+8+len(data)+4), h, data, s.pr.headerDigest, s.pr.dataDigest)
-	s.refreshWriteDeadline()
-	_, err := s.c.Write(buf)
-	return err
-}
-
-// stampLocked sets the sequence numbers of an outgoing PDU.
-func (s *session) stampLocked(h *BHS, mode statMode) {
-	switch mode {
-	case statCurrent:
-		h.SetU32(24, s.statSN)
-	case statAdvance:
-		h.SetU32(24, s.statSN)
-		s.statSN++
-	}
-	h.SetU32(28, s.expCmdSN.Load())
-	h.SetU32(32, s.maxCmdSN())
-}
-
-// refreshWriteDeadline moves the write deadline to now + timeout, every
-// few seconds only. The caller holds wmu.
-func (s *session) refreshWriteDeadline() {
-	d := s.t.cfg.Timeout()
-	now := time.Now()
-	if s.writeBy.Sub(now) < d-d/8 {
-		s.writeBy = now.Add(d)
-		s.c.SetWriteDeadline(s.writeBy)
-	}
 }
