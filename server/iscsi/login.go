@@ -91,7 +91,6 @@ func (s *session) login(ctx context.Context) error {
 		if done {
 			s.pr.headerDigest, s.pr.dataDigest = s.p.headerDigest, s.p.dataDigest
 			s.c.SetDeadline(time.Time{})
-			s.loggedIn = true
 			return nil
 		}
 		if transit {

@@ -58,12 +58,10 @@ type session struct {
 	retired  atomic.Uint32 // non-immediate commands completed (MaxCmdSN)
 
 	// Reader state.
-	held     map[uint32]*PDU // commands received ahead of ExpCmdSN
-	pinged   bool            // a NOP-In ping is unanswered
-	textOut  []byte          // rest of a long text response
-	textIn   []byte          // text request continued over several PDUs
-	textTTT  uint32
-	loggedIn bool
+	held    map[uint32]*PDU // commands received ahead of ExpCmdSN
+	textOut []byte          // rest of a long text response
+	textIn  []byte          // text request continued over several PDUs
+	textTTT uint32
 
 	queue   chan work
 	pending atomic.Int32 // work queued or running in the executor
@@ -431,12 +429,10 @@ func (s *session) runTask(t *task) error {
 }
 
 // nopOut answers a NOP-Out: a ping from the initiator gets a NOP-In with
-// the same data; the answer to our ping clears it.
+// the same data; an answer to our ping needs none (that it arrived reset
+// the silence count).
 func (s *session) nopOut(p *PDU) error {
 	if p.ITT() == reserved {
-		if p.U32(20) == pingTag {
-			s.pinged = false
-		}
 		return nil
 	}
 	h := newBHS(OpNOPIn, flagFinal)
@@ -452,7 +448,6 @@ func (s *session) nopOut(p *PDU) error {
 
 // ping sends a NOP-In that asks for a NOP-Out in return.
 func (s *session) ping() error {
-	s.pinged = true
 	h := newBHS(OpNOPIn, flagFinal)
 	h.SetU32(16, reserved)
 	h.SetU32(20, pingTag)
