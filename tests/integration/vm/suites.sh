@@ -57,6 +57,19 @@ T0=$SECONDS
 for s in "${SUITES[@]}"; do
   IFS='|' read -r name limit quiet args <<<"$s"
   selected "$name" || continue
+  # A suite that copies host binaries into the VM needs them here.
+  missing=""
+  read -ra words <<<"$args"
+  for i in "${!words[@]}"; do
+    if [ "${words[$i]}" = -hostbin ] && ! command -v "${words[$((i + 1))]}" >/dev/null && [ ! -x "/usr/sbin/${words[$((i + 1))]}" ]; then
+      missing="$missing ${words[$((i + 1))]}"
+    fi
+  done
+  if [ -n "$missing" ]; then
+    echo "=== VM suite $name: SKIP: host commands missing:$missing (scripts/deps.sh as root installs them)"
+    summary+=("$(printf '%-18s %-22s' "$name" "SKIP (missing:$missing)")")
+    continue
+  fi
   echo "=== VM suite $name (limit ${limit}s, about ${quiet}s on a quiet machine)"
   start=$SECONDS
   # shellcheck disable=SC2086 # args is a list of words without spaces
