@@ -2,6 +2,7 @@ package iscsi
 
 import (
 	"encoding/binary"
+	"fmt"
 	"log/slog"
 	"net"
 )
@@ -57,6 +58,10 @@ func (s *session) scsi(t *task) error {
 	if res.abort {
 		s.retire(!t.immediate)
 		return nil
+	}
+	if res.status == statusCheckCondition {
+		s.logAt(slog.LevelDebug, "SCSI command failed", "cdb", fmt.Sprintf("% x", c.cdb), "edtl", c.edtl,
+			"sense", fmt.Sprintf("%#x/%#04x", res.sense.key, res.sense.ascq))
 	}
 	return s.respond(c, res)
 }
