@@ -449,8 +449,8 @@ func (ic *Conn) Finish(itt uint32, out []byte) (*Result, error) {
 			res.Status = p.BHS[3]
 			res.Flags = p.BHS[1] & 0x06
 			res.Residual = p.U32(44)
-			if p.U32(36) != dataSN {
-				return nil, fmt.Errorf("ExpDataSN %d, sent %d", p.U32(36), dataSN)
+			if p.U32(36) != dataSN+uint32(res.R2Ts) {
+				return nil, fmt.Errorf("ExpDataSN %d, sent %d Data-In and %d R2T", p.U32(36), dataSN, res.R2Ts)
 			}
 			if len(p.Data) >= 2 {
 				n := int(binary.BigEndian.Uint16(p.Data))

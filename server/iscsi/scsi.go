@@ -146,7 +146,7 @@ func (s *session) respond(c *scsiCmd, res result) error {
 	h := newBHS(OpSCSIResp, flagFinal|resFlags)
 	h[3] = res.status
 	h.SetU32(16, t.itt)
-	h.SetU32(36, dataSN) // ExpDataSN: Data-In PDUs sent
+	h.SetU32(36, dataSN+t.r2ts) // ExpDataSN: R2T and Data-In PDUs sent
 	h.SetU32(44, residual)
 	var data []byte
 	if res.status == statusCheckCondition {

@@ -122,8 +122,7 @@ func (s *session) logAt(level slog.Level, msg string, args ...any) {
 	s.log.Log(context.Background(), level, msg, append([]any{"client", s.remote.String()}, args...)...)
 }
 
-// logEnd logs why a connection ended: at debug level when the initiator
-// just went away.
+// logEnd logs why a connection ended.
 func (s *session) logEnd(msg string, err error) {
 	switch {
 	case err == nil:
@@ -155,6 +154,7 @@ type task struct {
 	mu      sync.Mutex
 	state   taskState
 	dataOut chan *PDU // Data-Out PDUs for a command that solicited them
+	r2ts    uint32    // R2Ts sent (executor only)
 }
 
 type taskState uint8
@@ -454,15 +454,16 @@ func (s *session) ping() error {
 	return s.send(&h, nil, statCurrent)
 }
 
-// logout answers a logout request and ends the connection.
+// logout answers a logout request: closing the session or the
+// connection (the same here) ends the connection; removing a connection
+// for recovery is not supported (ErrorRecoveryLevel 0).
 func (s *session) logout(p *PDU) error {
 	s.retire(!p.Immediate())
 	h := newBHS(OpLogoutResp, flagFinal)
 	h.SetU32(16, p.ITT())
-	switch reason := p.Flags() & 0x7f; reason {
-	case 0, 1: // close the session / the connection: the same here
-	default:
+	if reason := p.Flags() & 0x7f; reason > 1 {
 		h[2] = 2 // connection recovery is not supported
+		return s.send(&h, nil, statAdvance)
 	}
 	if err := s.send(&h, nil, statAdvance); err != nil {
 		return err

@@ -105,9 +105,7 @@ func (t *Target) Serve(ctx context.Context, c net.Conn, r *bufio.Reader) {
 		s.logEnd("login failed", err)
 		return
 	}
-	if !t.register(s) {
-		return
-	}
+	t.register(s)
 	defer t.unregister(s)
 	s.logAt(slog.LevelInfo, "iSCSI session started", "initiator", s.p.initiatorName, "type", s.p.sessionType, "target", s.p.targetName)
 	err := s.run()
@@ -117,7 +115,7 @@ func (t *Target) Serve(ctx context.Context, c net.Conn, r *bufio.Reader) {
 // register adds s to the session list; a session of the same initiator
 // and ISID for the same target is closed (session reinstatement: the
 // initiator lost the old connection).
-func (t *Target) register(s *session) bool {
+func (t *Target) register(s *session) {
 	t.mu.Lock()
 	var old []*session
 	for o := range t.sessions {
@@ -131,7 +129,6 @@ func (t *Target) register(s *session) bool {
 		o.logAt(slog.LevelInfo, "closing session: the initiator logged in again with the same ISID")
 		o.c.Close()
 	}
-	return true
 }
 
 func (t *Target) unregister(s *session) {

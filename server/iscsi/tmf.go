@@ -1,6 +1,9 @@
 package iscsi
 
-import "log/slog"
+import (
+	"errors"
+	"log/slog"
+)
 
 // Task management functions (RFC 7143 section 11.5.1).
 const (
@@ -96,11 +99,7 @@ func (s *session) tmf(p *PDU, aborted []*task) error {
 	return nil
 }
 
-type coldReset struct{}
-
-func (coldReset) Error() string { return "target cold reset" }
-
-var errColdReset error = coldReset{}
+var errColdReset = errors.New("target cold reset")
 
 // abortResult decides ABORT TASK's response. A task aborted before its
 // response went out: function complete. No such task: function complete

@@ -166,6 +166,7 @@ func (s *session) receive(c *scsiCmd, total int64, add func([]byte, int64)) erro
 			return err
 		}
 		r2tsn++
+		t.r2ts = r2tsn
 		var burst int64
 		var dataSN uint32
 		timer := time.NewTimer(4 * s.t.cfg.Timeout())
