@@ -116,19 +116,24 @@ func (e *loginError) Error() string {
 	return fmt.Sprintf("login status %d/%#02x: %s", e.class, e.detail, e.msg)
 }
 
-// Login status codes (RFC 7143 section 11.13.5).
-var (
-	errLoginInitiator   = func(m string) error { return &loginError{2, 0x00, m} }
-	errLoginAuth        = func(m string) error { return &loginError{2, 0x01, m} }
-	errLoginNotFound    = func(m string) error { return &loginError{2, 0x03, m} }
-	errLoginVersion     = func(m string) error { return &loginError{2, 0x05, m} }
-	errLoginMissing     = func(m string) error { return &loginError{2, 0x07, m} }
-	errLoginSessionType = func(m string) error { return &loginError{2, 0x09, m} }
-	errLoginNoSession   = func(m string) error { return &loginError{2, 0x0a, m} }
-	errLoginInvalid     = func(m string) error { return &loginError{2, 0x0b, m} }
-	errLoginTarget      = func(m string) error { return &loginError{3, 0x00, m} }
-	errLoginResources   = func(m string) error { return &loginError{3, 0x02, m} }
+// Login status codes (RFC 7143 section 11.13.5): class in the high byte.
+const (
+	loginInitiator   = 0x0200 // initiator error
+	loginAuth        = 0x0201 // authentication failure
+	loginNotFound    = 0x0203 // target not found
+	loginVersion     = 0x0205 // unsupported version
+	loginMissing     = 0x0207 // missing parameter
+	loginSessionType = 0x0209 // session type not supported
+	loginNoSession   = 0x020a // session does not exist
+	loginInvalid     = 0x020b // invalid request during login
+	loginTarget      = 0x0300 // target error
+	loginResources   = 0x0302 // out of resources
 )
+
+// loginErr returns a login failure with status code (class and detail).
+func loginErr(code uint16, msg string) error {
+	return &loginError{uint8(code >> 8), uint8(code), msg}
+}
 
 // negotiate answers the keys of one login request and applies them. It
 // returns the reply text; a non-nil error fails the login.
@@ -136,10 +141,10 @@ func (p *params) negotiate(kvs []kv) ([]byte, error) {
 	var out []byte
 	for _, x := range kvs {
 		if len(x.key) > maxKeyLen {
-			return nil, errLoginInitiator("key name too long: " + truncate(x.key, 64))
+			return nil, loginErr(loginInitiator, "key name too long: "+truncate(x.key, 64))
 		}
 		if p.seen[x.key]++; p.seen[x.key] > 1 {
-			return nil, errLoginInitiator("key offered twice: " + x.key)
+			return nil, loginErr(loginInitiator, "key offered twice: "+x.key)
 		}
 		if len(x.value) > maxValueLen {
 			out = appendKV(out, x.key, "Reject")
@@ -162,7 +167,7 @@ func (p *params) negotiateKey(key, v string) (string, error) {
 	switch key {
 	case "InitiatorName":
 		if v == "" {
-			return "", errLoginMissing("empty InitiatorName")
+			return "", loginErr(loginMissing, "empty InitiatorName")
 		}
 		p.initiatorName = v
 		return "", nil
@@ -174,7 +179,7 @@ func (p *params) negotiateKey(key, v string) (string, error) {
 		return "", nil
 	case "SessionType":
 		if v != "Normal" && v != "Discovery" {
-			return "", errLoginSessionType("SessionType " + truncate(v, 32))
+			return "", loginErr(loginSessionType, "SessionType "+truncate(v, 32))
 		}
 		p.sessionType = v
 		return "", nil
@@ -185,7 +190,7 @@ func (p *params) negotiateKey(key, v string) (string, error) {
 				return "None", nil
 			}
 		}
-		return "", errLoginAuth("only AuthMethod=None is supported, offered " + truncate(v, 64))
+		return "", loginErr(loginAuth, "only AuthMethod=None is supported, offered "+truncate(v, 64))
 	case "HeaderDigest", "DataDigest":
 		choice := ""
 		for _, m := range strings.Split(v, ",") {

@@ -50,7 +50,7 @@ func (s *session) login(ctx context.Context) error {
 		first = false
 		stage = csg
 		if len(text)+len(p.Data) > maxTextLen {
-			return s.failLogin(resp, errLoginInitiator("login text too long"))
+			return s.failLogin(resp, loginErr(loginInitiator, "login text too long"))
 		}
 		text = append(text, p.Data...)
 		if cont {
@@ -63,7 +63,7 @@ func (s *session) login(ctx context.Context) error {
 		kvs, err := parseText(text)
 		text = text[:0]
 		if err != nil {
-			return s.failLogin(resp, errLoginInitiator(err.Error()))
+			return s.failLogin(resp, loginErr(loginInitiator, err.Error()))
 		}
 		out, err := s.loginKeys(ctx, kvs, csg)
 		if err != nil {
@@ -79,7 +79,7 @@ func (s *session) login(ctx context.Context) error {
 		done := transit && nsg == stageFullFeature
 		if done {
 			if s.p.sessionType == "Normal" && s.disk == nil {
-				return s.failLogin(resp, errLoginMissing("TargetName missing"))
+				return s.failLogin(resp, loginErr(loginMissing, "TargetName missing"))
 			}
 			s.tsih = s.t.newTSIH()
 			resp.SetU16(14, s.tsih)
@@ -103,21 +103,21 @@ func (s *session) login(ctx context.Context) error {
 func (s *session) checkLoginPDU(p *PDU, first bool, stage, csg, nsg int, transit, cont bool) error {
 	switch {
 	case p.BHS[3] > 0: // VersionMin
-		return errLoginVersion("iSCSI version " + strconv.Itoa(int(p.BHS[3])) + " or later")
+		return loginErr(loginVersion, "iSCSI version "+strconv.Itoa(int(p.BHS[3]))+" or later")
 	case csg != stageSecurity && csg != stageOperational:
-		return errLoginInvalid("invalid current stage " + strconv.Itoa(csg))
+		return loginErr(loginInvalid, "invalid current stage "+strconv.Itoa(csg))
 	case transit && cont:
-		return errLoginInvalid("transit and continue together")
+		return loginErr(loginInvalid, "transit and continue together")
 	case transit && (nsg == 2 || nsg <= csg):
-		return errLoginInvalid("invalid next stage " + strconv.Itoa(nsg))
+		return loginErr(loginInvalid, "invalid next stage "+strconv.Itoa(nsg))
 	case first && s.tsih != 0:
 		// Adding a connection to (or reinstating one of) a session: we
 		// keep no session without its connection.
-		return errLoginNoSession("TSIH " + strconv.Itoa(int(s.tsih)) + " is not a session of this target")
+		return loginErr(loginNoSession, "TSIH "+strconv.Itoa(int(s.tsih))+" is not a session of this target")
 	case !first && [6]byte(p.BHS[8:14]) != s.isid:
-		return errLoginInitiator("ISID changed during the login")
+		return loginErr(loginInitiator, "ISID changed during the login")
 	case !first && csg < stage:
-		return errLoginInitiator("login went back a stage")
+		return loginErr(loginInitiator, "login went back a stage")
 	}
 	return nil
 }
@@ -132,18 +132,18 @@ func (s *session) loginKeys(ctx context.Context, kvs []kv, csg int) ([]byte, err
 	}
 	if firstText {
 		if s.p.initiatorName == "" {
-			return nil, errLoginMissing("InitiatorName missing")
+			return nil, loginErr(loginMissing, "InitiatorName missing")
 		}
 		if s.p.sessionType == "Normal" {
 			if s.p.targetName == "" {
-				return nil, errLoginMissing("TargetName missing")
+				return nil, loginErr(loginMissing, "TargetName missing")
 			}
 			d, err := s.t.cfg.Backend.Open(ctx, s.p.targetName)
 			switch {
 			case errors.Is(err, ErrTargetNotFound):
-				return nil, errLoginNotFound(err.Error())
+				return nil, loginErr(loginNotFound, err.Error())
 			case err != nil:
-				return nil, errLoginResources(err.Error())
+				return nil, loginErr(loginResources, err.Error())
 			}
 			s.disk = d
 			// RFC 7143 section 13.9: the first response of a normal
@@ -156,7 +156,7 @@ func (s *session) loginKeys(ctx context.Context, kvs []kv, csg int) ([]byte, err
 		out = s.p.declare(out)
 	}
 	if len(out) > s.p.maxSendData {
-		return nil, errLoginTarget("login response longer than the initiator's MaxRecvDataSegmentLength")
+		return nil, loginErr(loginTarget, "login response longer than the initiator's MaxRecvDataSegmentLength")
 	}
 	return out, nil
 }
