@@ -91,6 +91,7 @@ func (s *session) login(ctx context.Context) error {
 		if done {
 			s.pr.headerDigest, s.pr.dataDigest = s.p.headerDigest, s.p.dataDigest
 			s.c.SetDeadline(time.Time{})
+			s.writeBy = time.Time{} // the next write sets a fresh deadline
 			return nil
 		}
 		if transit {
