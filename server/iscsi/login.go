@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -150,7 +151,7 @@ func (s *session) loginKeys(ctx context.Context, kvs []kv, csg int) ([]byte, err
 			// RFC 7143 section 13.9: the first response of a normal
 			// session carries the portal group tag.
 			out = appendKV(out, "TargetPortalGroupTag", "1")
-			out = appendKV(out, "TargetAlias", d.Name()+":"+strconv.Itoa(int(d.RID())))
+			out = appendKV(out, "TargetAlias", strings.ToValidUTF8(d.Name(), "_")+":"+strconv.Itoa(int(d.RID())))
 		}
 	}
 	if csg == stageOperational {
