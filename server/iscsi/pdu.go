@@ -13,16 +13,20 @@ import (
 // byte).
 type Opcode uint8
 
-// Initiator opcodes.
+// Opcodes of the PDUs an initiator sends.
 const (
-	OpNOPOut     Opcode = 0x00
-	OpSCSICmd    Opcode = 0x01
-	OpTMFReq     Opcode = 0x02
-	OpLoginReq   Opcode = 0x03
-	OpTextReq    Opcode = 0x04
-	OpDataOut    Opcode = 0x05
-	OpLogoutReq  Opcode = 0x06
-	OpSNACKReq   Opcode = 0x10
+	OpNOPOut    Opcode = 0x00
+	OpSCSICmd   Opcode = 0x01
+	OpTMFReq    Opcode = 0x02
+	OpLoginReq  Opcode = 0x03
+	OpTextReq   Opcode = 0x04
+	OpDataOut   Opcode = 0x05
+	OpLogoutReq Opcode = 0x06
+	OpSNACKReq  Opcode = 0x10
+)
+
+// Opcodes of the PDUs a target sends.
+const (
 	OpNOPIn      Opcode = 0x20
 	OpSCSIResp   Opcode = 0x21
 	OpTMFResp    Opcode = 0x22

@@ -10,10 +10,8 @@ const (
 // Sense keys.
 const (
 	senseNoSense        = 0x00
-	senseNotReady       = 0x02
 	senseMediumError    = 0x03
 	senseIllegalRequest = 0x05
-	senseUnitAttention  = 0x06
 	senseDataProtect    = 0x07
 	senseMiscompare     = 0x0e
 )
@@ -35,17 +33,14 @@ type sense struct {
 
 // Additional sense codes and qualifiers.
 const (
-	ascNone                = 0x0000
-	ascUnrecoveredRead     = 0x1100
-	ascMiscompare          = 0x1d00
-	ascInvalidOpcode       = 0x2000
-	ascLBAOutOfRange       = 0x2100
-	ascInvalidFieldInCDB   = 0x2400
-	ascLUNNotSupported     = 0x2500
-	ascInvalidFieldInParam = 0x2600
-	ascWriteProtected      = 0x2700
-	ascSavingNotSupported  = 0x3900
-	ascInvalidInfoUnit     = 0x0e03
+	ascUnrecoveredRead    = 0x1100
+	ascMiscompare         = 0x1d00
+	ascInvalidOpcode      = 0x2000
+	ascLBAOutOfRange      = 0x2100
+	ascInvalidFieldInCDB  = 0x2400
+	ascLUNNotSupported    = 0x2500
+	ascWriteProtected     = 0x2700
+	ascSavingNotSupported = 0x3900
 )
 
 var (

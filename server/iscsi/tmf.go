@@ -15,12 +15,11 @@ const (
 	tmfTargetWarm     = 6
 	tmfTargetCold     = 7
 	tmfTaskReassign   = 8
-	tmfComplete       = 0   // function complete
-	tmfNoTask         = 1   // task does not exist
-	tmfNoLUN          = 2   // LUN does not exist
-	tmfNoReassign     = 4   // task allegiance reassignment not supported
-	tmfNotSupported   = 5   // task management function not supported
-	tmfRejected       = 255 // function rejected
+	tmfComplete       = 0 // function complete
+	tmfNoTask         = 1 // task does not exist
+	tmfNoLUN          = 2 // LUN does not exist
+	tmfNoReassign     = 4 // task allegiance reassignment not supported
+	tmfNotSupported   = 5 // task management function not supported
 	tmfFunctionMask   = 0x7f
 	tmfRefITTOffset   = 20
 	tmfRefCmdSNOffset = 32
