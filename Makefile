@@ -57,7 +57,7 @@ test: test-unit test-packages test-integration
 
 test-unit: deps vet
 	$(GO) test -count=1 $(UNIT_PKGS)
-	$(GO) test -count=1 -race -short ./protocol/ ./server/ ./client/
+	$(GO) test -count=1 -race -short ./protocol/ ./server/ ./server/iscsi/ ./client/
 	@$(MAKE) --no-print-directory fuzz FUZZTIME=10000x
 
 # Runs every fuzz target for FUZZTIME: an iteration count like 20000x (a
@@ -77,7 +77,10 @@ fuzz:
 # time limit (tests/integration/vm/suites.sh -list; SUITES="cow bridge" runs
 # only those).
 test-integration: deps build
-	$(GO) test -count=1 ./tests/...
+	@mkdir -p out
+	DNBD3GO_ISCSI_TABLE=$(CURDIR)/out/iscsi-compliance.txt $(GO) test -count=1 ./tests/...
+	@echo "libiscsi compliance (iscsi-test-cu), our iSCSI target and the reference's:"; \
+	  cat out/iscsi-compliance.txt 2>/dev/null || echo "SKIP: no table (libiscsi-bin missing? see go test -v -run TestISCSICompliance ./tests/e2e/)"
 	tests/integration/vm/testdata.sh out/vm-testdata
 	tests/integration/vm/cowdisk.sh out/vm-cowdisk.img
 	tests/integration/vm/suites.sh $(SUITES)

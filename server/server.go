@@ -18,6 +18,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/dnbd3go/dnbd3go/server/iscsi"
 )
 
 // Options configures a Server.
@@ -62,7 +64,8 @@ type Server struct {
 	bytesSent atomic.Uint64 // served to clients, relayed data included
 	bytesRecv atomic.Uint64 // received from uplinks
 
-	proxy   *proxy   // uplinks, replication, cache map saving
+	proxy   *proxy // uplinks, replication, cache map saving
+	iscsi   *iscsi.Target
 	checker *checker // background hash block checks
 	hooks   proxyHooks
 	listen  syncValue[netip.AddrPort]
@@ -118,6 +121,12 @@ func New(opts Options) (*Server, error) {
 		return nil, err
 	}
 	s.log.Info("images loaded", "count", added, "basePath", opts.Config.BasePath)
+	s.iscsi = s.newISCSITarget()
+	if opts.Config.ISCSIServer {
+		s.log.Info("iSCSI target enabled on the listen port (iScsiServer=true)")
+	} else {
+		s.log.Info("iSCSI target disabled (iScsiServer=false): iSCSI logins are closed")
+	}
 	s.rpc = newRPCServer(s)
 	return s, nil
 }
@@ -221,8 +230,9 @@ func (s *Server) untrack(c net.Conn) {
 }
 
 // handle detects the protocol from the first byte: 0x73 ("sr" magic) is
-// DNBD3, 'G' or 'P' is the HTTP RPC; anything else is closed. (iSCSI,
-// first byte 0x43, is not implemented.)
+// DNBD3, 'G' or 'P' is the HTTP RPC, 0x43 (a login request with the
+// immediate bit) is iSCSI unless iScsiServer=false; anything else is
+// closed.
 func (s *Server) handle(c net.Conn) {
 	defer s.wg.Done()
 	handedOff := false
@@ -251,7 +261,11 @@ func (s *Server) handle(c net.Conn) {
 		prefix, _ := br.Peek(br.Buffered())
 		handedOff = s.rpc.handoff(c, prefix, func() { s.untrack(c) })
 	case 0x43:
-		s.log.Info("closing iSCSI login attempt: iSCSI is not supported by this server", "remote", remote)
+		if !s.config().ISCSIServer {
+			s.log.Info("closing iSCSI login attempt: iScsiServer=false", "remote", remote)
+			return
+		}
+		s.iscsi.Serve(context.Background(), c, br)
 	default:
 		s.log.Debug("closing: unknown protocol", "remote", remote, "firstByte", first[0])
 	}
