@@ -49,6 +49,14 @@ type AttachOptions struct {
 	// Workers bounds the requests the backend serves at once (see
 	// EngineOptions.Workers); remote backends want more than the default.
 	Workers int
+	// ReadAheadKB is the device's read-ahead (default
+	// DefaultReadAheadKB; negative leaves the kernel's 128 KiB).
+	ReadAheadKB int
+	// MaxRequestKB is the largest request the block layer builds
+	// (max_sectors_kb): 0 raises it from the driver's 128 KiB to what the
+	// queue allows (32 MiB), so large reads become fewer requests;
+	// negative leaves it.
+	MaxRequestKB int
 	// Logger receives the lifecycle logs.
 	Logger *slog.Logger
 }
@@ -135,6 +143,7 @@ func Attach(ctx context.Context, opts AttachOptions) (*Device, error) {
 		}
 		return nil, fmt.Errorf("%s did not become ready: %w", d.Path, err)
 	}
+	d.tuneQueue()
 	st := State{Index: index, Device: d.Path, PID: os.Getpid(), BackendID: opts.BackendID, Size: size,
 		BlockSize: opts.BlockSize, Connections: opts.Connections, ReadOnly: IsReadOnly(opts.Backend),
 		Started: time.Now().UTC(), Info: opts.Info}
@@ -144,6 +153,30 @@ func Attach(ctx context.Context, opts AttachOptions) (*Device, error) {
 	go d.watchLinkDead()
 	ok = true
 	return d, nil
+}
+
+// tuneQueue applies the read-ahead and request size options; a failure
+// only costs speed and is logged.
+func (d *Device) tuneQueue() {
+	q := QueueSettings{ReadAheadKB: d.opts.ReadAheadKB, MaxSectorsKB: d.opts.MaxRequestKB}
+	switch {
+	case q.ReadAheadKB == 0:
+		q.ReadAheadKB = DefaultReadAheadKB
+	case q.ReadAheadKB < 0:
+		q.ReadAheadKB = 0
+	}
+	switch {
+	case q.MaxSectorsKB == 0:
+		q.MaxSectorsKB = -1
+	case q.MaxSectorsKB < 0:
+		q.MaxSectorsKB = 0
+	}
+	got, err := TuneQueue(d.Index, q)
+	if err != nil {
+		d.log.Warn("cannot tune the device's queue", "device", d.Path, "err", err)
+		return
+	}
+	d.log.Debug("queue", "device", d.Path, "readAheadKB", got.ReadAheadKB, "maxRequestKB", got.MaxSectorsKB)
 }
 
 // takeOver looks for a device whose daemon died and RECONFIGUREs it with

@@ -42,6 +42,7 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 	var deadConn time.Duration
 	var force bool
 	var oomScoreAdj int
+	var readAhead, maxRequest int
 	var cow cowFlags
 	fs := newImageFlagSet("attach", s, &f, &cow)
 	fs.StringVar(&device, "device", "", "use this device (/dev/nbdN); default: the kernel picks a free one")
@@ -49,6 +50,8 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 	fs.Uint64Var(&blockSize, "block-size", 512, "logical block size: 512 or 4096")
 	fs.DurationVar(&deadConn, "dead-conn-timeout", nbdbridge.DefaultDeadConnTimeout, "how long the kernel holds I/O for a restarted daemon")
 	fs.BoolVar(&force, "force", false, "on SIGTERM, disconnect the device even if it is mounted or open")
+	fs.IntVarP(&readAhead, "read-ahead", "a", nbdbridge.DefaultReadAheadKB, "read-ahead of the device in KiB, as dnbd3-client -a (0: the kernel's 128 KiB)")
+	fs.IntVar(&maxRequest, "max-request-kb", 0, "largest request the kernel sends, in KiB (0: as large as the nbd queue allows, 32 MiB)")
 	fs.IntVar(&oomScoreAdj, "oom-score-adj", nbdbridge.DefaultOOMScoreAdj, "the daemon's oom_score_adj (-1000 to 1000; -1000: the OOM killer never picks it)")
 	fs.Usage = func() {
 		fmt.Fprintf(s.err, "Usage: dnbd3-nbd attach -h \"HOST[:PORT] ...\" -i IMAGE [-r RID] [--device /dev/nbdN] [--connections N] [--block-size 512|4096] [-S] [-l LOG]\n"+
@@ -73,6 +76,15 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 	}
 	if conns < 1 || conns > 64 {
 		return bad("--connections %d: want 1 to 64", conns)
+	}
+	if readAhead < 0 || readAhead > 1<<20 {
+		return bad("--read-ahead %d: want 0 to 1048576 KiB", readAhead)
+	}
+	if maxRequest < 0 || (maxRequest > 0 && maxRequest < 4) {
+		return bad("--max-request-kb %d: want 0 (the most the queue allows) or at least 4", maxRequest)
+	}
+	if readAhead == 0 {
+		readAhead = 128 // the block layer's default
 	}
 	if oomScoreAdj < -1000 || oomScoreAdj > 1000 {
 		return bad("--oom-score-adj %d: want -1000 to 1000", oomScoreAdj)
@@ -131,6 +143,8 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 		BackendID:       backendID,
 		Info:            info,
 		Workers:         remoteWorkers,
+		ReadAheadKB:     readAhead,
+		MaxRequestKB:    maxRequest,
 		Logger:          log,
 	})
 	if err != nil {
