@@ -37,9 +37,13 @@ type engineConn struct {
 	dirty   atomic.Bool    // a write succeeded on this connection
 
 	writerDone  chan struct{}
-	writeErr    error // set by the writer before writeFailed
+	failOnce    sync.Once
+	writeErr    error // set once before writeFailed
 	writeFailed atomic.Bool
 	iov, iovw   net.Buffers // the writer's scratch
+
+	busy   atomic.Int32 // requests received and not yet answered
+	unsent bool         // reader: reads started but not submitted (SendStarted)
 }
 
 // ServeConn runs the NBD transmission phase on conn — the phase the
@@ -137,11 +141,24 @@ func (c *engineConn) readLoop(ctx context.Context) error {
 			return err
 		}
 		if req.Type == wireCmdDisc {
+			c.submit()
 			return ErrDisconnected
 		}
 		if err := c.handle(ctx, req); err != nil {
+			c.submit()
 			return err
 		}
+		if c.unsent && c.br.Buffered() < wireRequestSize {
+			c.submit() // no further request waiting: send the burst
+		}
+	}
+}
+
+// submit sends the reads the reader started (AsyncReader).
+func (c *engineConn) submit() {
+	if c.unsent {
+		c.unsent = false
+		c.e.async.SendStarted()
 	}
 }
 
@@ -215,22 +232,45 @@ func (c *engineConn) writer() {
 	}
 }
 
-// fail records a write error and stops the reader.
-func (c *engineConn) fail(err error) {
-	if errors.Is(err, os.ErrDeadlineExceeded) {
-		err = fmt.Errorf("nbdbridge: replies not taken by the client within %v of shutdown: %w", c.e.grace, err)
-	} else {
-		err = fmt.Errorf("nbdbridge: writing reply: %w", err)
+// writeNow writes one reply from the calling goroutine (a request run
+// inline or a completed asynchronous read). The runtime serializes writes
+// to the connection, so it cannot interleave with the writer's.
+func (c *engineConn) writeNow(j *job) {
+	if c.writeFailed.Load() {
+		return
 	}
-	c.writeErr = err
-	c.writeFailed.Store(true)
-	c.lim.close()
-	c.conn.SetReadDeadline(time.Now())
+	putReply(j.hdr[:], j.errno, j.req.Handle)
+	j.vec[0] = j.hdr[:]
+	n := 1
+	if j.hasData() {
+		j.vec[1] = *j.buf
+		n = 2
+	}
+	j.iovw = j.vec[:n]
+	if _, err := j.iovw.WriteTo(c.conn); err != nil {
+		c.fail(err)
+	}
+}
+
+// fail records the first write error and stops the reader.
+func (c *engineConn) fail(err error) {
+	c.failOnce.Do(func() {
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			err = fmt.Errorf("nbdbridge: replies not taken by the client within %v of shutdown: %w", c.e.grace, err)
+		} else {
+			err = fmt.Errorf("nbdbridge: writing reply: %w", err)
+		}
+		c.writeErr = err
+		c.writeFailed.Store(true)
+		c.lim.close()
+		c.conn.SetReadDeadline(time.Now())
+	})
 }
 
 // finish releases what a request held once its reply is written.
 func (c *engineConn) finish(j *job) {
 	c.lim.release(j.limBytes)
+	c.busy.Add(-1)
 	c.e.st.inFlight.Add(-1)
 	c.e.putJob(j)
 }
