@@ -35,9 +35,10 @@ import (
 // dnbd3.ko and puts dnbd3-client on the guest's PATH; without them the
 // test prints a visible SKIP. Environment: VMBENCH_ROUNDS,
 // VMBENCH_SIZE_MB (image size, default 256), VMBENCH_RAND_SECONDS (default
-// 3), VMBENCH_ATTACH_ARGS (extra flags for dnbd3-nbd attach, separated by
-// spaces), VMBENCH_ROWS (a regular-expression-free comma list of row keys
-// to run: seq,seqra,direct,rand1,rand8).
+// 3), VMBENCH_ATTACH_ARGS (extra flags for every dnbd3-nbd attach,
+// separated by spaces), VMBENCH_VARIANTS (several of our devices side by
+// side, see variants), VMBENCH_ROWS (a comma list of the row keys to run:
+// seq,seqra,direct,rand1,rand8).
 func TestBridgeVsModule(t *testing.T) {
 	if os.Getenv("DNBD3GO_VM") != "1" || nbdbridge.Available() != nil {
 		t.Skip("SKIP: runs inside the VM harness (bench/30-vm.sh)")
@@ -72,23 +73,26 @@ func TestBridgeVsModule(t *testing.T) {
 		t.Fatalf("dnbd3-server does not listen: %v", err)
 	}
 
-	// ours
-	args := []string{"attach", "-h", addr, "-i", "cmp", "--log-level", "warning"}
-	args = append(args, strings.Fields(os.Getenv("VMBENCH_ATTACH_ARGS"))...)
-	att := exec.Command("dnbd3-nbd", args...)
-	att.Stderr = os.Stderr
-	out, _ := att.StdoutPipe()
-	if err := att.Start(); err != nil {
-		t.Fatal(err)
+	// ours: one device per variant ("name=command args..." separated by
+	// ";", default one "nbd=dnbd3-nbd"), then the reference
+	var sides []side
+	for _, v := range variants() {
+		args := []string{"attach", "-h", addr, "-i", "cmp", "--log-level", "warning"}
+		args = append(args, strings.Fields(os.Getenv("VMBENCH_ATTACH_ARGS"))...)
+		args = append(args, v.args...)
+		att := exec.Command(v.cmd, args...)
+		att.Stderr = os.Stderr
+		out, _ := att.StdoutPipe()
+		if err := att.Start(); err != nil {
+			t.Fatal(err)
+		}
+		defer func() { att.Process.Signal(syscall.SIGTERM); att.Wait() }()
+		line, err := bufio.NewReader(out).ReadString('\n')
+		if err != nil {
+			t.Fatalf("%s attach printed no device: %v", v.cmd, err)
+		}
+		sides = append(sides, side{name: v.name, dev: strings.TrimSpace(line)})
 	}
-	defer func() { att.Process.Signal(syscall.SIGTERM); att.Wait() }()
-	line, err := bufio.NewReader(out).ReadString('\n')
-	if err != nil {
-		t.Fatalf("dnbd3-nbd attach printed no device: %v", err)
-	}
-	ours := strings.TrimSpace(line)
-
-	// the reference
 	const ref = "/dev/dnbd0"
 	if b, err := exec.Command(refClient, "-h", addr, "-i", "cmp", "-d", ref).CombinedOutput(); err != nil {
 		t.Fatalf("dnbd3-client: %v\n%s", err, b)
@@ -97,9 +101,9 @@ func TestBridgeVsModule(t *testing.T) {
 	if err := waitDevSize(ref, size, 20*time.Second); err != nil {
 		t.Fatal(err)
 	}
-	sides := []side{{name: "ours", dev: ours}, {name: "ref", dev: ref}}
+	sides = append(sides, side{name: "dnbd3.ko", dev: ref})
 	for _, s := range sides {
-		fmt.Printf("VMBENCH %-5s %-11s %s\n", s.name, s.dev, queueInfo(s.dev))
+		fmt.Printf("VMBENCH %-9s %-11s %s\n", s.name, s.dev, queueInfo(s.dev))
 	}
 
 	// Both devices must return the image's bytes.
@@ -126,17 +130,14 @@ func TestBridgeVsModule(t *testing.T) {
 		rows = slices.DeleteFunc(rows, func(r row) bool { return !slices.Contains(keys, r.key) })
 	}
 	type figures struct{ val, cpu, reqKB []float64 }
-	res := map[string]*[2]figures{}
+	res := map[string][]figures{}
 	for r := range rounds {
-		for _, rw := range rows {
+		for ri, rw := range rows {
 			if res[rw.key] == nil {
-				res[rw.key] = &[2]figures{}
+				res[rw.key] = make([]figures, len(sides))
 			}
-			order := []int{0, 1}
-			if (r+len(rw.key))%2 == 1 {
-				order = []int{1, 0}
-			}
-			for _, k := range order {
+			for n := range sides {
+				k := (n + r + ri) % len(sides) // rotate the order
 				s := sides[k]
 				var saved string
 				if rw.raKB > 0 {
@@ -158,19 +159,63 @@ func TestBridgeVsModule(t *testing.T) {
 				if n := st1[0] - st0[0]; n > 0 {
 					f.reqKB = append(f.reqKB, float64(st1[2]-st0[2])*512/1024/float64(n))
 				}
-				fmt.Printf("VMBENCH round %d %-6s %-5s %10.1f  cpu %7.2f ms/MiB\n", r+1, rw.key, s.name, v, f.cpu[len(f.cpu)-1])
+				fmt.Printf("VMBENCH round %d %-6s %-9s %10.1f  cpu %7.2f ms/MiB\n", r+1, rw.key, s.name, v, f.cpu[len(f.cpu)-1])
 			}
 		}
 	}
-	fmt.Printf("VMBENCH\nVMBENCH %-38s %10s %10s %6s   %12s %12s %6s   %s\n", fmt.Sprintf("bridge table (medians of %d)", rounds),
-		"nbd", "dnbd3.ko", "ratio", "CPU ms/MiB", "(dnbd3.ko)", "ratio", "avg request KiB nbd/dnbd")
+	refIdx := len(sides) - 1
+	fmt.Printf("VMBENCH\nVMBENCH bridge table, medians of %d rounds; ratio = side / dnbd3.ko; CPU = guest CPU ms per MiB read\n", rounds)
+	hdr := fmt.Sprintf("VMBENCH %-38s", "")
+	for _, s := range sides {
+		hdr += fmt.Sprintf(" %22s", s.name)
+	}
+	fmt.Println(hdr + "   avg request KiB")
 	for _, rw := range rows {
 		f := res[rw.key]
-		o, p := median(f[0].val), median(f[1].val)
-		oc, pc := median(f[0].cpu), median(f[1].cpu)
-		fmt.Printf("VMBENCH %-38s %10.1f %10.1f %6.2f   %12.2f %12.2f %6.2f   %.0f/%.0f\n", rw.name, o, p, o/p, oc, pc, oc/pc,
-			median(f[0].reqKB), median(f[1].reqKB))
+		line := fmt.Sprintf("VMBENCH %-38s", rw.name)
+		var req []string
+		for k := range sides {
+			v, c := median(f[k].val), median(f[k].cpu)
+			if k == refIdx {
+				line += fmt.Sprintf(" %9.1f cpu %8.2f", v, c)
+			} else {
+				line += fmt.Sprintf(" %7.1f %4.2fx cpu %4.2fx", v, v/median(f[refIdx].val), c/median(f[refIdx].cpu))
+			}
+			req = append(req, fmt.Sprintf("%.0f", median(f[k].reqKB)))
+		}
+		fmt.Println(line + "   " + strings.Join(req, "/"))
 	}
+	fmt.Printf("VMBENCH (the dnbd3.ko column: MB/s or IOPS and its CPU ms/MiB; other columns: value, ratio to dnbd3.ko, CPU ratio to dnbd3.ko)\n")
+}
+
+// variant is one of our devices in the comparison.
+type variant struct {
+	name, cmd string
+	args      []string // extra flags of its attach
+}
+
+// variants parses VMBENCH_VARIANTS: "name=command [attach flags...]"
+// separated by ";", e.g. "nbd=dnbd3-nbd;relay=dnbd3-nbd --kernel-direct=off;
+// base=dnbd3-nbd-base" (a binary bench/30-vm.sh built from an older
+// revision, VMBENCH_BASE=REV). Default: "nbd=dnbd3-nbd".
+func variants() []variant {
+	spec := os.Getenv("VMBENCH_VARIANTS")
+	if spec == "" {
+		spec = "nbd=dnbd3-nbd"
+	}
+	var out []variant
+	for _, v := range strings.Split(spec, ";") {
+		name, cmd, ok := strings.Cut(strings.TrimSpace(v), "=")
+		if !ok || name == "" {
+			continue
+		}
+		f := strings.Fields(cmd)
+		if len(f) == 0 {
+			continue
+		}
+		out = append(out, variant{name: name, cmd: f[0], args: f[1:]})
+	}
+	return out
 }
 
 type side struct{ name, dev string }
