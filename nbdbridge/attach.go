@@ -91,6 +91,7 @@ type Device struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
+	sysfs     Sysfs         // the real one; tests point it elsewhere
 	events    chan ctlEvent // to the control loop
 	detaching atomic.Bool   // Shutdown is disconnecting the device
 

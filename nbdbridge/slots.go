@@ -477,7 +477,7 @@ func (d *Device) migrate(c *ctlState, now time.Time) {
 		return
 	}
 	forced := misplaced && now.Sub(c.migrateSince) > migrateAfter
-	if !forced && !(Sysfs{}).deviceIdle(d.Index) {
+	if !forced && !d.sysfs.deviceIdle(d.Index) {
 		return
 	}
 	if upgrade {

@@ -3,7 +3,9 @@ package kernel
 import (
 	"io"
 	"net"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -58,10 +60,10 @@ func (p *pauseMeter) arm() {
 func TestKernelDirectFailover(t *testing.T) {
 	requireNBD(t)
 	base := t.TempDir()
-	want := genImage(t, filepath.Join(base, "kd.r1"), 192<<20)
+	want := genImage(t, filepath.Join(base, "kd.r1"), 128<<20)
 	a, addrA := server(t, base)
 	b, addrB := server(t, base)
-	_, dev, _ := attachCmd(t, "-h", addrA+" "+addrB, "-S", "-i", "kd", "--timeout", "60s")
+	p, dev, _ := attachCmd(t, "-h", addrA+" "+addrB, "-S", "-i", "kd", "--timeout", "60s", "--log-level", "debug")
 	sl := slotsOf(t, dev)
 	cur, _ := sl["directServer"].(string)
 	if sl["mode"] != "direct" || sl["direct"].(float64) < 1 {
@@ -74,6 +76,7 @@ func TestKernelDirectFailover(t *testing.T) {
 	var pm pauseMeter
 	var killed atomic.Bool
 	var killAt time.Time
+	logBefore := len(strings.Split(kernelLog(), "\n"))
 	start := time.Now()
 	got, err := readDevice(dev, func(n int64) {
 		pm.tick()
@@ -96,6 +99,34 @@ func TestKernelDirectFailover(t *testing.T) {
 	t.Logf("killed %s at 64 MiB; the read completed %v later on %s, still direct; longest pause seen by the reader: %v (whole read %v)",
 		cur, time.Since(killAt).Round(time.Millisecond), after["directServer"], pm.worst.Round(time.Millisecond),
 		time.Since(start).Round(time.Millisecond))
+	// How the kernel and the daemon got there, for the log.
+	klog := strings.Split(kernelLog(), "\n")
+	for _, l := range grepLines(strings.Join(klog[min(logBefore-1, len(klog)):], "\n"), "nbd") {
+		t.Logf("kernel: %s", l)
+	}
+	for _, l := range grepLines(p.output(), "dead connection", "replaced", "failed over", "connection lost") {
+		t.Logf("daemon: %s", l)
+	}
+}
+
+// kernelLog returns the kernel's message buffer.
+func kernelLog() string {
+	out, _ := exec.Command("dmesg").CombinedOutput()
+	return string(out)
+}
+
+// grepLines returns the lines of text containing any of subs.
+func grepLines(text string, subs ...string) []string {
+	var out []string
+	for _, l := range strings.Split(text, "\n") {
+		for _, s := range subs {
+			if strings.Contains(l, s) {
+				out = append(out, l)
+				break
+			}
+		}
+	}
+	return out
 }
 
 // TestKernelDirectFallbackToRelay: when the only server left does not
@@ -105,7 +136,7 @@ func TestKernelDirectFailover(t *testing.T) {
 func TestKernelDirectFallbackToRelay(t *testing.T) {
 	requireNBD(t)
 	base := t.TempDir()
-	want := genImage(t, filepath.Join(base, "fb.r1"), 128<<20)
+	want := genImage(t, filepath.Join(base, "fb.r1"), 96<<20)
 	a, addrA := server(t, base)
 	_, addrB := server(t, base)
 	plain := hideFeatures(t, addrB)
@@ -136,7 +167,7 @@ func TestKernelDirectFallbackToRelay(t *testing.T) {
 func TestRelayAttachFailover(t *testing.T) {
 	requireNBD(t)
 	base := t.TempDir()
-	want := genImage(t, filepath.Join(base, "rl.r1"), 128<<20)
+	want := genImage(t, filepath.Join(base, "rl.r1"), 64<<20)
 	a, addrA := server(t, base)
 	b, addrB := server(t, base)
 	_, dev, _ := attachCmd(t, "-h", addrA+" "+addrB, "-S", "-i", "rl", "--timeout", "60s", "--kernel-direct=false")
@@ -147,7 +178,7 @@ func TestRelayAttachFailover(t *testing.T) {
 	victim := map[string]*proc{addrA: a, addrB: b}[cur]
 	var killed atomic.Bool
 	got, err := readDevice(dev, func(n int64) {
-		if n > 32<<20 && !killed.Swap(true) {
+		if n > 24<<20 && !killed.Swap(true) {
 			victim.cmd.Process.Signal(syscall.SIGKILL)
 		}
 	})
