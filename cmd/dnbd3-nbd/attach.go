@@ -60,11 +60,12 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 	fs.DurationVar(&directTimeout, "direct-timeout", nbdbridge.DefaultDirectTimeout, "kernel-direct: how long a read in flight on a failed server's connection waits before the kernel re-sends it (whole seconds; grows while a live server is slower)")
 	fs.IntVar(&oomScoreAdj, "oom-score-adj", nbdbridge.DefaultOOMScoreAdj, "the daemon's oom_score_adj (-1000 to 1000; -1000: the OOM killer never picks it)")
 	fs.Usage = func() {
-		fmt.Fprintf(s.err, "Usage: dnbd3-nbd attach -h \"HOST[:PORT] ...\" -i IMAGE [-r RID] [--device /dev/nbdN] [--connections N] [--block-size 512|4096] [-S] [-l LOG]\n"+
+		fmt.Fprintf(s.err, "Usage: dnbd3-nbd attach -h \"HOST[:PORT] ...\" -i IMAGE [-r RID] [--device /dev/nbdN] [--connections N] [--block-size 512|4096] [-a KB] [-S] [-l LOG]\n"+
 			"                        [-c DIR | -L DIR] [-C MERGER] [-m] [--upload-uuid UUID] [--cow-stats-file] [--cow-stats-stdout]\n\n"+
 			"Attaches a DNBD3 image as /dev/nbdX, prints the device path once it is ready and serves it in the\n"+
 			"foreground until it is detached or the process gets SIGTERM. The device is read-only, or writable\n"+
-			"with a copy-on-write session (-c new, -L load) whose changes upload to a merger (-C) in the background.\n\nFlags:\n")
+			"with a copy-on-write session (-c new, -L load) whose changes upload to a merger (-C) in the background.\n"+
+			"A read-only device on dnbd3go servers is kernel-direct: the kernel reads from the server itself.\n\nFlags:\n")
 		fs.PrintDefaults()
 	}
 	if code, ok := parseFlags(fs, args, s, "attach"); !ok {
