@@ -97,16 +97,16 @@ type Device struct {
 
 	// owned by the control loop (and offer before it starts)
 	directRetryAt time.Time
-	directTimeout time.Duration
 	curTimeout    time.Duration // the timeout last sent to the kernel
 
-	mu        sync.Mutex
-	conns     map[net.Conn]struct{} // relay connections being served
-	slots     []*slot
-	untracked int    // kernel slots of a previous daemon we have no handle on
-	replaced  uint64 // slots replaced since the start
-	discCh    chan struct{}
-	discSet   bool
+	mu            sync.Mutex
+	directTimeout time.Duration         // the request timeout while every slot is direct
+	conns         map[net.Conn]struct{} // relay connections being served
+	slots         []*slot
+	untracked     int    // kernel slots of a previous daemon we have no handle on
+	replaced      uint64 // slots replaced since the start
+	discCh        chan struct{}
+	discSet       bool
 }
 
 // Attach makes opts.Backend available as a kernel NBD device and serves it

@@ -44,7 +44,24 @@ type engineConn struct {
 
 	busy   atomic.Int32 // requests received and not yet answered
 	unsent bool         // reader: reads started but not submitted (SendStarted)
+
+	// A request run inline that takes longer than inlineGrace hands the
+	// reading on: handoff starts a new reader goroutine, the old one
+	// answers its request and ends. The reader that ends the connection
+	// reports on readRes.
+	ctx     context.Context
+	handoff *time.Timer
+	readRes chan error
 }
+
+// inlineGrace is how long a request may run inline in the reader before
+// another goroutine takes over reading the connection, so that a slow
+// backend call (a remote read of a copy-on-write device) never holds up
+// the requests behind it.
+const inlineGrace = time.Millisecond
+
+// errHandedOff ends a reader whose reading role went to another goroutine.
+var errHandedOff = errors.New("nbdbridge: reading handed off")
 
 // ServeConn runs the NBD transmission phase on conn — the phase the
 // kernel speaks on its socketpair after a netlink CONNECT; no handshake is
@@ -101,8 +118,15 @@ func (e *Engine) serveTransmission(ctx context.Context, conn net.Conn, br *bufio
 	})
 	defer stopWake()
 
+	c.ctx = ctx
+	c.readRes = make(chan error, 1)
+	c.handoff = time.AfterFunc(time.Hour, c.takeOverReading)
+	c.handoff.Stop()
 	go c.writer()
 	err := c.readLoop(ctx)
+	if errors.Is(err, errHandedOff) {
+		err = <-c.readRes
+	}
 	c.workers.Wait()
 	disc := errors.Is(err, ErrDisconnected)
 	if !e.readOnly && (disc || c.dirty.Load()) {
@@ -145,12 +169,22 @@ func (c *engineConn) readLoop(ctx context.Context) error {
 			return ErrDisconnected
 		}
 		if err := c.handle(ctx, req); err != nil {
-			c.submit()
+			if !errors.Is(err, errHandedOff) {
+				c.submit()
+			}
 			return err
 		}
 		if c.unsent && c.br.Buffered() < wireRequestSize {
 			c.submit() // no further request waiting: send the burst
 		}
+	}
+}
+
+// takeOverReading continues reading the connection in a new goroutine
+// while the previous reader still runs a slow request inline.
+func (c *engineConn) takeOverReading() {
+	if err := c.readLoop(c.ctx); !errors.Is(err, errHandedOff) {
+		c.readRes <- err
 	}
 }
 

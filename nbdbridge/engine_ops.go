@@ -140,13 +140,20 @@ func (c *engineConn) handle(ctx context.Context, req protocol.TransmissionReques
 		j.mark = e.writes.mark()
 	}
 	if inline {
+		c.workers.Add(1)
+		c.handoff.Reset(inlineGrace)
 		e.execute(c, j)
+		handedOff := !c.handoff.Stop() // too slow: another goroutine reads on
 		if j.ticketed {
 			e.writes.end(j.ticket)
 		}
 		<-e.sem
 		c.writeNow(j)
 		c.finish(j)
+		c.workers.Done()
+		if handedOff {
+			return errHandedOff
+		}
 		return nil
 	}
 	c.workers.Add(1)

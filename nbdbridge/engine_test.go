@@ -849,3 +849,57 @@ func TestErrnoFor(t *testing.T) {
 		}
 	}
 }
+
+// engTestGateFirst blocks only the reads at offset 0.
+type engTestGateFirst struct {
+	*MemoryBackend
+	gate chan struct{}
+}
+
+func (g *engTestGateFirst) ReadAt(p []byte, off int64) (int, error) {
+	if off == 0 {
+		<-g.gate
+	}
+	return g.MemoryBackend.ReadAt(p, off)
+}
+
+// TestEngineInlineHandsOff: a request alone in flight runs inline in the
+// reader; when it is slow, another goroutine takes over reading, so the
+// requests sent after it are answered while it still waits, and the slow
+// one is answered when it completes.
+func TestEngineInlineHandsOff(t *testing.T) {
+	engTestNoLeak(t)
+	data := engTestRandom(8, 1<<20)
+	g := &engTestGateFirst{MemoryBackend: NewMemoryBackendFrom(bytes.Clone(data)), gate: make(chan struct{})}
+	e := NewEngine(g, EngineOptions{})
+	defer e.Close()
+	c, res := engTestServe(t, context.Background(), e)
+	// QD1 requests: all inline
+	for i := range 50 {
+		r := c.do(wireCmdRead, 0, uint64(i+1)*4096, 4096, nil)
+		if r.errno != 0 || !bytes.Equal(r.data, data[(i+1)*4096:(i+2)*4096]) {
+			t.Fatalf("QD1 read %d: %s", i, errnoName(r.errno))
+		}
+	}
+	_, slow := c.send(wireCmdRead, 0, 0, 4096, nil)
+	time.Sleep(20 * time.Millisecond) // the slow read is running inline by now
+	for i := range 5 {
+		r := c.do(wireCmdRead, 0, uint64(i+1)*8192, 4096, nil)
+		if r.errno != 0 || !bytes.Equal(r.data, data[(i+1)*8192:(i+1)*8192+4096]) {
+			t.Fatalf("read behind the slow one: %s", errnoName(r.errno))
+		}
+	}
+	select {
+	case <-slow:
+		t.Fatal("the gated read was answered before its gate opened")
+	default:
+	}
+	close(g.gate)
+	if r := c.wait(slow); r.errno != 0 || !bytes.Equal(r.data, data[:4096]) {
+		t.Fatalf("slow read: %s", errnoName(r.errno))
+	}
+	c.disc()
+	if err := engTestResult(t, res); !errors.Is(err, ErrDisconnected) {
+		t.Fatalf("ServeConn: %v", err)
+	}
+}

@@ -402,11 +402,17 @@ func (d *Device) noteSlowServer(c *ctlState, now time.Time) {
 		return
 	}
 	st := d.SlotStatus()
-	if st.DirectServer == c.lostServer && d.directTimeout < maxDirectTimeout {
+	d.mu.Lock()
+	grow := st.DirectServer == c.lostServer && d.directTimeout < maxDirectTimeout
+	if grow {
 		d.directTimeout = min(2*d.directTimeout, maxDirectTimeout)
+	}
+	t := d.directTimeout
+	d.mu.Unlock()
+	if grow {
 		c.lastSlow = now
 		d.log.Warn("direct connections to a live server died (a request outlasted the timeout): raising the timeout",
-			"device", d.Path, "server", c.lostServer, "timeout", d.directTimeout)
+			"device", d.Path, "server", c.lostServer, "timeout", t)
 		d.applyTimeout()
 	}
 	c.lostServer = ""
@@ -414,12 +420,16 @@ func (d *Device) noteSlowServer(c *ctlState, now time.Time) {
 
 // decayTimeout halves a grown direct timeout after a quiet minute.
 func (d *Device) decayTimeout(c *ctlState, now time.Time) {
-	if d.directTimeout <= d.opts.DirectTimeout || now.Sub(c.lastSlow) < timeoutDecay {
-		return
+	d.mu.Lock()
+	decay := d.directTimeout > d.opts.DirectTimeout && now.Sub(c.lastSlow) >= timeoutDecay
+	if decay {
+		d.directTimeout = max(d.directTimeout/2, d.opts.DirectTimeout)
 	}
-	d.directTimeout = max(d.directTimeout/2, d.opts.DirectTimeout)
-	c.lastSlow = now
-	d.applyTimeout()
+	d.mu.Unlock()
+	if decay {
+		c.lastSlow = now
+		d.applyTimeout()
+	}
 }
 
 // applyTimeout sends the current request timeout to the kernel if it
