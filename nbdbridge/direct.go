@@ -10,6 +10,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -121,6 +122,25 @@ func hungUp(fd int) bool {
 // the stream and marks the slot dead (LINK_DEAD), ready for a
 // replacement.
 func retire(fd int) { unix.Shutdown(fd, unix.SHUT_RDWR) }
+
+// readStat returns the reads completed and the milliseconds spent on
+// them by device index (/sys/block/nbdX/stat, fields 1 and 4).
+func (s Sysfs) readStat(index int) (reads, ms int64, err error) {
+	v, err := s.readAttr(index, "stat")
+	if err != nil {
+		return 0, 0, err
+	}
+	f := strings.Fields(v)
+	if len(f) < 4 {
+		return 0, 0, fmt.Errorf("stat of %s: %q", DevicePath(index), v)
+	}
+	reads, err1 := strconv.ParseInt(f[0], 10, 64)
+	ms, err2 := strconv.ParseInt(f[3], 10, 64)
+	if err1 != nil || err2 != nil {
+		return 0, 0, fmt.Errorf("stat of %s: %q", DevicePath(index), v)
+	}
+	return reads, ms, nil
+}
 
 // deviceIdle reports whether device index has no request in flight
 // (/sys/block/nbdX/inflight: reads and writes).

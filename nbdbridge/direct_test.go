@@ -160,3 +160,22 @@ func TestMigrateWhenIdle(t *testing.T) {
 		t.Fatal("busy device never moved")
 	}
 }
+
+func TestReadStat(t *testing.T) {
+	root := t.TempDir()
+	os.MkdirAll(filepath.Join(root, "block", "nbd2"), 0o755)
+	os.WriteFile(filepath.Join(root, "block", "nbd2", "stat"),
+		[]byte("    1500        3    96000     4521        0        0        0        0        2     3000     4521        0        0        0        0\n"), 0o644)
+	s := Sysfs{Root: root}
+	reads, ms, err := s.readStat(2)
+	if err != nil || reads != 1500 || ms != 4521 {
+		t.Fatalf("readStat = %d %d %v", reads, ms, err)
+	}
+	os.WriteFile(filepath.Join(root, "block", "nbd2", "stat"), []byte("12 x\n"), 0o644)
+	if _, _, err := s.readStat(2); err == nil {
+		t.Fatal("garbage accepted")
+	}
+	if _, _, err := s.readStat(9); err == nil {
+		t.Fatal("missing device accepted")
+	}
+}

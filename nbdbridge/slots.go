@@ -304,7 +304,19 @@ type ctlState struct {
 	lastSlow      time.Time // last time a live server's slot died (timeout)
 	migrateSince  time.Time // direct slots point away from the preferred server since
 	upgradeTrieAt time.Time
+
+	// read latency of the device (sysfs stat), for the direct timeout
+	statAt            time.Time
+	statReads, statMs int64
+	latency           time.Duration // moving average
+	latencyTimeout    time.Duration // latencyFactor × latency, whole seconds
 }
+
+// latencyFactor: the direct request timeout stays at least this many
+// times the device's average read latency, so that a loaded server does
+// not look dead (a request timeout kills its socket and delays every
+// other request in flight on it by a timeout).
+const latencyFactor = 10
 
 // step does what is due; it reports true once the device is disconnected.
 func (d *Device) step(c *ctlState) bool {
@@ -389,9 +401,42 @@ func (d *Device) step(c *ctlState) bool {
 	if c.linkDeads > 0 && c.lost == 0 && untracked == 0 && missing <= 0 {
 		c.linkDeads = 0 // a retired or already replaced slot
 	}
+	d.followLatency(c, now)
 	d.decayTimeout(c, now)
 	d.migrate(c, now)
 	return false
+}
+
+// followLatency keeps the direct timeout at latencyFactor times the
+// average read latency of the last seconds (from /sys/block/nbdX/stat).
+func (d *Device) followLatency(c *ctlState, now time.Time) {
+	if now.Sub(c.statAt) < ctlTick {
+		return
+	}
+	reads, ms, err := d.sysfs.readStat(d.Index)
+	if err != nil {
+		return
+	}
+	if !c.statAt.IsZero() && reads > c.statReads {
+		avg := time.Duration(ms-c.statMs) * time.Millisecond / time.Duration(reads-c.statReads)
+		c.latency = (3*c.latency + avg) / 4
+	}
+	c.statAt, c.statReads, c.statMs = now, reads, ms
+	want := ((latencyFactor*c.latency + time.Second - 1) / time.Second) * time.Second
+	c.latencyTimeout = want
+	d.mu.Lock()
+	raise := want > d.directTimeout && d.directTimeout < maxDirectTimeout
+	if raise {
+		d.directTimeout = min(want, maxDirectTimeout)
+	}
+	t := d.directTimeout
+	d.mu.Unlock()
+	if raise {
+		c.lastSlow = now
+		d.log.Info("the server answers slowly: raising the direct request timeout", "device", d.Path,
+			"latency", c.latency.Round(time.Millisecond), "timeout", t)
+		d.applyTimeout()
+	}
 }
 
 // noteSlowServer grows the direct request timeout when direct slots died
@@ -421,9 +466,10 @@ func (d *Device) noteSlowServer(c *ctlState, now time.Time) {
 // decayTimeout halves a grown direct timeout after a quiet minute.
 func (d *Device) decayTimeout(c *ctlState, now time.Time) {
 	d.mu.Lock()
-	decay := d.directTimeout > d.opts.DirectTimeout && now.Sub(c.lastSlow) >= timeoutDecay
+	floor := max(d.opts.DirectTimeout, c.latencyTimeout)
+	decay := d.directTimeout > floor && now.Sub(c.lastSlow) >= timeoutDecay
 	if decay {
-		d.directTimeout = max(d.directTimeout/2, d.opts.DirectTimeout)
+		d.directTimeout = max(d.directTimeout/2, floor)
 	}
 	d.mu.Unlock()
 	if decay {

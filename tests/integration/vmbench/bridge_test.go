@@ -80,6 +80,11 @@ func TestBridgeVsModule(t *testing.T) {
 		args := []string{"attach", "-h", addr, "-i", "cmp", "--log-level", "warning"}
 		args = append(args, strings.Fields(os.Getenv("VMBENCH_ATTACH_ARGS"))...)
 		args = append(args, v.args...)
+		for i, a := range v.args {
+			if a == "-c" && i+1 < len(v.args) { // a COW session directory must exist
+				os.MkdirAll(v.args[i+1], 0o755)
+			}
+		}
 		att := exec.Command(v.cmd, args...)
 		att.Stderr = os.Stderr
 		out, _ := att.StdoutPipe()
