@@ -107,6 +107,42 @@ type Engine struct {
 	idle   chan struct{} // closed while active == 0
 
 	st statCounters
+
+	// opCost is a moving average of how long backend calls take, per
+	// kind of request (opKind); a request runs inline only while its
+	// kind is fast.
+	opCost [opKinds]atomic.Int64
+}
+
+// Kinds of requests for Engine.opCost.
+const (
+	opRead = iota
+	opWrite
+	opOther
+	opKinds
+)
+
+func opKind(t uint16) int {
+	switch t {
+	case wireCmdRead:
+		return opRead
+	case wireCmdWrite, wireCmdWriteZeroes, wireCmdTrim:
+		return opWrite
+	}
+	return opOther
+}
+
+// noteCost adds the duration of one backend call to its kind's average
+// (approximate under concurrency, which is all it needs to be).
+func (e *Engine) noteCost(t uint16, d time.Duration) {
+	c := &e.opCost[opKind(t)]
+	c.Store((7*c.Load() + int64(d)) / 8)
+}
+
+// fast reports whether requests of type t usually complete well within
+// inlineGrace.
+func (e *Engine) fast(t uint16) bool {
+	return time.Duration(e.opCost[opKind(t)].Load()) < inlineGrace/2
 }
 
 // NewEngine returns an engine serving b.

@@ -7,6 +7,7 @@ import (
 	"io"
 	"math/bits"
 	"net"
+	"time"
 
 	"github.com/pojntfx/go-nbd/pkg/protocol"
 )
@@ -113,7 +114,7 @@ func (c *engineConn) handle(ctx context.Context, req protocol.TransmissionReques
 	// Nothing else of this connection in flight and no further request
 	// buffered: run it here instead of handing it to a worker and its
 	// reply to the writer.
-	inline := c.busy.Load() == 1 && c.br.Buffered() < wireRequestSize
+	inline := c.busy.Load() == 1 && c.br.Buffered() < wireRequestSize && e.fast(req.Type)
 	if inline {
 		select {
 		case e.sem <- struct{}{}:
@@ -231,6 +232,8 @@ func (c *engineConn) run(j *job) {
 
 // execute calls the backend for one valid request and sets j.errno.
 func (e *Engine) execute(c *engineConn, j *job) {
+	start := time.Now()
+	defer func() { e.noteCost(j.req.Type, time.Since(start)) }()
 	r := &j.req
 	off, length := int64(r.Offset), int64(r.Length)
 	fua := r.CommandFlags&wireCmdFlagFUA != 0
