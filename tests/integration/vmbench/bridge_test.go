@@ -129,11 +129,14 @@ func TestBridgeVsModule(t *testing.T) {
 		{key: "direct", name: "seq O_DIRECT 1 MiB QD1 (MB/s)", run: func(dev string) result { return seqDirect(t, dev, size, 1<<20) }},
 		{key: "rand1", name: "rand 4 KiB O_DIRECT 1 thread (IOPS)", iops: true, run: func(dev string) result { return randDirect(t, dev, size, 1, randDur) }},
 		{key: "rand8", name: "rand 4 KiB O_DIRECT 8 threads (IOPS)", iops: true, run: func(dev string) result { return randDirect(t, dev, size, 8, randDur) }},
+		// writable devices only (COW variants); not in the default rows
+		{key: "wr1", name: "rand 4 KiB O_DIRECT writes, 1 thread (IOPS)", iops: true, write: true, run: func(dev string) result { return randWrite(t, dev, size, randDur) }},
 	}
+	keys := []string{"seq", "seqra", "direct", "rand1", "rand8"}
 	if sel := os.Getenv("VMBENCH_ROWS"); sel != "" {
-		keys := strings.Split(sel, ",")
-		rows = slices.DeleteFunc(rows, func(r row) bool { return !slices.Contains(keys, r.key) })
+		keys = strings.Split(sel, ",")
 	}
+	rows = slices.DeleteFunc(rows, func(r row) bool { return !slices.Contains(keys, r.key) })
 	type figures struct{ val, cpu, reqKB []float64 }
 	res := map[string][]figures{}
 	for r := range rounds {
@@ -144,6 +147,9 @@ func TestBridgeVsModule(t *testing.T) {
 			for n := range sides {
 				k := (n + r + ri) % len(sides) // rotate the order
 				s := sides[k]
+				if rw.write && readOnly(s.dev) {
+					continue
+				}
 				var saved string
 				if rw.raKB > 0 {
 					saved = setReadAhead(t, s.dev, rw.raKB)
@@ -180,10 +186,18 @@ func TestBridgeVsModule(t *testing.T) {
 		line := fmt.Sprintf("VMBENCH %-38s", rw.name)
 		var req []string
 		for k := range sides {
+			if len(f[k].val) == 0 {
+				line += fmt.Sprintf(" %22s", "-")
+				req = append(req, "-")
+				continue
+			}
 			v, c := median(f[k].val), median(f[k].cpu)
-			if k == refIdx {
+			switch {
+			case k == refIdx:
 				line += fmt.Sprintf(" %9.1f cpu %8.2f", v, c)
-			} else {
+			case len(f[refIdx].val) == 0:
+				line += fmt.Sprintf(" %7.1f cpu %6.2f ms/MiB", v, c)
+			default:
 				line += fmt.Sprintf(" %7.1f %4.2fx cpu %4.2fx", v, v/median(f[refIdx].val), c/median(f[refIdx].cpu))
 			}
 			req = append(req, fmt.Sprintf("%.0f", median(f[k].reqKB)))
@@ -229,6 +243,7 @@ type row struct {
 	key, name string
 	raKB      int  // read-ahead for this row, 0: as attached
 	iops      bool // report operations per second instead of MB/s
+	write     bool // writable devices only
 	run       func(dev string) result
 }
 
@@ -354,6 +369,33 @@ func randDirect(t *testing.T, dev string, size int64, threads int, d time.Durati
 		wg.Wait()
 	})
 	return result{bytes: float64(ops * 4096), secs: secs, cpu: cpu, ops: ops}
+}
+
+// randWrite writes random 4 KiB blocks with O_DIRECT, one at a time, for
+// d (the copy-on-write path's per-request latency).
+func randWrite(t *testing.T, dev string, size int64, d time.Duration) result {
+	f, err := os.OpenFile(dev, os.O_RDWR|unix.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	buf := aligned(t, 4096)
+	rng := rand.New(rand.NewPCG(3, uint64(time.Now().UnixNano())))
+	var ops int64
+	secs, cpu := timed(func() {
+		for stop := time.Now().Add(d); time.Now().Before(stop); ops++ {
+			if _, err := f.WriteAt(buf, rng.Int64N(size/4096)*4096); err != nil {
+				t.Fatalf("%s: %v", dev, err)
+			}
+		}
+	})
+	return result{bytes: float64(ops * 4096), secs: secs, cpu: cpu, ops: ops}
+}
+
+// readOnly reports whether the block device is read-only.
+func readOnly(dev string) bool {
+	b, _ := os.ReadFile(filepath.Join("/sys/block", filepath.Base(dev), "ro"))
+	return strings.TrimSpace(string(b)) != "0"
 }
 
 func aligned(t *testing.T, n int) []byte {
