@@ -175,7 +175,7 @@ func TestBridgeVsModule(t *testing.T) {
 		}
 	}
 	refIdx := len(sides) - 1
-	fmt.Printf("VMBENCH\nVMBENCH bridge table, medians of %d rounds; ratio = side / dnbd3.ko; CPU = guest CPU ms per MiB read\n", rounds)
+	fmt.Printf("VMBENCH\nVMBENCH bridge table, medians of %d rounds; ratios = median over the rounds of side / dnbd3.ko measured in the same round; CPU = guest CPU ms per MiB read\n", rounds)
 	hdr := fmt.Sprintf("VMBENCH %-38s", "")
 	for _, s := range sides {
 		hdr += fmt.Sprintf(" %22s", s.name)
@@ -198,7 +198,7 @@ func TestBridgeVsModule(t *testing.T) {
 			case len(f[refIdx].val) == 0:
 				line += fmt.Sprintf(" %7.1f cpu %6.2f ms/MiB", v, c)
 			default:
-				line += fmt.Sprintf(" %7.1f %4.2fx cpu %4.2fx", v, v/median(f[refIdx].val), c/median(f[refIdx].cpu))
+				line += fmt.Sprintf(" %7.1f %4.2fx cpu %4.2fx", v, pairedRatio(f[k].val, f[refIdx].val), pairedRatio(f[k].cpu, f[refIdx].cpu))
 			}
 			req = append(req, fmt.Sprintf("%.0f", median(f[k].reqKB)))
 		}
@@ -516,6 +516,19 @@ func dropCaches(dev string) {
 		f.Close()
 	}
 	os.WriteFile("/proc/sys/vm/drop_caches", []byte("3"), 0)
+}
+
+// pairedRatio is the median of a[i]/b[i]: each round's figures were
+// measured minutes apart at most, so pairing them cancels the drift of a
+// shared machine's load better than a ratio of medians.
+func pairedRatio(a, b []float64) float64 {
+	var r []float64
+	for i := range min(len(a), len(b)) {
+		if b[i] > 0 {
+			r = append(r, a[i]/b[i])
+		}
+	}
+	return median(r)
 }
 
 func median(v []float64) float64 {
