@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"crypto/sha256"
+	"encoding/json"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -205,6 +206,25 @@ func TestBridgeVsModule(t *testing.T) {
 		fmt.Println(line + "   " + strings.Join(req, "/"))
 	}
 	fmt.Printf("VMBENCH (the dnbd3.ko column: MB/s or IOPS and its CPU ms/MiB; other columns: value, ratio to dnbd3.ko, CPU ratio to dnbd3.ko)\n")
+	// How our devices ran: their slots (kernel-direct or relay, replaced
+	// connections) and what the kernel said about them.
+	for _, s := range sides[:refIdx] {
+		out, _ := exec.Command("dnbd3-nbd", "status", s.dev, "--json").Output()
+		var st struct {
+			Slots map[string]any `json:"slots"`
+		}
+		json.Unmarshal(out, &st)
+		fmt.Printf("VMBENCH %s %s slots %v\n", s.name, s.dev, st.Slots)
+	}
+	if out, err := exec.Command("dmesg").Output(); err == nil {
+		n := 0
+		for _, l := range strings.Split(string(out), "\n") {
+			if strings.Contains(l, "nbd") && !strings.Contains(l, "dnbd") && (strings.Contains(l, "timed out") || strings.Contains(l, "failed") || strings.Contains(l, "reconnected")) {
+				n++
+			}
+		}
+		fmt.Printf("VMBENCH kernel: %d nbd timeouts, failures or reconnects during the run\n", n)
+	}
 }
 
 // variant is one of our devices in the comparison.
