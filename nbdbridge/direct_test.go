@@ -179,3 +179,65 @@ func TestReadStat(t *testing.T) {
 		t.Fatal("missing device accepted")
 	}
 }
+
+// directSlot returns a direct slot on a loopback connection and a
+// function that hangs the connection up from the server's side.
+func directSlot(t *testing.T, server string) (*slot, func()) {
+	t.Helper()
+	c, peer := tcpPair(t)
+	fd, err := kernelSocket(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(fd) })
+	return &slot{direct: true, fd: fd, server: server}, func() { peer.Close() }
+}
+
+// TestStepDisconnectOrFailure: direct slots that all hang up with no
+// LINK_DEAD are a disconnect (after the grace); with a LINK_DEAD they are
+// a failure the control loop tries to replace (here the replacement fails:
+// no nbd module on the test machine) instead of giving up.
+func TestStepDisconnectOrFailure(t *testing.T) {
+	newDev := func() *Device {
+		d := &Device{Index: 7, Path: "/dev/nbd7", sysfs: Sysfs{Root: t.TempDir()}, log: slog.New(slog.DiscardHandler),
+			opts: AttachOptions{Connections: 2, DirectTimeout: time.Second}, directTimeout: time.Second, discCh: make(chan struct{})}
+		d.ctx, d.cancel = context.WithCancel(context.Background())
+		t.Cleanup(d.cancel)
+		return d
+	}
+	// disconnect
+	d := newDev()
+	s1, hang1 := directSlot(t, "A")
+	s2, hang2 := directSlot(t, "A")
+	d.slots = []*slot{s1, s2}
+	var c ctlState
+	if d.step(&c) {
+		t.Fatal("live slots counted as disconnected")
+	}
+	hang1()
+	hang2()
+	time.Sleep(50 * time.Millisecond)
+	if d.step(&c) || c.wait <= 0 {
+		t.Fatalf("hang-ups decided before the grace (wait %v)", c.wait)
+	}
+	time.Sleep(c.wait + 10*time.Millisecond)
+	if !d.step(&c) {
+		t.Fatal("every slot hung up without LINK_DEAD: not a disconnect")
+	}
+
+	// failure
+	d = newDev()
+	s1, hang1 = directSlot(t, "A")
+	s2, hang2 = directSlot(t, "A")
+	d.slots = []*slot{s1, s2}
+	c = ctlState{linkDeads: 2}
+	hang1()
+	hang2()
+	time.Sleep(50 * time.Millisecond)
+	if d.step(&c) {
+		t.Fatal("hang-ups with LINK_DEAD counted as a disconnect")
+	}
+	if len(d.slots) != 0 || c.failures != 1 || c.retryAt.IsZero() {
+		t.Fatalf("failure not handled: %d slots, %d failures, retry %v", len(d.slots), c.failures, c.retryAt)
+	}
+}
