@@ -21,7 +21,7 @@ const (
 	DefaultTimeout         = 70 * time.Second
 	DefaultDeadConnTimeout = 120 * time.Second
 	// DefaultDirectTimeout is AttachOptions.DirectTimeout's default.
-	DefaultDirectTimeout = time.Second
+	DefaultDirectTimeout = 500 * time.Millisecond
 	// DefaultMaxRequestKB is AttachOptions.MaxRequestKB's default: 1 MiB,
 	// the client's GET_BLOCK size and well below a proxy's maxPayload
 	// (9 MB), which bounds the reads a proxy relays for a direct slot.
@@ -68,9 +68,10 @@ type AttachOptions struct {
 	Direct DirectDialer
 	// DirectTimeout is the kernel's request timeout while every slot is
 	// direct: how long a request in flight on a dead server's socket waits
-	// before the kernel re-sends it on a replacement (whole seconds;
-	// default DefaultDirectTimeout). It doubles, up to 32 s, while a
-	// server that still answers lets requests outlast it.
+	// before the kernel re-sends it on a replacement (default
+	// DefaultDirectTimeout; below a second through the block layer's
+	// io_timeout). It follows the device's read latency and doubles, up
+	// to 32 s, while a server that still answers lets requests outlast it.
 	DirectTimeout time.Duration
 	// Logger receives the lifecycle logs.
 	Logger *slog.Logger

@@ -159,6 +159,11 @@ func (d *Device) offer(k int, connect bool, size int64) (adoptedN, index int, er
 		closeAll()
 		return 0, -1, err
 	}
+	if connect {
+		d.pushIOTimeout(index, timeout)
+	} else {
+		d.pushIOTimeout(d.Index, timeout)
+	}
 	d.curTimeout = timeout
 	now := time.Now()
 	for i, s := range fresh {
@@ -309,7 +314,7 @@ type ctlState struct {
 	statAt            time.Time
 	statReads, statMs int64
 	latency           time.Duration // moving average
-	latencyTimeout    time.Duration // latencyFactor × latency, whole seconds
+	latencyTimeout    time.Duration // latencyFactor × latency, in steps of 100 ms
 }
 
 // latencyFactor: the direct request timeout stays at least this many
@@ -422,7 +427,8 @@ func (d *Device) followLatency(c *ctlState, now time.Time) {
 		c.latency = (3*c.latency + avg) / 4
 	}
 	c.statAt, c.statReads, c.statMs = now, reads, ms
-	want := ((latencyFactor*c.latency + time.Second - 1) / time.Second) * time.Second
+	const step = 100 * time.Millisecond
+	want := ((latencyFactor*c.latency + step - 1) / step) * step
 	c.latencyTimeout = want
 	d.mu.Lock()
 	raise := want > d.directTimeout && d.directTimeout < maxDirectTimeout
@@ -489,7 +495,22 @@ func (d *Device) applyTimeout() {
 		d.log.Warn("cannot change the request timeout", "device", d.Path, "err", err)
 		return
 	}
+	d.pushIOTimeout(d.Index, t)
 	d.curTimeout = t
+}
+
+// pushIOTimeout gives the block layer a request timeout finer than the
+// whole seconds of netlink's TIMEOUT (which the kernel just applied,
+// rounded up): /sys/block/nbdX/queue/io_timeout, in milliseconds, is the
+// timer of every request started afterwards. The driver still sees a
+// non-zero TIMEOUT, so an expired request is re-sent, not failed.
+func (d *Device) pushIOTimeout(index int, t time.Duration) {
+	if t%time.Second == 0 {
+		return // the kernel's own value is exact
+	}
+	if err := d.sysfs.setQueueInt(index, "io_timeout", int(t/time.Millisecond)); err != nil {
+		d.log.Warn("cannot set the request timeout below a second", "device", DevicePath(index), "err", err)
+	}
 }
 
 // migrate moves direct slots to the preferred server and relay slots to

@@ -57,7 +57,7 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 	fs.IntVarP(&readAhead, "read-ahead", "a", nbdbridge.DefaultReadAheadKB, "read-ahead of the device in KiB, as dnbd3-client -a (0: the kernel's 128 KiB)")
 	fs.IntVar(&maxRequest, "max-request-kb", nbdbridge.DefaultMaxRequestKB, "largest request the kernel sends, in KiB (at most 32768)")
 	fs.BoolVar(&kernelDirect, "kernel-direct", true, "read-only: the kernel reads from servers that offer it (dnbd3go servers) with no hop through this daemon; false: always relay")
-	fs.DurationVar(&directTimeout, "direct-timeout", nbdbridge.DefaultDirectTimeout, "kernel-direct: how long a read in flight on a failed server's connection waits before the kernel re-sends it (whole seconds; grows while a live server is slower)")
+	fs.DurationVar(&directTimeout, "direct-timeout", nbdbridge.DefaultDirectTimeout, "kernel-direct: how long a read in flight on a failed server's connection waits before the kernel re-sends it (grows with the read latency and while a live server is slower)")
 	fs.IntVar(&oomScoreAdj, "oom-score-adj", nbdbridge.DefaultOOMScoreAdj, "the daemon's oom_score_adj (-1000 to 1000; -1000: the OOM killer never picks it)")
 	fs.Usage = func() {
 		fmt.Fprintf(s.err, "Usage: dnbd3-nbd attach -h \"HOST[:PORT] ...\" -i IMAGE [-r RID] [--device /dev/nbdN] [--connections N] [--block-size 512|4096] [-a KB] [-S] [-l LOG]\n"+
@@ -90,8 +90,8 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 	if maxRequest < 4 || maxRequest > 32768 {
 		return bad("--max-request-kb %d: want 4 to 32768", maxRequest)
 	}
-	if directTimeout < time.Second || directTimeout > time.Hour {
-		return bad("--direct-timeout %v: want 1s to 1h", directTimeout)
+	if directTimeout < 100*time.Millisecond || directTimeout > time.Hour {
+		return bad("--direct-timeout %v: want 100ms to 1h", directTimeout)
 	}
 	if readAhead == 0 {
 		readAhead = 128 // the block layer's default

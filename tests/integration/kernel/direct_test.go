@@ -3,6 +3,7 @@ package kernel
 import (
 	"io"
 	"net"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -73,6 +74,8 @@ func TestKernelDirectFailover(t *testing.T) {
 	if victim == nil {
 		t.Fatalf("direct server %q is neither %s nor %s", cur, addrA, addrB)
 	}
+	iot, _ := os.ReadFile("/sys/block/" + filepath.Base(dev) + "/queue/io_timeout")
+	t.Logf("request timer of %s: %s ms", dev, strings.TrimSpace(string(iot)))
 	var pm pauseMeter
 	var killed atomic.Bool
 	var killAt time.Time
@@ -177,14 +180,18 @@ func TestRelayAttachFailover(t *testing.T) {
 	cur := statusJSON(t, dev)["client"].(map[string]any)["Current"].(string)
 	victim := map[string]*proc{addrA: a, addrB: b}[cur]
 	var killed atomic.Bool
+	var pm pauseMeter
 	got, err := readDevice(dev, func(n int64) {
+		pm.tick()
 		if n > 24<<20 && !killed.Swap(true) {
 			victim.cmd.Process.Signal(syscall.SIGKILL)
+			pm.arm()
 		}
 	})
 	if err != nil || got != want {
 		t.Fatalf("relay read across the failover: err %v, data equal %v", err, got == want)
 	}
+	t.Logf("relay path: killed %s at 24 MiB; longest pause seen by the reader: %v", cur, pm.worst.Round(time.Millisecond))
 }
 
 // hideFeatures starts a TCP relay to target that clears FlagFeatures in
