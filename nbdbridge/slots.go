@@ -37,7 +37,7 @@ const (
 	maxDirectTimeout = 32 * time.Second
 	// timeoutDecay is how long without a slow server the grown timeout
 	// waits before it halves again.
-	timeoutDecay = time.Minute
+	timeoutDecay = 5 * time.Minute
 )
 
 // slot is one kernel connection the device tracks.
@@ -469,7 +469,8 @@ func (d *Device) noteSlowServer(c *ctlState, now time.Time) {
 	c.lostServer = ""
 }
 
-// decayTimeout halves a grown direct timeout after a quiet minute.
+// decayTimeout halves a grown direct timeout after timeoutDecay without
+// a slow server.
 func (d *Device) decayTimeout(c *ctlState, now time.Time) {
 	d.mu.Lock()
 	floor := max(d.opts.DirectTimeout, c.latencyTimeout)
