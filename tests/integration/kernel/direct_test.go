@@ -66,14 +66,10 @@ func TestKernelDirectFailover(t *testing.T) {
 	b, addrB := server(t, base)
 	p, dev, _ := attachCmd(t, "-h", addrA+" "+addrB, "-S", "-i", "kd", "--timeout", "60s", "--log-level", "debug")
 	sl := slotsOf(t, dev)
-	cur, _ := sl["directServer"].(string)
 	if sl["mode"] != "direct" || sl["direct"].(float64) < 1 {
 		t.Fatalf("attach against dnbd3go servers is not kernel-direct: %v", sl)
 	}
-	victim := map[string]*proc{addrA: a, addrB: b}[cur]
-	if victim == nil {
-		t.Fatalf("direct server %q is neither %s nor %s", cur, addrA, addrB)
-	}
+	var cur string // chosen when the read is under way (RTT probing may switch servers first)
 	iot, _ := os.ReadFile("/sys/block/" + filepath.Base(dev) + "/queue/io_timeout")
 	t.Logf("request timer of %s: %s ms", dev, strings.TrimSpace(string(iot)))
 	var pm pauseMeter
@@ -84,6 +80,11 @@ func TestKernelDirectFailover(t *testing.T) {
 	got, err := readDevice(dev, func(n int64) {
 		pm.tick()
 		if n > 64<<20 && !killed.Swap(true) {
+			cur = servingServer(t, dev)
+			victim := map[string]*proc{addrA: a, addrB: b}[cur]
+			if victim == nil {
+				t.Fatalf("serving server %q is neither %s nor %s", cur, addrA, addrB)
+			}
 			victim.cmd.Process.Signal(syscall.SIGKILL)
 			killAt = time.Now()
 			pm.arm()
@@ -107,7 +108,7 @@ func TestKernelDirectFailover(t *testing.T) {
 	for _, l := range grepLines(strings.Join(klog[min(logBefore-1, len(klog)):], "\n"), "nbd") {
 		t.Logf("kernel: %s", l)
 	}
-	for _, l := range grepLines(p.output(), "dead connection", "replaced", "failed over", "connection lost") {
+	for _, l := range grepLines(p.output(), "dead connection", "replaced", "failed over", "connection lost", "raising") {
 		t.Logf("daemon: %s", l)
 	}
 }
@@ -177,14 +178,14 @@ func TestRelayAttachFailover(t *testing.T) {
 	if sl := slotsOf(t, dev); sl["mode"] != "relay" {
 		t.Fatalf("--kernel-direct=false: %v", sl)
 	}
-	cur := statusJSON(t, dev)["client"].(map[string]any)["Current"].(string)
-	victim := map[string]*proc{addrA: a, addrB: b}[cur]
+	var cur string
 	var killed atomic.Bool
 	var pm pauseMeter
 	got, err := readDevice(dev, func(n int64) {
 		pm.tick()
 		if n > 24<<20 && !killed.Swap(true) {
-			victim.cmd.Process.Signal(syscall.SIGKILL)
+			cur = servingServer(t, dev)
+			map[string]*proc{addrA: a, addrB: b}[cur].cmd.Process.Signal(syscall.SIGKILL)
 			pm.arm()
 		}
 	})
