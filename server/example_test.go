@@ -34,7 +34,7 @@ func ExampleServer_Serve() {
 	// directory (no alt-servers, no rpc.acl: the RPC is open to everyone).
 	cfg := server.DefaultConfig()
 	cfg.BasePath = base
-	srv, err := server.New(server.Options{ConfigDir: dir, Config: cfg})
+	srv, err := server.New(server.Options{Config: cfg}) // no configuration files
 	if err != nil {
 		log.Fatal(err)
 	}

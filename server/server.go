@@ -25,7 +25,9 @@ import (
 // Options configures a Server.
 type Options struct {
 	// ConfigDir is the configuration directory (server.conf, alt-servers,
-	// rpc.acl). It is re-read on Reload.
+	// rpc.acl). It is re-read on Reload. Empty: no files (an embedded
+	// server configured by Config alone, with no alt-servers and no
+	// rpc.acl rules).
 	ConfigDir string
 	// Config is the parsed server.conf.
 	Config Config
@@ -294,6 +296,9 @@ func (s *Server) clientList() []*clientConn {
 // the base path (SIGHUP). alt-servers and rpc.acl are read only at start,
 // as in the reference.
 func (s *Server) Reload() error {
+	if s.opts.ConfigDir == "" {
+		return s.rescan()
+	}
 	prev := s.config()
 	cfg, warnings, err := LoadConfig(s.opts.ConfigDir, &prev)
 	for _, w := range warnings {
@@ -306,6 +311,11 @@ func (s *Server) Reload() error {
 		s.cfg = cfg
 		s.cfgMu.Unlock()
 	}
+	return s.rescan()
+}
+
+// rescan reloads the images below basePath.
+func (s *Server) rescan() error {
 	added, replaced, removed, err := s.store.Reload()
 	if err != nil {
 		return err
