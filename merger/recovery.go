@@ -16,16 +16,27 @@ import (
 //
 //	Active           nothing; the journal is replayed when the session is
 //	                 next used (acknowledged uploads are all there).
-//	Copying/Merging  without a finalize record: the rename has not
+//	Copying/Merging  without a finalize record: the renames have not
 //	                 happened, <name>.r<N+1> is not ours. Delete the
-//	                 temporary file and merge again from scratch.
-//	Merging with a   the temporary file was complete and synced before
-//	finalize record  the record was written.
+//	                 temporary file and its CRC list, merge again from
+//	                 scratch.
+//	Merging with a   the temporary file and its CRC list (<temp>.crc)
+//	finalize record  were complete and synced before the record was
+//	                 written; the renames (install.go) are <temp>.crc ->
+//	                 <dest>.crc, then <temp> -> <dest>.
 //	                 - destination exists with the recorded inode and
-//	                   size: the rename happened; finish (Done).
+//	                   size: both renames happened; finish (Done). (A
+//	                   record of an older version without a list: the
+//	                   list is computed now if there is none.)
 //	                 - else the temporary file exists with that inode:
-//	                   do the rename now (no-replace; EEXIST = conflict).
-//	                 - else merge again from scratch.
+//	                   the crash came before the second rename, after or
+//	                   before the first. Put the list in place (it is
+//	                   there already, or the recorded temporary list is
+//	                   renamed, or, lost, computed again from the
+//	                   image), then rename the image (no-replace; EEXIST
+//	                   = conflict, and a list we placed is removed).
+//	                 - else merge again from scratch (a list we placed
+//	                   for the lost image is removed first).
 //	Done             delete uploads left over by a crash right after
 //	                 Done was persisted.
 //	Failed           nothing (a new Merge request retries).
@@ -118,12 +129,18 @@ func (m *Manager) recoverSession(s *session) {
 				os.Remove(fin.Temp)
 			}
 			m.log.Info("recovery: the merge had completed before the restart", "session", id, "output", fin.Dest)
+			m.installMu.Lock()
+			_, err := placeCRC(fin.Dest, fin, false)
+			m.installMu.Unlock()
+			if err != nil {
+				m.log.Error("recovery: cannot write the CRC list of a merged revision", "output", fin.Dest, "err", err)
+			}
 			m.finishDone(s, fin.Temp, fin.Dest)
 			return
 		}
 		if tid, err := statID(fin.Temp); err == nil && tid == fin.ID {
-			m.log.Info("recovery: completing an interrupted merge's final rename", "session", id, "output", fin.Dest)
-			err := fsutil.RenameNoReplace(fin.Temp, fin.Dest)
+			m.log.Info("recovery: completing an interrupted merge's final renames", "session", id, "output", fin.Dest)
+			err := m.install(fin, id)
 			if err == nil {
 				m.finishDone(s, fin.Temp, fin.Dest)
 				return
@@ -139,6 +156,11 @@ func (m *Manager) recoverSession(s *session) {
 			m.failLocked(s, err)
 			return
 		}
+	}
+	if fin != nil {
+		m.installMu.Lock()
+		removeCRCIf(fin.Dest, fin.CRC)
+		m.installMu.Unlock()
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
