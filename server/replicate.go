@@ -16,7 +16,9 @@ package server
 //
 // Requests carry hop byte 0x81 (one proxy passed, replication flag), or
 // 0x41 (prefetch flag) with pretendClient. Replication runs only while the
-// image has at least bgrMinClients users.
+// image has at least bgrMinClients users. Hash blocks that are being
+// copied from the previous revision (reuse.go) are skipped until that
+// walk ends.
 
 import (
 	"time"
@@ -88,6 +90,12 @@ func (up *uplink) replicate() {
 				break
 			}
 			start := idx * bgrChunk
+			if plan := up.reuse.Load(); plan != nil && plan.reserved(start) {
+				// copied from the previous revision (reuse.go): skip the hash block
+				cursor = plan.after(start) / bgrChunk
+				skips++
+				continue
+			}
 			end := min(start+chunk, img.VirtualSize)
 			cursor = (end + bgrChunk - 1) / bgrChunk
 			switch up.startBGR(start, end, hops) {
