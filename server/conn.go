@@ -42,6 +42,8 @@ type clientConn struct {
 
 	relays    atomic.Int32  // relayed requests not answered yet
 	relayDone chan struct{} // cap 1: a relayed request was answered
+
+	nbd atomic.Bool // switched to the NBD transmission protocol (nbdmode.go)
 }
 
 // serveDNBD3 runs the handshake and the request loop.
@@ -86,7 +88,8 @@ func (cc *clientConn) serveDNBD3() {
 	}
 
 	version := min(sel.Version, protocol.Version)
-	reply := protocol.SelectImageReply{Version: version, Name: img.Name, RID: img.RID, Size: uint64(img.VirtualSize)}
+	reply := protocol.SelectImageReply{Version: version, Name: img.Name, RID: img.RID, Size: uint64(img.VirtualSize),
+		Features: cc.features(sel.Flags)}
 	if err := cc.sendReply(protocol.CmdSelectImage, 0, reply.Marshal()); err != nil {
 		return
 	}
@@ -145,6 +148,11 @@ func (cc *clientConn) requestLoop(timeout time.Duration) {
 			err = cc.sendReply(protocol.CmdGetCRC32, cc.lastHandle, p)
 		case protocol.CmdSetClientMode:
 			cc.isServer.Store(false)
+		case protocol.CmdNBDMode:
+			var switched bool
+			if switched, err = cc.nbdMode(req); switched {
+				return // served in NBD mode to its end
+			}
 		default:
 			// LATEST_RID and unknown commands: ignored without a reply. Unlike
 			// the reference we consume the announced payload so the stream
@@ -240,9 +248,8 @@ func (cc *clientConn) getBlockSlow(req protocol.Request) error {
 // off (sendfile on sockets).
 func (cc *clientConn) sendFromFile(handle uint64, off int64, size uint32) error {
 	img := cc.img
-	rep := protocol.Reply{Cmd: protocol.CmdGetBlock, Size: size, Handle: handle}
 	var hdr [protocol.ReplySize]byte
-	rep.MarshalTo(hdr[:])
+	cc.putBlockHeader(hdr[:], handle, size)
 	// Counted before the data leaves, so that a client that got its reply
 	// sees it in the statistics.
 	cc.bytesSent.Add(uint64(size))
@@ -260,9 +267,8 @@ func (cc *clientConn) sendFromFile(handle uint64, off int64, size uint32) error 
 
 // sendData answers a GET_BLOCK with data from memory (a relayed request).
 func (cc *clientConn) sendData(handle uint64, data []byte) error {
-	rep := protocol.Reply{Cmd: protocol.CmdGetBlock, Size: uint32(len(data)), Handle: handle}
 	var hdr [protocol.ReplySize]byte
-	rep.MarshalTo(hdr[:])
+	cc.putBlockHeader(hdr[:], handle, uint32(len(data)))
 	cc.bytesSent.Add(uint64(len(data)))
 	cc.srv.bytesSent.Add(uint64(len(data)))
 	if !cc.lockWrite() {
@@ -313,6 +319,13 @@ func (cc *clientConn) markDead() {
 // CMD_ERROR and shuts the connection down, as the reference does when an
 // uplink request is cancelled.
 func (cc *clientConn) failRelayed(handle uint64) {
+	if cc.nbd.Load() {
+		// No error reply in NBD mode (the application would get EIO): the
+		// kernel re-sends the request on another connection.
+		cc.markDead()
+		cc.c.Close()
+		return
+	}
 	if cc.lockWrite() {
 		rep := protocol.Reply{Cmd: protocol.CmdError, Handle: handle}.Marshal()
 		cc.c.Write(rep[:])

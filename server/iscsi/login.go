@@ -85,6 +85,9 @@ func (s *session) login(ctx context.Context) error {
 			s.tsih = s.t.newTSIH()
 			resp.SetU16(14, s.tsih)
 			s.p.finish()
+			// Listed before the initiator learns it is logged in, so a
+			// session it can use is always in the list.
+			s.t.register(s)
 		}
 		if err := s.sendLogin(resp, out); err != nil {
 			return err

@@ -101,12 +101,11 @@ func New(cfg Config) *Target {
 func (t *Target) Serve(ctx context.Context, c net.Conn, r *bufio.Reader) {
 	s := newSession(t, c, r)
 	defer s.close()
+	defer t.unregister(s) // login registers it
 	if err := s.login(ctx); err != nil {
 		s.logEnd("login failed", err)
 		return
 	}
-	t.register(s)
-	defer t.unregister(s)
 	s.logAt(slog.LevelInfo, "iSCSI session started", "initiator", s.p.initiatorName, "type", s.p.sessionType, "target", s.p.targetName)
 	err := s.run()
 	s.logEnd("iSCSI session ended", err)

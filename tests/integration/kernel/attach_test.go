@@ -210,6 +210,17 @@ func readDevice(dev string, progress func(int64)) (string, error) {
 
 func dropCaches() { os.WriteFile("/proc/sys/vm/drop_caches", []byte("3"), 0) }
 
+// servingServer returns the server the device reads from now: the one its
+// kernel-direct connections go to, else the client library's current one.
+func servingServer(t *testing.T, dev string) string {
+	t.Helper()
+	st := statusJSON(t, dev)
+	if sl, ok := st["slots"].(map[string]any); ok && sl["mode"] == "direct" {
+		return sl["directServer"].(string)
+	}
+	return st["client"].(map[string]any)["Current"].(string)
+}
+
 func nbd(t *testing.T, args ...string) (string, int) {
 	t.Helper()
 	out, err := exec.Command("dnbd3-nbd", args...).CombinedOutput()
@@ -344,26 +355,20 @@ func TestFailoverDuringRead(t *testing.T) {
 	a, addrA := server(t, base)
 	b, addrB := server(t, base)
 	_, dev, _ := attachCmd(t, "-h", addrA+" "+addrB, "-S", "-i", "fo", "--timeout", "60s")
-	servers := map[string]*proc{addrA: a, addrB: b}
-	// The victim is the server in use when 64 MiB have been read: RTT
-	// probing may have switched between the two equal servers before.
+	// The server to kill is chosen when the read is under way: RTT probing
+	// may switch to the other server right after the attach.
+	var cur string
 	var killed atomic.Bool
-	var victim string
-	var victimErr error
 	got, err := readDevice(dev, func(n int64) {
 		if n > 64<<20 && !killed.Swap(true) {
-			victim = statusJSON(t, dev)["client"].(map[string]any)["Current"].(string)
-			p := servers[victim]
-			if p == nil {
-				victimErr = fmt.Errorf("current server %q is neither %s nor %s", victim, addrA, addrB)
-				return
+			cur = servingServer(t, dev)
+			victim := map[string]*proc{addrA: a, addrB: b}[cur]
+			if victim == nil {
+				t.Fatalf("serving server %q is neither %s nor %s", cur, addrA, addrB)
 			}
-			p.cmd.Process.Signal(syscall.SIGKILL)
+			victim.cmd.Process.Signal(syscall.SIGKILL)
 		}
 	})
-	if victimErr != nil {
-		t.Fatal(victimErr)
-	}
 	if err != nil {
 		t.Fatalf("read failed across the failover: %v", err)
 	}
@@ -371,10 +376,10 @@ func TestFailoverDuringRead(t *testing.T) {
 		t.Fatal("data read across the failover differs")
 	}
 	now := statusJSON(t, dev)["client"].(map[string]any)
-	if now["Current"] == victim || now["Failovers"].(float64) < 1 {
-		t.Fatalf("no failover recorded: killed %s, now %v", victim, now)
+	if now["Current"] == cur || now["Failovers"].(float64) < 1 {
+		t.Fatalf("no failover recorded: was %s, now %v", cur, now)
 	}
-	t.Logf("killed %s at 64 MiB, read completed on %s (failovers %v)", victim, now["Current"], now["Failovers"])
+	t.Logf("killed %s at 64 MiB, read completed on %s (failovers %v)", cur, now["Current"], now["Failovers"])
 }
 
 // TestDaemonKilledWhileReading SIGKILLs the daemon while a reader waits on
