@@ -126,3 +126,60 @@ func TestGetReuseMergedRevision(t *testing.T) {
 		t.Errorf("the server sent %.0f bytes, want the changed 16 MiB hash block", sent)
 	}
 }
+
+// TestProxyReusesWithReferenceUplink: the reference server serves lab.r1
+// and the merged lab.r2 with their .crc files; our proxy, which holds a
+// replicated lab.r1 with its list, replicates lab.r2 from it: the two
+// unchanged hash blocks (24 MiB) are copied from lab.r1, only the changed
+// one is fetched, with the protocol the reference speaks (GET_CRC32,
+// GET_BLOCK). RPC bytesReused and bytesReceived say so; the copy is lab.r2.
+func TestProxyReusesWithReferenceUplink(t *testing.T) {
+	base, _, r1, r2 := mergedRevision(t)
+	ref, why := startReference(t, base)
+	if why != "" {
+		t.Skipf("SKIP: %s", why)
+	}
+	pbase := t.TempDir()
+	for _, f := range []string{"lab.r1", "lab.r1.crc"} {
+		b, err := os.ReadFile(filepath.Join(base, f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		os.WriteFile(filepath.Join(pbase, f), b, 0o644)
+	}
+	os.WriteFile(filepath.Join(pbase, "lab.r1.meta"), []byte("[main]\natime=1700000000\n"), 0o644)
+	proxy := startDaemonWith(t, pbase, "isProxy=true\nbackgroundReplication=true\nbgrWindowSize=8\n",
+		map[string]string{"alt-servers": "[" + ref + "]\ncomment=reference\nfor=replication\n"})
+	if _, stderr, code := run(t, "dnbd3-nbd", "get", "-h", proxy.addr, "-i", "lab", "-r", "2", "--offset", "20M", "--length", "4K", "-o", os.DevNull, "-q"); code != 0 {
+		t.Fatalf("read of lab.r2 through the proxy: exit %d: %s", code, stderr)
+	}
+	copyPath := filepath.Join(pbase, "lab.r2")
+	var reused, complete float64
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		reused, complete = -1, -1
+		for _, v := range proxy.query(t, "images")["images"].([]any) {
+			img := v.(map[string]any)
+			if img["name"] == "lab" && img["rid"].(float64) == 2 {
+				reused, _ = img["bytesReused"].(float64)
+				complete, _ = img["complete"].(float64)
+			}
+		}
+		if _, err := os.Stat(copyPath + ".map"); complete == 100 && os.IsNotExist(err) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the proxy did not complete lab.r2 within 60 s: complete %v, bytesReused %v", complete, reused)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if want := float64(len(r1) - protocol.HashBlockSize); reused != want {
+		t.Errorf("RPC bytesReused of lab.r2 = %.0f, want %.0f (the two unchanged hash blocks)", reused, want)
+	}
+	if recv := proxy.query(t, "stats")["bytesReceived"].(float64); recv < protocol.HashBlockSize || recv > protocol.HashBlockSize+1<<20 {
+		t.Errorf("the proxy received %.0f bytes from the reference, want the changed hash block (%d)", recv, protocol.HashBlockSize)
+	}
+	if got, _ := os.ReadFile(copyPath); !bytes.Equal(got, r2) {
+		t.Fatal("the proxy's lab.r2 is not the reference's")
+	}
+}
