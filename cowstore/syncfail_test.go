@@ -5,28 +5,11 @@ import (
 	"errors"
 	"log/slog"
 	"strings"
-	"sync"
 	"testing"
 	"time"
+
+	"github.com/dnbd3go/dnbd3go/internal/testutil"
 )
-
-// lockedBuffer is a log sink for concurrent writers.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
 
 // TestSyncFailureIsPermanent injects EIO into each fdatasync of a commit
 // (data; meta after the tables; meta after the header) and into a
@@ -49,7 +32,7 @@ func TestSyncFailureIsPermanent(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			remote := &memRemote{data: bytes.Repeat([]byte{0x11}, 4*ClusterSize)}
 			plan := &faultPlan{}
-			var logs lockedBuffer
+			var logs testutil.Buffer
 			dir := t.TempDir()
 			opts := Options{Remote: remote, ImageName: "img", RID: 1, CommitInterval: -1,
 				Logger: slog.New(slog.NewTextHandler(&logs, nil)), wrapFile: plan.wrap}

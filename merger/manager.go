@@ -17,6 +17,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/internal/uuid"
+
 	"github.com/dnbd3go/dnbd3go/internal/fsutil"
 	"github.com/dnbd3go/dnbd3go/protocol"
 	"golang.org/x/sys/unix"
@@ -339,7 +341,7 @@ func errShuttingDown() error {
 
 // lookup returns the session with the given id.
 func (m *Manager) lookup(id string) (*session, error) {
-	canon, ok := ParseUUID(id)
+	canon, ok := uuid.Parse(id)
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
@@ -418,7 +420,7 @@ func (m *Manager) Create(imageName string, revision, bitfieldSize int) (SessionI
 		return SessionInfo{}, err
 	}
 
-	id := newUUID()
+	id := uuid.New()
 	now := m.now()
 	s := &session{
 		dir: filepath.Join(m.cfg.WorkingDirectory, id),

@@ -10,6 +10,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/dnbd3go/dnbd3go/internal/uuid"
 )
 
 func TestNewManagerConfig(t *testing.T) {
@@ -278,14 +280,14 @@ func TestShutdown(t *testing.T) {
 // crashed before writing it) is removed; other directories are left.
 func TestInterruptedCreate(t *testing.T) {
 	e := newEnv(t)
-	half := filepath.Join(e.work, newUUID())
+	half := filepath.Join(e.work, uuid.New())
 	os.Mkdir(half, 0o755)
 	if err := createStoreFiles(half); err != nil {
 		t.Fatal(err)
 	}
 	other := filepath.Join(e.work, "not-a-session")
 	os.Mkdir(other, 0o755)
-	broken := filepath.Join(e.work, newUUID())
+	broken := filepath.Join(e.work, uuid.New())
 	os.Mkdir(broken, 0o755)
 	os.WriteFile(filepath.Join(broken, sessionFileName), []byte("{"), 0o644)
 	m := e.manager(nil)

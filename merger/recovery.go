@@ -7,6 +7,8 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/dnbd3go/dnbd3go/internal/uuid"
+
 	"github.com/dnbd3go/dnbd3go/internal/fsutil"
 )
 
@@ -56,7 +58,7 @@ func (m *Manager) loadSessions() error {
 		if !e.IsDir() {
 			continue
 		}
-		if id, ok := ParseUUID(e.Name()); !ok || id != e.Name() {
+		if id, ok := uuid.Parse(e.Name()); !ok || id != e.Name() {
 			continue
 		}
 		dir := filepath.Join(m.cfg.WorkingDirectory, e.Name())

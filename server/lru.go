@@ -17,7 +17,7 @@ import (
 	"os"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"github.com/dnbd3go/dnbd3go/internal/fsutil"
 )
 
 // Disk space rules.
@@ -36,11 +36,8 @@ func (p *proxy) freeSpace() (int64, error) {
 	if f := p.s.hooks.freeSpace; f != nil {
 		return f()
 	}
-	var st unix.Statfs_t
-	if err := unix.Statfs(p.cfg().BasePath, &st); err != nil {
-		return 0, fmt.Errorf("statfs %s: %w", p.cfg().BasePath, err)
-	}
-	return int64(st.Bavail) * int64(st.Bsize), nil
+	free, _, err := fsutil.DiskSpace(p.cfg().BasePath)
+	return free, err
 }
 
 // ensureDiskSpace makes room for a local copy of size bytes.

@@ -21,6 +21,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/internal/testutil"
 	"github.com/dnbd3go/dnbd3go/merger"
 )
 
@@ -73,7 +74,7 @@ type mergerProc struct {
 	pid  int
 	addr string // host:port of its listener
 	root string // holds work, orig, dest
-	logs *syncBuffer
+	logs *testutil.Buffer
 	done chan struct{}
 }
 
@@ -107,7 +108,7 @@ func startMergerProc(t *testing.T, nofile int, extra ...string) *mergerProc {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	p := &mergerProc{cmd: cmd, pid: cmd.Process.Pid, root: root, logs: &syncBuffer{}, done: make(chan struct{})}
+	p := &mergerProc{cmd: cmd, pid: cmd.Process.Pid, root: root, logs: &testutil.Buffer{}, done: make(chan struct{})}
 	addrc := make(chan string, 1)
 	go func() {
 		sc := bufio.NewScanner(stderr)

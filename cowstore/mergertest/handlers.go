@@ -13,6 +13,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/dnbd3go/dnbd3go/internal/uuid"
 )
 
 // handle dispatches a request whose body has been read.
@@ -111,7 +113,7 @@ func (s *Server) create(r *http.Request, body []byte) reply {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	id := newGUID()
+	id := uuid.New()
 	if len(s.nextUUIDs) > 0 {
 		id, s.nextUUIDs = s.nextUUIDs[0], s.nextUUIDs[1:]
 	}

@@ -1,9 +1,7 @@
 package mergertest
 
 import (
-	"crypto/rand"
 	"crypto/x509"
-	"fmt"
 	"io"
 	"log"
 	"net/http"
@@ -285,13 +283,4 @@ func (rep reply) write(w http.ResponseWriter) {
 	}
 	w.WriteHeader(rep.status)
 	io.WriteString(w, rep.body)
-}
-
-// newGUID returns a random version-4 GUID in lowercase 8-4-4-4-12 form.
-func newGUID() string {
-	var b [16]byte
-	rand.Read(b[:])
-	b[6] = b[6]&0x0f | 0x40
-	b[8] = b[8]&0x3f | 0x80
-	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:16])
 }

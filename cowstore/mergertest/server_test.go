@@ -10,14 +10,11 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"regexp"
 	"strings"
 	"testing"
 
 	"github.com/dnbd3go/dnbd3go/internal/testutil"
 )
-
-var guidRE = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$`)
 
 func post(t *testing.T, url, ct string, body []byte) (int, string) {
 	t.Helper()
@@ -68,7 +65,7 @@ func TestCreateReplyAndRecord(t *testing.T) {
 	}
 	raw, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	if resp.StatusCode != 200 || !guidRE.Match(raw) || len(raw) != 36 {
+	if resp.StatusCode != 200 || !testutil.UUIDv4.Match(raw) || len(raw) != 36 {
 		t.Fatalf("create reply %d %q, want a bare GUID", resp.StatusCode, raw)
 	}
 	if ct := resp.Header.Get("Content-Type"); ct != "text/plain; charset=utf-8" {
@@ -91,7 +88,7 @@ func TestCreateMultipartAndBadForms(t *testing.T) {
 	buf.WriteString("--XX\r\nContent-Disposition: form-data; name=\"imageName\"\r\n\r\nimg\r\n" +
 		"--XX\r\nContent-Disposition: form-data; name=\"revision\"\r\n\r\n2\r\n" +
 		"--XX\r\nContent-Disposition: form-data; name=\"bitfieldSize\"\r\n\r\n40\r\n--XX--\r\n")
-	if code, id := post(t, s.URL+"/v1/file/create", "multipart/form-data; boundary=XX", buf.Bytes()); code != 200 || !guidRE.MatchString(id) {
+	if code, id := post(t, s.URL+"/v1/file/create", "multipart/form-data; boundary=XX", buf.Bytes()); code != 200 || !testutil.UUIDv4.MatchString(id) {
 		t.Fatalf("multipart create: %d %q", code, id)
 	}
 	for _, tc := range []struct {

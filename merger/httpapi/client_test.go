@@ -40,7 +40,7 @@ func TestRealClientRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !bareGUID.MatchString(id) || len(f.creates) != 1 || f.creates[0] != (createCall{"pool/win 11", 4, 40}) {
+	if !testutil.UUID.MatchString(id) || len(f.creates) != 1 || f.creates[0] != (createCall{"pool/win 11", 4, 40}) {
 		t.Fatalf("create: %q, %+v", id, f.creates)
 	}
 	bf, blocks := sparseBody(3, 64, 200)
@@ -225,7 +225,7 @@ func TestUploaderFinish(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if res.Uploaded != 4 || res.Dirty != 0 || !res.MergeAccepted || res.MergeAttempts != 1 || !bareGUID.MatchString(res.UUID) {
+	if res.Uploaded != 4 || res.Dirty != 0 || !res.MergeAccepted || res.MergeAttempts != 1 || !testutil.UUID.MatchString(res.UUID) {
 		t.Fatalf("result = %+v", res)
 	}
 	if len(f.creates) != 1 || f.creates[0] != (createCall{"pool/img", 3, 40}) {
