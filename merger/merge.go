@@ -382,29 +382,8 @@ func (m *Manager) merge(ctx context.Context, s *session, release func()) error {
 		return err
 	}
 	applied := time.Now()
-	if err := out.Truncate(p.newFileSize); err != nil {
-		return fmt.Errorf("set the size of the new revision: %w", err)
-	}
-	if err := out.Sync(); err != nil {
-		return fmt.Errorf("sync the new revision: %w", err)
-	}
-	if err := m.callHook(hookSynced, p.uuid); err != nil {
-		return err
-	}
-	id, err := statID(p.temp)
+	fin, crc, err := m.seal(p, out)
 	if err != nil {
-		return err
-	}
-	fin := &finalizeRecord{Temp: p.temp, Dest: p.dest, ID: id}
-	var crc crcStats
-	if p.newFileSize > 0 { // an empty image has no hash blocks
-		crcID, st, err := m.writeCRCTemp(p, out)
-		if err != nil {
-			return err
-		}
-		fin.CRC, crc = &crcID, st
-	}
-	if err := m.callHook(hookCRCWritten, p.uuid); err != nil {
 		return err
 	}
 	crcDone := time.Now()
@@ -429,6 +408,35 @@ func (m *Manager) merge(ctx context.Context, s *session, release func()) error {
 		"crcComputed", crc.computed, "crcFromOriginal", crc.taken, "crcTime", crcDone.Sub(applied).Round(time.Millisecond),
 		"total", time.Since(started).Round(time.Millisecond))
 	return nil
+}
+
+// seal gives the temporary image its size, syncs it, writes and syncs
+// its CRC list beside it (crclist.go) and returns the finalize record
+// that describes both.
+func (m *Manager) seal(p *mergePlan, out *os.File) (*finalizeRecord, crcStats, error) {
+	var crc crcStats
+	if err := out.Truncate(p.newFileSize); err != nil {
+		return nil, crc, fmt.Errorf("set the size of the new revision: %w", err)
+	}
+	if err := out.Sync(); err != nil {
+		return nil, crc, fmt.Errorf("sync the new revision: %w", err)
+	}
+	if err := m.callHook(hookSynced, p.uuid); err != nil {
+		return nil, crc, err
+	}
+	id, err := statID(p.temp)
+	if err != nil {
+		return nil, crc, err
+	}
+	fin := &finalizeRecord{Temp: p.temp, Dest: p.dest, ID: id}
+	if p.newFileSize > 0 { // an empty image has no hash blocks
+		crcID, st, err := m.writeCRCTemp(p, out)
+		if err != nil {
+			return nil, crc, err
+		}
+		fin.CRC, crc = &crcID, st
+	}
+	return fin, crc, m.callHook(hookCRCWritten, p.uuid)
 }
 
 // conflict fails the merge because the destination exists.

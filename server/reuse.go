@@ -304,3 +304,13 @@ func copyFromSource(w *os.File, src *Image, start, end int64) error {
 	}
 	return nil
 }
+
+// putReused adds our RPC key bytesReused (bytes of replicated images
+// copied from a previous revision instead of received) to o, for the
+// server's stats or one image. Absent while nothing was reused, so that
+// a proxy that never reuses answers with the reference's keys only.
+func putReused(o *jsonObject, n uint64) {
+	if n > 0 {
+		o.Uint("bytesReused", n)
+	}
+}

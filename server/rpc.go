@@ -213,11 +213,7 @@ func (r *rpcServer) query(w http.ResponseWriter, req *http.Request, perm ACLPerm
 		o.Int("clientCount", int64(clients))
 		o.Int("serverCount", int64(servers))
 		o.Int("uptime", int64(time.Since(s.started)/time.Second))
-		if r := s.bytesReused.Load(); r > 0 {
-			// ours: bytes of replicated images copied from a previous
-			// revision instead of received (reuse.go)
-			o.Uint("bytesReused", r)
-		}
+		putReused(o, s.bytesReused.Load())
 	}
 	o.Uint("runId", s.runID)
 	if want["version"] {
@@ -288,9 +284,7 @@ func imageJSON(img *Image) []byte {
 		o.Uint("bytesReceived", img.bytesRecv.Load())
 		o.Str("uplinkServer", up.server())
 	}
-	if r := img.bytesReused.Load(); r > 0 {
-		o.Uint("bytesReused", r) // ours, see above
-	}
+	putReused(o, img.bytesReused.Load())
 	return o.Bytes()
 }
 

@@ -95,21 +95,28 @@ func runGet(ctx context.Context, args []string, s stdio) int {
 		fmt.Fprintf(s.err, "dnbd3-nbd get: %v\n", err)
 		return exitError
 	}
+	printGetSummary(s, o, res)
+	return exitOK
+}
+
+// printGetSummary prints what a finished download fetched (not with -q)
+// and, with --reuse, what it reused (with -q too: it is what the admin
+// asked about).
+func printGetSummary(s stdio, o getOptions, res getResult) {
 	if !o.quiet {
 		el := res.elapsed.Seconds()
 		fmt.Fprintf(s.err, "dnbd3-nbd get: %d bytes (%s) of %s rid %d in %.2fs (%s) from %s\n",
 			res.bytes, progress.Bytes(res.bytes), res.image, res.rid, el, progress.Rate(res.bytes, res.elapsed), res.server)
 	}
-	if o.reuse != "" {
-		// printed with -q too: it is what the admin asked about
-		checked := "every hash block checked against the server's CRC list"
-		if !res.reuse.checked {
-			checked = "nothing checked: the server has no CRC list"
-		}
-		fmt.Fprintf(s.err, "dnbd3-nbd get: reused %d bytes (%d of %d hash blocks) from %s, fetched %d bytes; %s\n",
-			res.reuse.reused, res.reuse.reusedBlocks, res.reuse.blocks, o.reuse, res.reuse.fetched, checked)
+	if o.reuse == "" {
+		return
 	}
-	return exitOK
+	checked := "every hash block checked against the server's CRC list"
+	if !res.reuse.checked {
+		checked = "nothing checked: the server has no CRC list"
+	}
+	fmt.Fprintf(s.err, "dnbd3-nbd get: reused %d bytes (%d of %d hash blocks) from %s, fetched %d bytes; %s\n",
+		res.reuse.reused, res.reuse.reusedBlocks, res.reuse.blocks, o.reuse, res.reuse.fetched, checked)
 }
 
 // getResult describes a finished download.

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"fmt"
 	"hash/crc32"
 	"os"
 	"path/filepath"
@@ -26,20 +27,21 @@ func padded(b []byte) []byte {
 func TestGetReuse(t *testing.T) {
 	newData := genImage(3*hashBlock + 5000) // 4 hash blocks, the last one short
 	cases := []struct {
-		name    string
-		old     func() []byte
-		fetched int64 // MiB requested (1 MiB reads)
-		reused  string
+		name         string
+		old          func() []byte
+		fetched      int64 // MiB requested (1 MiB reads)
+		fetchedBytes int64 // in the summary: 4 KiB-padded
+		reused       string
 	}{
 		{"block 1 and the tail changed", func() []byte {
 			old := bytes.Clone(newData)
 			old[hashBlock+77] ^= 1
 			old[len(old)-1] ^= 1
 			return old
-		}, 16 + 1, "reused 33554432 bytes (2 of 4 hash blocks)"},
-		{"old file is shorter", func() []byte { return bytes.Clone(newData[:2*hashBlock-4096]) }, 16 + 16 + 1,
+		}, 16 + 1, hashBlock + 8192, "reused 33554432 bytes (2 of 4 hash blocks)"},
+		{"old file is shorter", func() []byte { return bytes.Clone(newData[:2*hashBlock-4096]) }, 16 + 16 + 1, 2*hashBlock + 8192,
 			"reused 16777216 bytes (1 of 4 hash blocks)"},
-		{"old file padded", func() []byte { return padded(newData) }, 0, "reused 50339840 bytes (4 of 4 hash blocks)"},
+		{"old file padded", func() []byte { return padded(newData) }, 0, 0, "reused 50339840 bytes (4 of 4 hash blocks)"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -57,8 +59,19 @@ func TestGetReuse(t *testing.T) {
 			if !strings.Contains(stderr, c.reused) || !strings.Contains(stderr, "every hash block checked") {
 				t.Errorf("summary %q, want %q", stderr, c.reused)
 			}
-			if got := srv.Blocks(); got != c.fetched {
-				t.Errorf("%d reads of 1 MiB, want %d", got, c.fetched)
+			if want := fmt.Sprintf("fetched %d bytes;", c.fetchedBytes); !strings.Contains(stderr, want) {
+				t.Errorf("summary %q, want %q", stderr, want)
+			}
+			// A read the client re-sends on a second connection (RTT
+			// probe, stall on a loaded machine) counts twice; a hash block
+			// taken from the server instead of the old file would be 16
+			// reads more.
+			extra := int64(0)
+			if srv.Handshakes() > 1 {
+				extra = 2
+			}
+			if got := srv.Blocks(); got < c.fetched || got > c.fetched+extra {
+				t.Errorf("%d reads of 1 MiB on %d connections, want %d", got, srv.Handshakes(), c.fetched)
 			}
 		})
 	}
