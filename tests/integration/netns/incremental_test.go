@@ -3,6 +3,7 @@ package netns
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
@@ -139,8 +140,10 @@ func cowSession(t *testing.T, tp *topology, origin *server, m *merger, image str
 		args = append(args, "-c", fmt.Sprintf("write -q -P %d %d %d", w.pattern, w.off, w.n))
 	}
 	args = append(args, "-c", "flush", "nbd+unix:///?socket="+sock)
-	if out, err := exec.Command("qemu-io", args...).CombinedOutput(); err != nil {
-		t.Fatalf("qemu-io: %v\n%s", err, out)
+	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	defer cancel()
+	if out, err := exec.CommandContext(ctx, "qemu-io", args...).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-io (killed after 120 s): %v\n%s", err, out)
 	}
 	cmd.Process.Signal(os.Interrupt) // final upload, then the merge request
 	select {
