@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/dnbd3go/dnbd3go/cowformat"
 	"github.com/dnbd3go/dnbd3go/internal/fsutil"
 )
 
@@ -69,13 +70,13 @@ func create(dir string, opts Options) (*Overlay, error) {
 		}
 	}
 	size := opts.Remote.Size()
-	if size < 0 || size > MaxImageSize {
-		return nil, fmt.Errorf("image size %d is outside 0..%d", size, int64(MaxImageSize))
+	if size < 0 || size > cowformat.MaxImageSize {
+		return nil, fmt.Errorf("image size %d is outside 0..%d", size, int64(cowformat.MaxImageSize))
 	}
 	o := newOverlay(dir, opts)
 	o.imageSize.Store(size)
 	o.validSize.Store(size)
-	o.nextSlot = FirstSlot
+	o.nextSlot = cowformat.FirstSlot
 	o.imageName, o.fullName = truncateName(opts.ImageName), opts.ImageName
 	o.created = uint64(o.now().Unix())
 	meta, err := os.OpenFile(filepath.Join(dir, "meta"), os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
@@ -92,12 +93,12 @@ func create(dir string, opts Options) (*Overlay, error) {
 		data.Close()
 		return nil, fmt.Errorf("create session in %s: %w", dir, err)
 	}
-	if err := meta.Truncate(MetaSize); err != nil {
+	if err := meta.Truncate(cowformat.MetaSize); err != nil {
 		return fail(err)
 	}
 	o.meta, o.data = opts.wrap("meta", meta), opts.wrap("data", data)
 	var magic [8]byte
-	le.PutUint64(magic[:], DataMagic)
+	le.PutUint64(magic[:], cowformat.DataMagic)
 	if _, err := o.data.WriteAt(magic[:], 0); err != nil {
 		return fail(err)
 	}
@@ -118,8 +119,8 @@ func create(dir string, opts Options) (*Overlay, error) {
 }
 
 func truncateName(s string) string {
-	if len(s) > nameField-1 {
-		return s[:nameField-1]
+	if len(s) > cowformat.NameField-1 {
+		return s[:cowformat.NameField-1]
 	}
 	return s
 }
@@ -212,7 +213,7 @@ func load(dir string, opts Options, metaFile, dataFile *os.File) (*Overlay, erro
 	o.nextSlot = h.nextClusterOffset
 	o.uuid, o.imageName, o.created = h.uuid, h.imageName, h.creationTime
 	o.fullName = id.fullName
-	o.savedHeader = bytes.Clone(buf[:HeaderSize])
+	o.savedHeader = bytes.Clone(buf[:cowformat.HeaderSize])
 	if err := o.loadTables(buf, h); err != nil {
 		return nil, err
 	}
@@ -229,7 +230,7 @@ func readHeader(meta io.ReaderAt, metaFile *os.File) (header, []byte, error) {
 	if err != nil {
 		return header{}, nil, err
 	}
-	buf := make([]byte, StartL1+L1Entries*4)
+	buf := make([]byte, cowformat.StartL1+cowformat.L1Entries*4)
 	if _, err := io.ReadFull(io.NewSectionReader(meta, 0, int64(len(buf))), buf); err != nil {
 		return header{}, nil, fmt.Errorf("read header: %w", err)
 	}
@@ -238,20 +239,20 @@ func readHeader(meta io.ReaderAt, metaFile *os.File) (header, []byte, error) {
 		return header{}, nil, err
 	}
 	switch {
-	case h.bitfieldSize != BitfieldSize:
-		return h, nil, fmt.Errorf("bitfield size %d, want %d", h.bitfieldSize, BitfieldSize)
-	case h.version != Version:
-		return h, nil, fmt.Errorf("session format version %d, this program reads version %d", h.version, Version)
-	case h.startL1 != StartL1 || h.startL2 != StartL2 || h.metaSize != MetaSize:
+	case h.bitfieldSize != cowformat.BitfieldSize:
+		return h, nil, fmt.Errorf("bitfield size %d, want %d", h.bitfieldSize, cowformat.BitfieldSize)
+	case h.version != cowformat.Version:
+		return h, nil, fmt.Errorf("session format version %d, this program reads version %d", h.version, cowformat.Version)
+	case h.startL1 != cowformat.StartL1 || h.startL2 != cowformat.StartL2 || h.metaSize != cowformat.MetaSize:
 		return h, nil, fmt.Errorf("unexpected layout (startL1 %d, startL2 %d, metaSize %d)", h.startL1, h.startL2, h.metaSize)
-	case h.nextL2 < 0 || h.nextL2 > L1Entries:
-		return h, nil, fmt.Errorf("nextL2 %d outside 0..%d", h.nextL2, L1Entries)
-	case h.imageSize > MaxImageSize:
-		return h, nil, fmt.Errorf("image size %d exceeds %d", h.imageSize, int64(MaxImageSize))
-	case h.nextClusterOffset < FirstSlot || h.nextClusterOffset%ClusterSize != 0:
+	case h.nextL2 < 0 || h.nextL2 > cowformat.L1Entries:
+		return h, nil, fmt.Errorf("nextL2 %d outside 0..%d", h.nextL2, cowformat.L1Entries)
+	case h.imageSize > cowformat.MaxImageSize:
+		return h, nil, fmt.Errorf("image size %d exceeds %d", h.imageSize, int64(cowformat.MaxImageSize))
+	case h.nextClusterOffset < cowformat.FirstSlot || h.nextClusterOffset%cowformat.ClusterSize != 0:
 		return h, nil, fmt.Errorf("nextClusterOffset %d is not a slot boundary", h.nextClusterOffset)
-	case mst.Size() < MetaSize:
-		return h, nil, fmt.Errorf("meta file is %d bytes, want %d", mst.Size(), int64(MetaSize))
+	case mst.Size() < cowformat.MetaSize:
+		return h, nil, fmt.Errorf("meta file is %d bytes, want %d", mst.Size(), int64(cowformat.MetaSize))
 	}
 	return h, buf, nil
 }
@@ -268,13 +269,13 @@ func checkDataFile(data io.ReaderAt, dataFile *os.File, h header) error {
 		return fmt.Errorf("read data magic: %w", err)
 	}
 	switch le.Uint64(dmagic[:]) {
-	case DataMagic:
-	case bits.ReverseBytes64(DataMagic):
+	case cowformat.DataMagic:
+	case bits.ReverseBytes64(cowformat.DataMagic):
 		return errors.New("data file has the wrong byte order")
 	default:
 		return errors.New("data file: bad magic")
 	}
-	if h.nextClusterOffset > dst.Size()+ClusterSize {
+	if h.nextClusterOffset > dst.Size()+cowformat.ClusterSize {
 		return fmt.Errorf("nextClusterOffset %d lies beyond the data file (%d bytes): data file truncated?", h.nextClusterOffset, dst.Size())
 	}
 	return nil
@@ -345,18 +346,18 @@ func checkRemoteSize(h header, remote int64) error {
 func (o *Overlay) loadTables(buf []byte, h header) error {
 	seen := map[int32]bool{}
 	slots := map[int64]bool{}
-	tbuf := make([]byte, L2TableSize)
-	for l1 := range L1Entries {
-		k := int32(le.Uint32(buf[StartL1+4*l1:]))
+	tbuf := make([]byte, cowformat.L2TableSize)
+	for l1 := range cowformat.L1Entries {
+		k := int32(le.Uint32(buf[cowformat.StartL1+4*l1:]))
 		switch {
 		case k == -1:
 			continue
-		case k >= h.nextL2 && k < L1Entries:
+		case k >= h.nextL2 && k < cowformat.L1Entries:
 			o.ignoredTables++
 			o.l1Dirty = true
 			continue
-		case k < 0 || k >= L1Entries:
-			return fmt.Errorf("L1[%d] = %d, not a table index below %d", l1, k, L1Entries)
+		case k < 0 || k >= cowformat.L1Entries:
+			return fmt.Errorf("L1[%d] = %d, not a table index below %d", l1, k, cowformat.L1Entries)
 		case seen[k]:
 			return fmt.Errorf("L2 table %d is referenced twice", k)
 		}
@@ -379,14 +380,14 @@ func (o *Overlay) loadTables(buf []byte, h header) error {
 func (o *Overlay) parseTable(l1 int, k int32, tbuf []byte, nextSlot int64, slots map[int64]bool) (*table, error) {
 	t := &table{index: k}
 	for i := range t.entries {
-		c := l1*L2Entries + i
-		e := parseEntry(tbuf[i*L2EntrySize:])
+		c := l1*cowformat.L2Entries + i
+		e := parseEntry(tbuf[i*cowformat.L2EntrySize:])
 		switch {
 		case e.offset == -1:
 			if e.popcount() > 0 {
 				return nil, fmt.Errorf("cluster %d has blocks but no slot", c)
 			}
-		case e.offset < FirstSlot || e.offset%ClusterSize != 0:
+		case e.offset < cowformat.FirstSlot || e.offset%cowformat.ClusterSize != 0:
 			return nil, fmt.Errorf("cluster %d: slot offset %d is not a slot boundary", c, e.offset)
 		case e.offset >= nextSlot:
 			// a slot handed out by a commit that never wrote its header:

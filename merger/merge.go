@@ -11,6 +11,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/cowformat"
 	"github.com/dnbd3go/dnbd3go/internal/fsutil"
 )
 
@@ -106,7 +107,7 @@ func (m *Manager) Merge(id string, originalFileSize, newFileSize int64) (Session
 		}
 		return s.info(), fmt.Errorf("merger: %w", err)
 	}
-	if limit := roundUp(ost.Size(), BlockSize); originalFileSize > limit {
+	if limit := roundUp(ost.Size(), cowformat.BlockSize); originalFileSize > limit {
 		return s.info(), fmt.Errorf("%w: originalFileSize %d exceeds the size of %s.r%d (%d bytes, %d rounded up to 4 KiB)",
 			ErrBadRequest, originalFileSize, name, rev, ost.Size(), limit)
 	}
@@ -127,7 +128,7 @@ func (m *Manager) Merge(id string, originalFileSize, newFileSize int64) (Session
 		return s.info(), &BackPressureError{RetryAfter: busyRetryAfter,
 			Reason: fmt.Sprintf("%d merges are running, the configured maximum", m.cfg.MaxConcurrentMerges)}
 	}
-	need := min(min(originalFileSize, ost.Size())+st.storedBlocks()*BlockSize, newFileSize)
+	need := min(min(originalFileSize, ost.Size())+st.storedBlocks()*cowformat.BlockSize, newFileSize)
 	if err := m.checkSpace(m.cfg.DestinationDirectory, need, "the merge"); err != nil {
 		<-m.mergeSlots
 		return s.info(), err
@@ -480,14 +481,14 @@ func (m *Manager) applyPhase(ctx context.Context, s *session, p *mergePlan, out 
 	s.mu.Lock()
 	s.meta.TotalClusters = len(versions)
 	s.mu.Unlock()
-	buf := make([]byte, ClusterSize)
+	buf := make([]byte, cowformat.ClusterSize)
 	lastPersist := time.Now()
 	for i := range versions {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
 		v := &versions[i]
-		base := int64(v.cluster) * ClusterSize
+		base := int64(v.cluster) * cowformat.ClusterSize
 		if base < p.newFileSize {
 			blocks, err := p.st.readVersion(v, buf)
 			if err != nil {
@@ -495,14 +496,14 @@ func (m *Manager) applyPhase(ctx context.Context, s *session, p *mergePlan, out 
 			}
 			k := 0
 			for r := range bitRuns(&v.bitfield) {
-				off := base + int64(r.first)*BlockSize
+				off := base + int64(r.first)*cowformat.BlockSize
 				n := r.n
 				// Blocks entirely at or beyond the new end are cut anyway.
-				if lim := (p.newFileSize - off + BlockSize - 1) / BlockSize; int64(n) > lim {
+				if lim := (p.newFileSize - off + cowformat.BlockSize - 1) / cowformat.BlockSize; int64(n) > lim {
 					n = int(max(lim, 0))
 				}
 				if n > 0 {
-					if _, err := out.WriteAt(blocks[k*BlockSize:(k+n)*BlockSize], off); err != nil {
+					if _, err := out.WriteAt(blocks[k*cowformat.BlockSize:(k+n)*cowformat.BlockSize], off); err != nil {
 						return fmt.Errorf("write cluster %d: %w", v.cluster, err)
 					}
 					p.crc.touch(off, int64(n)*BlockSize)

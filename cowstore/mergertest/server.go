@@ -11,18 +11,14 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/dnbd3go/dnbd3go/cowformat"
 )
 
 // Sizes of the merger's data model.
 const (
-	// BitfieldSize is the size of a cluster's bitfield in bytes.
-	BitfieldSize = 40
-	// BlockSize is the size of the block one bit stands for.
-	BlockSize = 4096
-	// ClusterSize is the size of a cluster (320 blocks, 1.25 MiB).
-	ClusterSize = BitfieldSize * 8 * BlockSize
 	// maxBody is the largest request body accepted.
-	maxBody = BitfieldSize + ClusterSize + 1<<16
+	maxBody = cowformat.BitfieldSize + cowformat.ClusterSize + 1<<16
 )
 
 // Server is a fake merger listening on a loopback address. Its methods

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/dnbd3go/dnbd3go/cowformat"
 	"github.com/dnbd3go/dnbd3go/internal/testutil"
 )
 
@@ -41,13 +42,13 @@ func create(t *testing.T, s *Server, name string) string {
 // body builds an update body with the given bits set; block k holds byte
 // fill+k.
 func body(fill byte, bitsSet ...int) []byte {
-	var bf [BitfieldSize]byte
+	var bf [cowformat.BitfieldSize]byte
 	for _, b := range bitsSet {
 		bf[b/8] |= 1 << (b % 8)
 	}
 	out := append([]byte(nil), bf[:]...)
 	for k := range bitsSet {
-		out = append(out, bytes.Repeat([]byte{fill + byte(k)}, BlockSize)...)
+		out = append(out, bytes.Repeat([]byte{fill + byte(k)}, cowformat.BlockSize)...)
 	}
 	return out
 }
@@ -165,7 +166,7 @@ func TestUpdateValidationAndReplace(t *testing.T) {
 func TestMergeStatusAndMergedImage(t *testing.T) {
 	s := Start(t)
 	id := create(t, s, "img")
-	orig := make([]byte, 3*ClusterSize)
+	orig := make([]byte, 3*cowformat.ClusterSize)
 	for i := range orig {
 		orig[i] = byte(i % 251)
 	}
@@ -187,8 +188,8 @@ func TestMergeStatusAndMergedImage(t *testing.T) {
 	if _, err := s.MergedImage(orig, id); err == nil {
 		t.Fatal("MergedImage before a merge succeeded")
 	}
-	validRemote := int64(ClusterSize + 1000) // the original was cut inside cluster 1
-	newSize := int64(4*ClusterSize + 3*BlockSize)
+	validRemote := int64(cowformat.ClusterSize + 1000) // the original was cut inside cluster 1
+	newSize := int64(4*cowformat.ClusterSize + 3*cowformat.BlockSize)
 	if code, msg := post(t, s.URL+"/v1/file/merge", formCT, fmt.Appendf(nil, "originalFileSize=%d&newFileSize=%d&uuid=%s", validRemote, newSize, id)); code != 200 || msg != "Merge started" {
 		t.Fatalf("merge: %d %q", code, msg)
 	}
@@ -201,11 +202,13 @@ func TestMergeStatusAndMergedImage(t *testing.T) {
 	}
 	want := make([]byte, newSize)
 	copy(want, orig[:validRemote])
-	fill := func(off int64, b byte) { copy(want[off:off+BlockSize], bytes.Repeat([]byte{b}, BlockSize)) }
+	fill := func(off int64, b byte) {
+		copy(want[off:off+cowformat.BlockSize], bytes.Repeat([]byte{b}, cowformat.BlockSize))
+	}
 	fill(0, 0xA0)
-	fill(2*BlockSize, 0xA1)
-	fill(2*ClusterSize+319*BlockSize, 0xB0)
-	fill(4*ClusterSize+BlockSize, 0xC0)
+	fill(2*cowformat.BlockSize, 0xA1)
+	fill(2*cowformat.ClusterSize+319*cowformat.BlockSize, 0xB0)
+	fill(4*cowformat.ClusterSize+cowformat.BlockSize, 0xC0)
 	if !bytes.Equal(got, want) {
 		t.Fatal("merged image differs from the hand-built one")
 	}
