@@ -10,6 +10,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/dnbd3go/dnbd3go/cowformat"
 	"github.com/dnbd3go/dnbd3go/protocol"
 	"github.com/dnbd3go/dnbd3go/server"
 )
@@ -56,7 +57,7 @@ func checkCRCFile(t *testing.T, e *env, name string) {
 func crcUploads(rng *rand.Rand) []*upload {
 	var ups []*upload
 	for _, off := range []int64{5 << 20, 2*hashBlock + 7<<20} {
-		ups = append(ups, randomUpload(rng, int(off/ClusterSize), 0.3))
+		ups = append(ups, randomUpload(rng, int(off/cowformat.ClusterSize), 0.3))
 	}
 	return ups
 }
@@ -87,7 +88,7 @@ func TestMergeWritesCRCList(t *testing.T) {
 		originalFileSize, newSize int64
 	}{
 		{"same", size, size},
-		{"padded", roundUp(size, BlockSize), roundUp(size, BlockSize)},
+		{"padded", roundUp(size, cowformat.BlockSize), roundUp(size, cowformat.BlockSize)},
 		{"grow", size, size + 2*hashBlock + 4097},
 		{"cut", size, hashBlock + 5000},
 		{"shrink-grow", hashBlock + 5000, size},
@@ -106,7 +107,7 @@ func TestMergeWritesCRCList(t *testing.T) {
 				if list == "stale-dest-list" {
 					os.WriteFile(filepath.Join(e.dest, name+".r2.crc"), bogus, 0o644)
 				}
-				info, err := m.Create(name, 1, BitfieldSize)
+				info, err := m.Create(name, 1, cowformat.BitfieldSize)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -128,7 +129,7 @@ func TestMergeEmptyResultHasNoCRCList(t *testing.T) {
 	e := newEnv(t)
 	e.original("empty", 1, []byte("x"))
 	m := e.manager(nil)
-	info, _ := m.Create("empty", 1, BitfieldSize)
+	info, _ := m.Create("empty", 1, cowformat.BitfieldSize)
 	mergeDone(t, m, info.UUID, 0, 0)
 	if _, err := os.Stat(filepath.Join(e.dest, "empty.r2.crc")); !errors.Is(err, fs.ErrNotExist) {
 		t.Fatalf("empty.r2.crc: %v, want none", err)
@@ -264,7 +265,7 @@ func TestCrashBetweenRenames(t *testing.T) {
 			os.WriteFile(filepath.Join(e.orig, "x.r1.crc"), wantCRCFile(t, original), 0o644)
 			configure, crashed := crashAt(c.point)
 			m1 := e.manager(configure)
-			info, _ := m1.Create("x", 1, BitfieldSize)
+			info, _ := m1.Create("x", 1, cowformat.BitfieldSize)
 			ups := crcUploads(rng)[:1]
 			for _, u := range ups {
 				mustUpdate(t, m1, info.UUID, u, false)
@@ -343,8 +344,8 @@ func TestConcurrentMergesKeepTheWinnersList(t *testing.T) {
 		size := int64(len(original))
 		e.original("race", 1, original)
 		m := e.manager(nil)
-		a, _ := m.Create("race", 1, BitfieldSize)
-		b, _ := m.Create("race", 1, BitfieldSize)
+		a, _ := m.Create("race", 1, cowformat.BitfieldSize)
+		b, _ := m.Create("race", 1, cowformat.BitfieldSize)
 		ua, ub := randomUpload(rng, 0, 0.5), randomUpload(rng, 0, 0.5)
 		mustUpdate(t, m, a.UUID, ua, false)
 		mustUpdate(t, m, b.UUID, ub, false)

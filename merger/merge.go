@@ -506,7 +506,7 @@ func (m *Manager) applyPhase(ctx context.Context, s *session, p *mergePlan, out 
 					if _, err := out.WriteAt(blocks[k*cowformat.BlockSize:(k+n)*cowformat.BlockSize], off); err != nil {
 						return fmt.Errorf("write cluster %d: %w", v.cluster, err)
 					}
-					p.crc.touch(off, int64(n)*BlockSize)
+					p.crc.touch(off, int64(n)*cowformat.BlockSize)
 				}
 				k += r.n
 			}
