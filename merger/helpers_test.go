@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -257,7 +258,8 @@ func (e *env) noTempFiles() {
 	e.t.Helper()
 	for _, root := range []string{e.work, e.dest} {
 		filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
-			if err == nil && !d.IsDir() && (d.Name() == mergeTempName || filepath.Ext(d.Name()) == ".merging") {
+			name := strings.TrimSuffix(d.Name(), crcSuffix)
+			if err == nil && !d.IsDir() && (name == mergeTempName || filepath.Ext(name) == ".merging") {
 				e.t.Errorf("temporary file left: %s", p)
 			}
 			return nil

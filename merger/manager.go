@@ -156,6 +156,11 @@ type Manager struct {
 	// pauses before it is tried again.
 	mergeRetry time.Duration
 
+	// installMu serialises moving merged revisions into place (their CRC
+	// list, then the image; install.go), so that a merge that loses the
+	// race for a revision never replaces the winner's list.
+	installMu sync.Mutex
+
 	// Test seams.
 	now  func() time.Time
 	hook func(point, uuid string) error // called at the crash points of a merge

@@ -100,6 +100,9 @@ func TestMergeEndToEnd(t *testing.T) {
 			}
 			want := expectedImage(original, uploads, tc.originalFileSize, tc.newSize)
 			sameBytes(t, "merged image", e.destFile(name+".r2"), want)
+			if tc.newSize > 0 {
+				checkCRCFile(t, e, name+".r2")
+			}
 			// The uploads are gone, the state stays for Status.
 			dir := filepath.Join(e.work, info.UUID)
 			for _, f := range []string{dataFileName, journalFileName} {
@@ -321,6 +324,9 @@ func TestMergeConflictAtRename(t *testing.T) {
 	if got := e.destFile("race.r5"); string(got) != string(planted) {
 		t.Fatalf("the existing revision was changed: %q", got)
 	}
+	if e.destFile("race.r5.crc") != nil {
+		t.Fatal("the losing merge put its CRC list beside the existing revision")
+	}
 	if _, err := m.Merge(info.UUID, size, size); !errors.Is(err, ErrConflict) {
 		t.Fatalf("merge after conflict: %v", err)
 	}
@@ -365,6 +371,7 @@ func TestCrashMidMerge(t *testing.T) {
 				t.Fatalf("after recovery: %+v", done)
 			}
 			sameBytes(t, "recovered revision", e.destFile("crash.r2"), want)
+			checkCRCFile(t, e, "crash.r2")
 			e.noTempFiles()
 			if _, err := os.Stat(filepath.Join(e.work, info.UUID, journalFileName)); !errors.Is(err, fs.ErrNotExist) {
 				t.Errorf("journal left after recovery: %v", err)
@@ -431,6 +438,7 @@ func TestCrashMidMergeCrossFS(t *testing.T) {
 				t.Fatalf("%+v", st)
 			}
 			sameBytes(t, "merged", e.destFile("dir/x.r2"), expectedImage(original, ups, size, size))
+			checkCRCFile(t, e, "dir/x.r2")
 			e.noTempFiles()
 		})
 	}

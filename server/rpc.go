@@ -213,6 +213,7 @@ func (r *rpcServer) query(w http.ResponseWriter, req *http.Request, perm ACLPerm
 		o.Int("clientCount", int64(clients))
 		o.Int("serverCount", int64(servers))
 		o.Int("uptime", int64(time.Since(s.started)/time.Second))
+		putReused(o, s.bytesReused.Load())
 	}
 	o.Uint("runId", s.runID)
 	if want["version"] {
@@ -283,6 +284,7 @@ func imageJSON(img *Image) []byte {
 		o.Uint("bytesReceived", img.bytesRecv.Load())
 		o.Str("uplinkServer", up.server())
 	}
+	putReused(o, img.bytesReused.Load())
 	return o.Bytes()
 }
 

@@ -65,6 +65,9 @@ type Server struct {
 	started   time.Time
 	bytesSent atomic.Uint64 // served to clients, relayed data included
 	bytesRecv atomic.Uint64 // received from uplinks
+	// bytesReused counts bytes of replicated images copied from a
+	// previous revision on this server instead of fetched (reuse.go).
+	bytesReused atomic.Uint64
 
 	proxy   *proxy // uplinks, replication, cache map saving
 	iscsi   *iscsi.Target

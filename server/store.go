@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
@@ -394,10 +395,16 @@ func (s *Store) Release(img *Image) { img.release() }
 
 // latestRID returns the highest revision of name loaded or on disk, 0 if none.
 func (s *Store) latestRID(name string) uint16 {
+	return s.latestRIDBelow(name, math.MaxUint16+1)
+}
+
+// latestRIDBelow returns the highest revision of name below the given one
+// that is loaded or on disk, 0 if none.
+func (s *Store) latestRIDBelow(name string, below int) uint16 {
 	var best uint16
 	s.mu.RLock()
 	for k := range s.images {
-		if k.name == name && k.rid > best {
+		if k.name == name && k.rid > best && int(k.rid) < below {
 			best = k.rid
 		}
 	}
@@ -413,7 +420,7 @@ func (s *Store) latestRID(name string) uint16 {
 			continue
 		}
 		rid, err := strconv.ParseUint(n, 10, 16)
-		if err != nil || rid == 0 || strings.ContainsAny(n, "+-") || uint16(rid) <= best {
+		if err != nil || rid == 0 || strings.ContainsAny(n, "+-") || uint16(rid) <= best || int(rid) >= below {
 			continue
 		}
 		if _, err := servableFile(s.opts.BasePath, filepath.Join(dir, entry)); err == nil {
