@@ -168,30 +168,29 @@ type Manager struct {
 
 var _ Service = (*Manager)(nil)
 
-// NewManager checks cfg and loads the sessions found in
-// cfg.WorkingDirectory, so that they answer at once; interrupted merges
-// resume when Start is called.
-func NewManager(cfg Config) (*Manager, error) {
+// withDefaults checks the directories (made absolute) and the limits, and
+// fills in the defaults of the settings left zero.
+func (cfg Config) withDefaults() (Config, error) {
 	for _, d := range []struct{ name, path string }{
 		{"WorkingDirectory", cfg.WorkingDirectory},
 		{"OriginalImageDirectory", cfg.OriginalImageDirectory},
 		{"DestinationDirectory", cfg.DestinationDirectory},
 	} {
 		if d.path == "" {
-			return nil, fmt.Errorf("merger: %s is not set", d.name)
+			return cfg, fmt.Errorf("merger: %s is not set", d.name)
 		}
 		st, err := os.Stat(d.path)
 		if err != nil {
-			return nil, fmt.Errorf("merger: %s: %w (create the directory or fix the configuration)", d.name, err)
+			return cfg, fmt.Errorf("merger: %s: %w (create the directory or fix the configuration)", d.name, err)
 		}
 		if !st.IsDir() {
-			return nil, fmt.Errorf("merger: %s %s is not a directory", d.name, d.path)
+			return cfg, fmt.Errorf("merger: %s %s is not a directory", d.name, d.path)
 		}
 	}
-	var err error
 	for _, p := range []*string{&cfg.WorkingDirectory, &cfg.OriginalImageDirectory, &cfg.DestinationDirectory} {
+		var err error
 		if *p, err = filepath.Abs(*p); err != nil {
-			return nil, fmt.Errorf("merger: %w", err)
+			return cfg, fmt.Errorf("merger: %w", err)
 		}
 	}
 	if cfg.Retention <= 0 {
@@ -220,10 +219,21 @@ func NewManager(cfg Config) (*Manager, error) {
 		cfg.MaxOpenSessions = DefaultMaxOpenSessions
 	}
 	if cfg.SessionQuota < 0 {
-		return nil, fmt.Errorf("merger: negative SessionQuota %d (0 is automatic)", cfg.SessionQuota)
+		return cfg, fmt.Errorf("merger: negative SessionQuota %d (0 is automatic)", cfg.SessionQuota)
 	}
 	if !cfg.CopyMethod.valid() {
-		return nil, fmt.Errorf("merger: unknown copy method %q (use %q, %q, %q or empty for automatic)", cfg.CopyMethod, CopyClone, CopyRange, CopyStream)
+		return cfg, fmt.Errorf("merger: unknown copy method %q (use %q, %q, %q or empty for automatic)", cfg.CopyMethod, CopyClone, CopyRange, CopyStream)
+	}
+	return cfg, nil
+}
+
+// NewManager checks cfg and loads the sessions found in
+// cfg.WorkingDirectory, so that they answer at once; interrupted merges
+// resume when Start is called.
+func NewManager(cfg Config) (*Manager, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
 	}
 	log := cfg.Logger
 	if log == nil {

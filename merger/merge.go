@@ -99,17 +99,9 @@ func (m *Manager) Merge(id string, originalFileSize, newFileSize int64) (Session
 		m.log.Info("retrying failed merge", "session", id, "previous error", s.meta.Error)
 	}
 	name, rev := s.meta.ImageName, s.meta.OriginalRevision
-	src := m.originalPath(name, rev)
-	ost, err := os.Stat(src)
+	origSize, err := m.checkOriginal(name, rev, originalFileSize)
 	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return s.info(), fmt.Errorf("%w: %s, the base of this session, was removed; start a new session from an existing revision", ErrImageNotFound, src)
-		}
-		return s.info(), fmt.Errorf("merger: %w", err)
-	}
-	if limit := roundUp(ost.Size(), cowformat.BlockSize); originalFileSize > limit {
-		return s.info(), fmt.Errorf("%w: originalFileSize %d exceeds the size of %s.r%d (%d bytes, %d rounded up to 4 KiB)",
-			ErrBadRequest, originalFileSize, name, rev, ost.Size(), limit)
+		return s.info(), err
 	}
 	st, err := m.openStoreLocked(s, false)
 	if err != nil {
@@ -128,31 +120,58 @@ func (m *Manager) Merge(id string, originalFileSize, newFileSize int64) (Session
 		return s.info(), &BackPressureError{RetryAfter: busyRetryAfter,
 			Reason: fmt.Sprintf("%d merges are running, the configured maximum", m.cfg.MaxConcurrentMerges)}
 	}
-	need := min(min(originalFileSize, ost.Size())+st.storedBlocks()*cowformat.BlockSize, newFileSize)
+	need := min(min(originalFileSize, origSize)+st.storedBlocks()*cowformat.BlockSize, newFileSize)
 	if err := m.checkSpace(m.cfg.DestinationDirectory, need, "the merge"); err != nil {
 		<-m.mergeSlots
 		return s.info(), err
 	}
-	prev := s.meta
-	s.meta.State = StateCopying
-	s.meta.OriginalFileSize, s.meta.NewFileSize = originalFileSize, newFileSize
-	s.meta.NewRevision = newRev
-	s.meta.MergedClusters, s.meta.TotalClusters = 0, st.clusters()
-	s.meta.Error, s.meta.Conflict = "", false
-	s.meta.Finished = time.Time{}
-	s.meta.MergeTemp, s.meta.Finalize, s.meta.Output = "", nil, ""
-	if err := s.persist(m.now()); err != nil {
-		s.meta = prev
+	if err := m.acceptLocked(s, st.clusters(), originalFileSize, newFileSize, newRev); err != nil {
 		<-m.mergeSlots
-		if bp := resourceError(err, "starting a merge"); bp != nil {
-			return s.info(), bp
-		}
-		return s.info(), fmt.Errorf("merger: %w", err)
+		return s.info(), err
 	}
 	m.log.Info("merge accepted", "session", id, "image", name, "from", rev, "to", newRev,
 		"originalFileSize", originalFileSize, "newFileSize", newFileSize, "clusters", s.meta.TotalClusters)
 	m.startMergeLocked(s, true)
 	return s.info(), nil
+}
+
+// checkOriginal checks that the session's base revision still exists and
+// that the client's originalFileSize fits it; it returns the file's size.
+func (m *Manager) checkOriginal(name string, rev int, originalFileSize int64) (int64, error) {
+	src := m.originalPath(name, rev)
+	ost, err := os.Stat(src)
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return 0, fmt.Errorf("%w: %s, the base of this session, was removed; start a new session from an existing revision", ErrImageNotFound, src)
+		}
+		return 0, fmt.Errorf("merger: %w", err)
+	}
+	if limit := roundUp(ost.Size(), cowformat.BlockSize); originalFileSize > limit {
+		return 0, fmt.Errorf("%w: originalFileSize %d exceeds the size of %s.r%d (%d bytes, %d rounded up to 4 KiB)",
+			ErrBadRequest, originalFileSize, name, rev, ost.Size(), limit)
+	}
+	return ost.Size(), nil
+}
+
+// acceptLocked records durably that the session's merge starts (state
+// Copying); on failure the session is left as it was.
+func (m *Manager) acceptLocked(s *session, clusters int, originalFileSize, newFileSize int64, newRev int) error {
+	prev := s.meta
+	s.meta.State = StateCopying
+	s.meta.OriginalFileSize, s.meta.NewFileSize = originalFileSize, newFileSize
+	s.meta.NewRevision = newRev
+	s.meta.MergedClusters, s.meta.TotalClusters = 0, clusters
+	s.meta.Error, s.meta.Conflict = "", false
+	s.meta.Finished = time.Time{}
+	s.meta.MergeTemp, s.meta.Finalize, s.meta.Output = "", nil, ""
+	if err := s.persist(m.now()); err != nil {
+		s.meta = prev
+		if bp := resourceError(err, "starting a merge"); bp != nil {
+			return bp
+		}
+		return fmt.Errorf("merger: %w", err)
+	}
+	return nil
 }
 
 // conflictError is the error of a merge whose target revision exists.
