@@ -24,7 +24,7 @@ func TestServersSwitchDuringRead(t *testing.T) {
 
 func serversSwitchDuringRead(t *testing.T, mode string) {
 	base := t.TempDir()
-	want := genImage(t, filepath.Join(base, "sw.r1"), 48<<20)
+	want := genImage(t, filepath.Join(base, "sw.r1"), 32<<20)
 	_, addrA := server(t, base)
 	_, addrB := server(t, base)
 	args := []string{"-h", addrA, "-S", "-i", "sw", "--timeout", "60s"}
@@ -46,18 +46,22 @@ func serversSwitchDuringRead(t *testing.T, mode string) {
 		expect string
 		on     string // the server reads must come from afterwards
 	}{
-		{8 << 20, "switch", addrB, "switched to: " + addrB, addrB},
-		{16 << 20, "remove", addrA, "removed: " + addrA, addrB},
-		{24 << 20, "add", addrA, "added: " + addrA, addrB},
-		{32 << 20, "switch", addrA, "switched to: " + addrA, addrA},
+		{4 << 20, "switch", addrB, "switched to: " + addrB, addrB},
+		{8 << 20, "remove", addrA, "removed: " + addrA, addrB},
+		{12 << 20, "add", addrA, "added: " + addrA, addrB},
+		{16 << 20, "switch", addrA, "switched to: " + addrA, addrA},
 	}
 	next := 0
 	got, err := readDevice(dev, func(n int64) {
 		if next < len(steps) && n >= steps[next].at {
 			s := steps[next]
 			next++
+			start := time.Now()
 			servers(t, dev, s.action, s.host, s.expect)
+			took := time.Since(start)
 			waitOn(t, dev, mode, s.on)
+			t.Logf("%s %s at %d MiB: command %v, reading from %s (every kernel connection on direct) after %v",
+				s.action, s.host, n>>20, took.Round(time.Millisecond), s.on, time.Since(start).Round(time.Millisecond))
 		}
 	})
 	if err != nil {
