@@ -23,8 +23,10 @@ func TestServersSwitchDuringRead(t *testing.T) {
 }
 
 func serversSwitchDuringRead(t *testing.T, mode string) {
+	t0 := time.Now()
+	defer func() { t.Logf("test body took %v (cleanup follows)", time.Since(t0).Round(time.Millisecond)) }()
 	base := t.TempDir()
-	want := genImage(t, filepath.Join(base, "sw.r1"), 32<<20)
+	want := genImage(t, filepath.Join(base, "sw.r1"), 24<<20)
 	_, addrA := server(t, base)
 	_, addrB := server(t, base)
 	args := []string{"-h", addrA, "-S", "-i", "sw", "--timeout", "60s"}
@@ -32,6 +34,7 @@ func serversSwitchDuringRead(t *testing.T, mode string) {
 		args = append(args, "--kernel-direct=false")
 	}
 	_, dev, _ := attachCmd(t, args...)
+	t.Logf("attached after %v", time.Since(t0).Round(time.Millisecond))
 	if sl := slotsOf(t, dev); sl["mode"] != mode {
 		t.Fatalf("attach: slots %v, want mode %s", sl, mode)
 	}
@@ -46,10 +49,10 @@ func serversSwitchDuringRead(t *testing.T, mode string) {
 		expect string
 		on     string // the server reads must come from afterwards
 	}{
-		{4 << 20, "switch", addrB, "switched to: " + addrB, addrB},
-		{8 << 20, "remove", addrA, "removed: " + addrA, addrB},
-		{12 << 20, "add", addrA, "added: " + addrA, addrB},
-		{16 << 20, "switch", addrA, "switched to: " + addrA, addrA},
+		{3 << 20, "switch", addrB, "switched to: " + addrB, addrB},
+		{6 << 20, "remove", addrA, "removed: " + addrA, addrB},
+		{9 << 20, "add", addrA, "added: " + addrA, addrB},
+		{12 << 20, "switch", addrA, "switched to: " + addrA, addrA},
 	}
 	next := 0
 	got, err := readDevice(dev, func(n int64) {
@@ -60,13 +63,15 @@ func serversSwitchDuringRead(t *testing.T, mode string) {
 			servers(t, dev, s.action, s.host, s.expect)
 			took := time.Since(start)
 			waitOn(t, dev, mode, s.on)
-			t.Logf("%s %s at %d MiB: command %v, reading from %s (every kernel connection on direct) after %v",
-				s.action, s.host, n>>20, took.Round(time.Millisecond), s.on, time.Since(start).Round(time.Millisecond))
+			t.Logf("%s %s at %d MiB: command %v, %s reads from %s after %v", s.action, s.host, n>>20,
+				took.Round(time.Millisecond), map[string]string{"direct": "every kernel connection", "relay": "the daemon"}[mode],
+				s.on, time.Since(start).Round(time.Millisecond))
 		}
 	})
 	if err != nil {
 		t.Fatalf("read across the server changes: %v", err)
 	}
+	t.Logf("read done after %v", time.Since(t0).Round(time.Millisecond))
 	if got != want {
 		t.Fatal("data read across the server changes differs")
 	}
