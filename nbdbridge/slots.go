@@ -559,7 +559,9 @@ func (d *Device) migrate(c *ctlState, now time.Time) {
 	d.mu.Unlock()
 	if !misplaced {
 		c.migrateSince = time.Time{}
-		c.forceMove = false
+		if pref != "" {
+			c.forceMove = false // done (while the client fails over, pref is "": keep it)
+		}
 	} else if c.migrateSince.IsZero() {
 		c.migrateSince = now
 	}
