@@ -257,3 +257,21 @@ func TestImagesCommand(t *testing.T) {
 		t.Errorf("images of nothing: exit %d, %q", code, stderr)
 	}
 }
+
+// TestEveryBinaryHelpAndVersion: every binary prints --help on stdout
+// with exit 0 and nothing on stderr, and has --version.
+func TestEveryBinaryHelpAndVersion(t *testing.T) {
+	for _, name := range []string{"dnbd3-server", "dnbd3-nbd", "dnbd3-merger", "dnbd3-bench", "dnbd3-cowtest"} {
+		stdout, stderr, code := run(t, name, "--help")
+		if code != 0 || !strings.Contains(stdout, "Usage") || stderr != "" {
+			t.Errorf("%s --help: exit %d, stdout %d bytes, stderr %q", name, code, len(stdout), stderr)
+		}
+		stdout, stderr, code = run(t, name, "--version")
+		if code != 0 || !strings.HasPrefix(stdout, "dnbd3go ") || stderr != "" {
+			t.Errorf("%s --version: exit %d, stdout %q, stderr %q", name, code, stdout, stderr)
+		}
+	}
+	if _, stderr, code := run(t, "dnbd3-bench", "-i", "img", "-h"); code != 2 || !strings.Contains(stderr, "--help for help") {
+		t.Errorf("dnbd3-bench -h without a value: exit %d, %q", code, stderr)
+	}
+}
