@@ -557,18 +557,10 @@ func (d *Device) migrate(c *ctlState, now time.Time) {
 		}
 	}
 	d.mu.Unlock()
-	if !misplaced {
-		c.migrateSince = time.Time{}
-		if pref != "" {
-			c.forceMove = false // done (while the client fails over, pref is "": keep it)
-		}
-	} else if c.migrateSince.IsZero() {
-		c.migrateSince = now
-	}
+	forced := c.noteMisplaced(misplaced, pref != "", now)
 	if victim == nil {
 		return
 	}
-	forced := misplaced && (c.forceMove || now.Sub(c.migrateSince) > migrateAfter)
 	if !forced && !d.sysfs.deviceIdle(d.Index) {
 		return
 	}
@@ -587,6 +579,23 @@ func (d *Device) migrate(c *ctlState, now time.Time) {
 	}
 	d.log.Info("moving a direct connection to the preferred server", "device", d.Path, "from", victim.server, "to", pref, "idle", !forced)
 	retire(victim.fd) // the next step sees it hung up (with LINK_DEAD)
+}
+
+// noteMisplaced tracks since when direct slots point away from the
+// preferred server and reports whether they must move even while busy
+// (after migrateAfter, or FollowPreferred).
+func (c *ctlState) noteMisplaced(misplaced, prefKnown bool, now time.Time) (forced bool) {
+	switch {
+	case !misplaced:
+		c.migrateSince = time.Time{}
+		if prefKnown {
+			c.forceMove = false // done (while the client fails over, the preferred server is unknown: keep it)
+		}
+		return false
+	case c.migrateSince.IsZero():
+		c.migrateSince = now
+	}
+	return c.forceMove || now.Sub(c.migrateSince) > migrateAfter
 }
 
 // FollowPreferred makes the device move its direct slots to the

@@ -101,27 +101,15 @@ func parseFlags(args []string, stdout, stderr io.Writer) (o options, done bool, 
 	fs.BoolVar(&o.json, "json", false, "print the result as JSON")
 	fs.DurationVar(&o.timeout, "timeout", 3500*time.Millisecond, "timeout for connect + handshake (+ read in handshake mode)")
 	fs.IntVar(&o.idle, "idle", 0, "idle mode: open N connections, complete the handshake and hold them for --duration")
-	showVersion := fs.BoolP("version", "v", false, "print the version and exit")
+	showVersion := new(bool)
+	fs.BoolVarP(showVersion, "version", "v", false, "print the version and exit")
 	fs.Usage = func() {
 		fmt.Fprint(stdout, "Usage: dnbd3-bench -h \"HOSTS\" -i IMAGE [-n RUNS] [-t THREADS] [-b BLOCKSIZE]\n"+
 			"       dnbd3-bench -h \"HOSTS\" -i IMAGE --load [--connections N] [--block-size B] [--pattern seq|rand] [--queue-depth Q] [--duration D] [--json]\n"+
 			"       dnbd3-bench -h \"HOSTS\" -i IMAGE --idle N [--duration D]\n\nFlags:\n"+fs.FlagUsages())
 	}
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, pflag.ErrHelp) {
-			return o, true, nil
-		}
-		if strings.Contains(err.Error(), "'h' in -") || strings.HasSuffix(err.Error(), "argument: --host") {
-			err = fmt.Errorf("%w (-h is the host flag: -h \"HOST[:PORT] ...\"; --help for help)", err)
-		}
-		return o, false, err
-	}
-	if *showVersion {
-		fmt.Fprintln(stdout, version.String())
-		return o, true, nil
-	}
-	if strings.HasPrefix(o.hosts, "-") {
-		return o, false, fmt.Errorf("-h %q: -h is the host flag and wants servers; --help for help", o.hosts)
+	if done, err := parseReferenceStyle(fs, args, &o, showVersion, stdout); done || err != nil {
+		return o, done, err
 	}
 	if fs.NArg() > 0 {
 		return o, false, fmt.Errorf("unexpected argument %q", fs.Arg(0))
@@ -165,6 +153,29 @@ func parseFlags(args []string, stdout, stderr io.Writer) (o options, done bool, 
 		return o, false, errors.New("--timeout must be positive")
 	}
 	return o, false, nil
+}
+
+// parseReferenceStyle parses args; done is true after --help or --version
+// (printed on stdout). -h is the host flag, as in the reference: without
+// a value the error points at --help.
+func parseReferenceStyle(fs *pflag.FlagSet, args []string, o *options, showVersion *bool, stdout io.Writer) (done bool, err error) {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, pflag.ErrHelp) {
+			return true, nil
+		}
+		if strings.Contains(err.Error(), "'h' in -") || strings.HasSuffix(err.Error(), "argument: --host") {
+			err = fmt.Errorf("%w (-h is the host flag: -h \"HOST[:PORT] ...\"; --help for help)", err)
+		}
+		return false, err
+	}
+	if *showVersion {
+		fmt.Fprintln(stdout, version.String())
+		return true, nil
+	}
+	if strings.HasPrefix(o.hosts, "-") {
+		return false, fmt.Errorf("-h %q: -h is the host flag and wants servers; --help for help", o.hosts)
+	}
+	return false, nil
 }
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {

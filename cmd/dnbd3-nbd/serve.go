@@ -79,11 +79,7 @@ func runServe(ctx context.Context, args []string, s stdio) int {
 		backend = cs.overlay
 	}
 	eng := nbdbridge.NewEngine(backend, nbdbridge.EngineOptions{Logger: log, Workers: remoteWorkers})
-	started := time.Now()
-	stopCtl := serveControl(listen, log, func() attachStatus {
-		return exportStatus(listen, started, img, backend, eng, cs)
-	}, img)
-	defer stopCtl()
+	defer serveControl(listen, log, img, backend, eng, cs)()
 	log.Info("serving", "listen", listen, "image", img.Name(), "rid", img.RID(), "size", img.Size())
 	fmt.Fprintln(s.out, ln.Addr().String())
 	serr := eng.ServeListener(ctx, ln, img.Name(), fmt.Sprintf("dnbd3 image %s rid %d", img.Name(), img.RID()))
@@ -107,18 +103,19 @@ func runServe(ctx context.Context, args []string, s stdio) int {
 // serveControl starts the export's control socket beside its unix socket
 // (status, servers); tcp: and abstract exports have none. The returned
 // function stops it and removes the socket file.
-func serveControl(listen string, log *slog.Logger, status func() attachStatus, img *client.Image) func() {
+func serveControl(listen string, log *slog.Logger, img *client.Image, backend nbdbridge.Backend, eng *nbdbridge.Engine, cs *cowSession) func() {
 	path := serveControlPath(listen)
 	if path == "" {
 		return func() {}
 	}
+	started := time.Now()
 	ctx, cancel := context.WithCancel(context.Background())
 	handle := func(req nbdbridge.ControlRequest) (any, error) {
 		if v, ok, err := serverControl(ctx, img, req, nil); ok {
 			return v, err
 		}
 		if req.Op == "status" {
-			return status(), nil
+			return exportStatus(listen, started, img, backend, eng, cs), nil
 		}
 		return nil, fmt.Errorf("unknown request %q", req.Op)
 	}
