@@ -4,7 +4,9 @@
 //	dnbd3-nbd attach -h "HOST[:PORT] ..." -i IMAGE [-r RID] [--device /dev/nbdN] ...
 //	dnbd3-nbd detach /dev/nbdN
 //	dnbd3-nbd list
-//	dnbd3-nbd status /dev/nbdN
+//	dnbd3-nbd status /dev/nbdN|SOCKET
+//	dnbd3-nbd servers /dev/nbdN|SOCKET [add|remove|switch HOST | auto]
+//	dnbd3-nbd images -h HOST[:PORT]
 //	dnbd3-nbd serve -h "HOST[:PORT] ..." -i IMAGE --listen unix:PATH|tcp:ADDR
 //	dnbd3-nbd get -h "HOST[:PORT] ..." -i IMAGE [-r RID] [-o FILE|-]
 //
