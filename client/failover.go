@@ -139,7 +139,7 @@ func (i *Image) failoverDone(res failoverResult) {
 		i.adoptLocked(res.d, "failover")
 		return
 	}
-	i.failoverBackoff = min(max(2*i.failoverBackoff, i.cfg.FailoverRetryMin), i.cfg.FailoverRetryMax)
+	i.growFailoverBackoff()
 	i.failedRounds++
 	if i.failedRounds == 1 {
 		attrs := []any{"servers", serverKeys(i.servers), "retry", i.failoverBackoff}
@@ -154,4 +154,10 @@ func (i *Image) failoverDone(res failoverResult) {
 		i.lastError = res.errs[len(res.errs)-1].err
 	}
 	i.failoverAt = now.Add(i.failoverBackoff)
+}
+
+// growFailoverBackoff doubles the wait before the next failover round,
+// within FailoverRetryMin and FailoverRetryMax.
+func (i *Image) growFailoverBackoff() {
+	i.failoverBackoff = min(max(2*i.failoverBackoff, i.cfg.FailoverRetryMin), i.cfg.FailoverRetryMax)
 }

@@ -17,6 +17,9 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/cowformat"
+	"github.com/dnbd3go/dnbd3go/internal/uuid"
+
 	"github.com/dnbd3go/dnbd3go/internal/fsutil"
 	"github.com/dnbd3go/dnbd3go/protocol"
 	"golang.org/x/sys/unix"
@@ -152,6 +155,11 @@ type Manager struct {
 	// mergeRetry is how long a merge that ran out of file descriptors
 	// pauses before it is tried again.
 	mergeRetry time.Duration
+
+	// installMu serialises moving merged revisions into place (their CRC
+	// list, then the image; install.go), so that a merge that loses the
+	// race for a revision never replaces the winner's list.
+	installMu sync.Mutex
 
 	// Test seams.
 	now  func() time.Time
@@ -334,7 +342,7 @@ func errShuttingDown() error {
 
 // lookup returns the session with the given id.
 func (m *Manager) lookup(id string) (*session, error) {
-	canon, ok := ParseUUID(id)
+	canon, ok := uuid.Parse(id)
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
@@ -389,8 +397,8 @@ func (m *Manager) Create(imageName string, revision, bitfieldSize int) (SessionI
 	if !validImageName(imageName) {
 		return SessionInfo{}, fmt.Errorf("%w %q: names must not be empty, start with '/' or '.', end with '/', contain \"/.\" or \"//\"", ErrInvalidName, imageName)
 	}
-	if bitfieldSize != BitfieldSize {
-		return SessionInfo{}, fmt.Errorf("%w: bitfieldSize %d, the merger only supports %d (bytes per 1.25 MiB cluster)", ErrBadRequest, bitfieldSize, BitfieldSize)
+	if bitfieldSize != cowformat.BitfieldSize {
+		return SessionInfo{}, fmt.Errorf("%w: bitfieldSize %d, the merger only supports %d (bytes per 1.25 MiB cluster)", ErrBadRequest, bitfieldSize, cowformat.BitfieldSize)
 	}
 	if revision < 1 || revision >= 65535 {
 		return SessionInfo{}, fmt.Errorf("%w: revision %d: it must be between 1 and 65534 (the merge creates revision+1, and dnbd3 revisions end at 65535)", ErrBadRequest, revision)
@@ -413,7 +421,7 @@ func (m *Manager) Create(imageName string, revision, bitfieldSize int) (SessionI
 		return SessionInfo{}, err
 	}
 
-	id := newUUID()
+	id := uuid.New()
 	now := m.now()
 	s := &session{
 		dir: filepath.Join(m.cfg.WorkingDirectory, id),
@@ -541,19 +549,19 @@ func resourceError(err error, what string) error {
 
 // validateUpdate checks an upload's cluster index and body length.
 func validateUpdate(u *Update) error {
-	if u.Cluster < 0 || u.Cluster >= MaxClusters {
-		return fmt.Errorf("%w: cluster index %d is outside [0, %d)", ErrBadRequest, u.Cluster, MaxClusters)
+	if u.Cluster < 0 || u.Cluster >= cowformat.MaxClusters {
+		return fmt.Errorf("%w: cluster index %d is outside [0, %d)", ErrBadRequest, u.Cluster, cowformat.MaxClusters)
 	}
 	n := popcount(&u.Bitfield)
 	if u.Full {
-		if len(u.Blocks) != ClusterSize {
-			return fmt.Errorf("%w: a full cluster upload has %d data bytes, want %d", ErrBadRequest, len(u.Blocks), ClusterSize)
+		if len(u.Blocks) != cowformat.ClusterSize {
+			return fmt.Errorf("%w: a full cluster upload has %d data bytes, want %d", ErrBadRequest, len(u.Blocks), cowformat.ClusterSize)
 		}
 		return nil
 	}
-	if len(u.Blocks) != n*BlockSize {
+	if len(u.Blocks) != n*cowformat.BlockSize {
 		return fmt.Errorf("%w: the bitfield has %d bits set, so the body must hold %d data bytes (4096 per set bit, ascending), not %d",
-			ErrBadRequest, n, n*BlockSize, len(u.Blocks))
+			ErrBadRequest, n, n*cowformat.BlockSize, len(u.Blocks))
 	}
 	return nil
 }
@@ -611,7 +619,7 @@ func (m *Manager) Update(id string, u Update) error {
 	if err != nil {
 		return err
 	}
-	if err := m.checkSpace(m.cfg.WorkingDirectory, int64(popcount(&u.Bitfield))*BlockSize, "upload"); err != nil {
+	if err := m.checkSpace(m.cfg.WorkingDirectory, int64(popcount(&u.Bitfield))*cowformat.BlockSize, "upload"); err != nil {
 		return err
 	}
 	if err := st.put(&u); err != nil {

@@ -68,6 +68,9 @@ type Image struct {
 	upMu      sync.Mutex             // serialises uplink creation
 	upFailed  atomic.Int64           // unix nanoseconds of the last failed uplink start
 	bytesRecv atomic.Uint64          // bytes received from uplinks
+
+	bytesReused atomic.Uint64 // bytes copied from a previous revision instead (reuse.go)
+	reusePins   atomic.Int32  // newer revisions replicated from this one: not deleted (lru.go)
 }
 
 // openImage opens path as image name/rid and loads its .crc sidecar.

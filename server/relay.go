@@ -43,6 +43,7 @@ const (
 	fetchPrefetch                  // prefetch after a client request
 	fetchBGR                       // background replication
 	fetchRepair                    // a hash block that failed its check
+	fetchReuse                     // a hash block copied from the previous revision (reuse.go)
 )
 
 // fetch is one range in flight on an uplink. The fields after hops are

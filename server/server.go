@@ -25,7 +25,9 @@ import (
 // Options configures a Server.
 type Options struct {
 	// ConfigDir is the configuration directory (server.conf, alt-servers,
-	// rpc.acl). It is re-read on Reload.
+	// rpc.acl). It is re-read on Reload. Empty: no files (an embedded
+	// server configured by Config alone, with no alt-servers and no
+	// rpc.acl rules).
 	ConfigDir string
 	// Config is the parsed server.conf.
 	Config Config
@@ -63,6 +65,9 @@ type Server struct {
 	started   time.Time
 	bytesSent atomic.Uint64 // served to clients, relayed data included
 	bytesRecv atomic.Uint64 // received from uplinks
+	// bytesReused counts bytes of replicated images copied from a
+	// previous revision on this server instead of fetched (reuse.go).
+	bytesReused atomic.Uint64
 
 	proxy   *proxy // uplinks, replication, cache map saving
 	iscsi   *iscsi.Target
@@ -294,6 +299,9 @@ func (s *Server) clientList() []*clientConn {
 // the base path (SIGHUP). alt-servers and rpc.acl are read only at start,
 // as in the reference.
 func (s *Server) Reload() error {
+	if s.opts.ConfigDir == "" {
+		return s.rescan()
+	}
 	prev := s.config()
 	cfg, warnings, err := LoadConfig(s.opts.ConfigDir, &prev)
 	for _, w := range warnings {
@@ -306,6 +314,11 @@ func (s *Server) Reload() error {
 		s.cfg = cfg
 		s.cfgMu.Unlock()
 	}
+	return s.rescan()
+}
+
+// rescan reloads the images below basePath.
+func (s *Server) rescan() error {
 	added, replaced, removed, err := s.store.Reload()
 	if err != nil {
 		return err

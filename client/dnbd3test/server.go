@@ -89,7 +89,7 @@ type Server struct {
 	ln       net.Listener
 	conns    map[net.Conn]struct{}
 	closed   bool
-	quit     chan struct{} // closed by Close: ends BlockDelay waits
+	closing  chan struct{} // closed by Close: ends BlockDelay sleeps
 	wg       sync.WaitGroup
 
 	handshakes atomic.Int64
@@ -115,7 +115,7 @@ func NewServer(images ...Image) (*Server, error) {
 			images[i].RID = 1
 		}
 	}
-	s := &Server{images: images, conns: make(map[net.Conn]struct{}), quit: make(chan struct{})}
+	s := &Server{images: images, conns: make(map[net.Conn]struct{}), closing: make(chan struct{})}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return nil, err
@@ -254,7 +254,7 @@ func (s *Server) Restart() error {
 func (s *Server) Close() {
 	s.mu.Lock()
 	if !s.closed {
-		close(s.quit)
+		close(s.closing)
 	}
 	s.closed = true
 	s.mu.Unlock()
@@ -443,12 +443,10 @@ func (s *Server) reply(w *bufio.Writer, img *Image, j job) error {
 			if err := w.Flush(); err != nil {
 				return err
 			}
-			t := time.NewTimer(d)
 			select {
-			case <-t.C:
-			case <-s.quit:
-				t.Stop()
-				return errors.New("dnbd3test: server closed")
+			case <-time.After(d):
+			case <-s.closing:
+				return net.ErrClosed
 			}
 		}
 	}

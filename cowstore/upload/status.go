@@ -4,9 +4,9 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"os"
-	"path/filepath"
 	"time"
+
+	"github.com/dnbd3go/dnbd3go/internal/fsutil"
 )
 
 // statusInfo is what one status report shows.
@@ -78,7 +78,7 @@ func (u *Uploader) writeStatus(state string) {
 	defer u.statusMu.Unlock()
 	s := u.collectStatus(state)
 	if u.cfg.StatusFile != "" {
-		if err := writeFileAtomic(u.cfg.StatusFile, []byte(s.text())); err != nil {
+		if err := fsutil.ReplaceFile(u.cfg.StatusFile, []byte(s.text()), 0o600); err != nil {
 			u.noteStatusError(err)
 		}
 	}
@@ -115,7 +115,7 @@ func (u *Uploader) createStatusFile() {
 	u.statusMu.Lock()
 	defer u.statusMu.Unlock()
 	text := fmt.Sprintf("[General]\nuuid=%s\nstate=%s\n", u.src.UUID(), StateActive)
-	if err := writeFileAtomic(u.cfg.StatusFile, []byte(text)); err != nil {
+	if err := fsutil.ReplaceFile(u.cfg.StatusFile, []byte(text), 0o600); err != nil {
 		u.noteStatusError(err)
 	}
 }
@@ -141,34 +141,4 @@ func (u *Uploader) statusLoop(ctx context.Context, state string) {
 			u.writeStatus(state)
 		}
 	}
-}
-
-// writeFileAtomic replaces path with data (mode 0600) through a temporary
-// file in the same directory and a rename, so readers never see a torn or
-// mixed file.
-func writeFileAtomic(path string, data []byte) error {
-	dir, base := filepath.Split(path)
-	if dir == "" {
-		dir = "."
-	}
-	f, err := os.CreateTemp(dir, "."+base+".tmp-*")
-	if err != nil {
-		return fmt.Errorf("write status file: %w", err)
-	}
-	tmp := f.Name()
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Chmod(0o600)
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("write status file %s: %w", path, err)
-	}
-	return nil
 }

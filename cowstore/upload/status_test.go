@@ -1,7 +1,6 @@
 package upload
 
 import (
-	"bytes"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -11,6 +10,7 @@ import (
 	"time"
 
 	"github.com/dnbd3go/dnbd3go/cowstore/mergertest"
+	"github.com/dnbd3go/dnbd3go/internal/testutil"
 )
 
 // statusKeys lists the keys of a status file's lines, in order.
@@ -158,7 +158,7 @@ func TestStatusDoneAfterFailure(t *testing.T) {
 }
 
 func TestStatsToLog(t *testing.T) {
-	var buf syncBuffer
+	var buf testutil.Buffer
 	e := newEnv(t)
 	e.cfg.StatsToLog = true
 	e.cfg.StatsInterval = 5 * time.Millisecond
@@ -178,7 +178,7 @@ func TestStatsToLog(t *testing.T) {
 // report per interval, each followed by an empty line, and the final one
 // with state=done.
 func TestStatsOut(t *testing.T) {
-	var buf syncBuffer
+	var buf testutil.Buffer
 	e := newEnv(t)
 	e.cfg.StatsOut = &buf
 	e.cfg.StatsInterval = 5 * time.Millisecond
@@ -201,7 +201,7 @@ func TestStatsOut(t *testing.T) {
 }
 
 func TestStatusFileUnwritable(t *testing.T) {
-	var buf syncBuffer
+	var buf testutil.Buffer
 	e := newEnv(t)
 	e.cfg.StatusFile = filepath.Join(t.TempDir(), "missing-dir", "status")
 	e.cfg.Logger = slog.New(slog.NewTextHandler(&buf, nil))
@@ -213,22 +213,4 @@ func TestStatusFileUnwritable(t *testing.T) {
 	if !strings.Contains(buf.String(), "cannot write the COW status file") {
 		t.Fatalf("no warning logged:\n%s", buf.String())
 	}
-}
-
-// syncBuffer is a bytes.Buffer safe for concurrent writers.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
