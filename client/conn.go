@@ -66,6 +66,9 @@ func (i *Image) adoptLocked(d *dialed, reason string) {
 		i.active = nil
 		i.dropLocked(old, nil, now)
 	}
+	if i.pinned != nil && i.pinned != d.srv {
+		i.pinned = nil // the pinned server failed: probing chooses again
+	}
 	c := &conn{
 		img:      i,
 		srv:      d.srv,

@@ -128,6 +128,11 @@ func (i *Image) failoverDone(res failoverResult) {
 			res.d.close() // a probe got there first
 			return
 		}
+		if !slices.Contains(i.servers, res.d.srv) {
+			res.d.close() // removed while the round ran: try the others now
+			i.failoverAt = now
+			return
+		}
 		i.failovers.Add(1)
 		i.log.Info("dnbd3: failed over", "server", res.d.srv.key, "panic", now.Sub(i.panicSince).Round(time.Millisecond),
 			"connect", res.took.Round(time.Microsecond), "pending", len(i.pending))

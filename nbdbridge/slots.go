@@ -54,17 +54,21 @@ type ctlEvent struct {
 	down     *slot // a relay slot stopped serving (not by DISC)
 	disc     *slot // a relay slot ended with the kernel's DISC
 	linkDead bool  // LINK_DEAD for this device
+	follow   bool  // move direct slots to the preferred server now (FollowPreferred)
 }
 
 // SlotStatus describes the device's connections (for status output).
 type SlotStatus struct {
-	Mode          string        `json:"mode"` // direct, relay, mixed, or untracked (taken over, still working)
-	Direct        int           `json:"direct"`
-	Relay         int           `json:"relay"`
-	Untracked     int           `json:"untracked"`
-	DirectServer  string        `json:"directServer,omitempty"`
-	DirectTimeout time.Duration `json:"directTimeout,omitempty"`
-	Replaced      uint64        `json:"replaced"`
+	Mode         string `json:"mode"` // direct, relay, mixed, or untracked (taken over, still working)
+	Direct       int    `json:"direct"`
+	Relay        int    `json:"relay"`
+	Untracked    int    `json:"untracked"`
+	DirectServer string `json:"directServer,omitempty"`
+	// DirectOn counts the direct slots per server (more than one server
+	// while slots move to another).
+	DirectOn      map[string]int `json:"directOn,omitempty"`
+	DirectTimeout time.Duration  `json:"directTimeout,omitempty"`
+	Replaced      uint64         `json:"replaced"`
 }
 
 // SlotStatus returns the state of the device's connections.
@@ -76,6 +80,10 @@ func (d *Device) SlotStatus() SlotStatus {
 		if s.direct {
 			st.Direct++
 			st.DirectServer = s.server
+			if st.DirectOn == nil {
+				st.DirectOn = map[string]int{}
+			}
+			st.DirectOn[s.server]++
 		} else {
 			st.Relay++
 		}
@@ -276,6 +284,8 @@ func (d *Device) control() {
 			switch {
 			case ev.linkDead:
 				c.linkDeads++
+			case ev.follow:
+				c.forceMove = true
 			case ev.disc != nil:
 				c.disc = true
 				d.dropSlot(ev.disc)
@@ -308,6 +318,7 @@ type ctlState struct {
 	retryAt       time.Time
 	lastSlow      time.Time // last time a live server's slot died (timeout)
 	migrateSince  time.Time // direct slots point away from the preferred server since
+	forceMove     bool      // FollowPreferred: move misplaced slots even while busy
 	upgradeTrieAt time.Time
 
 	// read latency of the device (sysfs stat), for the direct timeout
@@ -546,15 +557,10 @@ func (d *Device) migrate(c *ctlState, now time.Time) {
 		}
 	}
 	d.mu.Unlock()
-	if !misplaced {
-		c.migrateSince = time.Time{}
-	} else if c.migrateSince.IsZero() {
-		c.migrateSince = now
-	}
+	forced := c.noteMisplaced(misplaced, pref != "", now)
 	if victim == nil {
 		return
 	}
-	forced := misplaced && now.Sub(c.migrateSince) > migrateAfter
 	if !forced && !d.sysfs.deviceIdle(d.Index) {
 		return
 	}
@@ -573,6 +579,36 @@ func (d *Device) migrate(c *ctlState, now time.Time) {
 	}
 	d.log.Info("moving a direct connection to the preferred server", "device", d.Path, "from", victim.server, "to", pref, "idle", !forced)
 	retire(victim.fd) // the next step sees it hung up (with LINK_DEAD)
+}
+
+// noteMisplaced tracks since when direct slots point away from the
+// preferred server and reports whether they must move even while busy
+// (after migrateAfter, or FollowPreferred).
+func (c *ctlState) noteMisplaced(misplaced, prefKnown bool, now time.Time) (forced bool) {
+	switch {
+	case !misplaced:
+		c.migrateSince = time.Time{}
+		if prefKnown {
+			c.forceMove = false // done (while the client fails over, the preferred server is unknown: keep it)
+		}
+		return false
+	case c.migrateSince.IsZero():
+		c.migrateSince = now
+	}
+	return c.forceMove || now.Sub(c.migrateSince) > migrateAfter
+}
+
+// FollowPreferred makes the device move its direct slots to the
+// DirectDialer's preferred server now, one slot per step, even while
+// requests are in flight (those on a moved slot wait for their request
+// timer), instead of waiting for an idle moment. For a server switch an
+// administrator asked for. It does nothing on relay slots.
+func (d *Device) FollowPreferred() {
+	select {
+	case d.events <- ctlEvent{follow: true}:
+	case <-d.ctx.Done():
+	default: // the queue is full: the loop is busy and sees the move by itself
+	}
 }
 
 // allEnded reports whether every tracked slot has ended (after a

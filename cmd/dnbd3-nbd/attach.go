@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -20,7 +19,8 @@ import (
 // attachStatus is what a running attach reports on its control socket
 // (read by list and status).
 type attachStatus struct {
-	Device      string                `json:"device"`
+	Device      string                `json:"device"`           // serve: ""
+	Listen      string                `json:"listen,omitempty"` // serve: the export's address
 	PID         int                   `json:"pid"`
 	Image       string                `json:"image"`
 	RID         uint16                `json:"rid"`
@@ -49,6 +49,7 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 	var directTimeout time.Duration
 	var cow cowFlags
 	fs := newImageFlagSet("attach", s, &f, &cow)
+	cow.statsOut = s.out
 	fs.StringVar(&device, "device", "", "use this device (/dev/nbdN); default: the kernel picks a free one")
 	fs.IntVar(&conns, "connections", min(4, runtime.NumCPU()), "connections (socketpairs) to the kernel")
 	fs.Uint64Var(&blockSize, "block-size", 512, "logical block size: 512 or 4096")
@@ -59,15 +60,12 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 	fs.BoolVar(&kernelDirect, "kernel-direct", true, "read-only: the kernel reads from servers that offer it (dnbd3go servers) with no hop through this daemon; false: always relay")
 	fs.DurationVar(&directTimeout, "direct-timeout", nbdbridge.DefaultDirectTimeout, "kernel-direct: how long a read in flight on a failed server's connection waits before the kernel re-sends it (grows with the read latency and while a live server is slower)")
 	fs.IntVar(&oomScoreAdj, "oom-score-adj", nbdbridge.DefaultOOMScoreAdj, "the daemon's oom_score_adj (-1000 to 1000; -1000: the OOM killer never picks it)")
-	fs.Usage = func() {
-		fmt.Fprintf(s.err, "Usage: dnbd3-nbd attach -h \"HOST[:PORT] ...\" -i IMAGE [-r RID] [--device /dev/nbdN] [--connections N] [--block-size 512|4096] [-a KB] [-S] [-l LOG]\n"+
-			"                        [-c DIR | -L DIR] [-C MERGER] [-m] [--upload-uuid UUID] [--cow-stats-file] [--cow-stats-stdout]\n\n"+
-			"Attaches a DNBD3 image as /dev/nbdX, prints the device path once it is ready and serves it in the\n"+
-			"foreground until it is detached or the process gets SIGTERM. The device is read-only, or writable\n"+
-			"with a copy-on-write session (-c new, -L load) whose changes upload to a merger (-C) in the background.\n"+
-			"A read-only device on dnbd3go servers is kernel-direct: the kernel reads from the server itself.\n\nFlags:\n")
-		fs.PrintDefaults()
-	}
+	setHelp(fs, s, "Usage: dnbd3-nbd attach -h \"HOST[:PORT] ...\" -i IMAGE [-r RID] [--device /dev/nbdN] [--connections N] [--block-size 512|4096] [-a KB] [-S] [-l LOG]\n"+
+		"                        [-c DIR | -L DIR] [-C MERGER] [-m] [--upload-uuid UUID] [--cow-stats-file] [--cow-stats-stdout]\n\n"+
+		"Attaches a DNBD3 image as /dev/nbdX, prints the device path once it is ready and serves it in the\n"+
+		"foreground until it is detached or the process gets SIGTERM. The device is read-only, or writable\n"+
+		"with a copy-on-write session (-c new, -L load) whose changes upload to a merger (-C) in the background.\n"+
+		"A read-only device on dnbd3go servers is kernel-direct: the kernel reads from the server itself.\n")
 	if code, ok := parseFlags(fs, args, s, "attach"); !ok {
 		return code
 	}
@@ -187,6 +185,9 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 		return st
 	}
 	handle := func(req nbdbridge.ControlRequest) (any, error) {
+		if v, ok, err := serverControl(ctlCtx, img, req, dev.FollowPreferred); ok {
+			return v, err
+		}
 		switch req.Op {
 		case "status":
 			return status(), nil
@@ -249,20 +250,6 @@ func parseFlags(fs *pflag.FlagSet, args []string, s stdio, name string) (code in
 	}
 	if fs.NArg() > 0 {
 		fmt.Fprintf(s.err, "dnbd3-nbd %s: unexpected argument %q\n", name, fs.Arg(0))
-		return exitUsage, false
-	}
-	return 0, true
-}
-
-// parseFlagArgs parses args and leaves the positional arguments to the
-// caller; ok is false when the command should return code (0 after
-// --help).
-func parseFlagArgs(fs *pflag.FlagSet, args []string, s stdio, name string) (code int, ok bool) {
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, pflag.ErrHelp) {
-			return exitOK, false
-		}
-		fmt.Fprintf(s.err, "dnbd3-nbd %s: %v\n", name, err)
 		return exitUsage, false
 	}
 	return 0, true

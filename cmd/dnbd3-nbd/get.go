@@ -47,12 +47,10 @@ func runGet(ctx context.Context, args []string, s stdio) int {
 	fs.BoolVarP(&o.quiet, "quiet", "q", false, "no progress bar and no summary")
 	fs.StringVar(&o.logFormat, "log-format", "text", "log format on stderr: text or json")
 	fs.StringVar(&o.logLevel, "log-level", "warning", "minimum log level: error, warning, info, debug")
-	fs.Usage = func() {
-		fmt.Fprintf(s.err, "Usage: dnbd3-nbd get -h \"HOST[:PORT] ...\" -i IMAGE [-r RID] [-S] [-o FILE|-] [--offset N] [--length N] [--reuse OLDFILE] [--timeout D]\n\n"+
-			"Downloads an image (or a byte range of it) from DNBD3 servers to a file or stdout.\n"+
-			"With --reuse, only the hash blocks that differ from OLDFILE (an earlier revision) are fetched.\n\nFlags:\n")
-		fs.PrintDefaults()
-	}
+	addVersionFlag(fs)
+	setHelp(fs, s, "Usage: dnbd3-nbd get -h \"HOST[:PORT] ...\" -i IMAGE [-r RID] [-S] [-o FILE|-] [--offset N] [--length N] [--reuse OLDFILE] [--timeout D]\n\n"+
+		"Downloads an image (or a byte range of it) from DNBD3 servers to a file or stdout.\n"+
+		"With --reuse, only the hash blocks that differ from OLDFILE (an earlier revision) are fetched.\n")
 	if code, ok := parseFlags(fs, args, s, "get"); !ok {
 		return code
 	}

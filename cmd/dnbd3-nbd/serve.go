@@ -3,11 +3,14 @@ package main
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/signal"
 	"strconv"
 	"syscall"
+	"time"
 
+	"github.com/dnbd3go/dnbd3go/client"
 	"github.com/dnbd3go/dnbd3go/nbdbridge"
 )
 
@@ -17,19 +20,17 @@ func runServe(ctx context.Context, args []string, s stdio) int {
 	var listen, socketMode string
 	var insecureWritable bool
 	fs := newImageFlagSet("serve", s, &f, &cow)
+	cow.statsOut = s.out
 	fs.StringVar(&listen, "listen", "", "where to export: unix:PATH or tcp:HOST:PORT")
 	fs.StringVar(&socketMode, "socket-mode", "0600", "permission of the unix:PATH socket file (octal); 0660 lets the file's group connect")
 	fs.BoolVar(&insecureWritable, "insecure-writable", false, "allow a writable export (-c/-L) on tcp: or an abstract unix:@ socket, where anyone who can connect may change the session")
-	fs.Usage = func() {
-		fmt.Fprintf(s.err, "Usage: dnbd3-nbd serve -h \"HOST[:PORT] ...\" -i IMAGE [-r RID] [-S] --listen unix:PATH|tcp:ADDR [--socket-mode 0600]\n"+
-			"                       [-c DIR | -L DIR] [-C MERGER] [-m] [--insecure-writable]\n\n"+
-			"Exports a DNBD3 image over the NBD protocol (fixed newstyle) without the kernel, for QEMU\n"+
-			"(-drive file=nbd:unix:PATH) and libnbd tools (nbdinfo, nbdcopy). The export name is the image\n"+
-			"name; the empty name works as well. With -c or -L the export is writable (copy-on-write session).\n"+
-			"The socket file is created with mode 0600 (--socket-mode). NBD has no authentication here, so a\n"+
-			"writable export on tcp: or on an abstract socket needs --insecure-writable.\n\nFlags:\n")
-		fs.PrintDefaults()
-	}
+	setHelp(fs, s, "Usage: dnbd3-nbd serve -h \"HOST[:PORT] ...\" -i IMAGE [-r RID] [-S] --listen unix:PATH|tcp:ADDR [--socket-mode 0600]\n"+
+		"                       [-c DIR | -L DIR] [-C MERGER] [-m] [--insecure-writable]\n\n"+
+		"Exports a DNBD3 image over the NBD protocol (fixed newstyle) without the kernel, for QEMU\n"+
+		"(-drive file=nbd:unix:PATH) and libnbd tools (nbdinfo, nbdcopy). The export name is the image\n"+
+		"name; the empty name works as well. With -c or -L the export is writable (copy-on-write session).\n"+
+		"The socket file is created with mode 0600 (--socket-mode). NBD has no authentication here, so a\n"+
+		"writable export on tcp: or on an abstract socket needs --insecure-writable.\n")
 	if code, ok := parseFlags(fs, args, s, "serve"); !ok {
 		return code
 	}
@@ -78,6 +79,7 @@ func runServe(ctx context.Context, args []string, s stdio) int {
 		backend = cs.overlay
 	}
 	eng := nbdbridge.NewEngine(backend, nbdbridge.EngineOptions{Logger: log, Workers: remoteWorkers})
+	defer serveControl(listen, log, img, backend, eng, cs)()
 	log.Info("serving", "listen", listen, "image", img.Name(), "rid", img.RID(), "size", img.Size())
 	fmt.Fprintln(s.out, ln.Addr().String())
 	serr := eng.ServeListener(ctx, ln, img.Name(), fmt.Sprintf("dnbd3 image %s rid %d", img.Name(), img.RID()))
@@ -96,6 +98,51 @@ func runServe(ctx context.Context, args []string, s stdio) int {
 	}
 	log.Info("stopped")
 	return exitOK
+}
+
+// serveControl starts the export's control socket beside its unix socket
+// (status, servers); tcp: and abstract exports have none. The returned
+// function stops it and removes the socket file.
+func serveControl(listen string, log *slog.Logger, img *client.Image, backend nbdbridge.Backend, eng *nbdbridge.Engine, cs *cowSession) func() {
+	path := serveControlPath(listen)
+	if path == "" {
+		return func() {}
+	}
+	started := time.Now()
+	ctx, cancel := context.WithCancel(context.Background())
+	handle := func(req nbdbridge.ControlRequest) (any, error) {
+		if v, ok, err := serverControl(ctx, img, req, nil); ok {
+			return v, err
+		}
+		if req.Op == "status" {
+			return exportStatus(listen, started, img, backend, eng, cs), nil
+		}
+		return nil, fmt.Errorf("unknown request %q", req.Op)
+	}
+	if err := nbdbridge.ServeControlAt(ctx, path, handle); err != nil {
+		log.Warn("no control socket; status and servers will not work for this export", "err", err)
+		cancel()
+		return func() {}
+	}
+	return func() {
+		cancel()
+		os.Remove(path)
+	}
+}
+
+// exportStatus is what a serve reports on its control socket.
+func exportStatus(listen string, started time.Time, img *client.Image, backend nbdbridge.Backend, eng *nbdbridge.Engine, cs *cowSession) attachStatus {
+	clientStats := img.Stats()
+	state := "serving"
+	if clientStats.Panic {
+		state = "failover"
+	}
+	st := attachStatus{Listen: listen, PID: os.Getpid(), Image: img.Name(), RID: img.RID(), Size: backend.Size(),
+		ReadOnly: cs == nil, State: state, Started: started, Client: clientStats, Engine: eng.Stats()}
+	if cs != nil {
+		st.COW = cs.status()
+	}
+	return st
 }
 
 // listenConfig checks --socket-mode (octal, 1 to 0777) against the listen

@@ -95,9 +95,8 @@ func parseFlags(args []string) (f flags, code int, ok bool) {
 	fs.BoolVar(&f.check, "check-config", false, "check the configuration directory (as the user the server runs as), print every problem and exit: 1 if the server would not start")
 	fs.BoolVar(&f.allowOpen, "allow-open-rpc", false, "start even if rpc.acl has rule lines but none is valid (the RPC is then open to everyone, as in the reference)")
 	fs.BoolVarP(&f.showVer, "version", "v", false, "print the version and exit")
-	fs.Usage = func() {
-		fmt.Fprintf(os.Stderr, "Usage: dnbd3-server [-n] [-c DIR] [-b ADDR]\n       dnbd3-server --check-config [-c DIR]\n       dnbd3-server --crc FILE\n       dnbd3-server -c DIR --create NAME --revision N --size BYTES\n\n")
-		fs.PrintDefaults()
+	fs.Usage = func() { // --help: output asked for, on stdout
+		fmt.Fprintf(os.Stdout, "Usage: dnbd3-server [-n] [-c DIR] [-b ADDR]\n       dnbd3-server --check-config [-c DIR]\n       dnbd3-server --crc FILE\n       dnbd3-server -c DIR --create NAME --revision N --size BYTES\n\n%s", fs.FlagUsages())
 	}
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, pflag.ErrHelp) {

@@ -3,6 +3,7 @@ package upload
 import (
 	"context"
 	"fmt"
+	"io"
 	"time"
 
 	"github.com/dnbd3go/dnbd3go/internal/fsutil"
@@ -28,7 +29,9 @@ func (s statusInfo) text() string {
 }
 
 // statusEnabled reports whether status reports go anywhere.
-func (u *Uploader) statusEnabled() bool { return u.cfg.StatusFile != "" || u.cfg.StatsToLog }
+func (u *Uploader) statusEnabled() bool {
+	return u.cfg.StatusFile != "" || u.cfg.StatsToLog || u.cfg.StatsOut != nil
+}
 
 // counts walks the dirty clusters: due ones and those not due yet. With
 // all set (after detach) every dirty cluster is due.
@@ -78,6 +81,9 @@ func (u *Uploader) writeStatus(state string) {
 		if err := fsutil.ReplaceFile(u.cfg.StatusFile, []byte(s.text()), 0o600); err != nil {
 			u.noteStatusError(err)
 		}
+	}
+	if u.cfg.StatsOut != nil {
+		io.WriteString(u.cfg.StatsOut, s.text()+"\n") // informational: a closed stdout must not stop uploads
 	}
 	if u.cfg.StatsToLog {
 		u.log.Info("cow upload status",

@@ -174,6 +174,32 @@ func TestStatsToLog(t *testing.T) {
 	}
 }
 
+// TestStatsOut: --cow-stats-stdout prints the status file's INI text, one
+// report per interval, each followed by an empty line, and the final one
+// with state=done.
+func TestStatsOut(t *testing.T) {
+	var buf testutil.Buffer
+	e := newEnv(t)
+	e.cfg.StatsOut = &buf
+	e.cfg.StatsInterval = 5 * time.Millisecond
+	e.session(t)
+	e.src.write(7, 0, 1)
+	stop := runBG(t, e.uploader())
+	want := "[General]\nuuid=" + fixtureUUID + "\nstate=backgroundUpload\ninQueue=0\nmodifiedClusters=1\nidleClusters=0\ntotalClustersUploaded=0\nactiveUploads=0\navgSpeedKb=0.00\n\n"
+	waitFor(t, "status report on the writer", func() bool { return strings.Contains(buf.String(), want) })
+	stop()
+	if _, err := e.uploader().Finish(t.Context(), false); err != nil {
+		t.Fatal(err)
+	}
+	out := buf.String()
+	if !strings.HasPrefix(out, "[General]\n") || !strings.HasSuffix(out, "\n\n") || !strings.Contains(out, "state=done\n") {
+		t.Fatalf("stats output:\n%s", out)
+	}
+	if strings.Contains(out, "msg=") || strings.Contains(out, "level=") {
+		t.Fatalf("log lines on the stats writer:\n%s", out)
+	}
+}
+
 func TestStatusFileUnwritable(t *testing.T) {
 	var buf testutil.Buffer
 	e := newEnv(t)
