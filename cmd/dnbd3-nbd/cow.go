@@ -59,6 +59,17 @@ func (c *cowFlags) dir() string {
 // that a bad -C, token file, CA file or --upload-uuid is reported before
 // any session directory is touched.
 func (c *cowFlags) validate() error {
+	if err := c.checkCombinations(); err != nil {
+		return err
+	}
+	if c.merger == "" {
+		return nil
+	}
+	return c.newMergerClient()
+}
+
+// checkCombinations checks which COW flags need which others.
+func (c *cowFlags) checkCombinations() error {
 	switch {
 	case c.newDir != "" && c.loadDir != "":
 		return errors.New("-c (new session) and -L (load a session) exclude each other")
@@ -71,9 +82,12 @@ func (c *cowFlags) validate() error {
 	case len(c.uploadUUID) > upload.MaxUUIDLength || strings.ContainsFunc(c.uploadUUID, func(r rune) bool { return r <= ' ' || r >= 0x7f }):
 		return fmt.Errorf("--upload-uuid %q: want a merger session id of at most %d printable characters", c.uploadUUID, upload.MaxUUIDLength)
 	}
-	if c.merger == "" {
-		return nil
-	}
+	return nil
+}
+
+// newMergerClient makes the merger's HTTP client from -C and its token
+// and CA files.
+func (c *cowFlags) newMergerClient() error {
 	mc := upload.MergerConfig{CAFile: c.caFile}
 	if c.tokenFile != "" {
 		tok, err := upload.ReadTokenFile(c.tokenFile)
