@@ -120,6 +120,15 @@ func parseFlags(args []string, stdout, stderr io.Writer) (o options, done bool, 
 	if fs.Changed("duration") && o.idle == 0 {
 		o.load = true
 	}
+	if err := o.setModeDefaults(bs); err != nil {
+		return o, false, err
+	}
+	return o, false, o.check()
+}
+
+// setModeDefaults fills in the duration and block size the mode implies
+// and parses --block-size (bs).
+func (o *options) setModeDefaults(bs string) error {
 	if (o.load || o.idle > 0) && o.duration == 0 {
 		o.duration = 10 * time.Second
 	}
@@ -130,29 +139,34 @@ func parseFlags(args []string, stdout, stderr io.Writer) (o options, done bool, 
 	if bs != "" {
 		n, err := units.ParseSize(bs)
 		if err != nil || n < 1 || n > 64<<20 {
-			return o, false, fmt.Errorf("--block-size %q: want 1 byte to 64M", bs)
+			return fmt.Errorf("--block-size %q: want 1 byte to 64M", bs)
 		}
 		o.blockSize = int(n)
 	}
+	return nil
+}
+
+// check checks the ranges of the options.
+func (o *options) check() error {
 	switch {
 	case o.idle < 0 || o.idle > 100000:
-		return o, false, fmt.Errorf("--idle %d: want 0 to 100000", o.idle)
+		return fmt.Errorf("--idle %d: want 0 to 100000", o.idle)
 	case o.runs < 1:
-		return o, false, fmt.Errorf("-n %d: want at least 1", o.runs)
+		return fmt.Errorf("-n %d: want at least 1", o.runs)
 	case o.threads < 1 || o.threads > 4096:
-		return o, false, fmt.Errorf("-t %d: want 1 to 4096", o.threads)
+		return fmt.Errorf("-t %d: want 1 to 4096", o.threads)
 	case o.connections < 1 || o.connections > 4096:
-		return o, false, fmt.Errorf("--connections %d: want 1 to 4096", o.connections)
+		return fmt.Errorf("--connections %d: want 1 to 4096", o.connections)
 	case o.queueDepth < 1 || o.queueDepth > 1024:
-		return o, false, fmt.Errorf("--queue-depth %d: want 1 to 1024", o.queueDepth)
+		return fmt.Errorf("--queue-depth %d: want 1 to 1024", o.queueDepth)
 	case o.pattern != "seq" && o.pattern != "rand":
-		return o, false, fmt.Errorf("--pattern %q: want seq or rand", o.pattern)
+		return fmt.Errorf("--pattern %q: want seq or rand", o.pattern)
 	case o.duration < 0:
-		return o, false, errors.New("--duration must not be negative")
+		return errors.New("--duration must not be negative")
 	case o.timeout <= 0:
-		return o, false, errors.New("--timeout must be positive")
+		return errors.New("--timeout must be positive")
 	}
-	return o, false, nil
+	return nil
 }
 
 // parseReferenceStyle parses args; done is true after --help or --version
