@@ -20,7 +20,8 @@ import (
 type clientConn struct {
 	srv  *Server
 	c    net.Conn
-	r    *bufio.Reader  // buffered reads from c
+	s    *sock          // c's reads and writes
+	r    *bufio.Reader  // buffered reads from s
 	addr netip.AddrPort // remote address
 	self netip.AddrPort // local address (never announced to the client)
 	log  *slog.Logger
@@ -109,11 +110,15 @@ func (cc *clientConn) requestLoop(timeout time.Duration) {
 	r := cc.r
 	var hdr [protocol.RequestSize]byte
 	for {
-		if cc.relays.Load() > maxClientRelays && !cc.waitRelays(timeout) {
-			cc.logAt(slog.LevelInfo, "closing: too many outstanding relayed requests for too long", "outstanding", cc.relays.Load())
-			return
+		if r.Buffered() < len(hdr) {
+			cc.refreshReadDeadline(4 * timeout)
 		}
-		cc.refreshReadDeadline(4 * timeout)
+		if cc.relays.Load() > maxClientRelays {
+			if !cc.waitRelays(timeout) {
+				cc.logAt(slog.LevelInfo, "closing: too many outstanding relayed requests for too long", "outstanding", cc.relays.Load())
+				return
+			}
+		}
 		if _, err := io.ReadFull(r, hdr[:]); err != nil {
 			if !isClosedErr(err) {
 				cc.logAt(slog.LevelDebug, "closing: read request", "err", err)
@@ -150,20 +155,25 @@ func (cc *clientConn) requestLoop(timeout time.Duration) {
 			// the reference we consume the announced payload so the stream
 			// stays in sync.
 			cc.logAt(slog.LevelDebug, "ignoring command", "cmd", req.Cmd, "size", req.Size)
-			if _, err = io.CopyN(io.Discard, r, int64(req.Size)); err != nil {
+			if _, err := io.CopyN(io.Discard, r, int64(req.Size)); err != nil {
 				return
 			}
 		}
 		if err != nil {
-			var ref *refusal
-			switch {
-			case errors.As(err, &ref):
-				cc.logAt(slog.LevelInfo, "closing: "+ref.msg, ref.args...)
-			case !isClosedErr(err):
-				cc.logAt(slog.LevelDebug, "closing: write reply", "err", err)
-			}
+			cc.logWriteErr(err)
 			return
 		}
+	}
+}
+
+// logWriteErr logs why the request loop ends after a failed reply.
+func (cc *clientConn) logWriteErr(err error) {
+	var ref *refusal
+	switch {
+	case errors.As(err, &ref):
+		cc.logAt(slog.LevelInfo, "closing: "+ref.msg, ref.args...)
+	case !isClosedErr(err):
+		cc.logAt(slog.LevelDebug, "closing: write reply", "err", err)
 	}
 }
 
@@ -239,55 +249,51 @@ func (cc *clientConn) getBlockSlow(req protocol.Request) error {
 // sendFromFile answers a GET_BLOCK with size bytes of the image file at
 // off (sendfile on sockets).
 func (cc *clientConn) sendFromFile(handle uint64, off int64, size uint32) error {
-	img := cc.img
-	rep := protocol.Reply{Cmd: protocol.CmdGetBlock, Size: size, Handle: handle}
-	var hdr [protocol.ReplySize]byte
-	rep.MarshalTo(hdr[:])
-	// Counted before the data leaves, so that a client that got its reply
-	// sees it in the statistics.
-	cc.bytesSent.Add(uint64(size))
-	cc.srv.bytesSent.Add(uint64(size))
+	cc.countSent(size)
 	if !cc.lockWrite() {
 		return net.ErrClosed
 	}
 	defer cc.wmu.Unlock()
+	img := cc.img
+	var hdr [protocol.ReplySize]byte
+	rep := protocol.Reply{Cmd: protocol.CmdGetBlock, Size: size, Handle: handle}
+	rep.MarshalTo(hdr[:])
 	if size == 0 {
-		_, err := cc.c.Write(hdr[:])
-		return err
+		return cc.s.write(hdr[:], nil)
 	}
-	return sendReply(cc.c, hdr[:], img.file, img.fd, img.RealSize, off, int64(size))
+	return cc.s.sendFile(hdr[:], img.file, img.fd, img.RealSize, off, int64(size))
+}
+
+// countSent counts the bytes of a GET_BLOCK reply before the data leaves,
+// so that a client that got its reply sees it in the statistics.
+func (cc *clientConn) countSent(size uint32) {
+	cc.bytesSent.Add(uint64(size))
+	cc.srv.bytesSent.Add(uint64(size))
 }
 
 // sendData answers a GET_BLOCK with data from memory (a relayed request).
 func (cc *clientConn) sendData(handle uint64, data []byte) error {
-	rep := protocol.Reply{Cmd: protocol.CmdGetBlock, Size: uint32(len(data)), Handle: handle}
 	var hdr [protocol.ReplySize]byte
+	rep := protocol.Reply{Cmd: protocol.CmdGetBlock, Size: uint32(len(data)), Handle: handle}
 	rep.MarshalTo(hdr[:])
-	cc.bytesSent.Add(uint64(len(data)))
-	cc.srv.bytesSent.Add(uint64(len(data)))
+	cc.countSent(uint32(len(data)))
 	if !cc.lockWrite() {
 		return net.ErrClosed
 	}
 	defer cc.wmu.Unlock()
-	bufs := net.Buffers{hdr[:], data}
-	_, err := bufs.WriteTo(cc.c)
-	return err
+	return cc.s.write(hdr[:], data)
 }
 
-// sendReply writes a reply header and its payload in one write.
+// sendReply writes a reply header and its payload.
 func (cc *clientConn) sendReply(cmd protocol.Cmd, handle uint64, payload []byte) error {
-	// Small and rare (handshake, keepalive, server lists): a heap buffer
-	// keeps the goroutine stacks of idle clients small.
-	buf := make([]byte, protocol.ReplySize+len(payload))
+	var hdr [protocol.ReplySize]byte
 	rep := protocol.Reply{Cmd: cmd, Size: uint32(len(payload)), Handle: handle}
-	rep.MarshalTo(buf)
-	copy(buf[protocol.ReplySize:], payload)
+	rep.MarshalTo(hdr[:])
 	if !cc.lockWrite() {
 		return net.ErrClosed
 	}
 	defer cc.wmu.Unlock()
-	_, err := cc.c.Write(buf)
-	return err
+	return cc.s.write(hdr[:], payload)
 }
 
 // lockWrite takes the write lock and refreshes the write deadline. It
@@ -315,7 +321,7 @@ func (cc *clientConn) markDead() {
 func (cc *clientConn) failRelayed(handle uint64) {
 	if cc.lockWrite() {
 		rep := protocol.Reply{Cmd: protocol.CmdError, Handle: handle}.Marshal()
-		cc.c.Write(rep[:])
+		cc.s.write(rep[:], nil)
 		cc.dead = true
 		cc.wmu.Unlock()
 	}

@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"syscall"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -14,41 +15,34 @@ import (
 // its 4 KiB-rounded virtual size.
 var zeroPage [4096]byte
 
-// sendReply writes a reply header followed by n bytes of the image file at
+// sendFile writes a reply header followed by n bytes of the image file at
 // off, padding with zeros past fileSize. On sockets the data goes with
 // sendfile(2) from the page cache, the header with MSG_MORE so the two
 // leave in one segment; the file offset is passed explicitly, so many
 // connections share one descriptor safely. Other writers get pread+write.
-func sendReply(c net.Conn, hdr []byte, f *os.File, fd int, fileSize, off, n int64) error {
-	if sc, ok := c.(syscall.Conn); ok {
-		raw, err := sc.SyscallConn()
-		if err == nil {
-			return sendfileReply(raw, hdr, fd, fileSize, off, n)
-		}
+//
+// sendfile is an ordinary (not raw) system call: it reads the file and may
+// block on the disk; the runtime then hands this thread's P to others.
+func (s *sock) sendFile(hdr []byte, f *os.File, fd int, fileSize, off, n int64) error {
+	if s.raw == nil {
+		return copyReply(s.c, hdr, f, fileSize, off, n)
 	}
-	return copyReply(c, hdr, f, fileSize, off, n)
-}
-
-func sendfileReply(raw syscall.RawConn, hdr []byte, fd int, fileSize, off, n int64) error {
 	fileEnd := min(off+n, fileSize)
 	end := off + n
 	var opErr error
-	err := raw.Write(func(s uintptr) bool {
-		sock := int(s)
+	err := s.raw.Write(func(fd2 uintptr) bool {
+		sock := int(fd2)
 		for len(hdr) > 0 {
-			flags := unix.MSG_NOSIGNAL
+			flags := uintptr(unix.MSG_NOSIGNAL)
 			if n > 0 {
 				flags |= unix.MSG_MORE
 			}
-			k, err := unix.SendmsgN(sock, hdr, nil, nil, flags)
-			if err == unix.EAGAIN {
+			k, e := rawSend(sock, hdr, flags)
+			if e == unix.EAGAIN {
 				return false
 			}
-			if err == unix.EINTR {
-				continue
-			}
-			if err != nil {
-				opErr = err
+			if e != 0 {
+				opErr = e
 				return true
 			}
 			hdr = hdr[k:]
@@ -71,15 +65,12 @@ func sendfileReply(raw syscall.RawConn, hdr []byte, fd int, fileSize, off, n int
 			}
 		}
 		for off < end {
-			k, err := unix.SendmsgN(sock, zeroPage[:min(end-off, int64(len(zeroPage)))], nil, nil, unix.MSG_NOSIGNAL)
-			if err == unix.EAGAIN {
+			k, e := rawSend(sock, zeroPage[:min(end-off, int64(len(zeroPage)))], unix.MSG_NOSIGNAL)
+			if e == unix.EAGAIN {
 				return false
 			}
-			if err == unix.EINTR {
-				continue
-			}
-			if err != nil {
-				opErr = err
+			if e != 0 {
+				opErr = e
 				return true
 			}
 			off += int64(k)
@@ -90,6 +81,17 @@ func sendfileReply(raw syscall.RawConn, hdr []byte, fd int, fileSize, off, n int
 		return err
 	}
 	return opErr
+}
+
+// rawSend is send(2) as a raw system call (the socket is non-blocking),
+// retried on EINTR.
+func rawSend(fd int, p []byte, flags uintptr) (int, syscall.Errno) {
+	for {
+		r, _, e := unix.RawSyscall6(unix.SYS_SENDTO, uintptr(fd), uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)), flags, 0, 0)
+		if e != unix.EINTR {
+			return int(r), e
+		}
+	}
 }
 
 func copyReply(w io.Writer, hdr []byte, f *os.File, fileSize, off, n int64) error {

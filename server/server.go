@@ -233,7 +233,8 @@ func (s *Server) handle(c net.Conn) {
 	c.SetDeadline(time.Now().Add(timeout))
 	// One buffered reader for the connection's life: the handshake and
 	// pipelined headers then cost one read(2) per burst, not per field.
-	br := bufio.NewReaderSize(c, 1024)
+	sk := newSock(c)
+	br := bufio.NewReaderSize(sk, 1024)
 	first, err := br.Peek(1)
 	if err != nil {
 		return
@@ -241,7 +242,7 @@ func (s *Server) handle(c net.Conn) {
 	remote := addrPort(c.RemoteAddr())
 	switch first[0] {
 	case 0x73:
-		cc := &clientConn{srv: s, c: c, r: br, addr: remote, self: addrPort(c.LocalAddr()), log: s.log}
+		cc := &clientConn{srv: s, c: c, s: sk, r: br, addr: remote, self: addrPort(c.LocalAddr()), log: s.log}
 		cc.serveDNBD3()
 	case 'G', 'P':
 		c.SetDeadline(time.Time{})
