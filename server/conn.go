@@ -32,6 +32,7 @@ type clientConn struct {
 	timeout   time.Duration // clientTimeout at the handshake (set before any reply)
 
 	lastHandle uint64 // handle of the last GET_BLOCK (reply quirk)
+	queued     bool   // replies may be queued in out (request loop only)
 	readBy     time.Time
 
 	// Replies come from the request loop and, for requests relayed to an
@@ -40,6 +41,7 @@ type clientConn struct {
 	wmu     sync.Mutex
 	writeBy time.Time // guarded by wmu
 	dead    bool      // guarded by wmu: no more replies (the loop left)
+	out     *[]byte   // guarded by wmu: queued replies (batch.go), nil if none
 
 	relays    atomic.Int32  // relayed requests not answered yet
 	relayDone chan struct{} // cap 1: a relayed request was answered
@@ -80,6 +82,7 @@ func (cc *clientConn) serveDNBD3() {
 	cc.relayDone = make(chan struct{}, 1)
 	// After the loop: no relay goroutine writes to the connection or reads
 	// the image file on its behalf once Release may have closed it.
+	defer cc.dropQueued()
 	defer cc.markDead()
 	if err := cc.srv.proxyPenalty(img); err != nil {
 		cc.logAt(slog.LevelDebug, "closing: "+err.Error(), "image", img.String())
@@ -111,9 +114,18 @@ func (cc *clientConn) requestLoop(timeout time.Duration) {
 	var hdr [protocol.RequestSize]byte
 	for {
 		if r.Buffered() < len(hdr) {
+			// About to wait for the client: send what is queued first.
+			if err := cc.flush(); err != nil {
+				cc.logWriteErr(err)
+				return
+			}
 			cc.refreshReadDeadline(4 * timeout)
 		}
 		if cc.relays.Load() > maxClientRelays {
+			if err := cc.flush(); err != nil {
+				cc.logWriteErr(err)
+				return
+			}
 			if !cc.waitRelays(timeout) {
 				cc.logAt(slog.LevelInfo, "closing: too many outstanding relayed requests for too long", "outstanding", cc.relays.Load())
 				return
@@ -155,8 +167,10 @@ func (cc *clientConn) requestLoop(timeout time.Duration) {
 			// the reference we consume the announced payload so the stream
 			// stays in sync.
 			cc.logAt(slog.LevelDebug, "ignoring command", "cmd", req.Cmd, "size", req.Size)
-			if _, err := io.CopyN(io.Discard, r, int64(req.Size)); err != nil {
-				return
+			if err = cc.flush(); err == nil {
+				if _, err := io.CopyN(io.Discard, r, int64(req.Size)); err != nil {
+					return
+				}
 			}
 		}
 		if err != nil {
@@ -224,7 +238,7 @@ func (cc *clientConn) getBlock(req protocol.Request) error {
 	if img.cache.Load() != nil || img.hasBad.Load() {
 		return cc.getBlockSlow(req)
 	}
-	return cc.sendFromFile(req.Handle, int64(req.Offset), req.Size)
+	return cc.queueFromFile(req.Handle, int64(req.Offset), req.Size)
 }
 
 // getBlockSlow answers a GET_BLOCK of an image that is incomplete or has
@@ -241,7 +255,7 @@ func (cc *clientConn) getBlockSlow(req protocol.Request) error {
 	}
 	cm := img.cache.Load()
 	if cm == nil || cm.Has(start, end) {
-		return cc.sendFromFile(req.Handle, start, req.Size)
+		return cc.queueFromFile(req.Handle, start, req.Size)
 	}
 	return cc.relay(req)
 }
@@ -254,6 +268,14 @@ func (cc *clientConn) sendFromFile(handle uint64, off int64, size uint32) error 
 		return net.ErrClosed
 	}
 	defer cc.wmu.Unlock()
+	if err := cc.flushLocked(); err != nil {
+		return err
+	}
+	return cc.sendFileLocked(handle, off, size)
+}
+
+// sendFileLocked is sendFromFile with wmu held and the bytes counted.
+func (cc *clientConn) sendFileLocked(handle uint64, off int64, size uint32) error {
 	img := cc.img
 	var hdr [protocol.ReplySize]byte
 	rep := protocol.Reply{Cmd: protocol.CmdGetBlock, Size: size, Handle: handle}
@@ -281,6 +303,9 @@ func (cc *clientConn) sendData(handle uint64, data []byte) error {
 		return net.ErrClosed
 	}
 	defer cc.wmu.Unlock()
+	if err := cc.flushLocked(); err != nil {
+		return err
+	}
 	return cc.s.write(hdr[:], data)
 }
 
@@ -293,6 +318,9 @@ func (cc *clientConn) sendReply(cmd protocol.Cmd, handle uint64, payload []byte)
 		return net.ErrClosed
 	}
 	defer cc.wmu.Unlock()
+	if err := cc.flushLocked(); err != nil {
+		return err
+	}
 	return cc.s.write(hdr[:], payload)
 }
 
@@ -321,7 +349,9 @@ func (cc *clientConn) markDead() {
 func (cc *clientConn) failRelayed(handle uint64) {
 	if cc.lockWrite() {
 		rep := protocol.Reply{Cmd: protocol.CmdError, Handle: handle}.Marshal()
-		cc.s.write(rep[:], nil)
+		if cc.flushLocked() == nil {
+			cc.s.write(rep[:], nil)
+		}
 		cc.dead = true
 		cc.wmu.Unlock()
 	}

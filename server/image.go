@@ -36,7 +36,8 @@ type Image struct {
 
 	file     *os.File
 	fd       int
-	onDemand bool // loaded for a request, not by the scan (set before registering)
+	noNowait atomic.Bool // preadv2(RWF_NOWAIT) is not supported for file
+	onDemand bool        // loaded for a request, not by the scan (set before registering)
 
 	crcMu sync.RWMutex
 	crc   []uint32 // per-16-MiB CRC list from the .crc sidecar, nil if none

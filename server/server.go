@@ -55,8 +55,9 @@ type Server struct {
 	bytesSent atomic.Uint64 // served to clients, relayed data included
 	bytesRecv atomic.Uint64 // received from uplinks
 
-	proxy   *proxy   // uplinks, replication, cache map saving
-	checker *checker // background hash block checks
+	batches batchPool // reply batch buffers (batch.go)
+	proxy   *proxy    // uplinks, replication, cache map saving
+	checker *checker  // background hash block checks
 	hooks   proxyHooks
 	listen  syncValue[netip.AddrPort]
 
