@@ -95,9 +95,9 @@ func TestBatchedRepliesInOrder(t *testing.T) {
 	waitBatchesReturned(t, ts, 0)
 }
 
-// With the batch budget used up, small replies go out with sendfile: the
+// With the batch budget used up, small replies go out without a copy: the
 // same bytes, and no buffer is taken.
-func TestBatchBudgetExhaustedUsesSendfile(t *testing.T) {
+func TestBatchBudgetExhaustedUsesZeroCopy(t *testing.T) {
 	ts, data := startMixServer(t)
 	ts.batches.inUse.Store(batchBudget)
 	pipelinedMix(t, ts.addr, data)
@@ -140,4 +140,51 @@ func TestBatchReturnedWhenClientLeaves(t *testing.T) {
 	}
 	c.Close()
 	waitBatchesReturned(t, ts, 0)
+}
+
+// Without pipes (none could be made 1 MiB) large replies use sendfile.
+func TestLargeRepliesWithoutPipes(t *testing.T) {
+	ts, data := startMixServer(t)
+	ts.pipes.mu.Lock()
+	ts.pipes.disabled = true
+	ts.pipes.mu.Unlock()
+	pipelinedMix(t, ts.addr, data)
+	ts.pipes.mu.Lock()
+	defer ts.pipes.mu.Unlock()
+	if ts.pipes.open != 0 {
+		t.Fatalf("%d pipes open", ts.pipes.open)
+	}
+}
+
+// A client that leaves in the middle of large replies: the pipe that still
+// holds data is closed, the others are back in the pool.
+func TestPipesReturnedWhenClientLeaves(t *testing.T) {
+	ts, _ := startMixServer(t)
+	c := dial(t, ts.addr)
+	handshake(t, c, "mix", 1)
+	var batch []byte
+	for i := range 8 {
+		h := protocol.Request{Cmd: protocol.CmdGetBlock, Handle: uint64(i), Offset: uint64(i%3) << 20, Size: 1 << 20}.Marshal()
+		batch = append(batch, h[:]...)
+	}
+	if _, err := c.Write(batch); err != nil {
+		t.Fatal(err)
+	}
+	if r, _ := readReply(t, c); r.Size != 1<<20 {
+		t.Fatalf("first reply %v", r)
+	}
+	c.Close()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		ts.pipes.mu.Lock()
+		open, free := ts.pipes.open, len(ts.pipes.free)
+		ts.pipes.mu.Unlock()
+		if open == free && len(ts.clientList()) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("pipes: %d open, %d free", open, free)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }

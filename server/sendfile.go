@@ -16,19 +16,27 @@ import (
 var zeroPage [4096]byte
 
 // sendFile writes a reply header followed by n bytes of the image file at
-// off, padding with zeros past fileSize. On sockets the data goes with
-// sendfile(2) from the page cache, the header with MSG_MORE so the two
-// leave in one segment; the file offset is passed explicitly, so many
+// off, padding with zeros past fileSize. On sockets the data goes from the
+// page cache without a copy, through a pooled pipe with splice(2)
+// (splice.go) or else with sendfile(2); the header goes with MSG_MORE so
+// the two leave in one segment. File offsets are explicit, so many
 // connections share one descriptor safely. Other writers get pread+write.
 //
-// sendfile is an ordinary (not raw) system call: it reads the file and may
-// block on the disk; the runtime then hands this thread's P to others.
+// Reading the file (sendfile, splice into the pipe) is an ordinary (not
+// raw) system call: it may block on the disk; the runtime then hands this
+// thread's P to others.
 func (s *sock) sendFile(hdr []byte, f *os.File, fd int, fileSize, off, n int64) error {
 	if s.raw == nil {
 		return copyReply(s.c, hdr, f, fileSize, off, n)
 	}
 	fileEnd := min(off+n, fileSize)
 	end := off + n
+	var p *pipe
+	if fileEnd > off && s.pipes != nil {
+		if p = s.pipes.get(); p != nil {
+			defer s.pipes.put(p)
+		}
+	}
 	var opErr error
 	err := s.raw.Write(func(fd2 uintptr) bool {
 		sock := int(fd2)
@@ -46,6 +54,16 @@ func (s *sock) sendFile(hdr []byte, f *os.File, fd int, fileSize, off, n int64) 
 				return true
 			}
 			hdr = hdr[k:]
+		}
+		if p != nil {
+			done, err := p.send(sock, fd, &off, fileEnd, fileEnd < end)
+			if !done {
+				return false
+			}
+			if err != nil {
+				opErr = err
+				return true
+			}
 		}
 		for off < fileEnd {
 			k, err := unix.Sendfile(sock, fd, &off, int(min(fileEnd-off, 1<<30)))

@@ -56,6 +56,7 @@ type Server struct {
 	bytesRecv atomic.Uint64 // received from uplinks
 
 	batches batchPool // reply batch buffers (batch.go)
+	pipes   pipePool  // pipes for large replies (splice.go)
 	proxy   *proxy    // uplinks, replication, cache map saving
 	checker *checker  // background hash block checks
 	hooks   proxyHooks
@@ -192,6 +193,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	}
 	s.connMu.Unlock()
 	s.wg.Wait()
+	s.pipes.close()
 	bgCancel()
 	s.checker.wait()
 	s.proxy.stop()
@@ -234,7 +236,7 @@ func (s *Server) handle(c net.Conn) {
 	c.SetDeadline(time.Now().Add(timeout))
 	// One buffered reader for the connection's life: the handshake and
 	// pipelined headers then cost one read(2) per burst, not per field.
-	sk := newSock(c)
+	sk := newSock(c, &s.pipes)
 	br := bufio.NewReaderSize(sk, 1024)
 	first, err := br.Peek(1)
 	if err != nil {

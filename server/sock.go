@@ -21,8 +21,9 @@ import (
 //
 // Connections that are not sockets (tests) use plain Read and Write.
 type sock struct {
-	c   net.Conn
-	raw syscall.RawConn // nil: not a socket
+	c     net.Conn
+	raw   syscall.RawConn // nil: not a socket
+	pipes *pipePool       // for large replies (splice.go), may be nil
 
 	// The current calls' arguments and results, for readFn and writeFn
 	// (bound once, so that a call allocates nothing). A read and a write
@@ -37,8 +38,8 @@ type sock struct {
 	readFn, writeFn func(fd uintptr) bool
 }
 
-func newSock(c net.Conn) *sock {
-	s := &sock{c: c}
+func newSock(c net.Conn, pipes *pipePool) *sock {
+	s := &sock{c: c, pipes: pipes}
 	if sc, ok := c.(syscall.Conn); ok {
 		if raw, err := sc.SyscallConn(); err == nil {
 			s.raw = raw
