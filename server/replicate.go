@@ -29,7 +29,7 @@ import (
 const bgrChunk = 8 * protocol.BlockSize
 
 // bgrHops returns the hop byte of the proxy's own replication requests.
-func bgrHops(cfg Config) uint8 {
+func bgrHops(cfg *Config) uint8 {
 	if cfg.PretendClient {
 		return protocol.HopFlagPrefetch | 1
 	}

@@ -47,8 +47,7 @@ type Server struct {
 	acl   *ACL
 	rpc   *rpcServer
 
-	cfgMu sync.RWMutex
-	cfg   Config
+	cfg atomic.Pointer[Config] // replaced whole on Reload, never changed
 
 	runID     uint64
 	started   time.Time
@@ -77,12 +76,13 @@ func New(opts Options) (*Server, error) {
 	s := &Server{
 		opts:    opts,
 		log:     opts.Logger,
-		cfg:     opts.Config,
 		runID:   rand.Uint64() >> 1,
 		started: time.Now(),
 		conns:   map[net.Conn]struct{}{},
 		clients: map[*clientConn]struct{}{},
 	}
+	cfg := opts.Config
+	s.cfg.Store(&cfg)
 	alts, warnings, err := LoadAltServers(filepath.Join(opts.ConfigDir, "alt-servers"))
 	for _, w := range warnings {
 		s.log.Warn("alt-servers: " + w)
@@ -124,11 +124,9 @@ func New(opts Options) (*Server, error) {
 // Store returns the server's image store.
 func (s *Server) Store() *Store { return s.store }
 
-func (s *Server) config() Config {
-	s.cfgMu.RLock()
-	defer s.cfgMu.RUnlock()
-	return s.cfg
-}
+// config returns the current configuration (read-only: Reload replaces
+// it with a new one).
+func (s *Server) config() *Config { return s.cfg.Load() }
 
 // Listen opens a TCP listener for Serve. Accepted connections get no TCP
 // keepalive probes (the protocol has its own keepalive and timeouts), which
@@ -281,17 +279,14 @@ func (s *Server) clientList() []*clientConn {
 // the base path (SIGHUP). alt-servers and rpc.acl are read only at start,
 // as in the reference.
 func (s *Server) Reload() error {
-	prev := s.config()
-	cfg, warnings, err := LoadConfig(s.opts.ConfigDir, &prev)
+	cfg, warnings, err := LoadConfig(s.opts.ConfigDir, s.config())
 	for _, w := range warnings {
 		s.log.Warn("server.conf: " + w)
 	}
 	if err != nil {
 		s.log.Error("reload: keeping the old configuration", "err", err)
 	} else {
-		s.cfgMu.Lock()
-		s.cfg = cfg
-		s.cfgMu.Unlock()
+		s.cfg.Store(&cfg)
 	}
 	added, replaced, removed, err := s.store.Reload()
 	if err != nil {
