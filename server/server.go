@@ -54,12 +54,13 @@ type Server struct {
 	bytesSent atomic.Uint64 // served to clients, relayed data included
 	bytesRecv atomic.Uint64 // received from uplinks
 
-	batches batchPool // reply batch buffers (batch.go)
-	pipes   pipePool  // pipes for large replies (splice.go)
-	proxy   *proxy    // uplinks, replication, cache map saving
-	checker *checker  // background hash block checks
-	hooks   proxyHooks
-	listen  syncValue[netip.AddrPort]
+	batches   batchPool // reply batch buffers (batch.go)
+	pipes     pipePool  // pipes for large replies (splice.go)
+	fetchBufs bufPool   // proxy fetch buffers (bufpool.go)
+	proxy     *proxy    // uplinks, replication, cache map saving
+	checker   *checker  // background hash block checks
+	hooks     proxyHooks
+	listen    syncValue[netip.AddrPort]
 
 	connMu  sync.Mutex
 	conns   map[net.Conn]struct{} // every accepted connection

@@ -38,6 +38,12 @@ type sock struct {
 	readFn, writeFn func(fd uintptr) bool
 }
 
+// rawWriteMax is the largest write done as a raw system call. A raw call
+// cannot be interrupted by the runtime: a long copy into the socket would
+// hold up a garbage collection that waits for this goroutine (measured:
+// the collector spinning in suspendG while a proxy relayed 1 MiB replies).
+const rawWriteMax = 256 << 10
+
 func newSock(c net.Conn, pipes *pipePool) *sock {
 	s := &sock{c: c, pipes: pipes}
 	if sc, ok := c.(syscall.Conn); ok {
@@ -131,7 +137,11 @@ func (s *sock) doWrite(fd uintptr) bool {
 		}
 		msg := unix.Msghdr{Iov: &iov[0]}
 		msg.SetIovlen(n)
-		r, _, e := unix.RawSyscall(unix.SYS_SENDMSG, fd, uintptr(unsafe.Pointer(&msg)), unix.MSG_NOSIGNAL)
+		call := unix.RawSyscall
+		if len(s.wbufs[0])+len(s.wbufs[1]) > rawWriteMax {
+			call = unix.Syscall
+		}
+		r, _, e := call(unix.SYS_SENDMSG, fd, uintptr(unsafe.Pointer(&msg)), unix.MSG_NOSIGNAL)
 		switch e {
 		case 0:
 			s.consume(int(r))
