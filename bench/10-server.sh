@@ -12,8 +12,10 @@
 #   - dnbd3-nbd get of the 256 MiB image;
 #   - the memory each idle client costs (1,000 clients, dnbd3-bench --idle).
 # The servers take turns for every row and every run; the table shows the
-# best of RUNS runs (default 3) and the ratio ours / reference (higher is
-# better, except for memory). A peer that cannot run prints a SKIP line.
+# best of RUNS runs (default 3) and the ratio ours / reference of the best
+# runs and of the medians (higher is better, except for memory; on a busy
+# machine the medians are the steadier figure). A peer that cannot run
+# prints a SKIP line.
 # Environment: RUNS, REF_DIR (default ../shared/peers/dnbd3-ref), FUSE=0
 # skips the FUSE row.
 set -euo pipefail
@@ -104,14 +106,14 @@ mem() { # pid port -> KiB per idle client
 M_OURS=$(mem $S_OURS $OURS); M_MIN=$(mem $S_MIN $MIN); M_REF=
 if [ -n "${S_REF:-}" ]; then M_REF=$(mem $S_REF $REF); fi
 
-# cell KEY SIDE: the best run (rounded), or n/a
-cell() { local v=${R[$1_$2]:-}; if [ -n "${v// /}" ]; then printf '%.0f' "$(best $v)"; else echo n/a; fi; }
+# cell KEY SIDE [best|median]: the best (or median) run, rounded, or n/a
+cell() { local v=${R[$1_$2]:-}; if [ -n "${v// /}" ]; then printf '%.0f' "$(${3:-best} $v)"; else echo n/a; fi; }
 rat() { if [ "$1" = n/a ] || [ "$2" = n/a ] || [ -z "$2" ]; then echo n/a; else ratio "$1" "$2"; fi; }
-printf '\n%-40s %12s %12s %7s %12s %7s\n' "dnbd3-server (best of $RUNS)" "dnbd3-server" "reference" "ratio" "minimal C" "ratio"
+printf '\n%-40s %12s %12s %7s %7s %12s %7s\n' "dnbd3-server (best of $RUNS)" "dnbd3-server" "reference" "ratio" "median" "minimal C" "ratio"
 row() { # label key
   local o r m
   o=$(cell $2 ours); r=$(cell $2 ref); m=$(cell $2 min)
-  printf '%-40s %12s %12s %7s %12s %7s\n' "$1" "$o" "$r" "$(rat "$o" "$r")" "$m" "$(rat "$o" "$m")"
+  printf '%-40s %12s %12s %7s %7s %12s %7s\n' "$1" "$o" "$r" "$(rat "$o" "$r")" "$(rat "$(cell $2 ours median)" "$(cell $2 ref median)")" "$m" "$(rat "$o" "$m")"
 }
 row "seq 1 MiB QD8, 1 conn (MB/s)" seq
 row "rand 4 KiB QD32, 1 conn (IOPS)" rand
@@ -119,7 +121,7 @@ row "handshakes/s, ref dnbd3-bench, 1 thread" hs1
 row "handshakes/s, ref dnbd3-bench, 8 threads" hs8
 row "ref dnbd3-fuse, dd 256 MiB (MB/s)" fuse
 row "dnbd3-nbd get 256 MiB (MB/s)" get
-printf '%-40s %12s %12s %7s %12s %7s\n' "RSS per idle client, 1000 (KiB, lower)" "$M_OURS" "${M_REF:-n/a}" "$(rat "$M_OURS" "${M_REF:-n/a}")" "$M_MIN" "$(rat "$M_OURS" "$M_MIN")"
+printf '%-40s %12s %12s %7s %7s %12s %7s\n' "RSS per idle client, 1000 (KiB, lower)" "$M_OURS" "${M_REF:-n/a}" "$(rat "$M_OURS" "${M_REF:-n/a}")" "" "$M_MIN" "$(rat "$M_OURS" "$M_MIN")"
 echo "(all runs:"
 for k in seq rand hs1 hs8 fuse get; do
   for side in $SIDES; do

@@ -76,6 +76,9 @@ mb() { awk -v b="$1" 'BEGIN { printf "%.0f", b / 1e6 }'; }
 # best VALUES...: the largest number (best of several runs).
 best() { printf '%s\n' "$@" | sort -g | tail -1; }
 
+# median VALUES...: the median (the mean of the middle two for an even count).
+median() { printf '%s\n' "$@" | sort -g | awk '{v[NR] = $1} END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+
 # rss_kib PID
 rss_kib() { awk '/^VmRSS:/ {print $2}' /proc/"$1"/status; }
 
