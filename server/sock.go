@@ -137,11 +137,13 @@ func (s *sock) doWrite(fd uintptr) bool {
 		}
 		msg := unix.Msghdr{Iov: &iov[0]}
 		msg.SetIovlen(n)
-		call := unix.RawSyscall
+		var r uintptr
+		var e syscall.Errno
 		if len(s.wbufs[0])+len(s.wbufs[1]) > rawWriteMax {
-			call = unix.Syscall
+			r, _, e = unix.Syscall(unix.SYS_SENDMSG, fd, uintptr(unsafe.Pointer(&msg)), unix.MSG_NOSIGNAL)
+		} else {
+			r, _, e = unix.RawSyscall(unix.SYS_SENDMSG, fd, uintptr(unsafe.Pointer(&msg)), unix.MSG_NOSIGNAL)
 		}
-		r, _, e := call(unix.SYS_SENDMSG, fd, uintptr(unsafe.Pointer(&msg)), unix.MSG_NOSIGNAL)
 		switch e {
 		case 0:
 			s.consume(int(r))
