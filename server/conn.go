@@ -261,7 +261,8 @@ func (cc *clientConn) getBlockSlow(req protocol.Request) error {
 }
 
 // sendFromFile answers a GET_BLOCK with size bytes of the image file at
-// off (sendfile on sockets).
+// off at once, without a copy on sockets (sock.sendFile); queued replies
+// go first.
 func (cc *clientConn) sendFromFile(handle uint64, off int64, size uint32) error {
 	cc.countSent(size)
 	if !cc.lockWrite() {

@@ -3,6 +3,7 @@ package server
 import (
 	"io"
 	"sync"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -111,7 +112,14 @@ func (p *pipe) send(sock, file int, off *int64, fileEnd int64, more bool) (bool,
 		if more || *off < fileEnd {
 			flags |= unix.SPLICE_F_MORE
 		}
-		r, _, e := unix.RawSyscall6(unix.SYS_SPLICE, uintptr(p.r), 0, uintptr(sock), 0, uintptr(p.n), flags)
+		// Into the non-blocking socket; raw unless large (see rawWriteMax).
+		var r uintptr
+		var e syscall.Errno
+		if p.n > rawWriteMax {
+			r, _, e = unix.Syscall6(unix.SYS_SPLICE, uintptr(p.r), 0, uintptr(sock), 0, uintptr(p.n), flags)
+		} else {
+			r, _, e = unix.RawSyscall6(unix.SYS_SPLICE, uintptr(p.r), 0, uintptr(sock), 0, uintptr(p.n), flags)
+		}
 		switch e {
 		case 0:
 			p.n -= int(r)
