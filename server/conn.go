@@ -85,7 +85,7 @@ func (cc *clientConn) serveDNBD3() {
 	defer cc.dropQueued()
 	defer cc.markDead()
 	if err := cc.srv.proxyPenalty(img); err != nil {
-		cc.logAt(slog.LevelDebug, "closing: "+err.Error(), "image", img.String())
+		cc.logAt(slog.LevelDebug, "closing: "+err.Error(), "image", img)
 		return
 	}
 
@@ -103,7 +103,7 @@ func (cc *clientConn) serveDNBD3() {
 	}
 	cc.srv.addClient(cc)
 	defer cc.srv.removeClient(cc)
-	cc.logAt(slog.LevelDebug, "client selected image", "image", img.String(), "server", cc.isServer.Load())
+	cc.logAt(slog.LevelDebug, "client selected image", "image", img, "server", cc.isServer.Load())
 	cc.requestLoop(cc.timeout)
 }
 
@@ -250,7 +250,7 @@ func (cc *clientConn) getBlockSlow(req protocol.Request) error {
 	if img.hasBad.Load() && img.touchesBad(start, end) {
 		// Safe behaviour of a server that cannot repair: never serve data
 		// known to be corrupt; the client may try another server.
-		cc.logAt(slog.LevelDebug, "refusing read of a hash block that failed its check", "image", img.String(), "offset", start, "size", req.Size)
+		cc.logAt(slog.LevelDebug, "refusing read of a hash block that failed its check", "image", img, "offset", start, "size", req.Size)
 		return cc.sendReply(protocol.CmdError, req.Handle, nil)
 	}
 	cm := img.cache.Load()

@@ -108,6 +108,10 @@ func openImage(path, name string, rid uint16) (*Image, error) {
 // String names the image as name:rid.
 func (img *Image) String() string { return fmt.Sprintf("%s:%d", img.Name, img.RID) }
 
+// LogValue formats the image for log/slog (name:rid) only if the record is
+// logged: pass img, not img.String(), on hot paths.
+func (img *Image) LogValue() slog.Value { return slog.StringValue(img.String()) }
+
 // File returns the open image file.
 func (img *Image) File() *os.File { return img.file }
 
