@@ -317,7 +317,7 @@ func (c *conn) blockReply(rep protocol.Reply) error {
 				i.requeueLocked([]*request{r}, now)
 			}
 		}
-		i.mu.Unlock()
+		i.unlock()
 		return c.readErr(err)
 	}
 	c.srv.addLive(now.Sub(r.sent))
@@ -329,7 +329,7 @@ func (c *conn) blockReply(rep protocol.Reply) error {
 	i.nreqs.Add(1)
 	i.finishLocked(r, nil) // r may be recycled from here on
 	i.dispatchLocked(now)
-	i.mu.Unlock()
+	i.unlock() // runs an asynchronous read's ReadDone
 	return nil
 }
 

@@ -32,4 +32,12 @@
 // the handshake with the same name, revision and size gets every
 // unanswered read re-sent. A read is never lost: it fails only after
 // Config.Deadline (0 = never) or when the Image is closed.
+//
+// # Asynchronous reads and the NBD switch
+//
+// StartRead/SendStarted (async.go) read without a goroutine waiting per
+// read, for the kernel bridge's relay path. DialNBD (nbdmode.go) opens
+// connections to the Image's current server switched to the NBD
+// transmission protocol (a dnbd3go extension), which the bridge hands to
+// the kernel (docs/kernel-direct.md).
 package client

@@ -38,6 +38,11 @@ type Image struct {
 	abandoned  map[uint64]abandonedReq
 	nextHandle uint64
 	crcWait    *crcWaiter
+	// completions are ReadDone calls of asynchronous reads, run by unlock.
+	completions []completion
+	// holdSend keeps dispatchLocked from waking the sender: StartRead's
+	// caller sends with SendStarted.
+	holdSend   bool
 	panicSince time.Time
 	lastError  error // why the last connection failed
 
@@ -174,7 +179,7 @@ func (i *Image) Close() error {
 		i.crcWait = nil
 		w.ch <- crcResult{err: ErrClosed}
 	}
-	i.mu.Unlock()
+	i.unlock()
 	i.cancel()
 	i.wg.Wait()
 	// Results of probes or failovers that finished after the supervisor

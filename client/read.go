@@ -34,6 +34,8 @@ type request struct {
 	sent      time.Time // last send (for stalls and live RTT)
 	err       error
 	done      chan struct{} // cap 1, signalled once by finishLocked
+	target    ReadTarget    // asynchronous read (StartRead): completed instead of done
+	group     *asyncGroup   // the asynchronous read this request is part of, if split
 }
 
 // queued is an entry of the wait queue.
@@ -179,13 +181,19 @@ func (i *Image) abandonLocked(r *request) {
 	}
 }
 
-// finishLocked completes r with err and wakes its waiter.
+// finishLocked completes r with err and wakes its waiter (or, for an
+// asynchronous read, queues its ReadDone for the next unlock and
+// recycles r).
 func (i *Image) finishLocked(r *request, err error) {
 	delete(i.pending, r.handle)
 	if r.state == statePending {
 		i.abandonLocked(r)
 	}
 	r.state = stateDone
+	if r.target != nil {
+		i.completeLocked(r, err)
+		return
+	}
 	r.err = err
 	r.done <- struct{}{}
 }
@@ -230,7 +238,7 @@ func (i *Image) dispatchLocked(now time.Time) {
 		i.waitq = i.waitq[:n]
 		i.wqHead = 0
 	}
-	if sent {
+	if sent && !i.holdSend {
 		c.signal()
 	}
 }

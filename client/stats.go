@@ -39,6 +39,16 @@ type ServerStats struct {
 	LastErrAt time.Time     // when it happened
 }
 
+// Current returns the address of the active server, "" while failing over.
+func (i *Image) Current() string {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	if i.active == nil {
+		return ""
+	}
+	return i.active.srv.key
+}
+
 // Stats returns a snapshot of the Image's state.
 func (i *Image) Stats() Stats {
 	i.mu.Lock()

@@ -39,7 +39,7 @@ func (i *Image) supervise() {
 // housekeeping does what is due and returns the time until the next check.
 func (i *Image) housekeeping(now time.Time) time.Duration {
 	i.mu.Lock()
-	defer i.mu.Unlock()
+	defer i.unlock() // expired asynchronous reads complete
 	if i.closed {
 		return time.Hour
 	}

@@ -1,6 +1,7 @@
 package cowstore
 
 import (
+	"bytes"
 	"cmp"
 	"fmt"
 	"slices"
@@ -15,12 +16,13 @@ func (o *Overlay) Flush() error {
 	return o.Commit()
 }
 
-// Commit writes the dirty metadata in order: data first (fdatasync), then
-// the L2 entries, new L2 tables, L1 and header that point at it, then
-// fdatasync of meta. Entries are copied before the data sync, so they only
+// Commit makes the metadata durable in the order doc.go explains: data
+// fdatasync; L2 tables, entries and L1 (which nothing reachable from the
+// committed header points to yet); meta fdatasync; the header; meta
+// fdatasync. Entries are copied before the data sync, so they only
 // reference blocks whose data was written before; allocation counters and
 // L1 are copied after the entries, so they cover every slot and table the
-// entries use.
+// entries use. A failed sync fails the session for good (see Failed).
 func (o *Overlay) Commit() error {
 	if o.closed.Load() {
 		return ErrClosed
@@ -28,15 +30,24 @@ func (o *Overlay) Commit() error {
 	return o.commit()
 }
 
+// metaWrite is one piece of metadata to write.
+type metaWrite struct {
+	off int64
+	b   []byte
+}
+
 func (o *Overlay) commit() error {
 	o.commitMu.Lock()
 	defer o.commitMu.Unlock()
+	if err := o.Failed(); err != nil {
+		return err
+	}
 
 	o.dirtyMu.Lock()
-	dirty, newTables, head := o.dirty, o.newTables, o.headDirty
-	o.dirty, o.newTables, o.headDirty = map[int]struct{}{}, map[int]struct{}{}, false
+	dirty, newTables, l1Dirty, head := o.dirty, o.newTables, o.l1Dirty, o.headDirty
+	o.dirty, o.newTables, o.l1Dirty, o.headDirty = map[int]struct{}{}, map[int]struct{}{}, false, false
 	o.dirtyMu.Unlock()
-	if len(dirty) == 0 && len(newTables) == 0 && !head {
+	if len(dirty) == 0 && len(newTables) == 0 && !l1Dirty && !head {
 		return nil
 	}
 	requeue := func() {
@@ -47,16 +58,13 @@ func (o *Overlay) commit() error {
 		for t := range newTables {
 			o.newTables[t] = struct{}{}
 		}
+		o.l1Dirty = o.l1Dirty || l1Dirty
 		o.headDirty = true
 		o.dirtyMu.Unlock()
 	}
 
-	type write struct {
-		off int64
-		b   []byte
-	}
-	var writes []write
-	// whole new tables first (their entries are copied under the locks)
+	var writes []metaWrite
+	// whole new tables (their entries are copied under the locks)
 	for l1 := range newTables {
 		t := o.tables[l1].Load()
 		b := make([]byte, L2TableSize)
@@ -68,7 +76,7 @@ func (o *Overlay) commit() error {
 			mu.RUnlock()
 			delete(dirty, c)
 		}
-		writes = append(writes, write{metaOffset(t.index, 0), b})
+		writes = append(writes, metaWrite{metaOffset(t.index, 0), b})
 	}
 	for c := range dirty {
 		t := o.tables[c/L2Entries].Load()
@@ -77,9 +85,9 @@ func (o *Overlay) commit() error {
 		mu.RLock()
 		t.entries[c%L2Entries].marshalTo(b)
 		mu.RUnlock()
-		writes = append(writes, write{metaOffset(t.index, c%L2Entries), b})
+		writes = append(writes, metaWrite{metaOffset(t.index, c%L2Entries), b})
 	}
-	// header and L1, after the entries
+	// L1 and the header, after the entries
 	o.allocMu.Lock()
 	h := header{
 		imageSize:         uint64(o.imageSize.Load()),
@@ -87,47 +95,70 @@ func (o *Overlay) commit() error {
 		nextL2:            o.nextL2,
 		nextClusterOffset: o.nextSlot,
 	}
-	l1 := make([]byte, L1Entries*4)
-	for i := range L1Entries {
-		v := int32(-1)
-		// only tables that are (or are now being) written to meta
-		if t := o.tables[i].Load(); t != nil {
-			if _, isNew := newTables[i]; isNew || o.tableSaved[i] {
-				v = t.index
+	if len(newTables) > 0 || l1Dirty {
+		l1 := make([]byte, L1Entries*4)
+		for i := range L1Entries {
+			v := int32(-1)
+			// only tables that are (or are now being) written to meta
+			if t := o.tables[i].Load(); t != nil {
+				if _, isNew := newTables[i]; isNew || o.tableSaved[i] {
+					v = t.index
+				}
 			}
+			le.PutUint32(l1[4*i:], uint32(v))
 		}
-		le.PutUint32(l1[4*i:], uint32(v))
+		writes = append(writes, metaWrite{StartL1, l1})
 	}
 	o.allocMu.Unlock()
 	o.hdrMu.Lock()
 	h.uuid, h.imageName, h.creationTime = o.uuid, o.imageName, o.created
 	o.hdrMu.Unlock()
-	writes = append(writes, write{0, append(h.marshal(), l1...)})
+	hdr := h.marshal()
 
-	if err := fdatasync(o.data); err != nil {
-		requeue()
-		return fmt.Errorf("sync COW data: %w", err)
+	// 1. the data the entries point to
+	if err := o.data.Datasync(); err != nil {
+		return o.fail("fdatasync of the data file", err)
 	}
-	slices.SortFunc(writes, func(a, b write) int { return cmp.Compare(a.off, b.off) })
+	// 2. tables, entries, L1: invisible until the header below covers them
+	if len(writes) > 0 {
+		if err := o.writeMeta(writes); err != nil {
+			requeue()
+			return err
+		}
+		if err := o.meta.Datasync(); err != nil {
+			return o.fail("fdatasync of the meta file", err)
+		}
+	}
+	// 3. the header (one sector), which makes them valid
+	if !bytes.Equal(hdr, o.savedHeader) {
+		if _, err := o.meta.WriteAt(hdr, 0); err != nil {
+			requeue()
+			return fmt.Errorf("write COW metadata header: %w", err)
+		}
+		if err := o.meta.Datasync(); err != nil {
+			return o.fail("fdatasync of the meta file", err)
+		}
+		o.savedHeader = hdr
+	}
+	for l1 := range newTables {
+		o.tableSaved[l1] = true
+	}
+	return nil
+}
+
+// writeMeta writes the pieces in file order, coalescing adjacent ones.
+func (o *Overlay) writeMeta(writes []metaWrite) error {
+	slices.SortFunc(writes, func(a, b metaWrite) int { return cmp.Compare(a.off, b.off) })
 	for i := 0; i < len(writes); {
-		// coalesce adjacent writes into one pwrite
 		j, buf := i+1, writes[i].b
 		for j < len(writes) && writes[j].off == writes[i].off+int64(len(buf)) {
 			buf = append(buf, writes[j].b...)
 			j++
 		}
 		if _, err := o.meta.WriteAt(buf, writes[i].off); err != nil {
-			requeue()
 			return fmt.Errorf("write COW metadata: %w", err)
 		}
 		i = j
-	}
-	if err := fdatasync(o.meta); err != nil {
-		requeue()
-		return fmt.Errorf("sync COW metadata: %w", err)
-	}
-	for l1 := range newTables {
-		o.tableSaved[l1] = true
 	}
 	return nil
 }

@@ -21,7 +21,7 @@ func crashRemote() *memRemote { return &memRemote{data: testutil.GenImage(0, cra
 // crashBlock is what the writer puts into 4 KiB block b in round r.
 func crashBlock(b, r int) []byte {
 	p := bytes.Repeat([]byte{byte(r)}, BlockSize)
-	copy(p, fmt.Sprintf("block %d round %d", b, r))
+	copy(p, fmt.Sprintf("block %d round %d;", b, r)) // ';': the fill byte may be a digit
 	return p
 }
 
@@ -93,7 +93,7 @@ func TestFlushSurvivesSIGKILL(t *testing.T) {
 	for b := 0; b < crashRemoteSize/BlockSize; b++ {
 		blk := got[b*BlockSize : (b+1)*BlockSize]
 		var r int
-		if _, err := fmt.Sscanf(string(blk[:24]), "block %d round %d", new(int), &r); err != nil || !bytes.Equal(blk, crashBlock(b, r)) {
+		if _, err := fmt.Sscanf(string(blk[:24]), "block %d round %d;", new(int), &r); err != nil || !bytes.Equal(blk, crashBlock(b, r)) {
 			if bytes.Equal(blk, remote.data[b*BlockSize:(b+1)*BlockSize]) && b%3 != 0 {
 				rounds[0]++
 				continue // never written and unflushed writes lost: fine

@@ -23,10 +23,11 @@ func FuzzLoad(f *testing.F) {
 		return append([]byte{file, byte(off), byte(off >> 8), byte(off >> 16), byte(len(b))}, b...)
 	}
 	f.Add([]byte{})
-	f.Add(patch(0, 0, 0x5f))                         // bad magic
-	f.Add(patch(0, StartL1, 9, 0, 0, 0))             // L1 beyond nextL2
-	f.Add(patch(0, StartL2, 0, 0, 0, 0, 0, 0, 0x40)) // slot far away
-	f.Add(patch(1, 0, 0))                            // data magic
+	f.Add(patch(0, 0, 0x5f))                               // bad magic
+	f.Add(patch(0, StartL1, 9, 0, 0, 0))                   // L1 beyond nextL2
+	f.Add(patch(0, StartL2, 0, 0, 0, 0, 0, 0, 0x40))       // slot far away
+	f.Add(patch(0, StartL2, 0, 0, 0xE8, 0x03, 0, 0, 0, 0)) // slot 50 beyond nextClusterOffset: ignored
+	f.Add(patch(1, 0, 0))                                  // data magic
 	f.Fuzz(func(t *testing.T, patches []byte) {
 		dir := t.TempDir()
 		o, err := Create(dir, Options{Remote: remote, ImageName: "img", RID: 1, CommitInterval: -1})

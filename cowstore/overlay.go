@@ -7,7 +7,6 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -33,6 +32,10 @@ type Options struct {
 	Logger *slog.Logger
 	// Now returns the time (tests); default time.Now.
 	Now func() time.Time
+
+	// wrapFile, if set, wraps the meta and data files (tests: fault
+	// injection, write recording).
+	wrapFile func(name string, f storeFile) storeFile
 }
 
 // table is one L2 table in memory.
@@ -49,8 +52,8 @@ type Overlay struct {
 	opts   Options
 	log    *slog.Logger
 	remote Remote
-	meta   *os.File
-	data   *os.File
+	meta   storeFile
+	data   storeFile
 
 	// sizeMu: writers and readers hold it shared; resizes hold it
 	// exclusively, so the sizes never change under a request.
@@ -65,6 +68,10 @@ type Overlay struct {
 	nextSlot   int64
 	tableSaved [L1Entries]bool // table written to meta at least once (commitMu)
 
+	// what Load ignored: tables and slots handed out by a commit that
+	// never wrote its header (an interrupted commit)
+	ignoredTables, ignoredEntries int
+
 	// clusterMu: one lock per cluster shard guards entries and their blocks.
 	clusterMu [512]sync.RWMutex
 
@@ -72,18 +79,24 @@ type Overlay struct {
 	dirtyMu   sync.Mutex
 	dirty     map[int]struct{} // absolute cluster indexes
 	newTables map[int]struct{} // L1 indexes of tables never committed
+	l1Dirty   bool             // L1 must be rewritten (new session, repaired load)
 	headDirty bool
 
 	hdrMu     sync.Mutex // uuid, imageName, creationTime
 	uuid      string
-	imageName string
+	imageName string // as in the header: cut to 199 bytes
 	created   uint64
+	fullName  string // the image's whole name (sidecar "name")
 
-	commitMu sync.Mutex
-	genSeq   atomic.Uint64
-	closed   atomic.Bool
-	stop     context.CancelFunc
-	bgDone   chan struct{}
+	lock *os.File // flock'd lock file of the session directory
+
+	commitMu    sync.Mutex
+	savedHeader []byte // the header as last committed (commitMu)
+	failure     atomic.Pointer[error]
+	genSeq      atomic.Uint64
+	closed      atomic.Bool
+	stop        context.CancelFunc
+	bgDone      chan struct{}
 }
 
 // ErrClosed is returned after Close.
@@ -171,12 +184,9 @@ func (o *Overlay) ValidRemoteSize() int64 { return o.validSize.Load() }
 // Dir returns the session directory.
 func (o *Overlay) Dir() string { return o.dir }
 
-// ImageName returns the name of the image the session is based on.
-func (o *Overlay) ImageName() string {
-	o.hdrMu.Lock()
-	defer o.hdrMu.Unlock()
-	return o.imageName
-}
+// ImageName returns the full name of the image the session is based on
+// (the meta header keeps only its first 199 bytes).
+func (o *Overlay) ImageName() string { return o.fullName }
 
 // RID returns the revision the session is based on.
 func (o *Overlay) RID() uint16 { return o.opts.RID }
@@ -222,7 +232,7 @@ func (o *Overlay) startBackground() {
 			case <-ctx.Done():
 				return
 			case <-t.C:
-				if o.hasDirty() {
+				if o.hasDirty() && o.Failed() == nil {
 					if err := o.Commit(); err != nil {
 						o.log.Error("background commit of the COW metadata failed", "dir", o.dir, "err", err)
 					}
@@ -235,7 +245,7 @@ func (o *Overlay) startBackground() {
 func (o *Overlay) hasDirty() bool {
 	o.dirtyMu.Lock()
 	defer o.dirtyMu.Unlock()
-	return o.headDirty || len(o.dirty) > 0 || len(o.newTables) > 0
+	return o.headDirty || o.l1Dirty || len(o.dirty) > 0 || len(o.newTables) > 0
 }
 
 // Close commits everything and closes the session files.
@@ -254,10 +264,8 @@ func (o *Overlay) Close() error {
 	if cerr := o.meta.Close(); err == nil {
 		err = cerr
 	}
+	o.lock.Close() // releases the lock
 	return err
 }
-
-// revisionFile is our sidecar that records the session's revision.
-func revisionFile(dir string) string { return filepath.Join(dir, "revision") }
 
 var _ io.ReaderAt = (*Overlay)(nil)

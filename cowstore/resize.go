@@ -5,30 +5,40 @@ import "fmt"
 // Resize changes the image size. Shrinking lowers validRemoteSize; growing
 // zeroes the rest of the block at the old end (if local) and clears the
 // bits of every block past the old end, so the grown range reads as zeros.
+//
+// A shrink is committed before Resize returns (and undone if that fails),
+// so the committed size is never larger than the size in memory: a later
+// grow or write past the end then only changes blocks that the committed
+// header does not show (see doc.go).
 func (o *Overlay) Resize(size int64) error {
-	if o.closed.Load() {
-		return ErrClosed
+	if err := o.usable(); err != nil {
+		return err
 	}
 	if size < 0 || size > MaxImageSize {
 		return fmt.Errorf("%w: %d", ErrTooLarge, size)
 	}
 	o.sizeMu.Lock()
 	defer o.sizeMu.Unlock()
-	old := o.imageSize.Load()
+	old, oldValid := o.imageSize.Load(), o.validSize.Load()
 	switch {
 	case size < old:
-		if size < o.validSize.Load() {
-			o.validSize.Store(size)
+		o.validSize.Store(min(oldValid, size))
+		o.imageSize.Store(size)
+		o.markHeader()
+		if err := o.commit(); err != nil {
+			o.imageSize.Store(old)
+			o.validSize.Store(oldValid)
+			return fmt.Errorf("shrink the COW image to %d bytes: %w", size, err)
 		}
 	case size > old:
 		if err := o.grow(old, size); err != nil {
 			return err
 		}
+		o.imageSize.Store(size)
+		o.markHeader()
 	default:
 		return nil
 	}
-	o.imageSize.Store(size)
-	o.markHeader()
 	o.log.Info("COW image resized", "dir", o.dir, "from", old, "to", size, "validRemoteSize", o.validSize.Load())
 	return nil
 }

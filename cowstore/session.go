@@ -1,6 +1,7 @@
 package cowstore
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -8,11 +9,8 @@ import (
 	"math/bits"
 	"os"
 	"path/filepath"
-	"strconv"
-	"strings"
 
 	"github.com/dnbd3go/dnbd3go/internal/fsutil"
-	"golang.org/x/sys/unix"
 )
 
 func (o *Options) logger() *slog.Logger {
@@ -35,7 +33,9 @@ func newOverlay(dir string, opts Options) *Overlay {
 
 // Create starts a new session in dir, an existing directory that holds no
 // session yet (like the reference's -c). The image size and the valid
-// remote size start as the remote image's size.
+// remote size start as the remote image's size. The session directory is
+// locked until Close: a second Create or Load of it, in this process or
+// another, fails.
 func Create(dir string, opts Options) (*Overlay, error) {
 	if opts.Remote == nil {
 		return nil, errors.New("cowstore: no remote image")
@@ -47,6 +47,22 @@ func Create(dir string, opts Options) (*Overlay, error) {
 	if !st.IsDir() {
 		return nil, fmt.Errorf("session directory %s is not a directory", dir)
 	}
+	lock, err := lockSession(dir)
+	if err != nil {
+		return nil, err
+	}
+	o, err := create(dir, opts)
+	if err != nil {
+		lock.Close()
+		return nil, err
+	}
+	o.lock = lock
+	o.startBackground()
+	o.log.Info("created COW session", "dir", dir, "image", o.fullName, "rid", opts.RID, "size", o.Size())
+	return o, nil
+}
+
+func create(dir string, opts Options) (*Overlay, error) {
 	for _, name := range []string{"meta", "data"} {
 		if st, err := os.Stat(filepath.Join(dir, name)); err == nil && st.Size() > 0 {
 			return nil, fmt.Errorf("%s already holds a session (%s exists and is not empty): load it with -L, or use an empty directory", dir, name)
@@ -60,7 +76,7 @@ func Create(dir string, opts Options) (*Overlay, error) {
 	o.imageSize.Store(size)
 	o.validSize.Store(size)
 	o.nextSlot = FirstSlot
-	o.imageName = truncateName(opts.ImageName)
+	o.imageName, o.fullName = truncateName(opts.ImageName), opts.ImageName
 	o.created = uint64(o.now().Unix())
 	meta, err := os.OpenFile(filepath.Join(dir, "meta"), os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
@@ -71,7 +87,6 @@ func Create(dir string, opts Options) (*Overlay, error) {
 		meta.Close()
 		return nil, err
 	}
-	o.meta, o.data = meta, data
 	fail := func(err error) (*Overlay, error) {
 		meta.Close()
 		data.Close()
@@ -80,23 +95,25 @@ func Create(dir string, opts Options) (*Overlay, error) {
 	if err := meta.Truncate(MetaSize); err != nil {
 		return fail(err)
 	}
+	o.meta, o.data = opts.wrap("meta", meta), opts.wrap("data", data)
 	var magic [8]byte
 	le.PutUint64(magic[:], DataMagic)
-	if _, err := data.WriteAt(magic[:], 0); err != nil {
+	if _, err := o.data.WriteAt(magic[:], 0); err != nil {
 		return fail(err)
 	}
 	if err := writeRevision(dir, opts.RID); err != nil {
 		return fail(err)
 	}
-	o.headDirty = true
+	if err := writeName(dir, opts.ImageName); err != nil {
+		return fail(err)
+	}
+	o.headDirty, o.l1Dirty = true, true
 	if err := o.commit(); err != nil {
 		return fail(err)
 	}
 	if err := fsutil.SyncDir(dir); err != nil {
 		return fail(err)
 	}
-	o.startBackground()
-	o.log.Info("created COW session", "dir", dir, "image", o.imageName, "rid", opts.RID, "size", size)
 	return o, nil
 }
 
@@ -118,6 +135,28 @@ func Load(dir string, opts Options) (*Overlay, error) {
 	if opts.Remote == nil {
 		return nil, errors.New("cowstore: no remote image")
 	}
+	if _, err := os.Stat(filepath.Join(dir, "meta")); err != nil {
+		return nil, fmt.Errorf("load session: %w", err)
+	}
+	lock, err := lockSession(dir)
+	if err != nil {
+		return nil, err
+	}
+	o, err := open(dir, opts)
+	if err != nil {
+		lock.Close()
+		return nil, err
+	}
+	o.lock = lock
+	o.startBackground()
+	dirty, clean := o.Counts()
+	o.log.Info("loaded COW session", "dir", dir, "image", o.fullName, "rid", o.opts.RID, "size", o.Size(),
+		"validRemoteSize", o.ValidRemoteSize(), "clusters", dirty+clean, "dirty", dirty, "uuid", o.uuid)
+	return o, nil
+}
+
+// open opens and loads the session files (the directory is locked).
+func open(dir string, opts Options) (*Overlay, error) {
 	meta, err := os.OpenFile(filepath.Join(dir, "meta"), os.O_RDWR, 0)
 	if err != nil {
 		return nil, fmt.Errorf("load session: %w", err)
@@ -128,19 +167,33 @@ func Load(dir string, opts Options) (*Overlay, error) {
 		return nil, fmt.Errorf("load session: %w", err)
 	}
 	o, err := load(dir, opts, meta, data)
+	if err == nil && (o.ignoredTables > 0 || o.ignoredEntries > 0) {
+		// Make the repair durable before anything reuses those tables and
+		// slots.
+		o.log.Warn("the COW session was interrupted during a metadata commit: ignoring the tables and slots that commit handed out (nothing acknowledged is lost)",
+			"dir", dir, "tables", o.ignoredTables, "clusters", o.ignoredEntries)
+		if err = o.commit(); err != nil {
+			err = fmt.Errorf("repair: %w", err)
+		}
+	}
 	if err != nil {
 		meta.Close()
 		data.Close()
 		return nil, fmt.Errorf("load session %s: %w", dir, err)
 	}
-	o.startBackground()
-	dirty, clean := o.Counts()
-	o.log.Info("loaded COW session", "dir", dir, "image", o.imageName, "rid", o.opts.RID, "size", o.Size(),
-		"validRemoteSize", o.ValidRemoteSize(), "clusters", dirty+clean, "dirty", dirty, "uuid", o.uuid)
 	return o, nil
 }
 
-func load(dir string, opts Options, meta, data *os.File) (*Overlay, error) {
+func load(dir string, opts Options, metaFile, dataFile *os.File) (*Overlay, error) {
+	mst, err := metaFile.Stat()
+	if err != nil {
+		return nil, err
+	}
+	dst, err := dataFile.Stat()
+	if err != nil {
+		return nil, err
+	}
+	meta, data := opts.wrap("meta", metaFile), opts.wrap("data", dataFile)
 	buf := make([]byte, StartL1+L1Entries*4)
 	if _, err := io.ReadFull(io.NewSectionReader(meta, 0, int64(len(buf))), buf); err != nil {
 		return nil, fmt.Errorf("read header: %w", err)
@@ -163,10 +216,6 @@ func load(dir string, opts Options, meta, data *os.File) (*Overlay, error) {
 	case h.nextClusterOffset < FirstSlot || h.nextClusterOffset%ClusterSize != 0:
 		return nil, fmt.Errorf("nextClusterOffset %d is not a slot boundary", h.nextClusterOffset)
 	}
-	mst, err := meta.Stat()
-	if err != nil {
-		return nil, err
-	}
 	if mst.Size() < MetaSize {
 		return nil, fmt.Errorf("meta file is %d bytes, want %d", mst.Size(), int64(MetaSize))
 	}
@@ -181,29 +230,25 @@ func load(dir string, opts Options, meta, data *os.File) (*Overlay, error) {
 	default:
 		return nil, errors.New("data file: bad magic")
 	}
-	dst, err := data.Stat()
-	if err != nil {
-		return nil, err
-	}
 	if h.nextClusterOffset > dst.Size()+ClusterSize {
 		return nil, fmt.Errorf("nextClusterOffset %d lies beyond the data file (%d bytes): data file truncated?", h.nextClusterOffset, dst.Size())
 	}
 	// What the reference does not check.
-	if opts.ImageName != "" && h.imageName != truncateName(opts.ImageName) {
-		return nil, fmt.Errorf("the session belongs to image %q, not %q", h.imageName, opts.ImageName)
+	fullName, recordName, err := sessionName(dir, h.imageName, opts.ImageName)
+	if err != nil {
+		return nil, err
 	}
 	rid, err := readRevision(dir)
+	recordRID := false
 	switch {
 	case err == nil && opts.RID != 0 && rid != opts.RID:
-		return nil, fmt.Errorf("the session belongs to revision %d of %s, not revision %d", rid, h.imageName, opts.RID)
+		return nil, fmt.Errorf("the session belongs to revision %d of %s, not revision %d", rid, fullName, opts.RID)
 	case err == nil:
 		opts.RID = rid
 	case errors.Is(err, os.ErrNotExist) && opts.RID == 0:
 		return nil, fmt.Errorf("the session has no revision record (made by the reference client?): give the revision it was created from with -r")
 	case errors.Is(err, os.ErrNotExist):
-		if err := writeRevision(dir, opts.RID); err != nil {
-			return nil, err
-		}
+		recordRID = true
 	default:
 		return nil, err
 	}
@@ -221,18 +266,25 @@ func load(dir string, opts Options, meta, data *os.File) (*Overlay, error) {
 	o.nextL2 = h.nextL2
 	o.nextSlot = h.nextClusterOffset
 	o.uuid, o.imageName, o.created = h.uuid, h.imageName, h.creationTime
+	o.fullName = fullName
+	o.savedHeader = bytes.Clone(buf[:HeaderSize])
 	seen := map[int32]bool{}
 	slots := map[int64]bool{}
 	tbuf := make([]byte, L2TableSize)
 	for l1 := range L1Entries {
 		k := int32(le.Uint32(buf[StartL1+4*l1:]))
-		if k == -1 {
+		switch {
+		case k == -1:
 			continue
-		}
-		if k < 0 || k >= h.nextL2 {
-			return nil, fmt.Errorf("L1[%d] = %d, not below nextL2 %d", l1, k, h.nextL2)
-		}
-		if seen[k] {
+		case k >= h.nextL2 && k < L1Entries:
+			// handed out by a commit that never wrote its header: never
+			// written (doc.go, "Durability")
+			o.ignoredTables++
+			o.l1Dirty = true
+			continue
+		case k < 0 || k >= L1Entries:
+			return nil, fmt.Errorf("L1[%d] = %d, not a table index below %d", l1, k, L1Entries)
+		case seen[k]:
 			return nil, fmt.Errorf("L2 table %d is referenced twice", k)
 		}
 		seen[k] = true
@@ -241,61 +293,40 @@ func load(dir string, opts Options, meta, data *os.File) (*Overlay, error) {
 		}
 		t := &table{index: k}
 		for i := range t.entries {
+			c := l1*L2Entries + i
 			e := parseEntry(tbuf[i*L2EntrySize:])
-			if e.offset != -1 {
-				if e.offset < FirstSlot || e.offset%ClusterSize != 0 || e.offset >= h.nextClusterOffset {
-					return nil, fmt.Errorf("cluster %d: slot offset %d is not a slot below nextClusterOffset %d", l1*L2Entries+i, e.offset, h.nextClusterOffset)
+			switch {
+			case e.offset == -1:
+				if e.popcount() > 0 {
+					return nil, fmt.Errorf("cluster %d has blocks but no slot", c)
 				}
-				if slots[e.offset] {
-					return nil, fmt.Errorf("cluster %d: slot %d is used twice", l1*L2Entries+i, e.offset)
-				}
+			case e.offset < FirstSlot || e.offset%ClusterSize != 0:
+				return nil, fmt.Errorf("cluster %d: slot offset %d is not a slot boundary", c, e.offset)
+			case e.offset >= h.nextClusterOffset:
+				// a slot handed out by a commit that never wrote its
+				// header: the cluster was never written
+				e = entry{offset: -1}
+				o.ignoredEntries++
+				o.dirty[c] = struct{}{}
+			case slots[e.offset]:
+				return nil, fmt.Errorf("cluster %d: slot %d is used twice", c, e.offset)
+			default:
 				slots[e.offset] = true
-			} else if e.popcount() > 0 {
-				return nil, fmt.Errorf("cluster %d has blocks but no slot", l1*L2Entries+i)
 			}
 			t.entries[i] = e
 		}
 		o.tables[l1].Store(t)
 		o.tableSaved[l1] = true
 	}
-	return o, nil
-}
-
-// writeRevision records rid in the session's revision file, durably.
-func writeRevision(dir string, rid uint16) error {
-	return fsutil.WriteFileAtomic(revisionFile(dir), []byte(strconv.Itoa(int(rid))+"\n"), 0o600)
-}
-
-func readRevision(dir string) (uint16, error) {
-	b, err := os.ReadFile(revisionFile(dir))
-	if err != nil {
-		return 0, err
-	}
-	n, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 16)
-	if err != nil || n == 0 {
-		return 0, fmt.Errorf("%s: not a revision number: %q", revisionFile(dir), b)
-	}
-	return uint16(n), nil
-}
-
-// fdatasync flushes a file's data (and the metadata needed to read it).
-func fdatasync(f *os.File) error {
-	for {
-		err := unix.Fdatasync(int(f.Fd()))
-		if err != unix.EINTR {
-			return err
+	if recordRID {
+		if err := writeRevision(dir, opts.RID); err != nil {
+			return nil, err
 		}
 	}
-}
-
-// ErrNoRevision means a session has no revision record.
-var ErrNoRevision = errors.New("the session has no revision record")
-
-// SessionRevision returns the revision recorded in a session directory.
-func SessionRevision(dir string) (uint16, error) {
-	rid, err := readRevision(dir)
-	if errors.Is(err, os.ErrNotExist) {
-		return 0, ErrNoRevision
+	if recordName {
+		if err := writeName(dir, fullName); err != nil {
+			return nil, err
+		}
 	}
-	return rid, err
+	return o, nil
 }

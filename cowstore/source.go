@@ -58,8 +58,13 @@ func (o *Overlay) Counts() (dirty, clean int) {
 }
 
 // Snapshot returns the cluster's bitfield, its local blocks in ascending
-// order and its generation, consistent with each other.
+// order and its generation, consistent with each other. A failed session
+// (see Failed) uploads nothing: pages the kernel dropped after the failed
+// sync would read back stale.
 func (o *Overlay) Snapshot(index int) (bits [upload.BitfieldSize]byte, blocks []byte, gen uint64, err error) {
+	if err := o.Failed(); err != nil {
+		return bits, nil, 0, err
+	}
 	e := o.lookup(index)
 	if e == nil {
 		return bits, nil, 0, fmt.Errorf("cowstore: cluster %d has no data", index)

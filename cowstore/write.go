@@ -13,8 +13,8 @@ var ErrTooLarge = errors.New("cowstore: beyond the maximum image size of 10^12 b
 // completed from the remote image (read-modify-write). A write past the end
 // grows the image first, as the reference does.
 func (o *Overlay) WriteAt(p []byte, off int64) (int, error) {
-	if o.closed.Load() {
-		return 0, ErrClosed
+	if err := o.usable(); err != nil {
+		return 0, err
 	}
 	if off < 0 {
 		return 0, fmt.Errorf("cowstore: negative offset %d", off)
@@ -66,6 +66,9 @@ func (o *Overlay) WriteAtFUA(p []byte, off int64) (int, error) {
 // WriteZeroes writes zeros; clusters that already read as zero (no local
 // data, above the valid remote size) are left alone.
 func (o *Overlay) WriteZeroes(off, length int64, noHole bool) error {
+	if err := o.usable(); err != nil {
+		return err
+	}
 	zero := make([]byte, min(length, ClusterSize))
 	for length > 0 {
 		n := min(length, ClusterSize-off%ClusterSize)

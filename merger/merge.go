@@ -89,7 +89,7 @@ func (m *Manager) Merge(id string, originalFileSize, newFileSize int64) (Session
 		return s.info(), nil
 	case StateFailed:
 		if s.meta.Conflict {
-			return s.info(), fmt.Errorf("%w: %s", ErrConflict, s.meta.Error)
+			return s.info(), conflictError(s.meta.ImageName, s.meta.OriginalRevision)
 		}
 		m.log.Info("retrying failed merge", "session", id, "previous error", s.meta.Error)
 	}

@@ -9,6 +9,7 @@ import (
 	"os"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -19,9 +20,13 @@ const (
 	DefaultBlockSize       = 512
 	DefaultTimeout         = 70 * time.Second
 	DefaultDeadConnTimeout = 120 * time.Second
-	// maxQuickFailures is how often in a row a kernel connection may die
-	// right after being (re)configured before its slot is given up.
-	maxQuickFailures = 3
+	// DefaultDirectTimeout is AttachOptions.DirectTimeout's default.
+	DefaultDirectTimeout = 500 * time.Millisecond
+	// DefaultMaxRequestKB is AttachOptions.MaxRequestKB's default: 1 MiB,
+	// the client's GET_BLOCK size and well below a proxy's maxPayload
+	// (9 MB), which bounds the reads a proxy relays for a direct slot.
+	// Larger requests measured no faster.
+	DefaultMaxRequestKB = 1024
 )
 
 // AttachOptions configure Attach.
@@ -49,6 +54,25 @@ type AttachOptions struct {
 	// Workers bounds the requests the backend serves at once (see
 	// EngineOptions.Workers); remote backends want more than the default.
 	Workers int
+	// ReadAheadKB is the device's read-ahead (default
+	// DefaultReadAheadKB; negative leaves the kernel's 128 KiB).
+	ReadAheadKB int
+	// MaxRequestKB is the largest request the block layer builds
+	// (max_sectors_kb, clamped to what the queue allows, 32 MiB): 0 means
+	// DefaultMaxRequestKB, up from the driver's 128 KiB, so large reads
+	// become fewer requests; negative leaves it.
+	MaxRequestKB int
+	// Direct, if set, supplies connections for the kernel-direct path
+	// (read-only devices): the kernel then reads from the server itself
+	// and the relay slots only serve while no server offers it.
+	Direct DirectDialer
+	// DirectTimeout is the kernel's request timeout while every slot is
+	// direct: how long a request in flight on a dead server's socket waits
+	// before the kernel re-sends it on a replacement (default
+	// DefaultDirectTimeout; below a second through the block layer's
+	// io_timeout). It follows the device's read latency and doubles, up
+	// to 32 s, while a server that still answers lets requests outlast it.
+	DirectTimeout time.Duration
 	// Logger receives the lifecycle logs.
 	Logger *slog.Logger
 }
@@ -68,11 +92,22 @@ type Device struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	mu      sync.Mutex
-	conns   map[net.Conn]struct{}
-	active  int           // slots still serving
-	discCh  chan struct{} // closed when every slot ended by a kernel DISC
-	discSet bool
+	sysfs     Sysfs         // the real one; tests point it elsewhere
+	events    chan ctlEvent // to the control loop
+	detaching atomic.Bool   // Shutdown is disconnecting the device
+
+	// owned by the control loop (and offer before it starts)
+	directRetryAt time.Time
+	curTimeout    time.Duration // the timeout last sent to the kernel
+
+	mu            sync.Mutex
+	directTimeout time.Duration         // the request timeout while every slot is direct
+	conns         map[net.Conn]struct{} // relay connections being served
+	slots         []*slot
+	untracked     int    // kernel slots of a previous daemon we have no handle on
+	replaced      uint64 // slots replaced since the start
+	discCh        chan struct{}
+	discSet       bool
 }
 
 // Attach makes opts.Backend available as a kernel NBD device and serves it
@@ -90,6 +125,9 @@ func Attach(ctx context.Context, opts AttachOptions) (*Device, error) {
 	}
 	if opts.DeadConnTimeout == 0 {
 		opts.DeadConnTimeout = DefaultDeadConnTimeout
+	}
+	if opts.DirectTimeout <= 0 {
+		opts.DirectTimeout = DefaultDirectTimeout
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
@@ -110,6 +148,9 @@ func Attach(ctx context.Context, opts AttachOptions) (*Device, error) {
 		log:    opts.Logger,
 		conns:  map[net.Conn]struct{}{},
 		discCh: make(chan struct{}),
+		events: make(chan ctlEvent, 64),
+
+		directTimeout: opts.DirectTimeout,
 	}
 	d.ctx, d.cancel = context.WithCancel(context.Background())
 	ok := false
@@ -135,15 +176,42 @@ func Attach(ctx context.Context, opts AttachOptions) (*Device, error) {
 		}
 		return nil, fmt.Errorf("%s did not become ready: %w", d.Path, err)
 	}
+	d.tuneQueue()
 	st := State{Index: index, Device: d.Path, PID: os.Getpid(), BackendID: opts.BackendID, Size: size,
 		BlockSize: opts.BlockSize, Connections: opts.Connections, ReadOnly: IsReadOnly(opts.Backend),
 		Started: time.Now().UTC(), Info: opts.Info}
 	if err := WriteState(st); err != nil {
 		d.log.Warn("cannot write state file", "err", err)
 	}
+	d.wg.Add(2)
 	go d.watchLinkDead()
+	go d.control()
 	ok = true
 	return d, nil
+}
+
+// tuneQueue applies the read-ahead and request size options; a failure
+// only costs speed and is logged.
+func (d *Device) tuneQueue() {
+	q := QueueSettings{ReadAheadKB: d.opts.ReadAheadKB, MaxSectorsKB: d.opts.MaxRequestKB}
+	switch {
+	case q.ReadAheadKB == 0:
+		q.ReadAheadKB = DefaultReadAheadKB
+	case q.ReadAheadKB < 0:
+		q.ReadAheadKB = 0
+	}
+	switch {
+	case q.MaxSectorsKB == 0:
+		q.MaxSectorsKB = DefaultMaxRequestKB
+	case q.MaxSectorsKB < 0:
+		q.MaxSectorsKB = 0
+	}
+	got, err := TuneQueue(d.Index, q)
+	if err != nil {
+		d.log.Warn("cannot tune the device's queue", "device", d.Path, "err", err)
+		return
+	}
+	d.log.Debug("queue", "device", d.Path, "readAheadKB", got.ReadAheadKB, "maxRequestKB", got.MaxSectorsKB)
 }
 
 // takeOver looks for a device whose daemon died and RECONFIGUREs it with
@@ -195,18 +263,18 @@ func (d *Device) takeOver(size int64) (int, error) {
 		}
 		d.lock = lock
 		d.Index = idx
-		kfds, err := d.startSlots(n)
-		if err != nil {
-			return -1, err
-		}
-		err = Reconfigure(idx, ReconfigureOptions{BackendID: o.BackendID, SocketFDs: kfds,
-			Timeout: o.Timeout, DeadConnTimeout: o.DeadConnTimeout})
-		closeFDs(kfds)
+		d.opts.Connections = n
+		// Slots the previous daemon left alive (direct sockets keep
+		// working without it) drop our sockets: they stay untracked until
+		// a LINK_DEAD shows one of them died.
+		got, _, err := d.offer(n, false, 0)
 		if err != nil {
 			return -1, fmt.Errorf("take over %s: %w", DevicePath(idx), err)
 		}
+		d.untracked = n - got
 		d.TookOver = true
-		d.log.Info("took over orphaned device with RECONFIGURE", "device", DevicePath(idx), "connections", n)
+		d.log.Info("took over orphaned device with RECONFIGURE", "device", DevicePath(idx), "connections", n,
+			"replaced", got, "mode", d.SlotStatus().Mode)
 		return idx, nil
 	}
 	return -1, nil
@@ -215,21 +283,7 @@ func (d *Device) takeOver(size int64) (int, error) {
 // connect sends a netlink CONNECT for a new device.
 func (d *Device) connect(size int64) (int, error) {
 	o := d.opts
-	kfds, err := d.startSlots(o.Connections)
-	if err != nil {
-		return -1, err
-	}
-	idx, err := Connect(ConnectOptions{
-		Index:           o.Device,
-		SizeBytes:       uint64(size),
-		BlockSize:       o.BlockSize,
-		ServerFlags:     uint64(d.engine.Flags()),
-		Timeout:         o.Timeout,
-		DeadConnTimeout: o.DeadConnTimeout,
-		BackendID:       o.BackendID,
-		SocketFDs:       kfds,
-	})
-	closeFDs(kfds)
+	_, idx, err := d.offer(o.Connections, true, size)
 	if err != nil {
 		return -1, err
 	}
@@ -243,93 +297,10 @@ func (d *Device) connect(size int64) (int, error) {
 	}
 	d.lock = lock
 	d.Index = idx
+	st := d.SlotStatus()
 	d.log.Info("connected", "device", DevicePath(idx), "size", size, "connections", o.Connections,
-		"blockSize", o.BlockSize, "flags", FormatFlags(d.engine.Flags()))
+		"blockSize", o.BlockSize, "flags", FormatFlags(d.engine.Flags()), "mode", st.Mode, "server", st.DirectServer)
 	return idx, nil
-}
-
-// startSlots creates n socketpairs, serves our ends and returns the
-// kernel's ends.
-func (d *Device) startSlots(n int) ([]int, error) {
-	var kfds []int
-	for range n {
-		conn, kfd, err := socketPair()
-		if err != nil {
-			closeFDs(kfds)
-			return nil, err
-		}
-		kfds = append(kfds, kfd)
-		d.mu.Lock()
-		d.active++
-		d.mu.Unlock()
-		d.wg.Add(1)
-		go d.serveSlot(conn)
-	}
-	return kfds, nil
-}
-
-// serveSlot serves one kernel connection. When the kernel drops it (after
-// a request timeout it marks the socket dead) the slot makes a new
-// socketpair and RECONFIGUREs it in; a DISC from the kernel ends the slot.
-func (d *Device) serveSlot(conn net.Conn) {
-	defer d.wg.Done()
-	quick := 0
-	for {
-		d.track(conn, true)
-		start := time.Now()
-		err := d.engine.ServeConn(d.ctx, conn)
-		d.track(conn, false)
-		conn.Close()
-		if d.ctx.Err() != nil {
-			d.slotEnded()
-			return
-		}
-		if err == nil || errors.Is(err, ErrDisconnected) {
-			d.slotEnded()
-			return
-		}
-		if time.Since(start) < time.Second {
-			quick++
-		} else {
-			quick = 0
-		}
-		if quick >= maxQuickFailures {
-			d.log.Warn("kernel keeps dropping a connection; giving up this connection", "device", d.Path, "err", err)
-			d.slotEnded()
-			return
-		}
-		d.log.Warn("kernel connection lost, reconfiguring a new one", "device", d.Path, "err", err)
-		// The kernel only takes a new socket into a slot it has marked dead;
-		// give it a moment to notice that this one is gone (a RECONFIGURE
-		// with no dead slot succeeds but drops the socket).
-		select {
-		case <-d.ctx.Done():
-			d.slotEnded()
-			return
-		case <-time.After(200 * time.Millisecond):
-		}
-		var kfd int
-		for {
-			var nerr error
-			conn, kfd, nerr = socketPair()
-			if nerr == nil {
-				nerr = Reconfigure(d.Index, ReconfigureOptions{BackendID: d.opts.BackendID, SocketFDs: []int{kfd},
-					Timeout: d.opts.Timeout, DeadConnTimeout: d.opts.DeadConnTimeout})
-				unix.Close(kfd)
-				if nerr == nil {
-					break
-				}
-				conn.Close()
-			}
-			d.log.Error("cannot reconfigure the device", "device", d.Path, "err", nerr)
-			select {
-			case <-d.ctx.Done():
-				d.slotEnded()
-				return
-			case <-time.After(time.Second):
-			}
-		}
-	}
 }
 
 func (d *Device) track(c net.Conn, add bool) {
@@ -347,17 +318,6 @@ func (d *Device) closeConns() {
 	defer d.mu.Unlock()
 	for c := range d.conns {
 		c.Close()
-	}
-}
-
-// slotEnded counts a slot that stopped serving for good.
-func (d *Device) slotEnded() {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.active--
-	if d.active == 0 && !d.discSet {
-		d.discSet = true
-		close(d.discCh)
 	}
 }
 
@@ -381,6 +341,8 @@ func (d *Device) Shutdown(force bool) (disconnected bool, err error) {
 	select {
 	case <-d.discCh:
 		force = true // already disconnected by someone else: nothing to probe
+	case <-d.ctx.Done():
+		force = true // stopped: nothing serves it any more
 	default:
 		var uerr error
 		if inUse, uerr = InUse(d.Index); uerr != nil {
@@ -389,22 +351,45 @@ func (d *Device) Shutdown(force bool) (disconnected bool, err error) {
 		}
 	}
 	if !inUse || force {
+		d.detaching.Store(true)
 		if derr := Disconnect(d.Index); derr != nil && !errors.Is(derr, ErrNotConnected) {
 			d.log.Warn("disconnect failed", "device", d.Path, "err", derr)
 		}
-		select {
-		case <-d.discCh:
-		case <-time.After(10 * time.Second):
+		if !d.waitDisconnected(10 * time.Second) {
 			d.log.Warn("kernel did not end every connection within 10 s", "device", d.Path)
 		}
 		d.stop(true)
 		d.log.Info("detached", "device", d.Path)
 		return true, err
 	}
-	d.log.Warn(fmt.Sprintf("%s is in use (mounted or open): leaving it attached; restart dnbd3-nbd attach within %v to take it over, or I/O on it fails",
-		d.Path, d.opts.DeadConnTimeout), "device", d.Path)
+	if st := d.SlotStatus(); st.Relay == 0 && st.Direct > 0 {
+		d.log.Warn(fmt.Sprintf("%s is in use (mounted or open): leaving it attached; the kernel keeps reading from %s directly, but nothing replaces a failed server until dnbd3-nbd attach is restarted to take it over",
+			d.Path, st.DirectServer), "device", d.Path)
+	} else {
+		d.log.Warn(fmt.Sprintf("%s is in use (mounted or open): leaving it attached; restart dnbd3-nbd attach within %v to take it over, or I/O on it fails",
+			d.Path, d.opts.DeadConnTimeout), "device", d.Path)
+	}
 	d.stop(false)
 	return false, err
+}
+
+// waitDisconnected waits until the control loop saw every slot end or
+// the kernel reports the device disconnected.
+func (d *Device) waitDisconnected(limit time.Duration) bool {
+	deadline := time.Now().Add(limit)
+	for {
+		select {
+		case <-d.discCh:
+			return true
+		case <-time.After(50 * time.Millisecond):
+		}
+		if !connectedOrUnknown(d.Index) {
+			return true
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
+	}
 }
 
 // stop ends every slot and waits for them, removes the state files if
@@ -414,23 +399,38 @@ func (d *Device) stop(removeState bool) {
 	d.cancel()
 	d.closeConns()
 	d.wg.Wait()
+	d.mu.Lock()
+	for _, s := range d.slots {
+		if s.direct {
+			unix.Close(s.fd) // the kernel keeps its own reference
+		}
+	}
+	d.slots = nil
+	d.mu.Unlock()
 	if removeState {
 		RemoveState(d.Index)
 	}
 	d.lock.Unlock()
 }
 
-// watchLinkDead logs the kernel's LINK_DEAD events for this device; the
-// slots themselves notice the dead socket and reconfigure.
+// watchLinkDead passes the kernel's LINK_DEAD events for this device to
+// the control loop.
 func (d *Device) watchLinkDead() {
+	defer d.wg.Done()
 	ch, err := WatchLinkDead(d.ctx)
 	if err != nil {
-		d.log.Debug("cannot watch link-dead events", "err", err)
+		d.log.Warn("cannot watch link-dead events; dead connections are found by polling", "err", err)
 		return
 	}
 	for idx := range ch {
-		if idx == d.Index {
-			d.log.Warn("kernel reports a dead connection", "device", d.Path)
+		if idx != d.Index {
+			continue
+		}
+		d.log.Info("kernel reports a dead connection", "device", d.Path)
+		select {
+		case d.events <- ctlEvent{linkDead: true}:
+		case <-d.ctx.Done():
+			return
 		}
 	}
 }

@@ -45,6 +45,28 @@ type FUAWriter interface {
 	WriteAtFUA(p []byte, off int64) (int, error)
 }
 
+// AsyncReader is implemented by backends that can start a read without a
+// goroutine waiting for it (the DNBD3 client library's Image does). The
+// engine then starts READs from its reader goroutine and writes each
+// reply from the goroutine that completes the read: no worker and no
+// writer hand-off per request, which under emulation or on a loaded
+// machine costs more than the I/O itself.
+type AsyncReader interface {
+	// StartRead starts reading len(p) bytes at off, a range within Size.
+	// t.ReadDone is called exactly once with the outcome (nil once p holds
+	// the data), possibly before StartRead returns, and must not block.
+	StartRead(p []byte, off int64, t ReadTarget)
+	// SendStarted submits the reads started so far. The engine calls it
+	// when no further request is waiting in its buffer, so a burst of
+	// requests from the kernel becomes one write to the server.
+	SendStarted()
+}
+
+// ReadTarget receives the outcome of an AsyncReader's read.
+type ReadTarget interface {
+	ReadDone(err error)
+}
+
 // ReadOnlyBackend is implemented by backends that never accept writes; the
 // engine then answers writes with EPERM and the kernel device is read-only.
 type ReadOnlyBackend interface {

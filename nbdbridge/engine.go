@@ -71,8 +71,17 @@ type EngineOptions struct {
 // matched by the request's cookie. A READ's data is complete in a buffer
 // before its reply header is written; errors are answered with an errno
 // and no payload.
+//
+// Two shortcuts avoid the goroutine hand-offs where they cost the most:
+// a request that arrives while nothing else of its connection is in
+// flight, with no further request buffered (a queue-depth-1 stream), runs
+// in the reader goroutine, which writes its reply itself; and READs of a
+// backend that is an AsyncReader are started by the reader (their
+// requests sent to the server in one write per burst) and answered by
+// the goroutine that completes them.
 type Engine struct {
 	backend    Backend
+	async      AsyncReader // backend's asynchronous reads, or nil
 	readOnly   bool
 	maxRequest int
 	minBlock   uint32
@@ -98,6 +107,42 @@ type Engine struct {
 	idle   chan struct{} // closed while active == 0
 
 	st statCounters
+
+	// opCost is a moving average of how long backend calls take, per
+	// kind of request (opKind); a request runs inline only while its
+	// kind is fast.
+	opCost [opKinds]atomic.Int64
+}
+
+// Kinds of requests for Engine.opCost.
+const (
+	opRead = iota
+	opWrite
+	opOther
+	opKinds
+)
+
+func opKind(t uint16) int {
+	switch t {
+	case wireCmdRead:
+		return opRead
+	case wireCmdWrite, wireCmdWriteZeroes, wireCmdTrim:
+		return opWrite
+	}
+	return opOther
+}
+
+// noteCost adds the duration of one backend call to its kind's average
+// (approximate under concurrency, which is all it needs to be).
+func (e *Engine) noteCost(t uint16, d time.Duration) {
+	c := &e.opCost[opKind(t)]
+	c.Store((7*c.Load() + int64(d)) / 8)
+}
+
+// fast reports whether requests of type t usually complete well within
+// inlineGrace.
+func (e *Engine) fast(t uint16) bool {
+	return time.Duration(e.opCost[opKind(t)].Load()) < inlineGrace/2
 }
 
 // NewEngine returns an engine serving b.
@@ -117,8 +162,10 @@ func NewEngine(b Backend, opts EngineOptions) *Engine {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
+	async, _ := b.(AsyncReader)
 	e := &Engine{
 		backend:    b,
+		async:      async,
 		readOnly:   opts.ReadOnly || IsReadOnly(b),
 		maxRequest: opts.MaxRequest,
 		minBlock:   opts.MinBlockSize,

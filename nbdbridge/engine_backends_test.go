@@ -3,6 +3,7 @@ package nbdbridge
 // Instrumented backends for the engine tests.
 
 import (
+	"errors"
 	"math/rand/v2"
 	"sync"
 	"sync/atomic"
@@ -147,3 +148,40 @@ func (f *engTestFUA) WriteAtFUA(p []byte, off int64) (int, error) {
 	f.fuaWrites.Add(1)
 	return f.MemoryBackend.WriteAt(p, off)
 }
+
+// engTestAsync adds AsyncReader to engTestSlow: started reads are held
+// until SendStarted, then each completes on its own goroutine after a
+// random delay (out of order), like the DNBD3 client library's.
+type engTestAsync struct {
+	*engTestSlow
+	mu      sync.Mutex
+	held    []func()
+	started atomic.Int64
+	sends   atomic.Int64
+}
+
+func (a *engTestAsync) StartRead(p []byte, off int64, t ReadTarget) {
+	a.started.Add(1)
+	a.mu.Lock()
+	a.held = append(a.held, func() {
+		n, err := a.ReadAt(p, off) // sleeps a random time
+		if err == nil && n < len(p) {
+			err = errShortAsync
+		}
+		t.ReadDone(err)
+	})
+	a.mu.Unlock()
+}
+
+func (a *engTestAsync) SendStarted() {
+	a.sends.Add(1)
+	a.mu.Lock()
+	held := a.held
+	a.held = nil
+	a.mu.Unlock()
+	for _, f := range held {
+		go f()
+	}
+}
+
+var errShortAsync = errors.New("short asynchronous read")

@@ -37,10 +37,31 @@ type engineConn struct {
 	dirty   atomic.Bool    // a write succeeded on this connection
 
 	writerDone  chan struct{}
-	writeErr    error // set by the writer before writeFailed
+	failOnce    sync.Once
+	writeErr    error // set once before writeFailed
 	writeFailed atomic.Bool
 	iov, iovw   net.Buffers // the writer's scratch
+
+	busy   atomic.Int32 // requests received and not yet answered
+	unsent bool         // reader: reads started but not submitted (SendStarted)
+
+	// A request run inline that takes longer than inlineGrace hands the
+	// reading on: handoff starts a new reader goroutine, the old one
+	// answers its request and ends. The reader that ends the connection
+	// reports on readRes.
+	ctx     context.Context
+	handoff *time.Timer
+	readRes chan error
 }
+
+// inlineGrace is how long a request may run inline in the reader before
+// another goroutine takes over reading the connection, so that a slow
+// backend call (a remote read of a copy-on-write device) never holds up
+// the requests behind it.
+const inlineGrace = time.Millisecond
+
+// errHandedOff ends a reader whose reading role went to another goroutine.
+var errHandedOff = errors.New("nbdbridge: reading handed off")
 
 // ServeConn runs the NBD transmission phase on conn — the phase the
 // kernel speaks on its socketpair after a netlink CONNECT; no handshake is
@@ -97,8 +118,15 @@ func (e *Engine) serveTransmission(ctx context.Context, conn net.Conn, br *bufio
 	})
 	defer stopWake()
 
+	c.ctx = ctx
+	c.readRes = make(chan error, 1)
+	c.handoff = time.AfterFunc(time.Hour, c.takeOverReading)
+	c.handoff.Stop()
 	go c.writer()
 	err := c.readLoop(ctx)
+	if errors.Is(err, errHandedOff) {
+		err = <-c.readRes
+	}
 	c.workers.Wait()
 	disc := errors.Is(err, ErrDisconnected)
 	if !e.readOnly && (disc || c.dirty.Load()) {
@@ -137,11 +165,34 @@ func (c *engineConn) readLoop(ctx context.Context) error {
 			return err
 		}
 		if req.Type == wireCmdDisc {
+			c.submit()
 			return ErrDisconnected
 		}
 		if err := c.handle(ctx, req); err != nil {
+			if !errors.Is(err, errHandedOff) {
+				c.submit()
+			}
 			return err
 		}
+		if c.unsent && c.br.Buffered() < wireRequestSize {
+			c.submit() // no further request waiting: send the burst
+		}
+	}
+}
+
+// takeOverReading continues reading the connection in a new goroutine
+// while the previous reader still runs a slow request inline.
+func (c *engineConn) takeOverReading() {
+	if err := c.readLoop(c.ctx); !errors.Is(err, errHandedOff) {
+		c.readRes <- err
+	}
+}
+
+// submit sends the reads the reader started (AsyncReader).
+func (c *engineConn) submit() {
+	if c.unsent {
+		c.unsent = false
+		c.e.async.SendStarted()
 	}
 }
 
@@ -215,22 +266,45 @@ func (c *engineConn) writer() {
 	}
 }
 
-// fail records a write error and stops the reader.
-func (c *engineConn) fail(err error) {
-	if errors.Is(err, os.ErrDeadlineExceeded) {
-		err = fmt.Errorf("nbdbridge: replies not taken by the client within %v of shutdown: %w", c.e.grace, err)
-	} else {
-		err = fmt.Errorf("nbdbridge: writing reply: %w", err)
+// writeNow writes one reply from the calling goroutine (a request run
+// inline or a completed asynchronous read). The runtime serializes writes
+// to the connection, so it cannot interleave with the writer's.
+func (c *engineConn) writeNow(j *job) {
+	if c.writeFailed.Load() {
+		return
 	}
-	c.writeErr = err
-	c.writeFailed.Store(true)
-	c.lim.close()
-	c.conn.SetReadDeadline(time.Now())
+	putReply(j.hdr[:], j.errno, j.req.Handle)
+	j.vec[0] = j.hdr[:]
+	n := 1
+	if j.hasData() {
+		j.vec[1] = *j.buf
+		n = 2
+	}
+	j.iovw = j.vec[:n]
+	if _, err := j.iovw.WriteTo(c.conn); err != nil {
+		c.fail(err)
+	}
+}
+
+// fail records the first write error and stops the reader.
+func (c *engineConn) fail(err error) {
+	c.failOnce.Do(func() {
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			err = fmt.Errorf("nbdbridge: replies not taken by the client within %v of shutdown: %w", c.e.grace, err)
+		} else {
+			err = fmt.Errorf("nbdbridge: writing reply: %w", err)
+		}
+		c.writeErr = err
+		c.writeFailed.Store(true)
+		c.lim.close()
+		c.conn.SetReadDeadline(time.Now())
+	})
 }
 
 // finish releases what a request held once its reply is written.
 func (c *engineConn) finish(j *job) {
 	c.lim.release(j.limBytes)
+	c.busy.Add(-1)
 	c.e.st.inFlight.Add(-1)
 	c.e.putJob(j)
 }

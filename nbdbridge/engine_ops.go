@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"io"
 	"math/bits"
+	"net"
+	"time"
 
 	"github.com/pojntfx/go-nbd/pkg/protocol"
 )
@@ -25,6 +27,9 @@ type job struct {
 	mark     uint64 // writeTracker mark of a FLUSH
 	limBytes int64  // bytes held in the connection's limiter
 	hdr      [wireReplySize]byte
+	c        *engineConn // an asynchronous read's connection (ReadDone)
+	vec      [2][]byte   // writeNow's header and payload
+	iovw     net.Buffers // writeNow's writev (consumed by WriteTo)
 }
 
 // hasData reports whether the reply carries the READ data.
@@ -71,6 +76,7 @@ func (c *engineConn) handle(ctx context.Context, req protocol.TransmissionReques
 		return c.stopErr(ctx)
 	}
 	e.st.inFlight.Add(1)
+	c.busy.Add(1)
 	j := e.getJob()
 	j.req = req
 	j.limBytes = bufBytes
@@ -97,13 +103,34 @@ func (c *engineConn) handle(ctx context.Context, req protocol.TransmissionReques
 		return nil
 	}
 
-	select {
-	case e.sem <- struct{}{}:
-	case <-ctx.Done():
-		j.errno = wireESHUTDOWN
-		e.st.errors.Add(1)
-		c.replies <- j
-		return ctx.Err()
+	if e.async != nil && req.Type == wireCmdRead && req.Length > 0 {
+		j.c = c
+		j.buf = e.pool.get(int(req.Length))
+		c.workers.Add(1)
+		c.unsent = true
+		e.async.StartRead(*j.buf, int64(req.Offset), j)
+		return nil
+	}
+	// Nothing else of this connection in flight and no further request
+	// buffered: run it here instead of handing it to a worker and its
+	// reply to the writer.
+	inline := c.busy.Load() == 1 && c.br.Buffered() < wireRequestSize && e.fast(req.Type)
+	if inline {
+		select {
+		case e.sem <- struct{}{}:
+		default:
+			inline = false
+		}
+	}
+	if !inline {
+		select {
+		case e.sem <- struct{}{}:
+		case <-ctx.Done():
+			j.errno = wireESHUTDOWN
+			e.st.errors.Add(1)
+			c.replies <- j
+			return ctx.Err()
+		}
 	}
 	switch req.Type {
 	case wireCmdWrite, wireCmdTrim, wireCmdWriteZeroes:
@@ -113,9 +140,36 @@ func (c *engineConn) handle(ctx context.Context, req protocol.TransmissionReques
 	case wireCmdFlush:
 		j.mark = e.writes.mark()
 	}
+	if inline {
+		c.workers.Add(1)
+		c.handoff.Reset(inlineGrace)
+		e.execute(c, j)
+		handedOff := !c.handoff.Stop() // too slow: another goroutine reads on
+		if j.ticketed {
+			e.writes.end(j.ticket)
+		}
+		<-e.sem
+		c.writeNow(j)
+		c.finish(j)
+		c.workers.Done()
+		if handedOff {
+			return errHandedOff
+		}
+		return nil
+	}
 	c.workers.Add(1)
 	go c.run(j)
 	return nil
+}
+
+// ReadDone completes a READ started on an AsyncReader: the reply goes out
+// from the completing goroutine.
+func (j *job) ReadDone(err error) {
+	c := j.c
+	c.e.readResult(j, len(*j.buf), err)
+	c.writeNow(j)
+	c.finish(j)
+	c.workers.Done()
 }
 
 // check validates a request against the export. It returns the errno to
@@ -178,6 +232,8 @@ func (c *engineConn) run(j *job) {
 
 // execute calls the backend for one valid request and sets j.errno.
 func (e *Engine) execute(c *engineConn, j *job) {
+	start := time.Now()
+	defer func() { e.noteCost(j.req.Type, time.Since(start)) }()
 	r := &j.req
 	off, length := int64(r.Offset), int64(r.Length)
 	fua := r.CommandFlags&wireCmdFlagFUA != 0
@@ -186,19 +242,11 @@ func (e *Engine) execute(c *engineConn, j *job) {
 	case wireCmdRead:
 		if length > 0 {
 			j.buf = e.pool.get(int(length))
-			var n int
-			n, err = e.backend.ReadAt(*j.buf, off)
-			switch {
-			case err != nil && n == len(*j.buf) && errors.Is(err, io.EOF):
-				err = nil // io.ReaderAt may report EOF with a full read at the end
-			case err == nil && n < len(*j.buf):
-				err = fmt.Errorf("short read: %d of %d bytes: %w", n, length, io.ErrUnexpectedEOF)
-			}
+			n, rerr := e.backend.ReadAt(*j.buf, off)
+			e.readResult(j, n, rerr)
+			return
 		}
-		if err == nil {
-			e.st.reads.Add(1)
-			e.st.bytesRead.Add(uint64(length))
-		}
+		e.st.reads.Add(1)
 	case wireCmdWrite:
 		var p []byte
 		if j.buf != nil {
@@ -261,15 +309,37 @@ func (e *Engine) execute(c *engineConn, j *job) {
 		}
 	}
 	if err != nil {
-		e.pool.put(j.buf)
-		j.buf = nil
-		j.errno = errnoFor(err)
-		e.st.errors.Add(1)
-		e.st.backendErrors.Add(1)
-		if ok, suppressed := e.warnLimit.allow(); ok {
-			e.log.Warn("nbd: backend error", "cmd", commandName(r.Type), "offset", off, "length", length,
-				"errno", j.errno, "err", err, "suppressed", suppressed)
-		}
+		e.failed(j, err)
+	}
+}
+
+// readResult records the outcome of a READ that filled n bytes of j.buf.
+func (e *Engine) readResult(j *job, n int, err error) {
+	switch {
+	case err != nil && n == len(*j.buf) && errors.Is(err, io.EOF):
+		err = nil // io.ReaderAt may report EOF with a full read at the end
+	case err == nil && n < len(*j.buf):
+		err = fmt.Errorf("short read: %d of %d bytes: %w", n, len(*j.buf), io.ErrUnexpectedEOF)
+	}
+	if err != nil {
+		e.failed(j, err)
+		return
+	}
+	e.st.reads.Add(1)
+	e.st.bytesRead.Add(uint64(len(*j.buf)))
+}
+
+// failed turns a backend error into j's error reply.
+func (e *Engine) failed(j *job, err error) {
+	r := &j.req
+	e.pool.put(j.buf)
+	j.buf = nil
+	j.errno = errnoFor(err)
+	e.st.errors.Add(1)
+	e.st.backendErrors.Add(1)
+	if ok, suppressed := e.warnLimit.allow(); ok {
+		e.log.Warn("nbd: backend error", "cmd", commandName(r.Type), "offset", r.Offset, "length", r.Length,
+			"errno", j.errno, "err", err, "suppressed", suppressed)
 	}
 }
 

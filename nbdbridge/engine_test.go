@@ -31,19 +31,15 @@ func engTestRandom(seed uint64, n int) []byte {
 // flight each (random READ/WRITE/FUA/TRIM/WRITE_ZEROES/FLUSH, random
 // backend delays) and checks every reply against an in-memory model.
 func TestEngineRandomMix(t *testing.T) {
-	for _, plain := range []bool{false, true} {
-		name := "optional-interfaces"
-		if plain {
-			name = "fallbacks"
-		}
-		t.Run(name, func(t *testing.T) {
+	for _, mode := range []string{"optional-interfaces", "fallbacks", "async-reads"} {
+		t.Run(mode, func(t *testing.T) {
 			engTestNoLeak(t)
-			engTestRandomMix(t, plain)
+			engTestRandomMix(t, mode)
 		})
 	}
 }
 
-func engTestRandomMix(t *testing.T, plain bool) {
+func engTestRandomMix(t *testing.T, mode string) {
 	const (
 		size     = 16 << 20
 		nConns   = 4
@@ -54,9 +50,15 @@ func engTestRandomMix(t *testing.T, plain bool) {
 	)
 	initial := engTestRandom(1, size)
 	mem := NewMemoryBackendFrom(bytes.Clone(initial))
-	var b Backend = &engTestSlow{m: mem, maxDelay: 300 * time.Microsecond}
-	if plain {
+	slow := &engTestSlow{m: mem, maxDelay: 300 * time.Microsecond}
+	var b Backend = slow
+	var async *engTestAsync
+	switch mode {
+	case "fallbacks":
 		b = &engTestPlain{b: b}
+	case "async-reads":
+		async = &engTestAsync{engTestSlow: slow}
+		b = async
 	}
 	e := NewEngine(b, EngineOptions{Workers: 16, Logger: engTestLogger(t)})
 	defer e.Close()
@@ -161,7 +163,7 @@ func engTestRandomMix(t *testing.T, plain bool) {
 						copy(model[o.off:], o.data)
 					case wireCmdTrim:
 						cnt.trims++
-						if !plain { // MemoryBackend's Trim zeroes; without a Trimmer TRIM is a no-op
+						if mode != "fallbacks" { // MemoryBackend's Trim zeroes; without a Trimmer TRIM is a no-op
 							clear(model[o.off : o.off+o.n])
 						}
 					case wireCmdWriteZeroes:
@@ -202,11 +204,15 @@ func engTestRandomMix(t *testing.T, plain bool) {
 	if st.BytesRead == 0 || st.BytesWritten == 0 {
 		t.Errorf("byte counters not counted: %+v", st)
 	}
-	if plain {
-		p := b.(*engTestPlain)
-		if p.flushes.Load() < int64(total.flushes) {
-			t.Errorf("backend saw %d flushes, clients sent %d", p.flushes.Load(), total.flushes)
+	if p, ok := b.(*engTestPlain); ok && p.flushes.Load() < int64(total.flushes) {
+		t.Errorf("backend saw %d flushes, clients sent %d", p.flushes.Load(), total.flushes)
+	}
+	if async != nil {
+		// every READ went the asynchronous way, submitted in bursts
+		if async.started.Load() == 0 || async.sends.Load() == 0 || async.started.Load() < int64(total.reads) {
+			t.Errorf("asynchronous reads: %d started, %d submissions, %d reads answered", async.started.Load(), async.sends.Load(), total.reads)
 		}
+		t.Logf("%d asynchronous reads in %d submissions", async.started.Load(), async.sends.Load())
 	}
 	if err := e.Wait(context.Background()); err != nil {
 		t.Error(err)
@@ -841,5 +847,59 @@ func TestErrnoFor(t *testing.T) {
 		if got := errnoFor(tc.err); got != tc.want {
 			t.Errorf("errnoFor(%v) = %d, want %d", tc.err, got, tc.want)
 		}
+	}
+}
+
+// engTestGateFirst blocks only the reads at offset 0.
+type engTestGateFirst struct {
+	*MemoryBackend
+	gate chan struct{}
+}
+
+func (g *engTestGateFirst) ReadAt(p []byte, off int64) (int, error) {
+	if off == 0 {
+		<-g.gate
+	}
+	return g.MemoryBackend.ReadAt(p, off)
+}
+
+// TestEngineInlineHandsOff: a request alone in flight runs inline in the
+// reader; when it is slow, another goroutine takes over reading, so the
+// requests sent after it are answered while it still waits, and the slow
+// one is answered when it completes.
+func TestEngineInlineHandsOff(t *testing.T) {
+	engTestNoLeak(t)
+	data := engTestRandom(8, 1<<20)
+	g := &engTestGateFirst{MemoryBackend: NewMemoryBackendFrom(bytes.Clone(data)), gate: make(chan struct{})}
+	e := NewEngine(g, EngineOptions{})
+	defer e.Close()
+	c, res := engTestServe(t, context.Background(), e)
+	// QD1 requests: all inline
+	for i := range 50 {
+		r := c.do(wireCmdRead, 0, uint64(i+1)*4096, 4096, nil)
+		if r.errno != 0 || !bytes.Equal(r.data, data[(i+1)*4096:(i+2)*4096]) {
+			t.Fatalf("QD1 read %d: %s", i, errnoName(r.errno))
+		}
+	}
+	_, slow := c.send(wireCmdRead, 0, 0, 4096, nil)
+	time.Sleep(20 * time.Millisecond) // the slow read is running inline by now
+	for i := range 5 {
+		r := c.do(wireCmdRead, 0, uint64(i+1)*8192, 4096, nil)
+		if r.errno != 0 || !bytes.Equal(r.data, data[(i+1)*8192:(i+1)*8192+4096]) {
+			t.Fatalf("read behind the slow one: %s", errnoName(r.errno))
+		}
+	}
+	select {
+	case <-slow:
+		t.Fatal("the gated read was answered before its gate opened")
+	default:
+	}
+	close(g.gate)
+	if r := c.wait(slow); r.errno != 0 || !bytes.Equal(r.data, data[:4096]) {
+		t.Fatalf("slow read: %s", errnoName(r.errno))
+	}
+	c.disc()
+	if err := engTestResult(t, res); !errors.Is(err, ErrDisconnected) {
+		t.Fatalf("ServeConn: %v", err)
 	}
 }

@@ -48,6 +48,10 @@ const (
 	CmdLatestRID     Cmd = 6
 	CmdSetClientMode Cmd = 7
 	CmdGetCRC32      Cmd = 8
+	// CmdNBDMode is a dnbd3go extension: it asks the server to switch the
+	// connection to the NBD transmission protocol (see nbd.go). Only sent
+	// to servers that announced FeatureNBD.
+	CmdNBDMode Cmd = 0x4E42
 )
 
 var cmdNames = [...]string{
@@ -63,6 +67,9 @@ var cmdNames = [...]string{
 
 // String returns the command's name as the reference spells it.
 func (c Cmd) String() string {
+	if c == CmdNBDMode {
+		return "NBD_MODE"
+	}
 	if int(c) < len(cmdNames) && cmdNames[c] != "" {
 		return cmdNames[c]
 	}
@@ -75,6 +82,18 @@ const (
 	FlagServer uint8 = 0x01
 	// FlagBgRep says that proxy does full background replication.
 	FlagBgRep uint8 = 0x02
+	// FlagFeatures is a dnbd3go extension: the client reads a feature mask
+	// (SelectImageReply.Features) after the reply's size. Reference
+	// servers ignore the bit and send no mask.
+	FlagFeatures uint8 = 0x04
+)
+
+// Feature bits of SelectImageReply.Features.
+const (
+	// FeatureNBD: the server switches the connection to the NBD
+	// transmission protocol on CmdNBDMode, so that the client can hand
+	// the socket to the kernel's nbd driver.
+	FeatureNBD uint32 = 1 << 0
 )
 
 // Bits of the hop-count byte (request byte 15).

@@ -149,3 +149,22 @@ func FuzzValidImageName(f *testing.F) {
 		}
 	})
 }
+
+func FuzzParseNBDRequest(f *testing.F) {
+	var b [NBDRequestSize]byte
+	(&NBDRequest{Type: NBDCmdRead, Cookie: 7, Offset: 4096, Length: 131072}).MarshalTo(b[:])
+	f.Add(b[:])
+	f.Add(b[:27])
+	f.Add([]byte("\x25\x60\x95\x13\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		r, err := ParseNBDRequest(b)
+		if err != nil {
+			return
+		}
+		var enc [NBDRequestSize]byte
+		r.MarshalTo(enc[:])
+		if !bytes.Equal(enc[:], b[:NBDRequestSize]) {
+			t.Fatalf("re-encode %x != %x", enc, b[:NBDRequestSize])
+		}
+	})
+}

@@ -62,6 +62,10 @@ type SelectImageReply struct {
 	Name    string // canonical image name
 	RID     uint16 // resolved revision
 	Size    uint64 // virtual size, a multiple of BlockSize
+	// Features is the dnbd3go extension (Feature* bits) appended after
+	// Size, only for a client that sent FlagFeatures. 0 is not sent, and
+	// a reply without it reads as 0: reference servers never send it.
+	Features uint32
 }
 
 // Marshal encodes the payload.
@@ -71,6 +75,9 @@ func (s SelectImageReply) Marshal() []byte {
 	w.PutString(s.Name)
 	w.PutU16(s.RID)
 	w.PutU64(s.Size)
+	if s.Features != 0 {
+		w.PutU32(s.Features)
+	}
 	return w.Bytes()
 }
 
@@ -94,6 +101,7 @@ func ParseSelectImageReply(p []byte) (SelectImageReply, error) {
 	s.Name = name
 	s.RID = r.U16()
 	s.Size = r.U64()
+	s.Features = r.U32()
 	return s, nil
 }
 

@@ -25,6 +25,13 @@ func (w *Writer) PutU16(v uint16) {
 	}
 }
 
+// PutU32 appends a little-endian u32.
+func (w *Writer) PutU32(v uint32) {
+	if w.fits(4) {
+		w.buf = le.AppendUint32(w.buf, v)
+	}
+}
+
 // PutU64 appends a little-endian u64.
 func (w *Writer) PutU64(v uint64) {
 	if w.fits(8) {
@@ -75,6 +82,14 @@ func (r *Reader) U8() uint8 {
 func (r *Reader) U16() uint16 {
 	if b := r.take(2); b != nil {
 		return le.Uint16(b)
+	}
+	return 0
+}
+
+// U32 reads a little-endian u32, or 0 past the end.
+func (r *Reader) U32() uint32 {
+	if b := r.take(4); b != nil {
+		return le.Uint32(b)
 	}
 	return 0
 }

@@ -12,14 +12,24 @@ declare -A want=(
   [qemu-system-x86_64]=qemu-system-x86
   [curl]=curl [ip]=iproute2 [tc]=iproute2
   [mke2fs]=e2fsprogs [xz]=xz-utils [bc]=bc [jq]=jq
+  # make package / test-packages: lintian, rpm -qpl, systemd-analyze verify
+  # (with man for the units' Documentation=), completion syntax checks
+  [lintian]=lintian [rpm]=rpm [systemd-analyze]=systemd [man]=man-db
+  [zsh]=zsh [fish]=fish
+  # iSCSI target: libiscsi's tools and compliance suite, the kernel
+  # initiator's tools (copied into the test VM), QEMU's iSCSI driver
+  [iscsi-test-cu]=libiscsi-bin [iscsi-ls]=libiscsi-bin [iscsi-perf]=libiscsi-bin
+  [iscsiadm]=open-iscsi [iscsid]=open-iscsi
 )
 # qemu-system-x86 is large; skip it when only unit tests are wanted
 [ "${1:-}" = "--no-vm" ] && unset 'want[qemu-system-x86_64]'
 
 missing=()
 for cmd in "${!want[@]}"; do
-  command -v "$cmd" >/dev/null 2>&1 || missing+=("${want[$cmd]}")
+  command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("${want[$cmd]}")
 done
+# file -> package, for packages without a command
+compgen -G '/usr/lib/*/qemu/block-iscsi.so' >/dev/null || missing+=(qemu-block-extra)
 [ ${#missing[@]} -eq 0 ] && exit 0
 pkgs=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
 if [ "$(id -u)" != 0 ]; then

@@ -121,6 +121,13 @@ func (a *ACL) Allowed(addr netip.Addr) ACLPerm {
 // STATS, CLIENT_LIST and IMAGE_LIST; "#" starts a comment. At most 100 rules
 // are read; the first rule matching a client decides.
 func LoadACL(path string) (*ACL, []string, error) {
+	acl, probs, err := readACL(path)
+	return acl, lineWarnings(path, probs), err
+}
+
+// readACL is LoadACL with the warnings as line-numbered problems (without
+// the file name).
+func readACL(path string) (*ACL, []Problem, error) {
 	data, err := os.ReadFile(path)
 	if errors.Is(err, fs.ErrNotExist) {
 		return &ACL{}, nil, nil
@@ -128,43 +135,44 @@ func LoadACL(path string) (*ACL, []string, error) {
 	if err != nil {
 		return nil, nil, fmt.Errorf("read RPC access list: %w (fix the file's permissions or remove it to allow everyone)", err)
 	}
-	acl, warns := parseACL(data)
-	for i, w := range warns {
-		warns[i] = path + ": " + w
-	}
-	return acl, warns, nil
+	acl, probs := parseACL(data)
+	return acl, probs, nil
 }
 
-// parseACL parses the contents of rpc.acl.
-func parseACL(data []byte) (*ACL, []string) {
+// parseACL parses the contents of rpc.acl. The problems are warnings with
+// a line number and no file name.
+func parseACL(data []byte) (*ACL, []Problem) {
 	acl := &ACL{}
-	var warns []string
+	var probs []Problem
+	warn := func(line int, format string, args ...any) {
+		probs = append(probs, Problem{Line: line, Msg: fmt.Sprintf(format, args...)})
+	}
 	sc := bufio.NewScanner(bytes.NewReader(data))
 	sc.Buffer(nil, 1<<20)
 	line := 0
 	for sc.Scan() {
 		line++
-		r, ok, warn := parseACLLine(sc.Text())
-		if warn != "" {
-			warns = append(warns, fmt.Sprintf("line %d: %s", line, warn))
+		r, ok, why := parseACLLine(sc.Text())
+		if why != "" {
+			warn(line, "%s", why)
 		}
 		if !ok {
-			if warn != "" {
+			if why != "" {
 				acl.invalid++
 			}
 			continue
 		}
 		if len(acl.rules) >= MaxACLRules {
-			warns = append(warns, fmt.Sprintf("line %d: more than %d rules; ignoring the rest", line, MaxACLRules))
+			warn(line, "more than %d rules; ignoring the rest", MaxACLRules)
 			break
 		}
 		acl.rules = append(acl.rules, r)
 	}
 	if err := sc.Err(); err != nil {
 		acl.invalid++
-		warns = append(warns, fmt.Sprintf("line %d: %v; rest of the file ignored", line+1, err))
+		warn(line+1, "%v; rest of the file ignored", err)
 	}
-	return acl, warns
+	return acl, probs
 }
 
 // parseACLLine parses one line. ok is false for blank and comment lines and

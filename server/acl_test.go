@@ -173,23 +173,26 @@ func FuzzACL(f *testing.F) {
 	})
 }
 
-// TestACLOpenByMistakeLogged: an rpc.acl whose rule lines all fail to
-// parse leaves the RPC open (as the reference does) but says so at ERROR;
-// an absent, empty or comment-only file is silent.
-func TestACLOpenByMistakeLogged(t *testing.T) {
+// TestACLOpenByMistake: an rpc.acl whose rule lines all fail to parse
+// would leave the RPC open to everyone (the reference's behaviour), so the
+// server does not start, unless AllowOpenRPC (--allow-open-rpc) says it is
+// deliberate: then it starts open and warns. An absent, empty or
+// comment-only file is silent.
+func TestACLOpenByMistake(t *testing.T) {
 	base := t.TempDir()
 	writeFile(t, filepath.Join(base, "img.r1"), make([]byte, 4096))
-	const msg = "RPC is open to everyone"
 	for _, tc := range []struct {
-		name    string
-		acl     *string
-		errLine bool
+		name      string
+		acl       *string
+		mistake   bool
+		allowOpen bool
 	}{
-		{"absent", nil, false},
-		{"empty", ptr(""), false},
-		{"comments", ptr("# nothing yet\n\n   # really\n"), false},
-		{"all invalid", ptr("10.0.0.300 ALL\n127.0.0.1 EVERYTHING\nnonsense\n"), true},
-		{"one valid", ptr("nonsense\n10.0.0.0/8 STATS\n"), false},
+		{"absent", nil, false, false},
+		{"empty", ptr(""), false, false},
+		{"comments", ptr("# nothing yet\n\n   # really\n"), false, false},
+		{"all invalid", ptr("10.0.0.300 ALL\n127.0.0.1 EVERYTHING\nnonsense\n"), true, false},
+		{"all invalid, allowed", ptr("10.0.0.300 ALL\n127.0.0.1 EVERYTHING\nnonsense\n"), true, true},
+		{"one valid", ptr("nonsense\n10.0.0.0/8 STATS\n"), false, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			files := map[string]string{}
@@ -198,20 +201,27 @@ func TestACLOpenByMistakeLogged(t *testing.T) {
 			}
 			dir, cfg := writeConfigDir(t, base, "", files)
 			log, lc := captureLogger(t)
-			srv, err := New(Options{ConfigDir: dir, Config: cfg, Logger: log})
+			srv, err := New(Options{ConfigDir: dir, Config: cfg, Logger: log, AllowOpenRPC: tc.allowOpen})
+			if tc.mistake && !tc.allowOpen {
+				if err == nil || !strings.Contains(err.Error(), "open to everyone") || !strings.Contains(err.Error(), "--allow-open-rpc") ||
+					!strings.Contains(err.Error(), ACLFileName) {
+					t.Fatalf("New = %v, want an error naming rpc.acl and --allow-open-rpc", err)
+				}
+				return
+			}
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer srv.store.Close()
-			logged := strings.Contains(lc.String(), "level=ERROR") && strings.Contains(lc.String(), msg)
-			if logged != tc.errLine {
-				t.Errorf("ERROR %q logged: %v, want %v; log:\n%s", msg, logged, tc.errLine, lc.String())
+			warned := strings.Contains(lc.String(), "level=WARN") && strings.Contains(lc.String(), "RPC is open to everyone")
+			if warned != tc.mistake {
+				t.Errorf("open RPC warned: %v, want %v; log:\n%s", warned, tc.mistake, lc.String())
 			}
-			if srv.acl.OpenByMistake() != tc.errLine {
+			if srv.acl.OpenByMistake() != tc.mistake {
 				t.Errorf("OpenByMistake() = %v", srv.acl.OpenByMistake())
 			}
-			if want := PermAll; tc.errLine && srv.acl.Allowed(netip.MustParseAddr("192.0.2.1")) != want {
-				t.Error("the reference's behaviour (open RPC) not kept")
+			if tc.mistake && srv.acl.Allowed(netip.MustParseAddr("192.0.2.1")) != PermAll {
+				t.Error("allowed on purpose, but the RPC is not open (the reference's behaviour)")
 			}
 		})
 	}

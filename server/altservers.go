@@ -180,6 +180,13 @@ func resolveHost(ctx context.Context, host string) (netip.Addr, error) {
 // client only, lines starting with "#" and bare "[...]" lines (INI section
 // headers without keys) skipped.
 func LoadAltServers(path string) ([]*AltServer, []string, error) {
+	list, probs, err := readAltServers(path)
+	return list, lineWarnings(path, probs), err
+}
+
+// readAltServers is LoadAltServers with the warnings as line-numbered
+// problems (without the file name).
+func readAltServers(path string) ([]*AltServer, []Problem, error) {
 	data, err := os.ReadFile(path)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil, nil
@@ -187,23 +194,23 @@ func LoadAltServers(path string) ([]*AltServer, []string, error) {
 	if err != nil {
 		return nil, nil, fmt.Errorf("read alt servers: %w (fix the file's permissions or remove it)", err)
 	}
-	list, warns := parseAltServers(data, resolveHost)
-	for i, w := range warns {
-		warns[i] = path + ": " + w
-	}
-	return list, warns, nil
+	list, probs := parseAltServers(data, resolveHost)
+	return list, probs, nil
 }
 
 // altParser collects alt server entries.
 type altParser struct {
 	resolve altResolver
 	list    []*AltServer
-	warns   []string
-	full    bool // the cap was hit and reported
+	probs   []Problem // warnings with line numbers, no file name
+	full    bool      // the cap was hit and reported
+	// inSection records a key line below an INI section header: the file
+	// is meant to be in the INI format.
+	inSection bool
 }
 
-func (p *altParser) warnf(format string, args ...any) {
-	p.warns = append(p.warns, fmt.Sprintf(format, args...))
+func (p *altParser) warnf(line int, format string, args ...any) {
+	p.probs = append(p.probs, Problem{Line: line, Msg: fmt.Sprintf(format, args...)})
 }
 
 // add registers an entry for addr or returns the existing one with the
@@ -216,7 +223,7 @@ func (p *altParser) add(addr netip.AddrPort, line int) *AltServer {
 	}
 	if len(p.list) >= MaxAltServers {
 		if !p.full {
-			p.warnf("line %d: more than %d alt servers; ignoring the rest", line, MaxAltServers)
+			p.warnf(line, "more than %d alt servers; ignoring the rest", MaxAltServers)
 			p.full = true
 		}
 		return nil
@@ -226,21 +233,23 @@ func (p *altParser) add(addr netip.AddrPort, line int) *AltServer {
 	return a
 }
 
-// parseAltServers parses the alt-servers file contents.
-func parseAltServers(data []byte, resolve altResolver) ([]*AltServer, []string) {
+// parseAltServers parses the alt-servers file contents. The problems are
+// warnings with line numbers and no file name.
+func parseAltServers(data []byte, resolve altResolver) ([]*AltServer, []Problem) {
 	p := &altParser{resolve: resolve}
 	p.parseINIFormat(data)
 	if len(p.list) > 0 {
-		return p.list, p.warns
+		return p.list, p.probs
 	}
-	iniWarns := p.warns
-	p.warns = nil
+	iniProbs := p.probs
+	p.probs = nil
 	p.parseLegacy(data)
-	if len(p.list) == 0 {
-		// Neither format worked: keep what the INI pass had to say too.
-		return nil, append(iniWarns, p.warns...)
+	if len(p.list) == 0 && p.inSection {
+		// Neither format worked, and the file was meant as INI: what the
+		// legacy pass says about its lines would only confuse.
+		return nil, iniProbs
 	}
-	return p.list, p.warns
+	return p.list, p.probs
 }
 
 // parseINIFormat reads the INI format. Consecutive key lines of one section
@@ -255,11 +264,12 @@ func (p *altParser) parseINIFormat(data []byte) {
 	)
 	// Syntax errors are expected while probing a legacy file: not reported.
 	_ = parseINI(bytes.NewReader(data), func(section, key, value string, line int) {
+		p.inSection = p.inSection || section != ""
 		if !started || section != curSection {
 			started, curSection, cur, curBad = true, section, nil, false
 			addr, err := p.parseHost(section)
 			if err != nil {
-				p.warnf("line %d: invalid host section [%s]: %v; section ignored", line, section, err)
+				p.warnf(line, "invalid host section [%s]: %v; section ignored", section, err)
 				curBad = true
 			} else if cur = p.add(addr, line); cur == nil {
 				curBad = true
@@ -278,12 +288,12 @@ func (p *altParser) parseINIFormat(data []byte) {
 			case value == "replication":
 				cur.Private, cur.ClientOnly = true, false
 			default:
-				p.warnf("line %d: [%s] for=%s: use for=client or for=replication; ignored", line, section, value)
+				p.warnf(line, "[%s] for=%s: use for=client or for=replication; ignored", section, value)
 			}
 		case "namespace":
 			cur.Namespaces = append(cur.Namespaces, value)
 		default:
-			p.warnf("line %d: [%s] unknown key %q ignored", line, section, key)
+			p.warnf(line, "[%s] unknown key %q ignored", section, key)
 		}
 	})
 }
@@ -318,7 +328,7 @@ func (p *altParser) parseLegacy(data []byte) {
 		}
 		addr, err := p.parseHost(host)
 		if err != nil {
-			p.warnf("line %d: invalid alt server %q: %v; line ignored", line, fields[0], err)
+			p.warnf(line, "invalid alt server %q: %v; line ignored", fields[0], err)
 			continue
 		}
 		a := p.add(addr, line)
@@ -330,7 +340,7 @@ func (p *altParser) parseLegacy(data []byte) {
 		a.Private, a.ClientOnly = private, clientOnly
 	}
 	if err := sc.Err(); err != nil {
-		p.warnf("line %d: %v; rest of the file ignored", line+1, err)
+		p.warnf(line+1, "%v; rest of the file ignored", err)
 	}
 }
 

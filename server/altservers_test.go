@@ -102,7 +102,7 @@ func TestAltServersINIWarnings(t *testing.T) {
 	if len(p.list) == 2 && len(p.list[1].Comment) != 118 {
 		t.Errorf("comment cut to %d bytes, want 118 (119 would split a rune)", len(p.list[1].Comment))
 	}
-	joined := strings.Join(p.warns, "\n")
+	joined := strings.Join(lineWarnings("", p.probs), "\n")
 	for _, w := range []string{"cannot resolve nowhere.test", "invalid port", "for=everyone", `unknown key "bogus"`, "[::1]:x"} {
 		if !strings.Contains(joined, w) {
 			t.Errorf("warnings lack %q:\n%s", w, joined)

@@ -80,8 +80,7 @@ func (cc *clientConn) queueFromFile(handle uint64, off int64, size uint32) error
 	b := *cc.out
 	n := len(b)
 	b = b[:n+need]
-	rep := protocol.Reply{Cmd: protocol.CmdGetBlock, Size: size, Handle: handle}
-	rep.MarshalTo(b[n:])
+	cc.putBlockHeader(b[n:], handle, size)
 	if err := cc.img.readData(b[n+protocol.ReplySize:], off); err != nil {
 		return err
 	}

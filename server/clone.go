@@ -26,6 +26,9 @@ var (
 	// lookup is already running here: in a cycle of proxies the request
 	// came back to us.
 	errLookupBusy = errors.New("lookup of this image already running (proxy cycle?)")
+	// errNoLocalCopy wraps local failures to create the copy of an image
+	// found upstream (file system, disk space): the proxy's own problem.
+	errNoLocalCopy = errors.New("cannot create the local copy")
 )
 
 // lookupEntry is a cached lookup result.
@@ -86,7 +89,11 @@ func (p *proxy) cachedLookup(k imageKey, peerServer bool) lookupEntry {
 		res.rid, res.err = k.rid, p.cloneRevision(k.name, k.rid)
 	}
 	res.at = time.Now()
-	if res.err != nil {
+	switch {
+	case errors.Is(res.err, errNoLocalCopy):
+		p.log.Error("cannot create the local copy of an image: clients asking for it get nothing (check that basePath is writable for the server's user and has room)",
+			"image", k.name, "rid", k.rid, "err", res.err)
+	case res.err != nil:
 		p.log.Info("upstream lookup failed", "image", k.name, "rid", k.rid, "err", res.err)
 	}
 	p.lkMu.Lock()
@@ -247,7 +254,7 @@ func (p *proxy) clone(ci *client.Image) error {
 	p.cloneMu.Unlock()
 	if err != nil {
 		ci.Close()
-		return err
+		return fmt.Errorf("%w of %s: %w", errNoLocalCopy, name, err)
 	}
 	img, err := p.s.getImage(name, rid)
 	if err != nil {

@@ -4,11 +4,14 @@ package server
 // (-c DIR, default /etc/dnbd3-server) at startup and again on SIGHUP.
 
 import (
+	"cmp"
+	"errors"
 	"fmt"
-	"math"
+	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
-	"strconv"
+	"slices"
 	"strings"
 	"time"
 
@@ -168,7 +171,8 @@ type Config struct {
 
 	// [logging]
 
-	// LogFile is the log file path; empty for none (file).
+	// LogFile is the log file path; empty for none (file). The [logging]
+	// keys are startup only: the log is set up once.
 	LogFile string
 	// LogFileMask selects the levels written to LogFile (fileMask, default
 	// ERROR WARNING MINOR INFO DEBUG1).
@@ -184,345 +188,213 @@ type Config struct {
 // DefaultConfig returns the reference server's defaults. BasePath is empty:
 // server.conf must set it.
 func DefaultConfig() Config {
-	return Config{
-		ListenPort:             5003,
-		BackgroundReplication:  BGRFull,
-		BGRWindowSize:          1,
-		LookupMissingForProxy:  true,
-		RemoveMissingImages:    true,
-		UplinkTimeout:          5000 * time.Millisecond,
-		ClientTimeout:          15000 * time.Millisecond,
-		AutoFreeDiskSpaceDelay: 36000 * time.Second,
-		ISCSIServer:            true,
-		MaxClients:             MaxClientsLimit,
-		MaxImages:              MaxImagesLimit,
-		MaxPayload:             9000000,
-		MaxReplicationSize:     100000000000,
-		MaxPrefetch:            262144,
-		MinRequestSize:         0,
-		LogFileMask:            logging.DefaultFileMask,
-		LogConsoleMask:         logging.DefaultConsoleMask,
+	var c Config
+	for i := range configKeys {
+		if k := &configKeys[i]; k.def != "" {
+			k.parse(&c, k.def) // the defaults are valid: TestConfigKeyTable
+		}
 	}
-}
-
-// configKeys lists the known keys per section, for spotting misspellings.
-var configKeys = map[string][]string{
-	"dnbd3": {"basePath", "listenPort", "serverPenalty", "clientPenalty", "isProxy",
-		"backgroundReplication", "bgrMinClients", "bgrWindowSize", "lookupMissingForProxy",
-		"sparseFiles", "ignoreAllocErrors", "removeMissingImages", "uplinkTimeout",
-		"clientTimeout", "closeUnusedFd", "vmdkLegacyMode", "proxyPrivateOnly",
-		"pretendClient", "autoFreeDiskSpaceDelay", "iScsiServer"},
-	"limits":  {"maxClients", "maxImages", "maxPayload", "maxReplicationSize", "maxPrefetch", "minRequestSize"},
-	"logging": {"file", "fileMask", "consoleMask", "consoleTimestamps"},
+	return c
 }
 
 // LoadConfig reads dir/server.conf on top of the defaults.
 //
-// Unknown sections and keys are ignored (a key that differs from a known
-// one only in case gives a warning). Values that cannot be parsed or are out
-// of range give a warning and keep the default or are clamped, like the
-// reference does. When prev is not nil (a reload after SIGHUP), the
-// startup-only settings basePath, listenPort, vmdkLegacyMode, maxClients and
-// maxImages keep prev's values.
+// Unknown sections and keys are ignored with a warning ("did you mean"
+// when a known key is close). Values that cannot be parsed or are out of
+// range give a warning and keep the default or are clamped, like the
+// reference does, except where no fallback makes sense (listenPort,
+// basePath): those are errors. When prev is not nil (a reload after
+// SIGHUP), the startup-only settings (basePath, listenPort,
+// vmdkLegacyMode, maxClients, maxImages and the [logging] keys) keep
+// prev's values.
 //
-// The error is non-nil if the file cannot be read or, on first load,
-// basePath is missing or not absolute.
+// The error is non-nil if the file cannot be read, has an error (see
+// above) or, on first load, lacks basePath. The warnings are
+// "file:line: message" texts.
 func LoadConfig(dir string, prev *Config) (Config, []string, error) {
-	path := filepath.Join(dir, ConfigFileName)
-	f, err := os.Open(path)
+	cf := readConfig(dir, prev)
+	var warns []string
+	for _, p := range cf.problems {
+		if p.Severity == SeverityWarning {
+			warns = append(warns, p.text())
+		}
+	}
+	if err := problemsError(cf.problems); err != nil {
+		return Config{}, warns, err
+	}
+	return cf.cfg, warns, nil
+}
+
+// configFile is server.conf as read: the configuration, its problems in
+// line order (whole-file ones last), and where each key was set.
+type configFile struct {
+	path     string
+	cfg      Config
+	problems []Problem
+	lines    map[*configKey]int // line of each key present in the file
+	sections map[string]bool    // unknown sections already warned about
+}
+
+// newConfigFile returns the defaults, to be read from path.
+func newConfigFile(path string) *configFile {
+	return &configFile{path: path, cfg: DefaultConfig(), lines: map[*configKey]int{}, sections: map[string]bool{}}
+}
+
+// readConfig reads dir/server.conf on top of the defaults (see
+// LoadConfig).
+func readConfig(dir string, prev *Config) *configFile {
+	l := newConfigFile(filepath.Join(dir, ConfigFileName))
+	f, err := os.Open(l.path)
 	if err != nil {
-		return Config{}, nil, fmt.Errorf("read server config: %w (pass the configuration directory with -c; it needs a %s with at least [dnbd3] basePath=/path/to/images)", err, ConfigFileName)
+		if pe := (*fs.PathError)(nil); errors.As(err, &pe) {
+			err = pe.Err
+		}
+		l.add(SeverityError, 0, "cannot read it: %v (pass the configuration directory with -c; it needs a %s with at least [dnbd3] basePath=/path/to/images)", err, ConfigFileName)
+		l.cfg = Config{}
+		return l
 	}
 	defer f.Close()
+	l.parse(f, prev)
+	return l
+}
 
-	c := DefaultConfig()
-	l := configLoader{c: &c, path: path}
-	if err := parseINI(f, l.set); err != nil {
-		if _, ok := err.(*iniSyntaxError); !ok {
-			return Config{}, nil, fmt.Errorf("read server config %s: %w", path, err)
+// parse reads server.conf from r (see LoadConfig).
+func (l *configFile) parse(r io.Reader, prev *Config) {
+	err := parseINI(r, l.set)
+	for _, e := range unjoin(err) {
+		if se := (*iniSyntaxError)(nil); errors.As(e, &se) {
+			l.add(SeverityWarning, se.Line, "line %d ignored: %s", se.Line, se.Msg)
+		} else {
+			l.add(SeverityError, 0, "cannot read it: %v", e)
 		}
-		l.warnf("%s: %v (line ignored)", path, err)
 	}
 	l.finish(prev)
-	if prev == nil {
-		if c.BasePath == "" {
-			return Config{}, l.warns, fmt.Errorf("%s: [dnbd3] basePath is not set: set it to the absolute path of the image directory", path)
-		}
-		if !filepath.IsAbs(c.BasePath) {
-			return Config{}, l.warns, fmt.Errorf("%s: [dnbd3] basePath %q is not absolute: use a path starting with /", path, c.BasePath)
-		}
+	slices.SortStableFunc(l.problems, func(a, b Problem) int { return cmp.Compare(lineOrder(a.Line), lineOrder(b.Line)) })
+}
+
+// unjoin returns the errors joined in err (errors.Join), err alone, or none.
+func unjoin(err error) []error {
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		return j.Unwrap()
 	}
-	return c, l.warns, nil
-}
-
-// configLoader applies server.conf lines to a Config.
-type configLoader struct {
-	c     *Config
-	path  string
-	warns []string
-	// seen records the section.key pairs present in the file.
-	seen map[string]bool
-}
-
-func (l *configLoader) warnf(format string, args ...any) {
-	l.warns = append(l.warns, fmt.Sprintf(format, args...))
-}
-
-// num parses a number value; on error it warns and reports false.
-func (l *configLoader) num(section, key, value string, line int) (int64, bool) {
-	n, err := parseNumber(value)
 	if err != nil {
-		l.warnf("%s:%d: [%s] %s: %v; keeping the default", l.path, line, section, key, err)
-		return 0, false
+		return []error{err}
 	}
-	return n, true
+	return nil
 }
 
-// intIn parses a number and checks lo ≤ n ≤ hi; out-of-range values warn.
-func (l *configLoader) intIn(section, key, value string, line int, lo, hi int64) (int64, bool) {
-	n, ok := l.num(section, key, value, line)
-	if !ok {
-		return 0, false
-	}
-	if n < lo || n > hi {
-		l.warnf("%s:%d: [%s] %s=%s is out of range %d…%d; keeping the default", l.path, line, section, key, value, lo, hi)
-		return 0, false
-	}
-	return n, true
+// add records a problem at line (0: the file as a whole).
+func (l *configFile) add(sev Severity, line int, format string, args ...any) {
+	l.problems = append(l.problems, Problem{Severity: sev, File: l.path, Line: line, Msg: fmt.Sprintf(format, args...)})
 }
 
-// duration parses a number in the given unit.
-func (l *configLoader) duration(section, key, value string, line int, unit time.Duration, lo int64) (time.Duration, bool) {
-	n, ok := l.intIn(section, key, value, line, lo, math.MaxInt64/int64(unit))
-	if !ok {
-		return 0, false
+// line returns the line of [section] name in the file, 0 if absent.
+func (l *configFile) line(section, name string) int {
+	if k := findConfigKey(section, name); k != nil {
+		return l.lines[k]
 	}
-	return time.Duration(n) * unit, true
+	return 0
 }
 
 // set is the parseINI callback.
-func (l *configLoader) set(section, key, value string, line int) {
-	c := l.c
-	if l.seen == nil {
-		l.seen = map[string]bool{}
+func (l *configFile) set(section, name, value string, line int) {
+	k := findConfigKey(section, name)
+	if k == nil {
+		l.unknown(section, name, line)
+		return
 	}
-	l.seen[section+"."+key] = true
-	switch section + "." + key {
-	// [dnbd3]
-	case "dnbd3.basePath":
-		c.BasePath = value
-	case "dnbd3.listenPort":
-		if n, ok := l.intIn(section, key, value, line, 1, math.MaxUint16); ok {
-			c.ListenPort = uint16(n)
-		}
-	case "dnbd3.serverPenalty":
-		if d, ok := l.duration(section, key, value, line, time.Microsecond, 0); ok {
-			c.ServerPenalty = d
-		}
-	case "dnbd3.clientPenalty":
-		if d, ok := l.duration(section, key, value, line, time.Microsecond, 0); ok {
-			c.ClientPenalty = d
-		}
-	case "dnbd3.isProxy":
-		c.IsProxy = parseBool(value)
-	case "dnbd3.backgroundReplication":
-		c.BackgroundReplication = parseBGRMode(value)
-	case "dnbd3.bgrMinClients":
-		if n, ok := l.intIn(section, key, value, line, 0, math.MaxInt32); ok {
-			c.BGRMinClients = int(n)
-		}
-	case "dnbd3.bgrWindowSize":
-		if n, ok := l.num(section, key, value, line); ok {
-			if n < 1 || n > MaxBGRWindowSize {
-				clamped := min(max(n, 1), MaxBGRWindowSize)
-				l.warnf("%s:%d: [dnbd3] bgrWindowSize=%s is outside 1…%d; using %d", l.path, line, value, MaxBGRWindowSize, clamped)
-				n = clamped
-			}
-			c.BGRWindowSize = int(n)
-		}
-	case "dnbd3.lookupMissingForProxy":
-		c.LookupMissingForProxy = parseBool(value)
-	case "dnbd3.sparseFiles":
-		c.SparseFiles = parseBool(value)
-	case "dnbd3.ignoreAllocErrors":
-		c.IgnoreAllocErrors = parseBool(value)
-	case "dnbd3.removeMissingImages":
-		c.RemoveMissingImages = parseBool(value)
-	case "dnbd3.uplinkTimeout":
-		if d, ok := l.duration(section, key, value, line, time.Millisecond, 1); ok {
-			c.UplinkTimeout = d
-		}
-	case "dnbd3.clientTimeout":
-		if d, ok := l.duration(section, key, value, line, time.Millisecond, 1); ok {
-			c.ClientTimeout = d
-		}
-	case "dnbd3.closeUnusedFd":
-		c.CloseUnusedFd = parseBool(value)
-	case "dnbd3.vmdkLegacyMode":
-		c.VMDKLegacyMode = parseBool(value)
-	case "dnbd3.proxyPrivateOnly":
-		c.ProxyPrivateOnly = parseBool(value)
-	case "dnbd3.pretendClient":
-		c.PretendClient = parseBool(value)
-	case "dnbd3.autoFreeDiskSpaceDelay":
-		if n, ok := l.num(section, key, value, line); ok {
-			switch {
-			case n < 0:
-				c.AutoFreeDiskSpaceDelay = -time.Second
-			case n > math.MaxInt64/int64(time.Second):
-				l.warnf("%s:%d: [dnbd3] autoFreeDiskSpaceDelay=%s is too large; keeping the default", l.path, line, value)
-			default:
-				c.AutoFreeDiskSpaceDelay = time.Duration(n) * time.Second
-			}
-		}
-	case "dnbd3.iScsiServer":
-		c.ISCSIServer = parseBool(value)
-
-	// [limits]
-	case "limits.maxClients":
-		if n, ok := l.intIn(section, key, value, line, 1, math.MaxInt64); ok {
-			if n > MaxClientsLimit {
-				l.warnf("%s:%d: [limits] maxClients=%s is above the limit; using %d", l.path, line, value, MaxClientsLimit)
-				n = MaxClientsLimit
-			}
-			c.MaxClients = int(n)
-		}
-	case "limits.maxImages":
-		if n, ok := l.intIn(section, key, value, line, 1, math.MaxInt64); ok {
-			if n > MaxImagesLimit {
-				l.warnf("%s:%d: [limits] maxImages=%s is above the limit; using %d", l.path, line, value, MaxImagesLimit)
-				n = MaxImagesLimit
-			}
-			c.MaxImages = int(n)
-		}
-	case "limits.maxPayload":
-		if n, ok := l.intIn(section, key, value, line, 1, math.MaxInt64); ok {
-			c.MaxPayload = n
-		}
-	case "limits.maxReplicationSize":
-		if n, ok := l.intIn(section, key, value, line, 0, math.MaxInt64); ok {
-			c.MaxReplicationSize = n
-		}
-	case "limits.maxPrefetch":
-		if n, ok := l.intIn(section, key, value, line, 0, math.MaxInt64); ok {
-			c.MaxPrefetch = n
-		}
-	case "limits.minRequestSize":
-		if n, ok := l.intIn(section, key, value, line, 0, math.MaxInt64); ok {
-			c.MinRequestSize = n
-		}
-
-	// [logging]
-	case "logging.file":
-		c.LogFile = value
-	case "logging.fileMask":
-		c.LogFileMask = logging.ParseMask(value)
-	case "logging.consoleMask":
-		c.LogConsoleMask = logging.ParseMask(value)
-	case "logging.consoleTimestamps":
-		c.ConsoleTimestamps = parseBool(value)
-
-	default:
-		for _, k := range configKeys[strings.ToLower(section)] {
-			if strings.EqualFold(k, key) {
-				l.warnf("%s:%d: [%s] %s is not a known key (keys are case-sensitive: did you mean [%s] %s?); ignored",
-					l.path, line, section, key, strings.ToLower(section), k)
-				return
-			}
-		}
+	if first, ok := l.lines[k]; ok {
+		l.add(SeverityWarning, line, "[%s] %s is set again (first on line %d); this later value counts", section, name, first)
+	}
+	l.lines[k] = line
+	note, err := k.parse(&l.cfg, value)
+	switch {
+	case err != nil && k.strict:
+		l.add(SeverityError, line, "[%s] %s=%s: %v; the server does not start with it (no fallback to a default)", section, name, value, err)
+	case err != nil:
+		l.add(SeverityWarning, line, "[%s] %s=%s: %v; keeping the default", section, name, value, err)
+	case note != "":
+		l.add(SeverityWarning, line, "[%s] %s=%s: %s", section, name, value, note)
 	}
 }
 
-// finish applies the rules that involve several keys, and the startup-only
-// rule on reload.
-func (l *configLoader) finish(prev *Config) {
-	c := l.c
-	c.BasePath = strings.TrimRight(c.BasePath, "/")
-	if l.seen["dnbd3.basePath"] && c.BasePath == "" {
-		// "/" alone: the image root is the file system root.
-		c.BasePath = "/"
+// unknown warns about a key that is not in the table, with the known key
+// it most likely means.
+func (l *configFile) unknown(section, name string, line int) {
+	if k := closestConfigKey(name); k != nil {
+		l.add(SeverityWarning, line, "[%s] %s is not a known key (%s); ignored", section, name, k.hint(section, name))
+		return
 	}
+	if !slices.ContainsFunc(configKeys, func(k configKey) bool { return k.section == section }) {
+		if !l.sections[section] {
+			l.sections[section] = true
+			where := fmt.Sprintf("[%s] is not a section of %s", section, ConfigFileName)
+			if section == "" {
+				where = fmt.Sprintf("%s is outside any section", name)
+			}
+			l.add(SeverityWarning, line, "%s (the sections are [dnbd3], [limits] and [logging]); its keys are ignored", where)
+		}
+		return
+	}
+	l.add(SeverityWarning, line, "[%s] %s is not a known key of [%s]; ignored", section, name, section)
+}
+
+// finish applies the rules that involve several keys, the required keys
+// of a first load and the startup-only rule of a reload.
+func (l *configFile) finish(prev *Config) {
+	c := &l.cfg
 	if prev != nil {
 		l.keepStartup(prev)
+	} else {
+		for i := range configKeys {
+			if k := &configKeys[i]; k.required != "" && l.lines[k] == 0 {
+				l.add(SeverityError, 0, "[%s] %s is not set: %s", k.section, k.name, k.required)
+			}
+		}
 	}
 	if c.IsProxy && c.MaxPayload < MinProxyPayload {
-		l.warnf("%s: [limits] maxPayload=%d is below %d, the minimum for a proxy; using %d", l.path, c.MaxPayload, MinProxyPayload, MinProxyPayload)
+		l.add(SeverityWarning, l.line("limits", "maxPayload"), "[limits] maxPayload=%d is below %d, the minimum for a proxy; using %d", c.MaxPayload, MinProxyPayload, MinProxyPayload)
 		c.MaxPayload = MinProxyPayload
 	}
 	if c.MinRequestSize > c.MaxPayload {
-		l.warnf("%s: [limits] minRequestSize=%d is above maxPayload=%d; using %d", l.path, c.MinRequestSize, c.MaxPayload, c.MaxPayload)
+		l.add(SeverityWarning, l.line("limits", "minRequestSize"), "[limits] minRequestSize=%d is above maxPayload=%d; using %d", c.MinRequestSize, c.MaxPayload, c.MaxPayload)
 		c.MinRequestSize = c.MaxPayload
 	}
 	if c.SparseFiles && c.BackgroundReplication == BGRFull && c.BGRMinClients < minBGRClientsForSparse {
-		l.warnf("%s: [dnbd3] sparseFiles=true makes no sense with backgroundReplication=true and bgrMinClients < %d (every replicated image gets filled completely anyway); disabling sparseFiles", l.path, minBGRClientsForSparse)
+		l.add(SeverityWarning, l.line("dnbd3", "sparseFiles"), "[dnbd3] sparseFiles=true makes no sense with backgroundReplication=true and bgrMinClients < %d (every replicated image gets filled completely anyway); disabling sparseFiles", minBGRClientsForSparse)
 		c.SparseFiles = false
 	}
 }
 
 // keepStartup restores the startup-only settings from prev, warning about
-// changes that need a restart.
-func (l *configLoader) keepStartup(prev *Config) {
-	c := l.c
-	changed := func(key string, now, was any) {
-		if fmt.Sprint(now) != fmt.Sprint(was) {
-			l.warnf("%s: %s changed from %v to %v; restart the server to apply it", l.path, key, was, now)
+// changes that need a restart. A required key missing from the file is
+// no change.
+func (l *configFile) keepStartup(prev *Config) {
+	for i := range configKeys {
+		k := &configKeys[i]
+		if !k.startup {
+			continue
 		}
+		line, set := l.lines[k]
+		if was, now := k.format(prev), k.format(&l.cfg); was != now && (set || k.required == "") {
+			l.add(SeverityWarning, line, "%s changed from %q to %q; restart the server to apply it", k.name, was, now)
+		}
+		k.copy(&l.cfg, prev)
 	}
-	if l.seen["dnbd3.basePath"] {
-		changed("basePath", c.BasePath, prev.BasePath)
-	}
-	changed("listenPort", c.ListenPort, prev.ListenPort)
-	changed("vmdkLegacyMode", c.VMDKLegacyMode, prev.VMDKLegacyMode)
-	changed("maxClients", c.MaxClients, prev.MaxClients)
-	changed("maxImages", c.MaxImages, prev.MaxImages)
-	c.BasePath = prev.BasePath
-	c.ListenPort = prev.ListenPort
-	c.VMDKLegacyMode = prev.VMDKLegacyMode
-	c.MaxClients = prev.MaxClients
-	c.MaxImages = prev.MaxImages
 }
 
 // String returns the effective configuration as server.conf text (the RPC
 // q=config dump), with values in the units the file uses.
 func (c Config) String() string {
 	var b strings.Builder
-	kv := func(k string, v any) { fmt.Fprintf(&b, "%s=%v\n", k, v) }
-	b.WriteString("[dnbd3]\n")
-	kv("basePath", c.BasePath)
-	kv("listenPort", c.ListenPort)
-	kv("serverPenalty", c.ServerPenalty.Microseconds())
-	kv("clientPenalty", c.ClientPenalty.Microseconds())
-	kv("isProxy", c.IsProxy)
-	kv("backgroundReplication", c.BackgroundReplication)
-	kv("bgrMinClients", c.BGRMinClients)
-	kv("bgrWindowSize", c.BGRWindowSize)
-	kv("lookupMissingForProxy", c.LookupMissingForProxy)
-	kv("sparseFiles", c.SparseFiles)
-	kv("ignoreAllocErrors", c.IgnoreAllocErrors)
-	kv("removeMissingImages", c.RemoveMissingImages)
-	kv("uplinkTimeout", c.UplinkTimeout.Milliseconds())
-	kv("clientTimeout", c.ClientTimeout.Milliseconds())
-	kv("closeUnusedFd", c.CloseUnusedFd)
-	kv("vmdkLegacyMode", c.VMDKLegacyMode)
-	kv("proxyPrivateOnly", c.ProxyPrivateOnly)
-	kv("pretendClient", c.PretendClient)
-	if c.AutoFreeDiskSpaceDelay < 0 {
-		kv("autoFreeDiskSpaceDelay", -1)
-	} else {
-		kv("autoFreeDiskSpaceDelay", strconv.FormatInt(int64(c.AutoFreeDiskSpaceDelay/time.Second), 10))
+	section := ""
+	for i := range configKeys {
+		k := &configKeys[i]
+		if k.section != section {
+			section = k.section
+			fmt.Fprintf(&b, "[%s]\n", section)
+		}
+		fmt.Fprintf(&b, "%s=%s\n", k.name, k.format(&c))
 	}
-	kv("iScsiServer", c.ISCSIServer)
-	b.WriteString("[limits]\n")
-	kv("maxClients", c.MaxClients)
-	kv("maxImages", c.MaxImages)
-	kv("maxPayload", c.MaxPayload)
-	kv("maxReplicationSize", c.MaxReplicationSize)
-	kv("maxPrefetch", c.MaxPrefetch)
-	kv("minRequestSize", c.MinRequestSize)
-	b.WriteString("[logging]\n")
-	kv("file", c.LogFile)
-	kv("fileMask", c.LogFileMask)
-	kv("consoleMask", c.LogConsoleMask)
-	kv("consoleTimestamps", c.ConsoleTimestamps)
 	return b.String()
 }

@@ -134,8 +134,9 @@ func TestConfigDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(warns) != 0 {
-		t.Errorf("unknown keys should be silent, got %q", warns)
+	// Unknown sections and keys are ignored, with a warning each.
+	if len(warns) != 2 || !strings.Contains(warns[0], ":4: [unknown] is not a section") || !strings.Contains(warns[1], ":6: [dnbd3] noSuchKey is not a known key") {
+		t.Errorf("unknown section and key: warnings %q", warns)
 	}
 	want := DefaultConfig()
 	want.BasePath = "/srv"
@@ -244,7 +245,6 @@ func TestConfigValueRules(t *testing.T) {
 	conf := `[dnbd3]
 basePath=/srv
 isProxy=true
-listenPort=70000
 bgrWindowSize=1000
 uplinkTimeout=soon
 clientTimeout=0
@@ -264,7 +264,7 @@ maxReplicationSize=8E
 		t.Fatal(err)
 	}
 	d := DefaultConfig()
-	if c.ListenPort != d.ListenPort || c.UplinkTimeout != d.UplinkTimeout || c.ClientTimeout != d.ClientTimeout ||
+	if c.UplinkTimeout != d.UplinkTimeout || c.ClientTimeout != d.ClientTimeout ||
 		c.ServerPenalty != 0 || c.MaxReplicationSize != d.MaxReplicationSize {
 		t.Errorf("bad values should keep defaults: %+v", c)
 	}
@@ -287,7 +287,7 @@ maxReplicationSize=8E
 		t.Errorf("BasePath = %q (keys are case-sensitive)", c.BasePath)
 	}
 	joined := strings.Join(warns, "\n")
-	for _, w := range []string{"listenPort", "bgrWindowSize", "uplinkTimeout", "clientTimeout", "serverPenalty",
+	for _, w := range []string{"bgrWindowSize", "uplinkTimeout", "clientTimeout", "serverPenalty",
 		"maxPayload", "maxClients", "maxImages", "maxReplicationSize", "BasePath"} {
 		if !strings.Contains(joined, w) {
 			t.Errorf("no warning mentioning %s in:\n%s", w, joined)
@@ -306,5 +306,44 @@ maxReplicationSize=8E
 	_, warns, err = LoadConfig(cfgTestDir(t, "[dnbd3]\nbasePath=/srv\nthis is not ini\n"), nil)
 	if err != nil || len(warns) != 1 || !strings.Contains(warns[0], "line 3") {
 		t.Errorf("syntax error: %v %q", err, warns)
+	}
+}
+
+// TestConfigReloadLoggingKeys: the log is set up once at start, so a
+// reload keeps the [logging] settings in effect and says that a change
+// needs a restart, instead of showing settings that are not applied.
+func TestConfigReloadLoggingKeys(t *testing.T) {
+	first, _, err := LoadConfig(cfgTestDir(t, "[dnbd3]\nbasePath=/a\n[logging]\nconsoleMask=ERROR\nfile=/var/log/a.log\n"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, warns, err := LoadConfig(cfgTestDir(t, "[dnbd3]\nbasePath=/a\n[logging]\nconsoleMask=ERROR WARNING\nconsoleTimestamps=true\n"), &first)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.LogConsoleMask != first.LogConsoleMask || c.LogFile != "/var/log/a.log" || c.ConsoleTimestamps {
+		t.Errorf("[logging] changed on reload: %+v", c)
+	}
+	joined := strings.Join(warns, "\n")
+	for _, w := range []string{`server.conf:4: consoleMask changed from "ERROR" to "ERROR WARNING"; restart the server to apply it`,
+		`server.conf:5: consoleTimestamps changed from "false" to "true"`, `server.conf: file changed from "/var/log/a.log" to ""`} {
+		if !strings.Contains(joined, w) {
+			t.Errorf("warnings lack %q:\n%s", w, joined)
+		}
+	}
+}
+
+// TestConfigReloadWithError: a reload of a file with an error applies
+// none of it; the running configuration stays.
+func TestConfigReloadWithError(t *testing.T) {
+	base := t.TempDir()
+	writeFile(t, filepath.Join(base, "img.r1"), make([]byte, 4096))
+	ts := startServer(t, base, "clientPenalty=5\n", nil)
+	writeFile(t, filepath.Join(ts.configDir, ConfigFileName), []byte("[dnbd3]\nbasePath="+base+"\nclientPenalty=7\nlistenPort=abc\n"))
+	if err := ts.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	if got := ts.config().ClientPenalty; got != 5*time.Microsecond {
+		t.Errorf("clientPenalty = %v after a reload of a broken file, want the running 5µs", got)
 	}
 }

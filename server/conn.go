@@ -45,6 +45,8 @@ type clientConn struct {
 
 	relays    atomic.Int32  // relayed requests not answered yet
 	relayDone chan struct{} // cap 1: a relayed request was answered
+
+	nbd atomic.Bool // switched to the NBD transmission protocol (nbdmode.go)
 }
 
 // serveDNBD3 runs the handshake and the request loop.
@@ -90,7 +92,8 @@ func (cc *clientConn) serveDNBD3() {
 	}
 
 	version := min(sel.Version, protocol.Version)
-	reply := protocol.SelectImageReply{Version: version, Name: img.Name, RID: img.RID, Size: uint64(img.VirtualSize)}
+	reply := protocol.SelectImageReply{Version: version, Name: img.Name, RID: img.RID, Size: uint64(img.VirtualSize),
+		Features: cc.features(sel.Flags)}
 	if err := cc.sendReply(protocol.CmdSelectImage, 0, reply.Marshal()); err != nil {
 		return
 	}
@@ -162,6 +165,11 @@ func (cc *clientConn) requestLoop(timeout time.Duration) {
 			err = cc.sendReply(protocol.CmdGetCRC32, cc.lastHandle, p)
 		case protocol.CmdSetClientMode:
 			cc.isServer.Store(false)
+		case protocol.CmdNBDMode:
+			var switched bool
+			if switched, err = cc.nbdMode(req); switched {
+				return // served in NBD mode to its end
+			}
 		default:
 			// LATEST_RID and unknown commands: ignored without a reply. Unlike
 			// the reference we consume the announced payload so the stream
@@ -279,8 +287,7 @@ func (cc *clientConn) sendFromFile(handle uint64, off int64, size uint32) error 
 func (cc *clientConn) sendFileLocked(handle uint64, off int64, size uint32) error {
 	img := cc.img
 	var hdr [protocol.ReplySize]byte
-	rep := protocol.Reply{Cmd: protocol.CmdGetBlock, Size: size, Handle: handle}
-	rep.MarshalTo(hdr[:])
+	cc.putBlockHeader(hdr[:], handle, size)
 	if size == 0 {
 		return cc.s.write(hdr[:], nil)
 	}
@@ -297,8 +304,7 @@ func (cc *clientConn) countSent(size uint32) {
 // sendData answers a GET_BLOCK with data from memory (a relayed request).
 func (cc *clientConn) sendData(handle uint64, data []byte) error {
 	var hdr [protocol.ReplySize]byte
-	rep := protocol.Reply{Cmd: protocol.CmdGetBlock, Size: uint32(len(data)), Handle: handle}
-	rep.MarshalTo(hdr[:])
+	cc.putBlockHeader(hdr[:], handle, uint32(len(data)))
 	cc.countSent(uint32(len(data)))
 	if !cc.lockWrite() {
 		return net.ErrClosed
@@ -348,6 +354,13 @@ func (cc *clientConn) markDead() {
 // CMD_ERROR and shuts the connection down, as the reference does when an
 // uplink request is cancelled.
 func (cc *clientConn) failRelayed(handle uint64) {
+	if cc.nbd.Load() {
+		// No error reply in NBD mode (the application would get EIO): the
+		// kernel re-sends the request on another connection.
+		cc.markDead()
+		cc.c.Close()
+		return
+	}
 	if cc.lockWrite() {
 		rep := protocol.Reply{Cmd: protocol.CmdError, Handle: handle}.Marshal()
 		if cc.flushLocked() == nil {

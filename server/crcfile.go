@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"slices"
 
 	"github.com/dnbd3go/dnbd3go/protocol"
 )
@@ -32,6 +33,23 @@ func loadCRCFile(imagePath string, virtualSize int64, log *slog.Logger) []uint32
 		return nil
 	}
 	return list
+}
+
+// sameCRCList reports whether the `.crc` of the image file at path (of
+// img's size) holds img's CRC list. A list that appeared since img was
+// loaded from this same file (`dnbd3-server --crc` run later) is no
+// change: img takes it, and added reports that.
+func (s *Store) sameCRCList(img *Image, path string) (same, added bool) {
+	list := loadCRCFile(path, img.VirtualSize, s.log)
+	if slices.Equal(list, img.CRCList()) {
+		return true, false
+	}
+	if img.CRCList() != nil || list == nil || !img.isFile(path) {
+		return false, false
+	}
+	img.setCRCList(list)
+	s.log.Info("CRC list added to a loaded image", "image", img.String(), "path", path+".crc")
+	return true, true
 }
 
 // WriteCRCFile computes the CRC list of an image file and writes it to

@@ -112,6 +112,17 @@ func (img *Image) String() string { return fmt.Sprintf("%s:%d", img.Name, img.RI
 // logged: pass img, not img.String(), on hot paths.
 func (img *Image) LogValue() slog.Value { return slog.StringValue(img.String()) }
 
+// isFile reports whether path names the file img has open (not one that
+// replaced it).
+func (img *Image) isFile(path string) bool {
+	st, err := os.Stat(path)
+	if err != nil {
+		return false
+	}
+	open, err := img.file.Stat()
+	return err == nil && os.SameFile(st, open)
+}
+
 // File returns the open image file.
 func (img *Image) File() *os.File { return img.file }
 

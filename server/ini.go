@@ -14,9 +14,8 @@ import (
 	"strings"
 )
 
-// iniSyntaxError reports the first malformed line of an INI file. parseINI
-// still delivers every well-formed line, so callers usually log it as a
-// warning.
+// iniSyntaxError reports a malformed line of an INI file. parseINI still
+// delivers every well-formed line, so callers usually log it as a warning.
 type iniSyntaxError struct {
 	Line int
 	Msg  string
@@ -45,20 +44,21 @@ var utf8BOM = []byte{0xEF, 0xBB, 0xBF}
 // Unlike inih, lines with leading whitespace are not continuation lines;
 // they are parsed like any other line.
 //
-// Malformed lines are skipped; after the whole input has been read the first
-// of them is returned as an *iniSyntaxError. A read error is returned at once.
+// Malformed lines are skipped; after the whole input has been read they are
+// returned as one *iniSyntaxError per line, joined with errors.Join (so
+// errors.As finds the first). A read error is returned at once.
 func parseINI(r io.Reader, fn func(section, key, value string, line int)) error {
 	br := bufio.NewReader(r)
 	var (
-		section  string
-		firstErr error
-		lineNo   int
+		section string
+		bad     []error
+		lineNo  int
 	)
 	for {
 		raw, readErr := br.ReadBytes('\n')
 		if len(raw) == 0 && readErr != nil {
 			if errors.Is(readErr, io.EOF) {
-				return firstErr
+				return errors.Join(bad...)
 			}
 			return readErr
 		}
@@ -76,18 +76,14 @@ func parseINI(r io.Reader, fn func(section, key, value string, line int)) error 
 			}
 			end := strings.LastIndexByte(line, ']')
 			if end < 0 {
-				if firstErr == nil {
-					firstErr = &iniSyntaxError{Line: lineNo, Msg: "no ']' on section line"}
-				}
+				bad = append(bad, &iniSyntaxError{Line: lineNo, Msg: "a section line needs a closing ']'"})
 				break
 			}
 			section = line[1:end]
 		default:
 			i := keyEnd(line)
 			if i < 0 {
-				if firstErr == nil {
-					firstErr = &iniSyntaxError{Line: lineNo, Msg: "no '=' or ':' on line"}
-				}
+				bad = append(bad, &iniSyntaxError{Line: lineNo, Msg: "no '=' or ':' in it (write key=value)"})
 				break
 			}
 			key := strings.TrimSpace(line[:i])
@@ -99,7 +95,7 @@ func parseINI(r io.Reader, fn func(section, key, value string, line int)) error 
 		}
 		if readErr != nil {
 			if errors.Is(readErr, io.EOF) {
-				return firstErr
+				return errors.Join(bad...)
 			}
 			return readErr
 		}
@@ -231,7 +227,3 @@ func numberSuffix(suffix string) (mul int64, ok bool) {
 	}
 	return mul, true
 }
-
-// ParseSize parses a byte count with the configuration file's suffix rules
-// (K, M, G, T ... x1024^n; KB, MB ... x1000^n), for command-line flags.
-func ParseSize(s string) (int64, error) { return parseNumber(s) }

@@ -197,3 +197,30 @@ func FuzzParseNumber(f *testing.F) {
 		}
 	})
 }
+
+// FuzzConfig feeds arbitrary server.conf text through the key table: no
+// panic, problems on existing lines, and the effective configuration
+// written back by String reads as the same configuration.
+func FuzzConfig(f *testing.F) {
+	f.Add([]byte(cfgTestFull))
+	f.Add([]byte("[dnbd3]\nbasePath=/\nlistenPort=0x10\nbgrWindowSize=-3\nautoFreeDiskSpaceDelay=-9d\n[limits]\nmaxClients=1E\n[logging]\nconsoleMask=error\n"))
+	f.Add([]byte("[LIMITS]\nmaxclients=3\nbackgroundReplicaton=true\nx\n[dnbd3\nbasePath=rel\nbasePath=\n"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		lines := strings.Count(string(data), "\n") + 1
+		l := newConfigFile("server.conf")
+		l.parse(strings.NewReader(string(data)), nil)
+		for _, p := range l.problems {
+			if p.Line < 0 || p.Line > lines || p.Msg == "" {
+				t.Fatalf("problem %+v of a %d-line file", p, lines)
+			}
+		}
+		if problemsError(l.problems) != nil {
+			return
+		}
+		again := newConfigFile("server.conf")
+		again.parse(strings.NewReader(l.cfg.String()), nil)
+		if err := problemsError(again.problems); err != nil || again.cfg != l.cfg {
+			t.Fatalf("String() does not read back: %v\n%+v\n%+v", err, l.cfg, again.cfg)
+		}
+	})
+}

@@ -249,7 +249,20 @@ func (p *proxy) register(up *uplink) bool {
 func (s *Server) onLoad(img *Image) {
 	s.checker.queueLoad(img)
 	if img.Incomplete() {
+		if s.config().IsProxy {
+			s.proxy.checkWritable(img)
+		}
 		s.proxy.kick()
+	}
+}
+
+// checkWritable flags an incomplete image whose copy or cache map a proxy
+// cannot write (RPC problems 2) at once, not only at its first fetch.
+func (p *proxy) checkWritable(img *Image) {
+	if err := copyWritable(img.Path); err != nil {
+		img.problems.Or(ProblemWrite)
+		p.log.Error("cannot write the local copy of an incomplete image: it is relayed but never completed (make it and its directory writable for the server's user)",
+			"image", img.String(), "path", img.Path, "err", err)
 	}
 }
 

@@ -59,9 +59,11 @@ type fetch struct {
 	refs    atomic.Int32 // users of buf after the fetch completed (finish)
 }
 
-// relay is a client GET_BLOCK waiting for uplink data.
+// relay is a client GET_BLOCK waiting for uplink data, or (done set, cc
+// nil) an iSCSI read waiting for the same.
 type relay struct {
 	cc     *clientConn
+	done   chan struct{} // closed when every fetch completed (iSCSI)
 	handle uint64
 	off    int64
 	size   uint32
@@ -417,6 +419,10 @@ func (r *relay) partDone(f *fetch) {
 		r.failed.Store(true)
 	}
 	if r.parts.Add(-1) == 0 {
+		if r.done != nil {
+			close(r.done)
+			return
+		}
 		r.cc.finishRelay(r)
 	}
 }

@@ -203,6 +203,11 @@ func (r *rpcServer) query(w http.ResponseWriter, req *http.Request, perm ACLPerm
 			}
 		}
 		s.connMu.Unlock()
+		for _, si := range s.iscsi.Sessions() {
+			if si.Disk != nil {
+				clients++ // discovery sessions are no clients of an image
+			}
+		}
 		o.Uint("bytesReceived", s.bytesRecv.Load())
 		o.Uint("bytesSent", s.bytesSent.Load())
 		o.Int("clientCount", int64(clients))
@@ -244,6 +249,7 @@ func (r *rpcServer) query(w http.ResponseWriter, req *http.Request, perm ACLPerm
 			c.Uint("bytesSent", cc.bytesSent.Load())
 			items = append(items, c.Bytes())
 		}
+		items = append(items, s.iscsiClients()...)
 		o.Raw("clients", jsonArray(items))
 	}
 	if want["images"] {

@@ -8,18 +8,18 @@ import (
 	"bufio"
 	"context"
 	"errors"
-	"fmt"
 	"log/slog"
 	"maps"
 	"math/rand/v2"
 	"net"
 	"net/netip"
-	"path/filepath"
 	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/dnbd3go/dnbd3go/server/iscsi"
 )
 
 // Options configures a Server.
@@ -36,6 +36,15 @@ type Options struct {
 	LogTail func(n int) []byte
 	// Version is reported by RPC q=version.
 	Version string
+	// Files, if set, is ConfigDir as ReadConfigDir read and checked it
+	// for this start: New takes the alt servers and the RPC access list
+	// from it. Otherwise New reads alt-servers and rpc.acl itself, logs
+	// their warnings and runs the same checks on Config, failing on
+	// errors.
+	Files *ConfigDir
+	// AllowOpenRPC accepts an rpc.acl without a valid rule when New reads
+	// the files itself (see CheckOptions).
+	AllowOpenRPC bool
 }
 
 // Server is a DNBD3 server. Create it with New and run it with Serve.
@@ -58,7 +67,8 @@ type Server struct {
 	pipes     pipePool  // pipes for large replies (splice.go)
 	fetchBufs bufPool   // proxy fetch buffers (bufpool.go)
 	proxy     *proxy    // uplinks, replication, cache map saving
-	checker   *checker  // background hash block checks
+	iscsi     *iscsi.Target
+	checker   *checker // background hash block checks
 	hooks     proxyHooks
 	listen    syncValue[netip.AddrPort]
 
@@ -84,25 +94,21 @@ func New(opts Options) (*Server, error) {
 	}
 	cfg := opts.Config
 	s.cfg.Store(&cfg)
-	alts, warnings, err := LoadAltServers(filepath.Join(opts.ConfigDir, "alt-servers"))
-	for _, w := range warnings {
-		s.log.Warn("alt-servers: " + w)
+	files := opts.Files
+	if files == nil {
+		files = &ConfigDir{Dir: opts.ConfigDir, Config: opts.Config}
+		files.readAux()
+		files.check(CheckOptions{AllowOpenRPC: opts.AllowOpenRPC}, func(string, string) int { return 0 })
+		for _, p := range files.Problems {
+			if p.Severity == SeverityWarning {
+				s.log.Warn(p.Msg, "at", p.Where())
+			}
+		}
+		if err := files.Err(); err != nil {
+			return nil, err
+		}
 	}
-	if err != nil {
-		return nil, fmt.Errorf("alt-servers: %w", err)
-	}
-	s.alts = alts
-	acl, warnings, err := LoadACL(filepath.Join(opts.ConfigDir, "rpc.acl"))
-	for _, w := range warnings {
-		s.log.Warn("rpc.acl: " + w)
-	}
-	if err != nil {
-		return nil, fmt.Errorf("rpc.acl: %w", err)
-	}
-	if acl.OpenByMistake() {
-		s.log.Error("rpc.acl: no line is a valid rule, so the RPC is open to everyone (as without the file); fix the lines warned about above, or empty the file to allow everyone on purpose")
-	}
-	s.acl = acl
+	s.alts, s.acl = files.AltServers, files.ACL
 	s.checker = newChecker(s)
 	s.proxy = newProxy(s)
 	s.store = NewStore(StoreOptions{
@@ -118,6 +124,12 @@ func New(opts Options) (*Server, error) {
 		return nil, err
 	}
 	s.log.Info("images loaded", "count", added, "basePath", opts.Config.BasePath)
+	s.iscsi = s.newISCSITarget()
+	if opts.Config.ISCSIServer {
+		s.log.Info("iSCSI target enabled on the listen port (iScsiServer=true)")
+	} else {
+		s.log.Info("iSCSI target disabled (iScsiServer=false): iSCSI logins are closed")
+	}
 	s.rpc = newRPCServer(s)
 	return s, nil
 }
@@ -220,8 +232,9 @@ func (s *Server) untrack(c net.Conn) {
 }
 
 // handle detects the protocol from the first byte: 0x73 ("sr" magic) is
-// DNBD3, 'G' or 'P' is the HTTP RPC; anything else is closed. (iSCSI,
-// first byte 0x43, is not implemented.)
+// DNBD3, 'G' or 'P' is the HTTP RPC, 0x43 (a login request with the
+// immediate bit) is iSCSI unless iScsiServer=false; anything else is
+// closed.
 func (s *Server) handle(c net.Conn) {
 	defer s.wg.Done()
 	handedOff := false
@@ -251,7 +264,11 @@ func (s *Server) handle(c net.Conn) {
 		prefix, _ := br.Peek(br.Buffered())
 		handedOff = s.rpc.handoff(c, prefix, func() { s.untrack(c) })
 	case 0x43:
-		s.log.Info("closing iSCSI login attempt: iSCSI is not supported by this server", "remote", remote)
+		if !s.config().ISCSIServer {
+			s.log.Info("closing iSCSI login attempt: iScsiServer=false", "remote", remote)
+			return
+		}
+		s.iscsi.Serve(context.Background(), c, br)
 	default:
 		s.log.Debug("closing: unknown protocol", "remote", remote, "firstByte", first[0])
 	}

@@ -173,7 +173,7 @@ func (s *Store) Reload() (added, replaced, removed int, err error) {
 	}
 
 	s.mu.Lock()
-	var drop []*Image
+	var drop, newCRC []*Image
 	for k, img := range s.images {
 		f, ok := seen[k]
 		if !ok {
@@ -185,7 +185,14 @@ func (s *Store) Reload() (added, replaced, removed int, err error) {
 			}
 			continue
 		}
-		if f.size != img.RealSize || !slices.Equal(loadCRCFile(f.path, protocol.VirtualSize(f.size), s.log), img.CRCList()) {
+		same, added := f.size == img.RealSize, false
+		if same {
+			same, added = s.sameCRCList(img, f.path)
+		}
+		if added {
+			newCRC = append(newCRC, img)
+		}
+		if !same {
 			s.log.Warn("image changed on disk, replacing it (never change an image in place; use a new revision)",
 				"image", img.String(), "oldSize", img.RealSize, "newSize", f.size)
 			delete(s.images, k)
@@ -196,6 +203,11 @@ func (s *Store) Reload() (added, replaced, removed int, err error) {
 	s.mu.Unlock()
 	for _, img := range drop {
 		img.unref()
+	}
+	for _, img := range newCRC {
+		if s.opts.OnLoad != nil {
+			s.opts.OnLoad(img) // its load-time checks, now with a CRC list
+		}
 	}
 
 	keys := make([]imageKey, 0, len(seen))

@@ -301,7 +301,7 @@ func TestExamples(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"\nType=simple\n", "\nUser=dnbd3-merger\n", "\nExecStart=/usr/local/bin/dnbd3-merger --settings /etc/dnbd3-merger/appsettings.json\n"} {
+	for _, want := range []string{"\nType=notify\n", "\nUser=dnbd3-merger\n", "\nExecStart=/usr/bin/dnbd3-merger --settings /etc/dnbd3-merger/appsettings.json\n"} {
 		if !strings.Contains(string(unit), want) {
 			t.Errorf("unit lacks %q", strings.TrimSpace(want))
 		}

@@ -40,6 +40,7 @@ import (
 	"time"
 
 	"github.com/dnbd3go/dnbd3go/internal/logging"
+	"github.com/dnbd3go/dnbd3go/internal/sdnotify"
 	"github.com/dnbd3go/dnbd3go/internal/version"
 	"github.com/dnbd3go/dnbd3go/merger"
 	"github.com/dnbd3go/dnbd3go/merger/httpapi"
@@ -220,6 +221,9 @@ func serve(ctx context.Context, cfg config, log *slog.Logger, e env) int {
 	if e.ready != nil {
 		e.ready(addrs)
 	}
+	// systemd (Type=notify): ready once listening, then status lines.
+	sd := sdnotify.Start(ctx, sdnotify.Options{Status: statusLine(svc), Logger: log})
+	defer sd.Stop()
 
 	code := exitOK
 	select {
@@ -241,6 +245,15 @@ func serve(ctx context.Context, cfg config, log *slog.Logger, e env) int {
 	}
 	log.Info("stopped")
 	return code
+}
+
+// statusLine returns svc's status line function for systemd, if it has
+// one (the real merger.Manager does).
+func statusLine(svc service) func() string {
+	if s, ok := svc.(interface{ StatusLine() string }); ok {
+		return s.StatusLine
+	}
+	return nil
 }
 
 // warnExposed warns about listen URLs reachable from other hosts that

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/signal"
 	"runtime"
@@ -31,6 +32,7 @@ type attachStatus struct {
 	Started     time.Time             `json:"started"`
 	Client      client.Stats          `json:"client"`
 	Engine      nbdbridge.EngineStats `json:"engine"`
+	Slots       nbdbridge.SlotStatus  `json:"slots"`
 	COW         *cowStatus            `json:"cow,omitempty"`
 }
 
@@ -42,6 +44,9 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 	var deadConn time.Duration
 	var force bool
 	var oomScoreAdj int
+	var readAhead, maxRequest int
+	var kernelDirect bool
+	var directTimeout time.Duration
 	var cow cowFlags
 	fs := newImageFlagSet("attach", s, &f, &cow)
 	fs.StringVar(&device, "device", "", "use this device (/dev/nbdN); default: the kernel picks a free one")
@@ -49,13 +54,18 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 	fs.Uint64Var(&blockSize, "block-size", 512, "logical block size: 512 or 4096")
 	fs.DurationVar(&deadConn, "dead-conn-timeout", nbdbridge.DefaultDeadConnTimeout, "how long the kernel holds I/O for a restarted daemon")
 	fs.BoolVar(&force, "force", false, "on SIGTERM, disconnect the device even if it is mounted or open")
+	fs.IntVarP(&readAhead, "read-ahead", "a", nbdbridge.DefaultReadAheadKB, "read-ahead of the device in KiB, as dnbd3-client -a (0: the kernel's 128 KiB)")
+	fs.IntVar(&maxRequest, "max-request-kb", nbdbridge.DefaultMaxRequestKB, "largest request the kernel sends, in KiB (at most 32768)")
+	fs.BoolVar(&kernelDirect, "kernel-direct", true, "read-only: the kernel reads from servers that offer it (dnbd3go servers) with no hop through this daemon; false: always relay")
+	fs.DurationVar(&directTimeout, "direct-timeout", nbdbridge.DefaultDirectTimeout, "kernel-direct: how long a read in flight on a failed server's connection waits before the kernel re-sends it (grows with the read latency and while a live server is slower)")
 	fs.IntVar(&oomScoreAdj, "oom-score-adj", nbdbridge.DefaultOOMScoreAdj, "the daemon's oom_score_adj (-1000 to 1000; -1000: the OOM killer never picks it)")
 	fs.Usage = func() {
-		fmt.Fprintf(s.err, "Usage: dnbd3-nbd attach -h \"HOST[:PORT] ...\" -i IMAGE [-r RID] [--device /dev/nbdN] [--connections N] [--block-size 512|4096] [-S] [-l LOG]\n"+
+		fmt.Fprintf(s.err, "Usage: dnbd3-nbd attach -h \"HOST[:PORT] ...\" -i IMAGE [-r RID] [--device /dev/nbdN] [--connections N] [--block-size 512|4096] [-a KB] [-S] [-l LOG]\n"+
 			"                        [-c DIR | -L DIR] [-C MERGER] [-m] [--upload-uuid UUID] [--cow-stats-file] [--cow-stats-stdout]\n\n"+
 			"Attaches a DNBD3 image as /dev/nbdX, prints the device path once it is ready and serves it in the\n"+
 			"foreground until it is detached or the process gets SIGTERM. The device is read-only, or writable\n"+
-			"with a copy-on-write session (-c new, -L load) whose changes upload to a merger (-C) in the background.\n\nFlags:\n")
+			"with a copy-on-write session (-c new, -L load) whose changes upload to a merger (-C) in the background.\n"+
+			"A read-only device on dnbd3go servers is kernel-direct: the kernel reads from the server itself.\n\nFlags:\n")
 		fs.PrintDefaults()
 	}
 	if code, ok := parseFlags(fs, args, s, "attach"); !ok {
@@ -73,6 +83,18 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 	}
 	if conns < 1 || conns > 64 {
 		return bad("--connections %d: want 1 to 64", conns)
+	}
+	if readAhead < 0 || readAhead > 1<<20 {
+		return bad("--read-ahead %d: want 0 to 1048576 KiB", readAhead)
+	}
+	if maxRequest < 4 || maxRequest > 32768 {
+		return bad("--max-request-kb %d: want 4 to 32768", maxRequest)
+	}
+	if directTimeout < 100*time.Millisecond || directTimeout > time.Hour {
+		return bad("--direct-timeout %v: want 100ms to 1h", directTimeout)
+	}
+	if readAhead == 0 {
+		readAhead = 128 // the block layer's default
 	}
 	if oomScoreAdj < -1000 || oomScoreAdj > 1000 {
 		return bad("--oom-score-adj %d: want -1000 to 1000", oomScoreAdj)
@@ -121,7 +143,12 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 		}
 		backend, backendID, info["cow"] = cs.overlay, cs.backendID(), cow.dir()
 	}
+	var direct nbdbridge.DirectDialer
+	if kernelDirect && cs == nil {
+		direct = directDialer{img}
+	}
 	dev, err := nbdbridge.Attach(ctx, nbdbridge.AttachOptions{
+		Direct:          direct,
 		Backend:         backend,
 		Device:          index,
 		Connections:     conns,
@@ -131,6 +158,9 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 		BackendID:       backendID,
 		Info:            info,
 		Workers:         remoteWorkers,
+		ReadAheadKB:     readAhead,
+		MaxRequestKB:    maxRequest,
+		DirectTimeout:   directTimeout,
 		Logger:          log,
 	})
 	if err != nil {
@@ -142,7 +172,7 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 	started := time.Now()
 	ctlCtx, stopCtl := context.WithCancel(context.Background())
 	defer stopCtl()
-	status := func() any {
+	status := func() attachStatus {
 		clientStats := img.Stats()
 		state := "serving"
 		if clientStats.Panic {
@@ -150,7 +180,7 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 		}
 		st := attachStatus{Device: dev.Path, PID: os.Getpid(), Image: img.Name(), RID: img.RID(), Size: backend.Size(),
 			BlockSize: blockSize, Connections: conns, ReadOnly: cs == nil, State: state, Started: started,
-			Client: clientStats, Engine: dev.Engine().Stats()}
+			Client: clientStats, Engine: dev.Engine().Stats(), Slots: dev.SlotStatus()}
 		if cs != nil {
 			st.COW = cs.status()
 		}
@@ -170,8 +200,10 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 		log.Warn("no control socket; list/status will show less", "err", err)
 	}
 	log.Info("attached", "device", dev.Path, "image", img.Name(), "rid", img.RID(), "size", img.Size(),
-		"server", img.Stats().Current, "tookOver", dev.TookOver)
+		"server", img.Stats().Current, "tookOver", dev.TookOver, "mode", dev.SlotStatus().Mode)
 	fmt.Fprintln(s.out, dev.Path)
+	sd := notifyAttached(ctx, log, status)
+	defer sd.Stop()
 
 	detached := false
 	select {
@@ -199,6 +231,15 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 	}
 	return exitOK
 }
+
+// directDialer gives the device connections for the kernel-direct path,
+// to the server the client library chose.
+type directDialer struct{ img *client.Image }
+
+func (d directDialer) DialDirect(ctx context.Context, n int) ([]net.Conn, string, error) {
+	return d.img.DialNBD(ctx, n)
+}
+func (d directDialer) Preferred() string { return d.img.Current() }
 
 // parseFlags parses the flags of a command without positional arguments;
 // ok is false when the command should return code.

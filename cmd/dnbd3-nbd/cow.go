@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/dnbd3go/dnbd3go/client"
@@ -26,6 +27,8 @@ type cowFlags struct {
 	uploadDelay time.Duration
 	tokenFile   string
 	caFile      string
+
+	client *upload.Merger // built by validate from -C and its options
 }
 
 func (c *cowFlags) register(fs *pflag.FlagSet) {
@@ -50,17 +53,38 @@ func (c *cowFlags) dir() string {
 	return c.loadDir
 }
 
+// validate checks the copy-on-write flags and builds the merger client, so
+// that a bad -C, token file, CA file or --upload-uuid is reported before
+// any session directory is touched.
 func (c *cowFlags) validate() error {
 	switch {
 	case c.newDir != "" && c.loadDir != "":
 		return errors.New("-c (new session) and -L (load a session) exclude each other")
 	case !c.enabled() && (c.merger != "" || c.merge || c.uploadUUID != "" || c.statsFile || c.statsStdout):
 		return errors.New("-C, -m, --upload-uuid and --cow-stats-* need a copy-on-write session (-c DIR or -L DIR)")
-	case c.merge && c.merger == "":
-		return errors.New("-m needs the merger (-C URL)")
+	case c.merger == "" && (c.merge || c.uploadUUID != "" || c.tokenFile != "" || c.caFile != ""):
+		return errors.New("-m, --upload-uuid, --merger-token-file and --merger-ca need the merger (-C URL)")
 	case c.uploadDelay < 0:
 		return errors.New("--upload-delay must not be negative")
+	case len(c.uploadUUID) > upload.MaxUUIDLength || strings.ContainsFunc(c.uploadUUID, func(r rune) bool { return r <= ' ' || r >= 0x7f }):
+		return fmt.Errorf("--upload-uuid %q: want a merger session id of at most %d printable characters", c.uploadUUID, upload.MaxUUIDLength)
 	}
+	if c.merger == "" {
+		return nil
+	}
+	mc := upload.MergerConfig{CAFile: c.caFile}
+	if c.tokenFile != "" {
+		tok, err := upload.ReadTokenFile(c.tokenFile)
+		if err != nil {
+			return err
+		}
+		mc.Token = tok
+	}
+	m, err := upload.NewMerger(c.merger, mc)
+	if err != nil {
+		return fmt.Errorf("-C: %w", err)
+	}
+	c.client = m
 	return nil
 }
 
@@ -101,21 +125,9 @@ func openCOW(ctx context.Context, c *cowFlags, img *client.Image, log *slog.Logg
 		return nil, err
 	}
 	s := &cowSession{flags: c, overlay: ovl, log: log}
-	if c.merger == "" {
+	if c.client == nil {
 		log.Warn("no merger (-C): changes stay in the session directory only", "dir", c.dir())
 		return s, nil
-	}
-	mc := upload.MergerConfig{CAFile: c.caFile}
-	if c.tokenFile != "" {
-		if mc.Token, err = upload.ReadTokenFile(c.tokenFile); err != nil {
-			ovl.Close()
-			return nil, err
-		}
-	}
-	m, err := upload.NewMerger(c.merger, mc)
-	if err != nil {
-		ovl.Close()
-		return nil, err
 	}
 	if c.uploadUUID != "" {
 		if err := ovl.SetUUID(c.uploadUUID); err != nil {
@@ -131,13 +143,13 @@ func openCOW(ctx context.Context, c *cowFlags, img *client.Image, log *slog.Logg
 	if c.statsFile {
 		cfg.StatusFile = filepath.Join(c.dir(), "status")
 	}
-	s.uploader = upload.New(ovl, m, cfg)
+	s.uploader = upload.New(ovl, c.client, cfg)
 	uuid, err := s.uploader.EnsureSession(ctx)
 	if err != nil {
 		ovl.Close()
-		return nil, fmt.Errorf("merger session: %w", err)
+		return nil, fmt.Errorf("merger session: %w (the COW session in %s is kept: continue it with -L %s)", err, c.dir(), c.dir())
 	}
-	log.Info("uploading changes", "merger", m.URL(), "uuid", uuid, "delay", c.uploadDelay)
+	log.Info("uploading changes", "merger", c.client.URL(), "uuid", uuid, "delay", c.uploadDelay)
 	runCtx, stop := context.WithCancel(context.Background())
 	s.stopRun, s.runDone = stop, make(chan struct{})
 	go func() { defer close(s.runDone); s.uploader.Run(runCtx) }()
@@ -159,15 +171,21 @@ func (s *cowSession) backendID() string {
 // device stays attached for a successor, uploads just stop.
 func (s *cowSession) finish(ctx context.Context, detached bool) error {
 	var ferr error
-	if s.uploader != nil {
-		if detached {
-			res, err := s.uploader.Finish(ctx, s.flags.merge)
-			s.log.Info("final upload", "uploaded", res.Uploaded, "dirty", res.Dirty, "merge", res.MergeAccepted, "uuid", res.UUID)
-			ferr = err
-		} else {
-			s.stopRun()
-			<-s.runDone
-		}
+	switch {
+	case s.uploader == nil:
+	case s.overlay.Failed() != nil:
+		// its data may be gone: upload nothing more, merge nothing
+		s.stopRun()
+		<-s.runDone
+		s.log.Error("no final upload and no merge: the COW session failed", "dir", s.flags.dir(), "err", s.overlay.Failed())
+	case detached:
+		res, err := s.uploader.Finish(ctx, s.flags.merge)
+		s.log.Info("final upload", "uploaded", res.Uploaded, "dirty", res.Dirty,
+			"merge", res.MergeRequested, "mergeAccepted", res.MergeAccepted, "uuid", res.UUID)
+		ferr = err
+	default:
+		s.stopRun()
+		<-s.runDone
 	}
 	if err := s.overlay.Close(); err != nil && ferr == nil {
 		ferr = fmt.Errorf("close session: %w", err)

@@ -127,6 +127,13 @@ func (b imageBackend) Size() int64                             { return b.img.Si
 func (b imageBackend) Flush() error                            { return nil }
 func (b imageBackend) ReadOnly() bool                          { return true }
 
+// StartRead and SendStarted make the engine's reads asynchronous
+// (nbdbridge.AsyncReader): no goroutine hand-off per request.
+func (b imageBackend) StartRead(p []byte, off int64, t nbdbridge.ReadTarget) {
+	b.img.StartRead(p, off, t)
+}
+func (b imageBackend) SendStarted() { b.img.SendStarted() }
+
 // exitWith prints err for command name and returns the exit code.
 func exitWith(s stdio, name string, err error) int {
 	fmt.Fprintf(s.err, "dnbd3-nbd %s: %v\n", name, err)

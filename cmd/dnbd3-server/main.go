@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"github.com/dnbd3go/dnbd3go/internal/logging"
+	"github.com/dnbd3go/dnbd3go/internal/sdnotify"
+	"github.com/dnbd3go/dnbd3go/internal/units"
 	"github.com/dnbd3go/dnbd3go/internal/version"
 	"github.com/dnbd3go/dnbd3go/server"
 	"github.com/spf13/pflag"
@@ -40,6 +42,8 @@ type flags struct {
 	errorMsg   string
 	logFormat  string
 	showVer    bool
+	check      bool
+	allowOpen  bool
 }
 
 func run(args []string) int {
@@ -52,12 +56,14 @@ func run(args []string) int {
 	fs.StringVar(&f.crcFile, "crc", "", "one-shot: write FILE.crc for an image file and exit")
 	fs.StringVar(&f.create, "create", "", "one-shot: create an empty image NAME (with --revision and --size) below basePath and exit")
 	fs.Uint16Var(&f.revision, "revision", 0, "revision for --create")
-	fs.StringVar(&f.size, "size", "", "size in bytes for --create (suffixes K, M, G, T allowed)")
+	fs.StringVar(&f.size, "size", "", "size in bytes for --create (suffixes K, M, G, T: powers of 1024; 4M, 4MiB and 4m are all 4 MiB)")
 	fs.StringVar(&f.errorMsg, "errormsg", "", "answer every connection with an HTTP JSON error message TEXT and nothing else")
 	fs.StringVar(&f.logFormat, "log-format", "text", "console log format: text or json")
+	fs.BoolVar(&f.check, "check-config", false, "check the configuration directory (as the user the server runs as), print every problem and exit: 1 if the server would not start")
+	fs.BoolVar(&f.allowOpen, "allow-open-rpc", false, "start even if rpc.acl has rule lines but none is valid (the RPC is then open to everyone, as in the reference)")
 	fs.BoolVarP(&f.showVer, "version", "v", false, "print the version and exit")
 	fs.Usage = func() {
-		fmt.Fprintf(os.Stderr, "Usage: dnbd3-server [-n] [-c DIR] [-b ADDR]\n       dnbd3-server --crc FILE\n       dnbd3-server -c DIR --create NAME --revision N --size BYTES\n\n")
+		fmt.Fprintf(os.Stderr, "Usage: dnbd3-server [-n] [-c DIR] [-b ADDR]\n       dnbd3-server --check-config [-c DIR]\n       dnbd3-server --crc FILE\n       dnbd3-server -c DIR --create NAME --revision N --size BYTES\n\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -71,30 +77,14 @@ func run(args []string) int {
 		fmt.Fprintf(os.Stderr, "dnbd3-server: unexpected argument %q\n", fs.Arg(0))
 		return 2
 	}
-	if f.showVer {
-		fmt.Println(version.String())
-		return 0
+	if code, done := oneShot(f); done {
+		return code
 	}
-	if f.crcFile != "" {
-		list, err := server.WriteCRCFile(f.crcFile)
-		if err != nil {
-			fmt.Fprintln(os.Stderr, "dnbd3-server: --crc:", err)
-			return 1
-		}
-		fmt.Printf("wrote %s.crc (%d hash blocks)\n", f.crcFile, len(list))
-		return 0
-	}
-	cfg, warnings, err := server.LoadConfig(f.configDir, nil)
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "dnbd3-server: %v\n", err)
+	dir := readConfigDir(f)
+	if dir == nil {
 		return 1
 	}
-	if f.create != "" {
-		return create(cfg, f)
-	}
-	if f.errorMsg != "" {
-		return errorMode(cfg, f)
-	}
+	cfg := dir.Config
 	if !f.foreground && os.Getenv(daemonEnv) == "" {
 		return daemonize(args)
 	}
@@ -113,8 +103,8 @@ func run(args []string) int {
 	}
 	defer lg.Close()
 	log := lg.Logger
-	for _, w := range warnings {
-		log.Warn("server.conf: " + w)
+	for _, p := range dir.Problems {
+		log.Warn(p.Msg, "at", p.Where())
 	}
 	log.Info("starting", "version", version.String(), "config", f.configDir, "basePath", cfg.BasePath)
 
@@ -124,6 +114,7 @@ func run(args []string) int {
 		Logger:    log,
 		LogTail:   lg.Tail,
 		Version:   version.String(),
+		Files:     dir,
 	})
 	if err != nil {
 		log.Error("cannot start", "err", err)
@@ -161,7 +152,10 @@ func run(args []string) int {
 			}
 		}
 	}()
+	// systemd (Type=notify): ready once listening, then status lines.
+	sd := sdnotify.Start(ctx, sdnotify.Options{Status: srv.StatusLine, Logger: log})
 	err = srv.Serve(ctx, ln)
+	sd.Stop()
 	signal.Stop(sigs)
 	close(sigs)
 	if err != nil {
@@ -172,10 +166,90 @@ func run(args []string) int {
 	return 0
 }
 
+// oneShot runs the modes that do something and exit instead of serving
+// (--version, --crc, --check-config, --create, --errormsg); done is false
+// for a normal start.
+func oneShot(f flags) (code int, done bool) {
+	switch {
+	case f.showVer:
+		fmt.Println(version.String())
+		return 0, true
+	case f.crcFile != "":
+		list, err := server.WriteCRCFile(f.crcFile)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "dnbd3-server: --crc:", err)
+			return 1, true
+		}
+		fmt.Printf("wrote %s.crc (%d hash blocks)\n", f.crcFile, len(list))
+		return 0, true
+	case f.check:
+		return checkConfig(f), true
+	case f.create == "" && f.errorMsg == "":
+		return 0, false
+	}
+	cfg, _, err := server.LoadConfig(f.configDir, nil)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "dnbd3-server: %v\n", err)
+		return 1, true
+	}
+	if f.create != "" {
+		return create(cfg, f), true
+	}
+	return errorMode(cfg, f), true
+}
+
+// checkConfig is --check-config: every problem of the configuration
+// directory on stdout, exit status 1 if one of them would stop a start.
+func checkConfig(f flags) int {
+	d := server.ReadConfigDir(f.configDir, server.CheckOptions{AllowOpenRPC: f.allowOpen})
+	errs := 0
+	for _, p := range d.Problems {
+		fmt.Println(p)
+		if p.Severity == server.SeverityError {
+			errs++
+		}
+	}
+	warns := len(d.Problems) - errs
+	if errs > 0 {
+		fmt.Printf("%s: %s, %s: dnbd3-server would not start\n", f.configDir, plural(errs, "error"), plural(warns, "warning"))
+		return 1
+	}
+	fmt.Printf("%s: OK, %s\n", f.configDir, plural(warns, "warning"))
+	return 0
+}
+
+// readConfigDir reads and checks the configuration directory for a start.
+// With errors it prints them and returns nil; the warnings are left for
+// the log.
+func readConfigDir(f flags) *server.ConfigDir {
+	d := server.ReadConfigDir(f.configDir, server.CheckOptions{AllowOpenRPC: f.allowOpen})
+	if d.Err() == nil {
+		return d
+	}
+	for _, p := range d.Problems {
+		if p.Severity == server.SeverityError {
+			fmt.Fprintln(os.Stderr, "dnbd3-server:", p)
+		}
+	}
+	fmt.Fprintf(os.Stderr, "dnbd3-server: not starting; `dnbd3-server --check-config -c %s` lists every problem\n", f.configDir)
+	return nil
+}
+
+func plural(n int, word string) string {
+	if n == 1 {
+		return "1 " + word
+	}
+	return fmt.Sprintf("%d %ss", n, word)
+}
+
 func create(cfg server.Config, f flags) int {
-	size, err := server.ParseSize(f.size)
-	if err != nil || f.revision == 0 {
+	if f.revision == 0 || f.size == "" {
 		fmt.Fprintln(os.Stderr, "dnbd3-server: --create needs --revision N (1..65535) and --size BYTES")
+		return 2
+	}
+	size, err := units.ParseSize(f.size)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "dnbd3-server: --size: %v\n", err)
 		return 2
 	}
 	path, err := server.CreateImage(cfg.BasePath, f.create, f.revision, size, cfg.SparseFiles, cfg.IgnoreAllocErrors)

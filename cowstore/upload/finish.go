@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"sync"
 )
 
@@ -188,5 +189,23 @@ func (u *Uploader) merge(ctx context.Context, res *Result) error {
 	if ctx.Err() != nil {
 		err = errors.Join(ctx.Err(), err)
 	}
+	var se *StatusError
+	if errors.As(err, &se) && se.StatusCode == http.StatusConflict {
+		return conflictError(uuid, u.src.ImageName(), u.src.RID(), se)
+	}
 	return fmt.Errorf("merge request for session %s failed after %d attempt(s); all changes are uploaded, so the merge can be requested again later (load the session with -L and --merge): %w", uuid, res.MergeAttempts, err)
+}
+
+// conflictError explains a merge the merger refused with 409 Conflict:
+// the revision the session would become exists already (the merger
+// builds revision rid+1 from a session based on rid, never rid+2, and
+// never replaces a revision), so repeating the request cannot help. The
+// changes are still in the COW session.
+func conflictError(uuid, image string, rid uint16, se *StatusError) error {
+	return fmt.Errorf("the merger refused to merge session %s (HTTP 409, it says: %q): revision %d of %s, which this session "+
+		"based on revision %d would become, exists already (another session based on revision %d was merged first, or it was put there), "+
+		"and the merger never replaces a revision, so requesting the merge again cannot succeed; the changes are not lost, "+
+		"they stay in the COW session: to keep them, read them from it (dnbd3-nbd serve or attach with -L and without -C) "+
+		"and write them into a new session started from the latest revision (-c without -r)",
+		uuid, se.Body, int(rid)+1, image, rid, rid)
 }

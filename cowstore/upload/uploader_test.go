@@ -467,3 +467,27 @@ func TestMergeRetries(t *testing.T) {
 		})
 	}
 }
+
+// TestMergeConflictSaysWhatToDo: a merge refused with 409 is not repeated,
+// and the error says why repeating it cannot help and what can be done,
+// quoting the merger's reason once.
+func TestMergeConflictSaysWhatToDo(t *testing.T) {
+	e := newEnv(t)
+	e.session(t)
+	e.src.write(0, 0, 1)
+	reason := "conflict: revision 4 of pool/img already exists; this session was based on revision 3 and its changes were not merged; start a new session from the latest revision"
+	e.srv.FailMerge(mergertest.Fault{Status: 409, Body: reason})
+	res, err := e.uploader().Finish(t.Context(), true)
+	if err == nil || !res.MergeRequested || res.MergeAccepted || res.MergeAttempts != 1 || len(e.srv.RequestsTo("merge")) != 1 {
+		t.Fatalf("Finish = %+v, %v; want one refused merge request", res, err)
+	}
+	msg := err.Error()
+	for _, want := range []string{"revision 4 of pool/img", "based on revision 3", "cannot succeed", "-L and without -C", "new session started from the latest revision"} {
+		if !strings.Contains(msg, want) {
+			t.Errorf("error lacks %q: %s", want, msg)
+		}
+	}
+	if strings.Contains(msg, "requested again later") || strings.Count(strings.ToLower(msg), "conflict") > 1 {
+		t.Errorf("error suggests a retry or repeats itself: %s", msg)
+	}
+}

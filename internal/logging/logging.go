@@ -8,7 +8,11 @@
 // q=logfile).
 //
 // Output is produced by the standard slog text or JSON handlers, with the
-// level names spelled as above.
+// level names spelled as above. When the console is a stream systemd
+// connected to the journal (JOURNAL_STREAM), console lines start with a
+// syslog priority prefix ("<3>" for ERROR ... "<7>" for DEBUG1/2), so that
+// `journalctl -p warning` works, and carry no timestamp of their own (the
+// journal has one).
 package logging
 
 import (
@@ -18,8 +22,11 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
+
+	"golang.org/x/sys/unix"
 )
 
 // Levels of the reference server as slog levels. ERROR, WARNING and INFO are
@@ -179,7 +186,7 @@ func New(o Options) (*Logger, error) {
 	if o.Console != nil && o.ConsoleMask != MaskNone {
 		outs = append(outs, maskedHandler{
 			mask: o.ConsoleMask,
-			h:    newHandler(o.Console, format, slog.Level(-128), o.Timestamps),
+			h:    consoleHandler(o.Console, format, slog.Level(-128), o.Timestamps),
 		})
 	}
 	var fw *fileWriter
@@ -229,14 +236,106 @@ func (l *Logger) Close() error {
 
 // Simple returns a logger for the daemons that log only to one writer:
 // format is "text" (default when empty) or "json" (--log-format), records
-// below level are dropped. Lines carry a timestamp and the reference's level
-// names.
+// below level are dropped. Lines carry a timestamp (none under journald)
+// and the reference's level names.
 func Simple(w io.Writer, format string, level slog.Level) (*slog.Logger, error) {
 	f, err := checkFormat(format)
 	if err != nil {
 		return nil, err
 	}
-	return slog.New(newHandler(w, f, level, true)), nil
+	return slog.New(consoleHandler(w, f, level, true)), nil
+}
+
+// consoleHandler is newHandler for a console writer: under journald it
+// drops the timestamp and prefixes each line with its syslog priority.
+func consoleHandler(w io.Writer, format string, minLevel slog.Level, withTime bool) slog.Handler {
+	if !UnderJournal(w) {
+		return newHandler(w, format, minLevel, withTime)
+	}
+	pw := &priorityWriter{w: w}
+	return &journalHandler{h: newHandler(pw, format, minLevel, false), w: pw}
+}
+
+// UnderJournal reports whether w is a file that systemd connected to the
+// journal: $JOURNAL_STREAM is "DEVICE:INODE" of the service's stdout or
+// stderr stream, and w's descriptor is that stream (not a file or terminal
+// the service redirected it to).
+func UnderJournal(w io.Writer) bool {
+	env := os.Getenv("JOURNAL_STREAM")
+	f, ok := w.(*os.File)
+	if env == "" || !ok {
+		return false
+	}
+	dev, ino, ok := strings.Cut(env, ":")
+	if !ok {
+		return false
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return false
+	}
+	return dev == strconv.FormatUint(st.Dev, 10) && ino == strconv.FormatUint(st.Ino, 10)
+}
+
+// SyslogPriority is the syslog priority of a level as journald reads it
+// from a "<N>" line prefix: 3 (err) for ERROR, 4 (warning) for WARNING,
+// 5 (notice) for MINOR, 6 (info) for INFO and 7 (debug) below.
+func SyslogPriority(l slog.Level) int {
+	switch levelBit(l) {
+	case MaskError:
+		return 3
+	case MaskWarning:
+		return 4
+	case MaskMinor:
+		return 5
+	case MaskInfo:
+		return 6
+	}
+	return 7
+}
+
+// journalHandler prefixes each record's line with its syslog priority.
+// Its clones (WithAttrs, WithGroup) share the writer and its lock.
+type journalHandler struct {
+	h slog.Handler
+	w *priorityWriter
+}
+
+func (j *journalHandler) Enabled(ctx context.Context, l slog.Level) bool {
+	return j.h.Enabled(ctx, l)
+}
+
+func (j *journalHandler) Handle(ctx context.Context, r slog.Record) error {
+	j.w.mu.Lock()
+	defer j.w.mu.Unlock()
+	j.w.prefix = "<" + strconv.Itoa(SyslogPriority(r.Level)) + ">"
+	return j.h.Handle(ctx, r)
+}
+
+func (j *journalHandler) WithAttrs(as []slog.Attr) slog.Handler {
+	return &journalHandler{h: j.h.WithAttrs(as), w: j.w}
+}
+
+func (j *journalHandler) WithGroup(name string) slog.Handler {
+	return &journalHandler{h: j.h.WithGroup(name), w: j.w}
+}
+
+// priorityWriter writes each line (one Write per record, as the slog
+// handlers do) with the prefix of the record being handled; mu is held by
+// journalHandler.Handle around the write.
+type priorityWriter struct {
+	mu     sync.Mutex
+	w      io.Writer
+	prefix string
+}
+
+func (p *priorityWriter) Write(b []byte) (int, error) {
+	line := make([]byte, 0, len(p.prefix)+len(b))
+	line = append(append(line, p.prefix...), b...)
+	if _, err := p.w.Write(line); err != nil {
+		return 0, err
+	}
+	return len(b), nil
 }
 
 // checkFormat validates a format name; "" means text.

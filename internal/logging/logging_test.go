@@ -4,11 +4,13 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 )
 
@@ -348,5 +350,91 @@ func TestMaskAtLeast(t *testing.T) {
 	}
 	if MaskAtLeast(slog.LevelWarn) != MaskError|MaskWarning || MaskAtLeast(LevelDebug2) != MaskAll {
 		t.Error("warn/debug2")
+	}
+}
+
+// journalFile returns a file standing in for the journal stream systemd
+// gives a service, with JOURNAL_STREAM set to its device and inode.
+func journalFile(t *testing.T) *os.File {
+	t.Helper()
+	f, err := os.Create(filepath.Join(t.TempDir(), "journal"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	st, err := f.Stat()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sys := st.Sys().(*syscall.Stat_t)
+	t.Setenv("JOURNAL_STREAM", fmt.Sprintf("%d:%d", sys.Dev, sys.Ino))
+	return f
+}
+
+func TestJournalPriorities(t *testing.T) {
+	f := journalFile(t)
+	lg, err := New(Options{Console: f, ConsoleMask: MaskAll, Timestamps: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := lg.With("image", "ubuntu")
+	log.Error("e")
+	log.Warn("w")
+	log.Log(context.Background(), LevelMinor, "m")
+	log.Info("i")
+	log.Debug("d1")
+	log.Log(context.Background(), LevelDebug2, "d2")
+	got, _ := os.ReadFile(f.Name())
+	want := `<3>level=ERROR msg=e image=ubuntu
+<4>level=WARNING msg=w image=ubuntu
+<5>level=MINOR msg=m image=ubuntu
+<6>level=INFO msg=i image=ubuntu
+<7>level=DEBUG1 msg=d1 image=ubuntu
+<7>level=DEBUG2 msg=d2 image=ubuntu
+`
+	if string(got) != want {
+		t.Fatalf("journal lines:\n%s\nwant (priority prefix, no time):\n%s", got, want)
+	}
+}
+
+func TestJournalJSONAndSimple(t *testing.T) {
+	f := journalFile(t)
+	log, err := Simple(f, "json", slog.LevelInfo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	log.Warn("careful", "n", 1)
+	log.Debug("dropped")
+	got, _ := os.ReadFile(f.Name())
+	if want := `<4>{"level":"WARNING","msg":"careful","n":1}` + "\n"; string(got) != want {
+		t.Fatalf("got %q, want %q", got, want)
+	}
+}
+
+func TestNotUnderJournal(t *testing.T) {
+	f := journalFile(t)
+	other, err := os.Create(filepath.Join(t.TempDir(), "other"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	// JOURNAL_STREAM names f; a service that redirected its stderr
+	// elsewhere (other) writes plain lines with a timestamp.
+	log, err := Simple(other, "text", slog.LevelInfo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	log.Error("plain")
+	got, _ := os.ReadFile(other.Name())
+	if !strings.HasPrefix(string(got), "time=") || !strings.Contains(string(got), "level=ERROR msg=plain") {
+		t.Fatalf("got %q, want a plain line with its own time", got)
+	}
+	var buf bytes.Buffer
+	if UnderJournal(&buf) || !UnderJournal(f) {
+		t.Fatal("UnderJournal: want false for a buffer, true for the stream JOURNAL_STREAM names")
+	}
+	t.Setenv("JOURNAL_STREAM", "")
+	if UnderJournal(f) {
+		t.Fatal("UnderJournal without JOURNAL_STREAM")
 	}
 }

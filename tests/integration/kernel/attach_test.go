@@ -130,7 +130,11 @@ func attachCmd(t *testing.T, args ...string) (*proc, string, int) {
 	case <-p.done:
 		t.Fatalf("attach exited before printing a device:\n%s", p.output())
 	case <-time.After(60 * time.Second):
-		t.Fatalf("attach printed no device within 60 s:\n%s", p.output())
+		// SIGQUIT makes the Go runtime print every goroutine's stack:
+		// the output then shows where the daemon is stuck.
+		p.cmd.Process.Signal(syscall.SIGQUIT)
+		p.wait(5 * time.Second)
+		t.Fatalf("attach printed no device within 60 s (goroutine dump after SIGQUIT below):\n%s", p.output())
 	}
 	idx, err := nbdbridge.ParseDevice(dev)
 	if err != nil {
@@ -205,6 +209,17 @@ func readDevice(dev string, progress func(int64)) (string, error) {
 }
 
 func dropCaches() { os.WriteFile("/proc/sys/vm/drop_caches", []byte("3"), 0) }
+
+// servingServer returns the server the device reads from now: the one its
+// kernel-direct connections go to, else the client library's current one.
+func servingServer(t *testing.T, dev string) string {
+	t.Helper()
+	st := statusJSON(t, dev)
+	if sl, ok := st["slots"].(map[string]any); ok && sl["mode"] == "direct" {
+		return sl["directServer"].(string)
+	}
+	return st["client"].(map[string]any)["Current"].(string)
+}
 
 func nbd(t *testing.T, args ...string) (string, int) {
 	t.Helper()
@@ -340,14 +355,17 @@ func TestFailoverDuringRead(t *testing.T) {
 	a, addrA := server(t, base)
 	b, addrB := server(t, base)
 	_, dev, _ := attachCmd(t, "-h", addrA+" "+addrB, "-S", "-i", "fo", "--timeout", "60s")
-	cur := statusJSON(t, dev)["client"].(map[string]any)["Current"].(string)
-	victim := map[string]*proc{addrA: a, addrB: b}[cur]
-	if victim == nil {
-		t.Fatalf("current server %q is neither %s nor %s", cur, addrA, addrB)
-	}
+	// The server to kill is chosen when the read is under way: RTT probing
+	// may switch to the other server right after the attach.
+	var cur string
 	var killed atomic.Bool
 	got, err := readDevice(dev, func(n int64) {
 		if n > 64<<20 && !killed.Swap(true) {
+			cur = servingServer(t, dev)
+			victim := map[string]*proc{addrA: a, addrB: b}[cur]
+			if victim == nil {
+				t.Fatalf("serving server %q is neither %s nor %s", cur, addrA, addrB)
+			}
 			victim.cmd.Process.Signal(syscall.SIGKILL)
 		}
 	})

@@ -23,9 +23,12 @@ DISK=out/vm-cowdisk.img
 
 # name | limit (s) | quiet duration (s, measured) | vmtest.sh arguments
 # The bridge suite takes every test no other suite names, so a new test
-# always runs somewhere.
+# always runs somewhere. The iscsi suite loads the kernel's iSCSI
+# initiator and copies the host's open-iscsi daemon and tool (package
+# open-iscsi, installed by scripts/deps.sh).
 SUITES=(
-  "bridge|600|150|-skip ^Test(COW|Merge|Cowtest) -files $DATA"
+  "bridge|600|150|-skip ^Test(COW|Merge|Cowtest|ISCSI) -files $DATA"
+  "iscsi|240|35|-run ^TestISCSI -files $DATA -mod iscsi_tcp -mod sd_mod -hostbin iscsid -hostbin iscsiadm"
   "cow|300|60|-run ^Test(COW|Merge) -files $DATA"
   "cowtest-random|600|170|-run ^TestCowtestRandom$ -disk-snapshot $DISK"
   "cowtest-sequence|1500|600|-run ^TestCowtestSequenceWithMerger$ -disk-snapshot $DISK"
@@ -54,6 +57,19 @@ T0=$SECONDS
 for s in "${SUITES[@]}"; do
   IFS='|' read -r name limit quiet args <<<"$s"
   selected "$name" || continue
+  # A suite that copies host binaries into the VM needs them here.
+  missing=""
+  read -ra words <<<"$args"
+  for i in "${!words[@]}"; do
+    if [ "${words[$i]}" = -hostbin ] && ! command -v "${words[$((i + 1))]}" >/dev/null && [ ! -x "/usr/sbin/${words[$((i + 1))]}" ]; then
+      missing="$missing ${words[$((i + 1))]}"
+    fi
+  done
+  if [ -n "$missing" ]; then
+    echo "=== VM suite $name: SKIP: host commands missing:$missing (scripts/deps.sh as root installs them)"
+    summary+=("$(printf '%-18s %-22s' "$name" "SKIP (missing:$missing)")")
+    continue
+  fi
   echo "=== VM suite $name (limit ${limit}s, about ${quiet}s on a quiet machine)"
   start=$SECONDS
   # shellcheck disable=SC2086 # args is a list of words without spaces

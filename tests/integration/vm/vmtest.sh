@@ -6,6 +6,7 @@
 #   tests/integration/vm/vmtest.sh [-p PKG]... [-run REGEX] [-skip REGEX] [-timeout SEC] [-files DIR]
 #       [-m MiB] [-smp N] [-no-nbd] [-mod MODULE]... [-cmds PATTERN|none]
 #       [-hostbin PATH]... [-env K=V]... [-disk FILE]... [-keep]
+#       [-kernel VMLINUZ] [-modfile FILE.ko]... [-guestbin FILE]...
 #
 #   -p PKG        Go package pattern to build with `go test -c` (repeatable;
 #                 default ./tests/integration/kernel/...)
@@ -28,6 +29,14 @@
 #                 overlay and FILE stays unchanged (a prepared disk reused
 #                 by every run)
 #   -keep         keep the work directory (initramfs, console log)
+#   -kernel VMLINUZ  boot this kernel image instead of the package's (its
+#                 modules must come from -modfile: the package's only load
+#                 into the package's kernel build)
+#   -modfile FILE.ko  load this module file (after the package's modules; a
+#                 file named nbd.ko replaces the package's nbd and gets its
+#                 parameters); the tests see DNBD3GO_VM_MODFILES="name ..."
+#   -guestbin FILE  copy FILE (a static binary) into the guest's
+#                 /usr/local/bin, first on PATH
 #
 # Guest: Debian bookworm's cloud kernel (TCG, -cpu max), busybox, nbd.ko loaded
 # with nbds_max=16, the test binaries in /tests, the commands in /bin, the real
@@ -49,7 +58,7 @@
 set -euo pipefail
 
 PKGS=(); RUN=""; SKIP=""; TMO=600; FILES=""; MEM=2048; SMP=2; NBD=1; MODS=(); CMDS=./cmd/...
-HOSTBINS=(); ENVS=(); KEEP=0; DISKS=()
+HOSTBINS=(); ENVS=(); KEEP=0; DISKS=(); KERNEL=""; MODFILES=(); GUESTBINS=()
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case $1 in
@@ -68,6 +77,9 @@ while [ $# -gt 0 ]; do
     -disk) DISKS+=("$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"); shift 2;;
     -disk-snapshot) DISKS+=("$(cd "$(dirname "$2")" && pwd)/$(basename "$2"):snapshot"); shift 2;;
     -keep) KEEP=1; shift;;
+    -kernel) KERNEL=$2; shift 2;;
+    -modfile) MODFILES+=("$2"); shift 2;;
+    -guestbin) GUESTBINS+=("$2"); shift 2;;
     -h|-help|--help) usage;;
     *) echo "vmtest: unknown argument $1" >&2; usage;;
   esac
@@ -76,6 +88,21 @@ done
 case $TMO in ''|*[!0-9]*) echo "vmtest: -timeout wants seconds" >&2; exit 2;; esac
 if [ -n "$FILES" ] && [ ! -d "$FILES" ]; then echo "vmtest: -files $FILES is not a directory" >&2; exit 2; fi
 [ -z "$FILES" ] || FILES=$(cd "$FILES" && pwd)
+abspath() { echo "$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"; }
+if [ -n "$KERNEL" ]; then
+  [ -f "$KERNEL" ] || { echo "vmtest: -kernel $KERNEL: no such file" >&2; exit 2; }
+  KERNEL=$(abspath "$KERNEL")
+fi
+declare -A MODFILE=()
+for f in "${MODFILES[@]}"; do
+  [ -f "$f" ] || { echo "vmtest: -modfile $f: no such file" >&2; exit 2; }
+  case $f in *.ko) ;; *) echo "vmtest: -modfile $f: want a .ko file" >&2; exit 2;; esac
+  b=$(basename "$f" .ko); MODFILE[${b//-/_}]=$(abspath "$f")
+done
+for k in "${!GUESTBINS[@]}"; do
+  [ -f "${GUESTBINS[$k]}" ] || { echo "vmtest: -guestbin ${GUESTBINS[$k]}: no such file" >&2; exit 2; }
+  GUESTBINS[$k]=$(abspath "${GUESTBINS[$k]}")
+done
 
 ROOT=$(cd "$(dirname "$0")/../../.." && pwd)
 [ -f "$ROOT/go.mod" ] || { echo "vmtest: no go.mod in $ROOT" >&2; exit 2; }
@@ -151,6 +178,8 @@ if [ -z "$KPKG" ] || [ ! -f "$CACHE/$KPKG/.done" ]; then
   fi
 fi
 KDIR=$CACHE/$KPKG
+VMLINUZ=$KDIR/vmlinuz
+[ -n "$KERNEL" ] && VMLINUZ=$KERNEL
 BB=$CACHE/busybox
 if [ ! -x "$BB" ]; then
   log "fetching busybox-static"
@@ -177,7 +206,8 @@ addmod() {
   local m=${1//-/_} f deps d
   [ -n "${MODSEEN[$m]:-}" ] && return 0
   MODSEEN[$m]=1
-  f=$(modfile "$m"); [ -n "$f" ] || f=$(modfile "${1//_/-}")
+  f=${MODFILE[$m]:-}
+  [ -n "$f" ] || f=$(modfile "$m"); [ -n "$f" ] || f=$(modfile "${1//_/-}")
   if [ -z "$f" ]; then
     grep -qE "/$m\.ko" "$KDIR/modules/modules.builtin" 2>/dev/null && return 0
     die "kernel module $1 not found in $KPKG"
@@ -194,6 +224,7 @@ addmod() {
 addmod nbd
 [ ${#DISKS[@]} -gt 0 ] && MODS+=(virtio_pci virtio_blk)
 for m in "${MODS[@]}"; do addmod "$m"; done
+for m in "${!MODFILE[@]}"; do addmod "$m"; done
 : > "$R/etc/vmtest/modules"
 for m in "${MODORDER[@]}"; do
   case $m in
@@ -233,6 +264,8 @@ copy_hostbin "$MKE2FS" /usr/sbin/mke2fs
 [ -f /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$R/etc/"
 printf '#!/bin/sh\nexec /usr/sbin/mke2fs -t ext4 "$@"\n' > "$R/usr/sbin/mkfs.ext4"
 chmod +x "$R/usr/sbin/mkfs.ext4"
+mkdir -p "$R/usr/local/bin"
+for b in "${GUESTBINS[@]}"; do cp "$b" "$R/usr/local/bin/" && chmod +x "$R/usr/local/bin/$(basename "$b")"; done
 for b in "${HOSTBINS[@]}"; do
   src=$(command -v "$b" || true); [ -n "$src" ] || die "host binary $b not found"
   copy_hostbin "$src" "$(readlink -f "$src")"
@@ -252,6 +285,7 @@ if [ "$TMO" -gt 80 ]; then echo "$((TMO - 20))s"; else echo "$((TMO * 3 / 4))s";
     names=""; for i in "${!DISKS[@]}"; do names="$names vd$(printf "\\x$(printf %x $((97 + i)))")"; done
     echo "DNBD3GO_VM_DISKS=${names# }"
   fi
+  [ ${#MODFILE[@]} -gt 0 ] && echo "DNBD3GO_VM_MODFILES=${!MODFILE[*]}"
   for e in "${ENVS[@]}"; do echo "$e"; done
 } > "$R/etc/vmtest/env"
 cat > "$R/init" <<'EOF'
@@ -288,7 +322,7 @@ chmod +x "$R/init"
 # ---- 7. boot ----------------------------------------------------------------------
 # TCG only: KVM on nested/PVM hosts hangs or emulates itself to death; -cpu max
 # gives RDRAND (no crng wait); -nic none skips the iPXE ROM.
-log "booting $KPKG (tcg, smp=$SMP, mem=${MEM}M, initrd $(( $(stat -c %s "$W/initrd.cpio") >> 20 )) MiB)"
+log "booting ${KERNEL:-$KPKG} (tcg, smp=$SMP, mem=${MEM}M, initrd $(( $(stat -c %s "$W/initrd.cpio") >> 20 )) MiB)"
 # A TCG guest very rarely hangs during boot (RCU stalls with qemu idle, seen
 # about once in dozens of boots on this host): a boot that does not reach
 # the "VMTEST ready" line within BOOT_TIMEOUT is killed and retried.
@@ -303,7 +337,7 @@ done
 boot() {
   : > "$W/console.log"
   timeout -k 5 "$TMO" qemu-system-x86_64 -accel tcg -cpu max -m "$MEM" -smp "$SMP" \
-    -nographic -no-reboot -nic none -kernel "$KDIR/vmlinuz" -initrd "$W/initrd.cpio" \
+    -nographic -no-reboot -nic none -kernel "$VMLINUZ" -initrd "$W/initrd.cpio" \
     -append "console=ttyS0 panic=-1 quiet" "${DISKARGS[@]}" ${VMTEST_QEMU_EXTRA:-} </dev/null >"$W/console.log" 2>&1 &
   local qpid=$!
   tail -n +1 -f --pid=$qpid "$W/console.log" |
