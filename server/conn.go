@@ -116,23 +116,8 @@ func (cc *clientConn) requestLoop(timeout time.Duration) {
 	r := cc.r
 	var hdr [protocol.RequestSize]byte
 	for {
-		if r.Buffered() < len(hdr) {
-			// About to wait for the client: send what is queued first.
-			if err := cc.flush(); err != nil {
-				cc.logWriteErr(err)
-				return
-			}
-			cc.refreshReadDeadline(4 * timeout)
-		}
-		if cc.relays.Load() > maxClientRelays {
-			if err := cc.flush(); err != nil {
-				cc.logWriteErr(err)
-				return
-			}
-			if !cc.waitRelays(timeout) {
-				cc.logAt(slog.LevelInfo, "closing: too many outstanding relayed requests for too long", "outstanding", cc.relays.Load())
-				return
-			}
+		if !cc.readyToRead(len(hdr), 4*timeout) {
+			return
 		}
 		if _, err := io.ReadFull(r, hdr[:]); err != nil {
 			if !isClosedErr(err) {
@@ -186,6 +171,31 @@ func (cc *clientConn) requestLoop(timeout time.Duration) {
 			return
 		}
 	}
+}
+
+// readyToRead prepares the read of the next request header (hdrSize
+// bytes): when the loop is about to wait, for the client or for relayed
+// requests, the queued replies go first; the read deadline moves to
+// idle from now (none if idle is 0); and while too many relayed requests
+// are outstanding it waits for them. It reports false when the
+// connection is to end (logged).
+func (cc *clientConn) readyToRead(hdrSize int, idle time.Duration) bool {
+	wait := cc.r.Buffered() < hdrSize
+	tooMany := cc.relays.Load() > maxClientRelays
+	if wait || tooMany {
+		if err := cc.flush(); err != nil {
+			cc.logWriteErr(err)
+			return false
+		}
+	}
+	if wait && idle > 0 {
+		cc.refreshReadDeadline(idle)
+	}
+	if tooMany && !cc.waitRelays(cc.timeout) {
+		cc.logAt(slog.LevelInfo, "closing: too many outstanding relayed requests for too long", "outstanding", cc.relays.Load())
+		return false
+	}
+	return true
 }
 
 // logWriteErr logs why the request loop ends after a failed reply.

@@ -114,16 +114,7 @@ func (cc *clientConn) nbdLoop() {
 	}
 	var hdr [protocol.NBDRequestSize]byte
 	for {
-		if cc.r.Buffered() < len(hdr) || cc.relays.Load() > maxClientRelays {
-			// About to wait (for the client or the uplink): send what is
-			// queued first.
-			if err := cc.flush(); err != nil {
-				cc.logAt(slog.LevelDebug, "closing NBD connection: write reply", "err", err)
-				return
-			}
-		}
-		if cc.relays.Load() > maxClientRelays && !cc.waitRelays(cc.timeout) {
-			cc.logAt(slog.LevelInfo, "closing NBD connection: too many outstanding relayed requests for too long", "outstanding", cc.relays.Load())
+		if !cc.readyToRead(len(hdr), 0) { // no idle timeout in NBD mode
 			return
 		}
 		if _, err := io.ReadFull(cc.r, hdr[:]); err != nil {

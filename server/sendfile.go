@@ -37,68 +37,93 @@ func (s *sock) sendFile(hdr []byte, f *os.File, fd int, fileSize, off, n int64) 
 			defer s.pipes.put(p)
 		}
 	}
-	var opErr error
-	err := s.raw.Write(func(fd2 uintptr) bool {
-		sock := int(fd2)
-		for len(hdr) > 0 {
-			flags := uintptr(unix.MSG_NOSIGNAL)
-			if n > 0 {
-				flags |= unix.MSG_MORE
-			}
-			k, e := rawSend(sock, hdr, flags)
-			if e == unix.EAGAIN {
-				return false
-			}
-			if e != 0 {
-				opErr = e
-				return true
-			}
-			hdr = hdr[k:]
-		}
-		if p != nil {
-			done, err := p.send(sock, fd, &off, fileEnd, fileEnd < end)
-			if !done {
-				return false
-			}
-			if err != nil {
-				opErr = err
-				return true
-			}
-		}
-		for off < fileEnd {
-			k, err := unix.Sendfile(sock, fd, &off, int(min(fileEnd-off, 1<<30)))
-			if err == unix.EAGAIN {
-				return false
-			}
-			if err == unix.EINTR {
-				continue
-			}
-			if err != nil {
-				opErr = err
-				return true
-			}
-			if k == 0 {
-				opErr = io.ErrUnexpectedEOF // file shrank under us
-				return true
-			}
-		}
-		for off < end {
-			k, e := rawSend(sock, zeroPage[:min(end-off, int64(len(zeroPage)))], unix.MSG_NOSIGNAL)
-			if e == unix.EAGAIN {
-				return false
-			}
-			if e != 0 {
-				opErr = e
-				return true
-			}
-			off += int64(k)
-		}
-		return true
-	})
-	if err != nil {
+	r := &fileReply{hdr: hdr, fd: fd, off: off, fileEnd: fileEnd, end: end, p: p}
+	if err := s.raw.Write(r.step); err != nil {
 		return err
 	}
-	return opErr
+	return r.err
+}
+
+// fileReply is the progress of one sendFile on a socket: the header, then
+// the file data (through the pipe p if there is one, else sendfile), then
+// the zero padding.
+type fileReply struct {
+	hdr               []byte
+	fd                int
+	off, fileEnd, end int64 // next byte, end of the file data, end of the reply
+	p                 *pipe
+	err               error // why the reply failed
+}
+
+// step sends what the socket takes. It reports false if the socket is
+// full (call again when it is writable), true when done or failed (err).
+func (r *fileReply) step(fd uintptr) bool {
+	sock := int(fd)
+	flags := uintptr(unix.MSG_NOSIGNAL)
+	if r.end > r.off {
+		flags |= unix.MSG_MORE
+	}
+	k, done, err := sendMem(sock, r.hdr, flags)
+	r.hdr = r.hdr[k:]
+	if !done || err != nil {
+		r.err = err
+		return done
+	}
+	if r.p != nil {
+		if done, err := r.p.send(sock, r.fd, &r.off, r.fileEnd, r.fileEnd < r.end); !done || err != nil {
+			r.err = err
+			return done
+		}
+	}
+	if done, err := sendfileAll(sock, r.fd, &r.off, r.fileEnd); !done || err != nil {
+		r.err = err
+		return done
+	}
+	for r.off < r.end {
+		k, done, err := sendMem(sock, zeroPage[:min(r.end-r.off, int64(len(zeroPage)))], unix.MSG_NOSIGNAL)
+		r.off += int64(k)
+		if !done || err != nil {
+			r.err = err
+			return done
+		}
+	}
+	return true
+}
+
+// sendMem sends b to the non-blocking socket. It returns how many bytes
+// went out, and false if the socket is full before the end, else true
+// (all sent, or the send failed with err).
+func sendMem(sock int, b []byte, flags uintptr) (int, bool, error) {
+	sent := 0
+	for sent < len(b) {
+		k, e := rawSend(sock, b[sent:], flags)
+		if e == unix.EAGAIN {
+			return sent, false, nil
+		}
+		if e != 0 {
+			return sent, true, e
+		}
+		sent += k
+	}
+	return sent, true, nil
+}
+
+// sendfileAll sends file bytes [*off, fileEnd) with sendfile(2); done and
+// err as for sendMem.
+func sendfileAll(sock, fd int, off *int64, fileEnd int64) (bool, error) {
+	for *off < fileEnd {
+		k, err := unix.Sendfile(sock, fd, off, int(min(fileEnd-*off, 1<<30)))
+		switch {
+		case err == unix.EAGAIN:
+			return false, nil
+		case err == unix.EINTR:
+		case err != nil:
+			return true, err
+		case k == 0:
+			return true, io.ErrUnexpectedEOF // file shrank under us
+		}
+	}
+	return true, nil
 }
 
 // rawSend is send(2) as a raw system call (the socket is non-blocking),
