@@ -275,7 +275,7 @@ func (p *proxy) clone(ci *client.Image) error {
 // createReplica makes the files of a new local copy. The image file
 // appears last, under its final name, so the store never loads it without
 // its `.map` and `.crc`.
-func (p *proxy) createReplica(ci *client.Image, path string, size int64, cfg Config) error {
+func (p *proxy) createReplica(ci *client.Image, path string, size int64, cfg *Config) error {
 	if fileExists(path) {
 		return nil // another lookup won
 	}

@@ -110,7 +110,7 @@ func newProxy(s *Server) *proxy {
 	return p
 }
 
-func (p *proxy) cfg() Config { return p.s.config() }
+func (p *proxy) cfg() *Config { return p.s.config() }
 
 func (p *proxy) saveInterval() time.Duration {
 	if d := p.s.hooks.mapSaveInterval; d > 0 {

@@ -57,6 +57,7 @@ type fetch struct {
 	client  bool // counted in uplink.clientWait
 	buf     []byte
 	err     error
+	refs    atomic.Int32 // users of buf after the fetch completed (finish)
 }
 
 // relay is a client GET_BLOCK waiting for uplink data, or (done set, cc
@@ -309,10 +310,12 @@ func (up *uplink) run(f *fetch) {
 		err = errUplinkGone
 	default:
 		defer up.budget.release(n) // after the replies below went out
-		buf := make([]byte, n)
+		buf := up.p.s.fetchBufs.get(int(n))
 		if _, err = up.ci.ReadAtHops(up.ctx, buf, f.start, f.hops); err == nil {
 			f.buf = buf
 			up.store(f)
+		} else {
+			up.p.s.fetchBufs.put(buf)
 		}
 	}
 	if err != nil {
@@ -322,6 +325,15 @@ func (up *uplink) run(f *fetch) {
 		}
 	}
 	up.finish(f)
+	up.releaseBuf(f)
+}
+
+// releaseBuf drops one user of f's buffer; the last one returns it to the
+// pool.
+func (up *uplink) releaseBuf(f *fetch) {
+	if f.refs.Add(-1) == 0 && f.buf != nil {
+		up.p.s.fetchBufs.put(f.buf)
+	}
 }
 
 // store writes a fetch's data to the local copy and sets its map bits.
@@ -384,14 +396,19 @@ func (up *uplink) finish(f *fetch) {
 	case up.bgrWake <- struct{}{}:
 	default:
 	}
+	// The buffer goes back to the pool once run and every reply are done
+	// with it.
+	f.refs.Store(int32(len(waiters)) + 1)
 	for i, r := range waiters {
 		if i == len(waiters)-1 {
 			r.partDone(f)
+			up.releaseBuf(f)
 			break
 		}
 		go func() {
 			defer up.wg.Done()
 			r.partDone(f)
+			up.releaseBuf(f)
 		}()
 	}
 }

@@ -31,7 +31,7 @@ import (
 const bgrChunk = 8 * protocol.BlockSize
 
 // bgrHops returns the hop byte of the proxy's own replication requests.
-func bgrHops(cfg Config) uint8 {
+func bgrHops(cfg *Config) uint8 {
 	if cfg.PretendClient {
 		return protocol.HopFlagPrefetch | 1
 	}
@@ -90,7 +90,7 @@ func (up *uplink) bgrState() (clientBusy bool, done, inflight int) {
 // chunk index) on until window fetches are in flight, skipping the hash
 // blocks a reuse walk copies (reuse.go). It returns where to go on next
 // time.
-func (up *uplink) fillWindow(cm *CacheMap, cfg Config, cursor int64, inflight, window int) int64 {
+func (up *uplink) fillWindow(cm *CacheMap, cfg *Config, cursor int64, inflight, window int) int64 {
 	chunk := int64(bgrChunk)
 	if cfg.MinRequestSize > chunk {
 		chunk = (cfg.MinRequestSize + bgrChunk - 1) / bgrChunk * bgrChunk

@@ -58,8 +58,7 @@ type Server struct {
 	acl   *ACL
 	rpc   *rpcServer
 
-	cfgMu sync.RWMutex
-	cfg   Config
+	cfg atomic.Pointer[Config] // replaced whole on Reload, never changed
 
 	runID     uint64
 	started   time.Time
@@ -69,11 +68,14 @@ type Server struct {
 	// previous revision on this server instead of fetched (reuse.go).
 	bytesReused atomic.Uint64
 
-	proxy   *proxy // uplinks, replication, cache map saving
-	iscsi   *iscsi.Target
-	checker *checker // background hash block checks
-	hooks   proxyHooks
-	listen  syncValue[netip.AddrPort]
+	batches   batchPool // reply batch buffers (batch.go)
+	pipes     pipePool  // pipes for large replies (splice.go)
+	fetchBufs bufPool   // proxy fetch buffers (bufpool.go)
+	proxy     *proxy    // uplinks, replication, cache map saving
+	iscsi     *iscsi.Target
+	checker   *checker // background hash block checks
+	hooks     proxyHooks
+	listen    syncValue[netip.AddrPort]
 
 	connMu  sync.Mutex
 	conns   map[net.Conn]struct{} // every accepted connection
@@ -90,12 +92,13 @@ func New(opts Options) (*Server, error) {
 	s := &Server{
 		opts:    opts,
 		log:     opts.Logger,
-		cfg:     opts.Config,
 		runID:   rand.Uint64() >> 1,
 		started: time.Now(),
 		conns:   map[net.Conn]struct{}{},
 		clients: map[*clientConn]struct{}{},
 	}
+	cfg := opts.Config
+	s.cfg.Store(&cfg)
 	files := opts.Files
 	if files == nil {
 		files = &ConfigDir{Dir: opts.ConfigDir, Config: opts.Config}
@@ -139,11 +142,9 @@ func New(opts Options) (*Server, error) {
 // Store returns the server's image store.
 func (s *Server) Store() *Store { return s.store }
 
-func (s *Server) config() Config {
-	s.cfgMu.RLock()
-	defer s.cfgMu.RUnlock()
-	return s.cfg
-}
+// config returns the current configuration (read-only: Reload replaces
+// it with a new one).
+func (s *Server) config() *Config { return s.cfg.Load() }
 
 // Listen opens a TCP listener for Serve. Accepted connections get no TCP
 // keepalive probes (the protocol has its own keepalive and timeouts), which
@@ -208,6 +209,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	}
 	s.connMu.Unlock()
 	s.wg.Wait()
+	s.pipes.close()
 	bgCancel()
 	s.checker.wait()
 	s.proxy.stop()
@@ -251,7 +253,8 @@ func (s *Server) handle(c net.Conn) {
 	c.SetDeadline(time.Now().Add(timeout))
 	// One buffered reader for the connection's life: the handshake and
 	// pipelined headers then cost one read(2) per burst, not per field.
-	br := bufio.NewReaderSize(c, 1024)
+	sk := newSock(c, &s.pipes)
+	br := bufio.NewReaderSize(sk, 1024)
 	first, err := br.Peek(1)
 	if err != nil {
 		return
@@ -259,7 +262,7 @@ func (s *Server) handle(c net.Conn) {
 	remote := addrPort(c.RemoteAddr())
 	switch first[0] {
 	case 0x73:
-		cc := &clientConn{srv: s, c: c, r: br, addr: remote, self: addrPort(c.LocalAddr()), log: s.log}
+		cc := &clientConn{srv: s, c: c, s: sk, r: br, addr: remote, self: addrPort(c.LocalAddr()), log: s.log}
 		cc.serveDNBD3()
 	case 'G', 'P':
 		c.SetDeadline(time.Time{})
@@ -302,17 +305,14 @@ func (s *Server) Reload() error {
 	if s.opts.ConfigDir == "" {
 		return s.rescan()
 	}
-	prev := s.config()
-	cfg, warnings, err := LoadConfig(s.opts.ConfigDir, &prev)
+	cfg, warnings, err := LoadConfig(s.opts.ConfigDir, s.config())
 	for _, w := range warnings {
 		s.log.Warn("server.conf: " + w)
 	}
 	if err != nil {
 		s.log.Error("reload: keeping the old configuration", "err", err)
 	} else {
-		s.cfgMu.Lock()
-		s.cfg = cfg
-		s.cfgMu.Unlock()
+		s.cfg.Store(&cfg)
 	}
 	return s.rescan()
 }

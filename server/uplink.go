@@ -284,7 +284,7 @@ func (up *uplink) close() {
 // image is complete (or gone) and nothing is in flight, or no client used
 // it for the idle timeout and full background replication does not need
 // it.
-func (up *uplink) idle(now time.Time, cfg Config) bool {
+func (up *uplink) idle(now time.Time, cfg *Config) bool {
 	up.mu.Lock()
 	busy := len(up.fetches) > 0
 	last := up.lastClient
@@ -313,7 +313,7 @@ func (up *uplink) idle(now time.Time, cfg Config) bool {
 	return !(cfg.BackgroundReplication == BGRFull && up.img.Users() >= cfg.BGRMinClients)
 }
 
-func (up *uplink) idleReason(cfg Config) string {
+func (up *uplink) idleReason(cfg *Config) string {
 	switch {
 	case !cfg.IsProxy:
 		return "isProxy=false"
