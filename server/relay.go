@@ -86,13 +86,8 @@ func (cc *clientConn) relay(req protocol.Request) error {
 		cc.logAt(slog.LevelDebug, "read of blocks an incomplete image does not have; not a proxy", "image", img.String(), "offset", req.Offset, "size", req.Size)
 		return cc.sendReply(protocol.CmdError, req.Handle, nil)
 	}
-	switch {
-	case int64(req.Size) > cfg.MaxPayload:
-		return refuse("uncached request larger than maxPayload", "size", req.Size, "maxPayload", cfg.MaxPayload)
-	case protocol.HopCount(hops) > protocol.MaxHops:
-		return refuse("request passed too many proxies", "hops", protocol.HopCount(hops))
-	case hops&protocol.HopFlagBgRep != 0 && cfg.BackgroundReplication != BGRFull:
-		return refuse("background replication request from a peer, but this proxy does not replicate fully")
+	if err := checkRelayable(req, cfg); err != nil {
+		return err
 	}
 	up, err := cc.srv.proxy.ensureUplink(img)
 	if err != nil {
@@ -125,15 +120,37 @@ func (cc *clientConn) relay(req protocol.Request) error {
 	case ready:
 		return cc.sendFromFile(req.Handle, int64(req.Offset), req.Size)
 	}
-	// Prefetch after client requests; never after prefetch or replication
-	// requests of other proxies (no cascading).
-	if cfg.MaxPrefetch > 0 && hops&(protocol.HopFlagPrefetch|protocol.HopFlagBgRep) == 0 && int64(req.Size) <= cfg.MaxPrefetch {
-		n := protocol.VirtualSize(min(3*(end-start), cfg.MaxPrefetch))
-		if pend := min(end+n, img.VirtualSize); pend > end {
-			up.prefetch(end, pend, outHops|protocol.HopFlagPrefetch)
-		}
+	up.prefetchAfter(req, cfg, img.VirtualSize, start, end, outHops)
+	return nil
+}
+
+// checkRelayable refuses requests a proxy does not relay: larger than
+// maxPayload, through too many proxies, or background replication of a
+// peer when this proxy does not replicate fully.
+func checkRelayable(req protocol.Request, cfg *Config) error {
+	hops := req.Hops
+	switch {
+	case int64(req.Size) > cfg.MaxPayload:
+		return refuse("uncached request larger than maxPayload", "size", req.Size, "maxPayload", cfg.MaxPayload)
+	case protocol.HopCount(hops) > protocol.MaxHops:
+		return refuse("request passed too many proxies", "hops", protocol.HopCount(hops))
+	case hops&protocol.HopFlagBgRep != 0 && cfg.BackgroundReplication != BGRFull:
+		return refuse("background replication request from a peer, but this proxy does not replicate fully")
 	}
 	return nil
+}
+
+// prefetchAfter prefetches what follows a relayed client request [start,
+// end); never after prefetch or replication requests of other proxies
+// (no cascading).
+func (up *uplink) prefetchAfter(req protocol.Request, cfg *Config, size, start, end int64, outHops uint8) {
+	if cfg.MaxPrefetch <= 0 || req.Hops&(protocol.HopFlagPrefetch|protocol.HopFlagBgRep) != 0 || int64(req.Size) > cfg.MaxPrefetch {
+		return
+	}
+	n := protocol.VirtualSize(min(3*(end-start), cfg.MaxPrefetch))
+	if pend := min(end+n, size); pend > end {
+		up.prefetch(end, pend, outHops|protocol.HopFlagPrefetch)
+	}
 }
 
 // request registers relay r for the 4 KiB-aligned range [start, end).
