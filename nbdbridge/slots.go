@@ -109,40 +109,9 @@ func (d *Device) SlotStatus() SlotStatus {
 // returned index), else with RECONFIGURE into dead slots. It returns how
 // many the kernel adopted; the rest are closed.
 func (d *Device) offer(k int, connect bool, size int64) (adoptedN, index int, err error) {
-	var fresh []*slot
-	var kfds []int // the kernel's descriptors, parallel to fresh
-	closeAll := func() {
-		for i, s := range fresh {
-			d.closeSlot(s)
-			if !s.direct {
-				unix.Close(kfds[i])
-			}
-		}
-	}
-	if d.wantDirect() {
-		conns, server, derr := d.opts.Direct.DialDirect(d.ctx, k)
-		if derr != nil {
-			d.directRetryAt = time.Now().Add(directRetry)
-			d.log.Info("kernel-direct path not available, the daemon relays", "device", d.Path, "err", derr)
-		}
-		for _, c := range conns {
-			fd, kerr := kernelSocket(c)
-			if kerr != nil {
-				d.log.Warn("kernel-direct socket", "err", kerr)
-				continue
-			}
-			fresh = append(fresh, &slot{direct: true, fd: fd, server: server})
-			kfds = append(kfds, fd)
-		}
-	}
-	for len(fresh) < k {
-		conn, kfd, serr := socketPair()
-		if serr != nil {
-			closeAll()
-			return 0, -1, serr
-		}
-		fresh = append(fresh, &slot{conn: conn})
-		kfds = append(kfds, kfd)
+	fresh, kfds, err := d.newSlots(k)
+	if err != nil {
+		return 0, -1, err
 	}
 	for _, fd := range kfds {
 		markOffered(fd)
@@ -164,7 +133,7 @@ func (d *Device) offer(k int, connect bool, size int64) (adoptedN, index int, er
 			Timeout: timeout, DeadConnTimeout: d.opts.DeadConnTimeout})
 	}
 	if err != nil {
-		closeAll()
+		d.closeFresh(fresh, kfds)
 		return 0, -1, err
 	}
 	if connect {
@@ -173,6 +142,54 @@ func (d *Device) offer(k int, connect bool, size int64) (adoptedN, index int, er
 		d.pushIOTimeout(d.Index, timeout)
 	}
 	d.curTimeout = timeout
+	return d.keepAdopted(fresh, kfds), index, nil
+}
+
+// newSlots makes k slots: kernel-direct sockets to a server when the
+// direct path is wanted and available, socket pairs to this daemon for the
+// rest. kfds are the kernel's descriptors, parallel to the slots.
+func (d *Device) newSlots(k int) (fresh []*slot, kfds []int, err error) {
+	if d.wantDirect() {
+		conns, server, derr := d.opts.Direct.DialDirect(d.ctx, k)
+		if derr != nil {
+			d.directRetryAt = time.Now().Add(directRetry)
+			d.log.Info("kernel-direct path not available, the daemon relays", "device", d.Path, "err", derr)
+		}
+		for _, c := range conns {
+			fd, kerr := kernelSocket(c)
+			if kerr != nil {
+				d.log.Warn("kernel-direct socket", "err", kerr)
+				continue
+			}
+			fresh = append(fresh, &slot{direct: true, fd: fd, server: server})
+			kfds = append(kfds, fd)
+		}
+	}
+	for len(fresh) < k {
+		conn, kfd, serr := socketPair()
+		if serr != nil {
+			d.closeFresh(fresh, kfds)
+			return nil, nil, serr
+		}
+		fresh = append(fresh, &slot{conn: conn})
+		kfds = append(kfds, kfd)
+	}
+	return fresh, kfds, nil
+}
+
+// closeFresh closes slots the kernel did not take.
+func (d *Device) closeFresh(fresh []*slot, kfds []int) {
+	for i, s := range fresh {
+		d.closeSlot(s)
+		if !s.direct {
+			unix.Close(kfds[i])
+		}
+	}
+}
+
+// keepAdopted keeps the slots the kernel took (and serves the relayed
+// ones), closes the others and returns how many it kept.
+func (d *Device) keepAdopted(fresh []*slot, kfds []int) (adoptedN int) {
 	now := time.Now()
 	for i, s := range fresh {
 		ok := adopted(kfds[i])
@@ -193,7 +210,7 @@ func (d *Device) offer(k int, connect bool, size int64) (adoptedN, index int, er
 			go d.serveRelay(s)
 		}
 	}
-	return adoptedN, index, nil
+	return adoptedN
 }
 
 // wantDirect reports whether new slots should try the direct path.
@@ -338,37 +355,8 @@ const latencyFactor = 10
 func (d *Device) step(c *ctlState) bool {
 	c.wait = 0
 	now := time.Now()
-	// Direct slots that hung up.
-	d.mu.Lock()
-	var dead []*slot
-	for _, s := range d.slots {
-		if s.direct && hungUp(s.fd) {
-			dead = append(dead, s)
-		}
-	}
-	all := len(dead) == len(d.slots) && d.untracked == 0
-	d.mu.Unlock()
-	if len(dead) > 0 {
-		if c.hangupAt.IsZero() {
-			c.hangupAt = now
-		}
-		if c.linkDeads == 0 && !d.detaching.Load() {
-			// A failure is always announced with LINK_DEAD; a DISCONNECT
-			// (dnbd3-nbd detach, nbd-client -d) is not.
-			if all && now.Sub(c.hangupAt) < hangupGrace {
-				c.wait = hangupGrace - now.Sub(c.hangupAt)
-				return false
-			}
-		}
-		if all && c.linkDeads == 0 || d.detaching.Load() {
-			c.disc = true
-		}
-		for _, s := range dead {
-			c.lostServer = s.server
-			d.dropSlot(s)
-			c.lost++
-		}
-		c.hangupAt = time.Time{}
+	if wait := d.dropHungUp(c, now); wait {
+		return false
 	}
 	if c.disc || d.detaching.Load() {
 		return d.allEnded()
@@ -388,30 +376,7 @@ func (d *Device) step(c *ctlState) bool {
 		if probeUntracked {
 			k += untracked
 		}
-		// The kernel only takes a socket into a slot it has marked dead:
-		// give it a moment after the first news.
-		time.Sleep(50 * time.Millisecond)
-		got, _, err := d.offer(k, false, 0)
-		switch {
-		case err != nil:
-			c.failures++
-			c.retryAt = now.Add(min(time.Duration(c.failures)*time.Second, 10*time.Second))
-			d.log.Error("cannot give the kernel new connections", "device", d.Path, "err", err)
-		default:
-			c.failures = 0
-			d.mu.Lock()
-			d.replaced += uint64(got)
-			if extra := got - missing; extra > 0 {
-				d.untracked = max(d.untracked-extra, 0)
-			}
-			d.mu.Unlock()
-			d.noteSlowServer(c, now)
-			if got < missing {
-				// Not dead yet in the kernel's view: try again shortly.
-				c.wait = 200 * time.Millisecond
-			}
-			d.log.Info("replaced kernel connections", "device", d.Path, "adopted", got, "offered", k, "mode", d.SlotStatus().Mode)
-		}
+		d.replaceSlots(c, now, k, missing)
 		c.linkDeads, c.lost = 0, 0
 	}
 	if c.linkDeads > 0 && c.lost == 0 && untracked == 0 && missing <= 0 {
@@ -421,6 +386,70 @@ func (d *Device) step(c *ctlState) bool {
 	d.decayTimeout(c, now)
 	d.migrate(c, now)
 	return false
+}
+
+// dropHungUp drops the direct slots whose server hung up. It returns true
+// when every slot hung up only just now and the loop should wait a little
+// for the kernel's LINK_DEAD (c.wait is set): a failure is always
+// announced with LINK_DEAD, a DISCONNECT (dnbd3-nbd detach, nbd-client -d)
+// is not.
+func (d *Device) dropHungUp(c *ctlState, now time.Time) bool {
+	d.mu.Lock()
+	var dead []*slot
+	for _, s := range d.slots {
+		if s.direct && hungUp(s.fd) {
+			dead = append(dead, s)
+		}
+	}
+	all := len(dead) == len(d.slots) && d.untracked == 0
+	d.mu.Unlock()
+	if len(dead) == 0 {
+		return false
+	}
+	if c.hangupAt.IsZero() {
+		c.hangupAt = now
+	}
+	if c.linkDeads == 0 && !d.detaching.Load() && all && now.Sub(c.hangupAt) < hangupGrace {
+		c.wait = hangupGrace - now.Sub(c.hangupAt)
+		return true
+	}
+	if all && c.linkDeads == 0 || d.detaching.Load() {
+		c.disc = true
+	}
+	for _, s := range dead {
+		c.lostServer = s.server
+		d.dropSlot(s)
+		c.lost++
+	}
+	c.hangupAt = time.Time{}
+	return false
+}
+
+// replaceSlots offers the kernel k new connections for the missing ones.
+func (d *Device) replaceSlots(c *ctlState, now time.Time, k, missing int) {
+	// The kernel only takes a socket into a slot it has marked dead: give
+	// it a moment after the first news.
+	time.Sleep(50 * time.Millisecond)
+	got, _, err := d.offer(k, false, 0)
+	if err != nil {
+		c.failures++
+		c.retryAt = now.Add(min(time.Duration(c.failures)*time.Second, 10*time.Second))
+		d.log.Error("cannot give the kernel new connections", "device", d.Path, "err", err)
+		return
+	}
+	c.failures = 0
+	d.mu.Lock()
+	d.replaced += uint64(got)
+	if extra := got - missing; extra > 0 {
+		d.untracked = max(d.untracked-extra, 0)
+	}
+	d.mu.Unlock()
+	d.noteSlowServer(c, now)
+	if got < missing {
+		// Not dead yet in the kernel's view: try again shortly.
+		c.wait = 200 * time.Millisecond
+	}
+	d.log.Info("replaced kernel connections", "device", d.Path, "adopted", got, "offered", k, "mode", d.SlotStatus().Mode)
 }
 
 // followLatency keeps the direct timeout at latencyFactor times the
