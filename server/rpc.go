@@ -149,30 +149,60 @@ func textReply(w http.ResponseWriter, code int, msg string) {
 	w.Write([]byte(msg))
 }
 
-// queryItem describes one q= value: the permission it needs and the text of
-// the 403 answer.
+// queryItem describes one q= value: the permission it needs, the text of
+// the 403 answer and the writer of its keys.
 type queryItem struct {
 	perm   ACLPerm
 	denied string
+	write  func(s *Server, o *jsonObject)
 }
 
 var queryItems = map[string]queryItem{
-	"stats":      {PermStats, "No permission to access statistics"},
-	"space":      {PermStats, "No permission to access statistics"},
-	"version":    {PermStats, "No permission to access statistics"},
-	"clients":    {PermClientList, "No permission to access client list"},
-	"images":     {PermImageList, "No permission to access image list"},
-	"config":     {PermAll, "No permission to access config"},
-	"altservers": {PermAll, "No permission to access alt servers"},
-	"logfile":    {PermAll, "No permission to access log file"},
+	"stats":      {PermStats, "No permission to access statistics", writeStats},
+	"space":      {PermStats, "No permission to access statistics", writeSpace},
+	"version":    {PermStats, "No permission to access statistics", writeVersion},
+	"clients":    {PermClientList, "No permission to access client list", writeClients},
+	"images":     {PermImageList, "No permission to access image list", writeImages},
+	"config":     {PermAll, "No permission to access config", writeConfig},
+	"altservers": {PermAll, "No permission to access alt servers", writeAltServers},
+	"logfile":    {PermAll, "No permission to access log file", writeLogfile},
 }
+
+// queryOrder is the reference's fixed order of the answer's keys; runId
+// is always there.
+var queryOrder = []string{"stats", "runId", "version", "space", "config", "logfile", "clients", "images", "altservers"}
 
 // query answers /query?q=A&q=B (and, unlike the reference, q=A,B). Keys
 // come in the reference's fixed order whatever order q lists them in.
 func (r *rpcServer) query(w http.ResponseWriter, req *http.Request, perm ACLPerm) {
-	want := map[string]bool{}
+	want, denied := wantedItems(req.URL.Query()["q"], perm)
+	if denied != "" {
+		textReply(w, http.StatusForbidden, denied)
+		return
+	}
+	s := r.srv
+	o := newJSONObject()
+	for _, k := range queryOrder {
+		switch {
+		case k == "runId":
+			o.Uint("runId", s.runID)
+		case want[k]:
+			queryItems[k].write(s, o)
+		}
+	}
+	body := o.Bytes()
+	w.Header().Set("Content-Type", "application/json; charset=utf-8")
+	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+	w.Write(body)
+}
+
+// wantedItems returns the known items the q= values list (at most
+// maxQueryItems are looked at), or the 403 text of the first one perm does
+// not allow.
+func wantedItems(qs []string, perm ACLPerm) (want map[string]bool, denied string) {
+	want = map[string]bool{}
 	n := 0
-	for _, v := range req.URL.Query()["q"] {
+	for _, v := range qs {
 		for _, item := range strings.Split(v, ",") {
 			item = strings.TrimSpace(item)
 			if n >= maxQueryItems {
@@ -184,88 +214,87 @@ func (r *rpcServer) query(w http.ResponseWriter, req *http.Request, perm ACLPerm
 				continue
 			}
 			if !perm.Has(qi.perm) {
-				textReply(w, http.StatusForbidden, qi.denied)
-				return
+				return nil, qi.denied
 			}
 			want[item] = true
 		}
 	}
-	s := r.srv
-	o := newJSONObject()
-	if want["stats"] {
-		s.connMu.Lock()
-		clients, servers := 0, 0
-		for cc := range s.clients {
-			if cc.isServer.Load() {
-				servers++
-			} else {
-				clients++
-			}
-		}
-		s.connMu.Unlock()
-		for _, si := range s.iscsi.Sessions() {
-			if si.Disk != nil {
-				clients++ // discovery sessions are no clients of an image
-			}
-		}
-		o.Uint("bytesReceived", s.bytesRecv.Load())
-		o.Uint("bytesSent", s.bytesSent.Load())
-		o.Int("clientCount", int64(clients))
-		o.Int("serverCount", int64(servers))
-		o.Int("uptime", int64(time.Since(s.started)/time.Second))
-		putReused(o, s.bytesReused.Load())
-	}
-	o.Uint("runId", s.runID)
-	if want["version"] {
-		o.Str("version", s.opts.Version)
-		o.Str("build", "Release")
-	}
-	if want["space"] {
-		free, total, _ := fsutil.DiskSpace(s.config().BasePath) // zeros on error
-		o.Uint("spaceTotal", uint64(total))
-		o.Uint("spaceFree", uint64(free))
-	}
-	if want["config"] {
-		o.Str("config", s.config().String())
-	}
-	if want["logfile"] {
-		if s.opts.LogTail == nil {
-			o.Null("logfile")
+	return want, ""
+}
+
+func writeStats(s *Server, o *jsonObject) {
+	s.connMu.Lock()
+	clients, servers := 0, 0
+	for cc := range s.clients {
+		if cc.isServer.Load() {
+			servers++
 		} else {
-			o.Str("logfile", string(s.opts.LogTail(logfileTail)))
+			clients++
 		}
 	}
-	if want["clients"] {
-		var items [][]byte
-		for _, cc := range s.clientList() {
-			c := newJSONObject()
-			c.Str("address", cc.addr.String())
-			c.Int("imageId", int64(cc.img.ID))
-			c.Int("isServer", b2i(cc.isServer.Load()))
-			c.Uint("bytesSent", cc.bytesSent.Load())
-			items = append(items, c.Bytes())
+	s.connMu.Unlock()
+	for _, si := range s.iscsi.Sessions() {
+		if si.Disk != nil {
+			clients++ // discovery sessions are no clients of an image
 		}
-		items = append(items, s.iscsiClients()...)
-		o.Raw("clients", jsonArray(items))
 	}
-	if want["images"] {
-		var items [][]byte
-		for _, img := range s.store.List() {
-			items = append(items, imageJSON(img))
-		}
-		o.Raw("images", jsonArray(items))
+	o.Uint("bytesReceived", s.bytesRecv.Load())
+	o.Uint("bytesSent", s.bytesSent.Load())
+	o.Int("clientCount", int64(clients))
+	o.Int("serverCount", int64(servers))
+	o.Int("uptime", int64(time.Since(s.started)/time.Second))
+	putReused(o, s.bytesReused.Load())
+}
+
+func writeVersion(s *Server, o *jsonObject) {
+	o.Str("version", s.opts.Version)
+	o.Str("build", "Release")
+}
+
+func writeSpace(s *Server, o *jsonObject) {
+	free, total, _ := fsutil.DiskSpace(s.config().BasePath) // zeros on error
+	o.Uint("spaceTotal", uint64(total))
+	o.Uint("spaceFree", uint64(free))
+}
+
+func writeConfig(s *Server, o *jsonObject) { o.Str("config", s.config().String()) }
+
+func writeLogfile(s *Server, o *jsonObject) {
+	if s.opts.LogTail == nil {
+		o.Null("logfile")
+	} else {
+		o.Str("logfile", string(s.opts.LogTail(logfileTail)))
 	}
-	if want["altservers"] {
-		var items [][]byte
-		for _, a := range s.alts {
-			items = append(items, altServerJSON(a))
-		}
-		o.Raw("altservers", jsonArray(items))
+}
+
+func writeClients(s *Server, o *jsonObject) {
+	var items [][]byte
+	for _, cc := range s.clientList() {
+		c := newJSONObject()
+		c.Str("address", cc.addr.String())
+		c.Int("imageId", int64(cc.img.ID))
+		c.Int("isServer", b2i(cc.isServer.Load()))
+		c.Uint("bytesSent", cc.bytesSent.Load())
+		items = append(items, c.Bytes())
 	}
-	body := o.Bytes()
-	w.Header().Set("Content-Type", "application/json; charset=utf-8")
-	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
-	w.Write(body)
+	items = append(items, s.iscsiClients()...)
+	o.Raw("clients", jsonArray(items))
+}
+
+func writeImages(s *Server, o *jsonObject) {
+	var items [][]byte
+	for _, img := range s.store.List() {
+		items = append(items, imageJSON(img))
+	}
+	o.Raw("images", jsonArray(items))
+}
+
+func writeAltServers(s *Server, o *jsonObject) {
+	var items [][]byte
+	for _, a := range s.alts {
+		items = append(items, altServerJSON(a))
+	}
+	o.Raw("altservers", jsonArray(items))
 }
 
 func imageJSON(img *Image) []byte {
