@@ -128,9 +128,9 @@ func (r *rpcServer) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 	} else {
 		w.Header().Set("Connection", "Keep-Alive")
 	}
-	var perm ACLPerm
+	var perm aclPerm
 	if ap, err := netip.ParseAddrPort(req.RemoteAddr); err == nil {
-		perm = r.srv.acl.Allowed(ap.Addr().Unmap())
+		perm = r.srv.acl.allowed(ap.Addr().Unmap())
 	}
 	switch req.URL.Path {
 	case "/query":
@@ -152,20 +152,20 @@ func textReply(w http.ResponseWriter, code int, msg string) {
 // queryItem describes one q= value: the permission it needs, the text of
 // the 403 answer and the writer of its keys.
 type queryItem struct {
-	perm   ACLPerm
+	perm   aclPerm
 	denied string
 	write  func(s *Server, o *jsonObject)
 }
 
 var queryItems = map[string]queryItem{
-	"stats":      {PermStats, "No permission to access statistics", writeStats},
-	"space":      {PermStats, "No permission to access statistics", writeSpace},
-	"version":    {PermStats, "No permission to access statistics", writeVersion},
-	"clients":    {PermClientList, "No permission to access client list", writeClients},
-	"images":     {PermImageList, "No permission to access image list", writeImages},
-	"config":     {PermAll, "No permission to access config", writeConfig},
-	"altservers": {PermAll, "No permission to access alt servers", writeAltServers},
-	"logfile":    {PermAll, "No permission to access log file", writeLogfile},
+	"stats":      {permStats, "No permission to access statistics", writeStats},
+	"space":      {permStats, "No permission to access statistics", writeSpace},
+	"version":    {permStats, "No permission to access statistics", writeVersion},
+	"clients":    {permClientList, "No permission to access client list", writeClients},
+	"images":     {permImageList, "No permission to access image list", writeImages},
+	"config":     {permAll, "No permission to access config", writeConfig},
+	"altservers": {permAll, "No permission to access alt servers", writeAltServers},
+	"logfile":    {permAll, "No permission to access log file", writeLogfile},
 }
 
 // queryOrder is the reference's fixed order of the answer's keys; runId
@@ -174,7 +174,7 @@ var queryOrder = []string{"stats", "runId", "version", "space", "config", "logfi
 
 // query answers /query?q=A&q=B (and, unlike the reference, q=A,B). Keys
 // come in the reference's fixed order whatever order q lists them in.
-func (r *rpcServer) query(w http.ResponseWriter, req *http.Request, perm ACLPerm) {
+func (r *rpcServer) query(w http.ResponseWriter, req *http.Request, perm aclPerm) {
 	want, denied := wantedItems(req.URL.Query()["q"], perm)
 	if denied != "" {
 		textReply(w, http.StatusForbidden, denied)
@@ -185,12 +185,12 @@ func (r *rpcServer) query(w http.ResponseWriter, req *http.Request, perm ACLPerm
 	for _, k := range queryOrder {
 		switch {
 		case k == "runId":
-			o.Uint("runId", s.runID)
+			o.uint("runId", s.runID)
 		case want[k]:
 			queryItems[k].write(s, o)
 		}
 	}
-	body := o.Bytes()
+	body := o.bytes()
 	w.Header().Set("Content-Type", "application/json; charset=utf-8")
 	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
 	w.Write(body)
@@ -199,7 +199,7 @@ func (r *rpcServer) query(w http.ResponseWriter, req *http.Request, perm ACLPerm
 // wantedItems returns the known items the q= values list (at most
 // maxQueryItems are looked at), or the 403 text of the first one perm does
 // not allow.
-func wantedItems(qs []string, perm ACLPerm) (want map[string]bool, denied string) {
+func wantedItems(qs []string, perm aclPerm) (want map[string]bool, denied string) {
 	want = map[string]bool{}
 	n := 0
 	for _, v := range qs {
@@ -213,7 +213,7 @@ func wantedItems(qs []string, perm ACLPerm) (want map[string]bool, denied string
 			if !ok {
 				continue
 			}
-			if !perm.Has(qi.perm) {
+			if !perm.has(qi.perm) {
 				return nil, qi.denied
 			}
 			want[item] = true
@@ -238,32 +238,32 @@ func writeStats(s *Server, o *jsonObject) {
 			clients++ // discovery sessions are no clients of an image
 		}
 	}
-	o.Uint("bytesReceived", s.bytesRecv.Load())
-	o.Uint("bytesSent", s.bytesSent.Load())
-	o.Int("clientCount", int64(clients))
-	o.Int("serverCount", int64(servers))
-	o.Int("uptime", int64(time.Since(s.started)/time.Second))
+	o.uint("bytesReceived", s.bytesRecv.Load())
+	o.uint("bytesSent", s.bytesSent.Load())
+	o.int("clientCount", int64(clients))
+	o.int("serverCount", int64(servers))
+	o.int("uptime", int64(time.Since(s.started)/time.Second))
 	putReused(o, s.bytesReused.Load())
 }
 
 func writeVersion(s *Server, o *jsonObject) {
-	o.Str("version", s.opts.Version)
-	o.Str("build", "Release")
+	o.str("version", s.opts.Version)
+	o.str("build", "Release")
 }
 
 func writeSpace(s *Server, o *jsonObject) {
 	free, total, _ := fsutil.DiskSpace(s.config().BasePath) // zeros on error
-	o.Uint("spaceTotal", uint64(total))
-	o.Uint("spaceFree", uint64(free))
+	o.uint("spaceTotal", uint64(total))
+	o.uint("spaceFree", uint64(free))
 }
 
-func writeConfig(s *Server, o *jsonObject) { o.Str("config", s.config().String()) }
+func writeConfig(s *Server, o *jsonObject) { o.str("config", s.config().String()) }
 
 func writeLogfile(s *Server, o *jsonObject) {
 	if s.opts.LogTail == nil {
-		o.Null("logfile")
+		o.null("logfile")
 	} else {
-		o.Str("logfile", string(s.opts.LogTail(logfileTail)))
+		o.str("logfile", string(s.opts.LogTail(logfileTail)))
 	}
 }
 
@@ -271,22 +271,22 @@ func writeClients(s *Server, o *jsonObject) {
 	var items [][]byte
 	for _, cc := range s.clientList() {
 		c := newJSONObject()
-		c.Str("address", cc.addr.String())
-		c.Int("imageId", int64(cc.img.ID))
-		c.Int("isServer", b2i(cc.isServer.Load()))
-		c.Uint("bytesSent", cc.bytesSent.Load())
-		items = append(items, c.Bytes())
+		c.str("address", cc.addr.String())
+		c.int("imageId", int64(cc.img.ID))
+		c.int("isServer", b2i(cc.isServer.Load()))
+		c.uint("bytesSent", cc.bytesSent.Load())
+		items = append(items, c.bytes())
 	}
 	items = append(items, s.iscsiClients()...)
-	o.Raw("clients", jsonArray(items))
+	o.raw("clients", jsonArray(items))
 }
 
 func writeImages(s *Server, o *jsonObject) {
 	var items [][]byte
-	for _, img := range s.store.List() {
+	for _, img := range s.store.list() {
 		items = append(items, imageJSON(img))
 	}
-	o.Raw("images", jsonArray(items))
+	o.raw("images", jsonArray(items))
 }
 
 func writeAltServers(s *Server, o *jsonObject) {
@@ -294,49 +294,49 @@ func writeAltServers(s *Server, o *jsonObject) {
 	for _, a := range s.alts {
 		items = append(items, altServerJSON(a))
 	}
-	o.Raw("altservers", jsonArray(items))
+	o.raw("altservers", jsonArray(items))
 }
 
-func imageJSON(img *Image) []byte {
+func imageJSON(img *image) []byte {
 	o := newJSONObject()
-	o.Int("id", int64(img.ID))
-	o.Str("name", img.Name)
-	o.Uint("wwn", img.WWN)
-	o.Int("rid", int64(img.RID))
-	o.Int("users", int64(img.Users()))
-	o.Int("complete", int64(img.Complete()))
-	o.Int("idle", int64(img.Idle()/time.Second))
-	o.Int("size", img.VirtualSize)
-	o.Uint("problems", uint64(img.Problems()))
+	o.int("id", int64(img.ID))
+	o.str("name", img.Name)
+	o.uint("wwn", img.WWN)
+	o.int("rid", int64(img.RID))
+	o.int("users", int64(img.Users()))
+	o.int("complete", int64(img.complete()))
+	o.int("idle", int64(img.idle()/time.Second))
+	o.int("size", img.VirtualSize)
+	o.uint("problems", uint64(img.Problems()))
 	if up := img.up.Load(); up != nil {
 		// only while an uplink exists, as the reference does
-		o.Uint("bytesReceived", img.bytesRecv.Load())
-		o.Str("uplinkServer", up.server())
+		o.uint("bytesReceived", img.bytesRecv.Load())
+		o.str("uplinkServer", up.server())
 	}
 	putReused(o, img.bytesReused.Load())
-	return o.Bytes()
+	return o.bytes()
 }
 
-func altServerJSON(a *AltServer) []byte {
-	snap := a.Snapshot()
+func altServerJSON(a *altServer) []byte {
+	snap := a.snapshot()
 	o := newJSONObject()
-	o.Str("comment", a.Comment)
-	o.Str("host", FormatHost(a.Addr))
+	o.str("comment", a.Comment)
+	o.str("host", formatHost(a.Addr))
 	rtt := make([][]byte, len(snap.RTT))
 	for i, v := range snap.RTT {
 		rtt[i] = strconv.AppendUint(nil, uint64(v), 10)
 	}
-	o.Raw("rtt", jsonArray(rtt))
-	o.Bool("isPrivate", a.Private)
-	o.Bool("isClientOnly", a.ClientOnly)
-	o.Int("numFails", int64(snap.Fails))
-	return o.Bytes()
+	o.raw("rtt", jsonArray(rtt))
+	o.bool("isPrivate", a.Private)
+	o.bool("isClientOnly", a.ClientOnly)
+	o.int("numFails", int64(snap.Fails))
+	return o.bytes()
 }
 
 // cachemap answers /cachemap?id=N with the image's cache map, or the single
 // byte 0xFF for a complete image.
-func (r *rpcServer) cachemap(w http.ResponseWriter, req *http.Request, perm ACLPerm) {
-	if !perm.Has(PermImageList) {
+func (r *rpcServer) cachemap(w http.ResponseWriter, req *http.Request, perm aclPerm) {
+	if !perm.has(permImageList) {
 		textReply(w, http.StatusForbidden, "No permission to access image list")
 		return
 	}
@@ -346,12 +346,12 @@ func (r *rpcServer) cachemap(w http.ResponseWriter, req *http.Request, perm ACLP
 		return
 	}
 	id, err := strconv.Atoi(v)
-	img := r.srv.store.ByID(id)
+	img := r.srv.store.byID(id)
 	if err != nil || img == nil {
 		textReply(w, http.StatusNotFound, "Image not found")
 		return
 	}
-	body := img.CacheMap()
+	body := img.cacheMap()
 	w.Header().Set("Content-Type", "application/octet-stream; charset=utf-8")
 	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
 	w.Write(body)

@@ -53,8 +53,8 @@ type Options struct {
 type Server struct {
 	opts  Options
 	log   *slog.Logger
-	store *Store
-	alts  []*AltServer
+	store *store
+	alts  []*altServer
 	acl   *ACL
 	rpc   *rpcServer
 
@@ -105,7 +105,7 @@ func New(opts Options) (*Server, error) {
 		files.readAux()
 		files.check(CheckOptions{AllowOpenRPC: opts.AllowOpenRPC}, func(string, string) int { return 0 })
 		for _, p := range files.Problems {
-			if p.Severity == SeverityWarning {
+			if p.Severity == severityWarning {
 				s.log.Warn(p.Msg, "at", p.Where())
 			}
 		}
@@ -116,7 +116,7 @@ func New(opts Options) (*Server, error) {
 	s.alts, s.acl = files.AltServers, files.ACL
 	s.checker = newChecker(s)
 	s.proxy = newProxy(s)
-	s.store = NewStore(StoreOptions{
+	s.store = newStore(storeOptions{
 		BasePath:      opts.Config.BasePath,
 		VMDKLegacy:    opts.Config.VMDKLegacyMode,
 		RemoveMissing: opts.Config.RemoveMissingImages,
@@ -124,7 +124,7 @@ func New(opts Options) (*Server, error) {
 		Logger:        s.log,
 		OnLoad:        s.onLoad,
 	})
-	added, _, _, err := s.store.Reload()
+	added, _, _, err := s.store.reload()
 	if err != nil {
 		return nil, err
 	}
@@ -138,9 +138,6 @@ func New(opts Options) (*Server, error) {
 	s.rpc = newRPCServer(s)
 	return s, nil
 }
-
-// Store returns the server's image store.
-func (s *Server) Store() *Store { return s.store }
 
 // config returns the current configuration (read-only: Reload replaces
 // it with a new one).
@@ -161,7 +158,7 @@ func Listen(addr string) (net.Listener, error) {
 // maps and `.meta` files of incomplete and replicated images are saved
 // before Serve returns.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
-	s.listen.Store(addrPort(ln.Addr()))
+	s.listen.store(addrPort(ln.Addr()))
 	stop := context.AfterFunc(ctx, func() {
 		ln.Close()
 		s.proxy.abort()
@@ -217,7 +214,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 }
 
 // listenAddr returns the address Serve listens on (invalid before Serve).
-func (s *Server) listenAddr() netip.AddrPort { return s.listen.Load() }
+func (s *Server) listenAddr() netip.AddrPort { return s.listen.load() }
 
 // track registers a connection; false if maxClients is reached.
 func (s *Server) track(c net.Conn) bool {
@@ -319,7 +316,7 @@ func (s *Server) Reload() error {
 
 // rescan reloads the images below basePath.
 func (s *Server) rescan() error {
-	added, replaced, removed, err := s.store.Reload()
+	added, replaced, removed, err := s.store.reload()
 	if err != nil {
 		return err
 	}
