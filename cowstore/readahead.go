@@ -18,9 +18,10 @@ import (
 // is bounded: at most raSegments segments of raSegment bytes, of which at
 // most raAhead are being fetched at a time.
 const (
-	raSegment  = 1 << 20 // segment size, and alignment
-	raAhead    = 2       // segments fetched ahead of a sequential reader
-	raSegments = 4       // segments kept (fetched or being fetched)
+	raSegment  = 1 << 20       // segment size, and alignment
+	raAhead    = 2             // segments fetched ahead of a sequential reader
+	raSegments = 4             // segments kept (fetched or being fetched)
+	raWindow   = 2 * raSegment // how close to the last read a sequential one starts
 )
 
 // segment is one aligned piece of the remote image, fetched in the
@@ -39,7 +40,7 @@ type readAhead struct {
 
 	mu      sync.Mutex
 	segs    []*segment // oldest first; at most raSegments
-	lastEnd int64      // where the latest remote read ended (-1: none)
+	lastEnd int64      // the furthest end of the current sequential run (-1: none)
 
 	// counters for tests and status
 	fetched, hits atomic.Uint64
@@ -58,9 +59,10 @@ func (ra *readAhead) Size() int64 { return ra.r.Size() }
 func (ra *readAhead) ReadAt(p []byte, off int64) (int, error) {
 	end := off + int64(len(p))
 	ra.mu.Lock()
-	// sequential: it starts near where the latest read ended (requests
-	// that the kernel split may arrive in either order)
-	seq := ra.lastEnd >= 0 && off > ra.lastEnd-raSegment && off < ra.lastEnd+raSegment
+	// sequential: it starts within raWindow of the furthest end of the
+	// reads before it (the pieces of a request the kernel split may
+	// arrive in either order)
+	seq := ra.lastEnd >= 0 && off > ra.lastEnd-raWindow && off < ra.lastEnd+raWindow
 	if !seq || end > ra.lastEnd {
 		ra.lastEnd = end
 	}

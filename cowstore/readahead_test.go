@@ -47,9 +47,16 @@ func newCountingRemote(size int) *countingRemote {
 }
 
 // A sequential reader of 1,310,720-byte pieces (each split in two requests,
-// as the kernel splits them at 1 MiB) gets the right bytes, and after the
-// first pieces most of them come from segments fetched ahead.
+// as the kernel splits them at 1 MiB, which arrive in any order) gets the
+// right bytes, and after the first pieces most of them come from segments
+// fetched ahead.
 func TestReadAheadSequential(t *testing.T) {
+	for _, order := range []string{"concurrent", "first-second", "second-first"} {
+		t.Run(order, func(t *testing.T) { testReadAheadSequential(t, order) })
+	}
+}
+
+func testReadAheadSequential(t *testing.T, order string) {
 	const size, piece = 24<<20 + 12345, 1310720
 	r := newCountingRemote(size)
 	ra := newReadAhead(r)
@@ -59,9 +66,20 @@ func TestReadAheadSequential(t *testing.T) {
 		first := min(n, 1<<20)
 		var wg sync.WaitGroup
 		var err1, err2 error
-		wg.Go(func() { _, err1 = ra.ReadAt(got[:first], off) })
-		wg.Go(func() { _, err2 = ra.ReadAt(got[first:], off+first) })
-		wg.Wait()
+		one := func() { _, err1 = ra.ReadAt(got[:first], off) }
+		two := func() { _, err2 = ra.ReadAt(got[first:], off+first) }
+		switch order {
+		case "concurrent":
+			wg.Go(one)
+			wg.Go(two)
+			wg.Wait()
+		case "first-second":
+			one()
+			two()
+		default:
+			two()
+			one()
+		}
 		if err1 != nil || err2 != nil {
 			t.Fatalf("read at %d: %v %v", off, err1, err2)
 		}
@@ -95,7 +113,7 @@ func TestReadAheadRandomPassThrough(t *testing.T) {
 	rng := rand.New(rand.NewPCG(5, 6))
 	want := 0
 	for i := range 400 {
-		// each read is at least 3 MiB away from the one before
+		// each read is at least 4 MiB away from the one before
 		off := (int64(i)*5*raSegment + rng.Int64N(raSegment)) % (size - 2*raSegment)
 		n := rng.Int64N(8192) + 1
 		got := make([]byte, n)
