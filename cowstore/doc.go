@@ -52,6 +52,13 @@
 // validRemoteSize; growing clears the bits past the old end, so a shrink
 // followed by a grow reads zeros.
 //
+// Remote reads that follow each other through the image fetch the next
+// two 1 MiB segments in the background (readahead.go), so a reader that
+// waits for each request (O_DIRECT, a verify pass) finds them ready; the
+// remote image never changes, so nothing fetched goes stale. Random reads
+// are passed through as they are. Local reports which requests need no
+// remote read, so the NBD engine runs them inline (nbdbridge.LocalHinter).
+//
 // # Durability
 //
 // Unlike the reference, which changes a MAP_SHARED mapping of meta in place

@@ -26,7 +26,7 @@ func newOverlay(dir string, opts Options) *Overlay {
 		dir:       dir,
 		opts:      opts,
 		log:       opts.logger(),
-		remote:    opts.Remote,
+		remote:    newReadAhead(opts.Remote),
 		dirty:     map[int]struct{}{},
 		newTables: map[int]struct{}{},
 	}

@@ -62,6 +62,20 @@ type AsyncReader interface {
 	SendStarted()
 }
 
+// LocalHinter is implemented by backends that can tell cheaply whether a
+// request is served from local storage or memory only, without waiting on
+// the network (a copy-on-write overlay: blocks of its data file and zeros
+// are local, remote blocks are not). The engine runs such a request inline
+// in the connection's reader when it is alone in flight, whatever the
+// recent average cost of its kind: a worker and writer hand-off per
+// request costs more than the I/O under emulation or on a loaded machine.
+type LocalHinter interface {
+	// Local reports whether a READ (write false) or WRITE (write true)
+	// of n bytes at off needs no network round trip. It must be cheap and
+	// must not block.
+	Local(write bool, off, n int64) bool
+}
+
 // ReadTarget receives the outcome of an AsyncReader's read.
 type ReadTarget interface {
 	ReadDone(err error)

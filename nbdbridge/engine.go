@@ -8,6 +8,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/pojntfx/go-nbd/pkg/protocol"
 )
 
 // Defaults and limits of EngineOptions.
@@ -82,6 +84,7 @@ type EngineOptions struct {
 type Engine struct {
 	backend    Backend
 	async      AsyncReader // backend's asynchronous reads, or nil
+	local      LocalHinter // backend's hint which requests are local, or nil
 	readOnly   bool
 	maxRequest int
 	minBlock   uint32
@@ -145,6 +148,26 @@ func (e *Engine) fast(t uint16) bool {
 	return time.Duration(e.opCost[opKind(t)].Load()) < inlineGrace/2
 }
 
+// inlineWorthy reports whether req may run inline in the reader when it is
+// alone in flight: its kind is usually fast, or the backend says it needs
+// no network round trip (then even a slow local call is cheaper inline, and
+// the reader hand-off after inlineGrace keeps later requests moving).
+func (e *Engine) inlineWorthy(req protocol.TransmissionRequestHeader) bool {
+	if e.fast(req.Type) {
+		return true
+	}
+	if e.local == nil {
+		return false
+	}
+	switch req.Type {
+	case wireCmdRead:
+		return e.local.Local(false, int64(req.Offset), int64(req.Length))
+	case wireCmdWrite:
+		return e.local.Local(true, int64(req.Offset), int64(req.Length))
+	}
+	return false
+}
+
 // NewEngine returns an engine serving b.
 func NewEngine(b Backend, opts EngineOptions) *Engine {
 	if opts.Workers <= 0 {
@@ -163,9 +186,11 @@ func NewEngine(b Backend, opts EngineOptions) *Engine {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
 	async, _ := b.(AsyncReader)
+	local, _ := b.(LocalHinter)
 	e := &Engine{
 		backend:    b,
 		async:      async,
+		local:      local,
 		readOnly:   opts.ReadOnly || IsReadOnly(b),
 		maxRequest: opts.MaxRequest,
 		minBlock:   opts.MinBlockSize,

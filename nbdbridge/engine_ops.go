@@ -114,7 +114,7 @@ func (c *engineConn) handle(ctx context.Context, req protocol.TransmissionReques
 	// Nothing else of this connection in flight and no further request
 	// buffered: run it here instead of handing it to a worker and its
 	// reply to the writer.
-	inline := c.busy.Load() == 1 && c.br.Buffered() < wireRequestSize && e.fast(req.Type)
+	inline := c.busy.Load() == 1 && c.br.Buffered() < wireRequestSize && e.inlineWorthy(req)
 	if inline {
 		select {
 		case e.sem <- struct{}{}:

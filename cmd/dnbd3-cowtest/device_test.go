@@ -141,3 +141,78 @@ func TestDeviceTargetResize(t *testing.T) {
 		t.Errorf("the resize command ran again after failing: %v", rs2.calls)
 	}
 }
+
+// countOps counts the fake device's requests of kind op ("read", "write").
+func countOps(d *fakeDevice, op string) int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	n := 0
+	for _, s := range d.ops {
+		if strings.HasPrefix(s, op+" ") {
+			n++
+		}
+	}
+	return n
+}
+
+// A sequential unaligned writer (writeLongNonAlignedPattern's pattern)
+// reads only the tail block of each write: the head block is the one the
+// previous write ended with, and the target still has it.
+func TestDeviceTargetSequentialUnalignedReads(t *testing.T) {
+	const chunk, chunks = 40960, 50
+	dt, fd, path := newFakeTarget(t, 4096, 4<<20, &fakeResizer{})
+	model := make([]byte, 4<<20)
+	off := int64(4095)
+	for i := range chunks {
+		p := bytes.Repeat([]byte{byte(i + 1)}, chunk)
+		if _, err := dt.WriteAt(p, off); err != nil {
+			t.Fatal(err)
+		}
+		copy(model[off:], p)
+		off += chunk
+	}
+	// the first write reads its head and its tail, every later one only its tail
+	if r, w := countOps(fd, "read"), countOps(fd, "write"); r != chunks+1 || w != chunks {
+		t.Errorf("%d reads and %d writes for %d sequential unaligned writes, want %d and %d", r, w, chunks, chunks+1, chunks)
+	}
+	got, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, model) {
+		t.Fatal("the device differs from the model")
+	}
+}
+
+// A resize forgets the last written block: after a shrink and a regrow the
+// device reads zeros there, and an unaligned write into that block must
+// keep them.
+func TestDeviceTargetResizeForgetsLastBlock(t *testing.T) {
+	dt, fd, path := newFakeTarget(t, 4096, 1<<20, &fakeResizer{})
+	if _, err := dt.WriteAt(bytes.Repeat([]byte{7}, 8192), 8192); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if err := dt.Resize(ctx, 8192); err != nil {
+		t.Fatal(err)
+	}
+	if err := dt.Resize(ctx, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	reads := countOps(fd, "read")
+	if _, err := dt.WriteAt([]byte{9}, 12288+100); err != nil {
+		t.Fatal(err)
+	}
+	if countOps(fd, "read") != reads+1 {
+		t.Error("the write into the last written block did not read it from the device after a resize")
+	}
+	got, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := make([]byte, 1<<20)
+	want[12288+100] = 9
+	if !bytes.Equal(got, want) {
+		t.Error("data written before the shrink came back after the regrow")
+	}
+}

@@ -13,8 +13,12 @@ import (
 	"github.com/dnbd3go/dnbd3go/client"
 	"github.com/dnbd3go/dnbd3go/cowstore"
 	"github.com/dnbd3go/dnbd3go/cowstore/upload"
+	"github.com/dnbd3go/dnbd3go/nbdbridge"
 	"github.com/spf13/pflag"
 )
+
+// The engine runs local overlay requests inline (see nbdbridge.LocalHinter).
+var _ nbdbridge.LocalHinter = (*cowstore.Overlay)(nil)
 
 // cowFlags are the reference FUSE client's copy-on-write flags.
 type cowFlags struct {
