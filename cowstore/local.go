@@ -1,5 +1,7 @@
 package cowstore
 
+import "github.com/dnbd3go/dnbd3go/cowformat"
+
 // Local reports whether a read (write false) or a write of n bytes at off
 // is served without the remote image, so without a network round trip:
 // a read when every block it touches below the valid remote size is in the
@@ -18,8 +20,8 @@ func (o *Overlay) Local(write bool, off, n int64) bool {
 		return o.partialLocal(off, valid) && o.partialLocal(end, valid)
 	}
 	for pos := off; pos < min(end, valid); {
-		cluster := int(pos / ClusterSize)
-		stop := min(end, valid, int64(cluster+1)*ClusterSize)
+		cluster := int(pos / cowformat.ClusterSize)
+		stop := min(end, valid, int64(cluster+1)*cowformat.ClusterSize)
 		if !o.blocksLocal(cluster, pos, stop) {
 			return false
 		}
@@ -32,16 +34,16 @@ func (o *Overlay) Local(write bool, off, n int64) bool {
 // into needs nothing from the remote image: pos is a block boundary, the
 // block lies above valid, or it is local.
 func (o *Overlay) partialLocal(pos, valid int64) bool {
-	if pos%BlockSize == 0 || pos/BlockSize*BlockSize >= valid {
+	if pos%cowformat.BlockSize == 0 || pos/cowformat.BlockSize*cowformat.BlockSize >= valid {
 		return true
 	}
-	return o.blocksLocal(int(pos/ClusterSize), pos, pos+1)
+	return o.blocksLocal(int(pos/cowformat.ClusterSize), pos, pos+1)
 }
 
 // blocksLocal reports whether every block of cluster touching [from, to)
 // is in the data file.
 func (o *Overlay) blocksLocal(cluster int, from, to int64) bool {
-	if cluster/L2Entries >= L1Entries {
+	if cluster/cowformat.L2Entries >= cowformat.L1Entries {
 		return false
 	}
 	e := o.lookup(cluster)
@@ -54,8 +56,8 @@ func (o *Overlay) blocksLocal(cluster int, from, to int64) bool {
 	if e.offset < 0 {
 		return false
 	}
-	base := int64(cluster) * ClusterSize
-	for b := int((from - base) / BlockSize); b <= int((to-1-base)/BlockSize); b++ {
+	base := int64(cluster) * cowformat.ClusterSize
+	for b := int((from - base) / cowformat.BlockSize); b <= int((to-1-base)/cowformat.BlockSize); b++ {
 		if !e.has(b) {
 			return false
 		}
