@@ -44,30 +44,65 @@ func (o *Overlay) commit() error {
 	if err := o.Failed(); err != nil {
 		return err
 	}
-
-	o.dirtyMu.Lock()
-	dirty, newTables, l1Dirty, head := o.dirty, o.newTables, o.l1Dirty, o.headDirty
-	o.dirty, o.newTables, o.l1Dirty, o.headDirty = map[int]struct{}{}, map[int]struct{}{}, false, false
-	o.dirtyMu.Unlock()
-	if len(dirty) == 0 && len(newTables) == 0 && !l1Dirty && !head {
+	cs := o.takeDirty()
+	if cs.empty() {
 		return nil
 	}
-	requeue := func() {
-		o.dirtyMu.Lock()
-		for c := range dirty {
-			o.dirty[c] = struct{}{}
-		}
-		for t := range newTables {
-			o.newTables[t] = struct{}{}
-		}
-		o.l1Dirty = o.l1Dirty || l1Dirty
-		o.headDirty = true
-		o.dirtyMu.Unlock()
+	writes := o.tableWrites(cs)
+	hdr, l1 := o.headerAndL1(cs)
+	if l1 != nil {
+		writes = append(writes, metaWrite{cowformat.StartL1, l1})
 	}
+	if err := o.writeInOrder(cs, writes, hdr); err != nil {
+		return err
+	}
+	for l1 := range cs.newTables {
+		o.tableSaved[l1] = true
+	}
+	return nil
+}
 
+// commitSet is what one commit writes: the dirty entries, the new tables,
+// and whether the L1 table and the header changed.
+type commitSet struct {
+	dirty, newTables map[int]struct{}
+	l1Dirty, head    bool
+}
+
+func (cs commitSet) empty() bool {
+	return len(cs.dirty) == 0 && len(cs.newTables) == 0 && !cs.l1Dirty && !cs.head
+}
+
+// takeDirty takes the changes made since the last commit.
+func (o *Overlay) takeDirty() commitSet {
+	o.dirtyMu.Lock()
+	defer o.dirtyMu.Unlock()
+	cs := commitSet{o.dirty, o.newTables, o.l1Dirty, o.headDirty}
+	o.dirty, o.newTables, o.l1Dirty, o.headDirty = map[int]struct{}{}, map[int]struct{}{}, false, false
+	return cs
+}
+
+// requeue gives a commit's changes back after a write that failed before
+// anything was synced (a later commit retries them).
+func (o *Overlay) requeue(cs commitSet) {
+	o.dirtyMu.Lock()
+	defer o.dirtyMu.Unlock()
+	for c := range cs.dirty {
+		o.dirty[c] = struct{}{}
+	}
+	for t := range cs.newTables {
+		o.newTables[t] = struct{}{}
+	}
+	o.l1Dirty = o.l1Dirty || cs.l1Dirty
+	o.headDirty = true
+}
+
+// tableWrites marshals the new tables whole and the other dirty entries
+// one by one (entries are copied under their cluster locks). It removes
+// the entries of new tables from cs.dirty.
+func (o *Overlay) tableWrites(cs commitSet) []metaWrite {
 	var writes []metaWrite
-	// whole new tables (their entries are copied under the locks)
-	for l1 := range newTables {
+	for l1 := range cs.newTables {
 		t := o.tables[l1].Load()
 		b := make([]byte, cowformat.L2TableSize)
 		for i := range t.entries {
@@ -76,11 +111,11 @@ func (o *Overlay) commit() error {
 			mu.RLock()
 			t.entries[i].marshalTo(b[i*cowformat.L2EntrySize:])
 			mu.RUnlock()
-			delete(dirty, c)
+			delete(cs.dirty, c)
 		}
 		writes = append(writes, metaWrite{metaOffset(t.index, 0), b})
 	}
-	for c := range dirty {
+	for c := range cs.dirty {
 		t := o.tables[c/cowformat.L2Entries].Load()
 		b := make([]byte, cowformat.L2EntrySize)
 		mu := o.lockFor(c)
@@ -89,7 +124,12 @@ func (o *Overlay) commit() error {
 		mu.RUnlock()
 		writes = append(writes, metaWrite{metaOffset(t.index, c%cowformat.L2Entries), b})
 	}
-	// L1 and the header, after the entries
+	return writes
+}
+
+// headerAndL1 marshals the header and, if it changed, the L1 table (nil
+// otherwise). L1 lists only tables that are (or are now being) written.
+func (o *Overlay) headerAndL1(cs commitSet) (hdr, l1 []byte) {
 	o.allocMu.Lock()
 	h := header{
 		imageSize:         uint64(o.imageSize.Load()),
@@ -97,26 +137,29 @@ func (o *Overlay) commit() error {
 		nextL2:            o.nextL2,
 		nextClusterOffset: o.nextSlot,
 	}
-	if len(newTables) > 0 || l1Dirty {
-		l1 := make([]byte, cowformat.L1Entries*4)
+	if len(cs.newTables) > 0 || cs.l1Dirty {
+		l1 = make([]byte, cowformat.L1Entries*4)
 		for i := range cowformat.L1Entries {
 			v := int32(-1)
-			// only tables that are (or are now being) written to meta
 			if t := o.tables[i].Load(); t != nil {
-				if _, isNew := newTables[i]; isNew || o.tableSaved[i] {
+				if _, isNew := cs.newTables[i]; isNew || o.tableSaved[i] {
 					v = t.index
 				}
 			}
 			le.PutUint32(l1[4*i:], uint32(v))
 		}
-		writes = append(writes, metaWrite{cowformat.StartL1, l1})
 	}
 	o.allocMu.Unlock()
 	o.hdrMu.Lock()
 	h.uuid, h.imageName, h.creationTime = o.uuid, o.imageName, o.created
 	o.hdrMu.Unlock()
-	hdr := h.marshal()
+	return h.marshal(), l1
+}
 
+// writeInOrder makes a commit durable in the order that keeps every crash
+// point loadable (doc.go, "Durability"): the data, then tables, entries
+// and L1 (invisible until the header covers them), then the header.
+func (o *Overlay) writeInOrder(cs commitSet, writes []metaWrite, hdr []byte) error {
 	// 1. the data the entries point to
 	if err := o.data.Datasync(); err != nil {
 		return o.fail("fdatasync of the data file", err)
@@ -124,7 +167,7 @@ func (o *Overlay) commit() error {
 	// 2. tables, entries, L1: invisible until the header below covers them
 	if len(writes) > 0 {
 		if err := o.writeMeta(writes); err != nil {
-			requeue()
+			o.requeue(cs)
 			return err
 		}
 		if err := o.meta.Datasync(); err != nil {
@@ -134,16 +177,13 @@ func (o *Overlay) commit() error {
 	// 3. the header (one sector), which makes them valid
 	if !bytes.Equal(hdr, o.savedHeader) {
 		if _, err := o.meta.WriteAt(hdr, 0); err != nil {
-			requeue()
+			o.requeue(cs)
 			return fmt.Errorf("write COW metadata header: %w", err)
 		}
 		if err := o.meta.Datasync(); err != nil {
 			return o.fail("fdatasync of the meta file", err)
 		}
 		o.savedHeader = hdr
-	}
-	for l1 := range newTables {
-		o.tableSaved[l1] = true
 	}
 	return nil
 }
