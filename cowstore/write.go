@@ -125,70 +125,23 @@ type partial struct {
 }
 
 func (o *Overlay) writeCluster(cluster int, in int64, p []byte, valid int64) error {
-	base := int64(cluster) * cowformat.ClusterSize
 	first := int(in / cowformat.BlockSize)
 	last := int((in + int64(len(p)) - 1) / cowformat.BlockSize)
-	var parts []partial
-	addPartial := func(b int) {
-		bs := int64(b) * cowformat.BlockSize
-		from := max(0, int(in-bs))
-		to := min(cowformat.BlockSize, int(in+int64(len(p))-bs))
-		if from == 0 && to == cowformat.BlockSize {
-			return
-		}
-		parts = append(parts, partial{block: b, from: from, to: to,
-			src: p[int(bs+int64(from)-in):int(bs+int64(to)-in)], blockStart: base + bs})
-	}
-	addPartial(first)
-	if last != first {
-		addPartial(last)
-	}
-
+	parts := partialBlocks(int64(cluster)*cowformat.ClusterSize, in, p)
 	// Fetch remote bytes for partial blocks that are not local, without
 	// holding the cluster lock (the network may be slow).
 	mu := o.lockFor(cluster)
-	e0 := o.lookup(cluster)
-	for i := range parts {
-		pt := &parts[i]
-		if e0 != nil {
-			mu.RLock()
-			pt.wasLocal = e0.offset >= 0 && e0.has(pt.block)
-			mu.RUnlock()
-		}
-		if pt.wasLocal {
-			continue
-		}
-		pt.remote = make([]byte, cowformat.BlockSize)
-		if n := min(valid-pt.blockStart, cowformat.BlockSize); n > 0 {
-			if k, err := o.remote.ReadAt(pt.remote[:n], pt.blockStart); int64(k) < n {
-				return fmt.Errorf("cowstore: read-modify-write of block at %d: remote read: %w", pt.blockStart, orEOF(err))
-			}
-		}
+	if err := o.fetchPartials(cluster, parts, valid); err != nil {
+		return err
 	}
-
 	mu.Lock()
 	defer mu.Unlock()
 	e := o.entryFor(cluster)
 	o.allocSlot(e)
 	for i := range parts {
-		pt := &parts[i]
-		at := e.offset + int64(pt.block)*cowformat.BlockSize
-		if e.has(pt.block) {
-			// local (maybe since a concurrent write): patch it in place
-			if _, err := o.data.WriteAt(pt.src, at+int64(pt.from)); err != nil {
-				return fmt.Errorf("cowstore: write data: %w", err)
-			}
-			continue
+		if err := o.writePartial(cluster, e, &parts[i]); err != nil {
+			return err
 		}
-		blk := pt.remote
-		if blk == nil { // was local when checked: cannot be cleared meanwhile
-			return fmt.Errorf("cowstore: internal error: block %d of cluster %d lost its bit", pt.block, cluster)
-		}
-		copy(blk[pt.from:pt.to], pt.src)
-		if _, err := o.data.WriteAt(blk, at); err != nil {
-			return fmt.Errorf("cowstore: write data: %w", err)
-		}
-		e.set(pt.block)
 	}
 	// the fully covered blocks, as one write
 	fb, lb := first, last
@@ -209,5 +162,78 @@ func (o *Overlay) writeCluster(cluster int, in int64, p []byte, valid int64) err
 		}
 	}
 	o.touch(cluster, e)
+	return nil
+}
+
+// partialBlocks returns the first and last blocks of a write of p at
+// offset in (within the cluster starting at base) when p covers them only
+// in part.
+func partialBlocks(base, in int64, p []byte) []partial {
+	first := int(in / cowformat.BlockSize)
+	last := int((in + int64(len(p)) - 1) / cowformat.BlockSize)
+	var parts []partial
+	add := func(b int) {
+		bs := int64(b) * cowformat.BlockSize
+		from := max(0, int(in-bs))
+		to := min(cowformat.BlockSize, int(in+int64(len(p))-bs))
+		if from == 0 && to == cowformat.BlockSize {
+			return
+		}
+		parts = append(parts, partial{block: b, from: from, to: to,
+			src: p[int(bs+int64(from)-in):int(bs+int64(to)-in)], blockStart: base + bs})
+	}
+	add(first)
+	if last != first {
+		add(last)
+	}
+	return parts
+}
+
+// fetchPartials reads the remote image's bytes of the partial blocks that
+// are not local (zeros past valid).
+func (o *Overlay) fetchPartials(cluster int, parts []partial, valid int64) error {
+	mu := o.lockFor(cluster)
+	e0 := o.lookup(cluster)
+	for i := range parts {
+		pt := &parts[i]
+		if e0 != nil {
+			mu.RLock()
+			pt.wasLocal = e0.offset >= 0 && e0.has(pt.block)
+			mu.RUnlock()
+		}
+		if pt.wasLocal {
+			continue
+		}
+		pt.remote = make([]byte, cowformat.BlockSize)
+		if n := min(valid-pt.blockStart, cowformat.BlockSize); n > 0 {
+			if k, err := o.remote.ReadAt(pt.remote[:n], pt.blockStart); int64(k) < n {
+				return fmt.Errorf("cowstore: read-modify-write of block at %d: remote read: %w", pt.blockStart, orEOF(err))
+			}
+		}
+	}
+	return nil
+}
+
+// writePartial writes one partial block into cluster's slot (the cluster
+// lock is held): patched in place when the block is local, else merged
+// with the fetched remote bytes and marked local.
+func (o *Overlay) writePartial(cluster int, e *entry, pt *partial) error {
+	at := e.offset + int64(pt.block)*cowformat.BlockSize
+	if e.has(pt.block) {
+		// local (maybe since a concurrent write): patch it in place
+		if _, err := o.data.WriteAt(pt.src, at+int64(pt.from)); err != nil {
+			return fmt.Errorf("cowstore: write data: %w", err)
+		}
+		return nil
+	}
+	blk := pt.remote
+	if blk == nil { // was local when checked: cannot be cleared meanwhile
+		return fmt.Errorf("cowstore: internal error: block %d of cluster %d lost its bit", pt.block, cluster)
+	}
+	copy(blk[pt.from:pt.to], pt.src)
+	if _, err := o.data.WriteAt(blk, at); err != nil {
+		return fmt.Errorf("cowstore: write data: %w", err)
+	}
+	e.set(pt.block)
 	return nil
 }
