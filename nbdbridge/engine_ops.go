@@ -82,14 +82,7 @@ func (c *engineConn) handle(ctx context.Context, req protocol.TransmissionReques
 	j.limBytes = bufBytes
 
 	if req.Type == wireCmdWrite && req.Length > 0 {
-		var rerr error
-		if errno != 0 {
-			_, rerr = io.CopyN(io.Discard, c.br, int64(req.Length))
-		} else {
-			j.buf = e.pool.get(int(req.Length))
-			_, rerr = io.ReadFull(c.br, *j.buf)
-		}
-		if rerr != nil {
+		if rerr := c.readPayload(j, errno); rerr != nil {
 			c.finish(j)
 			return c.readErr(ctx, rerr, false)
 		}
@@ -111,9 +104,26 @@ func (c *engineConn) handle(ctx context.Context, req protocol.TransmissionReques
 		e.async.StartRead(*j.buf, int64(req.Offset), j)
 		return nil
 	}
-	// Nothing else of this connection in flight and no further request
-	// buffered: run it here instead of handing it to a worker and its
-	// reply to the writer.
+	return c.dispatch(ctx, j)
+}
+
+// readPayload reads a WRITE's payload into a pooled buffer, or discards
+// it for a request that is answered with errno.
+func (c *engineConn) readPayload(j *job, errno uint32) error {
+	if errno != 0 {
+		_, err := io.CopyN(io.Discard, c.br, int64(j.req.Length))
+		return err
+	}
+	j.buf = c.e.pool.get(int(j.req.Length))
+	_, err := io.ReadFull(c.br, *j.buf)
+	return err
+}
+
+// dispatch runs a valid request: here, when nothing else of this
+// connection is in flight and no further request is buffered (no hand-off
+// to a worker and of its reply to the writer), else on a worker.
+func (c *engineConn) dispatch(ctx context.Context, j *job) error {
+	e, req := c.e, j.req
 	inline := c.busy.Load() == 1 && c.br.Buffered() < wireRequestSize && e.inlineWorthy(req)
 	if inline {
 		select {
@@ -234,43 +244,18 @@ func (c *engineConn) run(j *job) {
 func (e *Engine) execute(c *engineConn, j *job) {
 	start := time.Now()
 	defer func() { e.noteCost(j.req.Type, time.Since(start)) }()
-	r := &j.req
-	off, length := int64(r.Offset), int64(r.Length)
-	fua := r.CommandFlags&wireCmdFlagFUA != 0
 	var err error
-	switch r.Type {
+	switch j.req.Type {
 	case wireCmdRead:
-		if length > 0 {
-			j.buf = e.pool.get(int(length))
-			n, rerr := e.backend.ReadAt(*j.buf, off)
+		if j.req.Length > 0 {
+			j.buf = e.pool.get(int(j.req.Length))
+			n, rerr := e.backend.ReadAt(*j.buf, int64(j.req.Offset))
 			e.readResult(j, n, rerr)
 			return
 		}
 		e.st.reads.Add(1)
 	case wireCmdWrite:
-		var p []byte
-		if j.buf != nil {
-			p = *j.buf
-		}
-		var n int
-		if fw, ok := e.backend.(FUAWriter); ok && fua {
-			n, err = fw.WriteAtFUA(p, off)
-		} else {
-			n, err = e.backend.WriteAt(p, off)
-			if err == nil && fua {
-				err = e.backend.Flush()
-			}
-		}
-		if err == nil && n < len(p) {
-			err = fmt.Errorf("short write: %d of %d bytes: %w", n, len(p), io.ErrShortWrite)
-		}
-		e.pool.put(j.buf)
-		j.buf = nil
-		if err == nil {
-			c.dirty.Store(true)
-			e.st.writes.Add(1)
-			e.st.bytesWritten.Add(uint64(length))
-		}
+		err = e.execWrite(c, j)
 	case wireCmdFlush:
 		if !e.readOnly {
 			e.writes.wait(j.mark)
@@ -280,37 +265,85 @@ func (e *Engine) execute(c *engineConn, j *job) {
 			e.st.flushes.Add(1)
 		}
 	case wireCmdTrim:
-		// TRIM is advisory: without a Trimmer it is a successful no-op,
-		// and FUA has nothing to make durable then.
-		if t, ok := e.backend.(Trimmer); ok && length > 0 {
-			err = t.Trim(off, length)
-			if err == nil && fua {
-				err = e.backend.Flush()
-			}
-		}
-		if err == nil {
-			c.dirty.Store(true)
-			e.st.trims.Add(1)
-		}
+		err = e.execTrim(c, &j.req)
 	case wireCmdWriteZeroes:
-		if length > 0 {
-			if z, ok := e.backend.(ZeroWriter); ok {
-				err = z.WriteZeroes(off, length, r.CommandFlags&wireCmdFlagNoHole != 0)
-			} else {
-				err = e.writeZeros(off, length)
-			}
-			if err == nil && fua {
-				err = e.backend.Flush()
-			}
-		}
-		if err == nil {
-			c.dirty.Store(true)
-			e.st.writeZeroes.Add(1)
-		}
+		err = e.execWriteZeroes(c, &j.req)
 	}
 	if err != nil {
 		e.failed(j, err)
 	}
+}
+
+// fua reports whether r asks for its data to be durable on reply.
+func fua(r *protocol.TransmissionRequestHeader) bool { return r.CommandFlags&wireCmdFlagFUA != 0 }
+
+// execWrite writes j's payload (durably with FUA) and frees it.
+func (e *Engine) execWrite(c *engineConn, j *job) error {
+	var p []byte
+	if j.buf != nil {
+		p = *j.buf
+	}
+	off := int64(j.req.Offset)
+	var n int
+	var err error
+	if fw, ok := e.backend.(FUAWriter); ok && fua(&j.req) {
+		n, err = fw.WriteAtFUA(p, off)
+	} else {
+		n, err = e.backend.WriteAt(p, off)
+		if err == nil && fua(&j.req) {
+			err = e.backend.Flush()
+		}
+	}
+	if err == nil && n < len(p) {
+		err = fmt.Errorf("short write: %d of %d bytes: %w", n, len(p), io.ErrShortWrite)
+	}
+	e.pool.put(j.buf)
+	j.buf = nil
+	if err == nil {
+		c.dirty.Store(true)
+		e.st.writes.Add(1)
+		e.st.bytesWritten.Add(uint64(j.req.Length))
+	}
+	return err
+}
+
+// execTrim passes a TRIM to a Trimmer. TRIM is advisory: without one it
+// is a successful no-op, and FUA has nothing to make durable then.
+func (e *Engine) execTrim(c *engineConn, r *protocol.TransmissionRequestHeader) error {
+	var err error
+	if t, ok := e.backend.(Trimmer); ok && r.Length > 0 {
+		err = t.Trim(int64(r.Offset), int64(r.Length))
+		if err == nil && fua(r) {
+			err = e.backend.Flush()
+		}
+	}
+	if err == nil {
+		c.dirty.Store(true)
+		e.st.trims.Add(1)
+	}
+	return err
+}
+
+// execWriteZeroes zeroes a range, through a ZeroWriter if the backend is
+// one.
+func (e *Engine) execWriteZeroes(c *engineConn, r *protocol.TransmissionRequestHeader) error {
+	var err error
+	if r.Length > 0 {
+		off, length := int64(r.Offset), int64(r.Length)
+		if z, ok := e.backend.(ZeroWriter); ok {
+			err = z.WriteZeroes(off, length, r.CommandFlags&wireCmdFlagNoHole != 0)
+		} else {
+			err = e.writeZeros(off, length)
+		}
+		if err == nil && fua(r) {
+			err = e.backend.Flush()
+		}
+	}
+	if err == nil {
+		c.dirty.Store(true)
+		e.st.writeZeroes.Add(1)
+	}
+	return err
 }
 
 // readResult records the outcome of a READ that filled n bytes of j.buf.
