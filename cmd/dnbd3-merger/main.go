@@ -132,25 +132,14 @@ func serve(ctx context.Context, cfg config, log *slog.Logger, e env) int {
 		log.Error("cannot start", "err", err)
 		return exitError
 	}
-	var tlsCfg *tls.Config
-	if cfg.tlsCert != "" {
-		cert, err := tls.LoadX509KeyPair(cfg.tlsCert, cfg.tlsKey)
-		if err != nil {
-			log.Error("cannot start: TLS certificate", "cert", cfg.tlsCert, "key", cfg.tlsKey, "err", err)
-			return exitError
-		}
-		// NextProtos names h2 so that HTTP/2 is set up whichever listener
-		// starts first: a plain Serve that wins http.Server's one-time
-		// setup configures HTTP/2 only if TLSConfig mentions it, while
-		// ServeTLS offers h2 regardless, and h2 clients got a dropped
-		// connection.
-		tlsCfg = &tls.Config{MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{cert},
-			NextProtos: []string{"h2", "http/1.1"}}
+	tlsCfg, err := loadTLS(cfg)
+	if err != nil {
+		log.Error("cannot start: TLS certificate", "cert", cfg.tlsCert, "key", cfg.tlsKey, "err", err)
+		return exitError
 	}
 	log.Info("starting", "version", version.String(), "settings", cfg.settingsFile,
 		"workingDirectory", cfg.workingDir, "originalImageDirectory", cfg.originalDir,
 		"destinationDirectory", cfg.destinationDir)
-
 	nofile, err := descriptorLimit()
 	if err == nil {
 		err = fitDescriptors(&cfg.limits, cfg.maxMerges, nofile, log)
@@ -165,21 +154,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger, e env) int {
 		log.Error("cannot start", "err", err)
 		return exitError
 	}
-	svc, err := e.open(ctx, merger.Config{
-		WorkingDirectory:       cfg.workingDir,
-		OriginalImageDirectory: cfg.originalDir,
-		DestinationDirectory:   cfg.destinationDir,
-		Retention:              cfg.retention,
-		AbandonAfter:           cfg.abandonAfter,
-		MaxConcurrentMerges:    cfg.maxMerges,
-		MinFreeSpace:           cfg.minFreeSpace,
-		MaxSessions:            cfg.limits.maxSessions,
-		MaxSessionsPerImage:    cfg.limits.maxSessionsPerImage,
-		MaxOpenSessions:        cfg.limits.maxOpenSessions,
-		SessionQuota:           cfg.limits.sessionQuota,
-		AbandonEmptyAfter:      cfg.limits.abandonEmptyAfter,
-		Logger:                 log,
-	})
+	svc, err := e.open(ctx, mergerConfig(cfg, log))
 	if err != nil {
 		for _, l := range lns {
 			l.Close()
@@ -187,40 +162,8 @@ func serve(ctx context.Context, cfg config, log *slog.Logger, e env) int {
 		log.Error("cannot start the merger", "err", err)
 		return exitError
 	}
-
-	srv := &http.Server{
-		Handler: httpapi.New(svc, httpapi.Options{Token: token, Logger: log,
-			MaxUploads: cfg.limits.maxUploads, MaxUploadsPerClient: cfg.limits.maxUploadsPerClient,
-			UploadTimeout: cfg.limits.uploadTimeout}),
-		TLSConfig:         tlsCfg,
-		ReadHeaderTimeout: 20 * time.Second,
-		// Forms are at most 64 KiB; an upload's body gets its own deadline
-		// (--upload-timeout) once it is admitted, after waiting up to 10 s.
-		ReadTimeout:    time.Minute,
-		WriteTimeout:   10 * time.Minute,
-		IdleTimeout:    2 * time.Minute,
-		MaxHeaderBytes: 64 << 10,
-		// Handshake failures and the like are client problems.
-		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug),
-	}
-	errc := make(chan error, len(lns))
-	addrs := make([]net.Addr, 0, len(lns))
-	slots := newConnSlots(cfg.limits.maxConnections)
-	for _, l := range lns {
-		log.Info("listening", "url", l.url.raw, "addr", l.Addr().String())
-		addrs = append(addrs, l.Addr())
-		ll := &limitedListener{Listener: l, slots: slots, plain: !l.url.tls()}
-		go func() {
-			if l.url.tls() {
-				errc <- srv.ServeTLS(ll, "", "")
-			} else {
-				errc <- srv.Serve(ll)
-			}
-		}()
-	}
-	if e.ready != nil {
-		e.ready(addrs)
-	}
+	srv := newHTTPServer(cfg, svc, token, tlsCfg, log)
+	errc := serveListeners(srv, lns, newConnSlots(cfg.limits.maxConnections), e, log)
 	// systemd (Type=notify): ready once listening, then status lines.
 	sd := sdnotify.Start(ctx, sdnotify.Options{Status: statusLine(svc), Logger: log})
 	defer sd.Stop()
@@ -245,6 +188,85 @@ func serve(ctx context.Context, cfg config, log *slog.Logger, e env) int {
 	}
 	log.Info("stopped")
 	return code
+}
+
+// loadTLS loads the certificate for https:// URLs (nil without one).
+func loadTLS(cfg config) (*tls.Config, error) {
+	if cfg.tlsCert == "" {
+		return nil, nil
+	}
+	cert, err := tls.LoadX509KeyPair(cfg.tlsCert, cfg.tlsKey)
+	if err != nil {
+		return nil, err
+	}
+	// NextProtos names h2 so that HTTP/2 is set up whichever listener
+	// starts first: a plain Serve that wins http.Server's one-time setup
+	// configures HTTP/2 only if TLSConfig mentions it, while ServeTLS
+	// offers h2 regardless, and h2 clients got a dropped connection.
+	return &tls.Config{MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{cert},
+		NextProtos: []string{"h2", "http/1.1"}}, nil
+}
+
+// mergerConfig is the merger service's configuration from the settings.
+func mergerConfig(cfg config, log *slog.Logger) merger.Config {
+	return merger.Config{
+		WorkingDirectory:       cfg.workingDir,
+		OriginalImageDirectory: cfg.originalDir,
+		DestinationDirectory:   cfg.destinationDir,
+		Retention:              cfg.retention,
+		AbandonAfter:           cfg.abandonAfter,
+		MaxConcurrentMerges:    cfg.maxMerges,
+		MinFreeSpace:           cfg.minFreeSpace,
+		MaxSessions:            cfg.limits.maxSessions,
+		MaxSessionsPerImage:    cfg.limits.maxSessionsPerImage,
+		MaxOpenSessions:        cfg.limits.maxOpenSessions,
+		SessionQuota:           cfg.limits.sessionQuota,
+		AbandonEmptyAfter:      cfg.limits.abandonEmptyAfter,
+		Logger:                 log,
+	}
+}
+
+// newHTTPServer is the HTTP server of both APIs, with bounded headers,
+// bodies and connection times.
+func newHTTPServer(cfg config, svc merger.Service, token string, tlsCfg *tls.Config, log *slog.Logger) *http.Server {
+	return &http.Server{
+		Handler: httpapi.New(svc, httpapi.Options{Token: token, Logger: log,
+			MaxUploads: cfg.limits.maxUploads, MaxUploadsPerClient: cfg.limits.maxUploadsPerClient,
+			UploadTimeout: cfg.limits.uploadTimeout}),
+		TLSConfig:         tlsCfg,
+		ReadHeaderTimeout: 20 * time.Second,
+		// Forms are at most 64 KiB; an upload's body gets its own deadline
+		// (--upload-timeout) once it is admitted, after waiting up to 10 s.
+		ReadTimeout:    time.Minute,
+		WriteTimeout:   10 * time.Minute,
+		IdleTimeout:    2 * time.Minute,
+		MaxHeaderBytes: 64 << 10,
+		// Handshake failures and the like are client problems.
+		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+	}
+}
+
+// serveListeners serves srv on every listener (through the shared
+// connection slots) and returns the channel of their errors.
+func serveListeners(srv *http.Server, lns []boundListener, slots *connSlots, e env, log *slog.Logger) <-chan error {
+	errc := make(chan error, len(lns))
+	addrs := make([]net.Addr, 0, len(lns))
+	for _, l := range lns {
+		log.Info("listening", "url", l.url.raw, "addr", l.Addr().String())
+		addrs = append(addrs, l.Addr())
+		ll := &limitedListener{Listener: l, slots: slots, plain: !l.url.tls()}
+		go func() {
+			if l.url.tls() {
+				errc <- srv.ServeTLS(ll, "", "")
+			} else {
+				errc <- srv.Serve(ll)
+			}
+		}()
+	}
+	if e.ready != nil {
+		e.ready(addrs)
+	}
+	return errc
 }
 
 // statusLine returns svc's status line function for systemd, if it has
