@@ -188,29 +188,13 @@ func buildConfig(f *flags, cwd string) (config, error) {
 	if err := f.check(&c); err != nil {
 		return c, err
 	}
-	var s appSettings
-	path := f.settings
-	if path != "" {
-		if !filepath.IsAbs(path) {
-			path = filepath.Join(cwd, path)
-		}
-		var err error
-		s, err = loadSettings(path)
-		switch {
-		case err == nil:
-			c.settingsFile = path
-		case !f.given("settings") && errors.Is(err, os.ErrNotExist):
-			// The default file is optional.
-		default:
-			return c, err
-		}
+	s, err := readSettingsFile(f, cwd, &c)
+	if err != nil {
+		return c, err
 	}
-
-	var err error
 	if c.limits, err = buildLimits(f.limits, f.given, s.Limits, c.settingsFile); err != nil {
 		return c, err
 	}
-
 	dirs := []struct {
 		dst       *string
 		fromFile  *string
@@ -226,38 +210,76 @@ func buildConfig(f *flags, cwd string) (config, error) {
 		if p == "" && d.fromFile != nil {
 			p, from = *d.fromFile, d.key+" in "+c.settingsFile
 		}
-		if strings.TrimSpace(p) == "" {
-			return c, fmt.Errorf("%s is not set: give it in the settings file or with %s", d.key, d.flag)
+		if *d.dst, err = checkDir(cwd, p, d.key, d.flag, from); err != nil {
+			return c, err
 		}
-		if !filepath.IsAbs(p) {
-			p = filepath.Join(cwd, p)
-		}
-		p = filepath.Clean(p)
-		st, err := os.Stat(p)
-		switch {
-		case err != nil:
-			return c, fmt.Errorf("%s (%s): directory %s does not exist or cannot be read: %w (create it or fix the setting)", d.key, from, p, err)
-		case !st.IsDir():
-			return c, fmt.Errorf("%s (%s): %s is not a directory", d.key, from, p)
-		}
-		*d.dst = p
 	}
-
 	if len(c.urls) == 0 { // no --listen: the settings file's Urls, else the default
-		list := defaultURL
-		if s.Urls != nil && strings.TrimSpace(*s.Urls) != "" {
-			list = *s.Urls
-		}
-		for _, raw := range splitList(list) {
-			u, err := parseListenURL(raw)
-			if err != nil {
-				return c, fmt.Errorf("%s in %s: %w", keyUrls, c.settingsFile, err)
-			}
-			if u.tls() && c.tlsCert == "" {
-				return c, fmt.Errorf("%s in %s: %s needs a certificate: give --tls-cert and --tls-key", keyUrls, c.settingsFile, raw)
-			}
-			c.urls = append(c.urls, u)
+		if c.urls, err = settingsURLs(s, &c); err != nil {
+			return c, err
 		}
 	}
 	return c, nil
+}
+
+// readSettingsFile reads appsettings.json (-s, relative to cwd) and notes
+// its path in c; the default file may be missing.
+func readSettingsFile(f *flags, cwd string, c *config) (appSettings, error) {
+	path := f.settings
+	if path == "" {
+		return appSettings{}, nil
+	}
+	if !filepath.IsAbs(path) {
+		path = filepath.Join(cwd, path)
+	}
+	s, err := loadSettings(path)
+	switch {
+	case err == nil:
+		c.settingsFile = path
+	case !f.given("settings") && errors.Is(err, os.ErrNotExist):
+		// The default file is optional.
+		return appSettings{}, nil
+	}
+	return s, err
+}
+
+// checkDir makes p (a directory setting named key, given by from)
+// absolute and checks that it is a directory.
+func checkDir(cwd, p, key, flag, from string) (string, error) {
+	if strings.TrimSpace(p) == "" {
+		return "", fmt.Errorf("%s is not set: give it in the settings file or with %s", key, flag)
+	}
+	if !filepath.IsAbs(p) {
+		p = filepath.Join(cwd, p)
+	}
+	p = filepath.Clean(p)
+	st, err := os.Stat(p)
+	switch {
+	case err != nil:
+		return "", fmt.Errorf("%s (%s): directory %s does not exist or cannot be read: %w (create it or fix the setting)", key, from, p, err)
+	case !st.IsDir():
+		return "", fmt.Errorf("%s (%s): %s is not a directory", key, from, p)
+	}
+	return p, nil
+}
+
+// settingsURLs are the listen URLs of the settings file's Urls, else the
+// default.
+func settingsURLs(s appSettings, c *config) ([]listenURL, error) {
+	list := defaultURL
+	if s.Urls != nil && strings.TrimSpace(*s.Urls) != "" {
+		list = *s.Urls
+	}
+	var urls []listenURL
+	for _, raw := range splitList(list) {
+		u, err := parseListenURL(raw)
+		if err != nil {
+			return nil, fmt.Errorf("%s in %s: %w", keyUrls, c.settingsFile, err)
+		}
+		if u.tls() && c.tlsCert == "" {
+			return nil, fmt.Errorf("%s in %s: %s needs a certificate: give --tls-cert and --tls-key", keyUrls, c.settingsFile, raw)
+		}
+		urls = append(urls, u)
+	}
+	return urls, nil
 }
