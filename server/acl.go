@@ -33,6 +33,10 @@ const (
 	PermClientList
 	// PermImageList allows q=images and /cachemap (flag IMAGE_LIST).
 	PermImageList
+	// PermMetrics allows /metrics (flag METRICS, an extension of this
+	// project). PermStats grants it too (see CanScrape), so existing
+	// access lists keep working.
+	PermMetrics
 	// PermAll allows everything (flag ALL).
 	PermAll ACLPerm = 0xFF
 )
@@ -43,11 +47,17 @@ var aclFlags = map[string]ACLPerm{
 	"STATS":       PermStats,
 	"CLIENT_LIST": PermClientList,
 	"IMAGE_LIST":  PermImageList,
+	"METRICS":     PermMetrics,
 }
 
 // Has reports whether p grants need; PermAll grants everything.
 func (p ACLPerm) Has(need ACLPerm) bool {
 	return p == PermAll || p&need == need
+}
+
+// CanScrape reports whether p allows /metrics: METRICS, STATS or ALL.
+func (p ACLPerm) CanScrape() bool {
+	return p.Has(PermMetrics) || p.Has(PermStats)
 }
 
 // String returns the flag words of p as rpc.acl spells them, e.g.
@@ -60,7 +70,7 @@ func (p ACLPerm) String() string {
 	for _, f := range []struct {
 		p    ACLPerm
 		name string
-	}{{PermStats, "STATS"}, {PermClientList, "CLIENT_LIST"}, {PermImageList, "IMAGE_LIST"}} {
+	}{{PermStats, "STATS"}, {PermClientList, "CLIENT_LIST"}, {PermImageList, "IMAGE_LIST"}, {PermMetrics, "METRICS"}} {
 		if p&f.p != 0 {
 			words = append(words, f.name)
 		}
@@ -118,7 +128,7 @@ func (a *ACL) Allowed(addr netip.Addr) ACLPerm {
 // everything. Lines that cannot be used are skipped with a warning.
 //
 // Each line is "ADDRESS[/PREFIXBITS] FLAG [FLAG...]" with the flags ALL,
-// STATS, CLIENT_LIST and IMAGE_LIST; "#" starts a comment. At most 100 rules
+// STATS, CLIENT_LIST, IMAGE_LIST and METRICS; "#" starts a comment. At most 100 rules
 // are read; the first rule matching a client decides.
 func LoadACL(path string) (*ACL, []string, error) {
 	acl, probs, err := readACL(path)
@@ -199,7 +209,7 @@ func parseACLLine(text string) (r aclRule, ok bool, warn string) {
 		r.perm |= p
 	}
 	if len(unknown) > 0 {
-		warn = fmt.Sprintf("unknown flag(s) %s ignored (valid: ALL, STATS, CLIENT_LIST, IMAGE_LIST)", strings.Join(unknown, " "))
+		warn = fmt.Sprintf("unknown flag(s) %s ignored (valid: ALL, STATS, CLIENT_LIST, IMAGE_LIST, METRICS)", strings.Join(unknown, " "))
 	}
 	if r.perm == 0 {
 		if warn != "" {

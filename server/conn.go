@@ -44,10 +44,21 @@ type clientConn struct {
 	relayDone chan struct{} // cap 1: a relayed request was answered
 
 	nbd atomic.Bool // switched to the NBD transmission protocol (nbdmode.go)
+
+	stats connStats // Prometheus counters (metrics.go)
 }
 
 // serveDNBD3 runs the handshake and the request loop.
 func (cc *clientConn) serveDNBD3() {
+	outcome := hsMalformed // counted once the handshake is decided
+	counted := false
+	count := func(o int) {
+		if !counted {
+			counted = true
+			cc.srv.met.handshake(o)
+		}
+	}
+	defer func() { count(outcome) }()
 	var first [protocol.RequestSize]byte
 	if _, err := io.ReadFull(cc.r, first[:]); err != nil {
 		cc.logAt(slog.LevelDebug, "closing: incomplete first header", "err", err)
@@ -70,6 +81,7 @@ func (cc *clientConn) serveDNBD3() {
 	}
 	img, err := cc.srv.selectImage(sel)
 	if err != nil {
+		outcome = hsUnavailable
 		cc.logAt(slog.LevelInfo, "closing: image not available", "image", sel.Name, "rid", sel.RID, "err", err)
 		return
 	}
@@ -83,6 +95,7 @@ func (cc *clientConn) serveDNBD3() {
 	// the image file on its behalf once Release may have closed it.
 	defer cc.markDead()
 	if err := cc.srv.proxyPenalty(img); err != nil {
+		outcome = hsRefused
 		cc.logAt(slog.LevelDebug, "closing: "+err.Error(), "image", img.String())
 		return
 	}
@@ -91,8 +104,10 @@ func (cc *clientConn) serveDNBD3() {
 	reply := protocol.SelectImageReply{Version: version, Name: img.Name, RID: img.RID, Size: uint64(img.VirtualSize),
 		Features: cc.features(sel.Flags)}
 	if err := cc.sendReply(protocol.CmdSelectImage, 0, reply.Marshal()); err != nil {
+		outcome = hsAborted
 		return
 	}
+	count(hsOK)
 	penalty := cfg.ClientPenalty
 	if cc.isServer.Load() {
 		penalty = cfg.ServerPenalty
@@ -128,6 +143,7 @@ func (cc *clientConn) requestLoop(timeout time.Duration) {
 			cc.logAt(slog.LevelDebug, "closing: bad request header", "err", err)
 			return
 		}
+		cc.stats.count(reqSlot(req.Cmd))
 		if req.Cmd != protocol.CmdGetBlock && req.Size > protocol.MaxPayload {
 			cc.logAt(slog.LevelDebug, "closing: payload too large", "cmd", req.Cmd, "size", req.Size)
 			return
@@ -245,8 +261,16 @@ func (cc *clientConn) getBlockSlow(req protocol.Request) error {
 }
 
 // sendFromFile answers a GET_BLOCK with size bytes of the image file at
-// off (sendfile on sockets).
+// off (sendfile on sockets) and records the time in the disk read metric.
 func (cc *clientConn) sendFromFile(handle uint64, off int64, size uint32) error {
+	t0 := time.Now()
+	err := cc.sendFile(handle, off, size)
+	cc.stats.disk.observe(time.Since(t0))
+	return err
+}
+
+// sendFile is sendFromFile without the metric (relays measure their own).
+func (cc *clientConn) sendFile(handle uint64, off int64, size uint32) error {
 	img := cc.img
 	var hdr [protocol.ReplySize]byte
 	cc.putBlockHeader(hdr[:], handle, size)

@@ -97,6 +97,7 @@ func (p *proxy) deleteImage(img *Image) {
 	if !p.s.store.Remove(img) {
 		return
 	}
+	p.s.met.lruDeletes.Add(1)
 	p.log.Info("deleting least recently used replicated image to free disk space", "image", img.String(),
 		"lastAccess", time.Unix(img.atime.Load(), 0).UTC().Format(time.RFC3339), "size", img.VirtualSize)
 	for _, suffix := range []string{".map", ".crc", ".meta", ""} {

@@ -122,6 +122,11 @@ func (cc *clientConn) nbdLoop() {
 			cc.logAt(slog.LevelDebug, "closing NBD connection: bad request", "err", err)
 			return
 		}
+		if req.Type == protocol.NBDCmdRead {
+			cc.stats.count(reqNBDRead)
+		} else {
+			cc.stats.count(reqNBDOther)
+		}
 		switch req.Type {
 		case protocol.NBDCmdRead:
 			err = cc.nbdRead(req)

@@ -67,6 +67,7 @@ type relay struct {
 	off    int64
 	size   uint32
 	single *fetch       // the fetch whose buffer answers it, nil: send from file
+	start  time.Time    // when the request arrived (latency metric)
 	parts  atomic.Int32 // fetches still to complete
 	failed atomic.Bool
 }
@@ -108,7 +109,7 @@ func (cc *clientConn) relay(req protocol.Request) error {
 		end = min(protocol.VirtualSize(start+cfg.MinRequestSize), img.VirtualSize)
 	}
 	outHops := hops&^protocol.HopCountMask | uint8(protocol.HopCount(hops)+1)
-	r := &relay{cc: cc, handle: req.Handle, off: int64(req.Offset), size: req.Size}
+	r := &relay{cc: cc, handle: req.Handle, off: int64(req.Offset), size: req.Size, start: time.Now()}
 	cc.relays.Add(1)
 	ready, err := up.request(r, start, end, outHops)
 	if err != nil || ready {
@@ -121,7 +122,7 @@ func (cc *clientConn) relay(req protocol.Request) error {
 		cc.failRelayed(req.Handle)
 		return refuse("uplink gone", "image", img.String(), "err", err)
 	case ready:
-		return cc.sendFromFile(req.Handle, int64(req.Offset), req.Size)
+		return cc.sendFromFile(req.Handle, int64(req.Offset), req.Size) // arrived meanwhile: a disk read
 	}
 	// Prefetch after client requests; never after prefetch or replication
 	// requests of other proxies (no cascading).
@@ -331,6 +332,7 @@ func (up *uplink) store(f *fetch) {
 	n := uint64(len(f.buf))
 	img.bytesRecv.Add(n)
 	up.p.s.bytesRecv.Add(n)
+	up.p.s.met.fetchedBytes(f.kind, len(f.buf))
 	w, err := img.writer()
 	if err == nil {
 		_, err = w.WriteAt(f.buf, f.start)
@@ -415,6 +417,7 @@ func (r *relay) partDone(f *fetch) {
 // connection shut down) if the data could not be fetched.
 func (cc *clientConn) finishRelay(r *relay) {
 	defer func() {
+		cc.stats.relay.observe(time.Since(r.start))
 		cc.relays.Add(-1)
 		select {
 		case cc.relayDone <- struct{}{}:
@@ -436,7 +439,7 @@ func (cc *clientConn) finishRelay(r *relay) {
 			cc.failRelayed(r.handle)
 			return
 		}
-		err = cc.sendFromFile(r.handle, r.off, r.size)
+		err = cc.sendFile(r.handle, r.off, r.size)
 	}
 	if err != nil && !errors.Is(err, net.ErrClosed) {
 		cc.c.Close() // the request loop notices and ends

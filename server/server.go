@@ -63,6 +63,7 @@ type Server struct {
 	started   time.Time
 	bytesSent atomic.Uint64 // served to clients, relayed data included
 	bytesRecv atomic.Uint64 // received from uplinks
+	met       serverMetrics // Prometheus counters (metrics.go)
 
 	proxy   *proxy // uplinks, replication, cache map saving
 	iscsi   *iscsi.Target
@@ -280,6 +281,7 @@ func (s *Server) addClient(cc *clientConn) {
 func (s *Server) removeClient(cc *clientConn) {
 	s.connMu.Lock()
 	delete(s.clients, cc)
+	s.met.foldLocked(cc)
 	s.connMu.Unlock()
 }
 

@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/dnbd3go/dnbd3go/protocol"
@@ -65,6 +66,8 @@ type Store struct {
 
 	dirMu sync.Mutex
 	dirs  map[string]dirListing
+
+	evictions atomic.Uint64 // images unloaded because maxImages was reached
 }
 
 // NewStore returns an empty store; call Reload to scan the base path.
@@ -296,6 +299,7 @@ func (s *Store) evictLocked() *Image {
 	}
 	if victim != nil {
 		delete(s.images, imageKey{victim.Name, victim.RID})
+		s.evictions.Add(1)
 	}
 	return victim
 }
