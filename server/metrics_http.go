@@ -12,7 +12,7 @@ import (
 // (anything else counts as "other": the label stays bounded).
 var rpcPaths = map[string]string{
 	"/query": "query", "/cachemap": "cachemap", "/metrics": "metrics",
-	"/": "status", "/status.json": "status_json", "/status.js": "status_asset", "/status.css": "status_asset",
+	"/": "status", "/status.json": "status_json", "/status/map": "status_map", "/status.js": "status_asset", "/status.css": "status_asset",
 }
 
 // newMetrics builds the server's registry (its collector, the Go runtime

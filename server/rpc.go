@@ -154,6 +154,12 @@ func (r *rpcServer) route(w http.ResponseWriter, req *http.Request) {
 		r.cachemap(w, req, perm)
 	case "/metrics":
 		r.metrics(w, req, perm)
+	case "/", "/status.js", "/status.css":
+		r.statusPage(w, req, perm)
+	case "/status.json":
+		r.statusJSON(w, req, perm)
+	case "/status/map":
+		r.statusMap(w, req, perm)
 	default:
 		textReply(w, http.StatusNotFound, "Nothing")
 	}
