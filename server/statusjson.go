@@ -203,7 +203,7 @@ type mapDoc struct {
 	Blocks        int64    `json:"blocks"`        // 4 KiB blocks of the image
 	BlocksPerCell int64    `json:"blocksPerCell"` // blocks each cell stands for
 	Complete      bool     `json:"complete"`
-	Cells         []uint8  `json:"cells"`    // percent present per cell
+	Cells         []uint8  `json:"cells"`    // percent present per cell (base64 in JSON: one byte per cell)
 	Fetching      [][2]int `json:"fetching"` // cell ranges [from, to) being fetched
 }
 

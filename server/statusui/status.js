@@ -2,7 +2,7 @@
 // cache maps of incomplete images from status/map. No external assets.
 "use strict";
 (function () {
-  const PAGE = 50, CLIENT_PAGE = 100, INTERVAL = 2000, MAP_CELLS = 2048, MAP_ROW = 512;
+  const PAGE = 50, CLIENT_PAGE = 100, INTERVAL = 2000, MAP_CELLS = 4096, MAP_ROW = 256;
   const state = { ioff: 0, coff: 0, iq: "", cq: "", paused: false, polls: 0, prev: null, timer: 0 };
   const canvases = new Map(); // image id -> canvas (kept across refreshes)
   const rttHistory = new Map(); // alt server -> average RTT per refresh
@@ -109,7 +109,10 @@
   }
 
   function drawMap(c, m) {
-    const n = m.cells.length, cols = Math.min(n, MAP_ROW), rows = Math.ceil(n / cols);
+    const raw = atob(m.cells), n = raw.length; // percent present per cell
+    const cells = new Uint8Array(n);
+    for (let i = 0; i < n; i++) cells[i] = raw.charCodeAt(i);
+    const cols = Math.min(n, MAP_ROW), rows = Math.ceil(n / cols);
     if (c.width !== cols || c.height !== rows) { c.width = cols; c.height = rows; }
     const ctx = c.getContext("2d"), img = ctx.createImageData(cols, rows), px = img.data;
     const fetching = new Uint8Array(n);
@@ -119,8 +122,8 @@
     for (let i = 0; i < cols * rows; i++) {
       const o = i * 4;
       if (i >= n) { px[o + 3] = 0; continue; }
-      const p = m.cells[i] / 100;
-      present += m.cells[i];
+      const p = cells[i] / 100;
+      present += cells[i];
       const col = fetching[i] && p < 1 ? fet : [0, 1, 2].map((k) => Math.round(abs[k] + (pre[k] - abs[k]) * p));
       px[o] = col[0]; px[o + 1] = col[1]; px[o + 2] = col[2]; px[o + 3] = 255;
     }
