@@ -153,6 +153,8 @@ type Manager struct {
 	// pauses before it is tried again.
 	mergeRetry time.Duration
 
+	stats *mergeStats // Prometheus counters (metrics.go)
+
 	// Test seams.
 	now  func() time.Time
 	hook func(point, uuid string) error // called at the crash points of a merge
@@ -237,6 +239,7 @@ func NewManager(cfg Config) (*Manager, error) {
 		images:     make(map[string]int),
 		mergeRetry: 30 * time.Second,
 		now:        time.Now,
+		stats:      newMergeStats(),
 	}
 	if err := m.loadSessions(); err != nil {
 		cancel()

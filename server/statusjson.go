@@ -19,9 +19,9 @@ type statusDoc struct {
 	Clients       int           `json:"clientCount"`
 	Servers       int           `json:"serverCount"`
 	ImageCount    int           `json:"imageCount"`
-	Images        *statusPageOf `json:"images,omitempty"`     // nil without IMAGE_LIST
-	ClientList    *statusPageOf `json:"clients,omitempty"`    // nil without CLIENT_LIST
-	AltServers    []altStatus   `json:"altservers,omitempty"` // nil without ALL
+	Images        *statusPageOf `json:"images"`     // null without IMAGE_LIST
+	ClientList    *statusPageOf `json:"clients"`    // null without CLIENT_LIST
+	AltServers    []altStatus   `json:"altservers"` // null without ALL
 	Perm          string        `json:"permissions"`
 }
 

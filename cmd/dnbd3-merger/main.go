@@ -191,7 +191,9 @@ func serve(ctx context.Context, cfg config, log *slog.Logger, e env) int {
 	srv := &http.Server{
 		Handler: httpapi.New(svc, httpapi.Options{Token: token, Logger: log,
 			MaxUploads: cfg.limits.maxUploads, MaxUploadsPerClient: cfg.limits.maxUploadsPerClient,
-			UploadTimeout: cfg.limits.uploadTimeout}),
+			UploadTimeout: cfg.limits.uploadTimeout,
+			Metrics:       metricsRegistry(svc), OpenMetrics: cfg.metricsNoAuth,
+			StatusPage: true, Version: version.String()}),
 		TLSConfig:         tlsCfg,
 		ReadHeaderTimeout: 20 * time.Second,
 		// Forms are at most 64 KiB; an upload's body gets its own deadline

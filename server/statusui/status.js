@@ -161,7 +161,8 @@
 
   function renderAlts(list) {
     $("altDenied").hidden = !!list;
-    $("alts").hidden = !list;
+    $("alts").hidden = !list || list.length === 0;
+    $("altNone").hidden = !list || list.length > 0;
     $("alts").tBodies[0].replaceChildren(...(list || []).map((a) => {
       const vals = a.rtt.filter((v) => v > 0), avg = vals.length ? Math.round(vals.reduce((x, y) => x + y, 0) / vals.length) : 0;
       // the server keeps the last few probes; the page keeps a longer
