@@ -303,6 +303,7 @@ func (c *engineConn) fail(err error) {
 
 // finish releases what a request held once its reply is written.
 func (c *engineConn) finish(j *job) {
+	c.e.st.observe(j.req.Type, j.start)
 	c.lim.release(j.limBytes)
 	c.busy.Add(-1)
 	c.e.st.inFlight.Add(-1)

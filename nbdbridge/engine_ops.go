@@ -30,6 +30,7 @@ type job struct {
 	c        *engineConn // an asynchronous read's connection (ReadDone)
 	vec      [2][]byte   // writeNow's header and payload
 	iovw     net.Buffers // writeNow's writev (consumed by WriteTo)
+	start    time.Time   // when the request was read (latency metric)
 }
 
 // hasData reports whether the reply carries the READ data.
@@ -80,6 +81,7 @@ func (c *engineConn) handle(ctx context.Context, req protocol.TransmissionReques
 	j := e.getJob()
 	j.req = req
 	j.limBytes = bufBytes
+	j.start = time.Now()
 
 	if req.Type == wireCmdWrite && req.Length > 0 {
 		var rerr error

@@ -265,7 +265,7 @@ func (cc *clientConn) getBlockSlow(req protocol.Request) error {
 func (cc *clientConn) sendFromFile(handle uint64, off int64, size uint32) error {
 	t0 := time.Now()
 	err := cc.sendFile(handle, off, size)
-	cc.stats.disk.observe(time.Since(t0))
+	cc.stats.disk.Observe(time.Since(t0))
 	return err
 }
 

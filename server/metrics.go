@@ -8,6 +8,7 @@ package server
 // is computed at scrape time.
 
 import (
+	"github.com/dnbd3go/dnbd3go/internal/promhist"
 	"sync/atomic"
 
 	"github.com/dnbd3go/dnbd3go/protocol"
@@ -71,8 +72,8 @@ var fetchKindNames = [...]string{"relay", "prefetch", "replication", "repair"}
 // own goroutines write them (relay goroutines for the relay histogram).
 type connStats struct {
 	reqs  [reqSlots]atomic.Uint64
-	disk  latencyHist // replies served from the local file
-	relay latencyHist // replies that waited for an uplink
+	disk  promhist.Hist // replies served from the local file
+	relay promhist.Hist // replies that waited for an uplink
 }
 
 // count counts one request of slot i.
@@ -90,7 +91,7 @@ type serverMetrics struct {
 
 	// guarded by Server.connMu
 	reqs        [reqSlots]uint64
-	disk, relay latencyHist
+	disk, relay promhist.Hist
 	sentByImage map[*Image]uint64 // bytes sent to clients that left
 }
 
@@ -110,8 +111,8 @@ func (m *serverMetrics) foldLocked(cc *clientConn) {
 	for i := range cc.stats.reqs {
 		m.reqs[i] += cc.stats.reqs[i].Load()
 	}
-	cc.stats.disk.foldInto(&m.disk)
-	cc.stats.relay.foldInto(&m.relay)
+	cc.stats.disk.FoldInto(&m.disk)
+	cc.stats.relay.FoldInto(&m.relay)
 	if cc.img != nil {
 		if m.sentByImage == nil {
 			m.sentByImage = map[*Image]uint64{}

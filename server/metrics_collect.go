@@ -1,6 +1,7 @@
 package server
 
 import (
+	"github.com/dnbd3go/dnbd3go/internal/promhist"
 	"strconv"
 	"time"
 
@@ -64,7 +65,7 @@ func (c collector) Describe(ch chan<- *prometheus.Desc) {
 // connSnapshot is what the collector reads under connMu.
 type connSnapshot struct {
 	reqs            [reqSlots]uint64
-	disk, relay     histSnapshot
+	disk, relay     promhist.Snapshot
 	sent            map[*Image]uint64
 	clients, server int
 }
@@ -75,8 +76,8 @@ func (s *Server) snapshotConns(loaded map[*Image]bool) connSnapshot {
 	defer s.connMu.Unlock()
 	m := &s.met
 	snap := connSnapshot{reqs: m.reqs, sent: map[*Image]uint64{}}
-	snap.disk.add(&m.disk)
-	snap.relay.add(&m.relay)
+	snap.disk.Add(&m.disk)
+	snap.relay.Add(&m.relay)
 	for img, n := range m.sentByImage {
 		if !loaded[img] {
 			delete(m.sentByImage, img) // bounded: only loaded images
@@ -88,8 +89,8 @@ func (s *Server) snapshotConns(loaded map[*Image]bool) connSnapshot {
 		for i := range cc.stats.reqs {
 			snap.reqs[i] += cc.stats.reqs[i].Load()
 		}
-		snap.disk.add(&cc.stats.disk)
-		snap.relay.add(&cc.stats.relay)
+		snap.disk.Add(&cc.stats.disk)
+		snap.relay.Add(&cc.stats.relay)
 		snap.sent[cc.img] += cc.bytesSent.Load()
 		if cc.isServer.Load() {
 			snap.server++
@@ -136,8 +137,8 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	for i, name := range requestCommands {
 		counter(mdRequests, float64(snap.reqs[i]), name)
 	}
-	ch <- snap.disk.metric(mdReadLatency, "disk")
-	ch <- snap.relay.metric(mdReadLatency, "relay")
+	ch <- snap.disk.Metric(mdReadLatency, "disk")
+	ch <- snap.relay.Metric(mdReadLatency, "relay")
 	gauge(mdImages, float64(len(images)))
 	for _, img := range images {
 		c.collectImage(ch, img, snap.sent[img]+iscsiSent[img])

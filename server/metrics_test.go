@@ -202,4 +202,3 @@ func TestMetricsACL(t *testing.T) {
 		}
 	}
 }
-

@@ -417,7 +417,7 @@ func (r *relay) partDone(f *fetch) {
 // connection shut down) if the data could not be fetched.
 func (cc *clientConn) finishRelay(r *relay) {
 	defer func() {
-		cc.stats.relay.observe(time.Since(r.start))
+		cc.stats.relay.Observe(time.Since(r.start))
 		cc.relays.Add(-1)
 		select {
 		case cc.relayDone <- struct{}{}:

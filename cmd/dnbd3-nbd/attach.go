@@ -47,6 +47,7 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 	var readAhead, maxRequest int
 	var kernelDirect bool
 	var directTimeout time.Duration
+	var metricsAddr string
 	var cow cowFlags
 	fs := newImageFlagSet("attach", s, &f, &cow)
 	fs.StringVar(&device, "device", "", "use this device (/dev/nbdN); default: the kernel picks a free one")
@@ -59,6 +60,7 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 	fs.BoolVar(&kernelDirect, "kernel-direct", true, "read-only: the kernel reads from servers that offer it (dnbd3go servers) with no hop through this daemon; false: always relay")
 	fs.DurationVar(&directTimeout, "direct-timeout", nbdbridge.DefaultDirectTimeout, "kernel-direct: how long a read in flight on a failed server's connection waits before the kernel re-sends it (grows with the read latency and while a live server is slower)")
 	fs.IntVar(&oomScoreAdj, "oom-score-adj", nbdbridge.DefaultOOMScoreAdj, "the daemon's oom_score_adj (-1000 to 1000; -1000: the OOM killer never picks it)")
+	addMetricsFlag(fs, &metricsAddr)
 	fs.Usage = func() {
 		fmt.Fprintf(s.err, "Usage: dnbd3-nbd attach -h \"HOST[:PORT] ...\" -i IMAGE [-r RID] [--device /dev/nbdN] [--connections N] [--block-size 512|4096] [-a KB] [-S] [-l LOG]\n"+
 			"                        [-c DIR | -L DIR] [-C MERGER] [-m] [--upload-uuid UUID] [--cow-stats-file] [--cow-stats-stdout]\n\n"+
@@ -119,6 +121,10 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 	// The device's writeback runs through this process: keep it from
 	// deadlocking in memory reclaim (I/O flusher, locked memory, OOM).
 	nbdbridge.ProtectDaemon(log, oomScoreAdj)
+	mln, err := listenMetrics(metricsAddr)
+	if err != nil {
+		return exitWith(s, "attach", err)
+	}
 	img, err := f.open(ctx, log)
 	if err != nil {
 		return exitWith(s, "attach", err)
@@ -170,6 +176,7 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 		return exitWith(s, "attach", err)
 	}
 	started := time.Now()
+	defer serveMetrics(mln, &bridgeCollector{device: dev.Path, engine: dev.Engine, img: img, cow: cs}, log)()
 	ctlCtx, stopCtl := context.WithCancel(context.Background())
 	defer stopCtl()
 	status := func() attachStatus {

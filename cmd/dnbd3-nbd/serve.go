@@ -16,7 +16,9 @@ func runServe(ctx context.Context, args []string, s stdio) int {
 	var cow cowFlags
 	var listen, socketMode string
 	var insecureWritable bool
+	var metricsAddr string
 	fs := newImageFlagSet("serve", s, &f, &cow)
+	addMetricsFlag(fs, &metricsAddr)
 	fs.StringVar(&listen, "listen", "", "where to export: unix:PATH or tcp:HOST:PORT")
 	fs.StringVar(&socketMode, "socket-mode", "0600", "permission of the unix:PATH socket file (octal); 0660 lets the file's group connect")
 	fs.BoolVar(&insecureWritable, "insecure-writable", false, "allow a writable export (-c/-L) on tcp: or an abstract unix:@ socket, where anyone who can connect may change the session")
@@ -58,8 +60,15 @@ func runServe(ctx context.Context, args []string, s stdio) int {
 		return exitUsage
 	}
 	defer closeLog()
+	mln, err := listenMetrics(metricsAddr)
+	if err != nil {
+		return exitWith(s, "serve", err)
+	}
 	ln, err := lc.Listen(listen)
 	if err != nil {
+		if mln != nil {
+			mln.Close()
+		}
 		return exitWith(s, "serve", err)
 	}
 	img, err := f.open(ctx, log)
@@ -78,6 +87,7 @@ func runServe(ctx context.Context, args []string, s stdio) int {
 		backend = cs.overlay
 	}
 	eng := nbdbridge.NewEngine(backend, nbdbridge.EngineOptions{Logger: log, Workers: remoteWorkers})
+	defer serveMetrics(mln, &bridgeCollector{device: "serve:" + listen, engine: func() *nbdbridge.Engine { return eng }, img: img, cow: cs}, log)()
 	log.Info("serving", "listen", listen, "image", img.Name(), "rid", img.RID(), "size", img.Size())
 	fmt.Fprintln(s.out, ln.Addr().String())
 	serr := eng.ServeListener(ctx, ln, img.Name(), fmt.Sprintf("dnbd3 image %s rid %d", img.Name(), img.RID()))

@@ -1,0 +1,85 @@
+// Package promhist is a lock-free latency histogram with fixed buckets
+// for hot paths: observing costs one bucket search and two uncontended
+// atomic adds, and the histogram becomes a Prometheus const histogram only
+// when scraped. Give each connection (or engine) its own Hist and sum them
+// into a Snapshot at scrape time.
+package promhist
+
+import (
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// bounds are the upper bounds (seconds) of the buckets: 50 µs to 30 s,
+// roughly x2.5 apart.
+var bounds = [...]float64{
+	0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+	0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
+}
+
+// Hist is a latency histogram. The zero value is ready to use.
+type Hist struct {
+	counts [len(bounds) + 1]atomic.Uint64 // last: above every bound
+	sumNs  atomic.Uint64
+}
+
+// Observe records one duration.
+func (h *Hist) Observe(d time.Duration) {
+	if d < 0 {
+		d = 0
+	}
+	s := d.Seconds()
+	i := 0
+	for i < len(bounds) && s > bounds[i] {
+		i++
+	}
+	h.counts[i].Add(1)
+	h.sumNs.Add(uint64(d))
+}
+
+// FoldInto adds h's counts to dst (a connection that ends hands its
+// counts to a longer-lived histogram).
+func (h *Hist) FoldInto(dst *Hist) {
+	for i := range h.counts {
+		dst.counts[i].Add(h.counts[i].Load())
+	}
+	dst.sumNs.Add(h.sumNs.Load())
+}
+
+// Snapshot is a plain copy of one or more Hists.
+type Snapshot struct {
+	counts [len(bounds) + 1]uint64
+	sumNs  uint64
+}
+
+// Add adds h's current counts to s.
+func (s *Snapshot) Add(h *Hist) {
+	for i := range h.counts {
+		s.counts[i] += h.counts[i].Load()
+	}
+	s.sumNs += h.sumNs.Load()
+}
+
+// Count returns the number of observations.
+func (s *Snapshot) Count() uint64 {
+	var n uint64
+	for _, c := range s.counts {
+		n += c
+	}
+	return n
+}
+
+// Metric returns s as a Prometheus histogram of desc with the label
+// values given.
+func (s *Snapshot) Metric(desc *prometheus.Desc, labels ...string) prometheus.Metric {
+	buckets := make(map[float64]uint64, len(bounds))
+	var cum uint64
+	for i, b := range bounds {
+		cum += s.counts[i]
+		buckets[b] = cum
+	}
+	cum += s.counts[len(bounds)]
+	return prometheus.MustNewConstHistogram(desc, cum, float64(s.sumNs)/1e9, buckets, labels...)
+}

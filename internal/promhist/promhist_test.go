@@ -1,0 +1,39 @@
+package promhist
+
+import (
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+)
+
+// TestBucketsAndFold puts durations into the right cumulative buckets and
+// folds a histogram into another.
+func TestBucketsAndFold(t *testing.T) {
+	var a, b Hist
+	a.Observe(30 * time.Microsecond)  // <= 50 µs
+	a.Observe(700 * time.Microsecond) // <= 1 ms
+	a.Observe(time.Minute)            // +Inf
+	b.Observe(-time.Second)           // counted as 0
+	a.FoldInto(&b)
+	var s Snapshot
+	s.Add(&b)
+	if s.Count() != 4 {
+		t.Fatalf("count %d", s.Count())
+	}
+	var m dto.Metric
+	if err := s.Metric(prometheus.NewDesc("x_seconds", "x", nil, nil)).Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	h := m.Histogram
+	want := map[float64]uint64{0.00005: 2, 0.0005: 2, 0.001: 3, 30: 3}
+	for _, bk := range h.Bucket {
+		if w, ok := want[bk.GetUpperBound()]; ok && bk.GetCumulativeCount() != w {
+			t.Errorf("bucket %v: %d, want %d", bk.GetUpperBound(), bk.GetCumulativeCount(), w)
+		}
+	}
+	if h.GetSampleCount() != 4 || h.GetSampleSum() < 60 || h.GetSampleSum() > 60.001 {
+		t.Errorf("count %d sum %v", h.GetSampleCount(), h.GetSampleSum())
+	}
+}
