@@ -105,10 +105,10 @@ func (s *Server) snapshotConns(loaded map[*Image]bool) connSnapshot {
 func (c collector) Collect(ch chan<- prometheus.Metric) {
 	s := c.s
 	gauge := func(d *prometheus.Desc, v float64, l ...string) {
-		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, l...)
+		ch <- promhist.Const(d, prometheus.GaugeValue, v, l...)
 	}
 	counter := func(d *prometheus.Desc, v float64, l ...string) {
-		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, v, l...)
+		ch <- promhist.Const(d, prometheus.CounterValue, v, l...)
 	}
 	gauge(mdInfo, 1, s.opts.Version)
 	gauge(mdStart, float64(s.started.UnixNano())/1e9)
@@ -166,7 +166,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 func (c collector) collectImage(ch chan<- prometheus.Metric, img *Image, sent uint64) {
 	l := []string{img.Name, strconv.Itoa(int(img.RID))}
 	m := func(d *prometheus.Desc, t prometheus.ValueType, v float64, extra ...string) {
-		ch <- prometheus.MustNewConstMetric(d, t, v, append(l, extra...)...)
+		ch <- promhist.Const(d, t, v, append(l, extra...)...)
 	}
 	m(mdImgSent, prometheus.CounterValue, float64(sent))
 	m(mdImgRecv, prometheus.CounterValue, float64(img.bytesRecv.Load()))

@@ -221,12 +221,14 @@ func imageMap(img *Image, cells int) mapDoc {
 		}
 		return doc
 	}
-	bits := cm.Bytes()
+	// counted under the map's read lock, without copying it (a 100 GiB
+	// image has a 3.2 MB map)
+	cm.mu.RLock()
 	for c := range n {
 		lo, hi := int64(c)*per, min(int64(c+1)*per, blocks)
-		set := countBits(bits, lo, hi)
-		doc.Cells[c] = uint8(set * 100 / (hi - lo))
+		doc.Cells[c] = uint8(countBits(cm.bits, lo, hi) * 100 / (hi - lo))
 	}
+	cm.mu.RUnlock()
 	if up := img.up.Load(); up != nil {
 		up.mu.Lock()
 		for _, f := range up.fetches {

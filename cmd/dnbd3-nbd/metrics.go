@@ -9,6 +9,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/dnbd3go/dnbd3go/internal/promhist"
 	"log/slog"
 	"net"
 	"net/http"
@@ -108,7 +109,7 @@ func (b *bridgeCollector) Describe(ch chan<- *prometheus.Desc) {
 // Collect sends the current values.
 func (b *bridgeCollector) Collect(ch chan<- prometheus.Metric) {
 	m := func(d *prometheus.Desc, t prometheus.ValueType, v float64, l ...string) {
-		ch <- prometheus.MustNewConstMetric(d, t, v, append([]string{b.device}, l...)...)
+		ch <- promhist.Const(d, t, v, append([]string{b.device}, l...)...)
 	}
 	m(nInfo, prometheus.GaugeValue, 1, b.img.Name(), strconv.Itoa(int(b.img.RID())))
 	if e := b.engine(); e != nil {

@@ -1,13 +1,15 @@
 // Package promhist is a lock-free latency histogram with fixed buckets
-// for hot paths: observing costs one bucket search and two uncontended
+// for hot paths, and constructors of Prometheus metrics that never panic: observing costs one bucket search and two uncontended
 // atomic adds, and the histogram becomes a Prometheus const histogram only
 // when scraped. Give each connection (or engine) its own Hist and sum them
 // into a Snapshot at scrape time.
 package promhist
 
 import (
+	"strings"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -81,5 +83,31 @@ func (s *Snapshot) Metric(desc *prometheus.Desc, labels ...string) prometheus.Me
 		buckets[b] = cum
 	}
 	cum += s.counts[len(bounds)]
-	return prometheus.MustNewConstHistogram(desc, cum, float64(s.sumNs)/1e9, buckets, labels...)
+	m, err := prometheus.NewConstHistogram(desc, cum, float64(s.sumNs)/1e9, buckets, validLabels(labels)...)
+	if err != nil {
+		return prometheus.NewInvalidMetric(desc, err)
+	}
+	return m
+}
+
+// Const is prometheus.MustNewConstMetric that never panics: label values
+// that are not valid UTF-8 (image names come from file names and the
+// network) get U+FFFD for the bad bytes, and any other error becomes an
+// invalid metric, which the scrape reports instead of crashing the daemon.
+func Const(desc *prometheus.Desc, t prometheus.ValueType, v float64, labels ...string) prometheus.Metric {
+	m, err := prometheus.NewConstMetric(desc, t, v, validLabels(labels)...)
+	if err != nil {
+		return prometheus.NewInvalidMetric(desc, err)
+	}
+	return m
+}
+
+// validLabels replaces invalid UTF-8 in label values.
+func validLabels(labels []string) []string {
+	for i, l := range labels {
+		if !utf8.ValidString(l) {
+			labels[i] = strings.ToValidUTF8(l, "\uFFFD")
+		}
+	}
+	return labels
 }

@@ -37,3 +37,23 @@ func TestBucketsAndFold(t *testing.T) {
 		t.Errorf("count %d sum %v", h.GetSampleCount(), h.GetSampleSum())
 	}
 }
+
+// TestConstNeverPanics: invalid UTF-8 in a label value is replaced, a
+// wrong number of labels gives an invalid metric, not a panic.
+func TestConstNeverPanics(t *testing.T) {
+	d := prometheus.NewDesc("x", "x", []string{"image"}, nil)
+	var m dto.Metric
+	if err := Const(d, prometheus.GaugeValue, 1, "bad\xffname").Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	if got := m.Label[0].GetValue(); got != "bad\uFFFDname" {
+		t.Errorf("label %q", got)
+	}
+	if err := Const(d, prometheus.GaugeValue, 1, "a", "b").Write(&m); err == nil {
+		t.Error("two values for one label gave no error")
+	}
+	var s Snapshot
+	if err := s.Metric(d).Write(&m); err == nil {
+		t.Error("histogram without its label gave no error")
+	}
+}

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# What the Prometheus metrics cost (issue 13: at most 3 % off the server's
+# and the bridge's figures). The binaries before the metrics (BASE_REV,
+# default: the parent of the commit that added them) run side by side with
+# the current ones, alternating run by run, while a scraper reads the new
+# ones' /metrics every second (15x more often than a usual Prometheus):
+#   dnbd3-server: sequential 1 MiB QD8, random 4 KiB QD32, handshakes/s
+#   dnbd3-nbd serve (--metrics-listen, both reading the same server):
+#   fio's nbd engine, sequential 1 MiB QD8 and random 4 KiB QD32.
+# Ratios are new/old, best of RUNS; on a loaded machine compare the
+# ratios, not the absolute figures.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. bench/lib.sh
+RUNS=${RUNS:-5} SECS=${SECS:-4}
+OLD_PORT=15221 NEW_PORT=15222 SCRAPE_EVERY=${SCRAPE_EVERY:-1}
+BASE_REV=${BASE_REV:-$(git log --format=%H -1 --grep='dnbd3-server: Prometheus metrics at /metrics')~1}
+OLD=$W/metrics-base
+if [ ! -x "$OLD/bin/dnbd3-server" ] || [ "$(cat "$OLD/rev" 2>/dev/null)" != "$(git rev-parse "$BASE_REV")" ]; then
+  rm -rf "$OLD" && mkdir -p "$OLD/src" "$OLD/bin"
+  git archive "$BASE_REV" | tar -x -C "$OLD/src"
+  (cd "$OLD/src" && go build -trimpath -o "$OLD/bin/" ./cmd/dnbd3-server ./cmd/dnbd3-nbd ./cmd/dnbd3-bench)
+  git rev-parse "$BASE_REV" > "$OLD/rev"
+fi
+gcc -O2 -o "$W/dnbd3-hsbench" bench/peers/dnbd3-hsbench.c -lpthread
+random_file "$W/img/bench.r1" 256M
+server_conf "$W/etc-old" "$W/img" $OLD_PORT
+server_conf "$W/etc-new" "$W/img" $NEW_PORT
+OLDSOCK=$W/old.sock NEWSOCK=$W/new.sock MPORT=15223
+rm -f "$OLDSOCK" "$NEWSOCK"
+"$OLD/bin/dnbd3-server" -n -c "$W/etc-old" -b 127.0.0.1 > "$W/old.log" 2>&1 & S1=$!
+"$BIN/dnbd3-server" -n -c "$W/etc-new" -b 127.0.0.1 > "$W/new.log" 2>&1 & S2=$!
+PIDS="$S1 $S2"
+trap 'kill $PIDS 2>/dev/null || true' EXIT
+wait_port $OLD_PORT; wait_port $NEW_PORT
+# both bridges read from the old server, so only the bridge differs
+"$OLD/bin/dnbd3-nbd" serve -h 127.0.0.1:$OLD_PORT -i bench --listen "unix:$OLDSOCK" --log-level warning > /dev/null & N1=$!
+"$BIN/dnbd3-nbd" serve -h 127.0.0.1:$OLD_PORT -i bench --listen "unix:$NEWSOCK" --log-level warning \
+  --metrics-listen 127.0.0.1:$MPORT > /dev/null & N2=$!
+PIDS="$PIDS $N1 $N2"
+wait_sock "$OLDSOCK" "$NEWSOCK"; wait_port $MPORT
+( while sleep "$SCRAPE_EVERY"; do
+    curl -sf "http://127.0.0.1:$NEW_PORT/metrics" > /dev/null
+    curl -sf "http://127.0.0.1:$MPORT/metrics" > /dev/null
+  done ) & SCR=$!
+PIDS="$PIDS $SCR"
+cat "$W/img/bench.r1" > /dev/null
+
+load() { # bin port key args...
+  "$1" -h 127.0.0.1:$2 -i bench --json "${@:4}" | awk -F'[:,]' -v k="$3" '$1 ~ "\""k"\"" {gsub(/ /,"",$2); print $2}'
+}
+hs() { "$W/dnbd3-hsbench" "$1" bench 8 2000 | awk '{print $1}'; }
+declare -A R
+for i in $(seq "$RUNS"); do
+  for side in old new; do
+    if [ $side = old ]; then port=$OLD_PORT bench=$OLD/bin/dnbd3-bench sock=$OLDSOCK
+    else port=$NEW_PORT bench=$BIN/dnbd3-bench sock=$NEWSOCK; fi
+    R[seq_$side]+=" $(load "$bench" $port mb_per_s --load --duration ${SECS}s --queue-depth 8 -b 1M --pattern seq)"
+    R[rand_$side]+=" $(load "$bench" $port iops --load --duration ${SECS}s --queue-depth 32 -b 4096 --pattern rand)"
+    R[hs_$side]+=" $(hs $port)"
+    read -r bw _ <<< "$(fio_nbd "$sock" read 1M 8 256M)"; R[nseq_$side]+=" $bw"
+    read -r _ iops <<< "$(fio_nbd "$sock" randread 4k 32 256M)"; R[nrand_$side]+=" $iops"
+  done
+done
+printf '\n%-40s %12s %12s %8s\n' "metrics cost (best of $RUNS, load $(cut -d' ' -f1 /proc/loadavg))" "before" "metrics" "ratio"
+row() { printf "%-40s %12.0f %12.0f %8s\n" "$1" "$2" "$3" "$(ratio "$3" "$2")"; }
+row "server seq 1 MiB QD8 (MB/s)" "$(best ${R[seq_old]})" "$(best ${R[seq_new]})"
+row "server rand 4 KiB QD32 (IOPS)" "$(best ${R[rand_old]})" "$(best ${R[rand_new]})"
+row "server handshakes/s, 8 threads" "$(best ${R[hs_old]})" "$(best ${R[hs_new]})"
+row "bridge seq 1 MiB QD8 (MB/s)" "$(mb "$(best ${R[nseq_old]})")" "$(mb "$(best ${R[nseq_new]})")"
+row "bridge rand 4 KiB QD32 (IOPS)" "$(best ${R[nrand_old]})" "$(best ${R[nrand_new]})"
+echo "(runs old/new: rand${R[rand_old]} /${R[rand_new]}; bridge rand${R[nrand_old]} /${R[nrand_new]})"
+echo "(new: scraped every ${SCRAPE_EVERY}s; scrape of the server: $(curl -s -o /dev/null -w '%{size_download} bytes in %{time_total}s' http://127.0.0.1:$NEW_PORT/metrics))"
