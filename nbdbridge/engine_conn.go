@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/dnbd3go/dnbd3go/internal/promhist"
 	"io"
 	"log/slog"
 	"net"
@@ -33,8 +34,9 @@ type engineConn struct {
 
 	replies chan *job // completed requests, to the writer
 	lim     connLimiter
-	workers sync.WaitGroup // dispatched requests whose reply is not queued yet
-	dirty   atomic.Bool    // a write succeeded on this connection
+	sampler promhist.Sampler // request reader only: which requests to time
+	workers sync.WaitGroup   // dispatched requests whose reply is not queued yet
+	dirty   atomic.Bool      // a write succeeded on this connection
 
 	writerDone  chan struct{}
 	failOnce    sync.Once

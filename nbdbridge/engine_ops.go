@@ -81,7 +81,9 @@ func (c *engineConn) handle(ctx context.Context, req protocol.TransmissionReques
 	j := e.getJob()
 	j.req = req
 	j.limBytes = bufBytes
-	j.start = time.Now()
+	if c.sampler.Next() {
+		j.start = time.Now()
+	}
 
 	if req.Type == wireCmdWrite && req.Length > 0 {
 		var rerr error

@@ -63,7 +63,8 @@ func latencySlot(typ uint16) int {
 }
 
 // observe records the latency of a request read at start whose reply
-// was written now (every request, answered with an error or not).
+// was written now (answered with an error or not); requests that were
+// not sampled (zero start) are skipped.
 func (s *statCounters) observe(typ uint16, start time.Time) {
 	if !start.IsZero() {
 		s.latency[latencySlot(typ)].Observe(time.Since(start))
@@ -71,7 +72,8 @@ func (s *statCounters) observe(typ uint16, start time.Time) {
 }
 
 // Latency returns the latency histograms (from reading a request to
-// writing its reply) by command, in the order of LatencyCommands.
+// writing its reply; one request in promhist.SampleEvery per connection
+// is timed) by command, in the order of LatencyCommands.
 func (e *Engine) Latency() [len(LatencyCommands)]promhist.Snapshot {
 	var out [len(LatencyCommands)]promhist.Snapshot
 	for i := range out {

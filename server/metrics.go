@@ -71,9 +71,10 @@ var fetchKindNames = [...]string{"relay", "prefetch", "replication", "repair"}
 // connStats are one client connection's counters. Only the connection's
 // own goroutines write them (relay goroutines for the relay histogram).
 type connStats struct {
-	reqs  [reqSlots]atomic.Uint64
-	disk  promhist.Hist // replies served from the local file
-	relay promhist.Hist // replies that waited for an uplink
+	reqs    [reqSlots]atomic.Uint64
+	disk    promhist.Hist    // replies served from the local file (sampled)
+	relay   promhist.Hist    // replies that waited for an uplink
+	sampler promhist.Sampler // request loop only: which disk reads to time
 }
 
 // count counts one request of slot i.

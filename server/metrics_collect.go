@@ -3,7 +3,6 @@ package server
 import (
 	"github.com/dnbd3go/dnbd3go/internal/promhist"
 	"strconv"
-	"time"
 
 	"github.com/dnbd3go/dnbd3go/protocol"
 	"github.com/prometheus/client_golang/prometheus"
@@ -27,7 +26,7 @@ var (
 	mdConnected     = desc("connected_clients", "Connections that selected an image, by peer type (client, server = proxy, iscsi).", "type")
 	mdHandshakes    = desc("handshakes_total", "DNBD3 handshakes by outcome.", "outcome")
 	mdRequests      = desc("requests_total", "Requests by command (nbd_* in NBD transmission mode).", "command")
-	mdReadLatency   = desc("read_duration_seconds", "Time to answer a read: from the local file (disk) or waiting for an uplink (relay).", "source")
+	mdReadLatency   = desc("read_duration_seconds", "Time to answer a read: from the local file (disk, one read in 8 per connection is timed) or waiting for an uplink (relay, every read).", "source")
 	mdImages        = desc("images", "Loaded images.")
 	mdImgSize       = desc("image_size_bytes", "Virtual size of a loaded image.", imgLabels...)
 	mdImgUsers      = desc("image_users", "Clients connected to a loaded image.", imgLabels...)
@@ -199,6 +198,3 @@ func (c collector) collectImage(ch chan<- prometheus.Metric, img *Image, sent ui
 	m(mdUplinkSwitch, prometheus.CounterValue, float64(st.Switches), "rtt")
 	m(mdUplinkSwitch, prometheus.CounterValue, float64(st.Failovers), "failover")
 }
-
-// uptime returns how long the server runs.
-func (s *Server) uptime() time.Duration { return time.Since(s.started) }

@@ -50,6 +50,22 @@ func (h *Hist) FoldInto(dst *Hist) {
 	dst.sumNs.Add(h.sumNs.Load())
 }
 
+// SampleEvery is how many requests a Sampler lets through one of: a clock
+// read costs 60 to 150 ns on a virtual machine, a few percent of a 4 KiB
+// read, so hot paths time one request in SampleEvery (the first, the
+// 9th, ...). The counters of requests and bytes stay exact.
+const SampleEvery = 8
+
+// Sampler picks the requests to time. It is not safe for concurrent use:
+// give each connection's request loop its own. The zero value is ready.
+type Sampler struct{ n uint32 }
+
+// Next reports whether to time the next request.
+func (s *Sampler) Next() bool {
+	s.n++
+	return s.n%SampleEvery == 1
+}
+
 // Snapshot is a plain copy of one or more Hists.
 type Snapshot struct {
 	counts [len(bounds) + 1]uint64

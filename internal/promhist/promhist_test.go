@@ -57,3 +57,17 @@ func TestConstNeverPanics(t *testing.T) {
 		t.Error("histogram without its label gave no error")
 	}
 }
+
+// TestSampler lets through the 1st, 9th, 17th ... request.
+func TestSampler(t *testing.T) {
+	var s Sampler
+	var got []int
+	for i := 1; i <= 20; i++ {
+		if s.Next() {
+			got = append(got, i)
+		}
+	}
+	if len(got) != 3 || got[0] != 1 || got[1] != 1+SampleEvery || got[2] != 1+2*SampleEvery {
+		t.Errorf("sampled %v", got)
+	}
+}
