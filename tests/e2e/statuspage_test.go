@@ -89,6 +89,9 @@ func TestStatusPageInChromium(t *testing.T) {
 	if kinds := b.text(t, "#clients tbody"); !strings.Contains(kinds, "proxy") || !strings.Contains(kinds, "lab/win11:2") {
 		t.Errorf("client table: %q", kinds)
 	}
+	if vis := b.eval(t, `String(!document.getElementById('altNone').hidden)`); vis != "true" {
+		t.Error("a server without alt-servers does not say so")
+	}
 	if n := b.eval(t, `String(document.querySelectorAll('canvas.cachemap').length)`); n != "0" {
 		t.Errorf("complete images drew %s cache maps", n)
 	}
