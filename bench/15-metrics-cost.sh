@@ -59,7 +59,8 @@ per() { awk -v t0="$2" -v t1="$(ticks "$1")" -v n="$3" -v hz="$TCK" 'BEGIN { if 
 least() { printf '%s\n' "$@" | sort -g | head -1; }
 declare -A R
 for i in $(seq "$RUNS"); do
-  for side in old new; do
+  order="old new"; [ $((i % 2)) = 0 ] && order="new old" # no side always goes first
+  for side in $order; do
     if [ $side = old ]; then port=$OLD_PORT bench=$OLD/bin/dnbd3-bench sock=$OLDSOCK spid=$S1 npid=$N1
     else port=$NEW_PORT bench=$BIN/dnbd3-bench sock=$NEWSOCK spid=$S2 npid=$N2; fi
     t0=$(ticks $spid); v=$(load "$bench" $port mb_per_s --load --duration ${SECS}s --queue-depth 8 -b 1M --pattern seq)

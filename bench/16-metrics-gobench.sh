@@ -23,7 +23,8 @@ SB='^Benchmark(Rand4KiBQD32|Seq1MiBQD8|Handshake)$'
 NB='^BenchmarkEngine(Read4KRandomQD32|Write4KRandomQD32|Read1MSeqQD4)$'
 : > "$W/gobench.txt"
 for i in $(seq "$RUNS"); do
-  for side in old new; do
+  order="old new"; [ $((i % 2)) = 0 ] && order="new old" # no side always goes first
+  for side in $order; do
     (cd server && "$W/$side-server.test" -test.run XXX -test.bench "$SB" -test.benchtime "$BT") | sed "s/^/$side /" >> "$W/gobench.txt"
     (cd nbdbridge && "$W/$side-nbdbridge.test" -test.run XXX -test.bench "$NB" -test.benchtime "$BT") | sed "s/^/$side /" >> "$W/gobench.txt"
   done
