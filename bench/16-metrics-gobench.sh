@@ -29,11 +29,12 @@ for i in $(seq "$RUNS"); do
     (cd nbdbridge && "$W/$side-nbdbridge.test" -test.run XXX -test.bench "$NB" -test.benchtime "$BT") | sed "s/^/$side /" >> "$W/gobench.txt"
   done
 done
-printf '\n%-44s %12s %12s %8s\n' "Go benchmarks, median ns/op of $RUNS (load $(cut -d' ' -f1 /proc/loadavg))" "before" "metrics" "ratio"
+printf '\n%-44s %12s %12s %8s %8s\n' "Go benchmarks, median ns/op of $RUNS (load $(cut -d' ' -f1 /proc/loadavg))" "before" "metrics" "ratio" "best"
 for b in $(awk '$2 ~ /^Benchmark/ {sub(/-[0-9]+$/, "", $2); print $2}' "$W/gobench.txt" | sort -u); do
   med() { awk -v s="$1" -v b="$b" '$1 == s { n = $2; sub(/-[0-9]+$/, "", n); if (n == b) print $4 }' "$W/gobench.txt" | sort -g |
     awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+  low() { awk -v s="$1" -v b="$b" '$1 == s { n = $2; sub(/-[0-9]+$/, "", n); if (n == b) print $4 }' "$W/gobench.txt" | sort -g | head -1; }
   o=$(med old) n=$(med new)
-  printf '%-44s %12.0f %12.0f %8s\n' "$b" "$o" "$n" "$(ratio "$n" "$o")"
+  printf '%-44s %12.0f %12.0f %8s %8s\n' "$b" "$o" "$n" "$(ratio "$n" "$o")" "$(ratio "$(low new)" "$(low old)")"
 done
-echo "(ratio = new/old ns per operation: above 1.00 is slower; raw runs in $W/gobench.txt)"
+echo "(ratio = new/old ns per operation of the medians, best = of the fastest runs: above 1.00 is slower; raw runs in $W/gobench.txt)"
