@@ -76,5 +76,41 @@ mb() { awk -v b="$1" 'BEGIN { printf "%.0f", b / 1e6 }'; }
 # best VALUES...: the largest number (best of several runs).
 best() { printf '%s\n' "$@" | sort -g | tail -1; }
 
+# median VALUES...: the median (the mean of the middle two for an even count).
+median() { printf '%s\n' "$@" | sort -g | awk '{v[NR] = $1} END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+
 # rss_kib PID
 rss_kib() { awk '/^VmRSS:/ {print $2}' /proc/"$1"/status; }
+
+# REF_DIR holds the reference implementation's programs (see its README).
+REF_DIR=${REF_DIR:-$PWD/../shared/peers/dnbd3-ref}
+
+# ref_peer NAME: print the path of the reference program NAME if it can run
+# here. As root, Debian runtime libraries it lacks are installed once with
+# apt-get. Otherwise it prints a visible SKIP line on stderr and fails.
+ref_peer() {
+  local p=$REF_DIR/$1 pkgs missing
+  if [ ! -x "$p" ]; then echo "SKIP: reference $1: no executable $p" >&2; return 1; fi
+  missing=$(ldd "$p" 2>/dev/null | awk '/not found/ {print $1}' | tr '\n' ' ')
+  if [ -n "$missing" ] && [ "$(id -u)" = 0 ]; then
+    case $1 in
+      dnbd3-server) pkgs="libjansson4";;
+      dnbd3-fuse*) pkgs="libfuse2 libcurl4 fuse3";;
+      *) pkgs="";;
+    esac
+    if [ -n "$pkgs" ]; then
+      echo "bench: installing $pkgs for the reference $1" >&2
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $pkgs >/dev/null 2>&1 ||
+        { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $pkgs >/dev/null 2>&1; } || true
+      missing=$(ldd "$p" 2>/dev/null | awk '/not found/ {print $1}' | tr '\n' ' ')
+    fi
+  fi
+  if [ -n "$missing" ]; then echo "SKIP: reference $1: missing libraries: $missing" >&2; return 1; fi
+  echo "$p"
+}
+
+# fuse_ok: FUSE mounts can work here (else a SKIP line on stderr).
+fuse_ok() {
+  [ -c /dev/fuse ] || { echo "SKIP: FUSE rows: no /dev/fuse" >&2; return 1; }
+  command -v fusermount > /dev/null || { echo "SKIP: FUSE rows: no fusermount (apt-get install fuse3)" >&2; return 1; }
+}

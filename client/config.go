@@ -133,7 +133,7 @@ type Config struct {
 	// stalls) while reads are outstanding (default 100 ms).
 	TickInterval time.Duration
 
-	// Logger receives the client's log messages (default slog.Default()).
+	// Logger receives the client's log messages (default: none).
 	Logger *slog.Logger
 	// Dial opens connections (default net.Dialer.DialContext). Tests use
 	// it to inject faults.
@@ -183,7 +183,7 @@ func (c Config) withDefaults() Config {
 	def(&c.FailedServerDelay, DefaultFailedServerDelay)
 	def(&c.TickInterval, DefaultTickInterval)
 	if c.Logger == nil {
-		c.Logger = slog.Default()
+		c.Logger = slog.New(slog.DiscardHandler)
 	}
 	if c.Dial == nil {
 		var d net.Dialer

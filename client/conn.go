@@ -66,6 +66,9 @@ func (i *Image) adoptLocked(d *dialed, reason string) {
 		i.active = nil
 		i.dropLocked(old, nil, now)
 	}
+	if i.pinned != nil && i.pinned != d.srv {
+		i.pinned = nil // the pinned server failed: probing chooses again
+	}
 	c := &conn{
 		img:      i,
 		srv:      d.srv,
@@ -143,7 +146,7 @@ func (i *Image) dropLocked(c *conn, err error, now time.Time) {
 			// they deliver any data (a server that accepts the handshake
 			// but cannot serve): then back off like a failed round.
 			if !c.served {
-				i.failoverBackoff = min(max(2*i.failoverBackoff, i.cfg.FailoverRetryMin), i.cfg.FailoverRetryMax)
+				i.growFailoverBackoff()
 			}
 			i.failoverAt = now.Add(i.failoverBackoff)
 			i.probeRounds = 0

@@ -128,13 +128,18 @@ func (i *Image) failoverDone(res failoverResult) {
 			res.d.close() // a probe got there first
 			return
 		}
+		if !slices.Contains(i.servers, res.d.srv) {
+			res.d.close() // removed while the round ran: try the others now
+			i.failoverAt = now
+			return
+		}
 		i.failovers.Add(1)
 		i.log.Info("dnbd3: failed over", "server", res.d.srv.key, "panic", now.Sub(i.panicSince).Round(time.Millisecond),
 			"connect", res.took.Round(time.Microsecond), "pending", len(i.pending))
 		i.adoptLocked(res.d, "failover")
 		return
 	}
-	i.failoverBackoff = min(max(2*i.failoverBackoff, i.cfg.FailoverRetryMin), i.cfg.FailoverRetryMax)
+	i.growFailoverBackoff()
 	i.failedRounds++
 	if i.failedRounds == 1 {
 		attrs := []any{"servers", serverKeys(i.servers), "retry", i.failoverBackoff}
@@ -149,4 +154,10 @@ func (i *Image) failoverDone(res failoverResult) {
 		i.lastError = res.errs[len(res.errs)-1].err
 	}
 	i.failoverAt = now.Add(i.failoverBackoff)
+}
+
+// growFailoverBackoff doubles the wait before the next failover round,
+// within FailoverRetryMin and FailoverRetryMax.
+func (i *Image) growFailoverBackoff() {
+	i.failoverBackoff = min(max(2*i.failoverBackoff, i.cfg.FailoverRetryMin), i.cfg.FailoverRetryMax)
 }

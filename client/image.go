@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -45,6 +46,12 @@ type Image struct {
 	holdSend   bool
 	panicSince time.Time
 	lastError  error // why the last connection failed
+	// pinned is the server SwitchServer chose: RTT probing does not
+	// switch away from it (nil: probing chooses).
+	pinned *server
+	// removed lists servers RemoveServer took out, so that GET_SERVERS
+	// does not bring them back (at most maxRemoved).
+	removed []netip.AddrPort
 
 	// supervisor state (guarded by mu)
 	failoverRunning bool

@@ -1,6 +1,8 @@
 package client
 
 import (
+	"slices"
+
 	"github.com/dnbd3go/dnbd3go/protocol"
 )
 
@@ -18,6 +20,9 @@ func (i *Image) learnServers(list []protocol.ServerEntry) {
 			continue
 		}
 		s := newServer(a, true)
+		if slices.Contains(i.removed, s.addr) {
+			continue // RemoveServer took it out
+		}
 		idx := -1
 		for k, old := range i.servers {
 			if old.addr == s.addr {

@@ -94,6 +94,9 @@ func (i *Image) probeDone(results []probeResult) {
 	}
 	var ok []probeResult
 	for _, r := range results {
+		if !slices.Contains(i.servers, r.srv) {
+			continue // removed while the round ran
+		}
 		if r.err != nil {
 			if i.ctx.Err() == nil {
 				r.srv.fail(r.err, now)
@@ -134,8 +137,8 @@ func (i *Image) probeDone(results []probeResult) {
 		i.adoptLocked(best.d, "probe during panic")
 		return
 	}
-	if best.srv == c.srv {
-		return
+	if best.srv == c.srv || i.pinned == c.srv {
+		return // already there, or pinned by SwitchServer
 	}
 	cur, bestRTT := c.srv.avgRTT(), best.srv.avgRTT()
 	thr := max(i.cfg.SwitchThreshold-time.Duration(best.srv.best)*10*time.Microsecond, 0)

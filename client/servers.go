@@ -25,6 +25,7 @@ type server struct {
 	addr    netip.AddrPort
 	key     string // addr.String(), the dial address
 	learned bool   // from GET_SERVERS rather than Config.Servers
+	added   bool   // added at runtime (AddServer, SwitchServer); guarded by Image.mu
 
 	rtt      [rttSamples]time.Duration
 	nrtt     int // valid samples

@@ -20,6 +20,7 @@ type Stats struct {
 	Failovers uint64 // recoveries from a lost or stalled connection
 	Failures  uint64 // connection failures of all servers
 	LastError string // why the most recent connection failed
+	Pinned    string // the server SwitchServer pinned, "" if probing chooses
 
 	Servers []ServerStats // every known server, given ones first
 }
@@ -28,6 +29,8 @@ type Stats struct {
 type ServerStats struct {
 	Addr      string        // "ip:port"
 	Learned   bool          // learned via GET_SERVERS
+	Added     bool          // added at runtime (AddServer, SwitchServer)
+	Pinned    bool          // pinned by SwitchServer
 	Active    bool          // the current server
 	RTT       time.Duration // average of the last probe RTTs (0: never probed)
 	Samples   int           // number of RTT samples averaged
@@ -74,10 +77,15 @@ func (i *Image) Stats() Stats {
 		st.Panic = true
 		st.PanicFor = time.Since(i.panicSince)
 	}
+	if i.pinned != nil {
+		st.Pinned = i.pinned.key
+	}
 	for _, s := range i.servers {
 		ss := ServerStats{
 			Addr:      s.key,
 			Learned:   s.learned,
+			Added:     s.added,
+			Pinned:    s == i.pinned,
 			Active:    i.active != nil && i.active.srv == s,
 			RTT:       s.avgRTT(),
 			Samples:   s.nrtt,

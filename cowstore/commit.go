@@ -5,6 +5,8 @@ import (
 	"cmp"
 	"fmt"
 	"slices"
+
+	"github.com/dnbd3go/dnbd3go/cowformat"
 )
 
 // Flush makes every write that completed before the call durable (the NBD
@@ -67,25 +69,25 @@ func (o *Overlay) commit() error {
 	// whole new tables (their entries are copied under the locks)
 	for l1 := range newTables {
 		t := o.tables[l1].Load()
-		b := make([]byte, L2TableSize)
+		b := make([]byte, cowformat.L2TableSize)
 		for i := range t.entries {
-			c := l1*L2Entries + i
+			c := l1*cowformat.L2Entries + i
 			mu := o.lockFor(c)
 			mu.RLock()
-			t.entries[i].marshalTo(b[i*L2EntrySize:])
+			t.entries[i].marshalTo(b[i*cowformat.L2EntrySize:])
 			mu.RUnlock()
 			delete(dirty, c)
 		}
 		writes = append(writes, metaWrite{metaOffset(t.index, 0), b})
 	}
 	for c := range dirty {
-		t := o.tables[c/L2Entries].Load()
-		b := make([]byte, L2EntrySize)
+		t := o.tables[c/cowformat.L2Entries].Load()
+		b := make([]byte, cowformat.L2EntrySize)
 		mu := o.lockFor(c)
 		mu.RLock()
-		t.entries[c%L2Entries].marshalTo(b)
+		t.entries[c%cowformat.L2Entries].marshalTo(b)
 		mu.RUnlock()
-		writes = append(writes, metaWrite{metaOffset(t.index, c%L2Entries), b})
+		writes = append(writes, metaWrite{metaOffset(t.index, c%cowformat.L2Entries), b})
 	}
 	// L1 and the header, after the entries
 	o.allocMu.Lock()
@@ -96,8 +98,8 @@ func (o *Overlay) commit() error {
 		nextClusterOffset: o.nextSlot,
 	}
 	if len(newTables) > 0 || l1Dirty {
-		l1 := make([]byte, L1Entries*4)
-		for i := range L1Entries {
+		l1 := make([]byte, cowformat.L1Entries*4)
+		for i := range cowformat.L1Entries {
 			v := int32(-1)
 			// only tables that are (or are now being) written to meta
 			if t := o.tables[i].Load(); t != nil {
@@ -107,7 +109,7 @@ func (o *Overlay) commit() error {
 			}
 			le.PutUint32(l1[4*i:], uint32(v))
 		}
-		writes = append(writes, metaWrite{StartL1, l1})
+		writes = append(writes, metaWrite{cowformat.StartL1, l1})
 	}
 	o.allocMu.Unlock()
 	o.hdrMu.Lock()

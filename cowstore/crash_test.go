@@ -11,16 +11,17 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/cowformat"
 	"github.com/dnbd3go/dnbd3go/internal/testutil"
 )
 
-const crashRemoteSize = 8 * ClusterSize
+const crashRemoteSize = 8 * cowformat.ClusterSize
 
 func crashRemote() *memRemote { return &memRemote{data: testutil.GenImage(0, crashRemoteSize)} }
 
 // crashBlock is what the writer puts into 4 KiB block b in round r.
 func crashBlock(b, r int) []byte {
-	p := bytes.Repeat([]byte{byte(r)}, BlockSize)
+	p := bytes.Repeat([]byte{byte(r)}, cowformat.BlockSize)
 	copy(p, fmt.Sprintf("block %d round %d;", b, r)) // ';': the fill byte may be a digit
 	return p
 }
@@ -36,11 +37,11 @@ func TestCrashWriter(t *testing.T) {
 		fmt.Println("ERROR", err)
 		os.Exit(1)
 	}
-	blocks := crashRemoteSize / BlockSize
+	blocks := crashRemoteSize / cowformat.BlockSize
 	// round 1 over every 3rd block, unaligned by one byte on purpose for
 	// some, then FLUSH
 	for b := 0; b < blocks; b += 3 {
-		o.WriteAt(crashBlock(b, 1), int64(b)*BlockSize)
+		o.WriteAt(crashBlock(b, 1), int64(b)*cowformat.BlockSize)
 	}
 	if err := o.Flush(); err != nil {
 		fmt.Println("ERROR", err)
@@ -50,7 +51,7 @@ func TestCrashWriter(t *testing.T) {
 	// round 2 everywhere, never flushed explicitly, until killed
 	for r := 2; ; r++ {
 		for b := 0; b < blocks; b++ {
-			o.WriteAt(crashBlock(b, r), int64(b)*BlockSize)
+			o.WriteAt(crashBlock(b, r), int64(b)*cowformat.BlockSize)
 		}
 	}
 }
@@ -90,11 +91,11 @@ func TestFlushSurvivesSIGKILL(t *testing.T) {
 	defer o.Close()
 	got := readAll(t, o)
 	rounds := map[int]int{}
-	for b := 0; b < crashRemoteSize/BlockSize; b++ {
-		blk := got[b*BlockSize : (b+1)*BlockSize]
+	for b := 0; b < crashRemoteSize/cowformat.BlockSize; b++ {
+		blk := got[b*cowformat.BlockSize : (b+1)*cowformat.BlockSize]
 		var r int
 		if _, err := fmt.Sscanf(string(blk[:24]), "block %d round %d;", new(int), &r); err != nil || !bytes.Equal(blk, crashBlock(b, r)) {
-			if bytes.Equal(blk, remote.data[b*BlockSize:(b+1)*BlockSize]) && b%3 != 0 {
+			if bytes.Equal(blk, remote.data[b*cowformat.BlockSize:(b+1)*cowformat.BlockSize]) && b%3 != 0 {
 				rounds[0]++
 				continue // never written and unflushed writes lost: fine
 			}

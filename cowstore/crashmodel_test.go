@@ -8,6 +8,7 @@ import (
 	"slices"
 	"testing"
 
+	"github.com/dnbd3go/dnbd3go/cowformat"
 	"github.com/dnbd3go/dnbd3go/internal/testutil"
 )
 
@@ -40,7 +41,7 @@ func (g genRemote) ReadAt(p []byte, off int64) (int, error) {
 func (g genRemote) Size() int64 { return g.size }
 
 // crashImageSize spans L2 table 0 and part of table 1, unaligned.
-const crashImageSize = L2Span + 3*ClusterSize + 777
+const crashImageSize = cowformat.L2Span + 3*cowformat.ClusterSize + 777
 
 type stepKind int
 
@@ -87,35 +88,35 @@ func crashWorkload() []crashStep {
 	flush := crashStep{kind: stepFlush}
 	return []crashStep{
 		// new table 0, new slots, aligned and read-modify-write blocks
-		w(0, 3*BlockSize, 1),
-		w(5*ClusterSize+100, 5000, 2),
+		w(0, 3*cowformat.BlockSize, 1),
+		w(5*cowformat.ClusterSize+100, 5000, 2),
 		flush,
 		// in-place overwrites (twice in one block), a new bit in an old
 		// slot, a new table 1 with a new slot
-		w(BlockSize, BlockSize, 3),
-		w(BlockSize+10, 20, 4),
-		w(10*BlockSize, BlockSize, 5),
-		w(L2Span+2*ClusterSize+50, 9000, 6),
+		w(cowformat.BlockSize, cowformat.BlockSize, 3),
+		w(cowformat.BlockSize+10, 20, 4),
+		w(10*cowformat.BlockSize, cowformat.BlockSize, 5),
+		w(cowformat.L2Span+2*cowformat.ClusterSize+50, 9000, 6),
 		flush,
 		// shrink inside the block just written (commits), grow again (clears
 		// bits, zeroes the tail of that block), a new table 2
-		resize(L2Span + 2*ClusterSize + 3000),
-		resize(2*L2Span + 5*ClusterSize),
-		w(2*L2Span+ClusterSize, 2*BlockSize, 7),
+		resize(cowformat.L2Span + 2*cowformat.ClusterSize + 3000),
+		resize(2*cowformat.L2Span + 5*cowformat.ClusterSize),
+		w(2*cowformat.L2Span+cowformat.ClusterSize, 2*cowformat.BlockSize, 7),
 		flush,
 		// a write past the end (grows across a gap), an overwrite
-		w(2*L2Span+8*ClusterSize+7, 100, 8),
-		w(5*ClusterSize+200, BlockSize, 9),
+		w(2*cowformat.L2Span+8*cowformat.ClusterSize+7, 100, 8),
+		w(5*cowformat.ClusterSize+200, cowformat.BlockSize, 9),
 		flush,
 		// shrink below tables 1 and 2, write across the end, grow back over
 		// table 1 (whose blocks must read as zeros), a partial block
-		resize(6*ClusterSize + 5),
-		w(6*ClusterSize, 2*BlockSize, 10),
-		resize(L2Span + 2*ClusterSize + 2*BlockSize),
-		w(3*BlockSize+1, 10, 11),
+		resize(6*cowformat.ClusterSize + 5),
+		w(6*cowformat.ClusterSize, 2*cowformat.BlockSize, 10),
+		resize(cowformat.L2Span + 2*cowformat.ClusterSize + 2*cowformat.BlockSize),
+		w(3*cowformat.BlockSize+1, 10, 11),
 		flush,
 		// a write across a cluster boundary into a new slot
-		w(8*ClusterSize-30*BlockSize, 64<<10, 12),
+		w(8*cowformat.ClusterSize-30*cowformat.BlockSize, 64<<10, 12),
 		flush,
 	}
 }
@@ -144,9 +145,9 @@ func (m *crashModel) block(b int64) []byte {
 	if p, ok := m.blocks[b]; ok {
 		return bytes.Clone(p)
 	}
-	p := make([]byte, BlockSize)
-	start := b * BlockSize
-	if n := min(m.valid-start, BlockSize); n > 0 {
+	p := make([]byte, cowformat.BlockSize)
+	start := b * cowformat.BlockSize
+	if n := min(m.valid-start, cowformat.BlockSize); n > 0 {
 		m.remote.ReadAt(p[:n], start)
 	}
 	return p
@@ -159,14 +160,14 @@ func (m *crashModel) resize(n int64) {
 	}
 	m.valid = min(m.valid, n)
 	for b := range m.blocks {
-		if b*BlockSize >= n {
+		if b*cowformat.BlockSize >= n {
 			delete(m.blocks, b)
 		}
 	}
-	if n%BlockSize != 0 {
-		p := m.block(n / BlockSize)
-		clear(p[n%BlockSize:])
-		m.blocks[n/BlockSize] = p
+	if n%cowformat.BlockSize != 0 {
+		p := m.block(n / cowformat.BlockSize)
+		clear(p[n%cowformat.BlockSize:])
+		m.blocks[n/cowformat.BlockSize] = p
 	}
 	m.size = n
 }
@@ -176,8 +177,8 @@ func (m *crashModel) write(p []byte, off int64) {
 		m.resize(end)
 	}
 	for pos := 0; pos < len(p); {
-		b := (off + int64(pos)) / BlockSize
-		in := int((off + int64(pos)) % BlockSize)
+		b := (off + int64(pos)) / cowformat.BlockSize
+		in := int((off + int64(pos)) % cowformat.BlockSize)
 		blk := m.block(b)
 		n := copy(blk[in:], p[pos:])
 		m.blocks[b] = blk
@@ -248,12 +249,12 @@ func checkBlocks(states []*crashModel) []int64 {
 	for _, s := range states {
 		for b := range s.blocks {
 			set[b-1], set[b], set[b+1] = true, true, true
-			c := b * BlockSize / ClusterSize
-			for i := int64(0); i < ClusterBlocks; i += 16 {
-				set[c*ClusterBlocks+i] = true
+			c := b * cowformat.BlockSize / cowformat.ClusterSize
+			for i := int64(0); i < cowformat.ClusterBlocks; i += 16 {
+				set[c*cowformat.ClusterBlocks+i] = true
 			}
 		}
-		set[(s.size-1)/BlockSize], set[s.size/BlockSize] = true, true
+		set[(s.size-1)/cowformat.BlockSize], set[s.size/cowformat.BlockSize] = true, true
 	}
 	delete(set, -1)
 	return slices.Sorted(maps.Keys(set))
@@ -271,13 +272,13 @@ func checkCrashed(o *Overlay, states []*crashModel, from, to int, blocks []int64
 	if !okSize {
 		return fmt.Errorf("size %d is not the size of states %d..%d", size, from, to)
 	}
-	got := make([]byte, BlockSize)
+	got := make([]byte, cowformat.BlockSize)
 	for _, b := range blocks {
-		start := b * BlockSize
+		start := b * cowformat.BlockSize
 		if start >= size {
 			continue
 		}
-		end := min(start+BlockSize, size)
+		end := min(start+cowformat.BlockSize, size)
 		n := int(end - start)
 		if _, err := o.ReadAt(got[:n], start); err != nil && err != io.EOF {
 			return fmt.Errorf("read block %d: %v", b, err)
@@ -290,7 +291,7 @@ func checkCrashed(o *Overlay, states []*crashModel, from, to int, blocks []int64
 		}
 		if match < 0 {
 			return fmt.Errorf("block %d (offset %d, cluster %d) reads %x..., which none of states %d..%d had (state %d: %x...)",
-				b, start, start/ClusterSize, got[:8], from, to, from, states[from].block(b)[:8])
+				b, start, start/cowformat.ClusterSize, got[:8], from, to, from, states[from].block(b)[:8])
 		}
 	}
 	return nil
@@ -305,15 +306,15 @@ func checkContinue(t *testing.T, dir string, opts Options, o *Overlay, blocks []
 	size := o.Size()
 	snap := map[int64][]byte{}
 	for _, b := range blocks {
-		if b*BlockSize+BlockSize <= size {
-			p := make([]byte, BlockSize)
-			o.ReadAt(p, b*BlockSize)
+		if b*cowformat.BlockSize+cowformat.BlockSize <= size {
+			p := make([]byte, cowformat.BlockSize)
+			o.ReadAt(p, b*cowformat.BlockSize)
 			snap[b] = p
 		}
 	}
-	writes := map[int64][]byte{3 * ClusterBlocks: pattern(100, BlockSize), (L2Span + ClusterSize + BlockSize) / BlockSize: pattern(101, BlockSize), 1: pattern(102, BlockSize)}
+	writes := map[int64][]byte{3 * cowformat.ClusterBlocks: pattern(100, cowformat.BlockSize), (cowformat.L2Span + cowformat.ClusterSize + cowformat.BlockSize) / cowformat.BlockSize: pattern(101, cowformat.BlockSize), 1: pattern(102, cowformat.BlockSize)}
 	for b, p := range writes {
-		if _, err := o.WriteAt(p, b*BlockSize); err != nil {
+		if _, err := o.WriteAt(p, b*cowformat.BlockSize); err != nil {
 			t.Fatalf("write after reload: %v", err)
 		}
 		snap[b] = p
@@ -329,9 +330,9 @@ func checkContinue(t *testing.T, dir string, opts Options, o *Overlay, blocks []
 		t.Fatalf("second load: %v", err)
 	}
 	defer o2.Close()
-	got := make([]byte, BlockSize)
+	got := make([]byte, cowformat.BlockSize)
 	for b, want := range snap {
-		o2.ReadAt(got, b*BlockSize)
+		o2.ReadAt(got, b*cowformat.BlockSize)
 		if !bytes.Equal(got, want) {
 			t.Fatalf("after writing to the reloaded session, block %d changed: %x..., want %x...", b, got[:8], want[:8])
 		}

@@ -4,7 +4,7 @@ import (
 	"io"
 	"os"
 
-	"golang.org/x/sys/unix"
+	"github.com/dnbd3go/dnbd3go/internal/fsutil"
 )
 
 // storeFile is what the overlay needs of its meta and data files. The
@@ -22,17 +22,7 @@ type storeFile interface {
 // osFile is a storeFile on disk.
 type osFile struct{ *os.File }
 
-func (f osFile) Datasync() error { return fdatasync(f.File) }
-
-// fdatasync flushes a file's data (and the metadata needed to read it).
-func fdatasync(f *os.File) error {
-	for {
-		err := unix.Fdatasync(int(f.Fd()))
-		if err != unix.EINTR {
-			return err
-		}
-	}
-}
+func (f osFile) Datasync() error { return fsutil.Fdatasync(f.File) }
 
 // wrap returns the storeFile for one of the session's files ("meta" or
 // "data").

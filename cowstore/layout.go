@@ -5,30 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"math/bits"
-)
 
-// Format constants of session version 3.
-const (
-	MetaMagic     uint64 = 0xEBE44D6E72F7825E
-	DataMagic     uint64 = 0xEBE44D6E72F7825F
-	Version              = 3
-	BlockSize            = 4096
-	BitfieldSize         = 40                        // bytes of bitfield per cluster
-	ClusterBlocks        = BitfieldSize * 8          // 320 blocks
-	ClusterSize          = ClusterBlocks * BlockSize // 1,310,720 bytes
-	L2Entries            = 1024                      // entries per L2 table
-	L2Span               = L2Entries * ClusterSize   // 1,342,177,280 bytes per table
-	MaxImageSize         = 1_000_000_000_000         // 10^12
-	L1Entries            = (MaxImageSize + L2Span - 1) / L2Span
-	HeaderSize           = 320
-	L2EntrySize          = 64
-	L2TableSize          = L2Entries * L2EntrySize // 65536
-	StartL1              = HeaderSize
-	StartL2              = ((StartL1 + L1Entries*4 + L2TableSize - 1) / L2TableSize) * L2TableSize
-	MetaSize             = StartL2 + L1Entries*L2TableSize
-	FirstSlot            = ClusterSize // data slots start after one cluster (magic at 0)
-	uuidField            = 40
-	nameField            = 200
+	"github.com/dnbd3go/dnbd3go/cowformat"
 )
 
 var le = binary.LittleEndian
@@ -50,22 +28,22 @@ type header struct {
 }
 
 func (h *header) marshal() []byte {
-	b := make([]byte, HeaderSize)
-	le.PutUint64(b[0:], MetaMagic)
-	le.PutUint64(b[8:], h.imageSize)
-	le.PutUint32(b[16:], Version)
-	le.PutUint32(b[20:], 0) // blocksize is never written in v3
-	le.PutUint64(b[24:], h.validRemoteSize)
-	le.PutUint32(b[32:], StartL1)
-	le.PutUint32(b[36:], StartL2)
-	le.PutUint32(b[40:], BitfieldSize)
-	le.PutUint32(b[44:], uint32(h.nextL2))
-	le.PutUint64(b[48:], MetaSize)
-	le.PutUint64(b[56:], uint64(h.nextClusterOffset))
-	le.PutUint64(b[64:], MaxImageSize)
-	le.PutUint64(b[72:], h.creationTime)
-	copy(b[80:80+uuidField-1], h.uuid)
-	copy(b[120:120+nameField-1], h.imageName)
+	b := make([]byte, cowformat.HeaderSize)
+	le.PutUint64(b[cowformat.OffMagic:], cowformat.MetaMagic)
+	le.PutUint64(b[cowformat.OffImageSize:], h.imageSize)
+	le.PutUint32(b[cowformat.OffVersion:], cowformat.Version)
+	le.PutUint32(b[cowformat.OffBlockSize:], 0) // blocksize is never written in v3
+	le.PutUint64(b[cowformat.OffValidRemoteSize:], h.validRemoteSize)
+	le.PutUint32(b[cowformat.OffStartL1:], cowformat.StartL1)
+	le.PutUint32(b[cowformat.OffStartL2:], cowformat.StartL2)
+	le.PutUint32(b[cowformat.OffBitfieldSize:], cowformat.BitfieldSize)
+	le.PutUint32(b[cowformat.OffNextL2:], uint32(h.nextL2))
+	le.PutUint64(b[cowformat.OffMetaSize:], cowformat.MetaSize)
+	le.PutUint64(b[cowformat.OffNextClusterOffset:], uint64(h.nextClusterOffset))
+	le.PutUint64(b[cowformat.OffMaxImageSize:], cowformat.MaxImageSize)
+	le.PutUint64(b[cowformat.OffCreationTime:], h.creationTime)
+	copy(b[cowformat.OffUUID:cowformat.OffUUID+cowformat.UUIDField-1], h.uuid)
+	copy(b[cowformat.OffImageName:cowformat.OffImageName+cowformat.NameField-1], h.imageName)
 	return b
 }
 
@@ -77,30 +55,30 @@ var (
 
 func parseHeader(b []byte) (header, error) {
 	var h header
-	if len(b) < HeaderSize {
-		return h, fmt.Errorf("meta header: %d bytes, want %d", len(b), HeaderSize)
+	if len(b) < cowformat.HeaderSize {
+		return h, fmt.Errorf("meta header: %d bytes, want %d", len(b), cowformat.HeaderSize)
 	}
-	switch magic := le.Uint64(b); {
-	case magic == MetaMagic:
-	case magic == bits.ReverseBytes64(MetaMagic):
+	switch magic := le.Uint64(b[cowformat.OffMagic:]); {
+	case magic == cowformat.MetaMagic:
+	case magic == bits.ReverseBytes64(cowformat.MetaMagic):
 		return h, errWrongEndian
 	default:
 		return h, errNotMeta
 	}
-	h.imageSize = le.Uint64(b[8:])
-	h.version = int32(le.Uint32(b[16:]))
-	h.blocksize = int32(le.Uint32(b[20:]))
-	h.validRemoteSize = le.Uint64(b[24:])
-	h.startL1 = le.Uint32(b[32:])
-	h.startL2 = le.Uint32(b[36:])
-	h.bitfieldSize = int32(le.Uint32(b[40:]))
-	h.nextL2 = int32(le.Uint32(b[44:]))
-	h.metaSize = int64(le.Uint64(b[48:]))
-	h.nextClusterOffset = int64(le.Uint64(b[56:]))
-	h.maxImageSize = le.Uint64(b[64:])
-	h.creationTime = le.Uint64(b[72:])
-	h.uuid = cString(b[80 : 80+uuidField])
-	h.imageName = cString(b[120 : 120+nameField])
+	h.imageSize = le.Uint64(b[cowformat.OffImageSize:])
+	h.version = int32(le.Uint32(b[cowformat.OffVersion:]))
+	h.blocksize = int32(le.Uint32(b[cowformat.OffBlockSize:]))
+	h.validRemoteSize = le.Uint64(b[cowformat.OffValidRemoteSize:])
+	h.startL1 = le.Uint32(b[cowformat.OffStartL1:])
+	h.startL2 = le.Uint32(b[cowformat.OffStartL2:])
+	h.bitfieldSize = int32(le.Uint32(b[cowformat.OffBitfieldSize:]))
+	h.nextL2 = int32(le.Uint32(b[cowformat.OffNextL2:]))
+	h.metaSize = int64(le.Uint64(b[cowformat.OffMetaSize:]))
+	h.nextClusterOffset = int64(le.Uint64(b[cowformat.OffNextClusterOffset:]))
+	h.maxImageSize = le.Uint64(b[cowformat.OffMaxImageSize:])
+	h.creationTime = le.Uint64(b[cowformat.OffCreationTime:])
+	h.uuid = cString(b[cowformat.OffUUID : cowformat.OffUUID+cowformat.UUIDField])
+	h.imageName = cString(b[cowformat.OffImageName : cowformat.OffImageName+cowformat.NameField])
 	return h, nil
 }
 
@@ -119,24 +97,24 @@ type entry struct {
 	timeChanged int64
 	uploads     uint32
 	fails       uint32
-	bits        [BitfieldSize]byte
+	bits        [cowformat.BitfieldSize]byte
 	gen         uint64 // in memory only: changes with every modification
 }
 
 func (e *entry) marshalTo(b []byte) {
-	le.PutUint64(b[0:], uint64(e.offset))
-	le.PutUint64(b[8:], uint64(e.timeChanged))
-	le.PutUint32(b[16:], e.uploads)
-	le.PutUint32(b[20:], e.fails)
+	le.PutUint64(b[cowformat.OffMagic:], uint64(e.offset))
+	le.PutUint64(b[cowformat.OffImageSize:], uint64(e.timeChanged))
+	le.PutUint32(b[cowformat.OffVersion:], e.uploads)
+	le.PutUint32(b[cowformat.OffBlockSize:], e.fails)
 	copy(b[24:64], e.bits[:])
 }
 
 func parseEntry(b []byte) entry {
 	var e entry
-	e.offset = int64(le.Uint64(b[0:]))
-	e.timeChanged = int64(le.Uint64(b[8:]))
-	e.uploads = le.Uint32(b[16:])
-	e.fails = le.Uint32(b[20:])
+	e.offset = int64(le.Uint64(b[cowformat.OffMagic:]))
+	e.timeChanged = int64(le.Uint64(b[cowformat.OffImageSize:]))
+	e.uploads = le.Uint32(b[cowformat.OffVersion:])
+	e.fails = le.Uint32(b[cowformat.OffBlockSize:])
 	copy(e.bits[:], b[24:64])
 	return e
 }
@@ -156,5 +134,5 @@ func (e *entry) popcount() int {
 
 // metaOffset returns where the L2 entry l2 of table k lives in meta.
 func metaOffset(table int32, l2 int) int64 {
-	return StartL2 + int64(table)*L2TableSize + int64(l2)*L2EntrySize
+	return cowformat.StartL2 + int64(table)*cowformat.L2TableSize + int64(l2)*cowformat.L2EntrySize
 }

@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/dnbd3go/dnbd3go/cowformat"
 	"github.com/dnbd3go/dnbd3go/internal/testutil"
 )
 
@@ -18,24 +19,24 @@ import (
 // offset into the first 16 MiB (header, L1, first L2 tables, first slots),
 // a length byte and that many bytes.
 func FuzzLoad(f *testing.F) {
-	remote := &memRemote{data: testutil.GenImage(0, 2*ClusterSize+777)}
+	remote := &memRemote{data: testutil.GenImage(0, 2*cowformat.ClusterSize+777)}
 	patch := func(file byte, off int, b ...byte) []byte {
 		return append([]byte{file, byte(off), byte(off >> 8), byte(off >> 16), byte(len(b))}, b...)
 	}
 	f.Add([]byte{})
-	f.Add(patch(0, 0, 0x5f))                               // bad magic
-	f.Add(patch(0, StartL1, 9, 0, 0, 0))                   // L1 beyond nextL2
-	f.Add(patch(0, StartL2, 0, 0, 0, 0, 0, 0, 0x40))       // slot far away
-	f.Add(patch(0, StartL2, 0, 0, 0xE8, 0x03, 0, 0, 0, 0)) // slot 50 beyond nextClusterOffset: ignored
-	f.Add(patch(1, 0, 0))                                  // data magic
+	f.Add(patch(0, 0, 0x5f))                                         // bad magic
+	f.Add(patch(0, cowformat.StartL1, 9, 0, 0, 0))                   // L1 beyond nextL2
+	f.Add(patch(0, cowformat.StartL2, 0, 0, 0, 0, 0, 0, 0x40))       // slot far away
+	f.Add(patch(0, cowformat.StartL2, 0, 0, 0xE8, 0x03, 0, 0, 0, 0)) // slot 50 beyond nextClusterOffset: ignored
+	f.Add(patch(1, 0, 0))                                            // data magic
 	f.Fuzz(func(t *testing.T, patches []byte) {
 		dir := t.TempDir()
 		o, err := Create(dir, Options{Remote: remote, ImageName: "img", RID: 1, CommitInterval: -1})
 		if err != nil {
 			t.Fatal(err)
 		}
-		o.WriteAt([]byte("changed"), ClusterSize-3)
-		o.WriteAt([]byte("more"), 2*ClusterSize+100)
+		o.WriteAt([]byte("changed"), cowformat.ClusterSize-3)
+		o.WriteAt([]byte("more"), 2*cowformat.ClusterSize+100)
 		if err := o.Close(); err != nil {
 			t.Fatal(err)
 		}
@@ -60,11 +61,11 @@ func FuzzLoad(f *testing.F) {
 		}
 		defer o.Close()
 		size := o.Size()
-		if size < 0 || size > MaxImageSize {
+		if size < 0 || size > cowformat.MaxImageSize {
 			t.Fatalf("loaded size %d", size)
 		}
 		buf := make([]byte, 64<<10)
-		for _, off := range []int64{0, ClusterSize - 4096, 2 * ClusterSize, size - 1} {
+		for _, off := range []int64{0, cowformat.ClusterSize - 4096, 2 * cowformat.ClusterSize, size - 1} {
 			if off < 0 || off >= size {
 				continue
 			}

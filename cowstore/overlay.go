@@ -10,6 +10,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/dnbd3go/dnbd3go/cowformat"
 )
 
 // Remote is the read-only image below the overlay (a *client.Image).
@@ -41,7 +43,7 @@ type Options struct {
 // table is one L2 table in memory.
 type table struct {
 	index   int32 // position in the meta file
-	entries [L2Entries]entry
+	entries [cowformat.L2Entries]entry
 }
 
 // Overlay is a copy-on-write session: reads merge local blocks with the
@@ -63,10 +65,10 @@ type Overlay struct {
 
 	// allocMu guards table creation and slot allocation.
 	allocMu    sync.Mutex
-	tables     [L1Entries]atomic.Pointer[table]
+	tables     [cowformat.L1Entries]atomic.Pointer[table]
 	nextL2     int32
 	nextSlot   int64
-	tableSaved [L1Entries]bool // table written to meta at least once (commitMu)
+	tableSaved [cowformat.L1Entries]bool // table written to meta at least once (commitMu)
 
 	// what Load ignored: tables and slots handed out by a commit that
 	// never wrote its header (an interrupted commit)
@@ -114,18 +116,18 @@ func (o *Overlay) lockFor(cluster int) *sync.RWMutex { return &o.clusterMu[clust
 // lookup returns the entry of an absolute cluster index, or nil if its
 // L2 table does not exist.
 func (o *Overlay) lookup(cluster int) *entry {
-	t := o.tables[cluster/L2Entries].Load()
+	t := o.tables[cluster/cowformat.L2Entries].Load()
 	if t == nil {
 		return nil
 	}
-	return &t.entries[cluster%L2Entries]
+	return &t.entries[cluster%cowformat.L2Entries]
 }
 
 // entryFor returns the cluster's entry, creating its L2 table if needed.
 func (o *Overlay) entryFor(cluster int) *entry {
-	l1 := cluster / L2Entries
+	l1 := cluster / cowformat.L2Entries
 	if t := o.tables[l1].Load(); t != nil {
-		return &t.entries[cluster%L2Entries]
+		return &t.entries[cluster%cowformat.L2Entries]
 	}
 	o.allocMu.Lock()
 	t := o.tables[l1].Load()
@@ -142,7 +144,7 @@ func (o *Overlay) entryFor(cluster int) *entry {
 		o.dirtyMu.Unlock()
 	}
 	o.allocMu.Unlock()
-	return &t.entries[cluster%L2Entries]
+	return &t.entries[cluster%cowformat.L2Entries]
 }
 
 // allocSlot gives the entry a data slot; the caller holds its cluster lock.
@@ -152,7 +154,7 @@ func (o *Overlay) allocSlot(e *entry) {
 	}
 	o.allocMu.Lock()
 	e.offset = o.nextSlot
-	o.nextSlot += ClusterSize
+	o.nextSlot += cowformat.ClusterSize
 	o.allocMu.Unlock()
 }
 
@@ -201,8 +203,8 @@ func (o *Overlay) UUID() string {
 // SetUUID stores the merger session id (at most 36 characters in
 // practice, 39 fit) and commits it.
 func (o *Overlay) SetUUID(uuid string) error {
-	if len(uuid) >= uuidField {
-		return fmt.Errorf("upload uuid %q is longer than %d characters", uuid, uuidField-1)
+	if len(uuid) >= cowformat.UUIDField {
+		return fmt.Errorf("upload uuid %q is longer than %d characters", uuid, cowformat.UUIDField-1)
 	}
 	o.hdrMu.Lock()
 	o.uuid = uuid

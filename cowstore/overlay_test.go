@@ -13,6 +13,7 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/dnbd3go/dnbd3go/cowformat"
 	"github.com/dnbd3go/dnbd3go/internal/testutil"
 )
 
@@ -44,7 +45,7 @@ func check(t *testing.T, o *Overlay, m *model, what string) {
 	if !bytes.Equal(got, m.b) {
 		for i := range got {
 			if got[i] != m.b[i] {
-				t.Fatalf("%s: byte %d (block %d) = %#x, want %#x", what, i, i/BlockSize, got[i], m.b[i])
+				t.Fatalf("%s: byte %d (block %d) = %#x, want %#x", what, i, i/cowformat.BlockSize, got[i], m.b[i])
 			}
 		}
 	}
@@ -56,7 +57,7 @@ func TestRandomOperationsMatchFileSemantics(t *testing.T) {
 	for seed := uint64(1); seed <= 4; seed++ {
 		t.Run(fmt.Sprint(seed), func(t *testing.T) {
 			rng := rand.New(rand.NewPCG(seed, 99))
-			remote := &memRemote{data: testutil.GenImage(0, 3*ClusterSize+12345)}
+			remote := &memRemote{data: testutil.GenImage(0, 3*cowformat.ClusterSize+12345)}
 			dir := t.TempDir()
 			opts := Options{Remote: remote, ImageName: "img", RID: 2, CommitInterval: -1}
 			o, err := Create(dir, opts)
@@ -68,7 +69,7 @@ func TestRandomOperationsMatchFileSemantics(t *testing.T) {
 				size := int64(len(m.b))
 				switch r := rng.IntN(100); {
 				case r < 8: // resize around the current size, often unaligned
-					n := max(0, size+rng.Int64N(3*ClusterSize)-ClusterSize-rng.Int64N(5000))
+					n := max(0, size+rng.Int64N(3*cowformat.ClusterSize)-cowformat.ClusterSize-rng.Int64N(5000))
 					if err := o.Resize(n); err != nil {
 						t.Fatal(err)
 					}
@@ -81,10 +82,10 @@ func TestRandomOperationsMatchFileSemantics(t *testing.T) {
 						t.Fatal(err)
 					}
 				default:
-					off := rng.Int64N(size + 3*BlockSize)
-					n := 1 + rng.IntN(3*BlockSize)
+					off := rng.Int64N(size + 3*cowformat.BlockSize)
+					n := 1 + rng.IntN(3*cowformat.BlockSize)
 					if rng.IntN(4) == 0 {
-						n = 1 + rng.IntN(2*ClusterSize)
+						n = 1 + rng.IntN(2*cowformat.ClusterSize)
 					}
 					p := make([]byte, n)
 					for i := range p {
@@ -152,7 +153,7 @@ func TestPartialBlockBugsFixed(t *testing.T) {
 // ranges of the same blocks and clusters (partial blocks, read-modify-
 // write, new slots): no write may be lost and no slot orphaned.
 func TestConcurrentWritersSameBlock(t *testing.T) {
-	remote := &memRemote{data: testutil.GenImage(0, 4*ClusterSize)}
+	remote := &memRemote{data: testutil.GenImage(0, 4*cowformat.ClusterSize)}
 	o := newSession(t, remote)
 	m := append([]byte(nil), remote.data...)
 	var wg sync.WaitGroup
@@ -163,7 +164,7 @@ func TestConcurrentWritersSameBlock(t *testing.T) {
 			defer wg.Done()
 			for i := range 64 {
 				// each writer owns bytes with offset % writers == w in a few blocks
-				base := int64(i%8) * (ClusterSize / 2)
+				base := int64(i%8) * (cowformat.ClusterSize / 2)
 				off := base + int64(w)*7 + int64(i)*writers*7
 				if _, err := o.WriteAt([]byte{byte(w), byte(i)}, off); err != nil {
 					t.Error(err)
@@ -173,7 +174,7 @@ func TestConcurrentWritersSameBlock(t *testing.T) {
 	}
 	for w := range writers {
 		for i := range 64 {
-			base := int64(i%8) * (ClusterSize / 2)
+			base := int64(i%8) * (cowformat.ClusterSize / 2)
 			off := base + int64(w)*7 + int64(i)*writers*7
 			m[off], m[off+1] = byte(w), byte(i)
 		}
@@ -184,30 +185,30 @@ func TestConcurrentWritersSameBlock(t *testing.T) {
 	}
 	slots := 0
 	o.forEachSlot(func(int, *entry) { slots++ })
-	if want := int64(FirstSlot + slots*ClusterSize); o.nextSlot != want {
+	if want := int64(cowformat.FirstSlot + slots*cowformat.ClusterSize); o.nextSlot != want {
 		t.Fatalf("nextClusterOffset %d, want %d for %d slots: a slot was orphaned", o.nextSlot, want, slots)
 	}
 }
 
 func TestLimitsAndClose(t *testing.T) {
 	o := newSession(t, &memRemote{data: make([]byte, 8192)})
-	if err := o.Resize(MaxImageSize + 1); !errors.Is(err, ErrTooLarge) {
+	if err := o.Resize(cowformat.MaxImageSize + 1); !errors.Is(err, ErrTooLarge) {
 		t.Errorf("resize beyond 10^12: %v", err)
 	}
-	if _, err := o.WriteAt([]byte{1}, MaxImageSize); !errors.Is(err, ErrTooLarge) {
+	if _, err := o.WriteAt([]byte{1}, cowformat.MaxImageSize); !errors.Is(err, ErrTooLarge) {
 		t.Errorf("write beyond 10^12: %v", err)
 	}
-	if err := o.Resize(MaxImageSize); err != nil {
+	if err := o.Resize(cowformat.MaxImageSize); err != nil {
 		t.Errorf("resize to 10^12: %v", err)
 	}
-	if _, err := o.WriteAt([]byte{9}, MaxImageSize-1); err != nil {
+	if _, err := o.WriteAt([]byte{9}, cowformat.MaxImageSize-1); err != nil {
 		t.Errorf("last byte: %v", err)
 	}
 	b := []byte{0}
-	if _, err := o.ReadAt(b, MaxImageSize-1); err != nil || b[0] != 9 {
+	if _, err := o.ReadAt(b, cowformat.MaxImageSize-1); err != nil || b[0] != 9 {
 		t.Errorf("read last byte: %v %v", b, err)
 	}
-	if _, err := o.ReadAt(b, MaxImageSize); err != io.EOF {
+	if _, err := o.ReadAt(b, cowformat.MaxImageSize); err != io.EOF {
 		t.Errorf("read past end: %v", err)
 	}
 	o.Close()
@@ -219,7 +220,7 @@ func TestLimitsAndClose(t *testing.T) {
 // TestLoadRefusesForeignOrCorrupt covers the checks the reference skips and
 // the ones it does.
 func TestLoadRefusesForeignOrCorrupt(t *testing.T) {
-	remote := &memRemote{data: testutil.GenImage(0, 2*ClusterSize)}
+	remote := &memRemote{data: testutil.GenImage(0, 2*cowformat.ClusterSize)}
 	mk := func() string {
 		dir := t.TempDir()
 		o, err := Create(dir, Options{Remote: remote, ImageName: "img", RID: 3, CommitInterval: -1})
@@ -248,11 +249,11 @@ func TestLoadRefusesForeignOrCorrupt(t *testing.T) {
 		{"other revision", nil, Options{Remote: remote, ImageName: "img", RID: 4}, "revision 3"},
 		{"remote too small", nil, Options{Remote: &memRemote{data: make([]byte, 4096)}, ImageName: "img", RID: 3}, "valid bytes"},
 		{"bad magic", func(d string) { patch(d, "meta", 0, []byte{1}) }, good, "bad magic"},
-		{"byte-swapped", func(d string) { patch(d, "meta", 0, le64(int64(bits.ReverseBytes64(MetaMagic)))) }, good, "byte order"},
+		{"byte-swapped", func(d string) { patch(d, "meta", 0, le64(int64(bits.ReverseBytes64(cowformat.MetaMagic)))) }, good, "byte order"},
 		{"version", func(d string) { patch(d, "meta", 16, le32(2)) }, good, "version 2"},
 		{"bitfield size", func(d string) { patch(d, "meta", 40, le32(80)) }, good, "bitfield"},
-		{"L1 beyond the tables", func(d string) { patch(d, "meta", StartL1+4*5, le32(L1Entries)) }, good, "not a table index"},
-		{"slot not on a boundary", func(d string) { patch(d, "meta", StartL2, le64(50*ClusterSize+4096)) }, good, "not a slot boundary"},
+		{"L1 beyond the tables", func(d string) { patch(d, "meta", cowformat.StartL1+4*5, le32(cowformat.L1Entries)) }, good, "not a table index"},
+		{"slot not on a boundary", func(d string) { patch(d, "meta", cowformat.StartL2, le64(50*cowformat.ClusterSize+4096)) }, good, "not a slot boundary"},
 		{"data magic", func(d string) { patch(d, "data", 0, []byte{0}) }, good, "data file"},
 		{"truncated meta", func(d string) { os.Truncate(filepath.Join(d, "meta"), 1000) }, good, "header"},
 		{"no data", func(d string) { os.Remove(filepath.Join(d, "data")) }, good, "data"},

@@ -3,6 +3,8 @@ package cowstore
 import (
 	"fmt"
 	"io"
+
+	"github.com/dnbd3go/dnbd3go/cowformat"
 )
 
 // ReadAt reads the image: local blocks from the data file, the rest from
@@ -45,10 +47,10 @@ func (o *Overlay) read(p []byte, off int64) error {
 	}
 	for pos := 0; pos < len(p); {
 		abs := off + int64(pos)
-		cluster := int(abs / ClusterSize)
-		inCluster := abs % ClusterSize
-		n := min(len(p)-pos, int(ClusterSize-inCluster))
-		var bits [BitfieldSize]byte
+		cluster := int(abs / cowformat.ClusterSize)
+		inCluster := abs % cowformat.ClusterSize
+		n := min(len(p)-pos, int(cowformat.ClusterSize-inCluster))
+		var bits [cowformat.BitfieldSize]byte
 		slot := int64(-1)
 		if e := o.lookup(cluster); e != nil {
 			mu := o.lockFor(cluster)
@@ -59,7 +61,7 @@ func (o *Overlay) read(p []byte, off int64) error {
 		// isLocal reports whether the block at byte done of this piece is
 		// in the data file.
 		isLocal := func(done int) bool {
-			b := int((inCluster + int64(done)) / BlockSize)
+			b := int((inCluster + int64(done)) / cowformat.BlockSize)
 			return slot >= 0 && bits[b/8]&(1<<(b%8)) != 0
 		}
 		// walk the blocks of this cluster piece, grouping runs
@@ -67,8 +69,8 @@ func (o *Overlay) read(p []byte, off int64) error {
 			local := isLocal(done)
 			runEnd := done
 			for runEnd < n && isLocal(runEnd) == local {
-				rb := (inCluster + int64(runEnd)) / BlockSize
-				runEnd = min(n, int((rb+1)*BlockSize-inCluster))
+				rb := (inCluster + int64(runEnd)) / cowformat.BlockSize
+				runEnd = min(n, int((rb+1)*cowformat.BlockSize-inCluster))
 			}
 			at := pos + done
 			cnt := runEnd - done

@@ -1,6 +1,10 @@
 package cowstore
 
-import "fmt"
+import (
+	"fmt"
+
+	"github.com/dnbd3go/dnbd3go/cowformat"
+)
 
 // Resize changes the image size. Shrinking lowers validRemoteSize; growing
 // zeroes the rest of the block at the old end (if local) and clears the
@@ -14,7 +18,7 @@ func (o *Overlay) Resize(size int64) error {
 	if err := o.usable(); err != nil {
 		return err
 	}
-	if size < 0 || size > MaxImageSize {
+	if size < 0 || size > cowformat.MaxImageSize {
 		return fmt.Errorf("%w: %d", ErrTooLarge, size)
 	}
 	o.sizeMu.Lock()
@@ -46,25 +50,25 @@ func (o *Overlay) Resize(size int64) error {
 // grow clears local data past old up to new; the caller holds sizeMu
 // exclusively.
 func (o *Overlay) grow(old, new int64) error {
-	first := int(old / ClusterSize)
-	last := int((new - 1) / ClusterSize)
+	first := int(old / cowformat.ClusterSize)
+	last := int((new - 1) / cowformat.ClusterSize)
 	for c := first; c <= last; {
-		t := o.tables[c/L2Entries].Load()
+		t := o.tables[c/cowformat.L2Entries].Load()
 		if t == nil { // no table: nothing local in this whole L2 range
-			c = (c/L2Entries + 1) * L2Entries
+			c = (c/cowformat.L2Entries + 1) * cowformat.L2Entries
 			continue
 		}
-		e := &t.entries[c%L2Entries]
+		e := &t.entries[c%cowformat.L2Entries]
 		mu := o.lockFor(c)
 		mu.Lock()
 		if e.offset >= 0 {
 			from := 0
 			if c == first {
-				in := old % ClusterSize
-				from = int(in / BlockSize)
-				if tail := in % BlockSize; tail != 0 {
+				in := old % cowformat.ClusterSize
+				from = int(in / cowformat.BlockSize)
+				if tail := in % cowformat.BlockSize; tail != 0 {
 					if e.has(from) {
-						zeros := make([]byte, BlockSize-tail)
+						zeros := make([]byte, cowformat.BlockSize-tail)
 						if _, err := o.data.WriteAt(zeros, e.offset+in); err != nil {
 							mu.Unlock()
 							return fmt.Errorf("cowstore: zero the tail of the last block: %w", err)
@@ -75,7 +79,7 @@ func (o *Overlay) grow(old, new int64) error {
 				}
 			}
 			changed := false
-			for b := from; b < ClusterBlocks; b++ {
+			for b := from; b < cowformat.ClusterBlocks; b++ {
 				if e.has(b) {
 					e.clear(b)
 					changed = true

@@ -8,6 +8,8 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/dnbd3go/dnbd3go/cowformat"
+
 	"github.com/dnbd3go/dnbd3go/internal/fsutil"
 )
 
@@ -86,7 +88,7 @@ func sessionName(dir, header, want string) (full string, record bool, err error)
 	case want != header:
 		return "", false, fmt.Errorf("the session records only the first %d bytes of its image name, which %q shares with other names: "+
 			"it cannot tell whether it belongs to that image; if you are sure it does, write the full name into %s (without a newline) and load it again",
-			nameField-1, want, nameFile(dir))
+			cowformat.NameField-1, want, nameFile(dir))
 	}
 	return want, true, nil
 }

@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/dnbd3go/dnbd3go/cowformat"
+
 	"github.com/dnbd3go/dnbd3go/cowstore/mergertest"
 	"github.com/dnbd3go/dnbd3go/cowstore/upload"
 	"github.com/dnbd3go/dnbd3go/internal/testutil"
@@ -21,7 +23,7 @@ import (
 // another image.
 var longName = strings.Repeat("d", 200) + "/img"
 
-func longPrefix() string { return longName[:nameField-1] }
+func longPrefix() string { return longName[:cowformat.NameField-1] }
 
 // TestLongImageNameMergesIntoTheRightImage: two images whose names share
 // the 199 bytes the header keeps (a 204-byte name and its prefix) get
@@ -31,7 +33,7 @@ func TestLongImageNameMergesIntoTheRightImage(t *testing.T) {
 	if len(longName) != 204 {
 		t.Fatalf("test bug: name is %d bytes", len(longName))
 	}
-	remote := &memRemote{data: testutil.GenImage(0, 2*ClusterSize)}
+	remote := &memRemote{data: testutil.GenImage(0, 2*cowformat.ClusterSize)}
 	srv := mergertest.Start(t)
 	m, err := upload.NewMerger(srv.URL, upload.MergerConfig{})
 	if err != nil {
@@ -48,7 +50,7 @@ func TestLongImageNameMergesIntoTheRightImage(t *testing.T) {
 		if o.ImageName() != name {
 			t.Fatalf("ImageName() = %d bytes, want %d", len(o.ImageName()), len(name))
 		}
-		if _, err := o.WriteAt(bytes.Repeat([]byte{byte(i + 1)}, BlockSize), 0); err != nil {
+		if _, err := o.WriteAt(bytes.Repeat([]byte{byte(i + 1)}, cowformat.BlockSize), 0); err != nil {
 			t.Fatal(err)
 		}
 		u := upload.New(o, m, upload.Config{MinDelay: -1, Logger: testutil.Logger(t)})
@@ -107,7 +109,7 @@ func TestSessionLockChild(t *testing.T) {
 	if dir == "" {
 		t.Skip("SKIP: helper process of TestSessionLock")
 	}
-	if _, err := Load(dir, Options{Remote: &memRemote{data: make([]byte, ClusterSize)}, ImageName: "img", CommitInterval: -1}); err != nil {
+	if _, err := Load(dir, Options{Remote: &memRemote{data: make([]byte, cowformat.ClusterSize)}, ImageName: "img", CommitInterval: -1}); err != nil {
 		fmt.Println("ERROR", err)
 		os.Exit(1)
 	}
@@ -120,7 +122,7 @@ func TestSessionLockChild(t *testing.T) {
 // names the holder's PID; the lock goes with Close, and with the process
 // when it is killed.
 func TestSessionLock(t *testing.T) {
-	remote := &memRemote{data: make([]byte, ClusterSize)}
+	remote := &memRemote{data: make([]byte, cowformat.ClusterSize)}
 	opts := Options{Remote: remote, ImageName: "img", RID: 1, CommitInterval: -1}
 	dir := t.TempDir()
 	o, err := Create(dir, opts)

@@ -3,6 +3,7 @@ package cowstore
 import (
 	"fmt"
 
+	"github.com/dnbd3go/dnbd3go/cowformat"
 	"github.com/dnbd3go/dnbd3go/cowstore/upload"
 )
 
@@ -11,13 +12,13 @@ var _ upload.Source = (*Overlay)(nil)
 // forEachSlot calls fn for every cluster with a data slot, holding its
 // lock for reading.
 func (o *Overlay) forEachSlot(fn func(cluster int, e *entry)) {
-	for l1 := range L1Entries {
+	for l1 := range cowformat.L1Entries {
 		t := o.tables[l1].Load()
 		if t == nil {
 			continue
 		}
 		for i := range t.entries {
-			c := l1*L2Entries + i
+			c := l1*cowformat.L2Entries + i
 			mu := o.lockFor(c)
 			mu.RLock()
 			if e := &t.entries[i]; e.offset >= 0 {
@@ -61,7 +62,7 @@ func (o *Overlay) Counts() (dirty, clean int) {
 // order and its generation, consistent with each other. A failed session
 // (see Failed) uploads nothing: pages the kernel dropped after the failed
 // sync would read back stale.
-func (o *Overlay) Snapshot(index int) (bits [upload.BitfieldSize]byte, blocks []byte, gen uint64, err error) {
+func (o *Overlay) Snapshot(index int) (bits [cowformat.BitfieldSize]byte, blocks []byte, gen uint64, err error) {
 	if err := o.Failed(); err != nil {
 		return bits, nil, 0, err
 	}
@@ -76,20 +77,20 @@ func (o *Overlay) Snapshot(index int) (bits [upload.BitfieldSize]byte, blocks []
 		return bits, nil, 0, fmt.Errorf("cowstore: cluster %d has no data", index)
 	}
 	bits, gen = e.bits, e.gen
-	blocks = make([]byte, 0, e.popcount()*BlockSize)
-	for b := 0; b < ClusterBlocks; {
+	blocks = make([]byte, 0, e.popcount()*cowformat.BlockSize)
+	for b := 0; b < cowformat.ClusterBlocks; {
 		if !e.has(b) {
 			b++
 			continue
 		}
 		run := b
-		for run < ClusterBlocks && e.has(run) {
+		for run < cowformat.ClusterBlocks && e.has(run) {
 			run++
 		}
-		n := (run - b) * BlockSize
+		n := (run - b) * cowformat.BlockSize
 		at := len(blocks)
 		blocks = blocks[:at+n]
-		if k, rerr := o.data.ReadAt(blocks[at:], e.offset+int64(b)*BlockSize); k < n {
+		if k, rerr := o.data.ReadAt(blocks[at:], e.offset+int64(b)*cowformat.BlockSize); k < n {
 			return bits, nil, 0, fmt.Errorf("cowstore: read cluster %d: %w", index, orEOF(rerr))
 		}
 		b = run

@@ -5,28 +5,12 @@ import (
 	"errors"
 	"log/slog"
 	"strings"
-	"sync"
 	"testing"
 	"time"
+
+	"github.com/dnbd3go/dnbd3go/cowformat"
+	"github.com/dnbd3go/dnbd3go/internal/testutil"
 )
-
-// lockedBuffer is a log sink for concurrent writers.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
 
 // TestSyncFailureIsPermanent injects EIO into each fdatasync of a commit
 // (data; meta after the tables; meta after the header) and into a
@@ -47,9 +31,9 @@ func TestSyncFailureIsPermanent(t *testing.T) {
 		{"background commit", "data", []error{errInjectedEIO}, true},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			remote := &memRemote{data: bytes.Repeat([]byte{0x11}, 4*ClusterSize)}
+			remote := &memRemote{data: bytes.Repeat([]byte{0x11}, 4*cowformat.ClusterSize)}
 			plan := &faultPlan{}
-			var logs lockedBuffer
+			var logs testutil.Buffer
 			dir := t.TempDir()
 			opts := Options{Remote: remote, ImageName: "img", RID: 1, CommitInterval: -1,
 				Logger: slog.New(slog.NewTextHandler(&logs, nil)), wrapFile: plan.wrap}
@@ -61,7 +45,7 @@ func TestSyncFailureIsPermanent(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer o.Close()
-			a := bytes.Repeat([]byte{0xAA}, BlockSize)
+			a := bytes.Repeat([]byte{0xAA}, cowformat.BlockSize)
 			if _, err := o.WriteAt(a, 0); err != nil {
 				t.Fatal(err)
 			}
@@ -70,7 +54,7 @@ func TestSyncFailureIsPermanent(t *testing.T) {
 			}
 			plan.failSyncs(c.file, c.errs...)
 			// a new slot and a grown size: every step of the commit has work
-			if _, err := o.WriteAt(bytes.Repeat([]byte{0xBB}, BlockSize), 2*ClusterSize+int64(len(remote.data))); err != nil {
+			if _, err := o.WriteAt(bytes.Repeat([]byte{0xBB}, cowformat.BlockSize), 2*cowformat.ClusterSize+int64(len(remote.data))); err != nil {
 				t.Fatal(err)
 			}
 			if c.background {
@@ -87,19 +71,19 @@ func TestSyncFailureIsPermanent(t *testing.T) {
 					t.Fatalf("flush %d after the failure: %v, want the session's failure", i+1, err)
 				}
 			}
-			if _, err := o.WriteAt(a, BlockSize); !errors.Is(err, ErrFailed) {
+			if _, err := o.WriteAt(a, cowformat.BlockSize); !errors.Is(err, ErrFailed) {
 				t.Errorf("write after the failure: %v", err)
 			}
-			if _, err := o.WriteAtFUA(a, BlockSize); !errors.Is(err, ErrFailed) {
+			if _, err := o.WriteAtFUA(a, cowformat.BlockSize); !errors.Is(err, ErrFailed) {
 				t.Errorf("FUA write after the failure: %v", err)
 			}
-			if err := o.WriteZeroes(0, BlockSize, true); !errors.Is(err, ErrFailed) {
+			if err := o.WriteZeroes(0, cowformat.BlockSize, true); !errors.Is(err, ErrFailed) {
 				t.Errorf("zero write after the failure: %v", err)
 			}
-			if err := o.Resize(BlockSize); !errors.Is(err, ErrFailed) {
+			if err := o.Resize(cowformat.BlockSize); !errors.Is(err, ErrFailed) {
 				t.Errorf("resize after the failure: %v", err)
 			}
-			got := make([]byte, BlockSize)
+			got := make([]byte, cowformat.BlockSize)
 			if _, err := o.ReadAt(got, 0); err != nil || !bytes.Equal(got, a) {
 				t.Errorf("read after the failure: %v", err)
 			}
@@ -127,7 +111,7 @@ func TestSyncFailureIsPermanent(t *testing.T) {
 // synced, nothing lost) fails that flush only; the next flush writes the
 // metadata and the data is there after a reload.
 func TestMetaWriteFailureIsRetried(t *testing.T) {
-	remote := &memRemote{data: bytes.Repeat([]byte{0x11}, 2*ClusterSize)}
+	remote := &memRemote{data: bytes.Repeat([]byte{0x11}, 2*cowformat.ClusterSize)}
 	plan := &faultPlan{}
 	dir := t.TempDir()
 	opts := Options{Remote: remote, ImageName: "img", RID: 1, CommitInterval: -1, wrapFile: plan.wrap}
@@ -135,8 +119,8 @@ func TestMetaWriteFailureIsRetried(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	b := bytes.Repeat([]byte{0xCC}, BlockSize)
-	if _, err := o.WriteAt(b, ClusterSize); err != nil {
+	b := bytes.Repeat([]byte{0xCC}, cowformat.BlockSize)
+	if _, err := o.WriteAt(b, cowformat.ClusterSize); err != nil {
 		t.Fatal(err)
 	}
 	enospc := errors.New("no space left on device (injected)")
@@ -156,8 +140,8 @@ func TestMetaWriteFailureIsRetried(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer o2.Close()
-	got := make([]byte, BlockSize)
-	if _, err := o2.ReadAt(got, ClusterSize); err != nil || !bytes.Equal(got, b) {
+	got := make([]byte, cowformat.BlockSize)
+	if _, err := o2.ReadAt(got, cowformat.ClusterSize); err != nil || !bytes.Equal(got, b) {
 		t.Fatalf("block after reload: %v", err)
 	}
 }
@@ -166,7 +150,7 @@ func TestMetaWriteFailureIsRetried(t *testing.T) {
 // no cluster to the uploader (its pages may have been dropped).
 func TestFailedSessionUploadsNothing(t *testing.T) {
 	plan := &faultPlan{}
-	o, err := Create(t.TempDir(), Options{Remote: &memRemote{data: make([]byte, ClusterSize)}, ImageName: "img", RID: 1, CommitInterval: -1, wrapFile: plan.wrap})
+	o, err := Create(t.TempDir(), Options{Remote: &memRemote{data: make([]byte, cowformat.ClusterSize)}, ImageName: "img", RID: 1, CommitInterval: -1, wrapFile: plan.wrap})
 	if err != nil {
 		t.Fatal(err)
 	}

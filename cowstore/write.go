@@ -3,6 +3,8 @@ package cowstore
 import (
 	"errors"
 	"fmt"
+
+	"github.com/dnbd3go/dnbd3go/cowformat"
 )
 
 // ErrTooLarge is returned for writes and resizes beyond 10^12 bytes, the
@@ -23,7 +25,7 @@ func (o *Overlay) WriteAt(p []byte, off int64) (int, error) {
 		return 0, nil
 	}
 	end := off + int64(len(p))
-	if end > MaxImageSize {
+	if end > cowformat.MaxImageSize {
 		return 0, ErrTooLarge
 	}
 	o.sizeMu.RLock()
@@ -69,13 +71,13 @@ func (o *Overlay) WriteZeroes(off, length int64, noHole bool) error {
 	if err := o.usable(); err != nil {
 		return err
 	}
-	zero := make([]byte, min(length, ClusterSize))
+	zero := make([]byte, min(length, cowformat.ClusterSize))
 	for length > 0 {
-		n := min(length, ClusterSize-off%ClusterSize)
+		n := min(length, cowformat.ClusterSize-off%cowformat.ClusterSize)
 		skip := false
 		if !noHole && off >= o.ValidRemoteSize() && off+n <= o.Size() {
-			e := o.lookup(int(off / ClusterSize))
-			skip = e == nil || o.slotOf(int(off/ClusterSize), e) < 0
+			e := o.lookup(int(off / cowformat.ClusterSize))
+			skip = e == nil || o.slotOf(int(off/cowformat.ClusterSize), e) < 0
 		}
 		if !skip {
 			if _, err := o.WriteAt(zero[:n], off); err != nil {
@@ -101,9 +103,9 @@ func (o *Overlay) write(p []byte, off int64) error {
 	valid := o.validSize.Load()
 	for pos := 0; pos < len(p); {
 		abs := off + int64(pos)
-		cluster := int(abs / ClusterSize)
-		in := abs % ClusterSize
-		n := min(len(p)-pos, int(ClusterSize-in))
+		cluster := int(abs / cowformat.ClusterSize)
+		in := abs % cowformat.ClusterSize
+		n := min(len(p)-pos, int(cowformat.ClusterSize-in))
 		if err := o.writeCluster(cluster, in, p[pos:pos+n], valid); err != nil {
 			return err
 		}
@@ -123,15 +125,15 @@ type partial struct {
 }
 
 func (o *Overlay) writeCluster(cluster int, in int64, p []byte, valid int64) error {
-	base := int64(cluster) * ClusterSize
-	first := int(in / BlockSize)
-	last := int((in + int64(len(p)) - 1) / BlockSize)
+	base := int64(cluster) * cowformat.ClusterSize
+	first := int(in / cowformat.BlockSize)
+	last := int((in + int64(len(p)) - 1) / cowformat.BlockSize)
 	var parts []partial
 	addPartial := func(b int) {
-		bs := int64(b) * BlockSize
+		bs := int64(b) * cowformat.BlockSize
 		from := max(0, int(in-bs))
-		to := min(BlockSize, int(in+int64(len(p))-bs))
-		if from == 0 && to == BlockSize {
+		to := min(cowformat.BlockSize, int(in+int64(len(p))-bs))
+		if from == 0 && to == cowformat.BlockSize {
 			return
 		}
 		parts = append(parts, partial{block: b, from: from, to: to,
@@ -156,8 +158,8 @@ func (o *Overlay) writeCluster(cluster int, in int64, p []byte, valid int64) err
 		if pt.wasLocal {
 			continue
 		}
-		pt.remote = make([]byte, BlockSize)
-		if n := min(valid-pt.blockStart, BlockSize); n > 0 {
+		pt.remote = make([]byte, cowformat.BlockSize)
+		if n := min(valid-pt.blockStart, cowformat.BlockSize); n > 0 {
 			if k, err := o.remote.ReadAt(pt.remote[:n], pt.blockStart); int64(k) < n {
 				return fmt.Errorf("cowstore: read-modify-write of block at %d: remote read: %w", pt.blockStart, orEOF(err))
 			}
@@ -170,7 +172,7 @@ func (o *Overlay) writeCluster(cluster int, in int64, p []byte, valid int64) err
 	o.allocSlot(e)
 	for i := range parts {
 		pt := &parts[i]
-		at := e.offset + int64(pt.block)*BlockSize
+		at := e.offset + int64(pt.block)*cowformat.BlockSize
 		if e.has(pt.block) {
 			// local (maybe since a concurrent write): patch it in place
 			if _, err := o.data.WriteAt(pt.src, at+int64(pt.from)); err != nil {
@@ -197,9 +199,9 @@ func (o *Overlay) writeCluster(cluster int, in int64, p []byte, valid int64) err
 		lb--
 	}
 	if fb <= lb {
-		start := int64(fb)*BlockSize - in
-		end := int64(lb+1)*BlockSize - in
-		if _, err := o.data.WriteAt(p[start:end], e.offset+int64(fb)*BlockSize); err != nil {
+		start := int64(fb)*cowformat.BlockSize - in
+		end := int64(lb+1)*cowformat.BlockSize - in
+		if _, err := o.data.WriteAt(p[start:end], e.offset+int64(fb)*cowformat.BlockSize); err != nil {
 			return fmt.Errorf("cowstore: write data: %w", err)
 		}
 		for b := fb; b <= lb; b++ {

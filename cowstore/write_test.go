@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"errors"
 	"testing"
+
+	"github.com/dnbd3go/dnbd3go/cowformat"
 )
 
 // TestWriteZeroes zeroes unaligned ranges over remote data, local data
@@ -11,12 +13,12 @@ import (
 // range that already reads as zeros (above the valid remote size, no
 // local data) allocates no slot unless noHole asks for real zeros.
 func TestWriteZeroes(t *testing.T) {
-	remote := &memRemote{data: bytes.Repeat([]byte{0x33}, 3*ClusterSize)}
+	remote := &memRemote{data: bytes.Repeat([]byte{0x33}, 3*cowformat.ClusterSize)}
 	o := newSession(t, remote)
 	m := &model{b: bytes.Clone(remote.data)}
-	local := bytes.Repeat([]byte{0x44}, 3*BlockSize)
-	o.WriteAt(local, ClusterSize+100)
-	m.write(local, ClusterSize+100)
+	local := bytes.Repeat([]byte{0x44}, 3*cowformat.BlockSize)
+	o.WriteAt(local, cowformat.ClusterSize+100)
+	m.write(local, cowformat.ClusterSize+100)
 	zero := func(off, n int64, noHole bool) {
 		t.Helper()
 		if err := o.WriteZeroes(off, n, noHole); err != nil {
@@ -24,27 +26,27 @@ func TestWriteZeroes(t *testing.T) {
 		}
 		m.write(make([]byte, n), off)
 	}
-	zero(10, 5000, false)                      // remote data, partial blocks
-	zero(ClusterSize+50, 2*BlockSize, false)   // local data, unaligned
-	zero(ClusterSize-100, ClusterSize+3, true) // across a cluster boundary
+	zero(10, 5000, false)                                          // remote data, partial blocks
+	zero(cowformat.ClusterSize+50, 2*cowformat.BlockSize, false)   // local data, unaligned
+	zero(cowformat.ClusterSize-100, cowformat.ClusterSize+3, true) // across a cluster boundary
 	check(t, o, m, "after zeroing")
 
 	// above the valid remote size without local data: nothing to do
-	if err := o.Resize(2 * ClusterSize); err != nil {
+	if err := o.Resize(2 * cowformat.ClusterSize); err != nil {
 		t.Fatal(err)
 	}
-	m.resize(2 * ClusterSize)
-	if err := o.Resize(5 * ClusterSize); err != nil {
+	m.resize(2 * cowformat.ClusterSize)
+	if err := o.Resize(5 * cowformat.ClusterSize); err != nil {
 		t.Fatal(err)
 	}
-	m.resize(5 * ClusterSize)
+	m.resize(5 * cowformat.ClusterSize)
 	slots := o.nextSlot
-	zero(3*ClusterSize, ClusterSize, false)
+	zero(3*cowformat.ClusterSize, cowformat.ClusterSize, false)
 	if o.nextSlot != slots {
 		t.Errorf("zeroing a hole allocated a slot (nextClusterOffset %d -> %d)", slots, o.nextSlot)
 	}
-	zero(3*ClusterSize, ClusterSize, true)
-	if o.nextSlot != slots+ClusterSize {
+	zero(3*cowformat.ClusterSize, cowformat.ClusterSize, true)
+	if o.nextSlot != slots+cowformat.ClusterSize {
 		t.Errorf("zeroing with noHole: nextClusterOffset %d -> %d, want one new slot", slots, o.nextSlot)
 	}
 	check(t, o, m, "after zeroing the grown area")
@@ -58,7 +60,7 @@ func TestWriteZeroes(t *testing.T) {
 // the power fails at once (only synced writes survive in the rebuilt
 // session), while a plain write may not be.
 func TestWriteAtFUAIsDurable(t *testing.T) {
-	remote := &memRemote{data: bytes.Repeat([]byte{0x55}, 2*ClusterSize)}
+	remote := &memRemote{data: bytes.Repeat([]byte{0x55}, 2*cowformat.ClusterSize)}
 	rec := &ioRecorder{}
 	src := t.TempDir()
 	opts := Options{Remote: remote, ImageName: "img", RID: 1, CommitInterval: -1, wrapFile: rec.wrap}
@@ -67,12 +69,12 @@ func TestWriteAtFUAIsDurable(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer o.Close()
-	plain := bytes.Repeat([]byte{0x66}, BlockSize)
+	plain := bytes.Repeat([]byte{0x66}, cowformat.BlockSize)
 	fua := bytes.Repeat([]byte{0x77}, 100)
 	if _, err := o.WriteAt(plain, 0); err != nil {
 		t.Fatal(err)
 	}
-	if n, err := o.WriteAtFUA(fua, ClusterSize+10); err != nil || n != len(fua) {
+	if n, err := o.WriteAtFUA(fua, cowformat.ClusterSize+10); err != nil || n != len(fua) {
 		t.Fatalf("FUA write: %d %v", n, err)
 	}
 	dir := t.TempDir()
@@ -85,9 +87,9 @@ func TestWriteAtFUAIsDurable(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer o2.Close()
-	got := make([]byte, BlockSize)
-	o2.ReadAt(got, ClusterSize)
-	want := bytes.Clone(remote.data[ClusterSize : ClusterSize+BlockSize])
+	got := make([]byte, cowformat.BlockSize)
+	o2.ReadAt(got, cowformat.ClusterSize)
+	want := bytes.Clone(remote.data[cowformat.ClusterSize : cowformat.ClusterSize+cowformat.BlockSize])
 	copy(want[10:], fua)
 	if !bytes.Equal(got, want) {
 		t.Fatal("the FUA write is not on disk after a power loss right after it returned")

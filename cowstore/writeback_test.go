@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"sync"
 	"testing"
+
+	"github.com/dnbd3go/dnbd3go/cowformat"
 )
 
 // The writeback test records every write and sync a session makes and
@@ -37,7 +39,7 @@ func unitSize(file string) int64 {
 	if file == "meta" {
 		return 512
 	}
-	return BlockSize
+	return cowformat.BlockSize
 }
 
 func (r *ioRecorder) wrap(name string, f storeFile) storeFile {
@@ -118,7 +120,7 @@ func (r *ioRecorder) materialize(t *testing.T, dir string, cut int, keep func() 
 			t.Fatal(err)
 		}
 		if name == "meta" {
-			f.Truncate(MetaSize)
+			f.Truncate(cowformat.MetaSize)
 		}
 		us := unitSize(name)
 		for u, b := range disk {

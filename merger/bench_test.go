@@ -14,6 +14,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/dnbd3go/dnbd3go/cowformat"
 )
 
 // BenchmarkMerge merges 256 MiB of changed clusters into a 1 GiB
@@ -79,15 +81,15 @@ func BenchmarkUpload(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer m.Close()
-	info, err := m.Create("up", 1, BitfieldSize)
+	info, err := m.Create("up", 1, cowformat.BitfieldSize)
 	if err != nil {
 		b.Fatal(err)
 	}
-	var bf [BitfieldSize]byte
-	for i := 0; i < BitfieldSize; i += 4 {
+	var bf [cowformat.BitfieldSize]byte
+	for i := 0; i < cowformat.BitfieldSize; i += 4 {
 		bf[i] = 0xff
 	}
-	blocks := make([]byte, 80*BlockSize)
+	blocks := make([]byte, 80*cowformat.BlockSize)
 	rand.NewChaCha8([32]byte{}).Read(blocks)
 	b.SetBytes(int64(len(blocks)))
 	b.SetParallelism(4)
@@ -191,16 +193,16 @@ func runMergeBenchmark(ctx context.Context, opt mergeBenchOptions) (mergeBenchRe
 	if err := m.Start(ctx); err != nil {
 		return res, err
 	}
-	info, err := m.Create("bench", 1, BitfieldSize)
+	info, err := m.Create("bench", 1, cowformat.BitfieldSize)
 	if err != nil {
 		return res, err
 	}
 
-	clusters := int(min(opt.ChangedSize/ClusterSize, (opt.OriginalSize+ClusterSize-1)/ClusterSize))
+	clusters := int(min(opt.ChangedSize/cowformat.ClusterSize, (opt.OriginalSize+cowformat.ClusterSize-1)/cowformat.ClusterSize))
 	res.Clusters = clusters
-	res.ChangedSize = int64(clusters) * ClusterSize
-	step := (opt.OriginalSize + ClusterSize - 1) / ClusterSize / int64(max(clusters, 1))
-	var all [BitfieldSize]byte
+	res.ChangedSize = int64(clusters) * cowformat.ClusterSize
+	step := (opt.OriginalSize + cowformat.ClusterSize - 1) / cowformat.ClusterSize / int64(max(clusters, 1))
+	var all [cowformat.BitfieldSize]byte
 	for i := range all {
 		all[i] = 0xff
 	}
@@ -213,7 +215,7 @@ func runMergeBenchmark(ctx context.Context, opt mergeBenchOptions) (mergeBenchRe
 		go func() {
 			defer wg.Done()
 			rng := rand.NewChaCha8([32]byte{byte(w)})
-			blocks := make([]byte, ClusterSize)
+			blocks := make([]byte, cowformat.ClusterSize)
 			rng.Read(blocks)
 			for c := range work1 {
 				blocks[0], blocks[1] = byte(c), byte(c>>8)

@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 
+	"github.com/dnbd3go/dnbd3go/internal/fsutil"
 	"golang.org/x/sys/unix"
 )
 
@@ -75,7 +76,7 @@ func copyOriginal(ctx context.Context, dst, src *os.File, n int64, whole bool, m
 			chunk := min(end-off, copyChunk)
 			if used == CopyRange {
 				c, err := copyRange(dst, src, off, chunk)
-				if err != nil && first && method == CopyAuto && rangeUnsupported(err) {
+				if err != nil && first && method == CopyAuto && fsutil.CopyUnsupported(err) {
 					used = CopyStream // e.g. across file systems of different types
 					continue
 				}
@@ -101,38 +102,17 @@ func cloneFile(dst, src *os.File, whole bool) error {
 	if !whole {
 		return errors.New("only a whole file can be cloned")
 	}
-	return withFds(dst, src, func(dfd, sfd int) error { return unix.IoctlFileClone(dfd, sfd) })
-}
-
-// rangeUnsupported reports whether copy_file_range failed because it
-// cannot be used for this pair of files at all.
-func rangeUnsupported(err error) bool {
-	return errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EXDEV) ||
-		errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EINVAL)
+	return fsutil.CloneFile(dst, src)
 }
 
 // copyRange copies up to n bytes at off with copy_file_range and returns
 // how many it copied.
 func copyRange(dst, src *os.File, off, n int64) (int64, error) {
-	var copied int64
-	err := withFds(dst, src, func(dfd, sfd int) error {
-		roff, woff := off, off
-		for copied < n {
-			c, err := unix.CopyFileRange(sfd, &roff, dfd, &woff, int(n-copied), 0)
-			if err == unix.EINTR {
-				continue
-			}
-			if err != nil {
-				return err
-			}
-			if c == 0 {
-				return fmt.Errorf("at offset %d: %w (the original image shrank during the merge)", roff, io.ErrUnexpectedEOF)
-			}
-			copied += int64(c)
-		}
-		return nil
-	})
-	return copied, err
+	c, err := fsutil.CopyFileRangeAt(dst, src, off, n)
+	if errors.Is(err, io.ErrUnexpectedEOF) {
+		err = fmt.Errorf("%w (the original image shrank during the merge)", err)
+	}
+	return c, err
 }
 
 // copyStream copies n bytes at off through a buffer, leaving all-zero
@@ -200,26 +180,4 @@ func forDataSegments(f *os.File, n int64, fn func(off, end int64) error) error {
 		off = end
 	}
 	return nil
-}
-
-// withFds runs fn with the descriptors of a and b.
-func withFds(a, b *os.File, fn func(afd, bfd int) error) error {
-	ac, err := a.SyscallConn()
-	if err != nil {
-		return err
-	}
-	bc, err := b.SyscallConn()
-	if err != nil {
-		return err
-	}
-	var ferr error
-	cerr := ac.Control(func(afd uintptr) {
-		if err := bc.Control(func(bfd uintptr) { ferr = fn(int(afd), int(bfd)) }); err != nil {
-			ferr = err
-		}
-	})
-	if cerr != nil {
-		return cerr
-	}
-	return ferr
 }

@@ -10,7 +10,6 @@ import (
 	"syscall"
 
 	"github.com/dnbd3go/dnbd3go/internal/fsutil"
-	"golang.org/x/sys/unix"
 )
 
 // This file holds the small file-system primitives the durable parts of
@@ -18,29 +17,8 @@ import (
 // the metadata (directory entry, journal record, state file) that points
 // at it.
 
-// fdatasync flushes f's data and the metadata needed to read it back
-// (its size), but not its timestamps.
-func fdatasync(f *os.File) error {
-	rc, err := f.SyscallConn()
-	if err != nil {
-		return err
-	}
-	var serr error
-	if err := rc.Control(func(fd uintptr) {
-		for {
-			serr = unix.Fdatasync(int(fd))
-			if serr != unix.EINTR {
-				return
-			}
-		}
-	}); err != nil {
-		return err
-	}
-	if serr != nil {
-		return &os.PathError{Op: "fdatasync", Path: f.Name(), Err: serr}
-	}
-	return nil
-}
+// fdatasync is fsutil.Fdatasync.
+var fdatasync = fsutil.Fdatasync
 
 // mkdirAllSync creates dir (below the existing directory root) and its
 // missing parents, fsyncing each parent whose entries it changed, so that
@@ -115,9 +93,6 @@ func deviceOf(path string) (uint64, error) {
 // freeSpace returns the bytes available to unprivileged users on the file
 // system holding path.
 func freeSpace(path string) (int64, error) {
-	var st unix.Statfs_t
-	if err := unix.Statfs(path, &st); err != nil {
-		return 0, &os.PathError{Op: "statfs", Path: path, Err: err}
-	}
-	return int64(st.Bavail) * int64(st.Bsize), nil
+	free, _, err := fsutil.DiskSpace(path)
+	return free, err
 }

@@ -9,10 +9,12 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/cowformat"
 	"github.com/dnbd3go/dnbd3go/internal/testutil"
 )
 
@@ -148,12 +150,12 @@ func randBytes(rng *rand.Rand, n int) []byte {
 // complete new content (320 blocks; nil for blocks whose bit is clear).
 type upload struct {
 	cluster int
-	blocks  [ClusterBlocks][]byte
+	blocks  [cowformat.ClusterBlocks][]byte
 }
 
 // bitfield returns the upload's bitfield.
-func (u *upload) bitfield() [BitfieldSize]byte {
-	var bf [BitfieldSize]byte
+func (u *upload) bitfield() [cowformat.BitfieldSize]byte {
+	var bf [cowformat.BitfieldSize]byte
 	for i, b := range u.blocks {
 		if b != nil {
 			bf[i/8] |= 1 << (i % 8)
@@ -166,13 +168,13 @@ func (u *upload) bitfield() [BitfieldSize]byte {
 func (u *upload) update(full bool) Update {
 	up := Update{Cluster: u.cluster, Bitfield: u.bitfield(), Full: full}
 	if full {
-		up.Blocks = make([]byte, ClusterSize)
+		up.Blocks = make([]byte, cowformat.ClusterSize)
 		for i, b := range u.blocks {
 			if b != nil {
-				copy(up.Blocks[i*BlockSize:], b)
+				copy(up.Blocks[i*cowformat.BlockSize:], b)
 			} else {
 				// garbage where the bit is clear: it must be ignored
-				copy(up.Blocks[i*BlockSize:], bytes.Repeat([]byte{0xEE}, BlockSize))
+				copy(up.Blocks[i*cowformat.BlockSize:], bytes.Repeat([]byte{0xEE}, cowformat.BlockSize))
 			}
 		}
 		return up
@@ -191,7 +193,7 @@ func randomUpload(rng *rand.Rand, cluster int, density float64) *upload {
 	u := &upload{cluster: cluster}
 	for i := range u.blocks {
 		if rng.Float64() < density {
-			u.blocks[i] = randBytes(rng, BlockSize)
+			u.blocks[i] = randBytes(rng, cowformat.BlockSize)
 		}
 	}
 	return u
@@ -213,8 +215,8 @@ func expectedImage(original []byte, uploads []*upload, originalFileSize, newFile
 			if b == nil {
 				continue
 			}
-			off := int64(c)*ClusterSize + int64(i)*BlockSize
-			if need := off + BlockSize; need > int64(len(img)) {
+			off := int64(c)*cowformat.ClusterSize + int64(i)*cowformat.BlockSize
+			if need := off + cowformat.BlockSize; need > int64(len(img)) {
 				img = append(img, make([]byte, need-int64(len(img)))...)
 			}
 			copy(img[off:], b)
@@ -238,7 +240,7 @@ func sameBytes(t *testing.T, what string, got, want []byte) {
 	for i := range got {
 		if got[i] != want[i] {
 			t.Fatalf("%s: first difference at offset %d (block %d of cluster %d): got %#x, want %#x",
-				what, i, i%ClusterSize/BlockSize, i/ClusterSize, got[i], want[i])
+				what, i, i%cowformat.ClusterSize/cowformat.BlockSize, i/cowformat.ClusterSize, got[i], want[i])
 		}
 	}
 }
@@ -256,7 +258,8 @@ func (e *env) noTempFiles() {
 	e.t.Helper()
 	for _, root := range []string{e.work, e.dest} {
 		filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
-			if err == nil && !d.IsDir() && (d.Name() == mergeTempName || filepath.Ext(d.Name()) == ".merging") {
+			name := strings.TrimSuffix(d.Name(), crcSuffix)
+			if err == nil && !d.IsDir() && (name == mergeTempName || filepath.Ext(name) == ".merging") {
 				e.t.Errorf("temporary file left: %s", p)
 			}
 			return nil

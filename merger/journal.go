@@ -9,6 +9,8 @@ import (
 	"math/bits"
 	"os"
 	"sync"
+
+	"github.com/dnbd3go/dnbd3go/cowformat"
 )
 
 // The journal ("clusters.journal" in a session directory) is the
@@ -59,7 +61,7 @@ type journalRecord struct {
 	Slot     uint32
 	Mods     uint32
 	DataCRC  uint32
-	Bitfield [BitfieldSize]byte
+	Bitfield [cowformat.BitfieldSize]byte
 }
 
 func (r *journalRecord) appendTo(b []byte) []byte {
@@ -90,7 +92,7 @@ func decodeRecord(p []byte, prevSeq uint64) (journalRecord, error) {
 	switch {
 	case r.Seq <= prevSeq:
 		return r, fmt.Errorf("sequence %d after %d", r.Seq, prevSeq)
-	case r.Cluster >= MaxClusters:
+	case r.Cluster >= cowformat.MaxClusters:
 		return r, fmt.Errorf("cluster %d out of range", r.Cluster)
 	case (r.Slot == noSlot) != (popcount(&r.Bitfield) == 0):
 		return r, fmt.Errorf("slot %d does not match the bitfield", r.Slot)
@@ -303,9 +305,9 @@ func (j *journal) fail(err error) error {
 }
 
 // popcount returns the number of set bits of a bitfield.
-func popcount(bf *[BitfieldSize]byte) int {
+func popcount(bf *[cowformat.BitfieldSize]byte) int {
 	n := 0
-	for i := 0; i < BitfieldSize; i += 8 {
+	for i := 0; i < cowformat.BitfieldSize; i += 8 {
 		n += bits.OnesCount64(binary.LittleEndian.Uint64(bf[i:]))
 	}
 	return n

@@ -10,6 +10,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/dnbd3go/dnbd3go/cowformat"
 )
 
 // Tests of the bounds on what clients can make the Manager hold
@@ -24,7 +26,7 @@ func TestSessionLimits(t *testing.T) {
 	e.cfg.MaxSessions = 3
 	e.cfg.MaxSessionsPerImage = 2
 	for _, n := range []string{"a", "b", "pool/c"} {
-		e.original(n, 1, make([]byte, ClusterSize))
+		e.original(n, 1, make([]byte, cowformat.ClusterSize))
 	}
 	var mu sync.Mutex
 	clock := time.Now()
@@ -33,19 +35,19 @@ func TestSessionLimits(t *testing.T) {
 	refused := func(name, why string) {
 		t.Helper()
 		var bp *BackPressureError
-		if _, err := m.Create(name, 1, BitfieldSize); !errors.As(err, &bp) || !strings.Contains(bp.Reason, why) || bp.RetryAfter <= 0 {
+		if _, err := m.Create(name, 1, cowformat.BitfieldSize); !errors.As(err, &bp) || !strings.Contains(bp.Reason, why) || bp.RetryAfter <= 0 {
 			t.Fatalf("create of %s: %v, want back-pressure mentioning %q", name, err, why)
 		}
 	}
-	a1, err := m.Create("a", 1, BitfieldSize)
+	a1, err := m.Create("a", 1, cowformat.BitfieldSize)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := m.Create("a", 1, BitfieldSize); err != nil {
+	if _, err := m.Create("a", 1, cowformat.BitfieldSize); err != nil {
 		t.Fatal(err)
 	}
 	refused("a", "per image")
-	if _, err := m.Create("b", 1, BitfieldSize); err != nil {
+	if _, err := m.Create("b", 1, cowformat.BitfieldSize); err != nil {
 		t.Fatal(err)
 	}
 	refused("pool/c", "3 sessions")
@@ -73,7 +75,7 @@ func TestSessionLimits(t *testing.T) {
 		t.Fatalf("%d sessions after the sweep, want 1", len(m.allSessions()))
 	}
 	for _, n := range []string{"a", "pool/c", "b"} {
-		if _, err := m.Create(n, 1, BitfieldSize); err != nil {
+		if _, err := m.Create(n, 1, cowformat.BitfieldSize); err != nil {
 			t.Fatalf("create of %s after the sweep: %v", n, err)
 		}
 	}
@@ -87,16 +89,16 @@ func TestAbandonEmptySessions(t *testing.T) {
 	e := newEnv(t)
 	e.cfg.AbandonAfter = 10 * time.Hour
 	e.cfg.AbandonEmptyAfter = 30 * time.Minute
-	e.original("x", 1, make([]byte, ClusterSize))
+	e.original("x", 1, make([]byte, cowformat.ClusterSize))
 	var mu sync.Mutex
 	clock := time.Now()
 	now := func() time.Time { mu.Lock(); defer mu.Unlock(); return clock }
 	advance := func(d time.Duration) { mu.Lock(); clock = clock.Add(d); mu.Unlock() }
 	m := e.manager(func(m *Manager) { m.now = now })
-	empty, _ := m.Create("x", 1, BitfieldSize)
-	used, _ := m.Create("x", 1, BitfieldSize)
+	empty, _ := m.Create("x", 1, cowformat.BitfieldSize)
+	used, _ := m.Create("x", 1, cowformat.BitfieldSize)
 	mustUpdate(t, m, used.UUID, &upload{cluster: 0}, false)
-	empty2, _ := m.Create("x", 1, BitfieldSize)
+	empty2, _ := m.Create("x", 1, cowformat.BitfieldSize)
 	// Across a restart: the journal tells an empty session from a used one.
 	m.Close()
 	m = e.manager(func(m *Manager) { m.now = now })
@@ -126,13 +128,13 @@ func TestOpenSessionsBounded(t *testing.T) {
 	e := newEnv(t)
 	e.cfg.MaxOpenSessions = 2
 	rng := rand.New(rand.NewPCG(51, 52))
-	e.original("o", 1, make([]byte, 4*ClusterSize))
+	e.original("o", 1, make([]byte, 4*cowformat.ClusterSize))
 	m := e.manager(nil)
 	fdsBefore := openFDs(t)
 	var ids []string
 	want := make(map[string]*upload)
 	for range 8 {
-		info, err := m.Create("o", 1, BitfieldSize)
+		info, err := m.Create("o", 1, cowformat.BitfieldSize)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -197,11 +199,11 @@ func openFDs(t *testing.T) int {
 // quota is twice the original, at least MinAutoQuota.
 func TestSessionQuota(t *testing.T) {
 	e := newEnv(t)
-	e.cfg.SessionQuota = 2*ClusterSize + 1 // three clusters
+	e.cfg.SessionQuota = 2*cowformat.ClusterSize + 1 // three clusters
 	rng := rand.New(rand.NewPCG(53, 54))
-	e.original("q", 1, make([]byte, ClusterSize))
+	e.original("q", 1, make([]byte, cowformat.ClusterSize))
 	m := e.manager(nil)
-	info, _ := m.Create("q", 1, BitfieldSize)
+	info, _ := m.Create("q", 1, cowformat.BitfieldSize)
 	for c := range 3 {
 		mustUpdate(t, m, info.UUID, randomUpload(rng, c, 0.5), false)
 	}
@@ -214,7 +216,7 @@ func TestSessionQuota(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if st.Size() > 4*ClusterSize {
+	if st.Size() > 4*cowformat.ClusterSize {
 		t.Errorf("data file of %d bytes for a 3-cluster quota, want at most 4 clusters (3 + 1 replaced)", st.Size())
 	}
 	// After a restart the quota still holds.
@@ -231,10 +233,10 @@ func TestSessionQuota(t *testing.T) {
 		size int64
 		want int
 	}{
-		{ClusterSize, int((MinAutoQuota + ClusterSize - 1) / ClusterSize)},
-		{1000 * ClusterSize, 2000},
-		{1000*ClusterSize + 1, 2002},
-		{MaxImageSize, MaxClusters},
+		{cowformat.ClusterSize, int((MinAutoQuota + cowformat.ClusterSize - 1) / cowformat.ClusterSize)},
+		{1000 * cowformat.ClusterSize, 2000},
+		{1000*cowformat.ClusterSize + 1, 2002},
+		{MaxImageSize, cowformat.MaxClusters},
 	} {
 		s.meta.OriginalSize = c.size
 		if got := m.maxClusters(s); got != c.want {
@@ -248,15 +250,15 @@ func TestSessionQuota(t *testing.T) {
 // error), and the create leaves no directory behind.
 func TestOutOfDescriptors(t *testing.T) {
 	e := newEnv(t)
-	e.original("fd", 1, make([]byte, ClusterSize))
+	e.original("fd", 1, make([]byte, cowformat.ClusterSize))
 	m := e.manager(nil)
-	info, err := m.Create("fd", 1, BitfieldSize)
+	info, err := m.Create("fd", 1, cowformat.BitfieldSize)
 	if err != nil {
 		t.Fatal(err)
 	}
 	var bp *BackPressureError
 	exhaustDescriptors(t, func() {
-		if _, err := m.Create("fd", 1, BitfieldSize); !errors.As(err, &bp) || !strings.Contains(bp.Reason, "too many files") {
+		if _, err := m.Create("fd", 1, cowformat.BitfieldSize); !errors.As(err, &bp) || !strings.Contains(bp.Reason, "too many files") {
 			t.Errorf("create without descriptors: %v, want back-pressure", err)
 		}
 		if err := m.Update(info.UUID, Update{Cluster: 1}); !errors.As(err, &bp) || !strings.Contains(bp.Reason, "too many files") {
@@ -275,7 +277,7 @@ func TestOutOfDescriptors(t *testing.T) {
 		t.Errorf("%d sessions, want 1", len(m.allSessions()))
 	}
 	// Everything works again once descriptors are free.
-	if _, err := m.Create("fd", 1, BitfieldSize); err != nil {
+	if _, err := m.Create("fd", 1, cowformat.BitfieldSize); err != nil {
 		t.Fatal(err)
 	}
 	mustUpdate(t, m, info.UUID, &upload{cluster: 1}, false)
@@ -327,7 +329,7 @@ func exhaustDescriptors(t *testing.T, fn func()) {
 func TestMergePausedWhenOutOfFiles(t *testing.T) {
 	e := newEnv(t)
 	rng := rand.New(rand.NewPCG(55, 56))
-	original := randBytes(rng, 2*ClusterSize)
+	original := randBytes(rng, 2*cowformat.ClusterSize)
 	e.original("p", 1, original)
 	var mu sync.Mutex
 	fails := 2
@@ -343,11 +345,11 @@ func TestMergePausedWhenOutOfFiles(t *testing.T) {
 			return nil
 		}
 	})
-	info, _ := m.Create("p", 1, BitfieldSize)
+	info, _ := m.Create("p", 1, cowformat.BitfieldSize)
 	u := randomUpload(rng, 1, 0.5)
 	mustUpdate(t, m, info.UUID, u, false)
-	mergeDone(t, m, info.UUID, 2*ClusterSize, 2*ClusterSize)
-	sameBytes(t, "p.r2", e.destFile("p.r2"), expectedImage(original, []*upload{u}, 2*ClusterSize, 2*ClusterSize))
+	mergeDone(t, m, info.UUID, 2*cowformat.ClusterSize, 2*cowformat.ClusterSize)
+	sameBytes(t, "p.r2", e.destFile("p.r2"), expectedImage(original, []*upload{u}, 2*cowformat.ClusterSize, 2*cowformat.ClusterSize))
 	if fails != 0 {
 		t.Fatalf("the simulated failure happened %d times, want 2", 2-fails)
 	}
@@ -361,12 +363,12 @@ func TestMergePausedWhenOutOfFiles(t *testing.T) {
 func TestOpenSessionsConcurrent(t *testing.T) {
 	e := newEnv(t)
 	e.cfg.MaxOpenSessions = 2
-	e.original("c", 1, make([]byte, 8*ClusterSize))
+	e.original("c", 1, make([]byte, 8*cowformat.ClusterSize))
 	m := e.manager(nil)
 	const sessions, rounds = 6, 12
 	ids := make([]string, sessions)
 	for i := range ids {
-		info, err := m.Create("c", 1, BitfieldSize)
+		info, err := m.Create("c", 1, cowformat.BitfieldSize)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -17,6 +17,9 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/cowformat"
+	"github.com/dnbd3go/dnbd3go/internal/uuid"
+
 	"github.com/dnbd3go/dnbd3go/internal/fsutil"
 	"github.com/dnbd3go/dnbd3go/protocol"
 	"golang.org/x/sys/unix"
@@ -155,6 +158,11 @@ type Manager struct {
 
 	stats *mergeStats // Prometheus counters (metrics.go)
 
+	// installMu serialises moving merged revisions into place (their CRC
+	// list, then the image; install.go), so that a merge that loses the
+	// race for a revision never replaces the winner's list.
+	installMu sync.Mutex
+
 	// Test seams.
 	now  func() time.Time
 	hook func(point, uuid string) error // called at the crash points of a merge
@@ -162,30 +170,29 @@ type Manager struct {
 
 var _ Service = (*Manager)(nil)
 
-// NewManager checks cfg and loads the sessions found in
-// cfg.WorkingDirectory, so that they answer at once; interrupted merges
-// resume when Start is called.
-func NewManager(cfg Config) (*Manager, error) {
+// withDefaults checks the directories (made absolute) and the limits, and
+// fills in the defaults of the settings left zero.
+func (cfg Config) withDefaults() (Config, error) {
 	for _, d := range []struct{ name, path string }{
 		{"WorkingDirectory", cfg.WorkingDirectory},
 		{"OriginalImageDirectory", cfg.OriginalImageDirectory},
 		{"DestinationDirectory", cfg.DestinationDirectory},
 	} {
 		if d.path == "" {
-			return nil, fmt.Errorf("merger: %s is not set", d.name)
+			return cfg, fmt.Errorf("merger: %s is not set", d.name)
 		}
 		st, err := os.Stat(d.path)
 		if err != nil {
-			return nil, fmt.Errorf("merger: %s: %w (create the directory or fix the configuration)", d.name, err)
+			return cfg, fmt.Errorf("merger: %s: %w (create the directory or fix the configuration)", d.name, err)
 		}
 		if !st.IsDir() {
-			return nil, fmt.Errorf("merger: %s %s is not a directory", d.name, d.path)
+			return cfg, fmt.Errorf("merger: %s %s is not a directory", d.name, d.path)
 		}
 	}
-	var err error
 	for _, p := range []*string{&cfg.WorkingDirectory, &cfg.OriginalImageDirectory, &cfg.DestinationDirectory} {
+		var err error
 		if *p, err = filepath.Abs(*p); err != nil {
-			return nil, fmt.Errorf("merger: %w", err)
+			return cfg, fmt.Errorf("merger: %w", err)
 		}
 	}
 	if cfg.Retention <= 0 {
@@ -214,10 +221,21 @@ func NewManager(cfg Config) (*Manager, error) {
 		cfg.MaxOpenSessions = DefaultMaxOpenSessions
 	}
 	if cfg.SessionQuota < 0 {
-		return nil, fmt.Errorf("merger: negative SessionQuota %d (0 is automatic)", cfg.SessionQuota)
+		return cfg, fmt.Errorf("merger: negative SessionQuota %d (0 is automatic)", cfg.SessionQuota)
 	}
 	if !cfg.CopyMethod.valid() {
-		return nil, fmt.Errorf("merger: unknown copy method %q (use %q, %q, %q or empty for automatic)", cfg.CopyMethod, CopyClone, CopyRange, CopyStream)
+		return cfg, fmt.Errorf("merger: unknown copy method %q (use %q, %q, %q or empty for automatic)", cfg.CopyMethod, CopyClone, CopyRange, CopyStream)
+	}
+	return cfg, nil
+}
+
+// NewManager checks cfg and loads the sessions found in
+// cfg.WorkingDirectory, so that they answer at once; interrupted merges
+// resume when Start is called.
+func NewManager(cfg Config) (*Manager, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
 	}
 	log := cfg.Logger
 	if log == nil {
@@ -337,7 +355,7 @@ func errShuttingDown() error {
 
 // lookup returns the session with the given id.
 func (m *Manager) lookup(id string) (*session, error) {
-	canon, ok := ParseUUID(id)
+	canon, ok := uuid.Parse(id)
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
@@ -392,8 +410,8 @@ func (m *Manager) Create(imageName string, revision, bitfieldSize int) (SessionI
 	if !validImageName(imageName) {
 		return SessionInfo{}, fmt.Errorf("%w %q: names must not be empty, start with '/' or '.', end with '/', contain \"/.\" or \"//\"", ErrInvalidName, imageName)
 	}
-	if bitfieldSize != BitfieldSize {
-		return SessionInfo{}, fmt.Errorf("%w: bitfieldSize %d, the merger only supports %d (bytes per 1.25 MiB cluster)", ErrBadRequest, bitfieldSize, BitfieldSize)
+	if bitfieldSize != cowformat.BitfieldSize {
+		return SessionInfo{}, fmt.Errorf("%w: bitfieldSize %d, the merger only supports %d (bytes per 1.25 MiB cluster)", ErrBadRequest, bitfieldSize, cowformat.BitfieldSize)
 	}
 	if revision < 1 || revision >= 65535 {
 		return SessionInfo{}, fmt.Errorf("%w: revision %d: it must be between 1 and 65534 (the merge creates revision+1, and dnbd3 revisions end at 65535)", ErrBadRequest, revision)
@@ -416,7 +434,7 @@ func (m *Manager) Create(imageName string, revision, bitfieldSize int) (SessionI
 		return SessionInfo{}, err
 	}
 
-	id := newUUID()
+	id := uuid.New()
 	now := m.now()
 	s := &session{
 		dir: filepath.Join(m.cfg.WorkingDirectory, id),
@@ -544,19 +562,19 @@ func resourceError(err error, what string) error {
 
 // validateUpdate checks an upload's cluster index and body length.
 func validateUpdate(u *Update) error {
-	if u.Cluster < 0 || u.Cluster >= MaxClusters {
-		return fmt.Errorf("%w: cluster index %d is outside [0, %d)", ErrBadRequest, u.Cluster, MaxClusters)
+	if u.Cluster < 0 || u.Cluster >= cowformat.MaxClusters {
+		return fmt.Errorf("%w: cluster index %d is outside [0, %d)", ErrBadRequest, u.Cluster, cowformat.MaxClusters)
 	}
 	n := popcount(&u.Bitfield)
 	if u.Full {
-		if len(u.Blocks) != ClusterSize {
-			return fmt.Errorf("%w: a full cluster upload has %d data bytes, want %d", ErrBadRequest, len(u.Blocks), ClusterSize)
+		if len(u.Blocks) != cowformat.ClusterSize {
+			return fmt.Errorf("%w: a full cluster upload has %d data bytes, want %d", ErrBadRequest, len(u.Blocks), cowformat.ClusterSize)
 		}
 		return nil
 	}
-	if len(u.Blocks) != n*BlockSize {
+	if len(u.Blocks) != n*cowformat.BlockSize {
 		return fmt.Errorf("%w: the bitfield has %d bits set, so the body must hold %d data bytes (4096 per set bit, ascending), not %d",
-			ErrBadRequest, n, n*BlockSize, len(u.Blocks))
+			ErrBadRequest, n, n*cowformat.BlockSize, len(u.Blocks))
 	}
 	return nil
 }
@@ -614,7 +632,7 @@ func (m *Manager) Update(id string, u Update) error {
 	if err != nil {
 		return err
 	}
-	if err := m.checkSpace(m.cfg.WorkingDirectory, int64(popcount(&u.Bitfield))*BlockSize, "upload"); err != nil {
+	if err := m.checkSpace(m.cfg.WorkingDirectory, int64(popcount(&u.Bitfield))*cowformat.BlockSize, "upload"); err != nil {
 		return err
 	}
 	if err := st.put(&u); err != nil {

@@ -10,6 +10,9 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/dnbd3go/dnbd3go/cowformat"
+	"github.com/dnbd3go/dnbd3go/internal/uuid"
 )
 
 func TestNewManagerConfig(t *testing.T) {
@@ -51,7 +54,7 @@ func TestNewManagerConfig(t *testing.T) {
 func TestValidation(t *testing.T) {
 	e := newEnv(t)
 	rng := rand.New(rand.NewPCG(41, 42))
-	original := randBytes(rng, 2*ClusterSize+10)
+	original := randBytes(rng, 2*cowformat.ClusterSize+10)
 	e.original("good", 1, original)
 	e.original("x", 1, original)
 	e.original("pool/img", 1, original)
@@ -60,7 +63,7 @@ func TestValidation(t *testing.T) {
 
 	for _, name := range []string{"../x", "/abs", "a/../b", ".hidden", "a/.b", "a/./b", "", "trailing/", "nul\x00x",
 		"pool//img", "pool///img", "./good", "a//b/c", "good//"} {
-		if _, err := m.Create(name, 1, BitfieldSize); !errors.Is(err, ErrInvalidName) {
+		if _, err := m.Create(name, 1, cowformat.BitfieldSize); !errors.Is(err, ErrInvalidName) {
 			t.Errorf("Create(%q): %v, want ErrInvalidName", name, err)
 		}
 	}
@@ -70,7 +73,7 @@ func TestValidation(t *testing.T) {
 		}
 	}
 	for _, rev := range []int{0, -1, 65535, 70000} {
-		if _, err := m.Create("good", rev, BitfieldSize); !errors.Is(err, ErrBadRequest) {
+		if _, err := m.Create("good", rev, cowformat.BitfieldSize); !errors.Is(err, ErrBadRequest) {
 			t.Errorf("revision %d: %v", rev, err)
 		}
 	}
@@ -78,7 +81,7 @@ func TestValidation(t *testing.T) {
 		name string
 		rev  int
 	}{{"good", 2}, {"missing", 1}, {"dir", 1}, {"good.r1/x", 1}} {
-		if _, err := m.Create(c.name, c.rev, BitfieldSize); !errors.Is(err, ErrImageNotFound) {
+		if _, err := m.Create(c.name, c.rev, cowformat.BitfieldSize); !errors.Is(err, ErrImageNotFound) {
 			t.Errorf("Create(%q, %d): %v, want ErrImageNotFound", c.name, c.rev, err)
 		}
 	}
@@ -86,26 +89,26 @@ func TestValidation(t *testing.T) {
 		t.Fatalf("rejected creates left entries in the working directory: %v", entries)
 	}
 
-	info, err := m.Create("good", 1, BitfieldSize)
+	info, err := m.Create("good", 1, cowformat.BitfieldSize)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if info.BitfieldSize != BitfieldSize || info.ImageName != "good" {
+	if info.BitfieldSize != cowformat.BitfieldSize || info.ImageName != "good" {
 		t.Fatalf("%+v", info)
 	}
-	var bf [BitfieldSize]byte
+	var bf [cowformat.BitfieldSize]byte
 	bf[0] = 0b101 // 2 blocks
 	for _, u := range []Update{
-		{Cluster: 0, Bitfield: bf, Blocks: make([]byte, BlockSize)},
-		{Cluster: 0, Bitfield: bf, Blocks: make([]byte, 3*BlockSize)},
-		{Cluster: 0, Bitfield: bf, Blocks: make([]byte, 2*BlockSize+1)},
-		{Cluster: 0, Bitfield: bf, Blocks: make([]byte, ClusterSize)}, // full-sized but not marked Full
-		{Cluster: 0, Bitfield: bf, Blocks: make([]byte, 2*BlockSize), Full: true},
-		{Cluster: 0, Bitfield: bf, Blocks: make([]byte, ClusterSize-1), Full: true},
-		{Cluster: 0, Blocks: make([]byte, BlockSize)},
-		{Cluster: -1, Bitfield: bf, Blocks: make([]byte, 2*BlockSize)},
-		{Cluster: MaxClusters, Bitfield: bf, Blocks: make([]byte, 2*BlockSize)},
-		{Cluster: 1 << 40, Bitfield: bf, Blocks: make([]byte, 2*BlockSize)},
+		{Cluster: 0, Bitfield: bf, Blocks: make([]byte, cowformat.BlockSize)},
+		{Cluster: 0, Bitfield: bf, Blocks: make([]byte, 3*cowformat.BlockSize)},
+		{Cluster: 0, Bitfield: bf, Blocks: make([]byte, 2*cowformat.BlockSize+1)},
+		{Cluster: 0, Bitfield: bf, Blocks: make([]byte, cowformat.ClusterSize)}, // full-sized but not marked Full
+		{Cluster: 0, Bitfield: bf, Blocks: make([]byte, 2*cowformat.BlockSize), Full: true},
+		{Cluster: 0, Bitfield: bf, Blocks: make([]byte, cowformat.ClusterSize-1), Full: true},
+		{Cluster: 0, Blocks: make([]byte, cowformat.BlockSize)},
+		{Cluster: -1, Bitfield: bf, Blocks: make([]byte, 2*cowformat.BlockSize)},
+		{Cluster: cowformat.MaxClusters, Bitfield: bf, Blocks: make([]byte, 2*cowformat.BlockSize)},
+		{Cluster: 1 << 40, Bitfield: bf, Blocks: make([]byte, 2*cowformat.BlockSize)},
 	} {
 		if err := m.Update(info.UUID, u); !errors.Is(err, ErrBadRequest) {
 			t.Errorf("Update(cluster %d, %d bytes, full %v): %v, want ErrBadRequest", u.Cluster, len(u.Blocks), u.Full, err)
@@ -113,10 +116,10 @@ func TestValidation(t *testing.T) {
 	}
 	// Valid edge cases: the last cluster, an empty bitfield, the id in
 	// other spellings.
-	if err := m.Update(info.UUID, Update{Cluster: MaxClusters - 1, Bitfield: bf, Blocks: make([]byte, 2*BlockSize)}); err != nil {
+	if err := m.Update(info.UUID, Update{Cluster: cowformat.MaxClusters - 1, Bitfield: bf, Blocks: make([]byte, 2*cowformat.BlockSize)}); err != nil {
 		t.Fatal(err)
 	}
-	if err := m.Update(info.UUID, Update{Cluster: MaxClusters - 1}); err != nil {
+	if err := m.Update(info.UUID, Update{Cluster: cowformat.MaxClusters - 1}); err != nil {
 		t.Fatal(err)
 	}
 	for _, id := range []string{strings.ToUpper(info.UUID), "{" + info.UUID + "}", strings.ReplaceAll(info.UUID, "-", "")} {
@@ -146,7 +149,7 @@ func TestValidation(t *testing.T) {
 	}
 
 	size := int64(len(original))
-	for _, sz := range [][2]int64{{-1, 0}, {0, -1}, {roundUp(size, BlockSize) + 1, size}, {size, MaxImageSize + 1}} {
+	for _, sz := range [][2]int64{{-1, 0}, {0, -1}, {roundUp(size, cowformat.BlockSize) + 1, size}, {size, MaxImageSize + 1}} {
 		if _, err := m.Merge(info.UUID, sz[0], sz[1]); !errors.Is(err, ErrBadRequest) {
 			t.Errorf("Merge(%d, %d): %v, want ErrBadRequest", sz[0], sz[1], err)
 		}
@@ -155,7 +158,7 @@ func TestValidation(t *testing.T) {
 		t.Fatalf("rejected merges changed the state: %+v", st)
 	}
 	// The 4 KiB-rounded size is the client's view of an unaligned image.
-	if _, err := m.Merge(info.UUID, roundUp(size, BlockSize), MaxImageSize); err != nil {
+	if _, err := m.Merge(info.UUID, roundUp(size, cowformat.BlockSize), MaxImageSize); err != nil {
 		t.Fatal(err)
 	}
 	if err := m.Update(info.UUID, Update{Cluster: 0}); !errors.Is(err, ErrSessionClosed) {
@@ -176,9 +179,9 @@ func TestValidation(t *testing.T) {
 	}
 	f, _ := os.Open(filepath.Join(e.dest, "good.r2"))
 	defer f.Close()
-	head := make([]byte, len(original)+BlockSize)
+	head := make([]byte, len(original)+cowformat.BlockSize)
 	f.ReadAt(head, 0)
-	sameBytes(t, "head", head, append(append([]byte(nil), original...), make([]byte, BlockSize)...))
+	sameBytes(t, "head", head, append(append([]byte(nil), original...), make([]byte, cowformat.BlockSize)...))
 	if a := allocated(t, f.Name()); a > 64<<20 {
 		t.Errorf("the sparse 1 TB result allocates %d bytes", a)
 	}
@@ -202,8 +205,8 @@ func TestBackPressureMerges(t *testing.T) {
 			return nil
 		}
 	})
-	a, _ := m.Create("a", 1, BitfieldSize)
-	b, _ := m.Create("b", 1, BitfieldSize)
+	a, _ := m.Create("a", 1, cowformat.BitfieldSize)
+	b, _ := m.Create("b", 1, cowformat.BitfieldSize)
 	ub := randomUpload(rng, 0, 0.5)
 	if _, err := m.Merge(a.UUID, size, size); err != nil {
 		t.Fatal(err)
@@ -228,17 +231,17 @@ func TestBackPressureDiskSpace(t *testing.T) {
 	e := newEnv(t)
 	e.cfg.MinFreeSpace = 1 << 60
 	rng := rand.New(rand.NewPCG(45, 46))
-	e.original("full", 1, randBytes(rng, ClusterSize))
+	e.original("full", 1, randBytes(rng, cowformat.ClusterSize))
 	m := e.manager(nil)
 	var bp *BackPressureError
-	if _, err := m.Create("full", 1, BitfieldSize); !errors.As(err, &bp) || !strings.Contains(bp.Reason, "free") {
+	if _, err := m.Create("full", 1, cowformat.BitfieldSize); !errors.As(err, &bp) || !strings.Contains(bp.Reason, "free") {
 		t.Fatalf("create on a full disk: %v", err)
 	}
 	if entries, _ := os.ReadDir(e.work); len(entries) != 1 {
 		t.Fatalf("the refused create left %d entries", len(entries)-1)
 	}
 	m.cfg.MinFreeSpace = 0
-	info, err := m.Create("full", 1, BitfieldSize)
+	info, err := m.Create("full", 1, cowformat.BitfieldSize)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -246,7 +249,7 @@ func TestBackPressureDiskSpace(t *testing.T) {
 	if err := m.Update(info.UUID, randomUpload(rng, 0, 0.1).update(false)); !errors.As(err, &bp) || !strings.Contains(bp.Reason, "free") {
 		t.Fatalf("upload on a full disk: %v", err)
 	}
-	if _, err := m.Merge(info.UUID, ClusterSize, ClusterSize); !errors.As(err, &bp) {
+	if _, err := m.Merge(info.UUID, cowformat.ClusterSize, cowformat.ClusterSize); !errors.As(err, &bp) {
 		t.Fatalf("merge on a full disk: %v", err)
 	}
 	if st, _ := m.Status(info.UUID); st.State != StateActive || st.TotalClusters != 0 {
@@ -256,9 +259,9 @@ func TestBackPressureDiskSpace(t *testing.T) {
 
 func TestShutdown(t *testing.T) {
 	e := newEnv(t)
-	e.original("s", 1, make([]byte, ClusterSize))
+	e.original("s", 1, make([]byte, cowformat.ClusterSize))
 	m := e.manager(nil)
-	info, _ := m.Create("s", 1, BitfieldSize)
+	info, _ := m.Create("s", 1, cowformat.BitfieldSize)
 	if err := m.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -266,7 +269,7 @@ func TestShutdown(t *testing.T) {
 	if err := m.Update(info.UUID, Update{}); !errors.As(err, &bp) {
 		t.Fatalf("update after close: %v", err)
 	}
-	if _, err := m.Create("s", 1, BitfieldSize); !errors.As(err, &bp) {
+	if _, err := m.Create("s", 1, cowformat.BitfieldSize); !errors.As(err, &bp) {
 		t.Fatalf("create after close: %v", err)
 	}
 	if err := m.Start(t.Context()); err == nil {
@@ -278,14 +281,14 @@ func TestShutdown(t *testing.T) {
 // crashed before writing it) is removed; other directories are left.
 func TestInterruptedCreate(t *testing.T) {
 	e := newEnv(t)
-	half := filepath.Join(e.work, newUUID())
+	half := filepath.Join(e.work, uuid.New())
 	os.Mkdir(half, 0o755)
 	if err := createStoreFiles(half); err != nil {
 		t.Fatal(err)
 	}
 	other := filepath.Join(e.work, "not-a-session")
 	os.Mkdir(other, 0o755)
-	broken := filepath.Join(e.work, newUUID())
+	broken := filepath.Join(e.work, uuid.New())
 	os.Mkdir(broken, 0o755)
 	os.WriteFile(filepath.Join(broken, sessionFileName), []byte("{"), 0o644)
 	m := e.manager(nil)
@@ -307,7 +310,7 @@ func TestRetention(t *testing.T) {
 	e.cfg.Retention = time.Hour
 	e.cfg.AbandonAfter = 2 * time.Hour
 	rng := rand.New(rand.NewPCG(47, 48))
-	original := randBytes(rng, ClusterSize)
+	original := randBytes(rng, cowformat.ClusterSize)
 	e.original("ret", 1, original)
 	var mu sync.Mutex
 	clock := time.Now().Add(-24 * time.Hour).Truncate(time.Second)
@@ -315,16 +318,16 @@ func TestRetention(t *testing.T) {
 	advance := func(d time.Duration) { mu.Lock(); clock = clock.Add(d); mu.Unlock() }
 	m := e.manager(func(m *Manager) { m.now = now })
 
-	done, _ := m.Create("ret", 1, BitfieldSize)
-	failed, _ := m.Create("ret", 1, BitfieldSize)
-	abandoned, _ := m.Create("ret", 1, BitfieldSize)
-	busy, _ := m.Create("ret", 1, BitfieldSize)
+	done, _ := m.Create("ret", 1, cowformat.BitfieldSize)
+	failed, _ := m.Create("ret", 1, cowformat.BitfieldSize)
+	abandoned, _ := m.Create("ret", 1, cowformat.BitfieldSize)
+	busy, _ := m.Create("ret", 1, cowformat.BitfieldSize)
 	mustUpdate(t, m, done.UUID, randomUpload(rng, 0, 0.2), false)
-	if _, err := m.Merge(done.UUID, ClusterSize, ClusterSize); err != nil {
+	if _, err := m.Merge(done.UUID, cowformat.ClusterSize, cowformat.ClusterSize); err != nil {
 		t.Fatal(err)
 	}
 	waitFinished(t, m, done.UUID)
-	if _, err := m.Merge(failed.UUID, ClusterSize, ClusterSize); !errors.Is(err, ErrConflict) {
+	if _, err := m.Merge(failed.UUID, cowformat.ClusterSize, cowformat.ClusterSize); !errors.Is(err, ErrConflict) {
 		t.Fatal(err)
 	}
 	exists := func(id string) bool {
@@ -387,11 +390,11 @@ func TestRetentionBackground(t *testing.T) {
 	e.cfg.Retention = 20 * time.Millisecond
 	e.cfg.AbandonAfter = time.Hour
 	e.cfg.SweepInterval = 10 * time.Millisecond
-	e.original("bg", 1, make([]byte, ClusterSize))
+	e.original("bg", 1, make([]byte, cowformat.ClusterSize))
 	m := e.manager(nil)
-	done, _ := m.Create("bg", 1, BitfieldSize)
-	active, _ := m.Create("bg", 1, BitfieldSize)
-	m.Merge(done.UUID, ClusterSize, ClusterSize)
+	done, _ := m.Create("bg", 1, cowformat.BitfieldSize)
+	active, _ := m.Create("bg", 1, cowformat.BitfieldSize)
+	m.Merge(done.UUID, cowformat.ClusterSize, cowformat.ClusterSize)
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		if _, err := m.Status(done.UUID); errors.Is(err, ErrSessionNotFound) {
@@ -412,14 +415,14 @@ func TestNoGoroutineLeak(t *testing.T) {
 	before := runtime.NumGoroutine()
 	e := newEnv(t)
 	e.cfg.SweepInterval = time.Millisecond
-	e.original("leak", 1, make([]byte, 3*ClusterSize))
+	e.original("leak", 1, make([]byte, 3*cowformat.ClusterSize))
 	m := e.manager(nil)
-	a, _ := m.Create("leak", 1, BitfieldSize)
-	b, _ := m.Create("leak", 1, BitfieldSize)
+	a, _ := m.Create("leak", 1, cowformat.BitfieldSize)
+	b, _ := m.Create("leak", 1, cowformat.BitfieldSize)
 	mustUpdate(t, m, a.UUID, &upload{cluster: 1}, false)
-	m.Merge(a.UUID, 3*ClusterSize, 3*ClusterSize)
+	m.Merge(a.UUID, 3*cowformat.ClusterSize, 3*cowformat.ClusterSize)
 	waitFinished(t, m, a.UUID)
-	m.Merge(b.UUID, 3*ClusterSize, 3*ClusterSize)
+	m.Merge(b.UUID, 3*cowformat.ClusterSize, 3*cowformat.ClusterSize)
 	m.Close()
 	deadline := time.Now().Add(5 * time.Second)
 	for runtime.NumGoroutine() > before {

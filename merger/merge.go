@@ -11,6 +11,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/cowformat"
 	"github.com/dnbd3go/dnbd3go/internal/fsutil"
 )
 
@@ -20,7 +21,9 @@ const (
 	hookCopied     = "copied"     // the original is copied into the temporary file
 	hookApplying   = "applying"   // half of the clusters are applied
 	hookSynced     = "synced"     // the temporary file is complete and synced
-	hookFinalizing = "finalizing" // the finalize record is persisted, the rename is next
+	hookCRCWritten = "crcwritten" // its CRC list is written and synced, no finalize record yet
+	hookFinalizing = "finalizing" // the finalize record is persisted, the renames are next
+	hookCRCPlaced  = "crcplaced"  // the CRC list is in place, the image's rename is next
 	hookRenamed    = "renamed"    // the new revision is in place, Done is not yet persisted
 )
 
@@ -57,9 +60,11 @@ const progressInterval = 5 * time.Second
 // file is never touched. Repeating Merge for such a session returns the
 // same error.
 //
-// The result is built in a temporary file, synced and then renamed into
-// place without replacing anything, so <NAME>.r<N+1> is either absent or
-// complete, also across crashes (see recovery.go).
+// The result is built in a temporary file, synced, its CRC list
+// (<NAME>.r<N+1>.crc, crclist.go) written and synced, and both are
+// renamed into place, the list first, the image without replacing
+// anything (install.go), so <NAME>.r<N+1> is either absent or complete
+// with its list, also across crashes (see recovery.go).
 //
 // Other errors: ErrSessionNotFound; ErrImageNotFound if the original has
 // disappeared; *BackPressureError when MaxConcurrentMerges merges are
@@ -94,17 +99,9 @@ func (m *Manager) Merge(id string, originalFileSize, newFileSize int64) (Session
 		m.log.Info("retrying failed merge", "session", id, "previous error", s.meta.Error)
 	}
 	name, rev := s.meta.ImageName, s.meta.OriginalRevision
-	src := m.originalPath(name, rev)
-	ost, err := os.Stat(src)
+	origSize, err := m.checkOriginal(name, rev, originalFileSize)
 	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return s.info(), fmt.Errorf("%w: %s, the base of this session, was removed; start a new session from an existing revision", ErrImageNotFound, src)
-		}
-		return s.info(), fmt.Errorf("merger: %w", err)
-	}
-	if limit := roundUp(ost.Size(), BlockSize); originalFileSize > limit {
-		return s.info(), fmt.Errorf("%w: originalFileSize %d exceeds the size of %s.r%d (%d bytes, %d rounded up to 4 KiB)",
-			ErrBadRequest, originalFileSize, name, rev, ost.Size(), limit)
+		return s.info(), err
 	}
 	st, err := m.openStoreLocked(s, false)
 	if err != nil {
@@ -123,31 +120,58 @@ func (m *Manager) Merge(id string, originalFileSize, newFileSize int64) (Session
 		return s.info(), &BackPressureError{RetryAfter: busyRetryAfter,
 			Reason: fmt.Sprintf("%d merges are running, the configured maximum", m.cfg.MaxConcurrentMerges)}
 	}
-	need := min(min(originalFileSize, ost.Size())+st.storedBlocks()*BlockSize, newFileSize)
+	need := min(min(originalFileSize, origSize)+st.storedBlocks()*cowformat.BlockSize, newFileSize)
 	if err := m.checkSpace(m.cfg.DestinationDirectory, need, "the merge"); err != nil {
 		<-m.mergeSlots
 		return s.info(), err
 	}
-	prev := s.meta
-	s.meta.State = StateCopying
-	s.meta.OriginalFileSize, s.meta.NewFileSize = originalFileSize, newFileSize
-	s.meta.NewRevision = newRev
-	s.meta.MergedClusters, s.meta.TotalClusters = 0, st.clusters()
-	s.meta.Error, s.meta.Conflict = "", false
-	s.meta.Finished = time.Time{}
-	s.meta.MergeTemp, s.meta.Finalize, s.meta.Output = "", nil, ""
-	if err := s.persist(m.now()); err != nil {
-		s.meta = prev
+	if err := m.acceptLocked(s, st.clusters(), originalFileSize, newFileSize, newRev); err != nil {
 		<-m.mergeSlots
-		if bp := resourceError(err, "starting a merge"); bp != nil {
-			return s.info(), bp
-		}
-		return s.info(), fmt.Errorf("merger: %w", err)
+		return s.info(), err
 	}
 	m.log.Info("merge accepted", "session", id, "image", name, "from", rev, "to", newRev,
 		"originalFileSize", originalFileSize, "newFileSize", newFileSize, "clusters", s.meta.TotalClusters)
 	m.startMergeLocked(s, true)
 	return s.info(), nil
+}
+
+// checkOriginal checks that the session's base revision still exists and
+// that the client's originalFileSize fits it; it returns the file's size.
+func (m *Manager) checkOriginal(name string, rev int, originalFileSize int64) (int64, error) {
+	src := m.originalPath(name, rev)
+	ost, err := os.Stat(src)
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return 0, fmt.Errorf("%w: %s, the base of this session, was removed; start a new session from an existing revision", ErrImageNotFound, src)
+		}
+		return 0, fmt.Errorf("merger: %w", err)
+	}
+	if limit := roundUp(ost.Size(), cowformat.BlockSize); originalFileSize > limit {
+		return 0, fmt.Errorf("%w: originalFileSize %d exceeds the size of %s.r%d (%d bytes, %d rounded up to 4 KiB)",
+			ErrBadRequest, originalFileSize, name, rev, ost.Size(), limit)
+	}
+	return ost.Size(), nil
+}
+
+// acceptLocked records durably that the session's merge starts (state
+// Copying); on failure the session is left as it was.
+func (m *Manager) acceptLocked(s *session, clusters int, originalFileSize, newFileSize int64, newRev int) error {
+	prev := s.meta
+	s.meta.State = StateCopying
+	s.meta.OriginalFileSize, s.meta.NewFileSize = originalFileSize, newFileSize
+	s.meta.NewRevision = newRev
+	s.meta.MergedClusters, s.meta.TotalClusters = 0, clusters
+	s.meta.Error, s.meta.Conflict = "", false
+	s.meta.Finished = time.Time{}
+	s.meta.MergeTemp, s.meta.Finalize, s.meta.Output = "", nil, ""
+	if err := s.persist(m.now()); err != nil {
+		s.meta = prev
+		if bp := resourceError(err, "starting a merge"); bp != nil {
+			return bp
+		}
+		return fmt.Errorf("merger: %w", err)
+	}
+	return nil
 }
 
 // conflictError is the error of a merge whose target revision exists.
@@ -243,11 +267,14 @@ func (m *Manager) endMerge(s *session, err error) {
 	m.failLocked(s, err)
 }
 
-// removeTempLocked deletes the merge's temporary file, if any.
+// removeTempLocked deletes the merge's temporary file and its temporary
+// CRC list, if any.
 func (m *Manager) removeTempLocked(s *session) {
 	if t := s.meta.MergeTemp; t != "" {
-		if err := os.Remove(t); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			m.log.Warn("cannot remove a merge's temporary file", "file", t, "err", err)
+		for _, f := range []string{t, t + crcSuffix} {
+			if err := os.Remove(f); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				m.log.Warn("cannot remove a merge's temporary file", "file", f, "err", err)
+			}
 		}
 	}
 }
@@ -281,6 +308,7 @@ type mergePlan struct {
 	originalFileSize int64
 	newFileSize      int64
 	st               *store
+	crc              *crcSources // set by copyPhase; applyPhase records what it writes
 }
 
 // plan fixes the paths and sizes of a merge attempt and records the
@@ -332,8 +360,9 @@ func (m *Manager) plan(s *session) (*mergePlan, error) {
 
 // merge builds the new revision and moves it into place: copy the
 // original (Copying), apply the clusters (Merging), truncate, fsync,
-// persist the finalize record, rename without replacing, fsync the
-// directory, persist Done, delete the uploads.
+// write and fsync the CRC list, persist the finalize record, rename the
+// list and then the image (install.go), fsync the directory, persist
+// Done, delete the uploads.
 func (m *Manager) merge(ctx context.Context, s *session, release func()) error {
 	started := time.Now()
 	p, err := m.plan(s)
@@ -375,23 +404,15 @@ func (m *Manager) merge(ctx context.Context, s *session, release func()) error {
 		return err
 	}
 	applied := time.Now()
-	if err := out.Truncate(p.newFileSize); err != nil {
-		return fmt.Errorf("set the size of the new revision: %w", err)
-	}
-	if err := out.Sync(); err != nil {
-		return fmt.Errorf("sync the new revision: %w", err)
-	}
-	if err := m.callHook(hookSynced, p.uuid); err != nil {
-		return err
-	}
-
-	// Phase 3: into place, atomically and without replacing anything.
-	id, err := statID(p.temp)
+	fin, crc, err := m.seal(p, out)
 	if err != nil {
 		return err
 	}
+	crcDone := time.Now()
+
+	// Phase 3: into place, atomically and without replacing anything.
 	s.mu.Lock()
-	s.meta.Finalize = &finalizeRecord{Temp: p.temp, Dest: p.dest, ID: id}
+	s.meta.Finalize = fin
 	err = s.persist(m.now())
 	s.mu.Unlock()
 	if err != nil {
@@ -400,14 +421,44 @@ func (m *Manager) merge(ctx context.Context, s *session, release func()) error {
 	if err := m.callHook(hookFinalizing, p.uuid); err != nil {
 		return err
 	}
-	if err := m.finalize(s, p.temp, p.dest, release); err != nil {
+	if err := m.finalize(s, fin, release); err != nil {
 		return err
 	}
 	m.log.Info("merge done", "session", p.uuid, "output", p.dest, "size", p.newFileSize,
 		"copy", used, "copyTime", copied.Sub(started).Round(time.Millisecond),
 		"applyTime", applied.Sub(copied).Round(time.Millisecond),
+		"crcComputed", crc.computed, "crcFromOriginal", crc.taken, "crcTime", crcDone.Sub(applied).Round(time.Millisecond),
 		"total", time.Since(started).Round(time.Millisecond))
 	return nil
+}
+
+// seal gives the temporary image its size, syncs it, writes and syncs
+// its CRC list beside it (crclist.go) and returns the finalize record
+// that describes both.
+func (m *Manager) seal(p *mergePlan, out *os.File) (*finalizeRecord, crcStats, error) {
+	var crc crcStats
+	if err := out.Truncate(p.newFileSize); err != nil {
+		return nil, crc, fmt.Errorf("set the size of the new revision: %w", err)
+	}
+	if err := out.Sync(); err != nil {
+		return nil, crc, fmt.Errorf("sync the new revision: %w", err)
+	}
+	if err := m.callHook(hookSynced, p.uuid); err != nil {
+		return nil, crc, err
+	}
+	id, err := statID(p.temp)
+	if err != nil {
+		return nil, crc, err
+	}
+	fin := &finalizeRecord{Temp: p.temp, Dest: p.dest, ID: id}
+	if p.newFileSize > 0 { // an empty image has no hash blocks
+		crcID, st, err := m.writeCRCTemp(p, out)
+		if err != nil {
+			return nil, crc, err
+		}
+		fin.CRC, crc = &crcID, st
+	}
+	return fin, crc, m.callHook(hookCRCWritten, p.uuid)
 }
 
 // conflict fails the merge because the destination exists.
@@ -433,6 +484,7 @@ func (m *Manager) copyPhase(ctx context.Context, p *mergePlan, out *os.File) (Co
 		return "", err
 	}
 	n := min(p.originalFileSize, fi.Size())
+	p.crc = newCRCSources(fi.Size(), p.originalFileSize, p.newFileSize)
 	used, err := copyOriginal(ctx, out, src, n, n == fi.Size(), m.cfg.CopyMethod)
 	if err != nil {
 		return used, fmt.Errorf("copy %s: %w", p.src, err)
@@ -450,14 +502,14 @@ func (m *Manager) applyPhase(ctx context.Context, s *session, p *mergePlan, out 
 	s.mu.Lock()
 	s.meta.TotalClusters = len(versions)
 	s.mu.Unlock()
-	buf := make([]byte, ClusterSize)
+	buf := make([]byte, cowformat.ClusterSize)
 	lastPersist := time.Now()
 	for i := range versions {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
 		v := &versions[i]
-		base := int64(v.cluster) * ClusterSize
+		base := int64(v.cluster) * cowformat.ClusterSize
 		if base < p.newFileSize {
 			blocks, err := p.st.readVersion(v, buf)
 			if err != nil {
@@ -465,16 +517,17 @@ func (m *Manager) applyPhase(ctx context.Context, s *session, p *mergePlan, out 
 			}
 			k := 0
 			for r := range bitRuns(&v.bitfield) {
-				off := base + int64(r.first)*BlockSize
+				off := base + int64(r.first)*cowformat.BlockSize
 				n := r.n
 				// Blocks entirely at or beyond the new end are cut anyway.
-				if lim := (p.newFileSize - off + BlockSize - 1) / BlockSize; int64(n) > lim {
+				if lim := (p.newFileSize - off + cowformat.BlockSize - 1) / cowformat.BlockSize; int64(n) > lim {
 					n = int(max(lim, 0))
 				}
 				if n > 0 {
-					if _, err := out.WriteAt(blocks[k*BlockSize:(k+n)*BlockSize], off); err != nil {
+					if _, err := out.WriteAt(blocks[k*cowformat.BlockSize:(k+n)*cowformat.BlockSize], off); err != nil {
 						return fmt.Errorf("write cluster %d: %w", v.cluster, err)
 					}
+					p.crc.touch(off, int64(n)*cowformat.BlockSize)
 				}
 				k += r.n
 			}
@@ -497,24 +550,24 @@ func (m *Manager) applyPhase(ctx context.Context, s *session, p *mergePlan, out 
 	return nil
 }
 
-// finalize renames the synced temporary file to dest without replacing
-// anything and marks s Done. The finalize record is already persisted.
-// release frees the merge slot.
-func (m *Manager) finalize(s *session, temp, dest string, release func()) error {
-	if err := fsutil.RenameNoReplace(temp, dest); err != nil {
+// finalize installs the synced result (its CRC list, then the image,
+// without replacing a revision) and marks s Done. The finalize record is
+// already persisted. release frees the merge slot.
+func (m *Manager) finalize(s *session, fin *finalizeRecord, release func()) error {
+	s.mu.Lock()
+	uuid := s.meta.UUID
+	s.mu.Unlock()
+	if err := m.install(fin, uuid); err != nil {
 		if errors.Is(err, fsutil.ErrDestExists) {
 			return m.conflict(s)
 		}
 		return fmt.Errorf("move the new revision into place: %w", err)
 	}
-	s.mu.Lock()
-	uuid := s.meta.UUID
-	s.mu.Unlock()
 	if err := m.callHook(hookRenamed, uuid); err != nil {
 		return err
 	}
 	release()
-	m.finishDone(s, temp, dest)
+	m.finishDone(s, fin.Temp, fin.Dest)
 	return nil
 }
 

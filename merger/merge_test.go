@@ -10,6 +10,8 @@ import (
 	"strings"
 	"sync"
 	"testing"
+
+	"github.com/dnbd3go/dnbd3go/cowformat"
 )
 
 // testUploads returns a varied upload history over the clusters of an
@@ -17,7 +19,7 @@ import (
 // re-uploads with fewer bits (replace semantics), a cluster cleared by an
 // all-zero bitfield, the unaligned last cluster and clusters past the end.
 func testUploads(rng *rand.Rand, size int64) []*upload {
-	last := int((size - 1) / ClusterSize)
+	last := int((size - 1) / cowformat.ClusterSize)
 	var ups []*upload
 	for i := 0; i < 30; i++ {
 		density := []float64{0.02, 0.3, 1}[rng.IntN(3)]
@@ -35,8 +37,8 @@ func testUploads(rng *rand.Rand, size int64) []*upload {
 	// The first block of the image, rewritten three times.
 	for i := 0; i < 3; i++ {
 		u := &upload{cluster: 0}
-		u.blocks[0] = randBytes(rng, BlockSize)
-		u.blocks[319] = randBytes(rng, BlockSize)
+		u.blocks[0] = randBytes(rng, cowformat.BlockSize)
+		u.blocks[319] = randBytes(rng, cowformat.BlockSize)
 		ups = append(ups, u)
 	}
 	return ups
@@ -55,17 +57,17 @@ func TestMergeEndToEnd(t *testing.T) {
 		originalFileSize, newSize int64
 	}{
 		{"same", size, size},
-		{"grow", roundUp(size, BlockSize), size + 5<<20 + 77},
+		{"grow", roundUp(size, cowformat.BlockSize), size + 5<<20 + 77},
 		{"shrink", 10<<20 + 5000, 12<<20 + 100},
 		{"cut", size, 7<<20 + 1},
 		{"from-nothing", 0, 3 << 20},
-		{"aligned-up", roundUp(size, BlockSize), roundUp(size, BlockSize)},
+		{"aligned-up", roundUp(size, cowformat.BlockSize), roundUp(size, cowformat.BlockSize)},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			name := "img-" + tc.name
 			e.original(name, 1, original)
-			info, err := m.Create(name, 1, BitfieldSize)
+			info, err := m.Create(name, 1, cowformat.BitfieldSize)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -98,6 +100,9 @@ func TestMergeEndToEnd(t *testing.T) {
 			}
 			want := expectedImage(original, uploads, tc.originalFileSize, tc.newSize)
 			sameBytes(t, "merged image", e.destFile(name+".r2"), want)
+			if tc.newSize > 0 {
+				checkCRCFile(t, e, name+".r2")
+			}
 			// The uploads are gone, the state stays for Status.
 			dir := filepath.Join(e.work, info.UUID)
 			for _, f := range []string{dataFileName, journalFileName} {
@@ -119,10 +124,10 @@ func TestMergeEndToEnd(t *testing.T) {
 func TestMergeNameWithDirectories(t *testing.T) {
 	e := newEnv(t)
 	rng := rand.New(rand.NewPCG(3, 4))
-	original := randBytes(rng, 3*ClusterSize+100)
+	original := randBytes(rng, 3*cowformat.ClusterSize+100)
 	e.original("pool/sub/win10", 7, original)
 	m := e.manager(nil)
-	info, err := m.Create("pool/sub/win10", 7, BitfieldSize)
+	info, err := m.Create("pool/sub/win10", 7, cowformat.BitfieldSize)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -156,7 +161,7 @@ func TestMergeIdempotent(t *testing.T) {
 			return nil
 		}
 	})
-	info, _ := m.Create("idem", 1, BitfieldSize)
+	info, _ := m.Create("idem", 1, cowformat.BitfieldSize)
 	ups := []*upload{randomUpload(rng, 0, 0.5), randomUpload(rng, 2, 1)}
 	for _, u := range ups {
 		mustUpdate(t, m, info.UUID, u, false)
@@ -220,7 +225,7 @@ func TestMergeRetryAfterFailure(t *testing.T) {
 			return nil
 		}
 	})
-	info, _ := m.Create("retry", 1, BitfieldSize)
+	info, _ := m.Create("retry", 1, cowformat.BitfieldSize)
 	var ups []*upload
 	for c := 0; c < 5; c++ {
 		u := randomUpload(rng, c, 0.4)
@@ -262,8 +267,8 @@ func TestMergeConflict(t *testing.T) {
 	size := int64(len(original))
 	e.original("img", 1, original)
 	m := e.manager(nil)
-	a, _ := m.Create("img", 1, BitfieldSize)
-	b, _ := m.Create("img", 1, BitfieldSize)
+	a, _ := m.Create("img", 1, cowformat.BitfieldSize)
+	b, _ := m.Create("img", 1, cowformat.BitfieldSize)
 	ua, ub := randomUpload(rng, 1, 0.5), randomUpload(rng, 1, 0.5)
 	mustUpdate(t, m, a.UUID, ua, false)
 	mustUpdate(t, m, b.UUID, ub, false)
@@ -307,7 +312,7 @@ func TestMergeConflictAtRename(t *testing.T) {
 			return nil
 		}
 	})
-	info, _ := m.Create("race", 4, BitfieldSize)
+	info, _ := m.Create("race", 4, cowformat.BitfieldSize)
 	mustUpdate(t, m, info.UUID, randomUpload(rng, 0, 1), true)
 	if _, err := m.Merge(info.UUID, size, size); err != nil {
 		t.Fatal(err)
@@ -318,6 +323,9 @@ func TestMergeConflictAtRename(t *testing.T) {
 	}
 	if got := e.destFile("race.r5"); string(got) != string(planted) {
 		t.Fatalf("the existing revision was changed: %q", got)
+	}
+	if e.destFile("race.r5.crc") != nil {
+		t.Fatal("the losing merge put its CRC list beside the existing revision")
 	}
 	if _, err := m.Merge(info.UUID, size, size); !errors.Is(err, ErrConflict) {
 		t.Fatalf("merge after conflict: %v", err)
@@ -338,7 +346,7 @@ func TestCrashMidMerge(t *testing.T) {
 			e.original("crash", 1, original)
 			configure, crashed := crashAt(point)
 			m1 := e.manager(configure)
-			info, _ := m1.Create("crash", 1, BitfieldSize)
+			info, _ := m1.Create("crash", 1, cowformat.BitfieldSize)
 			ups := testUploads(rng, size)
 			for i, u := range ups {
 				mustUpdate(t, m1, info.UUID, u, i%2 == 0)
@@ -363,6 +371,7 @@ func TestCrashMidMerge(t *testing.T) {
 				t.Fatalf("after recovery: %+v", done)
 			}
 			sameBytes(t, "recovered revision", e.destFile("crash.r2"), want)
+			checkCRCFile(t, e, "crash.r2")
 			e.noTempFiles()
 			if _, err := os.Stat(filepath.Join(e.work, info.UUID, journalFileName)); !errors.Is(err, fs.ErrNotExist) {
 				t.Errorf("journal left after recovery: %v", err)
@@ -408,7 +417,7 @@ func TestCrashMidMergeCrossFS(t *testing.T) {
 					return nil
 				}
 			})
-			info, _ := m1.Create("dir/x", 1, BitfieldSize)
+			info, _ := m1.Create("dir/x", 1, cowformat.BitfieldSize)
 			ups := testUploads(rng, size)
 			for _, u := range ups {
 				mustUpdate(t, m1, info.UUID, u, false)
@@ -429,6 +438,7 @@ func TestCrashMidMergeCrossFS(t *testing.T) {
 				t.Fatalf("%+v", st)
 			}
 			sameBytes(t, "merged", e.destFile("dir/x.r2"), expectedImage(original, ups, size, size))
+			checkCRCFile(t, e, "dir/x.r2")
 			e.noTempFiles()
 		})
 	}
@@ -476,7 +486,7 @@ func TestCopyMethods(t *testing.T) {
 				p := filepath.Join(e.orig, "sparse.r1")
 				writeSparse(t, p, original)
 				m := e.manager(nil)
-				info, _ := m.Create("sparse", 1, BitfieldSize)
+				info, _ := m.Create("sparse", 1, cowformat.BitfieldSize)
 				for _, u := range ups {
 					mustUpdate(t, m, info.UUID, u, false)
 				}
@@ -583,7 +593,7 @@ func TestRecoverFinalizeVariants(t *testing.T) {
 			e.original("fin", 1, original)
 			configure, crashed := crashAt(hookFinalizing)
 			m1 := e.manager(configure)
-			info, _ := m1.Create("fin", 1, BitfieldSize)
+			info, _ := m1.Create("fin", 1, cowformat.BitfieldSize)
 			ups := testUploads(rng, size)
 			for _, u := range ups {
 				mustUpdate(t, m1, info.UUID, u, false)

@@ -5,6 +5,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/dnbd3go/dnbd3go/cowformat"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 )
@@ -18,7 +19,7 @@ func TestManagerMetrics(t *testing.T) {
 	original := randBytes(rng, 4<<20)
 	e.original("img", 1, original)
 	m := e.manager(nil)
-	info, err := m.Create("img", 1, BitfieldSize)
+	info, err := m.Create("img", 1, cowformat.BitfieldSize)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -26,7 +27,7 @@ func TestManagerMetrics(t *testing.T) {
 		mustUpdate(t, m, info.UUID, randomUpload(rng, c, 0.3), false)
 	}
 	mergeDone(t, m, info.UUID, int64(len(original)), int64(len(original)))
-	active, err := m.Create("img", 1, BitfieldSize)
+	active, err := m.Create("img", 1, cowformat.BitfieldSize)
 	if err != nil {
 		t.Fatal(err)
 	}

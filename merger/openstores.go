@@ -3,6 +3,8 @@ package merger
 import (
 	"fmt"
 	"os"
+
+	"github.com/dnbd3go/dnbd3go/cowformat"
 )
 
 // Open stores. A session's store (its data file and journal, two
@@ -132,7 +134,7 @@ func (m *Manager) maxClusters(s *session) int {
 				size = st.Size()
 			}
 		}
-		quota = max(2*roundUp(size, ClusterSize), MinAutoQuota)
+		quota = max(2*roundUp(size, cowformat.ClusterSize), MinAutoQuota)
 	}
-	return int(min((quota+ClusterSize-1)/ClusterSize, MaxClusters))
+	return int(min((quota+cowformat.ClusterSize-1)/cowformat.ClusterSize, cowformat.MaxClusters))
 }

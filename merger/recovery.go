@@ -7,6 +7,8 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/dnbd3go/dnbd3go/internal/uuid"
+
 	"github.com/dnbd3go/dnbd3go/internal/fsutil"
 )
 
@@ -16,16 +18,27 @@ import (
 //
 //	Active           nothing; the journal is replayed when the session is
 //	                 next used (acknowledged uploads are all there).
-//	Copying/Merging  without a finalize record: the rename has not
+//	Copying/Merging  without a finalize record: the renames have not
 //	                 happened, <name>.r<N+1> is not ours. Delete the
-//	                 temporary file and merge again from scratch.
-//	Merging with a   the temporary file was complete and synced before
-//	finalize record  the record was written.
+//	                 temporary file and its CRC list, merge again from
+//	                 scratch.
+//	Merging with a   the temporary file and its CRC list (<temp>.crc)
+//	finalize record  were complete and synced before the record was
+//	                 written; the renames (install.go) are <temp>.crc ->
+//	                 <dest>.crc, then <temp> -> <dest>.
 //	                 - destination exists with the recorded inode and
-//	                   size: the rename happened; finish (Done).
+//	                   size: both renames happened; finish (Done). (A
+//	                   record of an older version without a list: the
+//	                   list is computed now if there is none.)
 //	                 - else the temporary file exists with that inode:
-//	                   do the rename now (no-replace; EEXIST = conflict).
-//	                 - else merge again from scratch.
+//	                   the crash came before the second rename, after or
+//	                   before the first. Put the list in place (it is
+//	                   there already, or the recorded temporary list is
+//	                   renamed, or, lost, computed again from the
+//	                   image), then rename the image (no-replace; EEXIST
+//	                   = conflict, and a list we placed is removed).
+//	                 - else merge again from scratch (a list we placed
+//	                   for the lost image is removed first).
 //	Done             delete uploads left over by a crash right after
 //	                 Done was persisted.
 //	Failed           nothing (a new Merge request retries).
@@ -45,7 +58,7 @@ func (m *Manager) loadSessions() error {
 		if !e.IsDir() {
 			continue
 		}
-		if id, ok := ParseUUID(e.Name()); !ok || id != e.Name() {
+		if id, ok := uuid.Parse(e.Name()); !ok || id != e.Name() {
 			continue
 		}
 		dir := filepath.Join(m.cfg.WorkingDirectory, e.Name())
@@ -93,6 +106,7 @@ func (m *Manager) recover() {
 	}
 }
 
+// recoverSession resumes one session after a restart (the table above).
 func (m *Manager) recoverSession(s *session) {
 	s.mu.Lock()
 	state, fin, id := s.meta.State, s.meta.Finalize, s.meta.UUID
@@ -111,34 +125,8 @@ func (m *Manager) recoverSession(s *session) {
 	default:
 		return
 	}
-	if fin != nil {
-		if did, err := statID(fin.Dest); err == nil && did == fin.ID {
-			// A crash of the link+unlink fallback can leave both names.
-			if tid, err := statID(fin.Temp); err == nil && tid == fin.ID {
-				os.Remove(fin.Temp)
-			}
-			m.log.Info("recovery: the merge had completed before the restart", "session", id, "output", fin.Dest)
-			m.finishDone(s, fin.Temp, fin.Dest)
-			return
-		}
-		if tid, err := statID(fin.Temp); err == nil && tid == fin.ID {
-			m.log.Info("recovery: completing an interrupted merge's final rename", "session", id, "output", fin.Dest)
-			err := fsutil.RenameNoReplace(fin.Temp, fin.Dest)
-			if err == nil {
-				m.finishDone(s, fin.Temp, fin.Dest)
-				return
-			}
-			s.mu.Lock()
-			defer s.mu.Unlock()
-			m.removeTempLocked(s)
-			if errors.Is(err, fsutil.ErrDestExists) {
-				err = conflictError(s.meta.ImageName, s.meta.OriginalRevision)
-			} else {
-				err = fmt.Errorf("move the new revision into place: %w", err)
-			}
-			m.failLocked(s, err)
-			return
-		}
+	if fin != nil && m.recoverFinalized(s, fin, id) {
+		return
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -151,4 +139,57 @@ func (m *Manager) recoverSession(s *session) {
 	if !s.closed && !s.deleted { // Close marks sessions closed before it waits for merges
 		m.startMergeLocked(s, false)
 	}
+}
+
+// recoverFinalized handles a session whose merge wrote its finalize
+// record (the temporary image and its CRC list were complete): it
+// finishes the session if the renames happened, completes them if the
+// temporary image is still there (or fails the session on a conflict),
+// and reports true in both cases. Otherwise (the image is lost) it
+// removes a CRC list it placed for it and reports false: merge again.
+func (m *Manager) recoverFinalized(s *session, fin *finalizeRecord, id string) bool {
+	if did, err := statID(fin.Dest); err == nil && did == fin.ID {
+		m.recoverInstalled(s, fin, id)
+		return true
+	}
+	if tid, err := statID(fin.Temp); err == nil && tid == fin.ID {
+		m.log.Info("recovery: completing an interrupted merge's final renames", "session", id, "output", fin.Dest)
+		err := m.install(fin, id)
+		if err == nil {
+			m.finishDone(s, fin.Temp, fin.Dest)
+			return true
+		}
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		m.removeTempLocked(s)
+		if errors.Is(err, fsutil.ErrDestExists) {
+			err = conflictError(s.meta.ImageName, s.meta.OriginalRevision)
+		} else {
+			err = fmt.Errorf("move the new revision into place: %w", err)
+		}
+		m.failLocked(s, err)
+		return true
+	}
+	m.installMu.Lock()
+	removeCRCIf(fin.Dest, fin.CRC)
+	m.installMu.Unlock()
+	return false
+}
+
+// recoverInstalled finishes a session whose revision is in place: the
+// temporary name a crash of the link+unlink fallback can leave is
+// removed, the CRC list is written if it is missing (a record of an
+// older version had none), and the session is Done.
+func (m *Manager) recoverInstalled(s *session, fin *finalizeRecord, id string) {
+	if tid, err := statID(fin.Temp); err == nil && tid == fin.ID {
+		os.Remove(fin.Temp)
+	}
+	m.log.Info("recovery: the merge had completed before the restart", "session", id, "output", fin.Dest)
+	m.installMu.Lock()
+	_, err := placeCRC(fin.Dest, fin, false)
+	m.installMu.Unlock()
+	if err != nil {
+		m.log.Error("recovery: cannot write the CRC list of a merged revision", "output", fin.Dest, "err", err)
+	}
+	m.finishDone(s, fin.Temp, fin.Dest)
 }

@@ -24,6 +24,7 @@ import (
 //	merge.tmp         the merge's output while it is built, when the
 //	                  working and destination directories share a file
 //	                  system (else a hidden file beside the destination)
+//	merge.tmp.crc     its CRC list (crclist.go), beside it in either case
 //
 // session.json is written at Create, when a merge is accepted (state
 // Copying, with the sizes and the new revision), when the copy is done
@@ -65,11 +66,15 @@ type sessionFile struct {
 	Finalize *finalizeRecord `json:"finalize,omitempty"`
 }
 
-// finalizeRecord describes the rename that ends a merge.
+// finalizeRecord describes the renames that end a merge: the CRC list
+// <Temp>.crc to <Dest>.crc, then Temp to Dest.
 type finalizeRecord struct {
 	Temp string `json:"temp"`
 	Dest string `json:"dest"`
 	ID   fileID `json:"id"` // of the synced temporary file
+	// CRC identifies the synced temporary CRC list (nil for an empty
+	// image, which has none, and in records of older versions).
+	CRC *fileID `json:"crc,omitempty"`
 }
 
 // session is a session in memory.

@@ -1,6 +1,10 @@
 package merger
 
-import "container/heap"
+import (
+	"container/heap"
+
+	"github.com/dnbd3go/dnbd3go/cowformat"
+)
 
 // noSlot is the slot of a cluster version without blocks (an all-zero
 // bitfield): it stores no data.
@@ -9,7 +13,7 @@ const noSlot = ^uint32(0)
 // maxSlots bounds the slot numbers a journal record may carry: one per
 // possible cluster plus room for versions in flight. It keeps a corrupt
 // record from pointing the merge at an absurd offset.
-const maxSlots = MaxClusters + 1<<20
+const maxSlots = cowformat.MaxClusters + 1<<20
 
 // slotAllocator hands out the slots of a session's data file. A slot is
 // ClusterSize bytes at offset slot*ClusterSize; slot numbers are dense

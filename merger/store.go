@@ -12,6 +12,7 @@ import (
 	"slices"
 	"sync"
 
+	"github.com/dnbd3go/dnbd3go/cowformat"
 	"github.com/dnbd3go/dnbd3go/internal/fsutil"
 )
 
@@ -42,7 +43,7 @@ type clusterEntry struct {
 	slot     uint32
 	mods     uint32
 	crc      uint32
-	bitfield [BitfieldSize]byte
+	bitfield [cowformat.BitfieldSize]byte
 }
 
 // entry returns the index entry of the cluster version r records.
@@ -55,7 +56,7 @@ type clusterVersion struct {
 	cluster  uint32
 	slot     uint32
 	crc      uint32
-	bitfield [BitfieldSize]byte
+	bitfield [cowformat.BitfieldSize]byte
 }
 
 // store is a session's uploaded clusters: data file, journal and the
@@ -110,7 +111,7 @@ func openStore(dir string, log *slog.Logger) (*store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open session data: %w", err)
 	}
-	s := &store{dir: dir, data: data, pending: make(map[uint32]uint32), maxClusters: MaxClusters,
+	s := &store{dir: dir, data: data, pending: make(map[uint32]uint32), maxClusters: cowformat.MaxClusters,
 		inflight: make(map[uint32]int), newInflight: make(map[uint32]bool)}
 	if err := s.replay(log); err != nil {
 		data.Close()
@@ -165,8 +166,8 @@ func (s *store) replay(log *slog.Logger) error {
 	s.slots = newSlotAllocator(used)
 	// Slots past the last used one hold only versions that were never
 	// committed: give their space back.
-	if st, err := s.data.Stat(); err == nil && st.Size() > int64(s.slots.next)*ClusterSize {
-		if err := s.data.Truncate(int64(s.slots.next) * ClusterSize); err != nil {
+	if st, err := s.data.Stat(); err == nil && st.Size() > int64(s.slots.next)*cowformat.ClusterSize {
+		if err := s.data.Truncate(int64(s.slots.next) * cowformat.ClusterSize); err != nil {
 			return err
 		}
 	}
@@ -241,7 +242,7 @@ func (s *store) put(u *Update) error {
 // writeBlocks writes the set blocks of u packed into slot and returns
 // their CRC-32C.
 func (s *store) writeBlocks(slot uint32, u *Update) (uint32, error) {
-	base := int64(slot) * ClusterSize
+	base := int64(slot) * cowformat.ClusterSize
 	if !u.Full {
 		if _, err := s.data.WriteAt(u.Blocks, base); err != nil {
 			return 0, err
@@ -251,7 +252,7 @@ func (s *store) writeBlocks(slot uint32, u *Update) (uint32, error) {
 	var crc uint32
 	off := base
 	for r := range bitRuns(&u.Bitfield) {
-		p := u.Blocks[r.first*BlockSize : (r.first+r.n)*BlockSize]
+		p := u.Blocks[r.first*cowformat.BlockSize : (r.first+r.n)*cowformat.BlockSize]
 		if _, err := s.data.WriteAt(p, off); err != nil {
 			return 0, err
 		}
@@ -278,7 +279,7 @@ func (s *store) reserve(c uint32) error {
 		}
 		if n >= s.maxClusters {
 			return fmt.Errorf("%w: the session holds %d clusters of %d bytes, its quota; re-uploads of these clusters are still accepted "+
-				"(the merger's administrator can raise --session-quota)", ErrQuotaExceeded, n, ClusterSize)
+				"(the merger's administrator can raise --session-quota)", ErrQuotaExceeded, n, cowformat.ClusterSize)
 		}
 		s.newInflight[c] = true
 	}
@@ -374,12 +375,12 @@ func (s *store) storedBlocks() int64 {
 // readVersion reads the packed blocks of v into buf (which must hold a
 // cluster) and checks their CRC. It returns the blocks.
 func (s *store) readVersion(v *clusterVersion, buf []byte) ([]byte, error) {
-	n := popcount(&v.bitfield) * BlockSize
+	n := popcount(&v.bitfield) * cowformat.BlockSize
 	if n == 0 {
 		return nil, nil
 	}
 	p := buf[:n]
-	if _, err := s.data.ReadAt(p, int64(v.slot)*ClusterSize); err != nil {
+	if _, err := s.data.ReadAt(p, int64(v.slot)*cowformat.ClusterSize); err != nil {
 		return nil, fmt.Errorf("read cluster %d from slot %d of %s: %w", v.cluster, v.slot, s.data.Name(), err)
 	}
 	if got := crc32.Checksum(p, castagnoli); got != v.crc {
@@ -415,15 +416,15 @@ func (s *store) topModified(n int) []ClusterCount {
 type bitRun struct{ first, n int }
 
 // bitRuns yields the runs of set bits of a bitfield, ascending.
-func bitRuns(bf *[BitfieldSize]byte) func(yield func(bitRun) bool) {
+func bitRuns(bf *[cowformat.BitfieldSize]byte) func(yield func(bitRun) bool) {
 	return func(yield func(bitRun) bool) {
-		for i := 0; i < ClusterBlocks; {
+		for i := 0; i < cowformat.ClusterBlocks; {
 			if bf[i/8]&(1<<(i%8)) == 0 {
 				i++
 				continue
 			}
 			j := i + 1
-			for j < ClusterBlocks && bf[j/8]&(1<<(j%8)) != 0 {
+			for j < cowformat.ClusterBlocks && bf[j/8]&(1<<(j%8)) != 0 {
 				j++
 			}
 			if !yield(bitRun{i, j - i}) {

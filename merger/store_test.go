@@ -14,6 +14,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/dnbd3go/dnbd3go/cowformat"
 )
 
 // stored reads back every cluster of a session from its store, checking
@@ -31,7 +33,7 @@ func stored(t *testing.T, m *Manager, id string) map[int]*upload {
 		t.Fatal(err)
 	}
 	out := make(map[int]*upload)
-	buf := make([]byte, ClusterSize)
+	buf := make([]byte, cowformat.ClusterSize)
 	for _, v := range st.snapshot() {
 		blocks, err := st.readVersion(&v, buf)
 		if err != nil {
@@ -39,9 +41,9 @@ func stored(t *testing.T, m *Manager, id string) map[int]*upload {
 		}
 		u := &upload{cluster: int(v.cluster)}
 		k := 0
-		for i := 0; i < ClusterBlocks; i++ {
+		for i := 0; i < cowformat.ClusterBlocks; i++ {
 			if v.bitfield[i/8]&(1<<(i%8)) != 0 {
-				u.blocks[i] = append([]byte(nil), blocks[k*BlockSize:(k+1)*BlockSize]...)
+				u.blocks[i] = append([]byte(nil), blocks[k*cowformat.BlockSize:(k+1)*cowformat.BlockSize]...)
 				k++
 			}
 		}
@@ -91,7 +93,7 @@ func TestUploadsSurviveRestart(t *testing.T) {
 	size := int64(len(original))
 	e.original("keep", 1, original)
 	m := e.manager(nil)
-	info, _ := m.Create("keep", 1, BitfieldSize)
+	info, _ := m.Create("keep", 1, cowformat.BitfieldSize)
 	ups := testUploads(rng, size)
 	for i, u := range ups {
 		mustUpdate(t, m, info.UUID, u, i%2 == 1)
@@ -142,7 +144,7 @@ func TestJournalTornTail(t *testing.T) {
 			size := int64(len(original))
 			e.original("torn", 1, original)
 			m := e.manager(nil)
-			info, _ := m.Create("torn", 1, BitfieldSize)
+			info, _ := m.Create("torn", 1, cowformat.BitfieldSize)
 			a1, b, a2 := randomUpload(rng, 1, 0.5), randomUpload(rng, 2, 0.1), randomUpload(rng, 1, 0.05)
 			for _, u := range []*upload{a1, b, a2} {
 				mustUpdate(t, m, info.UUID, u, false)
@@ -197,7 +199,7 @@ func TestCorruptBlockFailsMerge(t *testing.T) {
 	size := int64(len(original))
 	e.original("rot", 1, original)
 	m := e.manager(nil)
-	info, _ := m.Create("rot", 1, BitfieldSize)
+	info, _ := m.Create("rot", 1, cowformat.BitfieldSize)
 	for c := 0; c < 3; c++ {
 		mustUpdate(t, m, info.UUID, randomUpload(rng, c, 0.5), false)
 	}
@@ -209,9 +211,9 @@ func TestCorruptBlockFailsMerge(t *testing.T) {
 		t.Fatal(err)
 	}
 	one := make([]byte, 1)
-	f.ReadAt(one, ClusterSize+5000)
+	f.ReadAt(one, cowformat.ClusterSize+5000)
 	one[0] ^= 0x10
-	f.WriteAt(one, ClusterSize+5000)
+	f.WriteAt(one, cowformat.ClusterSize+5000)
 	f.Close()
 
 	m = e.manager(nil)
@@ -231,11 +233,11 @@ func TestCorruptBlockFailsMerge(t *testing.T) {
 func TestConcurrentUploads(t *testing.T) {
 	e := newEnv(t)
 	rng := rand.New(rand.NewPCG(27, 28))
-	original := randBytes(rng, 30*ClusterSize)
+	original := randBytes(rng, 30*cowformat.ClusterSize)
 	size := int64(len(original))
 	e.original("conc", 1, original)
 	m := e.manager(nil)
-	info, _ := m.Create("conc", 1, BitfieldSize)
+	info, _ := m.Create("conc", 1, cowformat.BitfieldSize)
 	const workers, rounds = 12, 8
 	perWorker := make([][]*upload, workers)
 	for w := range perWorker {
@@ -292,13 +294,13 @@ func TestConcurrentUploads(t *testing.T) {
 func TestJournalCompaction(t *testing.T) {
 	e := newEnv(t)
 	rng := rand.New(rand.NewPCG(29, 30))
-	e.original("compact", 1, randBytes(rng, ClusterSize))
+	e.original("compact", 1, randBytes(rng, cowformat.ClusterSize))
 	m := e.manager(nil)
-	info, _ := m.Create("compact", 1, BitfieldSize)
+	info, _ := m.Create("compact", 1, cowformat.BitfieldSize)
 	var ups []*upload
 	for i := 0; i < 1100; i++ {
 		u := &upload{cluster: i % 3}
-		u.blocks[i%ClusterBlocks] = randBytes(rng, BlockSize)
+		u.blocks[i%cowformat.ClusterBlocks] = randBytes(rng, cowformat.BlockSize)
 		ups = append(ups, u)
 		mustUpdate(t, m, info.UUID, u, false)
 	}
@@ -320,9 +322,9 @@ func TestJournalCompaction(t *testing.T) {
 // bit, so a stored cluster tells which version it is.
 func crashUpload(c, v int) *upload {
 	u := &upload{cluster: c}
-	for bit := 0; bit < ClusterBlocks; bit++ {
+	for bit := 0; bit < cowformat.ClusterBlocks; bit++ {
 		if (bit*7+v+c)%11 < 1+v%4 {
-			b := bytes.Repeat([]byte{byte(v)}, BlockSize)
+			b := bytes.Repeat([]byte{byte(v)}, cowformat.BlockSize)
 			copy(b, fmt.Sprintf("c=%d v=%d bit=%d;", c, v, bit))
 			u.blocks[bit] = b
 		}
@@ -357,7 +359,7 @@ func TestUploadCrashChild(t *testing.T) {
 		fmt.Println("ERROR", err)
 		os.Exit(1)
 	}
-	info, err := m.Create("crash", 1, BitfieldSize)
+	info, err := m.Create("crash", 1, cowformat.BitfieldSize)
 	if err != nil {
 		fmt.Println("ERROR", err)
 		os.Exit(1)
@@ -395,7 +397,7 @@ func TestUploadsSurviveSIGKILL(t *testing.T) {
 		os.Mkdir(filepath.Join(root, d), 0o755)
 	}
 	rng := rand.New(rand.NewPCG(31, 32))
-	original := randBytes(rng, crashClusters*ClusterSize-1000)
+	original := randBytes(rng, crashClusters*cowformat.ClusterSize-1000)
 	os.WriteFile(filepath.Join(root, "orig", "crash.r1"), original, 0o644)
 
 	cmd := exec.Command(os.Args[0], "-test.run=^TestUploadCrashChild$")

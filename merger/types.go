@@ -9,16 +9,8 @@ import (
 	"errors"
 	"fmt"
 	"time"
-)
 
-// Geometry of the sessions the clients upload (the COW format's clusters).
-const (
-	BlockSize     = 4096
-	BitfieldSize  = 40
-	ClusterBlocks = BitfieldSize * 8
-	ClusterSize   = ClusterBlocks * BlockSize // 1,310,720
-	// MaxClusters bounds a cluster index: the COW format addresses 10^12 bytes.
-	MaxClusters = (1_000_000_000_000 + ClusterSize - 1) / ClusterSize
+	"github.com/dnbd3go/dnbd3go/cowformat"
 )
 
 // State is a session's state, as the Status endpoints report it.
@@ -60,7 +52,7 @@ type ClusterCount struct {
 // Update is one uploaded cluster.
 type Update struct {
 	Cluster  int
-	Bitfield [BitfieldSize]byte
+	Bitfield [cowformat.BitfieldSize]byte
 	// Blocks holds the 4 KiB blocks whose bit is set, ascending
 	// (4096 x popcount bytes); with Full set it holds the whole cluster
 	// (ClusterSize bytes) as the 2022 API sends it, and only the blocks

@@ -656,22 +656,10 @@ func WatchLinkDead(ctx context.Context) (<-chan int, error) {
 	if fam.group == 0 {
 		return nil, fmt.Errorf("nbd watch: the kernel's nbd family has no %q multicast group", nlMcastGroup)
 	}
-	// A raw socket with NETLINK_ADD_MEMBERSHIP: nl.Subscribe encodes groups
-	// in a 32-bit bind mask, but generic netlink group ids are dynamic.
-	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, unix.NETLINK_GENERIC)
+	f, err := joinGroup(fam.group)
 	if err != nil {
-		return nil, fmt.Errorf("nbd watch: netlink socket: %w", err)
+		return nil, err
 	}
-	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("nbd watch: bind netlink socket: %w", err)
-	}
-	if err := unix.SetsockoptInt(fd, unix.SOL_NETLINK, unix.NETLINK_ADD_MEMBERSHIP, int(fam.group)); err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("nbd watch: join multicast group %s: %w", nlMcastGroup, err)
-	}
-	_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, 256<<10) // best effort
-	f := os.NewFile(uintptr(fd), "nbd-netlink-events")                   // non-blocking: uses the poller
 	rc, err := f.SyscallConn()
 	if err != nil {
 		f.Close()
@@ -689,50 +677,95 @@ func WatchLinkDead(ctx context.Context) (<-chan int, error) {
 	go func() {
 		defer close(ch)
 		defer close(done)
-		buf := make([]byte, 16<<10)
-		send := func(idx int) bool {
-			select {
-			case ch <- idx:
-				return true
-			case <-ctx.Done():
-				return false
-			}
-		}
-		for {
-			var n int
-			var from unix.Sockaddr
-			var rerr error
-			err := rc.Read(func(fd uintptr) bool {
-				n, from, rerr = unix.Recvfrom(int(fd), buf, 0)
-				return rerr != unix.EAGAIN
-			})
-			if err != nil || ctx.Err() != nil {
-				return // closed
-			}
-			switch {
-			case rerr == unix.EINTR:
-				continue
-			case rerr == unix.ENOBUFS:
-				if !send(LinkDeadLost) {
-					return
-				}
-				continue
-			case rerr != nil:
-				return
-			}
-			if sa, ok := from.(*unix.SockaddrNetlink); !ok || sa.Pid != 0 {
-				continue // only the kernel sends these
-			}
-			msgs, err := syscall.ParseNetlinkMessage(buf[:n])
-			if err != nil {
-				continue
-			}
-			for _, m := range msgs {
-				if idx := parseLinkDead(fam.id, m); idx >= 0 && !send(idx) {
-					return
-				}
-			}
-		}
+		w := linkDeadWatch{ctx: ctx, rc: rc, famID: fam.id, ch: ch}
+		w.run()
 	}()
 	return ch, nil
+}
+
+// joinGroup opens a non-blocking generic netlink socket that receives the
+// multicast group's messages. It is a raw socket with
+// NETLINK_ADD_MEMBERSHIP: nl.Subscribe encodes groups in a 32-bit bind
+// mask, but generic netlink group ids are dynamic.
+func joinGroup(group uint32) (*os.File, error) {
+	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, unix.NETLINK_GENERIC)
+	if err != nil {
+		return nil, fmt.Errorf("nbd watch: netlink socket: %w", err)
+	}
+	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("nbd watch: bind netlink socket: %w", err)
+	}
+	if err := unix.SetsockoptInt(fd, unix.SOL_NETLINK, unix.NETLINK_ADD_MEMBERSHIP, int(group)); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("nbd watch: join multicast group %s: %w", nlMcastGroup, err)
+	}
+	_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, 256<<10) // best effort
+	return os.NewFile(uintptr(fd), "nbd-netlink-events"), nil            // non-blocking: uses the poller
+}
+
+// linkDeadWatch reads LINK_DEAD events from a subscribed socket.
+type linkDeadWatch struct {
+	ctx   context.Context
+	rc    syscall.RawConn
+	famID uint16
+	ch    chan<- int
+}
+
+// run delivers events until the socket is closed or fails, or ctx ends.
+func (w *linkDeadWatch) run() {
+	buf := make([]byte, 16<<10)
+	for {
+		var n int
+		var from unix.Sockaddr
+		var rerr error
+		err := w.rc.Read(func(fd uintptr) bool {
+			n, from, rerr = unix.Recvfrom(int(fd), buf, 0)
+			return rerr != unix.EAGAIN
+		})
+		if err != nil || w.ctx.Err() != nil {
+			return // closed
+		}
+		switch {
+		case rerr == unix.EINTR:
+			continue
+		case rerr == unix.ENOBUFS:
+			if !w.send(LinkDeadLost) {
+				return
+			}
+			continue
+		case rerr != nil:
+			return
+		}
+		if sa, ok := from.(*unix.SockaddrNetlink); !ok || sa.Pid != 0 {
+			continue // only the kernel sends these
+		}
+		if !w.deliver(buf[:n]) {
+			return
+		}
+	}
+}
+
+// deliver sends the device index of every LINK_DEAD message in b; false
+// when ctx ended.
+func (w *linkDeadWatch) deliver(b []byte) bool {
+	msgs, err := syscall.ParseNetlinkMessage(b)
+	if err != nil {
+		return true
+	}
+	for _, m := range msgs {
+		if idx := parseLinkDead(w.famID, m); idx >= 0 && !w.send(idx) {
+			return false
+		}
+	}
+	return true
+}
+
+func (w *linkDeadWatch) send(idx int) bool {
+	select {
+	case w.ch <- idx:
+		return true
+	case <-w.ctx.Done():
+		return false
+	}
 }

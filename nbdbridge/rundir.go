@@ -127,8 +127,9 @@ func RemoveState(index int) {
 
 // ControlRequest is a request on a daemon's control socket: one JSON line.
 type ControlRequest struct {
-	Op   string `json:"op"`             // "status" or "resize"
-	Size int64  `json:"size,omitempty"` // for resize
+	Op     string `json:"op"`               // "status", "resize", "add-server", "remove-server", "switch-server", "unpin"
+	Size   int64  `json:"size,omitempty"`   // for resize
+	Server string `json:"server,omitempty"` // for the server operations: one host[:port]
 }
 
 // controlReply is the answer: one JSON object.
@@ -144,8 +145,22 @@ type ControlHandler func(req ControlRequest) (any, error)
 // ServeControl answers requests on the device's control socket until ctx
 // ends. `dnbd3-nbd list`, `status` and `resize` use it.
 func ServeControl(ctx context.Context, index int, handle ControlHandler) error {
-	path := runFile(index, ".sock")
-	os.Remove(path)
+	return ServeControlAt(ctx, runFile(index, ".sock"), handle)
+}
+
+// ServeControlAt answers requests on a control socket at path (mode 0600)
+// until ctx ends; `dnbd3-nbd serve` puts one beside its unix socket. A
+// stale socket at path is replaced; any other file there is an error.
+// Only root and the daemon's own user may talk to it (checked with the
+// peer's credentials, whatever the file mode), and at most
+// maxControlConns requests are served at a time.
+func ServeControlAt(ctx context.Context, path string, handle ControlHandler) error {
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return fmt.Errorf("control socket: %s exists and is not a socket", path)
+		}
+		os.Remove(path)
+	}
 	ln, err := net.Listen("unix", path)
 	if err != nil {
 		return fmt.Errorf("control socket: %w", err)
@@ -156,16 +171,52 @@ func ServeControl(ctx context.Context, index int, handle ControlHandler) error {
 		ln.Close()
 		os.Remove(path)
 	}()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go serveControlConn(c, handle)
-		}
-	}()
+	go acceptControl(ln.(*net.UnixListener), handle)
 	return nil
+}
+
+// maxControlConns bounds the control requests served at a time.
+const maxControlConns = 8
+
+// acceptControl serves control connections until ln is closed.
+func acceptControl(ln *net.UnixListener, handle ControlHandler) {
+	sem := make(chan struct{}, maxControlConns)
+	uid := os.Geteuid()
+	for {
+		c, err := ln.AcceptUnix()
+		if err != nil {
+			return
+		}
+		if !peerAllowed(c, uid) {
+			c.Close()
+			continue
+		}
+		select {
+		case sem <- struct{}{}:
+		default:
+			c.Close() // busy: the caller gets no answer and may retry
+			continue
+		}
+		go func() {
+			defer func() { <-sem }()
+			serveControlConn(c, handle)
+		}()
+	}
+}
+
+// peerAllowed reports whether the process at the other end of c is root
+// or runs as uid.
+func peerAllowed(c *net.UnixConn, uid int) bool {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return false
+	}
+	var cred *unix.Ucred
+	var cerr error
+	if err := raw.Control(func(fd uintptr) { cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) }); err != nil || cerr != nil {
+		return false
+	}
+	return cred.Uid == 0 || int(cred.Uid) == uid
 }
 
 func serveControlConn(c net.Conn, handle ControlHandler) {
@@ -188,9 +239,21 @@ func serveControlConn(c net.Conn, handle ControlHandler) {
 // Control sends req to the daemon serving device index and decodes its
 // result into v. The daemon's error comes back as an error.
 func Control(index int, req ControlRequest, v any, timeout time.Duration) error {
-	c, err := net.DialTimeout("unix", runFile(index, ".sock"), time.Second)
-	if err != nil {
+	err := ControlAt(runFile(index, ".sock"), req, v, timeout)
+	if errors.Is(err, errNoDaemon) {
 		return fmt.Errorf("no dnbd3-nbd daemon answers for %s: %w", DevicePath(index), err)
+	}
+	return err
+}
+
+// errNoDaemon: nothing listens on the control socket.
+var errNoDaemon = errors.New("no control socket")
+
+// ControlAt is Control for the control socket at path.
+func ControlAt(path string, req ControlRequest, v any, timeout time.Duration) error {
+	c, err := net.DialTimeout("unix", path, time.Second)
+	if err != nil {
+		return fmt.Errorf("%w: %w", errNoDaemon, err)
 	}
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(timeout))

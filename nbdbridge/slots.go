@@ -54,17 +54,21 @@ type ctlEvent struct {
 	down     *slot // a relay slot stopped serving (not by DISC)
 	disc     *slot // a relay slot ended with the kernel's DISC
 	linkDead bool  // LINK_DEAD for this device
+	follow   bool  // move direct slots to the preferred server now (FollowPreferred)
 }
 
 // SlotStatus describes the device's connections (for status output).
 type SlotStatus struct {
-	Mode          string        `json:"mode"` // direct, relay, mixed, or untracked (taken over, still working)
-	Direct        int           `json:"direct"`
-	Relay         int           `json:"relay"`
-	Untracked     int           `json:"untracked"`
-	DirectServer  string        `json:"directServer,omitempty"`
-	DirectTimeout time.Duration `json:"directTimeout,omitempty"`
-	Replaced      uint64        `json:"replaced"`
+	Mode         string `json:"mode"` // direct, relay, mixed, or untracked (taken over, still working)
+	Direct       int    `json:"direct"`
+	Relay        int    `json:"relay"`
+	Untracked    int    `json:"untracked"`
+	DirectServer string `json:"directServer,omitempty"`
+	// DirectOn counts the direct slots per server (more than one server
+	// while slots move to another).
+	DirectOn      map[string]int `json:"directOn,omitempty"`
+	DirectTimeout time.Duration  `json:"directTimeout,omitempty"`
+	Replaced      uint64         `json:"replaced"`
 }
 
 // SlotStatus returns the state of the device's connections.
@@ -76,6 +80,10 @@ func (d *Device) SlotStatus() SlotStatus {
 		if s.direct {
 			st.Direct++
 			st.DirectServer = s.server
+			if st.DirectOn == nil {
+				st.DirectOn = map[string]int{}
+			}
+			st.DirectOn[s.server]++
 		} else {
 			st.Relay++
 		}
@@ -101,40 +109,9 @@ func (d *Device) SlotStatus() SlotStatus {
 // returned index), else with RECONFIGURE into dead slots. It returns how
 // many the kernel adopted; the rest are closed.
 func (d *Device) offer(k int, connect bool, size int64) (adoptedN, index int, err error) {
-	var fresh []*slot
-	var kfds []int // the kernel's descriptors, parallel to fresh
-	closeAll := func() {
-		for i, s := range fresh {
-			d.closeSlot(s)
-			if !s.direct {
-				unix.Close(kfds[i])
-			}
-		}
-	}
-	if d.wantDirect() {
-		conns, server, derr := d.opts.Direct.DialDirect(d.ctx, k)
-		if derr != nil {
-			d.directRetryAt = time.Now().Add(directRetry)
-			d.log.Info("kernel-direct path not available, the daemon relays", "device", d.Path, "err", derr)
-		}
-		for _, c := range conns {
-			fd, kerr := kernelSocket(c)
-			if kerr != nil {
-				d.log.Warn("kernel-direct socket", "err", kerr)
-				continue
-			}
-			fresh = append(fresh, &slot{direct: true, fd: fd, server: server})
-			kfds = append(kfds, fd)
-		}
-	}
-	for len(fresh) < k {
-		conn, kfd, serr := socketPair()
-		if serr != nil {
-			closeAll()
-			return 0, -1, serr
-		}
-		fresh = append(fresh, &slot{conn: conn})
-		kfds = append(kfds, kfd)
+	fresh, kfds, err := d.newSlots(k)
+	if err != nil {
+		return 0, -1, err
 	}
 	for _, fd := range kfds {
 		markOffered(fd)
@@ -156,7 +133,7 @@ func (d *Device) offer(k int, connect bool, size int64) (adoptedN, index int, er
 			Timeout: timeout, DeadConnTimeout: d.opts.DeadConnTimeout})
 	}
 	if err != nil {
-		closeAll()
+		d.closeFresh(fresh, kfds)
 		return 0, -1, err
 	}
 	if connect {
@@ -165,6 +142,54 @@ func (d *Device) offer(k int, connect bool, size int64) (adoptedN, index int, er
 		d.pushIOTimeout(d.Index, timeout)
 	}
 	d.curTimeout = timeout
+	return d.keepAdopted(fresh, kfds), index, nil
+}
+
+// newSlots makes k slots: kernel-direct sockets to a server when the
+// direct path is wanted and available, socket pairs to this daemon for the
+// rest. kfds are the kernel's descriptors, parallel to the slots.
+func (d *Device) newSlots(k int) (fresh []*slot, kfds []int, err error) {
+	if d.wantDirect() {
+		conns, server, derr := d.opts.Direct.DialDirect(d.ctx, k)
+		if derr != nil {
+			d.directRetryAt = time.Now().Add(directRetry)
+			d.log.Info("kernel-direct path not available, the daemon relays", "device", d.Path, "err", derr)
+		}
+		for _, c := range conns {
+			fd, kerr := kernelSocket(c)
+			if kerr != nil {
+				d.log.Warn("kernel-direct socket", "err", kerr)
+				continue
+			}
+			fresh = append(fresh, &slot{direct: true, fd: fd, server: server})
+			kfds = append(kfds, fd)
+		}
+	}
+	for len(fresh) < k {
+		conn, kfd, serr := socketPair()
+		if serr != nil {
+			d.closeFresh(fresh, kfds)
+			return nil, nil, serr
+		}
+		fresh = append(fresh, &slot{conn: conn})
+		kfds = append(kfds, kfd)
+	}
+	return fresh, kfds, nil
+}
+
+// closeFresh closes slots the kernel did not take.
+func (d *Device) closeFresh(fresh []*slot, kfds []int) {
+	for i, s := range fresh {
+		d.closeSlot(s)
+		if !s.direct {
+			unix.Close(kfds[i])
+		}
+	}
+}
+
+// keepAdopted keeps the slots the kernel took (and serves the relayed
+// ones), closes the others and returns how many it kept.
+func (d *Device) keepAdopted(fresh []*slot, kfds []int) (adoptedN int) {
 	now := time.Now()
 	for i, s := range fresh {
 		ok := adopted(kfds[i])
@@ -185,7 +210,7 @@ func (d *Device) offer(k int, connect bool, size int64) (adoptedN, index int, er
 			go d.serveRelay(s)
 		}
 	}
-	return adoptedN, index, nil
+	return adoptedN
 }
 
 // wantDirect reports whether new slots should try the direct path.
@@ -276,6 +301,8 @@ func (d *Device) control() {
 			switch {
 			case ev.linkDead:
 				c.linkDeads++
+			case ev.follow:
+				c.forceMove = true
 			case ev.disc != nil:
 				c.disc = true
 				d.dropSlot(ev.disc)
@@ -308,6 +335,7 @@ type ctlState struct {
 	retryAt       time.Time
 	lastSlow      time.Time // last time a live server's slot died (timeout)
 	migrateSince  time.Time // direct slots point away from the preferred server since
+	forceMove     bool      // FollowPreferred: move misplaced slots even while busy
 	upgradeTrieAt time.Time
 
 	// read latency of the device (sysfs stat), for the direct timeout
@@ -327,37 +355,8 @@ const latencyFactor = 10
 func (d *Device) step(c *ctlState) bool {
 	c.wait = 0
 	now := time.Now()
-	// Direct slots that hung up.
-	d.mu.Lock()
-	var dead []*slot
-	for _, s := range d.slots {
-		if s.direct && hungUp(s.fd) {
-			dead = append(dead, s)
-		}
-	}
-	all := len(dead) == len(d.slots) && d.untracked == 0
-	d.mu.Unlock()
-	if len(dead) > 0 {
-		if c.hangupAt.IsZero() {
-			c.hangupAt = now
-		}
-		if c.linkDeads == 0 && !d.detaching.Load() {
-			// A failure is always announced with LINK_DEAD; a DISCONNECT
-			// (dnbd3-nbd detach, nbd-client -d) is not.
-			if all && now.Sub(c.hangupAt) < hangupGrace {
-				c.wait = hangupGrace - now.Sub(c.hangupAt)
-				return false
-			}
-		}
-		if all && c.linkDeads == 0 || d.detaching.Load() {
-			c.disc = true
-		}
-		for _, s := range dead {
-			c.lostServer = s.server
-			d.dropSlot(s)
-			c.lost++
-		}
-		c.hangupAt = time.Time{}
+	if wait := d.dropHungUp(c, now); wait {
+		return false
 	}
 	if c.disc || d.detaching.Load() {
 		return d.allEnded()
@@ -377,30 +376,7 @@ func (d *Device) step(c *ctlState) bool {
 		if probeUntracked {
 			k += untracked
 		}
-		// The kernel only takes a socket into a slot it has marked dead:
-		// give it a moment after the first news.
-		time.Sleep(50 * time.Millisecond)
-		got, _, err := d.offer(k, false, 0)
-		switch {
-		case err != nil:
-			c.failures++
-			c.retryAt = now.Add(min(time.Duration(c.failures)*time.Second, 10*time.Second))
-			d.log.Error("cannot give the kernel new connections", "device", d.Path, "err", err)
-		default:
-			c.failures = 0
-			d.mu.Lock()
-			d.replaced += uint64(got)
-			if extra := got - missing; extra > 0 {
-				d.untracked = max(d.untracked-extra, 0)
-			}
-			d.mu.Unlock()
-			d.noteSlowServer(c, now)
-			if got < missing {
-				// Not dead yet in the kernel's view: try again shortly.
-				c.wait = 200 * time.Millisecond
-			}
-			d.log.Info("replaced kernel connections", "device", d.Path, "adopted", got, "offered", k, "mode", d.SlotStatus().Mode)
-		}
+		d.replaceSlots(c, now, k, missing)
 		c.linkDeads, c.lost = 0, 0
 	}
 	if c.linkDeads > 0 && c.lost == 0 && untracked == 0 && missing <= 0 {
@@ -410,6 +386,70 @@ func (d *Device) step(c *ctlState) bool {
 	d.decayTimeout(c, now)
 	d.migrate(c, now)
 	return false
+}
+
+// dropHungUp drops the direct slots whose server hung up. It returns true
+// when every slot hung up only just now and the loop should wait a little
+// for the kernel's LINK_DEAD (c.wait is set): a failure is always
+// announced with LINK_DEAD, a DISCONNECT (dnbd3-nbd detach, nbd-client -d)
+// is not.
+func (d *Device) dropHungUp(c *ctlState, now time.Time) bool {
+	d.mu.Lock()
+	var dead []*slot
+	for _, s := range d.slots {
+		if s.direct && hungUp(s.fd) {
+			dead = append(dead, s)
+		}
+	}
+	all := len(dead) == len(d.slots) && d.untracked == 0
+	d.mu.Unlock()
+	if len(dead) == 0 {
+		return false
+	}
+	if c.hangupAt.IsZero() {
+		c.hangupAt = now
+	}
+	if c.linkDeads == 0 && !d.detaching.Load() && all && now.Sub(c.hangupAt) < hangupGrace {
+		c.wait = hangupGrace - now.Sub(c.hangupAt)
+		return true
+	}
+	if all && c.linkDeads == 0 || d.detaching.Load() {
+		c.disc = true
+	}
+	for _, s := range dead {
+		c.lostServer = s.server
+		d.dropSlot(s)
+		c.lost++
+	}
+	c.hangupAt = time.Time{}
+	return false
+}
+
+// replaceSlots offers the kernel k new connections for the missing ones.
+func (d *Device) replaceSlots(c *ctlState, now time.Time, k, missing int) {
+	// The kernel only takes a socket into a slot it has marked dead: give
+	// it a moment after the first news.
+	time.Sleep(50 * time.Millisecond)
+	got, _, err := d.offer(k, false, 0)
+	if err != nil {
+		c.failures++
+		c.retryAt = now.Add(min(time.Duration(c.failures)*time.Second, 10*time.Second))
+		d.log.Error("cannot give the kernel new connections", "device", d.Path, "err", err)
+		return
+	}
+	c.failures = 0
+	d.mu.Lock()
+	d.replaced += uint64(got)
+	if extra := got - missing; extra > 0 {
+		d.untracked = max(d.untracked-extra, 0)
+	}
+	d.mu.Unlock()
+	d.noteSlowServer(c, now)
+	if got < missing {
+		// Not dead yet in the kernel's view: try again shortly.
+		c.wait = 200 * time.Millisecond
+	}
+	d.log.Info("replaced kernel connections", "device", d.Path, "adopted", got, "offered", k, "mode", d.SlotStatus().Mode)
 }
 
 // followLatency keeps the direct timeout at latencyFactor times the
@@ -546,15 +586,10 @@ func (d *Device) migrate(c *ctlState, now time.Time) {
 		}
 	}
 	d.mu.Unlock()
-	if !misplaced {
-		c.migrateSince = time.Time{}
-	} else if c.migrateSince.IsZero() {
-		c.migrateSince = now
-	}
+	forced := c.noteMisplaced(misplaced, pref != "", now)
 	if victim == nil {
 		return
 	}
-	forced := misplaced && now.Sub(c.migrateSince) > migrateAfter
 	if !forced && !d.sysfs.deviceIdle(d.Index) {
 		return
 	}
@@ -573,6 +608,36 @@ func (d *Device) migrate(c *ctlState, now time.Time) {
 	}
 	d.log.Info("moving a direct connection to the preferred server", "device", d.Path, "from", victim.server, "to", pref, "idle", !forced)
 	retire(victim.fd) // the next step sees it hung up (with LINK_DEAD)
+}
+
+// noteMisplaced tracks since when direct slots point away from the
+// preferred server and reports whether they must move even while busy
+// (after migrateAfter, or FollowPreferred).
+func (c *ctlState) noteMisplaced(misplaced, prefKnown bool, now time.Time) (forced bool) {
+	switch {
+	case !misplaced:
+		c.migrateSince = time.Time{}
+		if prefKnown {
+			c.forceMove = false // done (while the client fails over, the preferred server is unknown: keep it)
+		}
+		return false
+	case c.migrateSince.IsZero():
+		c.migrateSince = now
+	}
+	return c.forceMove || now.Sub(c.migrateSince) > migrateAfter
+}
+
+// FollowPreferred makes the device move its direct slots to the
+// DirectDialer's preferred server now, one slot per step, even while
+// requests are in flight (those on a moved slot wait for their request
+// timer), instead of waiting for an idle moment. For a server switch an
+// administrator asked for. It does nothing on relay slots.
+func (d *Device) FollowPreferred() {
+	select {
+	case d.events <- ctlEvent{follow: true}:
+	case <-d.ctx.Done():
+	default: // the queue is full: the loop is busy and sees the move by itself
+	}
 }
 
 // allEnded reports whether every tracked slot has ended (after a

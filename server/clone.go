@@ -3,7 +3,8 @@ package server
 // Clone on demand: a proxy asked for an image it does not have looks it up
 // on its uplinks and creates a local copy: the image file at the padded
 // (virtual) size, an all-zero `.map`, the `.crc` fetched with GET_CRC32
-// and a `.meta`. The connection of the lookup becomes the image's uplink.
+// and a `.meta`. The connection of the lookup becomes the image's uplink,
+// which first copies what it can from the previous revision (reuse.go).
 
 import (
 	"context"
@@ -249,6 +250,9 @@ func (p *proxy) clone(ci *client.Image) error {
 	name, rid, size := ci.Name(), ci.RID(), ci.Size()
 	path := p.imagePath(name, rid)
 	cfg := p.cfg()
+	// The previous revision stays (no LRU deletion for the new copy's
+	// space) until the uplink has taken it over for reuse (reuse.go).
+	defer p.releaseSource(p.reuseSource(name, rid))
 	p.cloneMu.Lock()
 	err := p.createReplica(ci, path, size, cfg)
 	p.cloneMu.Unlock()
@@ -271,7 +275,7 @@ func (p *proxy) clone(ci *client.Image) error {
 // createReplica makes the files of a new local copy. The image file
 // appears last, under its final name, so the store never loads it without
 // its `.map` and `.crc`.
-func (p *proxy) createReplica(ci *client.Image, path string, size int64, cfg Config) error {
+func (p *proxy) createReplica(ci *client.Image, path string, size int64, cfg *Config) error {
 	if fileExists(path) {
 		return nil // another lookup won
 	}

@@ -164,6 +164,10 @@ func lineOrder(line int) int {
 // readAux reads alt-servers and rpc.acl. A file that cannot be read is an
 // error (the server would not start), not the same as no file.
 func (d *ConfigDir) readAux() {
+	if d.Dir == "" { // an embedded server with no configuration files
+		d.ACL = &ACL{}
+		return
+	}
 	add := func(path string, probs []Problem, err error) {
 		for _, p := range probs {
 			p.File = path

@@ -20,7 +20,8 @@ import (
 type clientConn struct {
 	srv  *Server
 	c    net.Conn
-	r    *bufio.Reader  // buffered reads from c
+	s    *sock          // c's reads and writes
+	r    *bufio.Reader  // buffered reads from s
 	addr netip.AddrPort // remote address
 	self netip.AddrPort // local address (never announced to the client)
 	log  *slog.Logger
@@ -31,6 +32,7 @@ type clientConn struct {
 	timeout   time.Duration // clientTimeout at the handshake (set before any reply)
 
 	lastHandle uint64 // handle of the last GET_BLOCK (reply quirk)
+	queued     bool   // replies may be queued in out (request loop only)
 	readBy     time.Time
 
 	// Replies come from the request loop and, for requests relayed to an
@@ -39,6 +41,7 @@ type clientConn struct {
 	wmu     sync.Mutex
 	writeBy time.Time // guarded by wmu
 	dead    bool      // guarded by wmu: no more replies (the loop left)
+	out     *[]byte   // guarded by wmu: queued replies (batch.go), nil if none
 
 	relays    atomic.Int32  // relayed requests not answered yet
 	relayDone chan struct{} // cap 1: a relayed request was answered
@@ -93,10 +96,11 @@ func (cc *clientConn) serveDNBD3() {
 	cc.relayDone = make(chan struct{}, 1)
 	// After the loop: no relay goroutine writes to the connection or reads
 	// the image file on its behalf once Release may have closed it.
+	defer cc.dropQueued()
 	defer cc.markDead()
 	if err := cc.srv.proxyPenalty(img); err != nil {
 		outcome = hsRefused
-		cc.logAt(slog.LevelDebug, "closing: "+err.Error(), "image", img.String())
+		cc.logAt(slog.LevelDebug, "closing: "+err.Error(), "image", img)
 		return
 	}
 
@@ -117,7 +121,7 @@ func (cc *clientConn) serveDNBD3() {
 	}
 	cc.srv.addClient(cc)
 	defer cc.srv.removeClient(cc)
-	cc.logAt(slog.LevelDebug, "client selected image", "image", img.String(), "server", cc.isServer.Load())
+	cc.logAt(slog.LevelDebug, "client selected image", "image", img, "server", cc.isServer.Load())
 	cc.requestLoop(cc.timeout)
 }
 
@@ -127,11 +131,9 @@ func (cc *clientConn) requestLoop(timeout time.Duration) {
 	r := cc.r
 	var hdr [protocol.RequestSize]byte
 	for {
-		if cc.relays.Load() > maxClientRelays && !cc.waitRelays(timeout) {
-			cc.logAt(slog.LevelInfo, "closing: too many outstanding relayed requests for too long", "outstanding", cc.relays.Load())
+		if !cc.readyToRead(len(hdr), 4*timeout) {
 			return
 		}
-		cc.refreshReadDeadline(4 * timeout)
 		if _, err := io.ReadFull(r, hdr[:]); err != nil {
 			if !isClosedErr(err) {
 				cc.logAt(slog.LevelDebug, "closing: read request", "err", err)
@@ -174,20 +176,52 @@ func (cc *clientConn) requestLoop(timeout time.Duration) {
 			// the reference we consume the announced payload so the stream
 			// stays in sync.
 			cc.logAt(slog.LevelDebug, "ignoring command", "cmd", req.Cmd, "size", req.Size)
-			if _, err = io.CopyN(io.Discard, r, int64(req.Size)); err != nil {
-				return
+			if err = cc.flush(); err == nil {
+				if _, err := io.CopyN(io.Discard, r, int64(req.Size)); err != nil {
+					return
+				}
 			}
 		}
 		if err != nil {
-			var ref *refusal
-			switch {
-			case errors.As(err, &ref):
-				cc.logAt(slog.LevelInfo, "closing: "+ref.msg, ref.args...)
-			case !isClosedErr(err):
-				cc.logAt(slog.LevelDebug, "closing: write reply", "err", err)
-			}
+			cc.logWriteErr(err)
 			return
 		}
+	}
+}
+
+// readyToRead prepares the read of the next request header (hdrSize
+// bytes): when the loop is about to wait, for the client or for relayed
+// requests, the queued replies go first; the read deadline moves to
+// idle from now (none if idle is 0); and while too many relayed requests
+// are outstanding it waits for them. It reports false when the
+// connection is to end (logged).
+func (cc *clientConn) readyToRead(hdrSize int, idle time.Duration) bool {
+	wait := cc.r.Buffered() < hdrSize
+	tooMany := cc.relays.Load() > maxClientRelays
+	if wait || tooMany {
+		if err := cc.flush(); err != nil {
+			cc.logWriteErr(err)
+			return false
+		}
+	}
+	if wait && idle > 0 {
+		cc.refreshReadDeadline(idle)
+	}
+	if tooMany && !cc.waitRelays(cc.timeout) {
+		cc.logAt(slog.LevelInfo, "closing: too many outstanding relayed requests for too long", "outstanding", cc.relays.Load())
+		return false
+	}
+	return true
+}
+
+// logWriteErr logs why the request loop ends after a failed reply.
+func (cc *clientConn) logWriteErr(err error) {
+	var ref *refusal
+	switch {
+	case errors.As(err, &ref):
+		cc.logAt(slog.LevelInfo, "closing: "+ref.msg, ref.args...)
+	case !isClosedErr(err):
+		cc.logAt(slog.LevelDebug, "closing: write reply", "err", err)
 	}
 }
 
@@ -238,7 +272,7 @@ func (cc *clientConn) getBlock(req protocol.Request) error {
 	if img.cache.Load() != nil || img.hasBad.Load() {
 		return cc.getBlockSlow(req)
 	}
-	return cc.sendFromFile(req.Handle, int64(req.Offset), req.Size)
+	return cc.diskReply(req.Handle, int64(req.Offset), req.Size)
 }
 
 // getBlockSlow answers a GET_BLOCK of an image that is incomplete or has
@@ -250,79 +284,77 @@ func (cc *clientConn) getBlockSlow(req protocol.Request) error {
 	if img.hasBad.Load() && img.touchesBad(start, end) {
 		// Safe behaviour of a server that cannot repair: never serve data
 		// known to be corrupt; the client may try another server.
-		cc.logAt(slog.LevelDebug, "refusing read of a hash block that failed its check", "image", img.String(), "offset", start, "size", req.Size)
+		cc.logAt(slog.LevelDebug, "refusing read of a hash block that failed its check", "image", img, "offset", start, "size", req.Size)
 		return cc.sendReply(protocol.CmdError, req.Handle, nil)
 	}
 	cm := img.cache.Load()
 	if cm == nil || cm.Has(start, end) {
-		return cc.sendFromFile(req.Handle, start, req.Size)
+		return cc.diskReply(req.Handle, start, req.Size)
 	}
 	return cc.relay(req)
 }
 
 // sendFromFile answers a GET_BLOCK with size bytes of the image file at
-// off (sendfile on sockets) and records the time of one in
-// promhist.SampleEvery in the disk read metric. Only the request loop
-// calls it.
+// off at once, without a copy on sockets (sock.sendFile); queued replies
+// go first.
 func (cc *clientConn) sendFromFile(handle uint64, off int64, size uint32) error {
-	if !cc.stats.sampler.Next() {
-		return cc.sendFile(handle, off, size)
-	}
-	t0 := time.Now()
-	err := cc.sendFile(handle, off, size)
-	cc.stats.disk.Observe(time.Since(t0))
-	return err
-}
-
-// sendFile is sendFromFile without the metric (relays measure their own).
-func (cc *clientConn) sendFile(handle uint64, off int64, size uint32) error {
-	img := cc.img
-	var hdr [protocol.ReplySize]byte
-	cc.putBlockHeader(hdr[:], handle, size)
-	// Counted before the data leaves, so that a client that got its reply
-	// sees it in the statistics.
-	cc.bytesSent.Add(uint64(size))
-	cc.srv.bytesSent.Add(uint64(size))
+	cc.countSent(size)
 	if !cc.lockWrite() {
 		return net.ErrClosed
 	}
 	defer cc.wmu.Unlock()
-	if size == 0 {
-		_, err := cc.c.Write(hdr[:])
+	if err := cc.flushLocked(); err != nil {
 		return err
 	}
-	return sendReply(cc.c, hdr[:], img.file, img.fd, img.RealSize, off, int64(size))
+	return cc.sendFileLocked(handle, off, size)
+}
+
+// sendFileLocked is sendFromFile with wmu held and the bytes counted.
+func (cc *clientConn) sendFileLocked(handle uint64, off int64, size uint32) error {
+	img := cc.img
+	var hdr [protocol.ReplySize]byte
+	cc.putBlockHeader(hdr[:], handle, size)
+	if size == 0 {
+		return cc.s.write(hdr[:], nil)
+	}
+	return cc.s.sendFile(hdr[:], img.file, img.fd, img.RealSize, off, int64(size))
+}
+
+// countSent counts the bytes of a GET_BLOCK reply before the data leaves,
+// so that a client that got its reply sees it in the statistics.
+func (cc *clientConn) countSent(size uint32) {
+	cc.bytesSent.Add(uint64(size))
+	cc.srv.bytesSent.Add(uint64(size))
 }
 
 // sendData answers a GET_BLOCK with data from memory (a relayed request).
 func (cc *clientConn) sendData(handle uint64, data []byte) error {
 	var hdr [protocol.ReplySize]byte
 	cc.putBlockHeader(hdr[:], handle, uint32(len(data)))
-	cc.bytesSent.Add(uint64(len(data)))
-	cc.srv.bytesSent.Add(uint64(len(data)))
+	cc.countSent(uint32(len(data)))
 	if !cc.lockWrite() {
 		return net.ErrClosed
 	}
 	defer cc.wmu.Unlock()
-	bufs := net.Buffers{hdr[:], data}
-	_, err := bufs.WriteTo(cc.c)
-	return err
+	if err := cc.flushLocked(); err != nil {
+		return err
+	}
+	return cc.s.write(hdr[:], data)
 }
 
-// sendReply writes a reply header and its payload in one write.
+// sendReply writes a reply header and its payload.
 func (cc *clientConn) sendReply(cmd protocol.Cmd, handle uint64, payload []byte) error {
-	// Small and rare (handshake, keepalive, server lists): a heap buffer
-	// keeps the goroutine stacks of idle clients small.
-	buf := make([]byte, protocol.ReplySize+len(payload))
+	var hdr [protocol.ReplySize]byte
 	rep := protocol.Reply{Cmd: cmd, Size: uint32(len(payload)), Handle: handle}
-	rep.MarshalTo(buf)
-	copy(buf[protocol.ReplySize:], payload)
+	rep.MarshalTo(hdr[:])
 	if !cc.lockWrite() {
 		return net.ErrClosed
 	}
 	defer cc.wmu.Unlock()
-	_, err := cc.c.Write(buf)
-	return err
+	if err := cc.flushLocked(); err != nil {
+		return err
+	}
+	return cc.s.write(hdr[:], payload)
 }
 
 // lockWrite takes the write lock and refreshes the write deadline. It
@@ -357,7 +389,9 @@ func (cc *clientConn) failRelayed(handle uint64) {
 	}
 	if cc.lockWrite() {
 		rep := protocol.Reply{Cmd: protocol.CmdError, Handle: handle}.Marshal()
-		cc.c.Write(rep[:])
+		if cc.flushLocked() == nil {
+			cc.s.write(rep[:], nil)
+		}
 		cc.dead = true
 		cc.wmu.Unlock()
 	}

@@ -36,7 +36,8 @@ type Image struct {
 
 	file     *os.File
 	fd       int
-	onDemand bool // loaded for a request, not by the scan (set before registering)
+	noNowait atomic.Bool // preadv2(RWF_NOWAIT) is not supported for file
+	onDemand bool        // loaded for a request, not by the scan (set before registering)
 
 	crcMu sync.RWMutex
 	crc   []uint32 // per-16-MiB CRC list from the .crc sidecar, nil if none
@@ -68,6 +69,9 @@ type Image struct {
 	upMu      sync.Mutex             // serialises uplink creation
 	upFailed  atomic.Int64           // unix nanoseconds of the last failed uplink start
 	bytesRecv atomic.Uint64          // bytes received from uplinks
+
+	bytesReused atomic.Uint64 // bytes copied from a previous revision instead (reuse.go)
+	reusePins   atomic.Int32  // newer revisions replicated from this one: not deleted (lru.go)
 }
 
 // openImage opens path as image name/rid and loads its .crc sidecar.
@@ -106,6 +110,10 @@ func openImage(path, name string, rid uint16) (*Image, error) {
 
 // String names the image as name:rid.
 func (img *Image) String() string { return fmt.Sprintf("%s:%d", img.Name, img.RID) }
+
+// LogValue formats the image for log/slog (name:rid) only if the record is
+// logged: pass img, not img.String(), on hot paths.
+func (img *Image) LogValue() slog.Value { return slog.StringValue(img.String()) }
 
 // isFile reports whether path names the file img has open (not one that
 // replaced it).

@@ -148,14 +148,14 @@ func (d *iscsiDisk) Read(ctx context.Context, off, n int64) (iscsi.Data, error) 
 	}
 	img.Touch()
 	if img.cache.Load() == nil && !img.hasBad.Load() {
-		return fileData{img, off}, nil
+		return fileData{img, off, &d.s.pipes}, nil
 	}
 	if img.hasBad.Load() && img.touchesBad(off, off+n) {
 		return nil, fmt.Errorf("%w: a hash block of the range failed its check", iscsi.ErrMedium)
 	}
 	cm := img.cache.Load()
 	if cm == nil || cm.Has(off, off+n) {
-		return fileData{img, off}, nil
+		return fileData{img, off, &d.s.pipes}, nil
 	}
 	return d.s.awaitRange(ctx, img, off, n)
 }
@@ -219,7 +219,7 @@ func (s *Server) awaitRange(ctx context.Context, img *Image, off, n int64) (iscs
 	if mem != nil {
 		return memData(mem[off-start : off-start+n]), nil
 	}
-	return fileData{img, off}, nil
+	return fileData{img, off, &s.pipes}, nil
 }
 
 // awaitRelay waits until the uplink brought [start, end) (4 KiB aligned).
@@ -265,14 +265,16 @@ func readImage(img *Image, p []byte, off int64) error {
 	return nil
 }
 
-// fileData is image data in the file: sent with sendfile.
+// fileData is image data in the file: sent without a copy, as DNBD3
+// replies are (sock.sendFile: splice through a pooled pipe, or sendfile).
 type fileData struct {
-	img  *Image
-	base int64 // image offset of the range's start
+	img   *Image
+	base  int64     // image offset of the range's start
+	pipes *pipePool // the server's pipes for large replies
 }
 
 func (f fileData) SendTo(c net.Conn, hdr []byte, off, n int64) error {
-	return sendReply(c, hdr, f.img.file, f.img.fd, f.img.RealSize, f.base+off, n)
+	return newSock(c, f.pipes).sendFile(hdr, f.img.file, f.img.fd, f.img.RealSize, f.base+off, n)
 }
 
 func (f fileData) ReadAt(p []byte, off int64) (int, error) {

@@ -7,7 +7,9 @@ package server
 // are sparse, was not accessed for 24 hours, but only after the server
 // has been up for autoFreeDiskSpaceDelay (-1: never delete). Only images
 // this or another proxy replicated (those with a `.map` or `.meta`) are
-// ever deleted; their last access time comes from the `.meta`.
+// ever deleted; their last access time comes from the `.meta`. An image
+// a newer revision is being replicated from (reuse.go: pinned while that
+// revision is cloned and while its uplink runs) is never deleted.
 
 import (
 	"errors"
@@ -15,7 +17,7 @@ import (
 	"os"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"github.com/dnbd3go/dnbd3go/internal/fsutil"
 )
 
 // Disk space rules.
@@ -34,11 +36,8 @@ func (p *proxy) freeSpace() (int64, error) {
 	if f := p.s.hooks.freeSpace; f != nil {
 		return f()
 	}
-	var st unix.Statfs_t
-	if err := unix.Statfs(p.cfg().BasePath, &st); err != nil {
-		return 0, fmt.Errorf("statfs %s: %w", p.cfg().BasePath, err)
-	}
-	return int64(st.Bavail) * int64(st.Bsize), nil
+	free, _, err := fsutil.DiskSpace(p.cfg().BasePath)
+	return free, err
 }
 
 // ensureDiskSpace makes room for a local copy of size bytes.
@@ -62,13 +61,24 @@ func (p *proxy) ensureDiskSpace(size int64, sparse bool) error {
 		case time.Since(p.s.started) < cfg.AutoFreeDiskSpaceDelay:
 			return fmt.Errorf("%w: %d bytes free, %d needed (old images are deleted only after %v of uptime, autoFreeDiskSpaceDelay)", errNoSpace, free, need, cfg.AutoFreeDiskSpaceDelay)
 		}
-		victim := p.lruVictim(sparse)
-		if victim == nil {
+		if !p.deleteLRU(sparse) {
 			return fmt.Errorf("%w: %d bytes free, %d needed, and no unused replicated image old enough to delete", errNoSpace, free, need)
 		}
-		p.deleteImage(victim)
 	}
 	return fmt.Errorf("%w: still short after deleting %d images", errNoSpace, maxLRUDeletions)
+}
+
+// deleteLRU deletes the least recently used deletable image; false if
+// there is none. A reuse source cannot be pinned meanwhile.
+func (p *proxy) deleteLRU(sparse bool) bool {
+	p.pinMu.Lock()
+	defer p.pinMu.Unlock()
+	victim := p.lruVictim(sparse)
+	if victim == nil {
+		return false
+	}
+	p.deleteImage(victim)
+	return true
 }
 
 // lruVictim returns the least recently used deletable image, or nil.
@@ -79,7 +89,7 @@ func (p *proxy) lruVictim(sparse bool) *Image {
 	}
 	var victim *Image
 	for _, img := range p.s.store.List() {
-		if !img.replica.Load() || img.Users() > 0 || img.up.Load() != nil {
+		if !img.replica.Load() || img.Users() > 0 || img.up.Load() != nil || img.reusePins.Load() > 0 {
 			continue
 		}
 		if !sparse && img.Idle() < minAge {

@@ -1,9 +1,9 @@
 package server
 
 import (
-	"github.com/dnbd3go/dnbd3go/internal/promhist"
 	"strconv"
 
+	"github.com/dnbd3go/dnbd3go/internal/promhist"
 	"github.com/dnbd3go/dnbd3go/protocol"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"

@@ -9,8 +9,9 @@ package server
 // never see any of this.
 //
 // After the switch the connection serves NBD READs the way GET_BLOCK is
-// served: present data from the image file with sendfile (16-byte NBD
-// reply header instead of the DNBD3 one), absent blocks of a proxy's
+// served: present data from the image file, small replies batched and
+// large ones zero-copy (batch.go, sendfile.go; 16-byte NBD reply header
+// instead of the DNBD3 one), absent blocks of a proxy's
 // incomplete copy relayed through the uplink, replies out of order,
 // matched by cookie. Nothing on this connection may ever answer a read
 // with an error the kernel would pass to the application as EIO while
@@ -47,6 +48,10 @@ func (cc *clientConn) features(flags uint8) uint32 {
 	}
 	return protocol.FeatureNBD
 }
+
+// The block reply headers of both protocols have one size, so a batch
+// (batch.go) holds either.
+var _ = [1]struct{}{}[protocol.ReplySize-protocol.NBDReplySize]
 
 // putBlockHeader writes the header of a successful block reply into
 // b[:16]: DNBD3, or NBD once the connection switched (both are 16 bytes).
@@ -88,7 +93,9 @@ func (cc *clientConn) nbdMode(req protocol.Request) (switched bool, err error) {
 	if !cc.lockWrite() {
 		return true, nil
 	}
-	_, err = cc.c.Write(rep[:])
+	if err = cc.flushLocked(); err == nil {
+		err = cc.s.write(rep[:], nil)
+	}
 	cc.wmu.Unlock()
 	if err != nil {
 		return true, nil
@@ -107,8 +114,7 @@ func (cc *clientConn) nbdLoop() {
 	}
 	var hdr [protocol.NBDRequestSize]byte
 	for {
-		if cc.relays.Load() > maxClientRelays && !cc.waitRelays(cc.timeout) {
-			cc.logAt(slog.LevelInfo, "closing NBD connection: too many outstanding relayed requests for too long", "outstanding", cc.relays.Load())
+		if !cc.readyToRead(len(hdr), 0) { // no idle timeout in NBD mode
 			return
 		}
 		if _, err := io.ReadFull(cc.r, hdr[:]); err != nil {
@@ -172,14 +178,14 @@ func (cc *clientConn) nbdRead(req protocol.NBDRequest) error {
 	img.Touch()
 	start := int64(req.Offset)
 	if img.cache.Load() == nil && !img.hasBad.Load() {
-		return cc.sendFromFile(req.Cookie, start, req.Length)
+		return cc.diskReply(req.Cookie, start, req.Length)
 	}
 	if img.hasBad.Load() && img.touchesBad(start, int64(end)) {
 		return refuse("NBD read of a hash block that failed its check", "image", img.String(), "offset", start, "size", req.Length)
 	}
 	cm := img.cache.Load()
 	if cm == nil || cm.Has(start, int64(end)) {
-		return cc.sendFromFile(req.Cookie, start, req.Length)
+		return cc.diskReply(req.Cookie, start, req.Length)
 	}
 	if !cc.srv.config().IsProxy {
 		return refuse("NBD read of blocks an incomplete image does not have; not a proxy", "image", img.String(), "offset", start, "size", req.Length)
@@ -196,6 +202,8 @@ func (cc *clientConn) nbdError(cookie uint64, errno uint32) error {
 		return net.ErrClosed
 	}
 	defer cc.wmu.Unlock()
-	_, err := cc.c.Write(b[:])
-	return err
+	if err := cc.flushLocked(); err != nil {
+		return err
+	}
+	return cc.s.write(b[:], nil)
 }

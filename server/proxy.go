@@ -13,6 +13,7 @@ package server
 //	uplink.go     one uplink per incomplete image: a client.Image to the uplink servers
 //	relay.go      client reads of absent blocks: dedup, prefetch, replies out of order
 //	replicate.go  background replication
+//	reuse.go      copying unchanged hash blocks from the previous revision
 //	lru.go        disk space check and deletion of old replicated images
 //	integrity.go  CRC checks of hash blocks, repair by fetching them again
 
@@ -88,6 +89,7 @@ type proxy struct {
 	lkCalls map[imageKey]*lookupCall
 
 	cloneMu sync.Mutex // one local copy created at a time (disk space)
+	pinMu   sync.Mutex // orders pinning a reuse source (reuse.go) against LRU deletion (lru.go)
 
 	lastReload time.Time // non-proxy map reload (housekeeping only)
 
@@ -108,7 +110,7 @@ func newProxy(s *Server) *proxy {
 	return p
 }
 
-func (p *proxy) cfg() Config { return p.s.config() }
+func (p *proxy) cfg() *Config { return p.s.config() }
 
 func (p *proxy) saveInterval() time.Duration {
 	if d := p.s.hooks.mapSaveInterval; d > 0 {

@@ -43,6 +43,7 @@ const (
 	fetchPrefetch                  // prefetch after a client request
 	fetchBGR                       // background replication
 	fetchRepair                    // a hash block that failed its check
+	fetchReuse                     // a hash block copied from the previous revision (reuse.go)
 )
 
 // fetch is one range in flight on an uplink. The fields after hops are
@@ -56,6 +57,7 @@ type fetch struct {
 	client  bool // counted in uplink.clientWait
 	buf     []byte
 	err     error
+	refs    atomic.Int32 // users of buf after the fetch completed (finish)
 }
 
 // relay is a client GET_BLOCK waiting for uplink data, or (done set, cc
@@ -85,13 +87,8 @@ func (cc *clientConn) relay(req protocol.Request) error {
 		cc.logAt(slog.LevelDebug, "read of blocks an incomplete image does not have; not a proxy", "image", img.String(), "offset", req.Offset, "size", req.Size)
 		return cc.sendReply(protocol.CmdError, req.Handle, nil)
 	}
-	switch {
-	case int64(req.Size) > cfg.MaxPayload:
-		return refuse("uncached request larger than maxPayload", "size", req.Size, "maxPayload", cfg.MaxPayload)
-	case protocol.HopCount(hops) > protocol.MaxHops:
-		return refuse("request passed too many proxies", "hops", protocol.HopCount(hops))
-	case hops&protocol.HopFlagBgRep != 0 && cfg.BackgroundReplication != BGRFull:
-		return refuse("background replication request from a peer, but this proxy does not replicate fully")
+	if err := checkRelayable(req, cfg); err != nil {
+		return err
 	}
 	up, err := cc.srv.proxy.ensureUplink(img)
 	if err != nil {
@@ -122,17 +119,39 @@ func (cc *clientConn) relay(req protocol.Request) error {
 		cc.failRelayed(req.Handle)
 		return refuse("uplink gone", "image", img.String(), "err", err)
 	case ready:
-		return cc.sendFromFile(req.Handle, int64(req.Offset), req.Size) // arrived meanwhile: a disk read
+		return cc.sendFromFile(req.Handle, int64(req.Offset), req.Size)
 	}
-	// Prefetch after client requests; never after prefetch or replication
-	// requests of other proxies (no cascading).
-	if cfg.MaxPrefetch > 0 && hops&(protocol.HopFlagPrefetch|protocol.HopFlagBgRep) == 0 && int64(req.Size) <= cfg.MaxPrefetch {
-		n := protocol.VirtualSize(min(3*(end-start), cfg.MaxPrefetch))
-		if pend := min(end+n, img.VirtualSize); pend > end {
-			up.prefetch(end, pend, outHops|protocol.HopFlagPrefetch)
-		}
+	up.prefetchAfter(req, cfg, img.VirtualSize, start, end, outHops)
+	return nil
+}
+
+// checkRelayable refuses requests a proxy does not relay: larger than
+// maxPayload, through too many proxies, or background replication of a
+// peer when this proxy does not replicate fully.
+func checkRelayable(req protocol.Request, cfg *Config) error {
+	hops := req.Hops
+	switch {
+	case int64(req.Size) > cfg.MaxPayload:
+		return refuse("uncached request larger than maxPayload", "size", req.Size, "maxPayload", cfg.MaxPayload)
+	case protocol.HopCount(hops) > protocol.MaxHops:
+		return refuse("request passed too many proxies", "hops", protocol.HopCount(hops))
+	case hops&protocol.HopFlagBgRep != 0 && cfg.BackgroundReplication != BGRFull:
+		return refuse("background replication request from a peer, but this proxy does not replicate fully")
 	}
 	return nil
+}
+
+// prefetchAfter prefetches what follows a relayed client request [start,
+// end); never after prefetch or replication requests of other proxies
+// (no cascading).
+func (up *uplink) prefetchAfter(req protocol.Request, cfg *Config, size, start, end int64, outHops uint8) {
+	if cfg.MaxPrefetch <= 0 || req.Hops&(protocol.HopFlagPrefetch|protocol.HopFlagBgRep) != 0 || int64(req.Size) > cfg.MaxPrefetch {
+		return
+	}
+	n := protocol.VirtualSize(min(3*(end-start), cfg.MaxPrefetch))
+	if pend := min(end+n, size); pend > end {
+		up.prefetch(end, pend, outHops|protocol.HopFlagPrefetch)
+	}
 }
 
 // request registers relay r for the 4 KiB-aligned range [start, end).
@@ -309,10 +328,12 @@ func (up *uplink) run(f *fetch) {
 		err = errUplinkGone
 	default:
 		defer up.budget.release(n) // after the replies below went out
-		buf := make([]byte, n)
+		buf := up.p.s.fetchBufs.get(int(n))
 		if _, err = up.ci.ReadAtHops(up.ctx, buf, f.start, f.hops); err == nil {
 			f.buf = buf
 			up.store(f)
+		} else {
+			up.p.s.fetchBufs.put(buf)
 		}
 	}
 	if err != nil {
@@ -322,6 +343,15 @@ func (up *uplink) run(f *fetch) {
 		}
 	}
 	up.finish(f)
+	up.releaseBuf(f)
+}
+
+// releaseBuf drops one user of f's buffer; the last one returns it to the
+// pool.
+func (up *uplink) releaseBuf(f *fetch) {
+	if f.refs.Add(-1) == 0 && f.buf != nil {
+		up.p.s.fetchBufs.put(f.buf)
+	}
 }
 
 // store writes a fetch's data to the local copy and sets its map bits.
@@ -385,14 +415,19 @@ func (up *uplink) finish(f *fetch) {
 	case up.bgrWake <- struct{}{}:
 	default:
 	}
+	// The buffer goes back to the pool once run and every reply are done
+	// with it.
+	f.refs.Store(int32(len(waiters)) + 1)
 	for i, r := range waiters {
 		if i == len(waiters)-1 {
 			r.partDone(f)
+			up.releaseBuf(f)
 			break
 		}
 		go func() {
 			defer up.wg.Done()
 			r.partDone(f)
+			up.releaseBuf(f)
 		}()
 	}
 }
@@ -439,7 +474,7 @@ func (cc *clientConn) finishRelay(r *relay) {
 			cc.failRelayed(r.handle)
 			return
 		}
-		err = cc.sendFile(r.handle, r.off, r.size)
+		err = cc.sendFromFile(r.handle, r.off, r.size)
 	}
 	if err != nil && !errors.Is(err, net.ErrClosed) {
 		cc.c.Close() // the request loop notices and ends

@@ -16,7 +16,9 @@ package server
 //
 // Requests carry hop byte 0x81 (one proxy passed, replication flag), or
 // 0x41 (prefetch flag) with pretendClient. Replication runs only while the
-// image has at least bgrMinClients users.
+// image has at least bgrMinClients users. Hash blocks that are being
+// copied from the previous revision (reuse.go) are skipped until that
+// walk ends.
 
 import (
 	"time"
@@ -29,7 +31,7 @@ import (
 const bgrChunk = 8 * protocol.BlockSize
 
 // bgrHops returns the hop byte of the proxy's own replication requests.
-func bgrHops(cfg Config) uint8 {
+func bgrHops(cfg *Config) uint8 {
 	if cfg.PretendClient {
 		return protocol.HopFlagPrefetch | 1
 	}
@@ -59,16 +61,7 @@ func (up *uplink) replicate() {
 		if cfg.BackgroundReplication == BGROff || img.Users() < cfg.BGRMinClients || img.SyncFailed() != nil {
 			continue // (after a failed sync nothing fetched would be kept)
 		}
-		up.mu.Lock()
-		clientBusy := up.clientWait > 0
-		done := up.bgrCompleted
-		inflight := 0
-		for _, f := range up.fetches {
-			if f.kind == fetchBGR {
-				inflight++
-			}
-		}
-		up.mu.Unlock()
+		clientBusy, done, inflight := up.bgrState()
 		if clientBusy {
 			window = 1
 			seenDone = done
@@ -76,30 +69,58 @@ func (up *uplink) replicate() {
 		}
 		window = min(window+done-seenDone, max(cfg.BGRWindowSize, 1))
 		seenDone = done
-		chunk := int64(bgrChunk)
-		if cfg.MinRequestSize > chunk {
-			chunk = (cfg.MinRequestSize + bgrChunk - 1) / bgrChunk * bgrChunk
-		}
-		hops := bgrHops(cfg)
-		partial := cfg.BackgroundReplication == BGRHashblock
-		for skips := 0; inflight < window && skips < 64; {
-			idx, ok := cm.NextChunk(cursor, partial)
-			if !ok {
-				break
-			}
-			start := idx * bgrChunk
-			end := min(start+chunk, img.VirtualSize)
-			cursor = (end + bgrChunk - 1) / bgrChunk
-			switch up.startBGR(start, end, hops) {
-			case bgrStarted:
-				inflight++
-			case bgrBusy:
-				skips++
-			case bgrStop:
-				skips = 64
-			}
+		cursor = up.fillWindow(cm, cfg, cursor, inflight, window)
+	}
+}
+
+// bgrState returns whether a client waits for the uplink, how many
+// replication fetches have completed so far and how many are in flight.
+func (up *uplink) bgrState() (clientBusy bool, done, inflight int) {
+	up.mu.Lock()
+	defer up.mu.Unlock()
+	for _, f := range up.fetches {
+		if f.kind == fetchBGR {
+			inflight++
 		}
 	}
+	return up.clientWait > 0, up.bgrCompleted, inflight
+}
+
+// fillWindow starts replication fetches of absent chunks from cursor (a
+// chunk index) on until window fetches are in flight, skipping the hash
+// blocks a reuse walk copies (reuse.go). It returns where to go on next
+// time.
+func (up *uplink) fillWindow(cm *CacheMap, cfg *Config, cursor int64, inflight, window int) int64 {
+	chunk := int64(bgrChunk)
+	if cfg.MinRequestSize > chunk {
+		chunk = (cfg.MinRequestSize + bgrChunk - 1) / bgrChunk * bgrChunk
+	}
+	hops := bgrHops(cfg)
+	partial := cfg.BackgroundReplication == BGRHashblock
+	for skips := 0; inflight < window && skips < 64; {
+		idx, ok := cm.NextChunk(cursor, partial)
+		if !ok {
+			break
+		}
+		start := idx * bgrChunk
+		if plan := up.reuse.Load(); plan != nil && plan.reserved(start) {
+			// copied from the previous revision (reuse.go): skip the hash block
+			cursor = plan.after(start) / bgrChunk
+			skips++
+			continue
+		}
+		end := min(start+chunk, up.img.VirtualSize)
+		cursor = (end + bgrChunk - 1) / bgrChunk
+		switch up.startBGR(start, end, hops) {
+		case bgrStarted:
+			inflight++
+		case bgrBusy:
+			skips++
+		case bgrStop:
+			skips = 64
+		}
+	}
+	return cursor
 }
 
 type bgrResult uint8

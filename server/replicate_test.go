@@ -38,8 +38,11 @@ func TestBGRFullCompletesImage(t *testing.T) {
 	if fileSHA(t, path) != sha256.Sum256(ps.data) {
 		t.Fatal("local copy differs from the origin")
 	}
-	if ps.proxy.logs.count("Replication of img complete") != 1 {
-		t.Error("completion not logged")
+	// The completion is logged after the last block is marked (and the
+	// image reports complete): wait for it, then check it came once.
+	waitFor(t, 10*time.Second, "the completion log line", func() bool { return ps.proxy.logs.count("Replication of img complete") >= 1 })
+	if n := ps.proxy.logs.count("Replication of img complete"); n != 1 {
+		t.Errorf("completion logged %d times", n)
 	}
 	var total int64
 	for _, r := range ps.rec.blocks() {

@@ -13,9 +13,9 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/internal/fsutil"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
-	"golang.org/x/sys/unix"
 )
 
 // HTTP connection limits of the reference: above softHTTPClients the server
@@ -236,6 +236,7 @@ func (r *rpcServer) query(w http.ResponseWriter, req *http.Request, perm ACLPerm
 		o.Int("clientCount", int64(clients))
 		o.Int("serverCount", int64(servers))
 		o.Int("uptime", int64(time.Since(s.started)/time.Second))
+		putReused(o, s.bytesReused.Load())
 	}
 	o.Uint("runId", s.runID)
 	if want["version"] {
@@ -243,14 +244,9 @@ func (r *rpcServer) query(w http.ResponseWriter, req *http.Request, perm ACLPerm
 		o.Str("build", "Release")
 	}
 	if want["space"] {
-		var st unix.Statfs_t
-		var total, free uint64
-		if err := unix.Statfs(s.config().BasePath, &st); err == nil {
-			total = st.Blocks * uint64(st.Bsize)
-			free = st.Bavail * uint64(st.Bsize)
-		}
-		o.Uint("spaceTotal", total)
-		o.Uint("spaceFree", free)
+		free, total, _ := fsutil.DiskSpace(s.config().BasePath) // zeros on error
+		o.Uint("spaceTotal", uint64(total))
+		o.Uint("spaceFree", uint64(free))
 	}
 	if want["config"] {
 		o.Str("config", s.config().String())
@@ -311,6 +307,7 @@ func imageJSON(img *Image) []byte {
 		o.Uint("bytesReceived", img.bytesRecv.Load())
 		o.Str("uplinkServer", up.server())
 	}
+	putReused(o, img.bytesReused.Load())
 	return o.Bytes()
 }
 

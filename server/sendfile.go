@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"syscall"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -14,82 +15,126 @@ import (
 // its 4 KiB-rounded virtual size.
 var zeroPage [4096]byte
 
-// sendReply writes a reply header followed by n bytes of the image file at
-// off, padding with zeros past fileSize. On sockets the data goes with
-// sendfile(2) from the page cache, the header with MSG_MORE so the two
-// leave in one segment; the file offset is passed explicitly, so many
+// sendFile writes a reply header followed by n bytes of the image file at
+// off, padding with zeros past fileSize. On sockets the data goes from the
+// page cache without a copy, through a pooled pipe with splice(2)
+// (splice.go) or else with sendfile(2); the header goes with MSG_MORE so
+// the two leave in one segment. File offsets are explicit, so many
 // connections share one descriptor safely. Other writers get pread+write.
-func sendReply(c net.Conn, hdr []byte, f *os.File, fd int, fileSize, off, n int64) error {
-	if sc, ok := c.(syscall.Conn); ok {
-		raw, err := sc.SyscallConn()
-		if err == nil {
-			return sendfileReply(raw, hdr, fd, fileSize, off, n)
-		}
+//
+// Reading the file (sendfile, splice into the pipe) is an ordinary (not
+// raw) system call: it may block on the disk; the runtime then hands this
+// thread's P to others.
+func (s *sock) sendFile(hdr []byte, f *os.File, fd int, fileSize, off, n int64) error {
+	if s.raw == nil {
+		return copyReply(s.c, hdr, f, fileSize, off, n)
 	}
-	return copyReply(c, hdr, f, fileSize, off, n)
-}
-
-func sendfileReply(raw syscall.RawConn, hdr []byte, fd int, fileSize, off, n int64) error {
 	fileEnd := min(off+n, fileSize)
 	end := off + n
-	var opErr error
-	err := raw.Write(func(s uintptr) bool {
-		sock := int(s)
-		for len(hdr) > 0 {
-			flags := unix.MSG_NOSIGNAL
-			if n > 0 {
-				flags |= unix.MSG_MORE
-			}
-			k, err := unix.SendmsgN(sock, hdr, nil, nil, flags)
-			if err == unix.EAGAIN {
-				return false
-			}
-			if err == unix.EINTR {
-				continue
-			}
-			if err != nil {
-				opErr = err
-				return true
-			}
-			hdr = hdr[k:]
+	var p *pipe
+	if fileEnd > off && s.pipes != nil {
+		if p = s.pipes.get(); p != nil {
+			defer s.pipes.put(p)
 		}
-		for off < fileEnd {
-			k, err := unix.Sendfile(sock, fd, &off, int(min(fileEnd-off, 1<<30)))
-			if err == unix.EAGAIN {
-				return false
-			}
-			if err == unix.EINTR {
-				continue
-			}
-			if err != nil {
-				opErr = err
-				return true
-			}
-			if k == 0 {
-				opErr = io.ErrUnexpectedEOF // file shrank under us
-				return true
-			}
-		}
-		for off < end {
-			k, err := unix.SendmsgN(sock, zeroPage[:min(end-off, int64(len(zeroPage)))], nil, nil, unix.MSG_NOSIGNAL)
-			if err == unix.EAGAIN {
-				return false
-			}
-			if err == unix.EINTR {
-				continue
-			}
-			if err != nil {
-				opErr = err
-				return true
-			}
-			off += int64(k)
-		}
-		return true
-	})
-	if err != nil {
+	}
+	r := &fileReply{hdr: hdr, fd: fd, off: off, fileEnd: fileEnd, end: end, p: p}
+	if err := s.raw.Write(r.step); err != nil {
 		return err
 	}
-	return opErr
+	return r.err
+}
+
+// fileReply is the progress of one sendFile on a socket: the header, then
+// the file data (through the pipe p if there is one, else sendfile), then
+// the zero padding.
+type fileReply struct {
+	hdr               []byte
+	fd                int
+	off, fileEnd, end int64 // next byte, end of the file data, end of the reply
+	p                 *pipe
+	err               error // why the reply failed
+}
+
+// step sends what the socket takes. It reports false if the socket is
+// full (call again when it is writable), true when done or failed (err).
+func (r *fileReply) step(fd uintptr) bool {
+	sock := int(fd)
+	flags := uintptr(unix.MSG_NOSIGNAL)
+	if r.end > r.off {
+		flags |= unix.MSG_MORE
+	}
+	k, done, err := sendMem(sock, r.hdr, flags)
+	r.hdr = r.hdr[k:]
+	if !done || err != nil {
+		r.err = err
+		return done
+	}
+	if r.p != nil {
+		if done, err := r.p.send(sock, r.fd, &r.off, r.fileEnd, r.fileEnd < r.end); !done || err != nil {
+			r.err = err
+			return done
+		}
+	}
+	if done, err := sendfileAll(sock, r.fd, &r.off, r.fileEnd); !done || err != nil {
+		r.err = err
+		return done
+	}
+	for r.off < r.end {
+		k, done, err := sendMem(sock, zeroPage[:min(r.end-r.off, int64(len(zeroPage)))], unix.MSG_NOSIGNAL)
+		r.off += int64(k)
+		if !done || err != nil {
+			r.err = err
+			return done
+		}
+	}
+	return true
+}
+
+// sendMem sends b to the non-blocking socket. It returns how many bytes
+// went out, and false if the socket is full before the end, else true
+// (all sent, or the send failed with err).
+func sendMem(sock int, b []byte, flags uintptr) (int, bool, error) {
+	sent := 0
+	for sent < len(b) {
+		k, e := rawSend(sock, b[sent:], flags)
+		if e == unix.EAGAIN {
+			return sent, false, nil
+		}
+		if e != 0 {
+			return sent, true, e
+		}
+		sent += k
+	}
+	return sent, true, nil
+}
+
+// sendfileAll sends file bytes [*off, fileEnd) with sendfile(2); done and
+// err as for sendMem.
+func sendfileAll(sock, fd int, off *int64, fileEnd int64) (bool, error) {
+	for *off < fileEnd {
+		k, err := unix.Sendfile(sock, fd, off, int(min(fileEnd-*off, 1<<30)))
+		switch {
+		case err == unix.EAGAIN:
+			return false, nil
+		case err == unix.EINTR:
+		case err != nil:
+			return true, err
+		case k == 0:
+			return true, io.ErrUnexpectedEOF // file shrank under us
+		}
+	}
+	return true, nil
+}
+
+// rawSend is send(2) as a raw system call (the socket is non-blocking),
+// retried on EINTR.
+func rawSend(fd int, p []byte, flags uintptr) (int, syscall.Errno) {
+	for {
+		r, _, e := unix.RawSyscall6(unix.SYS_SENDTO, uintptr(fd), uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)), flags, 0, 0)
+		if e != unix.EINTR {
+			return int(r), e
+		}
+	}
 }
 
 func copyReply(w io.Writer, hdr []byte, f *os.File, fileSize, off, n int64) error {

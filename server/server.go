@@ -25,7 +25,9 @@ import (
 // Options configures a Server.
 type Options struct {
 	// ConfigDir is the configuration directory (server.conf, alt-servers,
-	// rpc.acl). It is re-read on Reload.
+	// rpc.acl). It is re-read on Reload. Empty: no files (an embedded
+	// server configured by Config alone, with no alt-servers and no
+	// rpc.acl rules).
 	ConfigDir string
 	// Config is the parsed server.conf.
 	Config Config
@@ -56,20 +58,25 @@ type Server struct {
 	acl   *ACL
 	rpc   *rpcServer
 
-	cfgMu sync.RWMutex
-	cfg   Config
+	cfg atomic.Pointer[Config] // replaced whole on Reload, never changed
 
 	runID     uint64
 	started   time.Time
 	bytesSent atomic.Uint64 // served to clients, relayed data included
 	bytesRecv atomic.Uint64 // received from uplinks
-	met       serverMetrics // Prometheus counters (metrics.go)
+	// bytesReused counts bytes of replicated images copied from a
+	// previous revision on this server instead of fetched (reuse.go).
+	bytesReused atomic.Uint64
+	met         serverMetrics // Prometheus counters (metrics.go)
 
-	proxy   *proxy // uplinks, replication, cache map saving
-	iscsi   *iscsi.Target
-	checker *checker // background hash block checks
-	hooks   proxyHooks
-	listen  syncValue[netip.AddrPort]
+	batches   batchPool // reply batch buffers (batch.go)
+	pipes     pipePool  // pipes for large replies (splice.go)
+	fetchBufs bufPool   // proxy fetch buffers (bufpool.go)
+	proxy     *proxy    // uplinks, replication, cache map saving
+	iscsi     *iscsi.Target
+	checker   *checker // background hash block checks
+	hooks     proxyHooks
+	listen    syncValue[netip.AddrPort]
 
 	connMu  sync.Mutex
 	conns   map[net.Conn]struct{} // every accepted connection
@@ -86,12 +93,13 @@ func New(opts Options) (*Server, error) {
 	s := &Server{
 		opts:    opts,
 		log:     opts.Logger,
-		cfg:     opts.Config,
 		runID:   rand.Uint64() >> 1,
 		started: time.Now(),
 		conns:   map[net.Conn]struct{}{},
 		clients: map[*clientConn]struct{}{},
 	}
+	cfg := opts.Config
+	s.cfg.Store(&cfg)
 	files := opts.Files
 	if files == nil {
 		files = &ConfigDir{Dir: opts.ConfigDir, Config: opts.Config}
@@ -135,11 +143,9 @@ func New(opts Options) (*Server, error) {
 // Store returns the server's image store.
 func (s *Server) Store() *Store { return s.store }
 
-func (s *Server) config() Config {
-	s.cfgMu.RLock()
-	defer s.cfgMu.RUnlock()
-	return s.cfg
-}
+// config returns the current configuration (read-only: Reload replaces
+// it with a new one).
+func (s *Server) config() *Config { return s.cfg.Load() }
 
 // Listen opens a TCP listener for Serve. Accepted connections get no TCP
 // keepalive probes (the protocol has its own keepalive and timeouts), which
@@ -204,6 +210,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	}
 	s.connMu.Unlock()
 	s.wg.Wait()
+	s.pipes.close()
 	bgCancel()
 	s.checker.wait()
 	s.proxy.stop()
@@ -247,7 +254,8 @@ func (s *Server) handle(c net.Conn) {
 	c.SetDeadline(time.Now().Add(timeout))
 	// One buffered reader for the connection's life: the handshake and
 	// pipelined headers then cost one read(2) per burst, not per field.
-	br := bufio.NewReaderSize(c, 1024)
+	sk := newSock(c, &s.pipes)
+	br := bufio.NewReaderSize(sk, 1024)
 	first, err := br.Peek(1)
 	if err != nil {
 		return
@@ -255,7 +263,7 @@ func (s *Server) handle(c net.Conn) {
 	remote := addrPort(c.RemoteAddr())
 	switch first[0] {
 	case 0x73:
-		cc := &clientConn{srv: s, c: c, r: br, addr: remote, self: addrPort(c.LocalAddr()), log: s.log}
+		cc := &clientConn{srv: s, c: c, s: sk, r: br, addr: remote, self: addrPort(c.LocalAddr()), log: s.log}
 		cc.serveDNBD3()
 	case 'G', 'P':
 		c.SetDeadline(time.Time{})
@@ -296,18 +304,23 @@ func (s *Server) clientList() []*clientConn {
 // the base path (SIGHUP). alt-servers and rpc.acl are read only at start,
 // as in the reference.
 func (s *Server) Reload() error {
-	prev := s.config()
-	cfg, warnings, err := LoadConfig(s.opts.ConfigDir, &prev)
+	if s.opts.ConfigDir == "" {
+		return s.rescan()
+	}
+	cfg, warnings, err := LoadConfig(s.opts.ConfigDir, s.config())
 	for _, w := range warnings {
 		s.log.Warn("server.conf: " + w)
 	}
 	if err != nil {
 		s.log.Error("reload: keeping the old configuration", "err", err)
 	} else {
-		s.cfgMu.Lock()
-		s.cfg = cfg
-		s.cfgMu.Unlock()
+		s.cfg.Store(&cfg)
 	}
+	return s.rescan()
+}
+
+// rescan reloads the images below basePath.
+func (s *Server) rescan() error {
 	added, replaced, removed, err := s.store.Reload()
 	if err != nil {
 		return err

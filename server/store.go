@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
@@ -120,11 +121,24 @@ func ParseImageFileName(rel string, legacy bool) (name string, rid uint16, ok bo
 // or CRC list changed and, with RemoveMissing, drops images whose file
 // vanished. It returns how many images were added, replaced and removed.
 func (s *Store) Reload() (added, replaced, removed int, err error) {
-	type found struct {
-		path string
-		size int64
+	seen, err := s.scan()
+	if err != nil {
+		return 0, 0, 0, err
 	}
-	seen := map[imageKey]found{}
+	replaced, removed = s.reconcile(seen)
+	added = s.loadNew(seen) - replaced
+	return added, replaced, removed, nil
+}
+
+// foundFile is an image file found by a scan.
+type foundFile struct {
+	path string
+	size int64
+}
+
+// scan walks the base path and returns the servable image files in it.
+func (s *Store) scan() (map[imageKey]foundFile, error) {
+	seen := map[imageKey]foundFile{}
 	base := s.opts.BasePath
 	// WalkDir does not follow a symlinked root, nor (rightly, see
 	// basepath.go) symlinked directories below it.
@@ -149,32 +163,43 @@ func (s *Store) Reload() (added, replaced, removed int, err error) {
 			}
 			return nil
 		}
-		if d.IsDir() {
-			return nil
+		if !d.IsDir() {
+			rel, _ := filepath.Rel(root, path)
+			s.scanFile(seen, rel)
 		}
-		rel, _ := filepath.Rel(root, path)
-		path = filepath.Join(base, rel)
-		name, rid, ok, why := ParseImageFileName(rel, s.opts.VMDKLegacy)
-		if !ok {
-			if why != "sidecar" && why != "hidden" {
-				s.log.Warn("ignoring file", "path", path, "reason", why)
-			}
-			return nil
-		}
-		st, err := servableFile(base, path)
-		if errors.Is(err, errOutsideBase) {
-			s.log.Warn("ignoring symlink that leads outside basePath", "path", path, "err", err)
-		}
-		if err != nil {
-			return nil
-		}
-		seen[imageKey{name, rid}] = found{path, st.Size()}
 		return nil
 	})
 	if walkErr != nil {
-		return 0, 0, 0, fmt.Errorf("scan %s: %w", base, walkErr)
+		return nil, fmt.Errorf("scan %s: %w", base, walkErr)
 	}
+	return seen, nil
+}
 
+// scanFile adds the file at rel (relative to the base path) to seen if it
+// is a servable image.
+func (s *Store) scanFile(seen map[imageKey]foundFile, rel string) {
+	base := s.opts.BasePath
+	path := filepath.Join(base, rel)
+	name, rid, ok, why := ParseImageFileName(rel, s.opts.VMDKLegacy)
+	if !ok {
+		if why != "sidecar" && why != "hidden" {
+			s.log.Warn("ignoring file", "path", path, "reason", why)
+		}
+		return
+	}
+	st, err := servableFile(base, path)
+	if errors.Is(err, errOutsideBase) {
+		s.log.Warn("ignoring symlink that leads outside basePath", "path", path, "err", err)
+	}
+	if err == nil {
+		seen[imageKey{name, rid}] = foundFile{path, st.Size()}
+	}
+}
+
+// reconcile drops loaded images whose file changed (size or CRC list) or,
+// with RemoveMissing, vanished, and runs the load-time checks of images
+// whose CRC list appeared.
+func (s *Store) reconcile(seen map[imageKey]foundFile) (replaced, removed int) {
 	s.mu.Lock()
 	var drop, newCRC []*Image
 	for k, img := range s.images {
@@ -212,7 +237,12 @@ func (s *Store) Reload() (added, replaced, removed int, err error) {
 			s.opts.OnLoad(img) // its load-time checks, now with a CRC list
 		}
 	}
+	return replaced, removed
+}
 
+// loadNew loads the images in seen that are not loaded, in path order,
+// and returns how many it loaded.
+func (s *Store) loadNew(seen map[imageKey]foundFile) (loaded int) {
 	keys := make([]imageKey, 0, len(seen))
 	for k := range seen {
 		keys = append(keys, k)
@@ -222,19 +252,18 @@ func (s *Store) Reload() (added, replaced, removed int, err error) {
 	})
 	for _, k := range keys {
 		s.mu.RLock()
-		_, loaded := s.images[k]
+		_, ok := s.images[k]
 		s.mu.RUnlock()
-		if loaded {
+		if ok {
 			continue
 		}
 		if _, err := s.load(k, seen[k].path, false); err != nil {
 			s.log.Warn("cannot load image", "path", seen[k].path, "err", err)
 			continue
 		}
-		added++
+		loaded++
 	}
-	added -= replaced
-	return added, replaced, removed, nil
+	return loaded
 }
 
 // load opens a file and registers it; an image that is already loaded is
@@ -370,10 +399,16 @@ func (s *Store) Release(img *Image) { img.release() }
 
 // latestRID returns the highest revision of name loaded or on disk, 0 if none.
 func (s *Store) latestRID(name string) uint16 {
+	return s.latestRIDBelow(name, math.MaxUint16+1)
+}
+
+// latestRIDBelow returns the highest revision of name below the given one
+// that is loaded or on disk, 0 if none.
+func (s *Store) latestRIDBelow(name string, below int) uint16 {
 	var best uint16
 	s.mu.RLock()
 	for k := range s.images {
-		if k.name == name && k.rid > best {
+		if k.name == name && k.rid > best && int(k.rid) < below {
 			best = k.rid
 		}
 	}
@@ -389,7 +424,7 @@ func (s *Store) latestRID(name string) uint16 {
 			continue
 		}
 		rid, err := strconv.ParseUint(n, 10, 16)
-		if err != nil || rid == 0 || strings.ContainsAny(n, "+-") || uint16(rid) <= best {
+		if err != nil || rid == 0 || strings.ContainsAny(n, "+-") || uint16(rid) <= best || int(rid) >= below {
 			continue
 		}
 		if _, err := servableFile(s.opts.BasePath, filepath.Join(dir, entry)); err == nil {

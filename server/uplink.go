@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/dnbd3go/dnbd3go/client"
@@ -55,6 +56,9 @@ type uplink struct {
 
 	bgrWake chan struct{} // cap 1
 	budget  byteBudget    // bytes of fetch buffers allocated
+	// reuse is set while hash blocks are copied from the previous
+	// revision (reuse.go); background replication leaves them alone.
+	reuse atomic.Pointer[reusePlan]
 
 	current syncValue[netip.AddrPort] // the server currently connected, for the cycle rule
 	seen    map[string]serverSeen     // monitor state per server
@@ -188,6 +192,7 @@ func (up *uplink) setConn(ci *client.Image, err error) {
 		up.setCurrent(cur)
 		up.img.upFailed.Store(0)
 		up.log.Info("uplink connected", "server", cur)
+		up.startReuse()
 		up.spawn(up.replicate)
 	}
 	close(up.ready)
@@ -279,7 +284,7 @@ func (up *uplink) close() {
 // image is complete (or gone) and nothing is in flight, or no client used
 // it for the idle timeout and full background replication does not need
 // it.
-func (up *uplink) idle(now time.Time, cfg Config) bool {
+func (up *uplink) idle(now time.Time, cfg *Config) bool {
 	up.mu.Lock()
 	busy := len(up.fetches) > 0
 	last := up.lastClient
@@ -308,7 +313,7 @@ func (up *uplink) idle(now time.Time, cfg Config) bool {
 	return !(cfg.BackgroundReplication == BGRFull && up.img.Users() >= cfg.BGRMinClients)
 }
 
-func (up *uplink) idleReason(cfg Config) string {
+func (up *uplink) idleReason(cfg *Config) string {
 	switch {
 	case !cfg.IsProxy:
 		return "isProxy=false"

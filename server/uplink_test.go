@@ -31,7 +31,8 @@ comment=this server
 	if len(warns) > 0 {
 		t.Fatal(warns)
 	}
-	s := &Server{alts: alts, cfg: Config{IsProxy: true}}
+	s := &Server{alts: alts}
+	s.cfg.Store(&Config{IsProxy: true})
 	s.listen.Store(netip.MustParseAddrPort("0.0.0.0:5003"))
 	p := newProxy(s)
 	hosts := func(list []*AltServer) string {
@@ -47,11 +48,11 @@ comment=this server
 	if got := hosts(p.candidates("linux/x")); got != "10.0.0.1:5003 10.0.0.3:5003 10.0.0.4:5003" {
 		t.Errorf("linux/x: %s", got)
 	}
-	s.cfg.ProxyPrivateOnly = true
+	s.cfg.Store(&Config{IsProxy: true, ProxyPrivateOnly: true})
 	if got := hosts(p.candidates("linux/x")); got != "10.0.0.3:5003" {
 		t.Errorf("private only: %s", got)
 	}
-	s.cfg.ProxyPrivateOnly = false
+	s.cfg.Store(&Config{IsProxy: true})
 	// fewest failures first; 20 failures in a row block a server for a while
 	for range 3 {
 		alts[0].RecordFailure()

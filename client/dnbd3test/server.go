@@ -89,6 +89,7 @@ type Server struct {
 	ln       net.Listener
 	conns    map[net.Conn]struct{}
 	closed   bool
+	closing  chan struct{} // closed by Close: ends BlockDelay sleeps
 	wg       sync.WaitGroup
 
 	handshakes atomic.Int64
@@ -114,7 +115,7 @@ func NewServer(images ...Image) (*Server, error) {
 			images[i].RID = 1
 		}
 	}
-	s := &Server{images: images, conns: make(map[net.Conn]struct{})}
+	s := &Server{images: images, conns: make(map[net.Conn]struct{}), closing: make(chan struct{})}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return nil, err
@@ -252,6 +253,9 @@ func (s *Server) Restart() error {
 // Close stops the server and waits for its goroutines.
 func (s *Server) Close() {
 	s.mu.Lock()
+	if !s.closed {
+		close(s.closing)
+	}
 	s.closed = true
 	s.mu.Unlock()
 	s.Kill()
@@ -439,7 +443,11 @@ func (s *Server) reply(w *bufio.Writer, img *Image, j job) error {
 			if err := w.Flush(); err != nil {
 				return err
 			}
-			time.Sleep(d)
+			select {
+			case <-time.After(d):
+			case <-s.closing:
+				return net.ErrClosed
+			}
 		}
 	}
 	size := uint64(len(img.Data))

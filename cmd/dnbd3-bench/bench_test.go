@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"github.com/dnbd3go/dnbd3go/internal/version"
 	"io"
 	"strings"
 	"testing"
@@ -77,8 +78,10 @@ func TestFlags(t *testing.T) {
 		{[]string{"-h", "x", "-i", "img", "--queue-depth", "0"}, false, false, 0},
 		{[]string{"-h", "x", "-i", "img", "-b", "huge"}, false, false, 0},
 		{[]string{"-h", "x", "-i", "img", "stray"}, false, false, 0},
+		// the reference's long names
+		{[]string{"--host", "x", "--image", "img", "--nruns", "5", "--threads", "2", "--blocksize", "8192"}, true, false, 8192},
 	} {
-		o, _, err := parseFlags(tc.args, io.Discard)
+		o, _, err := parseFlags(tc.args, io.Discard, io.Discard)
 		if (err == nil) != tc.ok || tc.ok && (o.load != tc.load || o.blockSize != tc.bs) {
 			t.Errorf("%v: load %v bs %d err %v", tc.args, o.load, o.blockSize, err)
 		}
@@ -87,8 +90,25 @@ func TestFlags(t *testing.T) {
 	if code := run(context.Background(), []string{"-i", "x"}, &out, &errb); code != 2 || !strings.Contains(errb.String(), "required") {
 		t.Errorf("bad flags: exit %d, %q", code, errb.String())
 	}
-	if code := run(context.Background(), []string{"--help"}, &out, &errb); code != 0 {
-		t.Errorf("--help: exit %d", code)
+	if o, _, err := parseFlags([]string{"-h", "x", "-i", "img", "--nruns", "7"}, io.Discard, io.Discard); err != nil || o.runs != 7 {
+		t.Errorf("--nruns 7: runs %d, %v", o.runs, err)
+	}
+	out.Reset()
+	errb.Reset()
+	if code := run(context.Background(), []string{"--help"}, &out, &errb); code != 0 || !strings.Contains(out.String(), "Usage: dnbd3-bench") || errb.Len() != 0 {
+		t.Errorf("--help: exit %d, stdout %q, stderr %q", code, out.String(), errb.String())
+	}
+	for _, v := range []string{"--version", "-v"} {
+		out.Reset()
+		if code := run(context.Background(), []string{v}, &out, &errb); code != 0 || !strings.Contains(out.String(), version.String()) {
+			t.Errorf("%s: exit %d, stdout %q", v, code, out.String())
+		}
+	}
+	for _, args := range [][]string{{"-h"}, {"-i", "img", "-h"}, {"-h", "-i", "img"}} {
+		errb.Reset()
+		if code := run(context.Background(), args, &out, &errb); code != 2 || !strings.Contains(errb.String(), "--help for help") {
+			t.Errorf("%v: exit %d, stderr %q", args, code, errb.String())
+		}
 	}
 }
 

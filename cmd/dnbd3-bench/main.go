@@ -33,11 +33,13 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
 	"github.com/dnbd3go/dnbd3go/client"
 	"github.com/dnbd3go/dnbd3go/internal/units"
+	"github.com/dnbd3go/dnbd3go/internal/version"
 	"github.com/spf13/pflag"
 )
 
@@ -66,19 +68,31 @@ type options struct {
 	idle        int
 }
 
+// referenceNames maps the reference dnbd3-bench's long flag names to ours.
+func referenceNames(_ *pflag.FlagSet, name string) pflag.NormalizedName {
+	switch name {
+	case "nruns":
+		name = "runs"
+	case "blocksize":
+		name = "block-size"
+	}
+	return pflag.NormalizedName(name)
+}
+
 // parseFlags parses and validates the command line. A nil error with
-// help=true means --help was shown.
-func parseFlags(args []string, stderr io.Writer) (o options, help bool, err error) {
+// done=true means --help or --version was shown (on stdout).
+func parseFlags(args []string, stdout, stderr io.Writer) (o options, done bool, err error) {
 	fs := pflag.NewFlagSet("dnbd3-bench", pflag.ContinueOnError)
 	fs.SortFlags = false
 	fs.SetOutput(stderr)
+	fs.SetNormalizeFunc(referenceNames)
 	var bs string
 	fs.StringVarP(&o.hosts, "host", "h", "", `servers, space-separated "host[:port] ..." (default port 5003)`)
 	fs.StringVarP(&o.image, "image", "i", "", "image name")
 	fs.Uint16VarP(&o.rid, "rid", "r", 0, "revision (0 = latest)")
-	fs.IntVarP(&o.runs, "runs", "n", 100, "handshake mode: runs per thread")
+	fs.IntVarP(&o.runs, "runs", "n", 100, "handshake mode: runs per thread (also --nruns)")
 	fs.IntVarP(&o.threads, "threads", "t", 1, "handshake mode: threads")
-	fs.StringVarP(&bs, "block-size", "b", "", "bytes per GET_BLOCK (default 4096 in handshake mode, 1M in load mode)")
+	fs.StringVarP(&bs, "block-size", "b", "", "bytes per GET_BLOCK (default 4096 in handshake mode, 1M in load mode; also --blocksize)")
 	fs.BoolVar(&o.load, "load", false, "load mode: pipelined reads for --duration")
 	fs.IntVar(&o.connections, "connections", 1, "load mode: connections")
 	fs.StringVar(&o.pattern, "pattern", "seq", "load mode: seq or rand (block-aligned)")
@@ -87,17 +101,15 @@ func parseFlags(args []string, stderr io.Writer) (o options, help bool, err erro
 	fs.BoolVar(&o.json, "json", false, "print the result as JSON")
 	fs.DurationVar(&o.timeout, "timeout", 3500*time.Millisecond, "timeout for connect + handshake (+ read in handshake mode)")
 	fs.IntVar(&o.idle, "idle", 0, "idle mode: open N connections, complete the handshake and hold them for --duration")
+	showVersion := new(bool)
+	fs.BoolVarP(showVersion, "version", "v", false, "print the version and exit")
 	fs.Usage = func() {
-		fmt.Fprint(stderr, "Usage: dnbd3-bench -h \"HOSTS\" -i IMAGE [-n RUNS] [-t THREADS] [-b BLOCKSIZE]\n"+
+		fmt.Fprint(stdout, "Usage: dnbd3-bench -h \"HOSTS\" -i IMAGE [-n RUNS] [-t THREADS] [-b BLOCKSIZE]\n"+
 			"       dnbd3-bench -h \"HOSTS\" -i IMAGE --load [--connections N] [--block-size B] [--pattern seq|rand] [--queue-depth Q] [--duration D] [--json]\n"+
-			"       dnbd3-bench -h \"HOSTS\" -i IMAGE --idle N [--duration D]\n\nFlags:\n")
-		fs.PrintDefaults()
+			"       dnbd3-bench -h \"HOSTS\" -i IMAGE --idle N [--duration D]\n\nFlags:\n"+fs.FlagUsages())
 	}
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, pflag.ErrHelp) {
-			return o, true, nil
-		}
-		return o, false, err
+	if done, err := parseReferenceStyle(fs, args, &o, showVersion, stdout); done || err != nil {
+		return o, done, err
 	}
 	if fs.NArg() > 0 {
 		return o, false, fmt.Errorf("unexpected argument %q", fs.Arg(0))
@@ -108,6 +120,15 @@ func parseFlags(args []string, stderr io.Writer) (o options, help bool, err erro
 	if fs.Changed("duration") && o.idle == 0 {
 		o.load = true
 	}
+	if err := o.setModeDefaults(bs); err != nil {
+		return o, false, err
+	}
+	return o, false, o.check()
+}
+
+// setModeDefaults fills in the duration and block size the mode implies
+// and parses --block-size (bs).
+func (o *options) setModeDefaults(bs string) error {
 	if (o.load || o.idle > 0) && o.duration == 0 {
 		o.duration = 10 * time.Second
 	}
@@ -118,33 +139,61 @@ func parseFlags(args []string, stderr io.Writer) (o options, help bool, err erro
 	if bs != "" {
 		n, err := units.ParseSize(bs)
 		if err != nil || n < 1 || n > 64<<20 {
-			return o, false, fmt.Errorf("--block-size %q: want 1 byte to 64M", bs)
+			return fmt.Errorf("--block-size %q: want 1 byte to 64M", bs)
 		}
 		o.blockSize = int(n)
 	}
+	return nil
+}
+
+// check checks the ranges of the options.
+func (o *options) check() error {
 	switch {
 	case o.idle < 0 || o.idle > 100000:
-		return o, false, fmt.Errorf("--idle %d: want 0 to 100000", o.idle)
+		return fmt.Errorf("--idle %d: want 0 to 100000", o.idle)
 	case o.runs < 1:
-		return o, false, fmt.Errorf("-n %d: want at least 1", o.runs)
+		return fmt.Errorf("-n %d: want at least 1", o.runs)
 	case o.threads < 1 || o.threads > 4096:
-		return o, false, fmt.Errorf("-t %d: want 1 to 4096", o.threads)
+		return fmt.Errorf("-t %d: want 1 to 4096", o.threads)
 	case o.connections < 1 || o.connections > 4096:
-		return o, false, fmt.Errorf("--connections %d: want 1 to 4096", o.connections)
+		return fmt.Errorf("--connections %d: want 1 to 4096", o.connections)
 	case o.queueDepth < 1 || o.queueDepth > 1024:
-		return o, false, fmt.Errorf("--queue-depth %d: want 1 to 1024", o.queueDepth)
+		return fmt.Errorf("--queue-depth %d: want 1 to 1024", o.queueDepth)
 	case o.pattern != "seq" && o.pattern != "rand":
-		return o, false, fmt.Errorf("--pattern %q: want seq or rand", o.pattern)
+		return fmt.Errorf("--pattern %q: want seq or rand", o.pattern)
 	case o.duration < 0:
-		return o, false, errors.New("--duration must not be negative")
+		return errors.New("--duration must not be negative")
 	case o.timeout <= 0:
-		return o, false, errors.New("--timeout must be positive")
+		return errors.New("--timeout must be positive")
 	}
-	return o, false, nil
+	return nil
+}
+
+// parseReferenceStyle parses args; done is true after --help or --version
+// (printed on stdout). -h is the host flag, as in the reference: without
+// a value the error points at --help.
+func parseReferenceStyle(fs *pflag.FlagSet, args []string, o *options, showVersion *bool, stdout io.Writer) (done bool, err error) {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, pflag.ErrHelp) {
+			return true, nil
+		}
+		if strings.Contains(err.Error(), "'h' in -") || strings.HasSuffix(err.Error(), "argument: --host") {
+			err = fmt.Errorf("%w (-h is the host flag: -h \"HOST[:PORT] ...\"; --help for help)", err)
+		}
+		return false, err
+	}
+	if *showVersion {
+		fmt.Fprintln(stdout, version.String())
+		return true, nil
+	}
+	if strings.HasPrefix(o.hosts, "-") {
+		return false, fmt.Errorf("-h %q: -h is the host flag and wants servers; --help for help", o.hosts)
+	}
+	return false, nil
 }
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	o, help, err := parseFlags(args, stderr)
+	o, help, err := parseFlags(args, stdout, stderr)
 	if help {
 		return 0
 	}

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/dnbd3go/dnbd3go/internal/units"
+	"github.com/dnbd3go/dnbd3go/internal/version"
 	"github.com/spf13/pflag"
 )
 
@@ -141,11 +142,16 @@ func parseArgs(args []string, stdout io.Writer) (o options, help bool, err error
 	fs.BoolVar(&o.force, "force", false, "-c: overwrite an existing non-empty file or a device")
 	fs.Int64Var(&o.l2, "l2-capacity", defaultL2Capacity, "scale every offset to this L2 capacity (for quick tests)")
 	_ = fs.MarkHidden("l2-capacity")
-	var wantHelp bool
+	var wantHelp, wantVersion bool
 	fs.BoolVarP(&wantHelp, "help", "h", false, "show this help (-h test, -h randomTest: details)")
+	fs.BoolVar(&wantVersion, "version", false, "print the version and exit")
 
 	if err := fs.Parse(args); err != nil {
 		return o, false, err
+	}
+	if wantVersion {
+		fmt.Fprintln(stdout, version.String())
+		return o, true, nil
 	}
 	if wantHelp {
 		topics := map[string]string{"": "", "test": helpTest, "randomTest": helpRandom}

@@ -38,6 +38,7 @@ type flags struct {
 	logLevel        string
 	shutdownTimeout time.Duration
 	version         bool
+	helpOut         io.Writer // where --help prints (stdout); nil: the flag set's output
 	limits          limitFlags
 	metricsNoAuth   bool
 
@@ -99,11 +100,14 @@ func newFlagSet(f *flags, stderr io.Writer) *pflag.FlagSet {
 	fs.BoolVar(&f.metricsNoAuth, "metrics-no-auth", false, "serve the Prometheus metrics at /metrics without the token (the API and the status page keep needing it)")
 	fs.BoolVarP(&f.version, "version", "v", false, "print the version and exit")
 	fs.Usage = func() {
-		fmt.Fprintf(stderr, "Usage: dnbd3-merger [--settings appsettings.json] [--working-dir DIR --original-dir DIR --destination-dir DIR] [--listen URL]...\n\n"+
+		out := fs.Output()
+		if f.helpOut != nil {
+			out = f.helpOut
+		}
+		io.WriteString(out, "Usage: dnbd3-merger [--settings appsettings.json] [--working-dir DIR --original-dir DIR --destination-dir DIR] [--listen URL]...\n\n"+
 			"Receives the changed clusters of dnbd3 copy-on-write sessions and merges them into the\n"+
 			"image's next revision (the REST API of cow_merger_service, /v1/File/* and /api/File/*).\n"+
-			"Settings come from the reference's appsettings.json; flags override them.\n\nFlags:\n")
-		fs.PrintDefaults()
+			"Settings come from the reference's appsettings.json; flags override them.\n\nFlags:\n"+fs.FlagUsages())
 	}
 	f.fs = fs
 	return fs

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/cowformat"
 	"github.com/dnbd3go/dnbd3go/internal/units"
 	"github.com/dnbd3go/dnbd3go/merger"
 	"github.com/dnbd3go/dnbd3go/merger/httpapi"
@@ -77,7 +78,7 @@ var limitDefs = []limitDef{
 				return nil
 			}
 			n, err := units.ParseSize(s)
-			if err == nil && n < merger.ClusterSize {
+			if err == nil && n < cowformat.ClusterSize {
 				err = fmt.Errorf("%q is less than one cluster (1280K)", s)
 			}
 			l.sessionQuota = n

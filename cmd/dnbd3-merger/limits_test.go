@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/cowformat"
 	"github.com/dnbd3go/dnbd3go/internal/testutil"
 	"github.com/dnbd3go/dnbd3go/merger"
 	"github.com/dnbd3go/dnbd3go/merger/httpapi"
@@ -178,7 +179,7 @@ func FuzzLimitSettings(f *testing.F) {
 		}
 		if l.maxUploads < 1 || l.maxUploadsPerClient < 1 || l.maxConnections < 1 || l.maxSessions < 1 ||
 			l.maxSessionsPerImage < 1 || l.maxOpenSessions < 1 || l.uploadTimeout <= 0 || l.abandonEmptyAfter <= 0 ||
-			(l.sessionQuota != 0 && l.sessionQuota < merger.ClusterSize) {
+			(l.sessionQuota != 0 && l.sessionQuota < cowformat.ClusterSize) {
 			t.Fatalf("%s gave %+v", section, l)
 		}
 	})

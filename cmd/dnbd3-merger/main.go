@@ -82,7 +82,7 @@ type env struct {
 // run parses the command line and runs the service until ctx ends. It
 // returns the exit code.
 func run(ctx context.Context, args []string, e env) int {
-	var f flags
+	f := flags{helpOut: e.stdout}
 	fs := newFlagSet(&f, e.stderr)
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, pflag.ErrHelp) {

@@ -9,8 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/cowformat"
 	"github.com/dnbd3go/dnbd3go/cowstore/upload"
-	"github.com/dnbd3go/dnbd3go/merger"
 )
 
 // TestRunWithManager runs the command with the real merger.Manager:
@@ -19,7 +19,7 @@ import (
 func TestRunWithManager(t *testing.T) {
 	root, args := dirs(t)
 	args = append(args, "--listen", "127.0.0.1:0", "--min-free-space", "0")
-	const cs = merger.ClusterSize
+	const cs = cowformat.ClusterSize
 	orig := make([]byte, 3*cs+5000)
 	for i := range orig {
 		orig[i] = byte(i*31 + i/4096)

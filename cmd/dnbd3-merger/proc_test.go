@@ -21,7 +21,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/dnbd3go/dnbd3go/merger"
+	"github.com/dnbd3go/dnbd3go/cowformat"
+	"github.com/dnbd3go/dnbd3go/internal/testutil"
 )
 
 // The tests in this file run the real dnbd3-merger binary as a child
@@ -73,7 +74,7 @@ type mergerProc struct {
 	pid  int
 	addr string // host:port of its listener
 	root string // holds work, orig, dest
-	logs *syncBuffer
+	logs *testutil.Buffer
 	done chan struct{}
 }
 
@@ -84,7 +85,7 @@ func startMergerProc(t *testing.T, nofile int, extra ...string) *mergerProc {
 	t.Helper()
 	bin := mergerBinary(t)
 	root, args := dirs(t)
-	if err := os.WriteFile(filepath.Join(root, "orig", "img.r1"), bytes.Repeat([]byte{7}, 4*merger.ClusterSize), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(root, "orig", "img.r1"), bytes.Repeat([]byte{7}, 4*cowformat.ClusterSize), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	args = append(args, "--listen", "http://127.0.0.1:0", "--log-format", "json", "--min-free-space", "0")
@@ -107,7 +108,7 @@ func startMergerProc(t *testing.T, nofile int, extra ...string) *mergerProc {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	p := &mergerProc{cmd: cmd, pid: cmd.Process.Pid, root: root, logs: &syncBuffer{}, done: make(chan struct{})}
+	p := &mergerProc{cmd: cmd, pid: cmd.Process.Pid, root: root, logs: &testutil.Buffer{}, done: make(chan struct{})}
 	addrc := make(chan string, 1)
 	go func() {
 		sc := bufio.NewScanner(stderr)
@@ -228,8 +229,8 @@ func (p *mergerProc) create(t *testing.T, c *http.Client) reply {
 // upload sends one cluster with all 320 blocks set.
 func (p *mergerProc) upload(t *testing.T, c *http.Client, id string, cluster int) reply {
 	t.Helper()
-	body := bytes.Repeat([]byte{0xff}, merger.BitfieldSize)
-	body = append(body, bytes.Repeat([]byte{byte(cluster + 1)}, merger.ClusterSize)...)
+	body := bytes.Repeat([]byte{0xff}, cowformat.BitfieldSize)
+	body = append(body, bytes.Repeat([]byte{byte(cluster + 1)}, cowformat.ClusterSize)...)
 	return do(t, c, "POST", fmt.Sprintf("http://%s/v1/file/update?uuid=%s&clusterindex=%d", p.addr, id, cluster), "application/octet-stream", body)
 }
 
@@ -243,7 +244,7 @@ func stallUpload(ctx context.Context, addr, ip, id string) (closeConn func()) {
 	if err != nil {
 		return func() {}
 	}
-	n := merger.BitfieldSize + merger.ClusterSize
+	n := cowformat.BitfieldSize + cowformat.ClusterSize
 	c.SetWriteDeadline(time.Now().Add(5 * time.Second))
 	fmt.Fprintf(c, "POST /v1/file/update?uuid=%s&clusterindex=2 HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n", id, n)
 	c.Write(bytes.Repeat([]byte{0xab}, n-1))
@@ -371,7 +372,7 @@ func TestLowDescriptorLimit(t *testing.T) {
 	p := startMergerProc(t, nofile)
 	const images = 10 // 30 sessions each, within the default per image
 	for i := range images {
-		if err := os.WriteFile(filepath.Join(p.root, "orig", fmt.Sprintf("img%d.r1", i)), make([]byte, 3*merger.ClusterSize), 0o644); err != nil {
+		if err := os.WriteFile(filepath.Join(p.root, "orig", fmt.Sprintf("img%d.r1", i)), make([]byte, 3*cowformat.ClusterSize), 0o644); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -406,7 +407,7 @@ func TestLowDescriptorLimit(t *testing.T) {
 		mu.Lock()
 		created[r.body] = true
 		mu.Unlock()
-		body := append(bytes.Repeat([]byte{0}, merger.BitfieldSize), make([]byte, merger.BlockSize)...)
+		body := append(bytes.Repeat([]byte{0}, cowformat.BitfieldSize), make([]byte, cowformat.BlockSize)...)
 		body[0] = 1
 		r, err = try(c, "POST", fmt.Sprintf("http://%s/v1/file/update?uuid=%s&clusterindex=%d", p.addr, r.body, n%3), "application/octet-stream", body)
 		record("upload", r, err)

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -24,6 +23,7 @@ import (
 	"time"
 
 	"github.com/dnbd3go/dnbd3go/cowstore/upload"
+	"github.com/dnbd3go/dnbd3go/internal/testutil"
 	"github.com/dnbd3go/dnbd3go/merger"
 )
 
@@ -129,30 +129,12 @@ func dirs(t *testing.T) (root string, args []string) {
 		"--destination-dir", filepath.Join(root, "dest"), "--settings", ""}
 }
 
-// syncBuffer is a bytes.Buffer safe for the server's goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // started is a run in the background.
 type started struct {
 	addrs  []net.Addr
 	cancel context.CancelFunc
 	code   chan int
-	stderr *syncBuffer
+	stderr *testutil.Buffer
 }
 
 // startRun runs the command with args until the test cancels it; it
@@ -160,7 +142,7 @@ type started struct {
 func startRun(t *testing.T, ctx context.Context, args []string, open openFunc) *started {
 	t.Helper()
 	ctx, cancel := context.WithCancel(ctx)
-	s := &started{cancel: cancel, code: make(chan int, 1), stderr: &syncBuffer{}}
+	s := &started{cancel: cancel, code: make(chan int, 1), stderr: &testutil.Buffer{}}
 	ready := make(chan []net.Addr, 1)
 	go func() {
 		s.code <- run(ctx, args, env{stdout: s.stderr, stderr: s.stderr, open: open, ready: func(a []net.Addr) { ready <- a }})
@@ -330,7 +312,7 @@ func TestRunTokenOverPlainHTTPWarning(t *testing.T) {
 		{"https://192.0.2.1:5443", false},
 		{"http://127.0.0.1:0;http://localhost:0", false},
 	} {
-		var out syncBuffer
+		var out testutil.Buffer
 		ctx, cancel := context.WithCancel(context.Background())
 		ready := func([]net.Addr) { cancel() } // stop at once if it starts
 		code := run(ctx, append(args, "--listen", c.listen), env{stdout: &out, stderr: &out, open: newFakeEngine().open, ready: ready})
@@ -366,7 +348,7 @@ func TestRunExitCodes(t *testing.T) {
 		{[]string{"--working-dir", filepath.Join(root, "work"), "--original-dir", filepath.Join(root, "orig"), "--destination-dir", filepath.Join(root, "nope")}, 1, "Settings.DestinationDirectory"},
 		{[]string{"--help"}, 0, "--working-dir"},
 	} {
-		var out syncBuffer
+		var out testutil.Buffer
 		// None of these may start serving; the timeout stops one that does.
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		code := run(ctx, c.args, env{stdout: &out, stderr: &out, cwd: root, open: newFakeEngine().open})
@@ -375,13 +357,13 @@ func TestRunExitCodes(t *testing.T) {
 			t.Errorf("%v: exit %d, want %d with %q:\n%s", c.args, code, c.code, c.msg, out.String())
 		}
 	}
-	var out syncBuffer
+	var out testutil.Buffer
 	if code := run(context.Background(), []string{"--version"}, env{stdout: &out, stderr: &out}); code != 0 || !strings.Contains(out.String(), "dnbd3go") {
 		t.Errorf("--version: %d %q", code, out.String())
 	}
 	// The engine failing to start is exit 1.
 	failing := func(context.Context, merger.Config) (service, error) { return nil, errors.New("journal corrupt") }
-	out = syncBuffer{}
+	out = testutil.Buffer{}
 	if code := run(context.Background(), append(args, "--listen", "127.0.0.1:0"), env{stdout: &out, stderr: &out, open: failing}); code != 1 || !strings.Contains(out.String(), "journal corrupt") {
 		t.Errorf("engine failure: %d\n%s", code, out.String())
 	}
@@ -391,7 +373,7 @@ func TestRunExitCodes(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	out = syncBuffer{}
+	out = testutil.Buffer{}
 	if code := run(context.Background(), append(args, "--listen", "http://"+ln.Addr().String()), env{stdout: &out, stderr: &out, open: newFakeEngine().open}); code != 1 {
 		t.Errorf("port in use: %d\n%s", code, out.String())
 	}

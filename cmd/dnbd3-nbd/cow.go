@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"path/filepath"
 	"strings"
@@ -28,17 +29,18 @@ type cowFlags struct {
 	tokenFile   string
 	caFile      string
 
-	client *upload.Merger // built by validate from -C and its options
+	client   *upload.Merger // built by validate from -C and its options
+	statsOut io.Writer      // where --cow-stats-stdout prints (the command's stdout)
 }
 
 func (c *cowFlags) register(fs *pflag.FlagSet) {
 	fs.StringVarP(&c.newDir, "cow", "c", "", "start a new copy-on-write session in DIR: the device becomes writable")
-	fs.StringVarP(&c.loadDir, "cow-load", "L", "", "load the copy-on-write session in DIR")
-	fs.StringVarP(&c.merger, "merger", "C", "", "merger service that receives the changes: host:port or http(s)://host[:port]")
+	fs.StringVarP(&c.loadDir, "cow-load", "L", "", "load the copy-on-write session in DIR (also --loadcow)")
+	fs.StringVarP(&c.merger, "merger", "C", "", "merger service that receives the changes: host:port or http(s)://host[:port] (also --cowServer)")
 	fs.BoolVarP(&c.merge, "merge", "m", false, "on detach, after every change is uploaded, ask the merger to build the next revision")
 	fs.StringVar(&c.uploadUUID, "upload-uuid", "", "use this merger session instead of creating one")
-	fs.BoolVar(&c.statsFile, "cow-stats-file", false, "keep the upload status in DIR/status")
-	fs.BoolVar(&c.statsStdout, "cow-stats-stdout", false, "log the upload status every 5 s")
+	fs.BoolVar(&c.statsFile, "cow-stats-file", false, "keep the upload status in DIR/status (also --cowStatFile)")
+	fs.BoolVar(&c.statsStdout, "cow-stats-stdout", false, "print the upload status (the status file's text) to stdout every 5 s (also --cowStatStdout)")
 	fs.DurationVar(&c.uploadDelay, "upload-delay", 60*time.Second, "upload a changed cluster once it is unchanged this long")
 	fs.StringVar(&c.tokenFile, "merger-token-file", "", "file with a bearer token for the merger")
 	fs.StringVar(&c.caFile, "merger-ca", "", "PEM file with the CA certificates of an https merger")
@@ -57,6 +59,17 @@ func (c *cowFlags) dir() string {
 // that a bad -C, token file, CA file or --upload-uuid is reported before
 // any session directory is touched.
 func (c *cowFlags) validate() error {
+	if err := c.checkCombinations(); err != nil {
+		return err
+	}
+	if c.merger == "" {
+		return nil
+	}
+	return c.newMergerClient()
+}
+
+// checkCombinations checks which COW flags need which others.
+func (c *cowFlags) checkCombinations() error {
 	switch {
 	case c.newDir != "" && c.loadDir != "":
 		return errors.New("-c (new session) and -L (load a session) exclude each other")
@@ -69,9 +82,12 @@ func (c *cowFlags) validate() error {
 	case len(c.uploadUUID) > upload.MaxUUIDLength || strings.ContainsFunc(c.uploadUUID, func(r rune) bool { return r <= ' ' || r >= 0x7f }):
 		return fmt.Errorf("--upload-uuid %q: want a merger session id of at most %d printable characters", c.uploadUUID, upload.MaxUUIDLength)
 	}
-	if c.merger == "" {
-		return nil
-	}
+	return nil
+}
+
+// newMergerClient makes the merger's HTTP client from -C and its token
+// and CA files.
+func (c *cowFlags) newMergerClient() error {
 	mc := upload.MergerConfig{CAFile: c.caFile}
 	if c.tokenFile != "" {
 		tok, err := upload.ReadTokenFile(c.tokenFile)
@@ -140,7 +156,10 @@ func openCOW(ctx context.Context, c *cowFlags, img *client.Image, log *slog.Logg
 	if delay == 0 {
 		delay = -1 // the uploader's 0 means its default; --upload-delay 0 means at once
 	}
-	cfg := upload.Config{MinDelay: delay, StatsToLog: c.statsStdout, Logger: log}
+	cfg := upload.Config{MinDelay: delay, Logger: log}
+	if c.statsStdout {
+		cfg.StatsOut = c.statsOut
+	}
 	if c.statsFile {
 		cfg.StatusFile = filepath.Join(c.dir(), "status")
 	}

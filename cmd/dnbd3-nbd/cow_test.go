@@ -9,13 +9,13 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/dnbd3go/dnbd3go/client"
 	"github.com/dnbd3go/dnbd3go/client/dnbd3test"
 	"github.com/dnbd3go/dnbd3go/cowstore/mergertest"
+	"github.com/dnbd3go/dnbd3go/internal/testutil"
 )
 
 // serveInProcess runs `serve` with args until the returned stop is
@@ -24,7 +24,7 @@ func serveInProcess(t *testing.T, args ...string) (stop func() (code int, stderr
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	pr, pw := io.Pipe()
-	var errb lockedBuf
+	var errb testutil.Buffer
 	done := make(chan int, 1)
 	go func() {
 		done <- run(ctx, append([]string{"serve"}, args...), stdio{in: strings.NewReader(""), out: pw, err: &errb})
@@ -107,7 +107,7 @@ func TestFinalSummarySaysMerge(t *testing.T) {
 			if tc.fault != nil {
 				m.FailMerge(*tc.fault)
 			}
-			var logs lockedBuf
+			var logs testutil.Buffer
 			log := slog.New(slog.NewTextHandler(&logs, nil))
 			img, err := client.Open(t.Context(), client.Config{Servers: []string{srv.Addr()}, Image: "img", Logger: log})
 			if err != nil {
@@ -134,22 +134,4 @@ func TestFinalSummarySaysMerge(t *testing.T) {
 			}
 		})
 	}
-}
-
-// lockedBuf is a buffer for concurrent writers (logs, stderr).
-type lockedBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuf) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuf) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }

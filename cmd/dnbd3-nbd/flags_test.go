@@ -3,6 +3,8 @@ package main
 import (
 	"strings"
 	"testing"
+
+	"github.com/dnbd3go/dnbd3go/internal/version"
 )
 
 // TestFlagErrors covers the command-line checks that run before any
@@ -35,6 +37,21 @@ func TestFlagErrors(t *testing.T) {
 		{[]string{"resize", "/dev/nbd0", "12Q"}, 2, "dnbd3-nbd resize:"},
 		{[]string{"resize", "--bogus", "/dev/nbd0"}, 2, "dnbd3-nbd resize: unknown flag: --bogus"},
 		{[]string{"list", "extra"}, 2, "unexpected argument"},
+		{[]string{"status", "/nonexistent/x.sock"}, 2, "neither /dev/nbdN nor the socket of a running serve"},
+		{[]string{"status", "tcp:127.0.0.1:10809"}, 2, "only an export on a unix socket file"},
+		{[]string{"servers"}, 2, "want a device"},
+		{[]string{"servers", "/dev/nbd0", "frobnicate", "h"}, 2, `unknown action "frobnicate"`},
+		{[]string{"servers", "/dev/nbd0", "add"}, 2, "add wants exactly one HOST"},
+		{[]string{"servers", "/dev/nbd0", "add", "a", "b"}, 2, "add wants exactly one HOST"},
+		{[]string{"servers", "/dev/nbd0", "auto", "x"}, 2, "auto takes no HOST"},
+		{[]string{"servers", "/dev/nbd0", "switch", "10.0.0.1:0"}, 2, "bad port"},
+		{[]string{"servers", "/dev/nbd0", "add", "a b"}, 2, "bad server"},
+		{[]string{"servers", "/dev/nbd0", "remove", "[::1"}, 2, "bad"},
+		{[]string{"images"}, 2, "-h HOST is required"},
+		{[]string{"images", "-h", "x:0"}, 2, "bad port"},
+		{[]string{"attach", "-h", "h", "-i", "img", "--cowServer", "http://m:1"}, 2, "need a copy-on-write session"},
+		{[]string{"attach", "-h", "h", "-i", "img", "--cowStatStdout"}, 2, "need a copy-on-write session"},
+		{[]string{"attach", "-h", "h", "-i", "img", "-c", "a", "--loadcow", "b"}, 2, "exclude each other"},
 	} {
 		code, _, stderr := runT(t, tc.args...)
 		if code != tc.code || !strings.Contains(stderr, tc.msg) {
@@ -43,15 +60,44 @@ func TestFlagErrors(t *testing.T) {
 	}
 }
 
-// TestCommandHelp checks that every command's help exits 0 and shows its
-// usage line, whether asked as "COMMAND --help" or "help COMMAND".
+// TestCommandHelp checks that every command's help goes to stdout, exits
+// 0 and shows its usage line, whether asked as "COMMAND --help" or "help
+// COMMAND".
 func TestCommandHelp(t *testing.T) {
 	for _, c := range commands() {
 		for _, args := range [][]string{{c.name, "--help"}, {"help", c.name}} {
-			code, _, stderr := runT(t, args...)
-			if code != 0 || !strings.Contains(stderr, "Usage: dnbd3-nbd "+c.name) {
-				t.Errorf("%v: exit %d, stderr %q", args, code, stderr)
+			code, stdout, stderr := runT(t, args...)
+			if code != 0 || !strings.Contains(stdout, "Usage: dnbd3-nbd "+c.name) || stderr != "" {
+				t.Errorf("%v: exit %d, stdout %q, stderr %q", args, code, stdout, stderr)
 			}
+		}
+	}
+	for _, args := range [][]string{{"--help"}, {"help"}} {
+		if code, stdout, _ := runT(t, args...); code != 0 || !strings.Contains(stdout, "Usage: dnbd3-nbd COMMAND") {
+			t.Errorf("%v: exit %d, stdout %q", args, code, stdout)
+		}
+	}
+}
+
+// TestVersionFlag: --version and -v print the version on stdout and exit
+// 0, at the top and on the commands that take the reference's flags.
+func TestVersionFlag(t *testing.T) {
+	for _, args := range [][]string{{"--version"}, {"-v"}, {"version"}, {"attach", "--version"}, {"attach", "-v"}, {"serve", "-v"}, {"get", "--version"}} {
+		code, stdout, stderr := runT(t, args...)
+		if code != 0 || !strings.Contains(stdout, version.String()) || stderr != "" {
+			t.Errorf("%v: exit %d, stdout %q, stderr %q", args, code, stdout, stderr)
+		}
+	}
+}
+
+// TestHostFlagWithoutValue: -h is the host flag (as in the reference
+// clients); given without a value it points at --help.
+func TestHostFlagWithoutValue(t *testing.T) {
+	for _, args := range [][]string{{"attach", "-h"}, {"serve", "-h"}, {"get", "-h"}, {"images", "-h"}, {"attach", "--host"},
+		{"attach", "-h", "-i", "img"}, {"images", "-h", "--json"}} {
+		code, _, stderr := runT(t, args...)
+		if code != exitUsage || !strings.Contains(stderr, "-h is the host flag") || !strings.Contains(stderr, "--help for help") {
+			t.Errorf("%v: exit %d, stderr %q", args, code, stderr)
 		}
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"github.com/dnbd3go/dnbd3go/internal/logging"
 	"github.com/dnbd3go/dnbd3go/internal/progress"
 	"github.com/dnbd3go/dnbd3go/internal/units"
+	"github.com/dnbd3go/dnbd3go/protocol"
 	"github.com/spf13/pflag"
 )
 
@@ -26,6 +27,7 @@ type getOptions struct {
 	parallel  int
 	blockSize int64
 	quiet     bool
+	reuse     string // a local copy of an earlier revision (getreuse.go)
 }
 
 func runGet(ctx context.Context, args []string, s stdio) int {
@@ -41,14 +43,14 @@ func runGet(ctx context.Context, args []string, s stdio) int {
 	fs.DurationVar(&o.timeout, "timeout", time.Minute, "fail when a read stays unanswered this long while no server is reachable (0 = wait forever)")
 	fs.IntVar(&o.parallel, "parallel", 8, "reads in flight")
 	fs.StringVar(&blockSize, "block-size", "1M", "size of each read")
+	fs.StringVar(&o.reuse, "reuse", "", "local copy of an earlier revision: take its 16 MiB hash blocks whose CRC matches the server's CRC list instead of fetching them; every block is checked against the list")
 	fs.BoolVarP(&o.quiet, "quiet", "q", false, "no progress bar and no summary")
 	fs.StringVar(&o.logFormat, "log-format", "text", "log format on stderr: text or json")
 	fs.StringVar(&o.logLevel, "log-level", "warning", "minimum log level: error, warning, info, debug")
-	fs.Usage = func() {
-		fmt.Fprintf(s.err, "Usage: dnbd3-nbd get -h \"HOST[:PORT] ...\" -i IMAGE [-r RID] [-S] [-o FILE|-] [--offset N] [--length N] [--timeout D]\n\n"+
-			"Downloads an image (or a byte range of it) from DNBD3 servers to a file or stdout.\n\nFlags:\n")
-		fs.PrintDefaults()
-	}
+	addVersionFlag(fs)
+	setHelp(fs, s, "Usage: dnbd3-nbd get -h \"HOST[:PORT] ...\" -i IMAGE [-r RID] [-S] [-o FILE|-] [--offset N] [--length N] [--reuse OLDFILE] [--timeout D]\n\n"+
+		"Downloads an image (or a byte range of it) from DNBD3 servers to a file or stdout.\n"+
+		"With --reuse, only the hash blocks that differ from OLDFILE (an earlier revision) are fetched.\n")
 	if code, ok := parseFlags(fs, args, s, "get"); !ok {
 		return code
 	}
@@ -72,6 +74,9 @@ func runGet(ctx context.Context, args []string, s stdio) int {
 	if o.parallel < 1 || o.parallel > 256 {
 		return bad("--parallel %d: want 1 to 256", o.parallel)
 	}
+	if o.reuse != "" && (o.offset != 0 || o.length != 0) {
+		return bad("--reuse works on whole images: no --offset or --length")
+	}
 	level, err := logging.ParseLevel(o.logLevel)
 	if err != nil {
 		return bad("--log-level: %v", err)
@@ -88,12 +93,28 @@ func runGet(ctx context.Context, args []string, s stdio) int {
 		fmt.Fprintf(s.err, "dnbd3-nbd get: %v\n", err)
 		return exitError
 	}
+	printGetSummary(s, o, res)
+	return exitOK
+}
+
+// printGetSummary prints what a finished download fetched (not with -q)
+// and, with --reuse, what it reused (with -q too: it is what the admin
+// asked about).
+func printGetSummary(s stdio, o getOptions, res getResult) {
 	if !o.quiet {
 		el := res.elapsed.Seconds()
 		fmt.Fprintf(s.err, "dnbd3-nbd get: %d bytes (%s) of %s rid %d in %.2fs (%s) from %s\n",
 			res.bytes, progress.Bytes(res.bytes), res.image, res.rid, el, progress.Rate(res.bytes, res.elapsed), res.server)
 	}
-	return exitOK
+	if o.reuse == "" {
+		return
+	}
+	checked := "every hash block checked against the server's CRC list"
+	if !res.reuse.checked {
+		checked = "nothing checked: the server has no CRC list"
+	}
+	fmt.Fprintf(s.err, "dnbd3-nbd get: reused %d bytes (%d of %d hash blocks) from %s, fetched %d bytes; %s\n",
+		res.reuse.reused, res.reuse.reusedBlocks, res.reuse.blocks, o.reuse, res.reuse.fetched, checked)
 }
 
 // getResult describes a finished download.
@@ -103,6 +124,7 @@ type getResult struct {
 	image   string
 	rid     uint16
 	server  string
+	reuse   reuseResult // with --reuse
 }
 
 // get downloads the range to o.output with o.parallel reads in flight,
@@ -126,6 +148,14 @@ func get(ctx context.Context, o getOptions, s stdio, log *slog.Logger) (getResul
 		}
 	}
 
+	var old *os.File
+	var list []uint32
+	if o.reuse != "" {
+		if old, list, err = openReuse(ctx, o, img, log); err != nil {
+			return getResult{}, err
+		}
+		defer old.Close()
+	}
 	out, finish, err := openOutput(o.output, s.out)
 	if err != nil {
 		return getResult{}, err
@@ -134,7 +164,15 @@ func get(ctx context.Context, o getOptions, s stdio, log *slog.Logger) (getResul
 	if !o.quiet {
 		bar = progress.New(s.err, end-o.offset, img.Name())
 	}
-	n, err := copyRange(ctx, img, out, o.offset, end, int(o.blockSize), o.parallel, bar)
+	var n int64
+	var reused reuseResult
+	if list != nil {
+		reused, err = reuseCopy(ctx, img, old, out, list, int(o.blockSize), o.parallel, bar)
+		n = reused.reused + reused.fetched
+	} else {
+		n, err = copyRange(ctx, img, out, o.offset, end, int(o.blockSize), o.parallel, bar)
+		reused = reuseResult{fetched: n, blocks: protocol.HashBlockCount(size)}
+	}
 	if bar != nil {
 		bar.Finish()
 	}
@@ -145,7 +183,38 @@ func get(ctx context.Context, o getOptions, s stdio, log *slog.Logger) (getResul
 		return getResult{}, err
 	}
 	st := img.Stats()
-	return getResult{bytes: n, elapsed: time.Since(start), image: img.Name(), rid: img.RID(), server: st.Current}, nil
+	return getResult{bytes: n, elapsed: time.Since(start), image: img.Name(), rid: img.RID(), server: st.Current, reuse: reused}, nil
+}
+
+// openReuse opens --reuse's file and fetches the image's CRC list. A
+// server without a list gets a warning and list nil: then everything is
+// fetched (and nothing can be checked).
+func openReuse(ctx context.Context, o getOptions, img *client.Image, log *slog.Logger) (*os.File, []uint32, error) {
+	old, err := os.Open(o.reuse)
+	if err != nil {
+		return nil, nil, fmt.Errorf("--reuse: %w", err)
+	}
+	fail := func(err error) (*os.File, []uint32, error) { old.Close(); return nil, nil, err }
+	ost, err := old.Stat()
+	if err != nil {
+		return fail(err)
+	}
+	if !ost.Mode().IsRegular() {
+		return fail(fmt.Errorf("--reuse %s: not a regular file", o.reuse))
+	}
+	if o.output != "-" {
+		if st, err := os.Stat(o.output); err == nil && os.SameFile(st, ost) {
+			return fail(fmt.Errorf("--reuse %s is the output file: write the new revision to another file", o.reuse))
+		}
+	}
+	list, err := img.CRCList(ctx)
+	if err != nil {
+		return fail(err)
+	}
+	if list == nil {
+		log.Warn("the server has no CRC list for this image: nothing can be reused or checked, fetching everything", "image", img.Name(), "rid", img.RID())
+	}
+	return old, list, nil
 }
 
 // openOutput opens the destination. finish(ok) syncs and closes it; on

@@ -87,13 +87,13 @@ func TestGetErrors(t *testing.T) {
 	if code != 0 || !strings.Contains(stdout, "get") {
 		t.Errorf("--help: %d %q", code, stdout)
 	}
-	code, _, stderr := runT(t, "get", "--help")
-	if code != 0 || !strings.Contains(stderr, "--offset") {
-		t.Errorf("get --help: %d %q", code, stderr)
+	code, stdout, _ = runT(t, "get", "--help")
+	if code != 0 || !strings.Contains(stdout, "--offset") {
+		t.Errorf("get --help: %d %q", code, stdout)
 	}
-	code, _, stderr = runT(t, "help", "get")
-	if code != 0 || !strings.Contains(stderr, "--offset") {
-		t.Errorf("help get: %d %q", code, stderr)
+	code, stdout, _ = runT(t, "help", "get")
+	if code != 0 || !strings.Contains(stdout, "--offset") {
+		t.Errorf("help get: %d %q", code, stdout)
 	}
 }
 

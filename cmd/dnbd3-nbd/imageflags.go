@@ -25,6 +25,7 @@ type imageFlags struct {
 	logFile   string
 	logFormat string
 	logLevel  string
+	debug     bool
 }
 
 // newImageFlagSet returns the flag set of a command that serves an image
@@ -33,8 +34,10 @@ func newImageFlagSet(name string, s stdio, f *imageFlags, cow *cowFlags) *pflag.
 	fs := pflag.NewFlagSet("dnbd3-nbd "+name, pflag.ContinueOnError)
 	fs.SortFlags = false
 	fs.SetOutput(s.err)
+	fs.SetNormalizeFunc(referenceAliases)
 	f.register(fs)
 	cow.register(fs)
+	addVersionFlag(fs)
 	return fs
 }
 
@@ -53,6 +56,7 @@ func (f *imageFlags) register(fs *pflag.FlagSet) {
 	fs.StringVarP(&f.logFile, "log", "l", "", "also write the log to this file")
 	fs.StringVar(&f.logFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&f.logLevel, "log-level", "info", "minimum log level: error, warning, info, debug")
+	fs.BoolVarP(&f.debug, "debug", "d", false, "debug logging: --log-level debug (the reference client's -d)")
 }
 
 func (f *imageFlags) validate() error {
@@ -92,6 +96,9 @@ func (f *imageFlags) logger(stderr io.Writer) (*slog.Logger, func(), error) {
 	level, err := logging.ParseLevel(f.logLevel)
 	if err != nil {
 		return nil, nil, fmt.Errorf("--log-level: %w", err)
+	}
+	if f.debug {
+		level = slog.LevelDebug
 	}
 	mask := logging.MaskAtLeast(level)
 	lg, err := logging.New(logging.Options{Format: f.logFormat, Console: stderr, ConsoleMask: mask,

@@ -4,10 +4,13 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
+	"sort"
 	"strings"
 	"text/tabwriter"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/client"
 	"github.com/dnbd3go/dnbd3go/nbdbridge"
 	"github.com/spf13/pflag"
 )
@@ -76,10 +79,7 @@ func runList(ctx context.Context, args []string, s stdio) int {
 	fs := pflag.NewFlagSet("dnbd3-nbd list", pflag.ContinueOnError)
 	fs.SetOutput(s.err)
 	fs.BoolVarP(&all, "all", "a", false, "also show connected NBD devices that dnbd3-nbd did not attach")
-	fs.Usage = func() {
-		fmt.Fprintf(s.err, "Usage: dnbd3-nbd list [-a]\n\nLists the attached devices: device, image, rid, current server and RTT, connections, state.\n\nFlags:\n")
-		fs.PrintDefaults()
-	}
+	setHelp(fs, s, "Usage: dnbd3-nbd list [-a]\n\nLists the attached devices: device, image, rid, current server and RTT, connections, state.\n")
 	if code, ok := parseFlags(fs, args, s, "list"); !ok {
 		return code
 	}
@@ -110,6 +110,8 @@ func runList(ctx context.Context, args []string, s stdio) int {
 			server = d.live.Client.Current
 			if server == "" {
 				server = "(none)"
+			} else if d.live.Client.Pinned == server {
+				server += " (pinned)"
 			}
 			rtt = d.live.Client.CurrentRTT.Round(time.Microsecond).String()
 			conns = fmt.Sprint(d.live.Connections)
@@ -125,44 +127,37 @@ func runStatus(ctx context.Context, args []string, s stdio) int {
 	fs := pflag.NewFlagSet("dnbd3-nbd status", pflag.ContinueOnError)
 	fs.SetOutput(s.err)
 	fs.BoolVar(&asJSON, "json", false, "print the daemon's full status as JSON")
-	fs.Usage = func() {
-		fmt.Fprintf(s.err, "Usage: dnbd3-nbd status /dev/nbdN [--json]\n\nShows one device: its kernel state and, while its daemon runs, image, servers and I/O counters.\nExit code 0 if the device is connected, 3 if not.\n\nFlags:\n")
-		fs.PrintDefaults()
-	}
+	setHelp(fs, s, "Usage: dnbd3-nbd status /dev/nbdN|SOCKET [--json]\n\nShows one device: its kernel state and, while its daemon runs, image, servers and I/O counters.\n"+
+		"Given the unix socket of a `dnbd3-nbd serve` export (PATH or unix:PATH), shows that export.\n"+
+		"Exit code 0 if the device is connected (the export answers), 3 if not.\n")
 	if code, ok := parseFlagArgs(fs, args, s, "status"); !ok {
 		return code
 	}
 	if fs.NArg() != 1 {
-		fmt.Fprintln(s.err, "dnbd3-nbd status: want exactly one device, e.g. /dev/nbd0")
+		fmt.Fprintln(s.err, "dnbd3-nbd status: want exactly one device, e.g. /dev/nbd0, or a serve socket")
 		return exitUsage
 	}
-	index, err := nbdbridge.ParseDevice(fs.Arg(0))
+	target, err := newControlTarget(fs.Arg(0))
 	if err != nil {
 		fmt.Fprintf(s.err, "dnbd3-nbd status: %v\n", err)
 		return exitUsage
 	}
+	if !target.isDevice() {
+		return exportStatusCmd(target, asJSON, s)
+	}
 	if err := nbdbridge.Available(); err != nil {
 		return exitWith(s, "status", err)
 	}
-	d, err := inspect(index)
+	d, err := inspect(target.device)
 	if err != nil {
 		return exitWith(s, "status", err)
 	}
 	if asJSON && d.live != nil {
-		enc := json.NewEncoder(s.out)
-		enc.SetIndent("", "  ")
-		enc.Encode(d.live)
+		printJSON(s.out, d.live)
 	} else {
 		fmt.Fprintf(s.out, "device:     %s\nconnected:  %v\nstate:      %s\nbackend:    %s\n", d.path, d.connected, d.stateWord(), orDash(d.backendID))
 		if d.live != nil {
-			l := d.live
-			fmt.Fprintf(s.out, "pid:        %d\nimage:      %s rid %d (%d bytes, block size %d)\nserver:     %s (rtt %v)\nconnections:%d\nstarted:    %s\n",
-				l.PID, l.Image, l.RID, l.Size, l.BlockSize, orDash(l.Client.Current), l.Client.CurrentRTT, l.Connections, l.Started.Format(time.RFC3339))
-			for _, sv := range l.Client.Servers {
-				fmt.Fprintf(s.out, "  server %-24s rtt %-10v active=%v\n", sv.Addr, sv.RTT, sv.Active)
-			}
-			e := l.Engine
-			fmt.Fprintf(s.out, "io:         %d reads, %d writes, %d flushes, %d errors\n", e.Reads, e.Writes, e.Flushes, e.Errors)
+			printLive(s.out, d.live)
 		} else if d.hasState {
 			fmt.Fprintf(s.out, "image:      %s rid %s (recorded by pid %d, which is gone)\n", d.state.Info["image"], d.state.Info["rid"], d.state.PID)
 		}
@@ -173,15 +168,66 @@ func runStatus(ctx context.Context, args []string, s stdio) int {
 	return exitOK
 }
 
+// exportStatusCmd is status for a serve export.
+func exportStatusCmd(target controlTarget, asJSON bool, s stdio) int {
+	var st attachStatus
+	if err := target.query(&st); err != nil {
+		fmt.Fprintf(s.err, "dnbd3-nbd status: %v\n", err)
+		return 3
+	}
+	if asJSON {
+		printJSON(s.out, &st)
+		return exitOK
+	}
+	fmt.Fprintf(s.out, "export:     %s\nstate:      %s\n", st.Listen, st.State)
+	printLive(s.out, &st)
+	return exitOK
+}
+
+func printJSON(w io.Writer, v any) {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.Encode(v)
+}
+
+// printLive prints what a running daemon reports.
+func printLive(w io.Writer, l *attachStatus) {
+	fmt.Fprintf(w, "pid:        %d\nimage:      %s rid %d (%d bytes, block size %d)\nserver:     %s (rtt %v)%s\nconnections:%d\nstarted:    %s\n",
+		l.PID, l.Image, l.RID, l.Size, l.BlockSize, orDash(l.Client.Current), l.Client.CurrentRTT, pinnedNote(l.Client), l.Connections, l.Started.Format(time.RFC3339))
+	for _, sv := range l.Client.Servers {
+		fmt.Fprintf(w, "  server %-24s %-8s rtt %-10v failures %-4d %s\n", sv.Addr, serverOrigin(sv), rttText(sv.RTT), sv.Failures, serverState(sv))
+	}
+	if l.Slots.Direct > 0 {
+		fmt.Fprintf(w, "kernel:     %s, %d direct to %s, %d relay\n", l.Slots.Mode, l.Slots.Direct, directOn(l.Slots.DirectOn), l.Slots.Relay)
+	}
+	e := l.Engine
+	fmt.Fprintf(w, "io:         %d reads, %d writes, %d flushes, %d errors\n", e.Reads, e.Writes, e.Flushes, e.Errors)
+}
+
+// pinnedNote marks a server chosen with `servers switch`.
+func pinnedNote(c client.Stats) string {
+	if c.Pinned != "" && c.Pinned == c.Current {
+		return ", pinned by `servers switch`"
+	}
+	return ""
+}
+
+// directOn lists the servers of the direct slots, sorted.
+func directOn(m map[string]int) string {
+	keys := make([]string, 0, len(m))
+	for k, n := range m {
+		keys = append(keys, fmt.Sprintf("%s×%d", k, n))
+	}
+	sort.Strings(keys)
+	return strings.Join(keys, " ")
+}
+
 func runDetach(ctx context.Context, args []string, s stdio) int {
 	var force bool
 	fs := pflag.NewFlagSet("dnbd3-nbd detach", pflag.ContinueOnError)
 	fs.SetOutput(s.err)
 	fs.BoolVar(&force, "force", false, "disconnect even if the device is mounted or open (I/O on it then fails)")
-	fs.Usage = func() {
-		fmt.Fprintf(s.err, "Usage: dnbd3-nbd detach /dev/nbdN [--force]\n\nDisconnects the device; its daemon (if running) exits.\n\nFlags:\n")
-		fs.PrintDefaults()
-	}
+	setHelp(fs, s, "Usage: dnbd3-nbd detach /dev/nbdN [--force]\n\nDisconnects the device; its daemon (if running) exits.\n")
 	if code, ok := parseFlagArgs(fs, args, s, "detach"); !ok {
 		return code
 	}

@@ -4,7 +4,9 @@
 //	dnbd3-nbd attach -h "HOST[:PORT] ..." -i IMAGE [-r RID] [--device /dev/nbdN] ...
 //	dnbd3-nbd detach /dev/nbdN
 //	dnbd3-nbd list
-//	dnbd3-nbd status /dev/nbdN
+//	dnbd3-nbd status /dev/nbdN|SOCKET
+//	dnbd3-nbd servers /dev/nbdN|SOCKET [add|remove|switch HOST | auto]
+//	dnbd3-nbd images -h HOST[:PORT]
 //	dnbd3-nbd serve -h "HOST[:PORT] ..." -i IMAGE --listen unix:PATH|tcp:ADDR
 //	dnbd3-nbd get -h "HOST[:PORT] ..." -i IMAGE [-r RID] [-o FILE|-]
 //
@@ -54,10 +56,12 @@ func commands() []command {
 		{"attach", `-h "HOST[:PORT] ..." -i IMAGE [-r RID] [--device /dev/nbdN] [--connections N] [--block-size 512|4096] [-S] [-l LOG]`, "attach an image as /dev/nbdX and serve it in the foreground", runAttach},
 		{"detach", `/dev/nbdN [--force]`, "disconnect a device", runDetach},
 		{"list", `[-a]`, "list attached devices", runList},
-		{"status", `/dev/nbdN [--json]`, "show one device", runStatus},
+		{"status", `/dev/nbdN|SOCKET [--json]`, "show one device, or a serve export by its socket", runStatus},
 		{"resize", `/dev/nbdN SIZE`, "change the size of a copy-on-write device", runResize},
 		{"serve", `-h "HOST[:PORT] ..." -i IMAGE [-r RID] --listen unix:PATH|tcp:ADDR`, "export an image over the NBD protocol (QEMU, nbdcopy) without the kernel", runServe},
 		{"get", `-h "HOST[:PORT] ..." -i IMAGE [-r RID] [-o FILE|-]`, "download an image or a range of it", runGet},
+		{"images", `-h HOST[:PORT] [--json]`, "list the images of a server (from its RPC)", runImages},
+		{"servers", `/dev/nbdN|SOCKET [add HOST | remove HOST | switch HOST | auto]`, "list or change the servers of a running attach or serve", runServers},
 	}
 }
 
@@ -92,7 +96,7 @@ func run(ctx context.Context, args []string, s stdio) int {
 		}
 		usage(s.out)
 		return exitOK
-	case "version", "--version", "-V":
+	case "version", "--version", "-V", "-v":
 		fmt.Fprintln(s.out, version.String())
 		return exitOK
 	}

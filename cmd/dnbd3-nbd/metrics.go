@@ -9,7 +9,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/dnbd3go/dnbd3go/internal/promhist"
 	"log/slog"
 	"net"
 	"net/http"
@@ -18,6 +17,7 @@ import (
 	"time"
 
 	"github.com/dnbd3go/dnbd3go/client"
+	"github.com/dnbd3go/dnbd3go/internal/promhist"
 	"github.com/dnbd3go/dnbd3go/nbdbridge"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"

@@ -13,17 +13,15 @@ import (
 func runResize(ctx context.Context, args []string, s stdio) int {
 	fs := pflag.NewFlagSet("dnbd3-nbd resize", pflag.ContinueOnError)
 	fs.SetOutput(s.err)
-	fs.Usage = func() {
-		fmt.Fprintf(s.err, "Usage: dnbd3-nbd resize /dev/nbdN SIZE\n       dnbd3-nbd resize /dev/nbdN      (check only: exit 0 if the device can be resized)\n\n"+
-			"Changes the size of a copy-on-write device (attached with -c or -L): the session gets exactly\n"+
-			"SIZE bytes (suffixes K, M, G, T), the device SIZE rounded down to its block size. Growing reads\n"+
-			"zeros past the old end; shrinking and growing again does not bring old data back.\n")
-	}
+	setHelp(fs, s, "Usage: dnbd3-nbd resize /dev/nbdN SIZE\n       dnbd3-nbd resize /dev/nbdN      (check only: exit 0 if the device can be resized)\n\n"+
+		"Changes the size of a copy-on-write device (attached with -c or -L): the session gets exactly\n"+
+		"SIZE bytes (suffixes K, M, G, T), the device SIZE rounded down to its block size. Growing reads\n"+
+		"zeros past the old end; shrinking and growing again does not bring old data back.\n")
 	if code, ok := parseFlagArgs(fs, args, s, "resize"); !ok {
 		return code
 	}
 	if fs.NArg() != 1 && fs.NArg() != 2 {
-		fs.Usage()
+		fmt.Fprintln(s.err, "dnbd3-nbd resize: want /dev/nbdN [SIZE] (see --help)")
 		return exitUsage
 	}
 	index, err := nbdbridge.ParseDevice(fs.Arg(0))

@@ -47,7 +47,40 @@ type flags struct {
 }
 
 func run(args []string) int {
-	var f flags
+	f, code, ok := parseFlags(args)
+	if !ok {
+		return code
+	}
+	if code, done := oneShot(f); done {
+		return code
+	}
+	dir := readConfigDir(f)
+	if dir == nil {
+		return 1
+	}
+	cfg := dir.Config
+	if !f.foreground && os.Getenv(daemonEnv) == "" {
+		return daemonize(args)
+	}
+	lg, err := logging.New(logging.Options{
+		Format:      f.logFormat,
+		Console:     os.Stdout,
+		ConsoleMask: cfg.LogConsoleMask,
+		File:        cfg.LogFile,
+		FileMask:    cfg.LogFileMask,
+		Timestamps:  cfg.ConsoleTimestamps,
+	})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "dnbd3-server:", err)
+		return 1
+	}
+	defer lg.Close()
+	return serve(f, dir, lg)
+}
+
+// parseFlags parses the command line; ok is false when the program ends
+// here with code (--help, a bad flag).
+func parseFlags(args []string) (f flags, code int, ok bool) {
 	fs := pflag.NewFlagSet("dnbd3-server", pflag.ContinueOnError)
 	fs.SortFlags = false
 	fs.StringVarP(&f.configDir, "config", "c", "/etc/dnbd3-server", "configuration directory (server.conf, alt-servers, rpc.acl)")
@@ -62,52 +95,32 @@ func run(args []string) int {
 	fs.BoolVar(&f.check, "check-config", false, "check the configuration directory (as the user the server runs as), print every problem and exit: 1 if the server would not start")
 	fs.BoolVar(&f.allowOpen, "allow-open-rpc", false, "start even if rpc.acl has rule lines but none is valid (the RPC is then open to everyone, as in the reference)")
 	fs.BoolVarP(&f.showVer, "version", "v", false, "print the version and exit")
-	fs.Usage = func() {
-		fmt.Fprintf(os.Stderr, "Usage: dnbd3-server [-n] [-c DIR] [-b ADDR]\n       dnbd3-server --check-config [-c DIR]\n       dnbd3-server --crc FILE\n       dnbd3-server -c DIR --create NAME --revision N --size BYTES\n\n")
-		fs.PrintDefaults()
+	fs.Usage = func() { // --help: output asked for, on stdout
+		fmt.Fprintf(os.Stdout, "Usage: dnbd3-server [-n] [-c DIR] [-b ADDR]\n       dnbd3-server --check-config [-c DIR]\n       dnbd3-server --crc FILE\n       dnbd3-server -c DIR --create NAME --revision N --size BYTES\n\n%s", fs.FlagUsages())
 	}
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, pflag.ErrHelp) {
-			return 0
+			return f, 0, false
 		}
 		fmt.Fprintln(os.Stderr, "dnbd3-server:", err)
-		return 2
+		return f, 2, false
 	}
 	if fs.NArg() > 0 {
 		fmt.Fprintf(os.Stderr, "dnbd3-server: unexpected argument %q\n", fs.Arg(0))
-		return 2
+		return f, 2, false
 	}
-	if code, done := oneShot(f); done {
-		return code
-	}
-	dir := readConfigDir(f)
-	if dir == nil {
-		return 1
-	}
-	cfg := dir.Config
-	if !f.foreground && os.Getenv(daemonEnv) == "" {
-		return daemonize(args)
-	}
+	return f, 0, true
+}
 
-	lg, err := logging.New(logging.Options{
-		Format:      f.logFormat,
-		Console:     os.Stdout,
-		ConsoleMask: cfg.LogConsoleMask,
-		File:        cfg.LogFile,
-		FileMask:    cfg.LogFileMask,
-		Timestamps:  cfg.ConsoleTimestamps,
-	})
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "dnbd3-server:", err)
-		return 1
-	}
-	defer lg.Close()
+// serve starts the server with the checked configuration and runs it
+// until SIGTERM or SIGINT.
+func serve(f flags, dir *server.ConfigDir, lg *logging.Logger) int {
+	cfg := dir.Config
 	log := lg.Logger
 	for _, p := range dir.Problems {
 		log.Warn(p.Msg, "at", p.Where())
 	}
 	log.Info("starting", "version", version.String(), "config", f.configDir, "basePath", cfg.BasePath)
-
 	srv, err := server.New(server.Options{
 		ConfigDir: f.configDir,
 		Config:    cfg,
@@ -132,26 +145,7 @@ func run(args []string) int {
 	defer stop()
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGUSR1, syscall.SIGUSR2)
-	go func() {
-		for sig := range sigs {
-			switch sig {
-			case syscall.SIGHUP:
-				log.Info("SIGHUP received, reloading configuration and images")
-				if err := srv.Reload(); err != nil {
-					log.Error("reload failed", "err", err)
-				}
-			case syscall.SIGUSR1:
-				log.Info("SIGUSR1 received, verifying checksum of all images...")
-				go srv.VerifyAll(ctx)
-			case syscall.SIGUSR2:
-				if err := lg.Reopen(); err != nil {
-					log.Error("cannot reopen log file", "err", err)
-				} else {
-					log.Info("SIGUSR2 received, log file reopened")
-				}
-			}
-		}
-	}()
+	go handleSignals(ctx, sigs, srv, lg)
 	// systemd (Type=notify): ready once listening, then status lines.
 	sd := sdnotify.Start(ctx, sdnotify.Options{Status: srv.StatusLine, Logger: log})
 	err = srv.Serve(ctx, ln)
@@ -164,6 +158,30 @@ func run(args []string) int {
 	}
 	log.Info("shut down cleanly")
 	return 0
+}
+
+// handleSignals runs the reference's signal actions until sigs closes:
+// SIGHUP reloads, SIGUSR1 verifies every image, SIGUSR2 reopens the log.
+func handleSignals(ctx context.Context, sigs <-chan os.Signal, srv *server.Server, lg *logging.Logger) {
+	log := lg.Logger
+	for sig := range sigs {
+		switch sig {
+		case syscall.SIGHUP:
+			log.Info("SIGHUP received, reloading configuration and images")
+			if err := srv.Reload(); err != nil {
+				log.Error("reload failed", "err", err)
+			}
+		case syscall.SIGUSR1:
+			log.Info("SIGUSR1 received, verifying checksum of all images...")
+			go srv.VerifyAll(ctx)
+		case syscall.SIGUSR2:
+			if err := lg.Reopen(); err != nil {
+				log.Error("cannot reopen log file", "err", err)
+			} else {
+				log.Info("SIGUSR2 received, log file reopened")
+			}
+		}
+	}
 }
 
 // oneShot runs the modes that do something and exit instead of serving

@@ -13,6 +13,9 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/dnbd3go/dnbd3go/cowformat"
+	"github.com/dnbd3go/dnbd3go/internal/uuid"
 )
 
 // handle dispatches a request whose body has been read.
@@ -104,14 +107,14 @@ func (s *Server) create(r *http.Request, body []byte) reply {
 	switch {
 	case rev < 0 || rev > math.MaxUint16:
 		return badRequest("revision out of range")
-	case bfs != BitfieldSize:
+	case bfs != cowformat.BitfieldSize:
 		return badRequest("bitfieldSize must be 40")
 	case name == "":
 		return badRequest("missing field imageName")
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	id := newGUID()
+	id := uuid.New()
 	if len(s.nextUUIDs) > 0 {
 		id, s.nextUUIDs = s.nextUUIDs[0], s.nextUUIDs[1:]
 	}
@@ -135,7 +138,7 @@ func (s *Server) update(r *http.Request, body []byte) reply {
 	if ct, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || ct != "application/octet-stream" {
 		return reply{status: http.StatusUnsupportedMediaType, body: "Content-Type must be application/octet-stream"}
 	}
-	if len(body) < BitfieldSize {
+	if len(body) < cowformat.BitfieldSize {
 		return badRequest("body shorter than the 40-byte bitfield")
 	}
 	var c Cluster
@@ -144,10 +147,10 @@ func (s *Server) update(r *http.Request, body []byte) reply {
 	for _, b := range c.Bitfield {
 		n += bits.OnesCount8(b)
 	}
-	if len(body) != BitfieldSize+n*BlockSize {
-		return badRequest("body is " + strconv.Itoa(len(body)) + " bytes, want 40 + 4096 x " + strconv.Itoa(n) + " set bits = " + strconv.Itoa(BitfieldSize+n*BlockSize))
+	if len(body) != cowformat.BitfieldSize+n*cowformat.BlockSize {
+		return badRequest("body is " + strconv.Itoa(len(body)) + " bytes, want 40 + 4096 x " + strconv.Itoa(n) + " set bits = " + strconv.Itoa(cowformat.BitfieldSize+n*cowformat.BlockSize))
 	}
-	c.Blocks = bytes.Clone(body[BitfieldSize:])
+	c.Blocks = bytes.Clone(body[cowformat.BitfieldSize:])
 
 	s.mu.Lock()
 	sess, ok := s.sessions[id]

@@ -3,6 +3,8 @@ package mergertest
 import (
 	"errors"
 	"fmt"
+
+	"github.com/dnbd3go/dnbd3go/cowformat"
 )
 
 // MergedImage computes the image a correct merge of session uuid produces
@@ -22,15 +24,15 @@ func (s *Server) MergedImage(original []byte, uuid string) ([]byte, error) {
 	img := resize(append([]byte(nil), original...), m.OriginalFileSize)
 	for idx, c := range sess.Clusters {
 		k := 0
-		for bit := range BitfieldSize * 8 {
+		for bit := range cowformat.BitfieldSize * 8 {
 			if c.Bitfield[bit/8]&(1<<(bit%8)) == 0 {
 				continue
 			}
-			off := int64(idx)*ClusterSize + int64(bit)*BlockSize
-			if end := off + BlockSize; end > int64(len(img)) {
+			off := int64(idx)*cowformat.ClusterSize + int64(bit)*cowformat.BlockSize
+			if end := off + cowformat.BlockSize; end > int64(len(img)) {
 				img = resize(img, end)
 			}
-			copy(img[off:off+BlockSize], c.Blocks[k*BlockSize:(k+1)*BlockSize])
+			copy(img[off:off+cowformat.BlockSize], c.Blocks[k*cowformat.BlockSize:(k+1)*cowformat.BlockSize])
 			k++
 		}
 	}

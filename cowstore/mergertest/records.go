@@ -5,6 +5,8 @@ import (
 	"net/http"
 	"net/url"
 	"time"
+
+	"github.com/dnbd3go/dnbd3go/cowformat"
 )
 
 // Request is a recorded request.
@@ -45,7 +47,7 @@ type Session struct {
 // Cluster is the stored state of one cluster: the bitfield and blocks of
 // its latest upload.
 type Cluster struct {
-	Bitfield [BitfieldSize]byte
+	Bitfield [cowformat.BitfieldSize]byte
 	// Blocks holds 4096 bytes for every set bit, ascending.
 	Blocks []byte
 	// Uploads counts the accepted uploads of this cluster.
@@ -129,7 +131,7 @@ func (s *Server) AddSession(uuid, imageName string, revision int) {
 // addSessionLocked registers a new session; the caller holds s.mu.
 func (s *Server) addSessionLocked(uuid, imageName string, revision int) {
 	s.sessions[uuid] = &session{
-		Session:  Session{UUID: uuid, ImageName: imageName, Revision: revision, BitfieldSize: BitfieldSize, Created: time.Now()},
+		Session:  Session{UUID: uuid, ImageName: imageName, Revision: revision, BitfieldSize: cowformat.BitfieldSize, Created: time.Now()},
 		clusters: make(map[int]*Cluster),
 	}
 	s.order = append(s.order, uuid)

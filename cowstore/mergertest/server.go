@@ -1,9 +1,7 @@
 package mergertest
 
 import (
-	"crypto/rand"
 	"crypto/x509"
-	"fmt"
 	"io"
 	"log"
 	"net/http"
@@ -13,18 +11,14 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/dnbd3go/dnbd3go/cowformat"
 )
 
 // Sizes of the merger's data model.
 const (
-	// BitfieldSize is the size of a cluster's bitfield in bytes.
-	BitfieldSize = 40
-	// BlockSize is the size of the block one bit stands for.
-	BlockSize = 4096
-	// ClusterSize is the size of a cluster (320 blocks, 1.25 MiB).
-	ClusterSize = BitfieldSize * 8 * BlockSize
 	// maxBody is the largest request body accepted.
-	maxBody = BitfieldSize + ClusterSize + 1<<16
+	maxBody = cowformat.BitfieldSize + cowformat.ClusterSize + 1<<16
 )
 
 // Server is a fake merger listening on a loopback address. Its methods
@@ -285,13 +279,4 @@ func (rep reply) write(w http.ResponseWriter) {
 	}
 	w.WriteHeader(rep.status)
 	io.WriteString(w, rep.body)
-}
-
-// newGUID returns a random version-4 GUID in lowercase 8-4-4-4-12 form.
-func newGUID() string {
-	var b [16]byte
-	rand.Read(b[:])
-	b[6] = b[6]&0x0f | 0x40
-	b[8] = b[8]&0x3f | 0x80
-	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:16])
 }

@@ -10,14 +10,12 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"regexp"
 	"strings"
 	"testing"
 
+	"github.com/dnbd3go/dnbd3go/cowformat"
 	"github.com/dnbd3go/dnbd3go/internal/testutil"
 )
-
-var guidRE = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$`)
 
 func post(t *testing.T, url, ct string, body []byte) (int, string) {
 	t.Helper()
@@ -44,13 +42,13 @@ func create(t *testing.T, s *Server, name string) string {
 // body builds an update body with the given bits set; block k holds byte
 // fill+k.
 func body(fill byte, bitsSet ...int) []byte {
-	var bf [BitfieldSize]byte
+	var bf [cowformat.BitfieldSize]byte
 	for _, b := range bitsSet {
 		bf[b/8] |= 1 << (b % 8)
 	}
 	out := append([]byte(nil), bf[:]...)
 	for k := range bitsSet {
-		out = append(out, bytes.Repeat([]byte{fill + byte(k)}, BlockSize)...)
+		out = append(out, bytes.Repeat([]byte{fill + byte(k)}, cowformat.BlockSize)...)
 	}
 	return out
 }
@@ -68,7 +66,7 @@ func TestCreateReplyAndRecord(t *testing.T) {
 	}
 	raw, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	if resp.StatusCode != 200 || !guidRE.Match(raw) || len(raw) != 36 {
+	if resp.StatusCode != 200 || !testutil.UUIDv4.Match(raw) || len(raw) != 36 {
 		t.Fatalf("create reply %d %q, want a bare GUID", resp.StatusCode, raw)
 	}
 	if ct := resp.Header.Get("Content-Type"); ct != "text/plain; charset=utf-8" {
@@ -91,7 +89,7 @@ func TestCreateMultipartAndBadForms(t *testing.T) {
 	buf.WriteString("--XX\r\nContent-Disposition: form-data; name=\"imageName\"\r\n\r\nimg\r\n" +
 		"--XX\r\nContent-Disposition: form-data; name=\"revision\"\r\n\r\n2\r\n" +
 		"--XX\r\nContent-Disposition: form-data; name=\"bitfieldSize\"\r\n\r\n40\r\n--XX--\r\n")
-	if code, id := post(t, s.URL+"/v1/file/create", "multipart/form-data; boundary=XX", buf.Bytes()); code != 200 || !guidRE.MatchString(id) {
+	if code, id := post(t, s.URL+"/v1/file/create", "multipart/form-data; boundary=XX", buf.Bytes()); code != 200 || !testutil.UUIDv4.MatchString(id) {
 		t.Fatalf("multipart create: %d %q", code, id)
 	}
 	for _, tc := range []struct {
@@ -168,7 +166,7 @@ func TestUpdateValidationAndReplace(t *testing.T) {
 func TestMergeStatusAndMergedImage(t *testing.T) {
 	s := Start(t)
 	id := create(t, s, "img")
-	orig := make([]byte, 3*ClusterSize)
+	orig := make([]byte, 3*cowformat.ClusterSize)
 	for i := range orig {
 		orig[i] = byte(i % 251)
 	}
@@ -190,8 +188,8 @@ func TestMergeStatusAndMergedImage(t *testing.T) {
 	if _, err := s.MergedImage(orig, id); err == nil {
 		t.Fatal("MergedImage before a merge succeeded")
 	}
-	validRemote := int64(ClusterSize + 1000) // the original was cut inside cluster 1
-	newSize := int64(4*ClusterSize + 3*BlockSize)
+	validRemote := int64(cowformat.ClusterSize + 1000) // the original was cut inside cluster 1
+	newSize := int64(4*cowformat.ClusterSize + 3*cowformat.BlockSize)
 	if code, msg := post(t, s.URL+"/v1/file/merge", formCT, fmt.Appendf(nil, "originalFileSize=%d&newFileSize=%d&uuid=%s", validRemote, newSize, id)); code != 200 || msg != "Merge started" {
 		t.Fatalf("merge: %d %q", code, msg)
 	}
@@ -204,11 +202,13 @@ func TestMergeStatusAndMergedImage(t *testing.T) {
 	}
 	want := make([]byte, newSize)
 	copy(want, orig[:validRemote])
-	fill := func(off int64, b byte) { copy(want[off:off+BlockSize], bytes.Repeat([]byte{b}, BlockSize)) }
+	fill := func(off int64, b byte) {
+		copy(want[off:off+cowformat.BlockSize], bytes.Repeat([]byte{b}, cowformat.BlockSize))
+	}
 	fill(0, 0xA0)
-	fill(2*BlockSize, 0xA1)
-	fill(2*ClusterSize+319*BlockSize, 0xB0)
-	fill(4*ClusterSize+BlockSize, 0xC0)
+	fill(2*cowformat.BlockSize, 0xA1)
+	fill(2*cowformat.ClusterSize+319*cowformat.BlockSize, 0xB0)
+	fill(4*cowformat.ClusterSize+cowformat.BlockSize, 0xC0)
 	if !bytes.Equal(got, want) {
 		t.Fatal("merged image differs from the hand-built one")
 	}

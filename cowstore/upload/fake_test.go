@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/cowformat"
 	"github.com/dnbd3go/dnbd3go/cowstore/mergertest"
 )
 
@@ -38,7 +39,7 @@ func (c *fakeClock) Advance(d time.Duration) {
 
 // fakeCluster is one cluster of the fake overlay.
 type fakeCluster struct {
-	bits    [BitfieldSize]byte
+	bits    [cowformat.BitfieldSize]byte
 	blocks  map[int][]byte
 	changed int64 // 0 = clean
 	gen     uint64
@@ -66,8 +67,8 @@ func newFakeSource(clock *fakeClock) *fakeSource {
 		clusters: make(map[int]*fakeCluster),
 		image:    "pool/img",
 		rid:      3,
-		valid:    8 * ClusterSize,
-		size:     8 * ClusterSize,
+		valid:    8 * cowformat.ClusterSize,
+		size:     8 * cowformat.ClusterSize,
 	}
 }
 
@@ -82,7 +83,7 @@ func (f *fakeSource) write(idx, block int, fill byte) {
 		f.clusters[idx] = c
 	}
 	c.bits[block/8] |= 1 << (block % 8)
-	b := make([]byte, BlockSize)
+	b := make([]byte, cowformat.BlockSize)
 	for i := range b {
 		b[i] = fill + byte(i%7)
 	}
@@ -115,7 +116,7 @@ func (f *fakeSource) view(original []byte) []byte {
 	copy(img, original[:min(int64(len(original)), f.valid, f.size)])
 	for idx, c := range f.clusters {
 		for b, data := range c.blocks {
-			off := int64(idx)*ClusterSize + int64(b)*BlockSize
+			off := int64(idx)*cowformat.ClusterSize + int64(b)*cowformat.BlockSize
 			if off < f.size {
 				copy(img[off:], data)
 			}
@@ -156,18 +157,18 @@ func (f *fakeSource) Counts() (dirty, clean int) {
 	return dirty, clean
 }
 
-func (f *fakeSource) Snapshot(index int) ([BitfieldSize]byte, []byte, uint64, error) {
+func (f *fakeSource) Snapshot(index int) ([cowformat.BitfieldSize]byte, []byte, uint64, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	c := f.clusters[index]
 	if c == nil {
-		return [BitfieldSize]byte{}, nil, 0, errors.New("no such cluster")
+		return [cowformat.BitfieldSize]byte{}, nil, 0, errors.New("no such cluster")
 	}
 	if err := f.snapErr[index]; err != nil {
-		return [BitfieldSize]byte{}, nil, c.gen, err
+		return [cowformat.BitfieldSize]byte{}, nil, c.gen, err
 	}
 	var blocks []byte
-	for b := range BitfieldSize * 8 {
+	for b := range cowformat.BitfieldSize * 8 {
 		if c.bits[b/8]&(1<<(b%8)) != 0 {
 			blocks = append(blocks, c.blocks[b]...)
 		}

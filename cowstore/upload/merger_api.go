@@ -9,13 +9,9 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+
+	"github.com/dnbd3go/dnbd3go/cowformat"
 )
-
-// BlockSize is the size of one block of a cluster, one bit of its bitfield.
-const BlockSize = 4096
-
-// ClusterSize is the size of a cluster: BitfieldSize*8 blocks (1.25 MiB).
-const ClusterSize = BitfieldSize * 8 * BlockSize
 
 // API paths, lowercase as the reference client sends them.
 const (
@@ -36,7 +32,7 @@ func (m *Merger) Create(ctx context.Context, imageName string, rid uint16) (stri
 	}
 	body := encodeForm(
 		formField{"revision", strconv.Itoa(int(rid))},
-		formField{"bitfieldSize", strconv.Itoa(BitfieldSize)},
+		formField{"bitfieldSize", strconv.Itoa(cowformat.BitfieldSize)},
 		formField{"imageName", imageName},
 	)
 	r, err := m.do(ctx, "create", http.MethodPost, m.base+pathCreate, formType, []byte(body))
@@ -80,7 +76,7 @@ func statusHint(status int) string {
 // It returns nil on 2xx. Use BackPressure on the error to tell a request to
 // slow down (503, 429 or Retry-After, the cluster must stay dirty) from a
 // failure.
-func (m *Merger) Update(ctx context.Context, uuid string, cluster int, bitfield [BitfieldSize]byte, blocks []byte) error {
+func (m *Merger) Update(ctx context.Context, uuid string, cluster int, bitfield [cowformat.BitfieldSize]byte, blocks []byte) error {
 	if err := checkUUID(uuid); err != nil {
 		return fmt.Errorf("merger update: %w", err)
 	}
@@ -91,8 +87,8 @@ func (m *Merger) Update(ctx context.Context, uuid string, cluster int, bitfield 
 	for _, b := range bitfield {
 		n += bits.OnesCount8(b)
 	}
-	if len(blocks) != n*BlockSize {
-		return fmt.Errorf("merger update: cluster %d: %d bytes of blocks for %d set bits, want %d (overlay bug)", cluster, len(blocks), n, n*BlockSize)
+	if len(blocks) != n*cowformat.BlockSize {
+		return fmt.Errorf("merger update: cluster %d: %d bytes of blocks for %d set bits, want %d (overlay bug)", cluster, len(blocks), n, n*cowformat.BlockSize)
 	}
 	endpoint := m.base + pathUpdate + "?uuid=" + escape(uuid) + "&clusterindex=" + strconv.Itoa(cluster)
 	r, err := m.do(ctx, "update", http.MethodPost, endpoint, "application/octet-stream", bitfield[:], blocks)

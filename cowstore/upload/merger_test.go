@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/cowformat"
 	"github.com/dnbd3go/dnbd3go/internal/testutil"
 )
 
@@ -182,13 +183,13 @@ func TestCreateReplies(t *testing.T) {
 
 // fixtureCluster rebuilds the bitfield and blocks of a cluster of the
 // fixture session from its data file.
-func fixtureCluster(t *testing.T, data []byte, slot int, bitsSet ...int) ([BitfieldSize]byte, []byte) {
-	var bf [BitfieldSize]byte
+func fixtureCluster(t *testing.T, data []byte, slot int, bitsSet ...int) ([cowformat.BitfieldSize]byte, []byte) {
+	var bf [cowformat.BitfieldSize]byte
 	var blocks []byte
-	base := ClusterSize * (slot + 1)
+	base := cowformat.ClusterSize * (slot + 1)
 	for _, b := range bitsSet {
 		bf[b/8] |= 1 << (b % 8)
-		blocks = append(blocks, data[base+b*BlockSize:base+(b+1)*BlockSize]...)
+		blocks = append(blocks, data[base+b*cowformat.BlockSize:base+(b+1)*cowformat.BlockSize]...)
 	}
 	return bf, blocks
 }
@@ -228,10 +229,10 @@ func TestUpdateMatchesReferenceBodies(t *testing.T) {
 		}
 	}
 	// Blocks that do not match the bitfield are refused before sending.
-	if err := m.Update(context.Background(), fixtureUUID, 1, [BitfieldSize]byte{0: 1}, nil); err == nil {
+	if err := m.Update(context.Background(), fixtureUUID, 1, [cowformat.BitfieldSize]byte{0: 1}, nil); err == nil {
 		t.Error("Update with missing blocks succeeded")
 	}
-	if err := m.Update(context.Background(), "", 1, [BitfieldSize]byte{}, nil); err == nil {
+	if err := m.Update(context.Background(), "", 1, [cowformat.BitfieldSize]byte{}, nil); err == nil {
 		t.Error("Update without a uuid succeeded")
 	}
 }
@@ -266,7 +267,7 @@ func TestUpdateOutcomes(t *testing.T) {
 			}
 			rec := newRecorder(t, tc.status, "nope", hdr)
 			m := newTestMerger(t, rec.URL, MergerConfig{Now: func() time.Time { return now }})
-			err := m.Update(context.Background(), fixtureUUID, 5, [BitfieldSize]byte{}, nil)
+			err := m.Update(context.Background(), fixtureUUID, 5, [cowformat.BitfieldSize]byte{}, nil)
 			if (err == nil) != tc.ok {
 				t.Fatalf("err = %v", err)
 			}
@@ -407,7 +408,7 @@ func TestStallAndUnreachable(t *testing.T) {
 	defer close(release)
 	m := newTestMerger(t, ts.URL, MergerConfig{StallTimeout: 100 * time.Millisecond})
 	start := time.Now()
-	err := m.Update(context.Background(), fixtureUUID, 0, [BitfieldSize]byte{}, nil)
+	err := m.Update(context.Background(), fixtureUUID, 0, [cowformat.BitfieldSize]byte{}, nil)
 	if err == nil || !strings.Contains(err.Error(), "no progress") {
 		t.Fatalf("stalled request: %v", err)
 	}

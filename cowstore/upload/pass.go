@@ -9,6 +9,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/dnbd3go/dnbd3go/cowformat"
 )
 
 // outcome is the result of one cluster upload.
@@ -144,7 +146,7 @@ func (u *Uploader) uploadOne(ctx context.Context, uuid string, index int) (outco
 	u.active.Add(-1)
 	if err == nil {
 		u.uploaded.Add(1)
-		u.bytes.Add(uint64(BitfieldSize + len(blocks)))
+		u.bytes.Add(uint64(cowformat.BitfieldSize + len(blocks)))
 		if !u.src.MarkUploaded(index, gen) {
 			u.log.Debug("cluster changed during its upload; it stays dirty", "cluster", index)
 		}

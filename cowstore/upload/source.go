@@ -1,8 +1,6 @@
 package upload
 
-// BitfieldSize is the size of a cluster's block bitfield (320 blocks of
-// 4 KiB, LSB first).
-const BitfieldSize = 40
+import "github.com/dnbd3go/dnbd3go/cowformat"
 
 // Source is the copy-on-write overlay as the uploader sees it. It is
 // implemented by *cowstore.Overlay; tests use a fake.
@@ -17,7 +15,7 @@ type Source interface {
 	// whose bit is set (ascending, concatenated: 4096 x popcount bytes) and
 	// a generation number that changes with every later modification of
 	// the cluster.
-	Snapshot(index int) (bitfield [BitfieldSize]byte, blocks []byte, gen uint64, err error)
+	Snapshot(index int) (bitfield [cowformat.BitfieldSize]byte, blocks []byte, gen uint64, err error)
 	// MarkUploaded records a successful upload of generation gen: the
 	// upload counter grows and the failure counter resets; if the cluster
 	// has not changed since gen it becomes clean. It reports whether it did.

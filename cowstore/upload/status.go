@@ -3,9 +3,10 @@ package upload
 import (
 	"context"
 	"fmt"
-	"os"
-	"path/filepath"
+	"io"
 	"time"
+
+	"github.com/dnbd3go/dnbd3go/internal/fsutil"
 )
 
 // statusInfo is what one status report shows.
@@ -28,7 +29,9 @@ func (s statusInfo) text() string {
 }
 
 // statusEnabled reports whether status reports go anywhere.
-func (u *Uploader) statusEnabled() bool { return u.cfg.StatusFile != "" || u.cfg.StatsToLog }
+func (u *Uploader) statusEnabled() bool {
+	return u.cfg.StatusFile != "" || u.cfg.StatsToLog || u.cfg.StatsOut != nil
+}
 
 // counts walks the dirty clusters: due ones and those not due yet. With
 // all set (after detach) every dirty cluster is due.
@@ -75,9 +78,12 @@ func (u *Uploader) writeStatus(state string) {
 	defer u.statusMu.Unlock()
 	s := u.collectStatus(state)
 	if u.cfg.StatusFile != "" {
-		if err := writeFileAtomic(u.cfg.StatusFile, []byte(s.text())); err != nil {
+		if err := fsutil.ReplaceFile(u.cfg.StatusFile, []byte(s.text()), 0o600); err != nil {
 			u.noteStatusError(err)
 		}
+	}
+	if u.cfg.StatsOut != nil {
+		io.WriteString(u.cfg.StatsOut, s.text()+"\n") // informational: a closed stdout must not stop uploads
 	}
 	if u.cfg.StatsToLog {
 		u.log.Info("cow upload status",
@@ -109,7 +115,7 @@ func (u *Uploader) createStatusFile() {
 	u.statusMu.Lock()
 	defer u.statusMu.Unlock()
 	text := fmt.Sprintf("[General]\nuuid=%s\nstate=%s\n", u.src.UUID(), StateActive)
-	if err := writeFileAtomic(u.cfg.StatusFile, []byte(text)); err != nil {
+	if err := fsutil.ReplaceFile(u.cfg.StatusFile, []byte(text), 0o600); err != nil {
 		u.noteStatusError(err)
 	}
 }
@@ -135,34 +141,4 @@ func (u *Uploader) statusLoop(ctx context.Context, state string) {
 			u.writeStatus(state)
 		}
 	}
-}
-
-// writeFileAtomic replaces path with data (mode 0600) through a temporary
-// file in the same directory and a rename, so readers never see a torn or
-// mixed file.
-func writeFileAtomic(path string, data []byte) error {
-	dir, base := filepath.Split(path)
-	if dir == "" {
-		dir = "."
-	}
-	f, err := os.CreateTemp(dir, "."+base+".tmp-*")
-	if err != nil {
-		return fmt.Errorf("write status file: %w", err)
-	}
-	tmp := f.Name()
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Chmod(0o600)
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("write status file %s: %w", path, err)
-	}
-	return nil
 }

@@ -1,7 +1,6 @@
 package upload
 
 import (
-	"bytes"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -11,6 +10,7 @@ import (
 	"time"
 
 	"github.com/dnbd3go/dnbd3go/cowstore/mergertest"
+	"github.com/dnbd3go/dnbd3go/internal/testutil"
 )
 
 // statusKeys lists the keys of a status file's lines, in order.
@@ -158,7 +158,7 @@ func TestStatusDoneAfterFailure(t *testing.T) {
 }
 
 func TestStatsToLog(t *testing.T) {
-	var buf syncBuffer
+	var buf testutil.Buffer
 	e := newEnv(t)
 	e.cfg.StatsToLog = true
 	e.cfg.StatsInterval = 5 * time.Millisecond
@@ -174,8 +174,34 @@ func TestStatsToLog(t *testing.T) {
 	}
 }
 
+// TestStatsOut: --cow-stats-stdout prints the status file's INI text, one
+// report per interval, each followed by an empty line, and the final one
+// with state=done.
+func TestStatsOut(t *testing.T) {
+	var buf testutil.Buffer
+	e := newEnv(t)
+	e.cfg.StatsOut = &buf
+	e.cfg.StatsInterval = 5 * time.Millisecond
+	e.session(t)
+	e.src.write(7, 0, 1)
+	stop := runBG(t, e.uploader())
+	want := "[General]\nuuid=" + fixtureUUID + "\nstate=backgroundUpload\ninQueue=0\nmodifiedClusters=1\nidleClusters=0\ntotalClustersUploaded=0\nactiveUploads=0\navgSpeedKb=0.00\n\n"
+	waitFor(t, "status report on the writer", func() bool { return strings.Contains(buf.String(), want) })
+	stop()
+	if _, err := e.uploader().Finish(t.Context(), false); err != nil {
+		t.Fatal(err)
+	}
+	out := buf.String()
+	if !strings.HasPrefix(out, "[General]\n") || !strings.HasSuffix(out, "\n\n") || !strings.Contains(out, "state=done\n") {
+		t.Fatalf("stats output:\n%s", out)
+	}
+	if strings.Contains(out, "msg=") || strings.Contains(out, "level=") {
+		t.Fatalf("log lines on the stats writer:\n%s", out)
+	}
+}
+
 func TestStatusFileUnwritable(t *testing.T) {
-	var buf syncBuffer
+	var buf testutil.Buffer
 	e := newEnv(t)
 	e.cfg.StatusFile = filepath.Join(t.TempDir(), "missing-dir", "status")
 	e.cfg.Logger = slog.New(slog.NewTextHandler(&buf, nil))
@@ -187,22 +213,4 @@ func TestStatusFileUnwritable(t *testing.T) {
 	if !strings.Contains(buf.String(), "cannot write the COW status file") {
 		t.Fatalf("no warning logged:\n%s", buf.String())
 	}
-}
-
-// syncBuffer is a bytes.Buffer safe for concurrent writers.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"sync"
 	"sync/atomic"
@@ -47,6 +48,10 @@ type Config struct {
 	// StatsToLog logs the status at Info level every StatsInterval
 	// (--cow-stats-stdout).
 	StatsToLog bool
+	// StatsOut, if set, receives the status every StatsInterval as the
+	// status file's text (INI, section [General]) followed by an empty
+	// line (--cow-stats-stdout prints it to stdout).
+	StatsOut io.Writer
 	// Logger receives the uploader's messages (default slog.Default()).
 	Logger *slog.Logger
 	// Now is the clock that decides whether a change is old enough and

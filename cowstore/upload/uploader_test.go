@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/cowformat"
 	"github.com/dnbd3go/dnbd3go/cowstore/mergertest"
 )
 
@@ -173,7 +174,7 @@ func TestClusterChangedDuringUpload(t *testing.T) {
 		t.Fatal("a cluster changed during its upload became clean")
 	}
 	sess, _ := e.srv.Session(fixtureUUID)
-	if c := sess.Clusters[3]; c.Bitfield != [BitfieldSize]byte{0: 1} {
+	if c := sess.Clusters[3]; c.Bitfield != [cowformat.BitfieldSize]byte{0: 1} {
 		t.Fatalf("first upload bitfield %x", c.Bitfield)
 	}
 	if n := len(e.srv.RequestsTo("update")); n != 1 {
@@ -285,8 +286,8 @@ func TestSnapshotErrorAndLazySession(t *testing.T) {
 func TestFinishUploadsAndMerges(t *testing.T) {
 	e := newEnv(t)
 	e.session(t)
-	e.src.valid = ClusterSize + 1000 // shrunk below the original, then grown
-	e.src.size = 6*ClusterSize + 5
+	e.src.valid = cowformat.ClusterSize + 1000 // shrunk below the original, then grown
+	e.src.size = 6*cowformat.ClusterSize + 5
 	e.src.write(0, 0, 0xA0)
 	e.src.write(1, 319, 0xA1)
 	e.clock.Advance(time.Minute)
@@ -307,13 +308,13 @@ func TestFinishUploadsAndMerges(t *testing.T) {
 		t.Fatalf("Result %+v, want %+v", res, want)
 	}
 	sess, _ := e.srv.Session(fixtureUUID)
-	if len(sess.Merges) != 1 || sess.Merges[0].OriginalFileSize != ClusterSize+1000 || sess.Merges[0].NewFileSize != 6*ClusterSize+5 {
+	if len(sess.Merges) != 1 || sess.Merges[0].OriginalFileSize != cowformat.ClusterSize+1000 || sess.Merges[0].NewFileSize != 6*cowformat.ClusterSize+5 {
 		t.Fatalf("merges %+v", sess.Merges)
 	}
 	if r := e.srv.RequestsTo("merge")[0]; string(r.Body) != "originalFileSize=1311720&newFileSize=7864325&uuid="+fixtureUUID {
 		t.Fatalf("merge body %q", r.Body)
 	}
-	orig := make([]byte, 8*ClusterSize)
+	orig := make([]byte, 8*cowformat.ClusterSize)
 	for i := range orig {
 		orig[i] = byte(i*7 + 3)
 	}

@@ -1,7 +1,8 @@
-// Package fsutil holds the durable file operations the server, the COW
-// overlay and the merger share: an atomic replace of a small file, a
-// rename that never replaces, and the fsync of a directory that makes
-// renames and unlinks in it durable.
+// Package fsutil holds the file operations the server, the COW overlay,
+// the uploader and the merger share: an atomic replace of a small file, a
+// rename that never replaces, fdatasync, the fsync of a directory that
+// makes renames and unlinks in it durable, and the free space of a file
+// system.
 package fsutil
 
 import (
@@ -35,13 +36,31 @@ func SyncDir(dir string) error {
 // the old or the new content, never a mix: it writes path+".tmp", fsyncs
 // it, renames it over path and fsyncs the directory.
 func WriteFileAtomic(path string, data []byte, perm fs.FileMode) error {
+	if err := replaceFile(path, data, perm, true); err != nil {
+		return err
+	}
+	return SyncDir(filepath.Dir(path))
+}
+
+// ReplaceFile replaces path with data through path+".tmp" and a rename,
+// so readers never see a torn or mixed file, but syncs nothing: for files
+// that only report state (a status file), whose loss on power failure is
+// harmless.
+func ReplaceFile(path string, data []byte, perm fs.FileMode) error {
+	return replaceFile(path, data, perm, false)
+}
+
+func replaceFile(path string, data []byte, perm fs.FileMode, sync bool) error {
 	tmp := path + ".tmp"
 	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, perm)
 	if err != nil {
-		return err
+		return fmt.Errorf("write %s: %w", path, err)
 	}
 	_, err = f.Write(data)
 	if err == nil {
+		err = f.Chmod(perm) // an old tmp file kept its mode
+	}
+	if err == nil && sync {
 		err = f.Sync()
 	}
 	if cerr := f.Close(); err == nil {
@@ -54,7 +73,43 @@ func WriteFileAtomic(path string, data []byte, perm fs.FileMode) error {
 		os.Remove(tmp)
 		return fmt.Errorf("write %s: %w", path, err)
 	}
-	return SyncDir(filepath.Dir(path))
+	return nil
+}
+
+// Fdatasync flushes f's data and the metadata needed to read it back (its
+// size), but not its timestamps. It retries EINTR; any other error is
+// returned as it is, never retried (after a failed fdatasync the kernel
+// may already have dropped the dirty pages).
+func Fdatasync(f *os.File) error {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		for {
+			serr = unix.Fdatasync(int(fd))
+			if serr != unix.EINTR {
+				return
+			}
+		}
+	}); err != nil {
+		return err
+	}
+	if serr != nil {
+		return &os.PathError{Op: "fdatasync", Path: f.Name(), Err: serr}
+	}
+	return nil
+}
+
+// DiskSpace returns the bytes available to unprivileged users and the
+// total size of the file system holding path.
+func DiskSpace(path string) (free, total int64, err error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(path, &st); err != nil {
+		return 0, 0, &os.PathError{Op: "statfs", Path: path, Err: err}
+	}
+	return int64(st.Bavail) * int64(st.Bsize), int64(st.Blocks) * int64(st.Bsize), nil
 }
 
 // ErrDestExists is returned by RenameNoReplace when newpath exists.

@@ -57,3 +57,41 @@ func TestRenameNoReplace(t *testing.T) {
 		t.Fatalf("source still there: %v", err)
 	}
 }
+
+// ReplaceFile leaves the new content with the requested mode and no
+// temporary file; DiskSpace and Fdatasync work on a real file system.
+func TestReplaceFileDiskSpaceFdatasync(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "status")
+	if err := os.WriteFile(path+".tmp", []byte("stale"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := ReplaceFile(path, []byte("state=done\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil || string(b) != "state=done\n" {
+		t.Fatalf("content %q, %v", b, err)
+	}
+	if st, _ := os.Stat(path); st.Mode().Perm() != 0o600 {
+		t.Fatalf("mode %v", st.Mode())
+	}
+	if _, err := os.Stat(path + ".tmp"); !os.IsNotExist(err) {
+		t.Fatalf("temporary file left: %v", err)
+	}
+	free, total, err := DiskSpace(dir)
+	if err != nil || free <= 0 || total < free {
+		t.Fatalf("DiskSpace: free %d total %d, %v", free, total, err)
+	}
+	if _, _, err := DiskSpace(filepath.Join(dir, "missing")); err == nil {
+		t.Fatal("DiskSpace of a missing path succeeded")
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := Fdatasync(f); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -641,3 +641,7 @@ func (ic *Conn) Close() error { return ic.c.Close() }
 
 // Raw returns the connection, for tests that write bytes themselves.
 func (ic *Conn) Raw() net.Conn { return ic.c }
+
+// Reader reads the connection's bytes, starting with what Recv has read
+// ahead and not used yet (reading Raw directly would miss those).
+func (ic *Conn) Reader() io.Reader { return ic.r }

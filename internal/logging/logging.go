@@ -182,7 +182,7 @@ func New(o Options) (*Logger, error) {
 	if err != nil {
 		return nil, err
 	}
-	var outs []maskedHandler
+	var outs []slog.Handler
 	if o.Console != nil && o.ConsoleMask != MaskNone {
 		outs = append(outs, maskedHandler{
 			mask: o.ConsoleMask,
@@ -203,7 +203,7 @@ func New(o Options) (*Logger, error) {
 			})
 		}
 	}
-	return &Logger{Logger: slog.New(&fanout{outs: outs}), file: fw}, nil
+	return &Logger{Logger: slog.New(slog.NewMultiHandler(outs...)), file: fw}, nil
 }
 
 // Reopen closes and reopens the log file under its configured path, so a
@@ -377,52 +377,23 @@ func newHandler(w io.Writer, format string, minLevel slog.Level, withTime bool) 
 	return slog.NewTextHandler(w, opts)
 }
 
-// maskedHandler is one output of a fanout with its level mask.
+// maskedHandler is one output with its level mask: it handles the levels
+// the mask has (slog.MultiHandler asks Enabled before each record).
 type maskedHandler struct {
 	mask Mask
 	h    slog.Handler
 }
 
-// fanout passes each record to every output whose mask has its level.
-type fanout struct {
-	outs []maskedHandler
+func (m maskedHandler) Enabled(_ context.Context, l slog.Level) bool { return m.mask.Has(l) }
+
+func (m maskedHandler) Handle(ctx context.Context, r slog.Record) error { return m.h.Handle(ctx, r) }
+
+func (m maskedHandler) WithAttrs(as []slog.Attr) slog.Handler {
+	return maskedHandler{mask: m.mask, h: m.h.WithAttrs(as)}
 }
 
-func (f *fanout) Enabled(_ context.Context, l slog.Level) bool {
-	for _, o := range f.outs {
-		if o.mask.Has(l) {
-			return true
-		}
-	}
-	return false
-}
-
-func (f *fanout) Handle(ctx context.Context, r slog.Record) error {
-	var errs []error
-	for _, o := range f.outs {
-		if o.mask.Has(r.Level) {
-			if err := o.h.Handle(ctx, r); err != nil {
-				errs = append(errs, err)
-			}
-		}
-	}
-	return errors.Join(errs...)
-}
-
-func (f *fanout) WithAttrs(as []slog.Attr) slog.Handler {
-	n := &fanout{outs: make([]maskedHandler, len(f.outs))}
-	for i, o := range f.outs {
-		n.outs[i] = maskedHandler{mask: o.mask, h: o.h.WithAttrs(as)}
-	}
-	return n
-}
-
-func (f *fanout) WithGroup(name string) slog.Handler {
-	n := &fanout{outs: make([]maskedHandler, len(f.outs))}
-	for i, o := range f.outs {
-		n.outs[i] = maskedHandler{mask: o.mask, h: o.h.WithGroup(name)}
-	}
-	return n
+func (m maskedHandler) WithGroup(name string) slog.Handler {
+	return maskedHandler{mask: m.mask, h: m.h.WithGroup(name)}
 }
 
 // openLogFile opens path for appending (and reading, for Tail).

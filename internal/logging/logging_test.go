@@ -12,6 +12,8 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+
+	"github.com/dnbd3go/dnbd3go/internal/testutil"
 )
 
 func TestParseMask(t *testing.T) {
@@ -273,7 +275,7 @@ func TestTailReopen(t *testing.T) {
 
 func TestConcurrent(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "c.log")
-	var con safeBuffer
+	var con testutil.Buffer
 	lg, err := New(Options{Console: &con, ConsoleMask: MaskAll, File: path, FileMask: MaskAll})
 	if err != nil {
 		t.Fatal(err)
@@ -301,23 +303,6 @@ func TestConcurrent(t *testing.T) {
 	if n := strings.Count(con.String(), "msg=line"); n != 800 {
 		t.Errorf("console has %d lines, want 800", n)
 	}
-}
-
-type safeBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *safeBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *safeBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 func TestSimple(t *testing.T) {

@@ -9,7 +9,7 @@ import (
 	"net/http"
 	"strconv"
 
-	"github.com/dnbd3go/dnbd3go/merger"
+	"github.com/dnbd3go/dnbd3go/cowformat"
 )
 
 // Request body limits.
@@ -18,7 +18,7 @@ const (
 	MaxFormBytes = 64 << 10
 	// MaxUpdateBytes is the largest update body accepted: the bitfield and
 	// a full cluster.
-	MaxUpdateBytes = merger.BitfieldSize + merger.ClusterSize
+	MaxUpdateBytes = cowformat.BitfieldSize + cowformat.ClusterSize
 )
 
 // Media types.

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/cowformat"
 	"github.com/dnbd3go/dnbd3go/cowstore/upload"
 	"github.com/dnbd3go/dnbd3go/internal/testutil"
 	"github.com/dnbd3go/dnbd3go/merger"
@@ -40,7 +41,7 @@ func TestRealClientRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !bareGUID.MatchString(id) || len(f.creates) != 1 || f.creates[0] != (createCall{"pool/win 11", 4, 40}) {
+	if !testutil.UUID.MatchString(id) || len(f.creates) != 1 || f.creates[0] != (createCall{"pool/win 11", 4, 40}) {
 		t.Fatalf("create: %q, %+v", id, f.creates)
 	}
 	bf, blocks := sparseBody(3, 64, 200)
@@ -102,8 +103,8 @@ func TestRealClientTLSAndToken(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	full := bytes.Repeat([]byte{0xAB}, merger.ClusterSize)
-	var all [merger.BitfieldSize]byte
+	full := bytes.Repeat([]byte{0xAB}, cowformat.ClusterSize)
+	var all [cowformat.BitfieldSize]byte
 	for i := range all {
 		all[i] = 0xFF
 	}
@@ -113,7 +114,7 @@ func TestRealClientTLSAndToken(t *testing.T) {
 	if u, _ := f.lastUpdate(); !u.u.Full || !bytes.Equal(u.u.Blocks, full) {
 		t.Fatalf("full update arrived full=%v", u.u.Full)
 	}
-	if err := m.Merge(ctx, id, 0, merger.ClusterSize*3); err != nil {
+	if err := m.Merge(ctx, id, 0, cowformat.ClusterSize*3); err != nil {
 		t.Fatal(err)
 	}
 	if st, err := m.Status(ctx, id); err != nil || st.State != "Merging" || st.TotalClusters != 1 {
@@ -139,7 +140,7 @@ type memSource struct {
 }
 
 type memCluster struct {
-	bits   [upload.BitfieldSize]byte
+	bits   [cowformat.BitfieldSize]byte
 	blocks []byte
 	gen    uint64
 	dirty  bool
@@ -172,7 +173,7 @@ func (s *memSource) Counts() (dirty, clean int) {
 	return dirty, clean
 }
 
-func (s *memSource) Snapshot(i int) ([upload.BitfieldSize]byte, []byte, uint64, error) {
+func (s *memSource) Snapshot(i int) ([cowformat.BitfieldSize]byte, []byte, uint64, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	c := s.clusters[i]
@@ -205,8 +206,8 @@ func (s *memSource) SetUUID(id string) error {
 }
 func (s *memSource) ImageName() string      { return "pool/img" }
 func (s *memSource) RID() uint16            { return 3 }
-func (s *memSource) ValidRemoteSize() int64 { return 7 * merger.ClusterSize }
-func (s *memSource) Size() int64            { return 9 * merger.ClusterSize }
+func (s *memSource) ValidRemoteSize() int64 { return 7 * cowformat.ClusterSize }
+func (s *memSource) Size() int64            { return 9 * cowformat.ClusterSize }
 
 // TestUploaderFinish runs the client's final flush and merge request
 // against the handler.
@@ -225,7 +226,7 @@ func TestUploaderFinish(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if res.Uploaded != 4 || res.Dirty != 0 || !res.MergeAccepted || res.MergeAttempts != 1 || !bareGUID.MatchString(res.UUID) {
+	if res.Uploaded != 4 || res.Dirty != 0 || !res.MergeAccepted || res.MergeAttempts != 1 || !testutil.UUID.MatchString(res.UUID) {
 		t.Fatalf("result = %+v", res)
 	}
 	if len(f.creates) != 1 || f.creates[0] != (createCall{"pool/img", 3, 40}) {
@@ -243,7 +244,7 @@ func TestUploaderFinish(t *testing.T) {
 			t.Errorf("cluster %d arrived wrong", i)
 		}
 	}
-	if len(f.merges) != 1 || f.merges[0] != (mergeCall{res.UUID, 7 * merger.ClusterSize, 9 * merger.ClusterSize}) {
+	if len(f.merges) != 1 || f.merges[0] != (mergeCall{res.UUID, 7 * cowformat.ClusterSize, 9 * cowformat.ClusterSize}) {
 		t.Fatalf("merges = %+v", f.merges)
 	}
 }

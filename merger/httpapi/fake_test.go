@@ -7,6 +7,7 @@ import (
 	"slices"
 	"sync"
 
+	"github.com/dnbd3go/dnbd3go/cowformat"
 	"github.com/dnbd3go/dnbd3go/merger"
 )
 
@@ -78,7 +79,7 @@ func (f *fakeService) newSession(name string, rev int, st merger.State) *fakeSes
 	id := fmt.Sprintf("%08x-0000-4000-8000-%012x", f.next, f.next)
 	s := &fakeSession{
 		info: merger.SessionInfo{UUID: id, ImageName: name, OriginalRevision: rev,
-			NewRevision: -1, State: st, BitfieldSize: merger.BitfieldSize},
+			NewRevision: -1, State: st, BitfieldSize: cowformat.BitfieldSize},
 		clusters: make(map[int]merger.Update),
 		mods:     make(map[int]uint32),
 	}

@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/cowformat"
 	"github.com/dnbd3go/dnbd3go/merger"
 )
 
@@ -91,16 +92,16 @@ func (h *handler) update(g *generation, w http.ResponseWriter, r *http.Request) 
 	if err != nil {
 		return err
 	}
-	if len(body) < merger.BitfieldSize {
+	if len(body) < cowformat.BitfieldSize {
 		return &httpError{status: http.StatusBadRequest,
-			msg: fmt.Sprintf("the update body is %d bytes, shorter than the %d-byte bitfield", len(body), merger.BitfieldSize)}
+			msg: fmt.Sprintf("the update body is %d bytes, shorter than the %d-byte bitfield", len(body), cowformat.BitfieldSize)}
 	}
-	u := merger.Update{Cluster: idx, Blocks: body[merger.BitfieldSize:]}
+	u := merger.Update{Cluster: idx, Blocks: body[cowformat.BitfieldSize:]}
 	copy(u.Bitfield[:], body)
-	u.Full = len(u.Blocks) >= merger.ClusterSize
+	u.Full = len(u.Blocks) >= cowformat.ClusterSize
 	if g.fullOnly && !u.Full {
 		return &httpError{status: http.StatusBadRequest,
-			msg: fmt.Sprintf("the update body is %d bytes: this API wants the %d-byte bitfield and the full %d-byte cluster (sparse updates: use /v1/File/Update)", len(body), merger.BitfieldSize, merger.ClusterSize)}
+			msg: fmt.Sprintf("the update body is %d bytes: this API wants the %d-byte bitfield and the full %d-byte cluster (sparse updates: use /v1/File/Update)", len(body), cowformat.BitfieldSize, cowformat.ClusterSize)}
 	}
 	if err := h.svc.Update(id, u); err != nil {
 		return &opError{fmt.Sprintf("update session %s cluster %d", id, idx), err}

@@ -12,8 +12,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/dnbd3go/dnbd3go/cowformat"
 	"github.com/dnbd3go/dnbd3go/internal/testutil"
-	"github.com/dnbd3go/dnbd3go/merger"
 )
 
 const formType = "application/x-www-form-urlencoded"
@@ -163,13 +163,13 @@ func (r result) wantProblem(t *testing.T, keys ...string) {
 
 // sparseBody builds an update body with the given bits set; block i is
 // filled with byte(bit+1).
-func sparseBody(bitsSet ...int) ([merger.BitfieldSize]byte, []byte) {
-	var bf [merger.BitfieldSize]byte
+func sparseBody(bitsSet ...int) ([cowformat.BitfieldSize]byte, []byte) {
+	var bf [cowformat.BitfieldSize]byte
 	var blocks []byte
 	slices.Sort(bitsSet)
 	for _, b := range bitsSet {
 		bf[b/8] |= 1 << (b % 8)
-		blocks = append(blocks, bytes.Repeat([]byte{byte(b + 1)}, merger.BlockSize)...)
+		blocks = append(blocks, bytes.Repeat([]byte{byte(b + 1)}, cowformat.BlockSize)...)
 	}
 	return bf, blocks
 }

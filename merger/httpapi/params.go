@@ -8,7 +8,7 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/dnbd3go/dnbd3go/merger"
+	"github.com/dnbd3go/dnbd3go/internal/uuid"
 )
 
 // field is one name=value pair of a query string or form.
@@ -126,13 +126,13 @@ func (b *binder) int64(name string, lo int64) int64 {
 
 // guid returns a required GUID parameter in its canonical form
 // (lower-case 8-4-4-4-12; the other .NET formats are accepted, see
-// merger.ParseUUID).
+// uuid.Parse).
 func (b *binder) guid(name string) string {
 	v, ok := b.raw(name)
 	if !ok {
 		return ""
 	}
-	g, ok := merger.ParseUUID(v)
+	g, ok := uuid.Parse(v)
 	if !ok {
 		b.fail(name, fmt.Sprintf("The value '%s' is not valid for %s.", clip(v), name))
 		return ""

@@ -2,13 +2,11 @@ package httpapi
 
 import (
 	"net/http"
-	"regexp"
 	"testing"
 
+	"github.com/dnbd3go/dnbd3go/internal/testutil"
 	"github.com/dnbd3go/dnbd3go/merger"
 )
-
-var bareGUID = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$`)
 
 func TestCreateV1URLEncoded(t *testing.T) {
 	f, srv := start(t, Options{})
@@ -16,7 +14,7 @@ func TestCreateV1URLEncoded(t *testing.T) {
 	// percent-encoded as curl_easy_escape does.
 	r := post(t, srv, "/v1/file/create", "revision=1&bitfieldSize=40&imageName=pool%2Fwin%2010")
 	r.want(t, 200, "text/plain; charset=utf-8", "*")
-	if !bareGUID.MatchString(r.body) || len(r.body) != 36 {
+	if !testutil.UUID.MatchString(r.body) || len(r.body) != 36 {
 		t.Fatalf("create reply %q is not a bare 36-character GUID", r.body)
 	}
 	if got := r.header.Get("Content-Length"); got != "36" {
@@ -78,7 +76,7 @@ func TestCreateParameterLocationAndValidation(t *testing.T) {
 func TestCaseInsensitiveRoutes(t *testing.T) {
 	f, srv := start(t, Options{})
 	id := post(t, srv, "/V1/FILE/CREATE", "IMAGENAME=x&REVISION=1&BITFIELDSIZE=40").body
-	if !bareGUID.MatchString(id) {
+	if !testutil.UUID.MatchString(id) {
 		t.Fatalf("create: %q", id)
 	}
 	bf, blocks := sparseBody(5)

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/cowformat"
 	"github.com/dnbd3go/dnbd3go/internal/testutil"
 	"github.com/dnbd3go/dnbd3go/merger"
 )
@@ -39,9 +40,9 @@ func TestUpdateSparseAndFull(t *testing.T) {
 	}
 
 	// A whole cluster (v1 and seed) is Full.
-	full := make([]byte, merger.BitfieldSize+merger.ClusterSize)
+	full := make([]byte, cowformat.BitfieldSize+cowformat.ClusterSize)
 	full[0] = 0x81
-	for i := merger.BitfieldSize; i < len(full); i++ {
+	for i := cowformat.BitfieldSize; i < len(full); i++ {
 		full[i] = byte(i * 7)
 	}
 	for _, path := range []string{

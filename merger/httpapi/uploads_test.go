@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/cowformat"
 	"github.com/dnbd3go/dnbd3go/internal/testutil"
 	"github.com/dnbd3go/dnbd3go/merger"
 )
@@ -156,7 +157,7 @@ func TestUploadBounds(t *testing.T) {
 		t.Errorf("%d updates stored, want 4", n)
 	}
 	for _, u := range f.updates {
-		if !u.u.Full || !bytes.Equal(u.u.Blocks, make([]byte, merger.ClusterSize)) {
+		if !u.u.Full || !bytes.Equal(u.u.Blocks, make([]byte, cowformat.ClusterSize)) {
 			t.Errorf("stored update has %d bytes, full %v", len(u.u.Blocks), u.u.Full)
 		}
 	}

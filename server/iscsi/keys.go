@@ -164,103 +164,136 @@ func (p *params) negotiate(kvs []kv) ([]byte, error) {
 // negotiateKey applies one key and returns the answer ("" for declarative
 // keys that get none).
 func (p *params) negotiateKey(key, v string) (string, error) {
-	switch key {
-	case "InitiatorName":
-		if v == "" {
-			return "", loginErr(loginMissing, "empty InitiatorName")
-		}
-		p.initiatorName = v
-		return "", nil
-	case "InitiatorAlias":
-		p.initiatorAlias = v
-		return "", nil
-	case "TargetName":
-		p.targetName = v
-		return "", nil
-	case "SessionType":
-		if v != "Normal" && v != "Discovery" {
-			return "", loginErr(loginSessionType, "SessionType "+truncate(v, 32))
-		}
-		p.sessionType = v
-		return "", nil
-	case "AuthMethod":
-		for _, m := range strings.Split(v, ",") {
-			if m == "None" {
-				p.authDone = true
-				return "None", nil
-			}
-		}
-		return "", loginErr(loginAuth, "only AuthMethod=None is supported, offered "+truncate(v, 64))
-	case "HeaderDigest", "DataDigest":
-		choice := ""
-		for _, m := range strings.Split(v, ",") {
-			if m == "CRC32C" || m == "None" {
-				choice = m
-				break
-			}
-		}
-		if choice == "" {
-			return "Reject", nil
-		}
-		if key == "HeaderDigest" {
-			p.headerDigest = choice == "CRC32C"
-		} else {
-			p.dataDigest = choice == "CRC32C"
-		}
-		return choice, nil
-	case "MaxConnections":
-		return numMin(v, 1, 1, 65535, nil)
-	case "ErrorRecoveryLevel":
-		return numMin(v, 0, 0, 2, nil)
-	case "MaxOutstandingR2T":
-		return numMin(v, 1, 1, 65535, nil)
-	case "DefaultTime2Retain":
-		return numMin(v, 0, 0, 3600, nil)
-	case "DefaultTime2Wait":
-		n, ok := parseNum(v, 0, 3600)
-		if !ok {
-			return "Reject", nil
-		}
-		return strconv.FormatUint(n, 10), nil // max(v, 0)
-	case "MaxBurstLength":
-		return numMin(v, ourMaxBurst, 512, 1<<24-1, &p.maxBurst)
-	case "FirstBurstLength":
-		return numMin(v, ourFirstBurst, 512, 1<<24-1, &p.firstBurst)
-	case "MaxRecvDataSegmentLength":
-		n, ok := parseNum(v, 512, 1<<24-1)
-		if !ok {
-			return "Reject", nil
-		}
-		p.maxSendData = int(n)
-		return "", nil // declarative: ours is sent once, by declare
-	case "InitialR2T":
-		if v != "Yes" && v != "No" {
-			return "Reject", nil
-		}
-		p.initialR2T = true // OR with our Yes: we never take unsolicited data
-		return "Yes", nil
-	case "ImmediateData":
-		if v != "Yes" && v != "No" {
-			return "Reject", nil
-		}
-		p.immediate = v == "Yes" // AND with our Yes
-		return v, nil
-	case "DataPDUInOrder", "DataSequenceInOrder":
-		if v != "Yes" && v != "No" {
-			return "Reject", nil
-		}
-		return "Yes", nil // OR with our Yes
-	case "IFMarker", "OFMarker":
-		return "No", nil // RFC 3720 markers: AND with our No
-	case "IFMarkInt", "OFMarkInt":
-		return "Irrelevant", nil
-	case "TaskReporting":
-		return "RFC3720", nil
-	case "TargetAlias", "TargetAddress", "TargetPortalGroupTag", "SendTargets":
-		return "Irrelevant", nil // sent by targets or in text requests only
-	default:
-		return "NotUnderstood", nil
+	if f, ok := keyHandlers[key]; ok {
+		return f(p, key, v)
 	}
+	return "NotUnderstood", nil
+}
+
+// keyHandler applies one login or text key and returns the answer.
+type keyHandler func(p *params, key, v string) (string, error)
+
+// keyHandlers holds every key a target negotiates (RFC 7143 section 13).
+var keyHandlers = map[string]keyHandler{
+	"InitiatorName":            (*params).initiatorNameKey,
+	"InitiatorAlias":           func(p *params, _, v string) (string, error) { p.initiatorAlias = v; return "", nil },
+	"TargetName":               func(p *params, _, v string) (string, error) { p.targetName = v; return "", nil },
+	"SessionType":              (*params).sessionTypeKey,
+	"AuthMethod":               (*params).authMethodKey,
+	"HeaderDigest":             (*params).digestKey,
+	"DataDigest":               (*params).digestKey,
+	"MaxConnections":           numKey(1, 1, 65535, nil),
+	"ErrorRecoveryLevel":       numKey(0, 0, 2, nil),
+	"MaxOutstandingR2T":        numKey(1, 1, 65535, nil),
+	"DefaultTime2Retain":       numKey(0, 0, 3600, nil),
+	"DefaultTime2Wait":         defaultTime2WaitKey,
+	"MaxBurstLength":           numKey(ourMaxBurst, 512, 1<<24-1, func(p *params) *int { return &p.maxBurst }),
+	"FirstBurstLength":         numKey(ourFirstBurst, 512, 1<<24-1, func(p *params) *int { return &p.firstBurst }),
+	"MaxRecvDataSegmentLength": (*params).maxRecvDataKey,
+	"InitialR2T":               yesNoKey(func(p *params, _ string) string { p.initialR2T = true; return "Yes" }),  // OR with our Yes: we never take unsolicited data
+	"ImmediateData":            yesNoKey(func(p *params, v string) string { p.immediate = v == "Yes"; return v }), // AND with our Yes
+	"DataPDUInOrder":           yesNoKey(func(*params, string) string { return "Yes" }),                           // OR with our Yes
+	"DataSequenceInOrder":      yesNoKey(func(*params, string) string { return "Yes" }),
+	"IFMarker":                 fixedKey("No"), // RFC 3720 markers: AND with our No
+	"OFMarker":                 fixedKey("No"),
+	"IFMarkInt":                fixedKey("Irrelevant"),
+	"OFMarkInt":                fixedKey("Irrelevant"),
+	"TaskReporting":            fixedKey("RFC3720"),
+	// Sent by targets or in text requests only:
+	"TargetAlias":          fixedKey("Irrelevant"),
+	"TargetAddress":        fixedKey("Irrelevant"),
+	"TargetPortalGroupTag": fixedKey("Irrelevant"),
+	"SendTargets":          fixedKey("Irrelevant"),
+}
+
+func (p *params) initiatorNameKey(_, v string) (string, error) {
+	if v == "" {
+		return "", loginErr(loginMissing, "empty InitiatorName")
+	}
+	p.initiatorName = v
+	return "", nil
+}
+
+func (p *params) sessionTypeKey(_, v string) (string, error) {
+	if v != "Normal" && v != "Discovery" {
+		return "", loginErr(loginSessionType, "SessionType "+truncate(v, 32))
+	}
+	p.sessionType = v
+	return "", nil
+}
+
+func (p *params) authMethodKey(_, v string) (string, error) {
+	for _, m := range strings.Split(v, ",") {
+		if m == "None" {
+			p.authDone = true
+			return "None", nil
+		}
+	}
+	return "", loginErr(loginAuth, "only AuthMethod=None is supported, offered "+truncate(v, 64))
+}
+
+// digestKey picks the initiator's first choice we support.
+func (p *params) digestKey(key, v string) (string, error) {
+	choice := ""
+	for _, m := range strings.Split(v, ",") {
+		if m == "CRC32C" || m == "None" {
+			choice = m
+			break
+		}
+	}
+	if choice == "" {
+		return "Reject", nil
+	}
+	if key == "HeaderDigest" {
+		p.headerDigest = choice == "CRC32C"
+	} else {
+		p.dataDigest = choice == "CRC32C"
+	}
+	return choice, nil
+}
+
+func (p *params) maxRecvDataKey(_, v string) (string, error) {
+	n, ok := parseNum(v, 512, 1<<24-1)
+	if !ok {
+		return "Reject", nil
+	}
+	p.maxSendData = int(n)
+	return "", nil // declarative: ours is sent once, by declare
+}
+
+func defaultTime2WaitKey(_ *params, _, v string) (string, error) {
+	n, ok := parseNum(v, 0, 3600)
+	if !ok {
+		return "Reject", nil
+	}
+	return strconv.FormatUint(n, 10), nil // max(v, 0)
+}
+
+// numKey answers a numerical key with the minimum of the offer and ours,
+// storing the result in the field store returns (nil: not kept).
+func numKey(ours, lo, hi uint64, store func(*params) *int) keyHandler {
+	return func(p *params, _, v string) (string, error) {
+		var dst *int
+		if store != nil {
+			dst = store(p)
+		}
+		return numMin(v, ours, lo, hi, dst)
+	}
+}
+
+// yesNoKey rejects anything but Yes or No and lets answer decide.
+func yesNoKey(answer func(p *params, v string) string) keyHandler {
+	return func(p *params, _, v string) (string, error) {
+		if v != "Yes" && v != "No" {
+			return "Reject", nil
+		}
+		return answer(p, v), nil
+	}
+}
+
+// fixedKey always gives the same answer.
+func fixedKey(answer string) keyHandler {
+	return func(*params, string, string) (string, error) { return answer, nil }
 }
 
 // parseNum parses a decimal or 0x-hex number within [lo, hi].

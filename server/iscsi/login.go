@@ -76,32 +76,36 @@ func (s *session) login(ctx context.Context) error {
 				s.p.authDone = true
 			}
 			resp[1] |= flagTransit | byte(nsg)
+			stage = nsg
 		}
-		done := transit && nsg == stageFullFeature
-		if done {
-			if s.p.sessionType == "Normal" && s.disk == nil {
-				return s.failLogin(resp, loginErr(loginMissing, "TargetName missing"))
-			}
-			s.tsih = s.t.newTSIH()
-			resp.SetU16(14, s.tsih)
-			s.p.finish()
-			// Listed before the initiator learns it is logged in, so a
-			// session it can use is always in the list.
-			s.t.register(s)
+		if transit && nsg == stageFullFeature {
+			return s.enterFullFeature(resp, out)
 		}
 		if err := s.sendLogin(resp, out); err != nil {
 			return err
 		}
-		if done {
-			s.pr.headerDigest, s.pr.dataDigest = s.p.headerDigest, s.p.dataDigest
-			s.c.SetDeadline(time.Time{})
-			s.writeBy = time.Time{} // the next write sets a fresh deadline
-			return nil
-		}
-		if transit {
-			stage = nsg
-		}
 	}
+}
+
+// enterFullFeature ends a successful login: the session gets its handle,
+// is listed, and the final login response is sent with out's keys.
+func (s *session) enterFullFeature(resp BHS, out []byte) error {
+	if s.p.sessionType == "Normal" && s.disk == nil {
+		return s.failLogin(resp, loginErr(loginMissing, "TargetName missing"))
+	}
+	s.tsih = s.t.newTSIH()
+	resp.SetU16(14, s.tsih)
+	s.p.finish()
+	// Listed before the initiator learns it is logged in, so a session
+	// it can use is always in the list.
+	s.t.register(s)
+	if err := s.sendLogin(resp, out); err != nil {
+		return err
+	}
+	s.pr.headerDigest, s.pr.dataDigest = s.p.headerDigest, s.p.dataDigest
+	s.c.SetDeadline(time.Time{})
+	s.writeBy = time.Time{} // the next write sets a fresh deadline
+	return nil
 }
 
 // checkLoginPDU checks a login request's stages and identifiers.

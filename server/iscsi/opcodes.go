@@ -170,58 +170,75 @@ func (s *session) reportOpcodes(c *scsiCmd) result {
 	opts := cdb[2] & 0x07
 	reqOp, reqSA := cdb[3], binary.BigEndian.Uint16(cdb[4:])
 	alloc := int(binary.BigEndian.Uint32(cdb[6:]))
-	var out []byte
 	switch opts {
 	case rsocAll:
-		out = make([]byte, 4)
-		for _, cmd := range commands {
-			d := make([]byte, 8)
-			d[0] = cmd.op
-			if cmd.hasSA {
-				binary.BigEndian.PutUint16(d[2:], uint16(cmd.sa))
-				d[5] |= 0x01 // SERVACTV
-			}
-			if rctd {
-				d[5] |= 0x02 // CTDP
-			}
-			binary.BigEndian.PutUint16(d[6:], uint16(len(cmd.usage)))
-			out = append(out, d...)
-			if rctd {
-				out = append(out, commandTimeouts...)
-			}
-		}
-		binary.BigEndian.PutUint32(out, uint32(len(out)-4))
+		return dataIn(allOpcodes(rctd), alloc)
 	case rsocOpcode, rsocSA, rsocOpcodeSA:
-		var found *command
-		sawSA := false
-		for _, cmd := range byOpcode[reqOp] {
-			sawSA = sawSA || cmd.hasSA
-			if !cmd.hasSA || uint16(cmd.sa) == reqSA {
-				found = cmd
-			}
-		}
-		switch {
-		case opts == rsocOpcode && sawSA, opts == rsocSA && len(byOpcode[reqOp]) > 0 && !sawSA:
-			return checkCondition(invalidField(2))
-		case opts == rsocSA && found != nil && !found.hasSA:
+		out, ok := oneOpcode(opts, reqOp, reqSA, rctd)
+		if !ok {
 			return checkCondition(invalidField(2))
 		}
-		out = make([]byte, 4)
-		if found == nil {
-			out[1] = 0x01 // not supported
-		} else {
-			out[1] = 0x03 // supported, conforming to a standard
-			if rctd {
-				out[1] |= 0x80
-			}
-			binary.BigEndian.PutUint16(out[2:], uint16(len(found.usage)))
-			out = append(out, found.usage...)
-			if rctd {
-				out = append(out, commandTimeouts...)
-			}
-		}
+		return dataIn(out, alloc)
 	default:
 		return checkCondition(invalidField(2))
 	}
-	return dataIn(out, alloc)
+}
+
+// allOpcodes is the "all commands" format: one descriptor per command,
+// with timeouts descriptors when rctd is set.
+func allOpcodes(rctd bool) []byte {
+	out := make([]byte, 4)
+	for _, cmd := range commands {
+		d := make([]byte, 8)
+		d[0] = cmd.op
+		if cmd.hasSA {
+			binary.BigEndian.PutUint16(d[2:], uint16(cmd.sa))
+			d[5] |= 0x01 // SERVACTV
+		}
+		if rctd {
+			d[5] |= 0x02 // CTDP
+		}
+		binary.BigEndian.PutUint16(d[6:], uint16(len(cmd.usage)))
+		out = append(out, d...)
+		if rctd {
+			out = append(out, commandTimeouts...)
+		}
+	}
+	binary.BigEndian.PutUint32(out, uint32(len(out)-4))
+	return out
+}
+
+// oneOpcode is the "one command" format for the requested operation code
+// (and service action); ok is false when the request's reporting option
+// does not match whether the command has service actions.
+func oneOpcode(opts, reqOp byte, reqSA uint16, rctd bool) (out []byte, ok bool) {
+	var found *command
+	sawSA := false
+	for _, cmd := range byOpcode[reqOp] {
+		sawSA = sawSA || cmd.hasSA
+		if !cmd.hasSA || uint16(cmd.sa) == reqSA {
+			found = cmd
+		}
+	}
+	switch {
+	case opts == rsocOpcode && sawSA, opts == rsocSA && len(byOpcode[reqOp]) > 0 && !sawSA:
+		return nil, false
+	case opts == rsocSA && found != nil && !found.hasSA:
+		return nil, false
+	}
+	out = make([]byte, 4)
+	if found == nil {
+		out[1] = 0x01 // not supported
+		return out, true
+	}
+	out[1] = 0x03 // supported, conforming to a standard
+	if rctd {
+		out[1] |= 0x80
+	}
+	binary.BigEndian.PutUint16(out[2:], uint16(len(found.usage)))
+	out = append(out, found.usage...)
+	if rctd {
+		out = append(out, commandTimeouts...)
+	}
+	return out, true
 }

@@ -170,7 +170,7 @@ func TestIdleTimeout(t *testing.T) {
 	pings := 0
 	for {
 		var h [48]byte
-		if _, err := io.ReadFull(raw, h[:]); err != nil {
+		if _, err := io.ReadFull(ic.Reader(), h[:]); err != nil {
 			if ne, ok := err.(net.Error); ok && ne.Timeout() {
 				t.Fatal("the target kept a silent initiator for 10 s")
 			}

@@ -39,7 +39,7 @@ type Disk interface {
 
 // Data is a readable range of a Disk, from offset 0 to its length.
 type Data interface {
-	// SendTo writes hdr and then the n bytes at off to c, with sendfile
+	// SendTo writes hdr and then the n bytes at off to c, without a copy
 	// where the data is in a file.
 	SendTo(c net.Conn, hdr []byte, off, n int64) error
 	// ReadAt copies the bytes at off into p.

@@ -8,8 +8,8 @@ import (
 // Outgoing PDUs. Every PDU is stamped with its sequence numbers and
 // queued under wmu, so PDUs leave in StatSN order. While the reader has
 // more commands of a burst buffered, responses collect in out and leave
-// in one write(2) when the burst is done; large Data-In segments go with
-// sendfile(2) (after what is pending).
+// in one write(2) when the burst is done; large Data-In segments go
+// without a copy (Data.SendTo: splice or sendfile) after what is pending.
 
 const (
 	flushAt = 64 << 10 // pending bytes that are written at once
@@ -37,8 +37,8 @@ func (s *session) send(h *BHS, data []byte, mode statMode) error {
 }
 
 // sendData sends one Data-In PDU with k bytes of src at off: copied into
-// the output when small or when it needs padding or a digest, else with
-// sendfile.
+// the output when small or when it needs padding or a digest, else
+// without a copy (Data.SendTo).
 func (s *session) sendData(h *BHS, src Data, off, k int64, mode statMode) error {
 	s.bytesSent.Add(uint64(k))
 	if s.t.cfg.Sent != nil {

@@ -39,11 +39,24 @@ func freePort(t *testing.T) int {
 // `dnbd3-server -n -c DIR`.
 func startDaemon(t *testing.T, base string) *daemon {
 	t.Helper()
+	return startDaemonWith(t, base, "", nil)
+}
+
+// startDaemonWith is startDaemon with extra lines in server.conf's
+// [dnbd3] section and extra files (name -> content, alt-servers) in the
+// config directory.
+func startDaemonWith(t *testing.T, base, extra string, files map[string]string) *daemon {
+	t.Helper()
 	etc := t.TempDir()
 	port := freePort(t)
-	conf := fmt.Sprintf("[dnbd3]\nbasePath=%s\nlistenPort=%d\n[logging]\nconsoleMask=ERROR WARNING MINOR INFO DEBUG1\n", base, port)
+	conf := fmt.Sprintf("[dnbd3]\nbasePath=%s\nlistenPort=%d\n%s[logging]\nconsoleMask=ERROR WARNING MINOR INFO DEBUG1\n", base, port, extra)
 	if err := os.WriteFile(filepath.Join(etc, "server.conf"), []byte(conf), 0o644); err != nil {
 		t.Fatal(err)
+	}
+	for name, content := range files {
+		if err := os.WriteFile(filepath.Join(etc, name), []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
 	}
 	d := &daemon{addr: fmt.Sprintf("127.0.0.1:%d", port), log: &bytes.Buffer{}, done: make(chan error, 1)}
 	d.cmd = exec.Command(bin("dnbd3-server"), "-n", "-c", etc, "-b", "127.0.0.1")

@@ -14,6 +14,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/cowformat"
 	"github.com/dnbd3go/dnbd3go/cowstore/upload"
 )
 
@@ -34,13 +35,13 @@ func main() {
 	if err != nil {
 		fail(err)
 	}
-	clusters := *mib << 20 / upload.ClusterSize
-	maxCluster := int(*imageSize / upload.ClusterSize)
-	var bits [upload.BitfieldSize]byte
+	clusters := *mib << 20 / cowformat.ClusterSize
+	maxCluster := int(*imageSize / cowformat.ClusterSize)
+	var bits [cowformat.BitfieldSize]byte
 	for i := range bits {
 		bits[i] = 0xff
 	}
-	body := make([]byte, upload.ClusterSize)
+	body := make([]byte, cowformat.ClusterSize)
 	for i := range body {
 		body[i] = byte(rand.Uint32())
 	}
@@ -72,8 +73,8 @@ func main() {
 		fail(err)
 	}
 	up := time.Since(start)
-	fmt.Printf("ingest %d MiB in %.2f s: %.1f MB/s with %d parallel uploads\n", clusters*upload.ClusterSize>>20, up.Seconds(),
-		float64(clusters*upload.ClusterSize)/1e6/up.Seconds(), *parallel)
+	fmt.Printf("ingest %d MiB in %.2f s: %.1f MB/s with %d parallel uploads\n", clusters*cowformat.ClusterSize>>20, up.Seconds(),
+		float64(clusters*cowformat.ClusterSize)/1e6/up.Seconds(), *parallel)
 	start = time.Now()
 	if err := m.Merge(ctx, uuid, *imageSize, *imageSize); err != nil {
 		fail(err)

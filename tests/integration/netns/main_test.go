@@ -24,7 +24,8 @@ const nsPrefix = "dnbd3t-"
 var (
 	// skipReason is why the tests cannot run here ("" = they can).
 	skipReason string
-	// binDir holds dnbd3-server and dnbd3-nbd, built by TestMain.
+	// binDir holds dnbd3-server, dnbd3-nbd and dnbd3-merger, built by
+	// TestMain.
 	binDir string
 	// topoSeq numbers the topologies of this run.
 	topoSeq atomic.Int64
@@ -46,7 +47,8 @@ func testMain(m *testing.M) int {
 	// go test puts GOROOT/bin first on the test binary's PATH.
 	build := exec.Command("go", "build", "-o", dir+"/",
 		"github.com/dnbd3go/dnbd3go/cmd/dnbd3-server",
-		"github.com/dnbd3go/dnbd3go/cmd/dnbd3-nbd")
+		"github.com/dnbd3go/dnbd3go/cmd/dnbd3-nbd",
+		"github.com/dnbd3go/dnbd3go/cmd/dnbd3-merger")
 	if out, err := build.CombinedOutput(); err != nil {
 		fmt.Fprintf(os.Stderr, "netns tests: building the commands failed: %v\n%s", err, out)
 		return 1

@@ -39,6 +39,12 @@ type topology struct {
 // Everything is removed when the test ends.
 func newTopology(t *testing.T, withRoomC bool) *topology {
 	t.Helper()
+	return newTopologyAt(t, withRoomC, linkMbit)
+}
+
+// newTopologyAt is newTopology with the link shaped to mbit Mbit/s.
+func newTopologyAt(t *testing.T, withRoomC bool, mbit int) *topology {
+	t.Helper()
 	requireNetns(t)
 	tp := &topology{t: t, prefix: fmt.Sprintf("%s%d-%d-", nsPrefix, os.Getpid(), topoSeq.Add(1))}
 	tp.central = tp.addNS("central")
@@ -49,7 +55,7 @@ func newTopology(t *testing.T, withRoomC bool) *topology {
 		// tbf on each end's egress: the link is shaped in both directions.
 		// burst must exceed rate/HZ; 256 KiB also holds a GSO super-packet.
 		tp.run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "wan0", "root", "tbf",
-			"rate", fmt.Sprintf("%dmbit", linkMbit), "burst", "256kb", "latency", "50ms")
+			"rate", fmt.Sprintf("%dmbit", mbit), "burst", "256kb", "latency", "50ms")
 	}
 	if withRoomC {
 		tp.roomC = tp.addNS("roomC")

@@ -1,13 +1,15 @@
-package merger
+// Package uuid makes and parses the session ids of the merger API: random
+// (version 4) UUIDs in the canonical lowercase 8-4-4-4-12 form.
+package uuid
 
 import (
 	"crypto/rand"
 	"encoding/hex"
 )
 
-// newUUID returns a random (version 4) UUID in the canonical lowercase
+// New returns a random (version 4) UUID in the canonical lowercase
 // 8-4-4-4-12 form, as the reference service's Guid.ToString() writes it.
-func newUUID() string {
+func New() string {
 	var b [16]byte
 	rand.Read(b[:]) // never fails (crypto/rand panics instead)
 	b[6] = b[6]&0x0f | 0x40
@@ -29,13 +31,13 @@ func formatUUID(b [16]byte) string {
 	return string(s[:])
 }
 
-// ParseUUID normalises a session id the way ASP.NET's Guid binder
+// Parse normalises a session id the way ASP.NET's Guid binder
 // accepts it: canonical ("D", 8-4-4-4-12), upper or lower case, with or
 // without braces ("B") or parentheses ("P"), or as 32 bare hex digits
 // ("N"). It returns the canonical lowercase form, or false. Only
 // canonical ids are ever used as file names, so a session id can never
 // name a path outside WorkingDirectory.
-func ParseUUID(s string) (string, bool) {
+func Parse(s string) (string, bool) {
 	if len(s) == 38 && (s[0] == '{' && s[37] == '}' || s[0] == '(' && s[37] == ')') {
 		s = s[1:37]
 	}
