@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What the Prometheus metrics cost (issue 13: at most 3 % off the server's
 # and the bridge's figures). The binaries before the metrics (BASE_REV,
-# default: the parent of the commit that added them) run side by side with
+# see below) run side by side with
 # the current ones, alternating run by run, while a scraper reads the new
 # ones' /metrics every second (15x more often than a usual Prometheus):
 #   dnbd3-server: sequential 1 MiB QD8, random 4 KiB QD32, handshakes/s
@@ -16,7 +16,13 @@ cd "$(dirname "$0")/.."
 . bench/lib.sh
 RUNS=${RUNS:-5} SECS=${SECS:-4}
 OLD_PORT=15221 NEW_PORT=15222 SCRAPE_EVERY=${SCRAPE_EVERY:-1}
-BASE_REV=${BASE_REV:-$(git log --format=%H -1 --grep='dnbd3-server: Prometheus metrics at /metrics')~1}
+# BASE_REV: code without the metrics; by default where this branch left
+# main (on main itself, give the parent of the merge that brought them)
+BASE_REV=${BASE_REV:-$(git merge-base HEAD main)}
+if [ "$(git rev-parse "$BASE_REV")" = "$(git rev-parse HEAD)" ]; then
+  echo "BASE_REV is HEAD: set BASE_REV to a revision without the metrics, e.g. the first parent of the merge that brought them" >&2
+  exit 2
+fi
 OLD=$W/metrics-base
 if [ ! -x "$OLD/bin/dnbd3-server" ] || [ "$(cat "$OLD/rev" 2>/dev/null)" != "$(git rev-parse "$BASE_REV")" ]; then
   rm -rf "$OLD" && mkdir -p "$OLD/src" "$OLD/bin"

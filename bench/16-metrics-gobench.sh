@@ -9,7 +9,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
 RUNS=${RUNS:-6} BT=${BT:-1s}
-BASE_REV=${BASE_REV:-$(git log --format=%H -1 --grep='dnbd3-server: Prometheus metrics at /metrics')~1}
+# BASE_REV: code without the metrics; by default where this branch left
+# main (on main itself, give the parent of the merge that brought them)
+BASE_REV=${BASE_REV:-$(git merge-base HEAD main)}
+if [ "$(git rev-parse "$BASE_REV")" = "$(git rev-parse HEAD)" ]; then
+  echo "BASE_REV is HEAD: set BASE_REV to a revision without the metrics, e.g. the first parent of the merge that brought them" >&2
+  exit 2
+fi
 OLD=$W/metrics-base
 if [ ! -d "$OLD/src" ] || [ "$(cat "$OLD/rev" 2>/dev/null)" != "$(git rev-parse "$BASE_REV")" ]; then
   rm -rf "$OLD" && mkdir -p "$OLD/src" "$OLD/bin"
