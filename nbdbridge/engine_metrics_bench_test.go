@@ -15,9 +15,9 @@ func BenchmarkRequestLatencyMetric(b *testing.B) {
 	var st statCounters
 	var s promhist.Sampler
 	for b.Loop() {
-		var start time.Time
+		var start time.Duration
 		if s.Next() {
-			start = time.Now()
+			start = promhist.Now()
 		}
 		st.observe(wireCmdRead, start)
 	}

@@ -65,9 +65,9 @@ func latencySlot(typ uint16) int {
 // observe records the latency of a request read at start whose reply
 // was written now (answered with an error or not); requests that were
 // not sampled (zero start) are skipped.
-func (s *statCounters) observe(typ uint16, start time.Time) {
-	if !start.IsZero() {
-		s.latency[latencySlot(typ)].Observe(time.Since(start))
+func (s *statCounters) observe(typ uint16, start time.Duration) {
+	if start != 0 {
+		s.latency[latencySlot(typ)].Observe(promhist.Now() - start)
 	}
 }
 

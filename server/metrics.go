@@ -9,7 +9,6 @@ package server
 
 import (
 	"sync/atomic"
-	"time"
 
 	"github.com/dnbd3go/dnbd3go/internal/promhist"
 	"github.com/dnbd3go/dnbd3go/protocol"
@@ -130,8 +129,8 @@ func (cc *clientConn) diskReply(handle uint64, off int64, size uint32) error {
 	if !cc.stats.sampler.Next() {
 		return cc.queueFromFile(handle, off, size)
 	}
-	t0 := time.Now()
+	t0 := promhist.Now()
 	err := cc.queueFromFile(handle, off, size)
-	cc.stats.disk.Observe(time.Since(t0))
+	cc.stats.disk.Observe(promhist.Now() - t0)
 	return err
 }

@@ -2,7 +2,8 @@ package server
 
 import (
 	"testing"
-	"time"
+
+	"github.com/dnbd3go/dnbd3go/internal/promhist"
 )
 
 // BenchmarkRequestMetrics is what the metrics add to one GET_BLOCK served
@@ -14,8 +15,8 @@ func BenchmarkRequestMetrics(b *testing.B) {
 	for b.Loop() {
 		cs.count(reqGetBlock)
 		if cs.sampler.Next() {
-			t0 := time.Now()
-			cs.disk.Observe(time.Since(t0))
+			t0 := promhist.Now()
+			cs.disk.Observe(promhist.Now() - t0)
 		}
 	}
 }

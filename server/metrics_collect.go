@@ -26,7 +26,7 @@ var (
 	mdConnected     = desc("connected_clients", "Connections that selected an image, by peer type (client, server = proxy, iscsi).", "type")
 	mdHandshakes    = desc("handshakes_total", "DNBD3 handshakes by outcome.", "outcome")
 	mdRequests      = desc("requests_total", "Requests by command (nbd_* in NBD transmission mode).", "command")
-	mdReadLatency   = desc("read_duration_seconds", "Time to answer a read: from the local file (disk, one read in 8 per connection is timed) or waiting for an uplink (relay, every read).", "source")
+	mdReadLatency   = desc("read_duration_seconds", "Time to answer a read: from the local file (disk, one read in 16 per connection is timed) or waiting for an uplink (relay, every read).", "source")
 	mdImages        = desc("images", "Loaded images.")
 	mdImgSize       = desc("image_size_bytes", "Virtual size of a loaded image.", imgLabels...)
 	mdImgUsers      = desc("image_users", "Clients connected to a loaded image.", imgLabels...)

@@ -66,10 +66,10 @@ func TestMetricsAfterReading64MiB(t *testing.T) {
 	if reqs < 64 {
 		t.Errorf("get_block requests %v, want at least 64 (1 MiB each at most)", reqs)
 	}
-	// one read in 8 of the connection is timed, after its reply left: the
+	// one read in 16 of the connection is timed, after its reply left: the
 	// last sample may follow the scrape by a moment
 	samples := float64((int(reqs) + promhist.SampleEvery - 1) / promhist.SampleEvery)
-	waitFor(t, 10*time.Second, "one disk latency sample per 8 GET_BLOCKs", func() bool {
+	waitFor(t, 10*time.Second, "one disk latency sample per 16 GET_BLOCKs", func() bool {
 		v, _ := promtest.Get(t, url, "").Value("dnbd3_server_read_duration_seconds", "source", "disk")
 		return v == samples
 	})

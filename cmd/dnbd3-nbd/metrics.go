@@ -81,7 +81,7 @@ var (
 	nBackendErrs = ndesc("backend_errors_total", "NBD requests the backend (DNBD3 read or copy-on-write store) failed.")
 	nReadBytes   = ndesc("read_bytes_total", "Payload bytes of successful NBD reads.")
 	nWriteBytes  = ndesc("written_bytes_total", "Payload bytes of successful NBD writes.")
-	nLatency     = ndesc("request_duration_seconds", "Time from reading an NBD request to writing its reply, by command (one request in 8 per connection is timed).", "command")
+	nLatency     = ndesc("request_duration_seconds", "Time from reading an NBD request to writing its reply, by command (one request in 16 per connection is timed).", "command")
 	nInFlight    = ndesc("requests_in_flight", "NBD requests read and not yet answered.")
 	nConns       = ndesc("connections", "NBD connections served now (kernel socketpairs or clients).")
 	nSwitches    = ndesc("server_switches_total", "Changes of the DNBD3 server: rtt (to a faster one) or failover (after a lost or stalled connection).", "reason")

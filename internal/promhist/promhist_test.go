@@ -58,16 +58,25 @@ func TestConstNeverPanics(t *testing.T) {
 	}
 }
 
-// TestSampler lets through the 1st, 9th, 17th ... request.
+// TestSampler lets through the 1st, (1+SampleEvery)th, ... request.
 func TestSampler(t *testing.T) {
 	var s Sampler
 	var got []int
-	for i := 1; i <= 20; i++ {
+	for i := 1; i <= 3*SampleEvery; i++ {
 		if s.Next() {
 			got = append(got, i)
 		}
 	}
 	if len(got) != 3 || got[0] != 1 || got[1] != 1+SampleEvery || got[2] != 1+2*SampleEvery {
 		t.Errorf("sampled %v", got)
+	}
+}
+
+// TestNowMonotonic: Now grows with time.
+func TestNowMonotonic(t *testing.T) {
+	a := Now()
+	time.Sleep(2 * time.Millisecond)
+	if d := Now() - a; d < 2*time.Millisecond || d > time.Minute {
+		t.Errorf("Now moved by %v over a 2 ms sleep", d)
 	}
 }

@@ -15,7 +15,7 @@ import (
 // `dnbd3-nbd serve --metrics-listen`, writes 3,000,000 bytes with qemu-io
 // and reads the 16 MiB export back with nbdcopy: the scrape passes
 // promtool and shows exactly those bytes, latency samples for one request
-// in 8, nothing in flight, and the four changed clusters uploaded to the
+// in 16, nothing in flight, and the four changed clusters uploaded to the
 // merger.
 func TestServeMetricsListen(t *testing.T) {
 	needTool(t, "qemu-io", "qemu-utils")
@@ -70,9 +70,9 @@ func TestServeMetricsListen(t *testing.T) {
 		}
 	}
 	reads := s.Must(t, "dnbd3_nbd_requests_total", "command", "read")
-	// one request in 8 of each connection is timed, whatever its command
+	// one request in 16 of each connection is timed, whatever its command
 	if lat := s.Must(t, "dnbd3_nbd_request_duration_seconds", "command", "read"); reads < 1 || lat < 1 || lat > reads {
-		t.Errorf("reads %v, read latency samples %v (one request in 8 per connection)", reads, lat)
+		t.Errorf("reads %v, read latency samples %v (one request in 16 per connection)", reads, lat)
 	}
 	if v := s.Must(t, "dnbd3_nbd_server_read_bytes_total"); v < 13<<20 {
 		t.Errorf("bytes read from the server %v: the unchanged 13+ MiB come from there", v)

@@ -271,7 +271,7 @@ func checkAttachMetrics(t *testing.T, url, dev string) {
 		t.Errorf("written bytes %v", v)
 	}
 	writes := s.Must(t, "dnbd3_nbd_requests_total", "device", dev, "command", "write")
-	// one request in 8 of each connection is timed, whatever its command
+	// one request in 16 of each connection is timed, whatever its command
 	if lat := s.Must(t, "dnbd3_nbd_request_duration_seconds", "device", dev, "command", "write"); writes < 1 || lat < 1 || lat > writes {
 		t.Errorf("writes %v, write latency samples %v", writes, lat)
 	}
