@@ -53,15 +53,12 @@ type clientConn struct {
 
 // serveDNBD3 runs the handshake and the request loop.
 func (cc *clientConn) serveDNBD3() {
-	outcome := hsMalformed // counted once the handshake is decided
-	counted := false
-	count := func(o int) {
-		if !counted {
-			counted = true
-			cc.srv.met.handshake(o)
+	outcome := hsMalformed // counted when the handshake fails (-1: counted as ok)
+	defer func() {
+		if outcome >= 0 {
+			cc.srv.met.handshake(outcome)
 		}
-	}
-	defer func() { count(outcome) }()
+	}()
 	var first [protocol.RequestSize]byte
 	if _, err := io.ReadFull(cc.r, first[:]); err != nil {
 		cc.logAt(slog.LevelDebug, "closing: incomplete first header", "err", err)
@@ -111,7 +108,8 @@ func (cc *clientConn) serveDNBD3() {
 		outcome = hsAborted
 		return
 	}
-	count(hsOK)
+	cc.srv.met.handshake(hsOK)
+	outcome = -1
 	penalty := cfg.ClientPenalty
 	if cc.isServer.Load() {
 		penalty = cfg.ServerPenalty

@@ -90,9 +90,10 @@ type serverMetrics struct {
 	checkFails atomic.Uint64 // hash blocks that failed
 	lruDeletes atomic.Uint64 // replicated images deleted for disk space
 
-	// guarded by Server.connMu
+	// guarded by Server.connMu (plain fields: folding a connection costs
+	// atomic loads only)
 	reqs        [reqSlots]uint64
-	disk, relay promhist.Hist
+	disk, relay promhist.Snapshot
 	sentByImage map[*Image]uint64 // bytes sent to clients that left
 }
 
@@ -112,8 +113,8 @@ func (m *serverMetrics) foldLocked(cc *clientConn) {
 	for i := range cc.stats.reqs {
 		m.reqs[i] += cc.stats.reqs[i].Load()
 	}
-	cc.stats.disk.FoldInto(&m.disk)
-	cc.stats.relay.FoldInto(&m.relay)
+	m.disk.Add(&cc.stats.disk)
+	m.relay.Add(&cc.stats.relay)
 	if cc.img != nil {
 		if m.sentByImage == nil {
 			m.sentByImage = map[*Image]uint64{}

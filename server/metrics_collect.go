@@ -74,9 +74,7 @@ func (s *Server) snapshotConns(loaded map[*Image]bool) connSnapshot {
 	s.connMu.Lock()
 	defer s.connMu.Unlock()
 	m := &s.met
-	snap := connSnapshot{reqs: m.reqs, sent: map[*Image]uint64{}}
-	snap.disk.Add(&m.disk)
-	snap.relay.Add(&m.relay)
+	snap := connSnapshot{reqs: m.reqs, disk: m.disk, relay: m.relay, sent: map[*Image]uint64{}}
 	for img, n := range m.sentByImage {
 		if !loaded[img] {
 			delete(m.sentByImage, img) // bounded: only loaded images
