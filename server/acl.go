@@ -16,61 +16,61 @@ import (
 
 // ACLFileName is the name of the RPC access list in the configuration
 // directory.
-const ACLFileName = "rpc.acl"
+const aclFileName = "rpc.acl"
 
 // MaxACLRules is the maximum number of rules read from rpc.acl.
-const MaxACLRules = 100
+const maxACLRules = 100
 
 // ACLPerm is a set of RPC permissions.
-type ACLPerm uint8
+type aclPerm uint8
 
 // RPC permissions. PermAll includes every other permission and also grants
 // what has no flag of its own (q=config, q=logfile, q=altservers).
 const (
 	// PermStats allows q=stats, q=space and q=version (flag STATS).
-	PermStats ACLPerm = 1 << iota
+	permStats aclPerm = 1 << iota
 	// PermClientList allows q=clients (flag CLIENT_LIST).
-	PermClientList
+	permClientList
 	// PermImageList allows q=images and /cachemap (flag IMAGE_LIST).
-	PermImageList
+	permImageList
 	// PermMetrics allows /metrics (flag METRICS, an extension of this
 	// project). PermStats grants it too (see CanScrape), so existing
 	// access lists keep working.
 	PermMetrics
 	// PermAll allows everything (flag ALL).
-	PermAll ACLPerm = 0xFF
+	permAll aclPerm = 0xFF
 )
 
 // aclFlags maps rpc.acl flag words to permissions.
-var aclFlags = map[string]ACLPerm{
-	"ALL":         PermAll,
-	"STATS":       PermStats,
-	"CLIENT_LIST": PermClientList,
-	"IMAGE_LIST":  PermImageList,
+var aclFlags = map[string]aclPerm{
+	"ALL":         permAll,
+	"STATS":       permStats,
+	"CLIENT_LIST": permClientList,
+	"IMAGE_LIST":  permImageList,
 	"METRICS":     PermMetrics,
 }
 
 // Has reports whether p grants need; PermAll grants everything.
-func (p ACLPerm) Has(need ACLPerm) bool {
-	return p == PermAll || p&need == need
+func (p aclPerm) has(need aclPerm) bool {
+	return p == permAll || p&need == need
 }
 
 // CanScrape reports whether p allows /metrics: METRICS, STATS or ALL.
-func (p ACLPerm) CanScrape() bool {
-	return p.Has(PermMetrics) || p.Has(PermStats)
+func (p aclPerm) CanScrape() bool {
+	return p.has(PermMetrics) || p.has(permStats)
 }
 
 // String returns the flag words of p as rpc.acl spells them, e.g.
 // "STATS IMAGE_LIST", "ALL" or "" for none.
-func (p ACLPerm) String() string {
-	if p == PermAll {
+func (p aclPerm) String() string {
+	if p == permAll {
 		return "ALL"
 	}
 	var words []string
 	for _, f := range []struct {
-		p    ACLPerm
+		p    aclPerm
 		name string
-	}{{PermStats, "STATS"}, {PermClientList, "CLIENT_LIST"}, {PermImageList, "IMAGE_LIST"}, {PermMetrics, "METRICS"}} {
+	}{{permStats, "STATS"}, {permClientList, "CLIENT_LIST"}, {permImageList, "IMAGE_LIST"}, {PermMetrics, "METRICS"}} {
 		if p&f.p != 0 {
 			words = append(words, f.name)
 		}
@@ -81,7 +81,7 @@ func (p ACLPerm) String() string {
 // aclRule is one line of rpc.acl.
 type aclRule struct {
 	prefix netip.Prefix
-	perm   ACLPerm
+	perm   aclPerm
 }
 
 // ACL is the parsed rpc.acl. A nil *ACL or one without rules allows
@@ -95,7 +95,7 @@ type ACL struct {
 // parsed: the RPC is then open to everyone, as with no file at all (the
 // reference's behaviour), which is rarely what the admin meant. An absent
 // file or one with only comments and blank lines is not a mistake.
-func (a *ACL) OpenByMistake() bool {
+func (a *ACL) openByMistake() bool {
 	return a != nil && len(a.rules) == 0 && a.invalid > 0
 }
 
@@ -111,9 +111,9 @@ func (a *ACL) Len() int {
 // rules, else those of the first rule whose prefix contains addr, else none.
 // IPv4-mapped IPv6 addresses are treated as IPv4; an IPv4 rule never matches
 // an IPv6 address and vice versa.
-func (a *ACL) Allowed(addr netip.Addr) ACLPerm {
+func (a *ACL) allowed(addr netip.Addr) aclPerm {
 	if a == nil || len(a.rules) == 0 {
-		return PermAll
+		return permAll
 	}
 	addr = addr.Unmap().WithZone("")
 	for _, r := range a.rules {
@@ -130,7 +130,7 @@ func (a *ACL) Allowed(addr netip.Addr) ACLPerm {
 // Each line is "ADDRESS[/PREFIXBITS] FLAG [FLAG...]" with the flags ALL,
 // STATS, CLIENT_LIST, IMAGE_LIST and METRICS; "#" starts a comment. At most 100 rules
 // are read; the first rule matching a client decides.
-func LoadACL(path string) (*ACL, []string, error) {
+func loadACL(path string) (*ACL, []string, error) {
 	acl, probs, err := readACL(path)
 	return acl, lineWarnings(path, probs), err
 }
@@ -172,8 +172,8 @@ func parseACL(data []byte) (*ACL, []Problem) {
 			}
 			continue
 		}
-		if len(acl.rules) >= MaxACLRules {
-			warn(line, "more than %d rules; ignoring the rest", MaxACLRules)
+		if len(acl.rules) >= maxACLRules {
+			warn(line, "more than %d rules; ignoring the rest", maxACLRules)
 			break
 		}
 		acl.rules = append(acl.rules, r)

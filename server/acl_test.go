@@ -11,18 +11,18 @@ import (
 
 func aclLoad(t *testing.T, text string) (*ACL, []string) {
 	t.Helper()
-	path := filepath.Join(t.TempDir(), ACLFileName)
+	path := filepath.Join(t.TempDir(), aclFileName)
 	if err := os.WriteFile(path, []byte(text), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	acl, warns, err := LoadACL(path)
+	acl, warns, err := loadACL(path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return acl, warns
 }
 
-func aclAllowed(a *ACL, ip string) ACLPerm { return a.Allowed(netip.MustParseAddr(ip)) }
+func aclAllowed(a *ACL, ip string) aclPerm { return a.allowed(netip.MustParseAddr(ip)) }
 
 func TestACLSpecExample(t *testing.T) {
 	acl, warns := aclLoad(t, "127.0.0.0/8 STATS IMAGE_LIST\n")
@@ -30,16 +30,16 @@ func TestACLSpecExample(t *testing.T) {
 		t.Fatalf("warnings %q, %d rules", warns, acl.Len())
 	}
 	p := aclAllowed(acl, "127.0.0.1")
-	if !p.Has(PermStats) || !p.Has(PermImageList) || p.Has(PermClientList) || p.Has(PermAll) {
+	if !p.has(permStats) || !p.has(permImageList) || p.has(permClientList) || p.has(permAll) {
 		t.Errorf("127.0.0.1 got %s", p)
 	}
-	if p != PermStats|PermImageList || p.String() != "STATS IMAGE_LIST" {
+	if p != permStats|permImageList || p.String() != "STATS IMAGE_LIST" {
 		t.Errorf("127.0.0.1 perm %#x %q", uint8(p), p)
 	}
-	if p := aclAllowed(acl, "10.0.0.1"); p != 0 || p.Has(PermStats) || p.String() != "" {
+	if p := aclAllowed(acl, "10.0.0.1"); p != 0 || p.has(permStats) || p.String() != "" {
 		t.Errorf("10.0.0.1 got %s", p)
 	}
-	if p := aclAllowed(acl, "::ffff:127.0.0.5"); p != PermStats|PermImageList {
+	if p := aclAllowed(acl, "::ffff:127.0.0.5"); p != permStats|permImageList {
 		t.Errorf("mapped loopback got %s", p)
 	}
 	// No IPv6 rule: ::1 gets nothing, even though ::1 and 127.x start with
@@ -71,19 +71,19 @@ nonsense        ALL
 	if acl.Len() != 7 {
 		t.Errorf("%d rules, want 7", acl.Len())
 	}
-	cases := map[string]ACLPerm{
-		"10.0.0.5":           PermAll,
-		"10.0.0.6":           PermStats, // first match wins
-		"10.1.0.1":           PermStats | PermClientList | PermImageList,
-		"::ffff:10.1.0.1":    PermStats | PermClientList | PermImageList,
-		"2001:db8:1::9":      PermImageList,
+	cases := map[string]aclPerm{
+		"10.0.0.5":           permAll,
+		"10.0.0.6":           permStats, // first match wins
+		"10.1.0.1":           permStats | permClientList | permImageList,
+		"::ffff:10.1.0.1":    permStats | permClientList | permImageList,
+		"2001:db8:1::9":      permImageList,
 		"2001:db9::9":        0,
-		"::1":                PermStats | PermClientList | PermImageList,
-		"192.168.4.4":        PermStats,
-		"::ffff:192.168.4.4": PermStats,
+		"::1":                permStats | permClientList | permImageList,
+		"192.168.4.4":        permStats,
+		"::ffff:192.168.4.4": permStats,
 		"192.169.0.1":        0,
 		"172.16.0.1":         0,
-		"172.16.0.2":         PermStats,
+		"172.16.0.2":         permStats,
 		"fe80::1%eth0":       0,
 	}
 	for ip, want := range cases {
@@ -91,8 +91,8 @@ nonsense        ALL
 			t.Errorf("%s: got %q, want %q", ip, got, want)
 		}
 	}
-	all := PermStats | PermClientList | PermImageList
-	if all.Has(PermAll) || !PermAll.Has(all) || !PermAll.Has(PermAll) {
+	all := permStats | permClientList | permImageList
+	if all.has(permAll) || !permAll.has(all) || !permAll.has(permAll) {
 		t.Error("ALL is more than the three list flags")
 	}
 	joined := strings.Join(warns, "\n")
@@ -102,34 +102,34 @@ nonsense        ALL
 			t.Errorf("warnings lack %q:\n%s", w, joined)
 		}
 	}
-	if !strings.Contains(joined, ACLFileName+": line") {
+	if !strings.Contains(joined, aclFileName+": line") {
 		t.Errorf("warnings should name the file: %q", warns)
 	}
 }
 
 func TestACLAllowAll(t *testing.T) {
-	acl, warns, err := LoadACL(filepath.Join(t.TempDir(), "rpc.acl"))
+	acl, warns, err := loadACL(filepath.Join(t.TempDir(), "rpc.acl"))
 	if err != nil || len(warns) != 0 {
 		t.Fatal(err, warns)
 	}
 	for _, ip := range []string{"127.0.0.1", "10.0.0.1", "::1"} {
-		if p := aclAllowed(acl, ip); p != PermAll {
+		if p := aclAllowed(acl, ip); p != permAll {
 			t.Errorf("no file: %s got %s", ip, p)
 		}
 	}
 	acl, _ = aclLoad(t, "# only comments\n\n   # more\n")
-	if p := aclAllowed(acl, "203.0.113.9"); p != PermAll {
+	if p := aclAllowed(acl, "203.0.113.9"); p != permAll {
 		t.Errorf("comment-only file: got %s", p)
 	}
 	acl, warns = aclLoad(t, "1.2.3.4 NOTHING\n")
-	if p := aclAllowed(acl, "203.0.113.9"); p != PermAll || len(warns) == 0 {
+	if p := aclAllowed(acl, "203.0.113.9"); p != permAll || len(warns) == 0 {
 		t.Errorf("file without valid rule: got %s, warnings %q", p, warns)
 	}
 	var nilACL *ACL
-	if nilACL.Allowed(netip.MustParseAddr("1.1.1.1")) != PermAll || nilACL.Len() != 0 {
+	if nilACL.allowed(netip.MustParseAddr("1.1.1.1")) != permAll || nilACL.Len() != 0 {
 		t.Error("nil ACL should allow all")
 	}
-	if _, _, err := LoadACL(t.TempDir()); err == nil {
+	if _, _, err := loadACL(t.TempDir()); err == nil {
 		t.Error("reading a directory should fail")
 	}
 }
@@ -140,10 +140,10 @@ func TestACLCap(t *testing.T) {
 		fmt.Fprintf(&b, "10.0.0.%d STATS\n", i)
 	}
 	acl, warns := aclLoad(t, b.String())
-	if acl.Len() != MaxACLRules {
-		t.Errorf("%d rules, want %d", acl.Len(), MaxACLRules)
+	if acl.Len() != maxACLRules {
+		t.Errorf("%d rules, want %d", acl.Len(), maxACLRules)
 	}
-	if aclAllowed(acl, "10.0.0.99") != PermStats || aclAllowed(acl, "10.0.0.100") != 0 {
+	if aclAllowed(acl, "10.0.0.99") != permStats || aclAllowed(acl, "10.0.0.100") != 0 {
 		t.Error("rule 100 missing or rule 101 present")
 	}
 	if len(warns) != 1 || !strings.Contains(warns[0], "more than 100") {
@@ -156,7 +156,7 @@ func FuzzACL(f *testing.F) {
 	f.Add([]byte("# c\n::1/128 ALL # x\n10.0.0.0/33 STATS\n::ffff:1.2.3.4/120 CLIENT_LIST\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		acl, _ := parseACL(data)
-		if acl.Len() > MaxACLRules {
+		if acl.Len() > maxACLRules {
 			t.Fatalf("%d rules", acl.Len())
 		}
 		for _, r := range acl.rules {
@@ -165,8 +165,8 @@ func FuzzACL(f *testing.F) {
 			}
 		}
 		for _, ip := range []string{"127.0.0.1", "::1", "::ffff:10.0.0.1"} {
-			p := acl.Allowed(netip.MustParseAddr(ip))
-			if acl.Len() == 0 && p != PermAll {
+			p := acl.allowed(netip.MustParseAddr(ip))
+			if acl.Len() == 0 && p != permAll {
 				t.Fatalf("no rules but %s got %s", ip, p)
 			}
 		}
@@ -197,14 +197,14 @@ func TestACLOpenByMistake(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			files := map[string]string{}
 			if tc.acl != nil {
-				files[ACLFileName] = *tc.acl
+				files[aclFileName] = *tc.acl
 			}
 			dir, cfg := writeConfigDir(t, base, "", files)
 			log, lc := captureLogger(t)
 			srv, err := New(Options{ConfigDir: dir, Config: cfg, Logger: log, AllowOpenRPC: tc.allowOpen})
 			if tc.mistake && !tc.allowOpen {
 				if err == nil || !strings.Contains(err.Error(), "open to everyone") || !strings.Contains(err.Error(), "--allow-open-rpc") ||
-					!strings.Contains(err.Error(), ACLFileName) {
+					!strings.Contains(err.Error(), aclFileName) {
 					t.Fatalf("New = %v, want an error naming rpc.acl and --allow-open-rpc", err)
 				}
 				return
@@ -217,10 +217,10 @@ func TestACLOpenByMistake(t *testing.T) {
 			if warned != tc.mistake {
 				t.Errorf("open RPC warned: %v, want %v; log:\n%s", warned, tc.mistake, lc.String())
 			}
-			if srv.acl.OpenByMistake() != tc.mistake {
-				t.Errorf("OpenByMistake() = %v", srv.acl.OpenByMistake())
+			if srv.acl.openByMistake() != tc.mistake {
+				t.Errorf("OpenByMistake() = %v", srv.acl.openByMistake())
 			}
-			if tc.mistake && srv.acl.Allowed(netip.MustParseAddr("192.0.2.1")) != PermAll {
+			if tc.mistake && srv.acl.allowed(netip.MustParseAddr("192.0.2.1")) != permAll {
 				t.Error("allowed on purpose, but the RPC is not open (the reference's behaviour)")
 			}
 		})

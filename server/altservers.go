@@ -25,11 +25,11 @@ import (
 
 // AltServersFileName is the name of the alt servers file in the
 // configuration directory.
-const AltServersFileName = "alt-servers"
+const altServersFileName = "alt-servers"
 
 const (
 	// MaxAltServers is the maximum number of entries of the alt-servers file.
-	MaxAltServers = 50
+	maxAltServers = 50
 	// maxAltComment is the longest comment kept, in bytes.
 	maxAltComment = 119
 	// altRTTHistory is the number of RTT samples kept per alt server.
@@ -41,7 +41,7 @@ const (
 // AltServer is one entry of the alt-servers file plus its runtime state.
 // The configuration fields are fixed after loading; the RTT history and
 // failure count are guarded by a mutex and read with Snapshot.
-type AltServer struct {
+type altServer struct {
 	// Addr is the server's address and port (default port 5003).
 	Addr netip.AddrPort
 	// Comment is the free text of the entry (at most 119 bytes).
@@ -63,7 +63,7 @@ type AltServer struct {
 }
 
 // AltServerStatus is a consistent copy of an AltServer's runtime state.
-type AltServerStatus struct {
+type altServerStatus struct {
 	// RTT is the history of measured round-trip times in µs, oldest first;
 	// 0 means no sample.
 	RTT [altRTTHistory]uint32
@@ -72,7 +72,7 @@ type AltServerStatus struct {
 }
 
 // RecordRTT adds a round-trip time sample in µs, dropping the oldest.
-func (a *AltServer) RecordRTT(us uint32) {
+func (a *altServer) recordRTT(us uint32) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	copy(a.rtt[:], a.rtt[1:])
@@ -81,7 +81,7 @@ func (a *AltServer) RecordRTT(us uint32) {
 
 // RecordFailure counts a failed connection attempt or request and returns
 // the new count.
-func (a *AltServer) RecordFailure() int {
+func (a *altServer) recordFailure() int {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.fails++
@@ -99,28 +99,28 @@ const (
 
 // blocked reports whether the server failed too often recently to be
 // tried as an uplink.
-func (a *AltServer) blocked() bool {
+func (a *altServer) blocked() bool {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return a.fails >= altBlockFails && time.Since(a.lastFail) < altBlockTime
 }
 
 // RecordSuccess resets the failure count.
-func (a *AltServer) RecordSuccess() {
+func (a *altServer) recordSuccess() {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.fails = 0
 }
 
 // Snapshot returns the current RTT history and failure count.
-func (a *AltServer) Snapshot() AltServerStatus {
+func (a *altServer) snapshot() altServerStatus {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	return AltServerStatus{RTT: a.rtt, Fails: a.fails}
+	return altServerStatus{RTT: a.rtt, Fails: a.fails}
 }
 
 // AvgRTT returns the mean of the non-zero RTT samples, or 0 without samples.
-func (a *AltServer) AvgRTT() time.Duration {
+func (a *altServer) avgRTT() time.Duration {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	var sum, n uint64
@@ -138,7 +138,7 @@ func (a *AltServer) AvgRTT() time.Duration {
 
 // Serves reports whether the entry may be used for image name: true without
 // namespaces, else if name starts with one of them.
-func (a *AltServer) Serves(name string) bool {
+func (a *altServer) serves(name string) bool {
 	if len(a.Namespaces) == 0 {
 		return true
 	}
@@ -179,14 +179,14 @@ func resolveHost(ctx context.Context, host string) (netip.Addr, error) {
 // used: one "[-|+]host[:port] [comment]" per line, "-" = private, "+" =
 // client only, lines starting with "#" and bare "[...]" lines (INI section
 // headers without keys) skipped.
-func LoadAltServers(path string) ([]*AltServer, []string, error) {
+func loadAltServers(path string) ([]*altServer, []string, error) {
 	list, probs, err := readAltServers(path)
 	return list, lineWarnings(path, probs), err
 }
 
 // readAltServers is LoadAltServers with the warnings as line-numbered
 // problems (without the file name).
-func readAltServers(path string) ([]*AltServer, []Problem, error) {
+func readAltServers(path string) ([]*altServer, []Problem, error) {
 	data, err := os.ReadFile(path)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil, nil
@@ -201,7 +201,7 @@ func readAltServers(path string) ([]*AltServer, []Problem, error) {
 // altParser collects alt server entries.
 type altParser struct {
 	resolve altResolver
-	list    []*AltServer
+	list    []*altServer
 	probs   []Problem // warnings with line numbers, no file name
 	full    bool      // the cap was hit and reported
 	// inSection records a key line below an INI section header: the file
@@ -215,27 +215,27 @@ func (p *altParser) warnf(line int, format string, args ...any) {
 
 // add registers an entry for addr or returns the existing one with the
 // same address; nil when the list is full.
-func (p *altParser) add(addr netip.AddrPort, line int) *AltServer {
+func (p *altParser) add(addr netip.AddrPort, line int) *altServer {
 	for _, a := range p.list {
 		if a.Addr == addr {
 			return a
 		}
 	}
-	if len(p.list) >= MaxAltServers {
+	if len(p.list) >= maxAltServers {
 		if !p.full {
-			p.warnf(line, "more than %d alt servers; ignoring the rest", MaxAltServers)
+			p.warnf(line, "more than %d alt servers; ignoring the rest", maxAltServers)
 			p.full = true
 		}
 		return nil
 	}
-	a := &AltServer{Addr: addr}
+	a := &altServer{Addr: addr}
 	p.list = append(p.list, a)
 	return a
 }
 
 // parseAltServers parses the alt-servers file contents. The problems are
 // warnings with line numbers and no file name.
-func parseAltServers(data []byte, resolve altResolver) ([]*AltServer, []Problem) {
+func parseAltServers(data []byte, resolve altResolver) ([]*altServer, []Problem) {
 	p := &altParser{resolve: resolve}
 	p.parseINIFormat(data)
 	if len(p.list) > 0 {
@@ -258,7 +258,7 @@ func parseAltServers(data []byte, resolve altResolver) ([]*AltServer, []Problem)
 func (p *altParser) parseINIFormat(data []byte) {
 	var (
 		curSection string
-		cur        *AltServer
+		cur        *altServer
 		curBad     bool // current section could not be used (warned once)
 		started    bool
 	)
@@ -426,7 +426,7 @@ func validHostname(h string) bool {
 
 // FormatHost formats an address as the RPC shows it: "127.0.0.1:15306" or
 // "[::1]:5004".
-func FormatHost(ap netip.AddrPort) string {
+func formatHost(ap netip.AddrPort) string {
 	a := ap.Addr()
 	if a.Is4In6() {
 		a = a.Unmap()
@@ -437,15 +437,15 @@ func FormatHost(ap netip.AddrPort) string {
 // SelectForClient returns the GET_SERVERS entries for a client of image:
 // the non-private entries serving the image, without self, closest network
 // to client first (stable for ties), at most protocol.NumberServers.
-func SelectForClient(list []*AltServer, client netip.Addr, image string, self netip.AddrPort) []protocol.ServerEntry {
+func selectForClient(list []*altServer, client netip.Addr, image string, self netip.AddrPort) []protocol.ServerEntry {
 	self = netip.AddrPortFrom(self.Addr().Unmap(), self.Port())
 	type cand struct {
-		a     *AltServer
+		a     *altServer
 		score int
 	}
 	var cands []cand
 	for _, a := range list {
-		if a.Private || !a.Serves(image) {
+		if a.Private || !a.serves(image) {
 			continue
 		}
 		if self.IsValid() && netip.AddrPortFrom(a.Addr.Addr().Unmap(), a.Addr.Port()) == self {
@@ -490,10 +490,10 @@ func addrCloseness(x, y netip.Addr) int {
 // Uplinks returns the entries a proxy may use as uplinks for image: not
 // client-only, serving the image, and private ones only if privateOnly
 // (proxyPrivateOnly).
-func Uplinks(list []*AltServer, privateOnly bool, image string) []*AltServer {
-	var out []*AltServer
+func uplinks(list []*altServer, privateOnly bool, image string) []*altServer {
+	var out []*altServer
 	for _, a := range list {
-		if a.ClientOnly || (privateOnly && !a.Private) || !a.Serves(image) {
+		if a.ClientOnly || (privateOnly && !a.Private) || !a.serves(image) {
 			continue
 		}
 		out = append(out, a)

@@ -24,13 +24,13 @@ func altNoResolve(_ context.Context, host string) (netip.Addr, error) {
 	return netip.Addr{}, errors.New("no such host")
 }
 
-func altLoad(t *testing.T, text string) ([]*AltServer, []string) {
+func altLoad(t *testing.T, text string) ([]*altServer, []string) {
 	t.Helper()
-	path := filepath.Join(t.TempDir(), AltServersFileName)
+	path := filepath.Join(t.TempDir(), altServersFileName)
 	if err := os.WriteFile(path, []byte(text), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	list, warns, err := LoadAltServers(path)
+	list, warns, err := loadAltServers(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -38,11 +38,11 @@ func altLoad(t *testing.T, text string) ([]*AltServer, []string) {
 }
 
 // altDesc summarises an entry for comparisons.
-func altDesc(a *AltServer) string {
-	return fmt.Sprintf("%s private=%v client=%v ns=%q comment=%q", FormatHost(a.Addr), a.Private, a.ClientOnly, a.Namespaces, a.Comment)
+func altDesc(a *altServer) string {
+	return fmt.Sprintf("%s private=%v client=%v ns=%q comment=%q", formatHost(a.Addr), a.Private, a.ClientOnly, a.Namespaces, a.Comment)
 }
 
-func altDescs(list []*AltServer) []string {
+func altDescs(list []*altServer) []string {
 	out := make([]string, len(list))
 	for i, a := range list {
 		out[i] = altDesc(a)
@@ -139,16 +139,16 @@ not/a/host something
 		t.Errorf("warnings %q", warns)
 	}
 	// The RPC shows these like the reference's q=altservers capture.
-	if FormatHost(list[0].Addr) != "127.0.0.1:15102" || FormatHost(list[4].Addr) != "[::1]:5007" {
+	if formatHost(list[0].Addr) != "127.0.0.1:15102" || formatHost(list[4].Addr) != "[::1]:5007" {
 		t.Error("FormatHost")
 	}
-	if got := FormatHost(netip.MustParseAddrPort("[::ffff:127.0.0.1]:15306")); got != "127.0.0.1:15306" {
+	if got := formatHost(netip.MustParseAddrPort("[::ffff:127.0.0.1]:15306")); got != "127.0.0.1:15306" {
 		t.Errorf("FormatHost(mapped) = %s", got)
 	}
 }
 
 func TestAltServersMissingAndEmpty(t *testing.T) {
-	list, warns, err := LoadAltServers(filepath.Join(t.TempDir(), "alt-servers"))
+	list, warns, err := loadAltServers(filepath.Join(t.TempDir(), "alt-servers"))
 	if err != nil || list != nil || warns != nil {
 		t.Errorf("missing file: %v %v %v", list, warns, err)
 	}
@@ -161,7 +161,7 @@ func TestAltServersMissingAndEmpty(t *testing.T) {
 	if len(list) != 0 || len(warns) != 0 {
 		t.Errorf("only key-less sections: %v %q", altDescs(list), warns)
 	}
-	if _, _, err := LoadAltServers(t.TempDir()); err == nil {
+	if _, _, err := loadAltServers(t.TempDir()); err == nil {
 		t.Error("reading a directory should fail")
 	}
 }
@@ -174,8 +174,8 @@ func TestAltServersCap(t *testing.T) {
 	}
 	for _, text := range []string{ini.String(), legacy.String()} {
 		list, warns := altLoad(t, text)
-		if len(list) != MaxAltServers {
-			t.Fatalf("got %d entries, want %d", len(list), MaxAltServers)
+		if len(list) != maxAltServers {
+			t.Fatalf("got %d entries, want %d", len(list), maxAltServers)
 		}
 		if list[49].Comment != "n49" || list[49].Addr != netip.MustParseAddrPort("10.0.49.1:5003") {
 			t.Errorf("last entry %s", altDesc(list[49]))
@@ -187,28 +187,28 @@ func TestAltServersCap(t *testing.T) {
 }
 
 func TestAltServersRuntime(t *testing.T) {
-	a := &AltServer{Addr: netip.MustParseAddrPort("127.0.0.1:15102")}
-	if a.AvgRTT() != 0 {
+	a := &altServer{Addr: netip.MustParseAddrPort("127.0.0.1:15102")}
+	if a.avgRTT() != 0 {
 		t.Error("AvgRTT without samples")
 	}
-	a.RecordRTT(3011)
-	if s := a.Snapshot(); s.RTT != [5]uint32{0, 0, 0, 0, 3011} || s.Fails != 0 {
+	a.recordRTT(3011)
+	if s := a.snapshot(); s.RTT != [5]uint32{0, 0, 0, 0, 3011} || s.Fails != 0 {
 		t.Errorf("snapshot %+v", s)
 	}
 	for _, v := range []uint32{1, 2, 3, 4, 5} {
-		a.RecordRTT(v)
+		a.recordRTT(v)
 	}
-	if s := a.Snapshot(); s.RTT != [5]uint32{1, 2, 3, 4, 5} {
+	if s := a.snapshot(); s.RTT != [5]uint32{1, 2, 3, 4, 5} {
 		t.Errorf("history %v", s.RTT)
 	}
-	if a.AvgRTT().Microseconds() != 3 {
-		t.Errorf("AvgRTT %v", a.AvgRTT())
+	if a.avgRTT().Microseconds() != 3 {
+		t.Errorf("AvgRTT %v", a.avgRTT())
 	}
-	if a.RecordFailure() != 1 || a.RecordFailure() != 2 || a.Snapshot().Fails != 2 {
+	if a.recordFailure() != 1 || a.recordFailure() != 2 || a.snapshot().Fails != 2 {
 		t.Error("failure count")
 	}
-	a.RecordSuccess()
-	if a.Snapshot().Fails != 0 {
+	a.recordSuccess()
+	if a.snapshot().Fails != 0 {
 		t.Error("success does not reset")
 	}
 	var wg sync.WaitGroup
@@ -217,20 +217,20 @@ func TestAltServersRuntime(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			for i := range 100 {
-				a.RecordRTT(uint32(i))
-				a.RecordFailure()
-				_ = a.Snapshot()
+				a.recordRTT(uint32(i))
+				a.recordFailure()
+				_ = a.snapshot()
 			}
 		}()
 	}
 	wg.Wait()
-	if a.Snapshot().Fails != 400 {
-		t.Errorf("concurrent failures %d", a.Snapshot().Fails)
+	if a.snapshot().Fails != 400 {
+		t.Errorf("concurrent failures %d", a.snapshot().Fails)
 	}
 }
 
-func altMk(addr string, mod func(*AltServer)) *AltServer {
-	a := &AltServer{Addr: netip.MustParseAddrPort(addr)}
+func altMk(addr string, mod func(*altServer)) *altServer {
+	a := &altServer{Addr: netip.MustParseAddrPort(addr)}
 	if mod != nil {
 		mod(a)
 	}
@@ -240,7 +240,7 @@ func altMk(addr string, mod func(*AltServer)) *AltServer {
 func entryAddrs(es []protocol.ServerEntry) string {
 	var s []string
 	for _, e := range es {
-		s = append(s, FormatHost(e.Addr))
+		s = append(s, formatHost(e.Addr))
 	}
 	return strings.Join(s, " ")
 }
@@ -248,7 +248,7 @@ func entryAddrs(es []protocol.ServerEntry) string {
 func TestSelectForClientCaptured(t *testing.T) {
 	list, _ := altLoad(t, "[127.0.0.2:5003]\ncomment=a\n[[::1]:5004]\ncomment=b\n")
 	self := netip.MustParseAddrPort("127.0.0.1:5003")
-	got := protocol.MarshalServerList(SelectForClient(list, netip.MustParseAddr("127.0.0.1"), "test", self))
+	got := protocol.MarshalServerList(selectForClient(list, netip.MustParseAddr("127.0.0.1"), "test", self))
 	const want = "7f000002000000000000000000000000138b020000000000000000000000000000000001138c0a00"
 	if hex.EncodeToString(got) != want {
 		t.Errorf("payload %x\nwant    %s", got, want)
@@ -262,55 +262,55 @@ func TestSelectForClientCaptured(t *testing.T) {
 		}
 	}
 	// An IPv4-mapped client address gives the same answer.
-	got2 := protocol.MarshalServerList(SelectForClient(list, netip.MustParseAddr("::ffff:127.0.0.1"), "test", self))
+	got2 := protocol.MarshalServerList(selectForClient(list, netip.MustParseAddr("::ffff:127.0.0.1"), "test", self))
 	if string(got2) != string(got) {
 		t.Errorf("mapped client: %x", got2)
 	}
 }
 
 func TestSelectForClientOrder(t *testing.T) {
-	list := []*AltServer{
+	list := []*altServer{
 		altMk("192.168.7.1:5003", nil),
 		altMk("[2001:db8:1::1]:5003", nil),
 		altMk("10.1.2.3:5003", nil),
 		altMk("10.1.200.3:5003", nil),
 		altMk("[2001:db8:ffff::1]:5003", nil),
-		altMk("10.1.2.4:5003", func(a *AltServer) { a.Private = true }),
-		altMk("10.1.2.5:5003", func(a *AltServer) { a.ClientOnly = true }),
+		altMk("10.1.2.4:5003", func(a *altServer) { a.Private = true }),
+		altMk("10.1.2.5:5003", func(a *altServer) { a.ClientOnly = true }),
 		altMk("10.9.9.9:5003", nil),
-		altMk("10.1.2.6:5003", func(a *AltServer) { a.Namespaces = []string{"lab/"} }),
+		altMk("10.1.2.6:5003", func(a *altServer) { a.Namespaces = []string{"lab/"} }),
 		altMk("10.1.2.1:5003", nil), // self
 	}
 	self := netip.MustParseAddrPort("[::ffff:10.1.2.1]:5003")
 
-	got := entryAddrs(SelectForClient(list, netip.MustParseAddr("10.1.2.99"), "pool/img", self))
+	got := entryAddrs(selectForClient(list, netip.MustParseAddr("10.1.2.99"), "pool/img", self))
 	want := "10.1.2.3:5003 10.1.2.5:5003 10.1.200.3:5003 10.9.9.9:5003 192.168.7.1:5003 [2001:db8:1::1]:5003 [2001:db8:ffff::1]:5003"
 	if got != want {
 		t.Errorf("v4 client:\n got %s\nwant %s", got, want)
 	}
-	got = entryAddrs(SelectForClient(list, netip.MustParseAddr("10.1.2.99"), "lab/img", self))
+	got = entryAddrs(selectForClient(list, netip.MustParseAddr("10.1.2.99"), "lab/img", self))
 	want = "10.1.2.3:5003 10.1.2.5:5003 10.1.2.6:5003 10.1.200.3:5003 10.9.9.9:5003 192.168.7.1:5003 [2001:db8:1::1]:5003 [2001:db8:ffff::1]:5003"
 	if got != want {
 		t.Errorf("namespace:\n got %s\nwant %s", got, want)
 	}
-	got = entryAddrs(SelectForClient(list, netip.MustParseAddr("2001:db8:ffff::77"), "pool/img", self))
+	got = entryAddrs(selectForClient(list, netip.MustParseAddr("2001:db8:ffff::77"), "pool/img", self))
 	want = "[2001:db8:ffff::1]:5003 [2001:db8:1::1]:5003 192.168.7.1:5003 10.1.2.3:5003 10.1.200.3:5003 10.1.2.5:5003 10.9.9.9:5003"
 	if got != want {
 		t.Errorf("v6 client:\n got %s\nwant %s", got, want)
 	}
 	// Same address, other port: not self.
-	got = entryAddrs(SelectForClient(list[9:], netip.MustParseAddr("10.1.2.99"), "x", netip.MustParseAddrPort("10.1.2.1:5004")))
+	got = entryAddrs(selectForClient(list[9:], netip.MustParseAddr("10.1.2.99"), "x", netip.MustParseAddrPort("10.1.2.1:5004")))
 	if got != "10.1.2.1:5003" {
 		t.Errorf("other port treated as self: %q", got)
 	}
 
-	var many []*AltServer
+	var many []*altServer
 	for i := range 20 {
 		many = append(many, altMk(fmt.Sprintf("172.16.%d.1:5003", i), nil))
 	}
 	many = append(many, altMk("10.0.0.1:5003", nil))
-	sel := SelectForClient(many, netip.MustParseAddr("10.0.0.2"), "x", netip.AddrPort{})
-	if len(sel) != protocol.NumberServers || FormatHost(sel[0].Addr) != "10.0.0.1:5003" || FormatHost(sel[7].Addr) != "172.16.6.1:5003" {
+	sel := selectForClient(many, netip.MustParseAddr("10.0.0.2"), "x", netip.AddrPort{})
+	if len(sel) != protocol.NumberServers || formatHost(sel[0].Addr) != "10.0.0.1:5003" || formatHost(sel[7].Addr) != "172.16.6.1:5003" {
 		t.Errorf("cap: %s", entryAddrs(sel))
 	}
 }
@@ -338,26 +338,26 @@ func TestAddrCloseness(t *testing.T) {
 }
 
 func TestUplinks(t *testing.T) {
-	list := []*AltServer{
+	list := []*altServer{
 		altMk("10.0.0.1:5003", nil),
-		altMk("10.0.0.2:5003", func(a *AltServer) { a.Private = true }),
-		altMk("10.0.0.3:5003", func(a *AltServer) { a.ClientOnly = true }),
-		altMk("10.0.0.4:5003", func(a *AltServer) { a.Private = true; a.Namespaces = []string{"lab/"} }),
+		altMk("10.0.0.2:5003", func(a *altServer) { a.Private = true }),
+		altMk("10.0.0.3:5003", func(a *altServer) { a.ClientOnly = true }),
+		altMk("10.0.0.4:5003", func(a *altServer) { a.Private = true; a.Namespaces = []string{"lab/"} }),
 	}
-	str := func(l []*AltServer) string {
+	str := func(l []*altServer) string {
 		var s []string
 		for _, a := range l {
-			s = append(s, FormatHost(a.Addr))
+			s = append(s, formatHost(a.Addr))
 		}
 		return strings.Join(s, " ")
 	}
-	if got := str(Uplinks(list, false, "pool/x")); got != "10.0.0.1:5003 10.0.0.2:5003" {
+	if got := str(uplinks(list, false, "pool/x")); got != "10.0.0.1:5003 10.0.0.2:5003" {
 		t.Errorf("all: %s", got)
 	}
-	if got := str(Uplinks(list, false, "lab/x")); got != "10.0.0.1:5003 10.0.0.2:5003 10.0.0.4:5003" {
+	if got := str(uplinks(list, false, "lab/x")); got != "10.0.0.1:5003 10.0.0.2:5003 10.0.0.4:5003" {
 		t.Errorf("namespace: %s", got)
 	}
-	if got := str(Uplinks(list, true, "lab/x")); got != "10.0.0.2:5003 10.0.0.4:5003" {
+	if got := str(uplinks(list, true, "lab/x")); got != "10.0.0.2:5003 10.0.0.4:5003" {
 		t.Errorf("private only: %s", got)
 	}
 }
@@ -368,7 +368,7 @@ func FuzzAltServers(f *testing.F) {
 	f.Add([]byte("[origin.test]\nfor=replication\n2001:db8::1 x\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		list, _ := parseAltServers(data, altNoResolve)
-		if len(list) > MaxAltServers {
+		if len(list) > maxAltServers {
 			t.Fatalf("%d entries", len(list))
 		}
 		seen := map[netip.AddrPort]bool{}
@@ -387,7 +387,7 @@ func FuzzAltServers(f *testing.F) {
 				t.Fatalf("private and client-only")
 			}
 		}
-		sel := SelectForClient(list, netip.MustParseAddr("127.0.0.1"), "img", netip.AddrPort{})
+		sel := selectForClient(list, netip.MustParseAddr("127.0.0.1"), "img", netip.AddrPort{})
 		if len(sel) > protocol.NumberServers {
 			t.Fatalf("%d selected", len(sel))
 		}

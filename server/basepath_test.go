@@ -50,12 +50,12 @@ func TestSymlinksNeverLeaveBasePath(t *testing.T) {
 
 	ts := startServer(t, base, "", nil)
 	for _, n := range append([]string{"img", "real/inner"}, scanServed...) {
-		if ts.store.Loaded(n, 1) == nil {
+		if ts.store.loaded(n, 1) == nil {
 			t.Errorf("scan: %s not loaded", n)
 		}
 	}
 	for _, n := range scanRefused {
-		if ts.store.Loaded(n, 1) != nil {
+		if ts.store.loaded(n, 1) != nil {
 			t.Errorf("scan: %s loaded", n)
 		}
 	}
@@ -79,7 +79,7 @@ func TestSymlinksNeverLeaveBasePath(t *testing.T) {
 			}
 		}
 	}
-	for _, img := range ts.store.List() {
+	for _, img := range ts.store.list() {
 		if err := resolvesInside(base, img.Path); err != nil {
 			t.Errorf("loaded %s: %v", img, err)
 		}
@@ -96,13 +96,13 @@ func TestSymlinkedBasePathIsScanned(t *testing.T) {
 	symlink(t, filepath.Join(parent, "real", "other.r2"), filepath.Join(parent, "real", "alias.r1"))
 	base := filepath.Join(parent, "link")
 	symlink(t, "real", base)
-	s := NewStore(StoreOptions{BasePath: base})
+	s := newStore(storeOptions{BasePath: base})
 	defer s.Close()
-	added, _, _, err := s.Reload()
+	added, _, _, err := s.reload()
 	if err != nil || added != 3 {
 		t.Fatalf("scan of a symlinked basePath: %d images, %v", added, err)
 	}
-	if img := s.Loaded("sub/img", 1); img == nil || img.Path != filepath.Join(base, "sub", "img.r1") {
+	if img := s.loaded("sub/img", 1); img == nil || img.Path != filepath.Join(base, "sub", "img.r1") {
 		t.Fatalf("sub/img: %+v", img)
 	}
 }

@@ -135,7 +135,7 @@ func (cc *clientConn) dropQueued() {
 // the file, up to the virtual size). Data in the page cache is copied with
 // a raw preadv2(RWF_NOWAIT), which cannot block; the rest is read with an
 // ordinary pread, which may wait for the disk.
-func (img *Image) readData(p []byte, off int64) error {
+func (img *image) readData(p []byte, off int64) error {
 	fileN := int(max(0, min(int64(len(p)), img.RealSize-off)))
 	n := 0
 	if fileN > 0 && !img.noNowait.Load() {

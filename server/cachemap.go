@@ -19,7 +19,7 @@ import (
 // block k. On disk it is the `.map` sidecar, ceil(virtual size / 32 KiB)
 // bytes; no `.map` file means the image is complete. A short file leaves
 // the missing tail absent.
-type CacheMap struct {
+type cacheMap struct {
 	mu      sync.RWMutex
 	bits    []byte
 	blocks  int64
@@ -29,9 +29,9 @@ type CacheMap struct {
 }
 
 // NewCacheMap returns an empty map for an image of virtualSize bytes.
-func NewCacheMap(virtualSize int64) *CacheMap {
+func newCacheMap(virtualSize int64) *cacheMap {
 	blocks := (virtualSize + protocol.BlockSize - 1) / protocol.BlockSize
-	return &CacheMap{bits: make([]byte, mapLen(virtualSize)), blocks: blocks}
+	return &cacheMap{bits: make([]byte, mapLen(virtualSize)), blocks: blocks}
 }
 
 // mapLen returns the length of the `.map` of an image of virtualSize
@@ -41,32 +41,32 @@ func mapLen(virtualSize int64) int64 {
 }
 
 // LoadCacheMap reads a `.map` file for an image of virtualSize bytes.
-func LoadCacheMap(path string, virtualSize int64) (*CacheMap, error) {
+func loadCacheMap(path string, virtualSize int64) (*cacheMap, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return nil, err
 	}
-	m := NewCacheMap(virtualSize)
-	m.Replace(b)
+	m := newCacheMap(virtualSize)
+	m.replace(b)
 	return m, nil
 }
 
 // trimTail clears bits past the last block.
-func (m *CacheMap) trimTail() {
+func (m *cacheMap) trimTail() {
 	if rem := m.blocks % 8; rem != 0 && len(m.bits) > 0 {
 		m.bits[len(m.bits)-1] &= byte(1<<rem) - 1
 	}
 }
 
 // Blocks returns the number of 4 KiB blocks the map covers.
-func (m *CacheMap) Blocks() int64 { return m.blocks }
+func (m *cacheMap) Blocks() int64 { return m.blocks }
 
 func blockRange(start, end int64) (int64, int64) {
 	return start / protocol.BlockSize, (end + protocol.BlockSize - 1) / protocol.BlockSize
 }
 
 // Has reports whether every block touching [start, end) is present.
-func (m *CacheMap) Has(start, end int64) bool {
+func (m *cacheMap) has(start, end int64) bool {
 	first, last := blockRange(start, end)
 	m.mu.RLock()
 	defer m.mu.RUnlock()
@@ -80,7 +80,7 @@ func (m *CacheMap) Has(start, end int64) bool {
 
 // Missing returns the runs of absent blocks touching [start, end), as
 // 4 KiB-aligned byte ranges [from, to).
-func (m *CacheMap) Missing(start, end int64) [][2]int64 {
+func (m *cacheMap) missing(start, end int64) [][2]int64 {
 	first, last := blockRange(start, end)
 	m.mu.RLock()
 	defer m.mu.RUnlock()
@@ -100,7 +100,7 @@ func (m *CacheMap) Missing(start, end int64) [][2]int64 {
 
 // Clear marks the blocks touching [start, end) absent (a failed hash
 // check: they are fetched again).
-func (m *CacheMap) Clear(start, end int64) {
+func (m *cacheMap) clear(start, end int64) {
 	first, last := blockRange(start, end)
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -116,7 +116,7 @@ func (m *CacheMap) Clear(start, end int64) {
 }
 
 // Complete reports whether every block is present.
-func (m *CacheMap) Complete() bool {
+func (m *cacheMap) complete() bool {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
 	return m.present == m.blocks
@@ -124,7 +124,7 @@ func (m *CacheMap) Complete() bool {
 
 // Percent returns the share of present blocks as the RPC's integer
 // percentage (rounded down, 100 only when complete).
-func (m *CacheMap) Percent() int {
+func (m *cacheMap) percent() int {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
 	if m.blocks == 0 || m.present == m.blocks {
@@ -134,21 +134,21 @@ func (m *CacheMap) Percent() int {
 }
 
 // Present returns the number of present blocks.
-func (m *CacheMap) Present() int64 {
+func (m *cacheMap) Present() int64 {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
 	return m.present
 }
 
 // Bytes returns a copy of the map as the `.map` file and /cachemap hold it.
-func (m *CacheMap) Bytes() []byte {
+func (m *cacheMap) bytes() []byte {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
 	return append([]byte(nil), m.bits...)
 }
 
 // Unsaved reports since when the map has changes not yet saved.
-func (m *CacheMap) Unsaved() (since time.Time, dirty bool) {
+func (m *cacheMap) unsaved() (since time.Time, dirty bool) {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
 	return m.changed, !m.changed.IsZero()
@@ -157,26 +157,26 @@ func (m *CacheMap) Unsaved() (since time.Time, dirty bool) {
 // Save writes the map to path atomically (temporary file, fsync, rename).
 // The caller must have synced the image data the map describes first, so
 // a crash never leaves bits set over data that is not on disk.
-func (m *CacheMap) Save(path string) error {
-	return m.SaveSynced(func() error { return nil }, AtomicMapWriter(path))
+func (m *cacheMap) save(path string) error {
+	return m.saveSynced(func() error { return nil }, atomicMapWriter(path))
 }
 
 // AtomicMapWriter returns the write function of SaveSynced that replaces
 // the `.map` at path atomically and durably (temporary file, fsync,
 // rename, directory fsync).
-func AtomicMapWriter(path string) func([]byte) error {
+func atomicMapWriter(path string) func([]byte) error {
 	return func(b []byte) error { return fsutil.WriteFileAtomic(path, b, 0o644) }
 }
 
 // WriteMeta writes the `.meta` sidecar with the last access time, which
 // the proxy's LRU deletion of replicated images uses.
-func WriteMeta(imagePath string, atime time.Time) error {
+func writeMeta(imagePath string, atime time.Time) error {
 	return fsutil.WriteFileAtomic(imagePath+".meta", []byte("[main]\natime="+strconv.FormatInt(atime.Unix(), 10)+"\n"), 0o644)
 }
 
 // ReadMeta reads the last access time from a `.meta` sidecar; without one
 // the image file's mtime counts.
-func ReadMeta(imagePath string) (time.Time, error) {
+func readMeta(imagePath string) (time.Time, error) {
 	atime, err := readMetaFile(imagePath)
 	if errors.Is(err, os.ErrNotExist) {
 		st, err := os.Stat(imagePath)
@@ -217,8 +217,8 @@ const blocksPerHashBlock = protocol.HashBlockSize / protocol.BlockSize
 // NewFullCacheMap returns a map with every block present: the starting
 // point when a hash block of a complete image fails its check and has to
 // be fetched again.
-func NewFullCacheMap(virtualSize int64) *CacheMap {
-	m := NewCacheMap(virtualSize)
+func newFullCacheMap(virtualSize int64) *cacheMap {
+	m := newCacheMap(virtualSize)
 	for i := range m.bits {
 		m.bits[i] = 0xFF
 	}
@@ -231,7 +231,7 @@ func NewFullCacheMap(virtualSize int64) *CacheMap {
 // after Fail). It reports whether this call completed the map and which
 // 16 MiB hash blocks it completed (they had a block set by this call and
 // are now fully present), so each is CRC-checked exactly once.
-func (m *CacheMap) SetRange(start, end int64) (completed bool, hashBlocks []int) {
+func (m *cacheMap) setRange(start, end int64) (completed bool, hashBlocks []int) {
 	first := (start + protocol.BlockSize - 1) / protocol.BlockSize
 	last := min(end/protocol.BlockSize, m.blocks)
 	m.mu.Lock()
@@ -264,14 +264,14 @@ func (m *CacheMap) SetRange(start, end int64) (completed bool, hashBlocks []int)
 }
 
 // hashBlockRange returns the map blocks [first, last) of hash block hb.
-func (m *CacheMap) hashBlockRange(hb int) (int64, int64) {
+func (m *cacheMap) hashBlockRange(hb int) (int64, int64) {
 	first := int64(hb) * blocksPerHashBlock
 	return first, min(first+blocksPerHashBlock, m.blocks)
 }
 
 // fullByte is the value of map byte i when all its blocks are present
 // (the last byte may cover fewer than 8 blocks).
-func (m *CacheMap) fullByte(i int) byte {
+func (m *cacheMap) fullByte(i int) byte {
 	if i == len(m.bits)-1 {
 		if rem := m.blocks % 8; rem != 0 {
 			return byte(1<<rem) - 1
@@ -282,7 +282,7 @@ func (m *CacheMap) fullByte(i int) byte {
 
 // hashBlockPresentLocked counts the present blocks of hash block hb and
 // returns it with the hash block's number of blocks.
-func (m *CacheMap) hashBlockPresentLocked(hb int) (present, total int64) {
+func (m *cacheMap) hashBlockPresentLocked(hb int) (present, total int64) {
 	first, last := m.hashBlockRange(hb)
 	if first >= last {
 		return 0, 0
@@ -294,14 +294,14 @@ func (m *CacheMap) hashBlockPresentLocked(hb int) (present, total int64) {
 	return present, last - first
 }
 
-func (m *CacheMap) hashBlockCompleteLocked(hb int) bool {
+func (m *cacheMap) hashBlockCompleteLocked(hb int) bool {
 	p, n := m.hashBlockPresentLocked(hb)
 	return n > 0 && p == n
 }
 
 // HashBlockComplete reports whether every block of 16 MiB hash block hb
 // is present.
-func (m *CacheMap) HashBlockComplete(hb int) bool {
+func (m *cacheMap) hashBlockComplete(hb int) bool {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
 	return m.hashBlockCompleteLocked(hb)
@@ -312,7 +312,7 @@ func (m *CacheMap) HashBlockComplete(hb int) bool {
 // partialOnly, only bytes inside 16 MiB hash blocks that are partially
 // present count (backgroundReplication=hashblock). ok is false if there is
 // none.
-func (m *CacheMap) NextChunk(from int64, partialOnly bool) (idx int64, ok bool) {
+func (m *cacheMap) nextChunk(from int64, partialOnly bool) (idx int64, ok bool) {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
 	n := int64(len(m.bits))
@@ -355,7 +355,7 @@ func (m *CacheMap) NextChunk(from int64, partialOnly bool) (idx int64, ok bool) 
 // kernel may have dropped the dirty pages and a later fsync reports
 // nothing ("fsyncgate"). The caller makes it permanent with Fail; until
 // then the changes stay unsaved.
-func (m *CacheMap) SaveSynced(sync func() error, write func([]byte) error) error {
+func (m *cacheMap) saveSynced(sync func() error, write func([]byte) error) error {
 	m.mu.Lock()
 	if m.failed != nil {
 		m.mu.Unlock()
@@ -385,7 +385,7 @@ func (m *CacheMap) SaveSynced(sync func() error, write func([]byte) error) error
 // also has, since only those are known to be durable; it forgets its
 // unsaved changes, SetRange sets no more blocks and every later save
 // returns err. Clearing blocks still works (saying less is always safe).
-func (m *CacheMap) Fail(err error, saved []byte) {
+func (m *cacheMap) fail(err error, saved []byte) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.failed == nil {
@@ -404,7 +404,7 @@ func (m *CacheMap) Fail(err error, saved []byte) {
 }
 
 // Failed returns the error Fail recorded, or nil.
-func (m *CacheMap) Failed() error {
+func (m *cacheMap) Failed() error {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
 	return m.failed
@@ -412,7 +412,7 @@ func (m *CacheMap) Failed() error {
 
 // Replace loads the bits of a `.map` file read again from disk (a server
 // that is not the replicating party follows the one that is).
-func (m *CacheMap) Replace(b []byte) {
+func (m *cacheMap) replace(b []byte) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	clear(m.bits)

@@ -22,7 +22,7 @@ import (
 // Errors of upstream lookups.
 var (
 	// ErrNoUplink means no alt-server may be used as uplink for the image.
-	ErrNoUplink = errors.New("no uplink server configured for this image")
+	errNoUplink = errors.New("no uplink server configured for this image")
 	// errLookupBusy refuses a server peer asking for an image whose
 	// lookup is already running here: in a cycle of proxies the request
 	// came back to us.
@@ -133,7 +133,7 @@ func (p *proxy) rememberLocked(k imageKey, res lookupEntry) {
 
 // cloneRevision clones name/rid unless it appeared locally meanwhile.
 func (p *proxy) cloneRevision(name string, rid uint16) error {
-	if p.s.store.Loaded(name, rid) != nil || fileExists(p.imagePath(name, rid)) {
+	if p.s.store.loaded(name, rid) != nil || fileExists(p.imagePath(name, rid)) {
 		return nil
 	}
 	ci, err := p.openUpstream(name, rid)
@@ -164,7 +164,7 @@ func (p *proxy) clientConfig(name string, rid uint16, servers []string) client.C
 	var flags uint8
 	if !cfg.PretendClient {
 		flags = protocol.FlagServer
-		if cfg.BackgroundReplication == BGRFull {
+		if cfg.BackgroundReplication == bgrFull {
 			flags |= protocol.FlagBgRep
 		}
 	}
@@ -194,7 +194,7 @@ func (p *proxy) clientConfig(name string, rid uint16, servers []string) client.C
 func (p *proxy) openUpstream(name string, rid uint16) (*client.Image, error) {
 	servers := p.candidateAddrs(name)
 	if len(servers) == 0 {
-		return nil, ErrNoUplink
+		return nil, errNoUplink
 	}
 	cfg := p.cfg()
 	for len(servers) > 0 {
@@ -268,7 +268,7 @@ func (p *proxy) clone(ci *client.Image) error {
 	defer p.s.store.Release(img)
 	p.attachUplink(img, ci)
 	p.log.Info("replicating image from uplink", "image", img.String(), "size", size,
-		"server", ci.Stats().Current, "crc", img.CRCList() != nil)
+		"server", ci.Stats().Current, "crc", img.crcList() != nil)
 	return nil
 }
 
@@ -312,7 +312,7 @@ func (p *proxy) createReplica(ci *client.Image, path string, size int64, cfg *Co
 	} else {
 		os.Remove(path + ".crc") // a stale list of an earlier attempt
 	}
-	if err := WriteMeta(path, time.Now()); err != nil {
+	if err := writeMeta(path, time.Now()); err != nil {
 		cleanup()
 		return err
 	}

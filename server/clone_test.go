@@ -36,13 +36,13 @@ func TestProxyLRUDeletion(t *testing.T) {
 	setup := func(delay string) (base string, proxy *tsrv) {
 		base = t.TempDir()
 		genImage(t, base, "old.r1", 1<<20, true)
-		WriteMeta(filepath.Join(base, "old.r1"), time.Now().Add(-48*time.Hour)) // replicated, unused for 2 days
+		writeMeta(filepath.Join(base, "old.r1"), time.Now().Add(-48*time.Hour)) // replicated, unused for 2 days
 		genImage(t, base, "older.r1", 1<<20, false)
-		WriteMeta(filepath.Join(base, "older.r1"), time.Now().Add(-72*time.Hour))
+		writeMeta(filepath.Join(base, "older.r1"), time.Now().Add(-72*time.Hour))
 		genImage(t, base, "keep.r1", 1<<20, false) // not replicated: never deleted
 		os.Chtimes(filepath.Join(base, "keep.r1"), time.Now(), time.Now().Add(-100*time.Hour))
 		genImage(t, base, "recent.r1", 1<<20, false)
-		WriteMeta(filepath.Join(base, "recent.r1"), time.Now().Add(-time.Hour)) // too recent
+		writeMeta(filepath.Join(base, "recent.r1"), time.Now().Add(-time.Hour)) // too recent
 		free, _ := duFree(base, 0)()
 		used := -free
 		// room for the new 2 MiB image (+10 MiB reserve) only after
@@ -69,7 +69,7 @@ func TestProxyLRUDeletion(t *testing.T) {
 			t.Errorf("%s: %v", name, err)
 		}
 	}
-	if proxy.store.Loaded("older", 1) != nil {
+	if proxy.store.loaded("older", 1) != nil {
 		t.Error("deleted image still loaded")
 	}
 
@@ -110,7 +110,7 @@ func TestProxyRejectsBadCRCList(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(proxy.base, "img.r1.crc")); !os.IsNotExist(err) {
 		t.Errorf(".crc stored despite a bad master CRC: %v", err)
 	}
-	if loaded(t, proxy.Server, "img", 1).CRCList() != nil {
+	if loaded(t, proxy.Server, "img", 1).crcList() != nil {
 		t.Error("CRC list in use")
 	}
 }

@@ -20,19 +20,19 @@ import (
 
 // ConfigFileName is the name of the settings file in the configuration
 // directory.
-const ConfigFileName = "server.conf"
+const configFileName = "server.conf"
 
 // Limits of the reference server.
 const (
 	// MaxClientsLimit is the hard upper bound of Config.MaxClients.
-	MaxClientsLimit = 4000
+	maxClientsLimit = 4000
 	// MaxImagesLimit is the hard upper bound of Config.MaxImages.
-	MaxImagesLimit = 5000
+	maxImagesLimit = 5000
 	// MinProxyPayload is the smallest Config.MaxPayload a proxy accepts
 	// (256 KiB).
-	MinProxyPayload = 256 << 10
+	minProxyPayload = 256 << 10
 	// MaxBGRWindowSize is the upper bound of Config.BGRWindowSize.
-	MaxBGRWindowSize = 490
+	maxBGRWindowSize = 490
 	// minBGRClientsForSparse is the bgrMinClients value from which sparse
 	// files stay allowed with full background replication.
 	minBGRClientsForSparse = 5
@@ -40,26 +40,26 @@ const (
 
 // BGRMode is the background replication mode of a proxy
 // (backgroundReplication in server.conf).
-type BGRMode uint8
+type bgrMode uint8
 
 // Background replication modes.
 const (
 	// BGROff replicates nothing in the background: only blocks that clients
 	// read (plus prefetch) are cached.
-	BGROff BGRMode = iota
+	bgrOff bgrMode = iota
 	// BGRFull replicates whole images in the background ("true").
-	BGRFull
+	bgrFull
 	// BGRHashblock only completes 16 MiB hash blocks that are already
 	// partially cached ("hashblock").
-	BGRHashblock
+	bgrHashblock
 )
 
 // String returns the server.conf spelling: "false", "true" or "hashblock".
-func (m BGRMode) String() string {
+func (m bgrMode) String() string {
 	switch m {
-	case BGRFull:
+	case bgrFull:
 		return "true"
-	case BGRHashblock:
+	case bgrHashblock:
 		return "hashblock"
 	}
 	return "false"
@@ -67,14 +67,14 @@ func (m BGRMode) String() string {
 
 // parseBGRMode reads backgroundReplication: "hashblock", else a boolean
 // (true = full, false = off).
-func parseBGRMode(s string) BGRMode {
+func parseBGRMode(s string) bgrMode {
 	if strings.EqualFold(s, "hashblock") {
-		return BGRHashblock
+		return bgrHashblock
 	}
 	if parseBool(s) {
-		return BGRFull
+		return bgrFull
 	}
-	return BGROff
+	return bgrOff
 }
 
 // Config holds the settings of server.conf. The zero value is not useful;
@@ -100,7 +100,7 @@ type Config struct {
 	// BackgroundReplication is the proxy's background replication mode
 	// (backgroundReplication: true, hashblock or anything else = off;
 	// default true).
-	BackgroundReplication BGRMode
+	BackgroundReplication bgrMode
 	// BGRMinClients: replicate in the background only while an image has at
 	// least this many users (bgrMinClients, default 0).
 	BGRMinClients int
@@ -215,7 +215,7 @@ func LoadConfig(dir string, prev *Config) (Config, []string, error) {
 	cf := readConfig(dir, prev)
 	var warns []string
 	for _, p := range cf.problems {
-		if p.Severity == SeverityWarning {
+		if p.Severity == severityWarning {
 			warns = append(warns, p.text())
 		}
 	}
@@ -243,13 +243,13 @@ func newConfigFile(path string) *configFile {
 // readConfig reads dir/server.conf on top of the defaults (see
 // LoadConfig).
 func readConfig(dir string, prev *Config) *configFile {
-	l := newConfigFile(filepath.Join(dir, ConfigFileName))
+	l := newConfigFile(filepath.Join(dir, configFileName))
 	f, err := os.Open(l.path)
 	if err != nil {
 		if pe := (*fs.PathError)(nil); errors.As(err, &pe) {
 			err = pe.Err
 		}
-		l.add(SeverityError, 0, "cannot read it: %v (pass the configuration directory with -c; it needs a %s with at least [dnbd3] basePath=/path/to/images)", err, ConfigFileName)
+		l.add(SeverityError, 0, "cannot read it: %v (pass the configuration directory with -c; it needs a %s with at least [dnbd3] basePath=/path/to/images)", err, configFileName)
 		l.cfg = Config{}
 		return l
 	}
@@ -263,7 +263,7 @@ func (l *configFile) parse(r io.Reader, prev *Config) {
 	err := parseINI(r, l.set)
 	for _, e := range unjoin(err) {
 		if se := (*iniSyntaxError)(nil); errors.As(e, &se) {
-			l.add(SeverityWarning, se.Line, "line %d ignored: %s", se.Line, se.Msg)
+			l.add(severityWarning, se.Line, "line %d ignored: %s", se.Line, se.Msg)
 		} else {
 			l.add(SeverityError, 0, "cannot read it: %v", e)
 		}
@@ -304,7 +304,7 @@ func (l *configFile) set(section, name, value string, line int) {
 		return
 	}
 	if first, ok := l.lines[k]; ok {
-		l.add(SeverityWarning, line, "[%s] %s is set again (first on line %d); this later value counts", section, name, first)
+		l.add(severityWarning, line, "[%s] %s is set again (first on line %d); this later value counts", section, name, first)
 	}
 	l.lines[k] = line
 	note, err := k.parse(&l.cfg, value)
@@ -312,9 +312,9 @@ func (l *configFile) set(section, name, value string, line int) {
 	case err != nil && k.strict:
 		l.add(SeverityError, line, "[%s] %s=%s: %v; the server does not start with it (no fallback to a default)", section, name, value, err)
 	case err != nil:
-		l.add(SeverityWarning, line, "[%s] %s=%s: %v; keeping the default", section, name, value, err)
+		l.add(severityWarning, line, "[%s] %s=%s: %v; keeping the default", section, name, value, err)
 	case note != "":
-		l.add(SeverityWarning, line, "[%s] %s=%s: %s", section, name, value, note)
+		l.add(severityWarning, line, "[%s] %s=%s: %s", section, name, value, note)
 	}
 }
 
@@ -322,21 +322,21 @@ func (l *configFile) set(section, name, value string, line int) {
 // it most likely means.
 func (l *configFile) unknown(section, name string, line int) {
 	if k := closestConfigKey(name); k != nil {
-		l.add(SeverityWarning, line, "[%s] %s is not a known key (%s); ignored", section, name, k.hint(section, name))
+		l.add(severityWarning, line, "[%s] %s is not a known key (%s); ignored", section, name, k.hint(section, name))
 		return
 	}
 	if !slices.ContainsFunc(configKeys, func(k configKey) bool { return k.section == section }) {
 		if !l.sections[section] {
 			l.sections[section] = true
-			where := fmt.Sprintf("[%s] is not a section of %s", section, ConfigFileName)
+			where := fmt.Sprintf("[%s] is not a section of %s", section, configFileName)
 			if section == "" {
 				where = fmt.Sprintf("%s is outside any section", name)
 			}
-			l.add(SeverityWarning, line, "%s (the sections are [dnbd3], [limits] and [logging]); its keys are ignored", where)
+			l.add(severityWarning, line, "%s (the sections are [dnbd3], [limits] and [logging]); its keys are ignored", where)
 		}
 		return
 	}
-	l.add(SeverityWarning, line, "[%s] %s is not a known key of [%s]; ignored", section, name, section)
+	l.add(severityWarning, line, "[%s] %s is not a known key of [%s]; ignored", section, name, section)
 }
 
 // finish applies the rules that involve several keys, the required keys
@@ -352,16 +352,16 @@ func (l *configFile) finish(prev *Config) {
 			}
 		}
 	}
-	if c.IsProxy && c.MaxPayload < MinProxyPayload {
-		l.add(SeverityWarning, l.line("limits", "maxPayload"), "[limits] maxPayload=%d is below %d, the minimum for a proxy; using %d", c.MaxPayload, MinProxyPayload, MinProxyPayload)
-		c.MaxPayload = MinProxyPayload
+	if c.IsProxy && c.MaxPayload < minProxyPayload {
+		l.add(severityWarning, l.line("limits", "maxPayload"), "[limits] maxPayload=%d is below %d, the minimum for a proxy; using %d", c.MaxPayload, minProxyPayload, minProxyPayload)
+		c.MaxPayload = minProxyPayload
 	}
 	if c.MinRequestSize > c.MaxPayload {
-		l.add(SeverityWarning, l.line("limits", "minRequestSize"), "[limits] minRequestSize=%d is above maxPayload=%d; using %d", c.MinRequestSize, c.MaxPayload, c.MaxPayload)
+		l.add(severityWarning, l.line("limits", "minRequestSize"), "[limits] minRequestSize=%d is above maxPayload=%d; using %d", c.MinRequestSize, c.MaxPayload, c.MaxPayload)
 		c.MinRequestSize = c.MaxPayload
 	}
-	if c.SparseFiles && c.BackgroundReplication == BGRFull && c.BGRMinClients < minBGRClientsForSparse {
-		l.add(SeverityWarning, l.line("dnbd3", "sparseFiles"), "[dnbd3] sparseFiles=true makes no sense with backgroundReplication=true and bgrMinClients < %d (every replicated image gets filled completely anyway); disabling sparseFiles", minBGRClientsForSparse)
+	if c.SparseFiles && c.BackgroundReplication == bgrFull && c.BGRMinClients < minBGRClientsForSparse {
+		l.add(severityWarning, l.line("dnbd3", "sparseFiles"), "[dnbd3] sparseFiles=true makes no sense with backgroundReplication=true and bgrMinClients < %d (every replicated image gets filled completely anyway); disabling sparseFiles", minBGRClientsForSparse)
 		c.SparseFiles = false
 	}
 }
@@ -377,7 +377,7 @@ func (l *configFile) keepStartup(prev *Config) {
 		}
 		line, set := l.lines[k]
 		if was, now := k.format(prev), k.format(&l.cfg); was != now && (set || k.required == "") {
-			l.add(SeverityWarning, line, "%s changed from %q to %q; restart the server to apply it", k.name, was, now)
+			l.add(severityWarning, line, "%s changed from %q to %q; restart the server to apply it", k.name, was, now)
 		}
 		k.copy(&l.cfg, prev)
 	}

@@ -14,7 +14,7 @@ import (
 func cfgTestDir(t *testing.T, text string) string {
 	t.Helper()
 	dir := t.TempDir()
-	if err := os.WriteFile(filepath.Join(dir, ConfigFileName), []byte(text), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, configFileName), []byte(text), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	return dir
@@ -72,7 +72,7 @@ func TestConfigFull(t *testing.T) {
 		ServerPenalty:          100 * time.Millisecond,
 		ClientPenalty:          1024 * time.Microsecond,
 		IsProxy:                true,
-		BackgroundReplication:  BGRHashblock,
+		BackgroundReplication:  bgrHashblock,
 		BGRMinClients:          2,
 		BGRWindowSize:          8,
 		LookupMissingForProxy:  false,
@@ -145,7 +145,7 @@ func TestConfigDefaults(t *testing.T) {
 	}
 	d := DefaultConfig()
 	if d.ListenPort != 5003 || d.ClientTimeout != 15*time.Second || d.UplinkTimeout != 5*time.Second ||
-		d.BackgroundReplication != BGRFull || d.BGRWindowSize != 1 || !d.LookupMissingForProxy ||
+		d.BackgroundReplication != bgrFull || d.BGRWindowSize != 1 || !d.LookupMissingForProxy ||
 		!d.RemoveMissingImages || d.AutoFreeDiskSpaceDelay != 36000*time.Second || !d.ISCSIServer ||
 		d.MaxClients != 4000 || d.MaxImages != 5000 || d.MaxPayload != 9000000 ||
 		d.MaxReplicationSize != 100000000000 || d.MaxPrefetch != 262144 || d.MinRequestSize != 0 ||
@@ -268,19 +268,19 @@ maxReplicationSize=8E
 		c.ServerPenalty != 0 || c.MaxReplicationSize != d.MaxReplicationSize {
 		t.Errorf("bad values should keep defaults: %+v", c)
 	}
-	if c.BGRWindowSize != MaxBGRWindowSize {
-		t.Errorf("bgrWindowSize = %d, want clamp to %d", c.BGRWindowSize, MaxBGRWindowSize)
+	if c.BGRWindowSize != maxBGRWindowSize {
+		t.Errorf("bgrWindowSize = %d, want clamp to %d", c.BGRWindowSize, maxBGRWindowSize)
 	}
 	if c.AutoFreeDiskSpaceDelay >= 0 || !strings.Contains(c.String(), "autoFreeDiskSpaceDelay=-1\n") {
 		t.Errorf("autoFreeDiskSpaceDelay=-1 not disabled: %v", c.AutoFreeDiskSpaceDelay)
 	}
-	if c.BackgroundReplication != BGROff {
+	if c.BackgroundReplication != bgrOff {
 		t.Errorf("backgroundReplication=yes = %v, want off", c.BackgroundReplication)
 	}
-	if c.MaxPayload != MinProxyPayload {
-		t.Errorf("proxy maxPayload = %d, want %d", c.MaxPayload, MinProxyPayload)
+	if c.MaxPayload != minProxyPayload {
+		t.Errorf("proxy maxPayload = %d, want %d", c.MaxPayload, minProxyPayload)
 	}
-	if c.MaxClients != MaxClientsLimit || c.MaxImages != MaxImagesLimit || c.MaxPrefetch != 0 {
+	if c.MaxClients != maxClientsLimit || c.MaxImages != maxImagesLimit || c.MaxPrefetch != 0 {
 		t.Errorf("limits: %+v", c)
 	}
 	if c.BasePath != "/srv" {
@@ -293,7 +293,7 @@ maxReplicationSize=8E
 			t.Errorf("no warning mentioning %s in:\n%s", w, joined)
 		}
 	}
-	if !strings.Contains(joined, ConfigFileName+":") {
+	if !strings.Contains(joined, configFileName+":") {
 		t.Errorf("warnings should name the file: %q", warns)
 	}
 
@@ -339,7 +339,7 @@ func TestConfigReloadWithError(t *testing.T) {
 	base := t.TempDir()
 	writeFile(t, filepath.Join(base, "img.r1"), make([]byte, 4096))
 	ts := startServer(t, base, "clientPenalty=5\n", nil)
-	writeFile(t, filepath.Join(ts.configDir, ConfigFileName), []byte("[dnbd3]\nbasePath="+base+"\nclientPenalty=7\nlistenPort=abc\n"))
+	writeFile(t, filepath.Join(ts.configDir, configFileName), []byte("[dnbd3]\nbasePath="+base+"\nclientPenalty=7\nlistenPort=abc\n"))
 	if err := ts.Reload(); err != nil {
 		t.Fatal(err)
 	}

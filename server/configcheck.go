@@ -25,7 +25,7 @@ type Severity uint8
 // Severities.
 const (
 	// SeverityWarning: the server starts, but the admin should look.
-	SeverityWarning Severity = iota
+	severityWarning Severity = iota
 	// SeverityError: the server does not start.
 	SeverityError
 )
@@ -119,7 +119,7 @@ type ConfigDir struct {
 	// the file could not be read).
 	Config Config
 	// AltServers is the alt-servers file (nil without one).
-	AltServers []*AltServer
+	AltServers []*altServer
 	// ACL is rpc.acl (allowing everything without the file; never nil).
 	ACL *ACL
 	// Problems lists everything found, file by file, in line order.
@@ -140,7 +140,7 @@ func ReadConfigDir(dir string, opts CheckOptions) *ConfigDir {
 	d := &ConfigDir{Dir: dir, Config: cf.cfg, Problems: cf.problems}
 	d.readAux()
 	d.check(opts, cf.line)
-	files := []string{cf.path, filepath.Join(dir, AltServersFileName), filepath.Join(dir, ACLFileName)}
+	files := []string{cf.path, filepath.Join(dir, altServersFileName), filepath.Join(dir, aclFileName)}
 	rank := func(p Problem) int {
 		if i := slices.Index(files, p.File); i >= 0 {
 			return i
@@ -177,11 +177,11 @@ func (d *ConfigDir) readAux() {
 			d.Problems = append(d.Problems, Problem{Severity: SeverityError, File: path, Msg: err.Error()})
 		}
 	}
-	path := filepath.Join(d.Dir, AltServersFileName)
+	path := filepath.Join(d.Dir, altServersFileName)
 	alts, probs, err := readAltServers(path)
 	d.AltServers = alts
 	add(path, probs, err)
-	path = filepath.Join(d.Dir, ACLFileName)
+	path = filepath.Join(d.Dir, aclFileName)
 	acl, probs, err := readACL(path)
 	if acl == nil {
 		acl = &ACL{}
@@ -194,7 +194,7 @@ func (d *ConfigDir) readAux() {
 // server.conf line of a key (0 if unknown or absent).
 func (d *ConfigDir) check(opts CheckOptions, line func(section, name string) int) {
 	c := &d.Config
-	conf := filepath.Join(d.Dir, ConfigFileName)
+	conf := filepath.Join(d.Dir, configFileName)
 	add := func(sev Severity, file string, line int, format string, args ...any) {
 		d.Problems = append(d.Problems, Problem{Severity: sev, File: file, Line: line, Msg: fmt.Sprintf(format, args...)})
 	}
@@ -208,10 +208,10 @@ func (d *ConfigDir) check(opts CheckOptions, line func(section, name string) int
 			add(SeverityError, conf, line("logging", "file"), "[logging] file=%s cannot be written: %v; the server opens it at start: create its directory, fix the permissions or remove the line", c.LogFile, err)
 		}
 	}
-	aclPath := filepath.Join(d.Dir, ACLFileName)
-	if d.ACL.OpenByMistake() {
+	aclPath := filepath.Join(d.Dir, aclFileName)
+	if d.ACL.openByMistake() {
 		if opts.AllowOpenRPC {
-			add(SeverityWarning, aclPath, 0, "no line is a valid rule, so the RPC is open to everyone (as without the file), allowed by --allow-open-rpc")
+			add(severityWarning, aclPath, 0, "no line is a valid rule, so the RPC is open to everyone (as without the file), allowed by --allow-open-rpc")
 		} else {
 			add(SeverityError, aclPath, 0, "no line is a valid rule, so the RPC would be open to everyone (as without the file): fix the lines warned about, empty the file to allow everyone, or start with --allow-open-rpc")
 		}
@@ -221,7 +221,7 @@ func (d *ConfigDir) check(opts CheckOptions, line func(section, name string) int
 		if c.ProxyPrivateOnly {
 			which = "entries with for=replication (proxyPrivateOnly=true)"
 		}
-		add(SeverityWarning, filepath.Join(d.Dir, AltServersFileName), 0,
+		add(severityWarning, filepath.Join(d.Dir, altServersFileName), 0,
 			"isProxy=true, but no alt server may be used as an uplink (only %s are): the proxy cannot fetch images it does not have; add an upstream server", which)
 	}
 }
@@ -250,7 +250,7 @@ func checkBasePath(c *Config) (Severity, string) {
 		return 0, ""
 	}
 	if !holdsImage(base, c.VMDKLegacyMode) {
-		return SeverityWarning, fmt.Sprintf("basePath %s holds no image (files named <name>.r<rid>, e.g. win11.r1): the server serves nothing until some appear", base)
+		return severityWarning, fmt.Sprintf("basePath %s holds no image (files named <name>.r<rid>, e.g. win11.r1): the server serves nothing until some appear", base)
 	}
 	return 0, ""
 }
@@ -282,7 +282,7 @@ func holdsImage(base string, legacy bool) bool {
 			return nil
 		}
 		rel, _ := filepath.Rel(root, path)
-		if _, _, ok, _ := ParseImageFileName(rel, legacy); ok {
+		if _, _, ok, _ := parseImageFileName(rel, legacy); ok {
 			return errFound
 		}
 		return nil
@@ -310,7 +310,7 @@ func checkLogFile(path string) error {
 }
 
 // hasUplink reports whether a proxy may use one of alts as uplink.
-func hasUplink(alts []*AltServer, privateOnly bool) bool {
+func hasUplink(alts []*altServer, privateOnly bool) bool {
 	for _, a := range alts {
 		if !a.ClientOnly && (a.Private || !privateOnly) {
 			return true

@@ -89,7 +89,7 @@ b=2
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.BasePath != "/srv" || c.MaxClients != MaxClientsLimit || c.IsProxy || c.BackgroundReplication != BGRFull {
+	if c.BasePath != "/srv" || c.MaxClients != maxClientsLimit || c.IsProxy || c.BackgroundReplication != bgrFull {
 		t.Errorf("unknown keys changed the config: %+v", c)
 	}
 	joined := strings.ReplaceAll(strings.Join(warns, "\n"), dir, "DIR")
@@ -185,7 +185,7 @@ func TestReadConfigDirBasePath(t *testing.T) {
 	} {
 		dir := cfgTestDir(t, "[dnbd3]\nbasePath="+tc.base+"\n"+tc.extra)
 		if tc.extra != "" {
-			writeFile(t, filepath.Join(dir, AltServersFileName), []byte("[192.0.2.1]\ncomment=upstream\n"))
+			writeFile(t, filepath.Join(dir, altServersFileName), []byte("[192.0.2.1]\ncomment=upstream\n"))
 		}
 		d := ReadConfigDir(dir, CheckOptions{})
 		got := strings.ReplaceAll(problemTexts(dir, d.Problems), root, "ROOT")
@@ -217,7 +217,7 @@ func TestReadConfigDirProxyNotWritable(t *testing.T) {
 	writeFile(t, filepath.Join(base, "img.r1"), make([]byte, 4096))
 	testutil.ReadOnlyDir(t, base)
 	dir := cfgTestDir(t, "[dnbd3]\nbasePath="+base+"\nisProxy=true\n")
-	writeFile(t, filepath.Join(dir, AltServersFileName), []byte("[192.0.2.1]\ncomment=upstream\n"))
+	writeFile(t, filepath.Join(dir, altServersFileName), []byte("[192.0.2.1]\ncomment=upstream\n"))
 	d := ReadConfigDir(dir, CheckOptions{})
 	wantProblems(t, dir, d.Problems, "DIR/server.conf:2: error: basePath "+base+" is not writable (",
 		"but a proxy (isProxy=true) stores the images it replicates there: make it writable for the server's user, or set isProxy=false")
@@ -240,8 +240,8 @@ func TestReadConfigDirFiles(t *testing.T) {
 	base := t.TempDir()
 	writeFile(t, filepath.Join(base, "img.r1"), make([]byte, 4096))
 	dir := cfgTestDir(t, "[dnbd3]\nbasePath="+base+"\nisProxy=true\nbackgroundReplicaton=true\n[logging]\nfile=/nonexistent/dir/dnbd3.log\n")
-	writeFile(t, filepath.Join(dir, AltServersFileName), []byte("[192.0.2.1:99999]\ncomment=bad port\n[198.51.100.1]\nfor=client\n"))
-	writeFile(t, filepath.Join(dir, ACLFileName), []byte("# admins\n10.0.0.300 ALL\n"))
+	writeFile(t, filepath.Join(dir, altServersFileName), []byte("[192.0.2.1:99999]\ncomment=bad port\n[198.51.100.1]\nfor=client\n"))
+	writeFile(t, filepath.Join(dir, aclFileName), []byte("# admins\n10.0.0.300 ALL\n"))
 	d := ReadConfigDir(dir, CheckOptions{})
 	got := problemTexts(dir, d.Problems)
 	want := `DIR/server.conf:4: warning: [dnbd3] backgroundReplicaton is not a known key (did you mean [dnbd3] backgroundReplication?); ignored

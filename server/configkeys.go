@@ -87,9 +87,9 @@ var configKeys = []configKey{
 	key("dnbd3", "serverPenalty", "0", func(c *Config) *time.Duration { return &c.ServerPenalty }, duration(time.Microsecond, 0)),
 	key("dnbd3", "clientPenalty", "0", func(c *Config) *time.Duration { return &c.ClientPenalty }, duration(time.Microsecond, 0)),
 	key("dnbd3", "isProxy", "false", func(c *Config) *bool { return &c.IsProxy }, boolean),
-	key("dnbd3", "backgroundReplication", "true", func(c *Config) *BGRMode { return &c.BackgroundReplication }, bgrModeKind),
+	key("dnbd3", "backgroundReplication", "true", func(c *Config) *bgrMode { return &c.BackgroundReplication }, bgrModeKind),
 	key("dnbd3", "bgrMinClients", "0", func(c *Config) *int { return &c.BGRMinClients }, integer[int](intRange{lo: 0, hi: math.MaxInt32})),
-	key("dnbd3", "bgrWindowSize", "1", func(c *Config) *int { return &c.BGRWindowSize }, integer[int](intRange{lo: 1, hi: MaxBGRWindowSize, clampLo: true, clampHi: true})),
+	key("dnbd3", "bgrWindowSize", "1", func(c *Config) *int { return &c.BGRWindowSize }, integer[int](intRange{lo: 1, hi: maxBGRWindowSize, clampLo: true, clampHi: true})),
 	key("dnbd3", "lookupMissingForProxy", "true", func(c *Config) *bool { return &c.LookupMissingForProxy }, boolean),
 	key("dnbd3", "sparseFiles", "false", func(c *Config) *bool { return &c.SparseFiles }, boolean),
 	key("dnbd3", "ignoreAllocErrors", "false", func(c *Config) *bool { return &c.IgnoreAllocErrors }, boolean),
@@ -103,8 +103,8 @@ var configKeys = []configKey{
 	key("dnbd3", "autoFreeDiskSpaceDelay", "36000", func(c *Config) *time.Duration { return &c.AutoFreeDiskSpaceDelay }, freeSpaceDelay),
 	key("dnbd3", "iScsiServer", "true", func(c *Config) *bool { return &c.ISCSIServer }, boolean),
 
-	key("limits", "maxClients", strconv.Itoa(MaxClientsLimit), func(c *Config) *int { return &c.MaxClients }, integer[int](intRange{lo: 1, hi: MaxClientsLimit, clampHi: true})).startupOnly(),
-	key("limits", "maxImages", strconv.Itoa(MaxImagesLimit), func(c *Config) *int { return &c.MaxImages }, integer[int](intRange{lo: 1, hi: MaxImagesLimit, clampHi: true})).startupOnly(),
+	key("limits", "maxClients", strconv.Itoa(maxClientsLimit), func(c *Config) *int { return &c.MaxClients }, integer[int](intRange{lo: 1, hi: maxClientsLimit, clampHi: true})).startupOnly(),
+	key("limits", "maxImages", strconv.Itoa(maxImagesLimit), func(c *Config) *int { return &c.MaxImages }, integer[int](intRange{lo: 1, hi: maxImagesLimit, clampHi: true})).startupOnly(),
 	key("limits", "maxPayload", "9000000", func(c *Config) *int64 { return &c.MaxPayload }, integer[int64](intRange{lo: 1, hi: math.MaxInt64})),
 	key("limits", "maxReplicationSize", "100000000000", func(c *Config) *int64 { return &c.MaxReplicationSize }, integer[int64](intRange{lo: 0, hi: math.MaxInt64})),
 	key("limits", "maxPrefetch", "262144", func(c *Config) *int64 { return &c.MaxPrefetch }, integer[int64](intRange{lo: 0, hi: math.MaxInt64})),
@@ -156,9 +156,9 @@ var (
 		format: func(s string) string { return s },
 	}
 	// bgrModeKind is backgroundReplication: true, hashblock, else off.
-	bgrModeKind = kind[BGRMode]{
-		parse:  func(s string) (BGRMode, string, error) { return parseBGRMode(s), "", nil },
-		format: BGRMode.String,
+	bgrModeKind = kind[bgrMode]{
+		parse:  func(s string) (bgrMode, string, error) { return parseBGRMode(s), "", nil },
+		format: bgrMode.String,
 	}
 	// maskKind is a log level mask (logging.ParseMask).
 	maskKind = kind[logging.Mask]{

@@ -26,7 +26,7 @@ type clientConn struct {
 	self netip.AddrPort // local address (never announced to the client)
 	log  *slog.Logger
 
-	img       *Image // selected image (nil until the handshake succeeded)
+	img       *image // selected image (nil until the handshake succeeded)
 	isServer  atomic.Bool
 	bytesSent atomic.Uint64
 	timeout   time.Duration // clientTimeout at the handshake (set before any reply)
@@ -152,13 +152,13 @@ func (cc *clientConn) requestLoop(timeout time.Duration) {
 		case protocol.CmdGetBlock:
 			err = cc.getBlock(req)
 		case protocol.CmdGetServers:
-			list := SelectForClient(cc.srv.alts, cc.addr.Addr(), cc.img.Name, cc.self)
+			list := selectForClient(cc.srv.alts, cc.addr.Addr(), cc.img.Name, cc.self)
 			err = cc.sendReply(protocol.CmdGetServers, cc.lastHandle, protocol.MarshalServerList(list))
 		case protocol.CmdKeepalive:
 			err = cc.sendReply(protocol.CmdKeepalive, cc.lastHandle, nil)
 		case protocol.CmdGetCRC32:
 			var p []byte
-			if list := cc.img.CRCList(); list != nil {
+			if list := cc.img.crcList(); list != nil {
 				p = protocol.MarshalCRCList(list)
 			}
 			err = cc.sendReply(protocol.CmdGetCRC32, cc.lastHandle, p)
@@ -266,7 +266,7 @@ func (cc *clientConn) getBlock(req protocol.Request) error {
 		cc.logAt(slog.LevelDebug, "out of range request", "offset", req.Offset, "size", req.Size, "imageSize", img.VirtualSize)
 		return cc.sendReply(protocol.CmdError, req.Handle, nil)
 	}
-	img.Touch()
+	img.touch()
 	if img.cache.Load() != nil || img.hasBad.Load() {
 		return cc.getBlockSlow(req)
 	}
@@ -286,7 +286,7 @@ func (cc *clientConn) getBlockSlow(req protocol.Request) error {
 		return cc.sendReply(protocol.CmdError, req.Handle, nil)
 	}
 	cm := img.cache.Load()
-	if cm == nil || cm.Has(start, end) {
+	if cm == nil || cm.has(start, end) {
 		return cc.diskReply(req.Handle, start, req.Size)
 	}
 	return cc.relay(req)

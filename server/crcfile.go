@@ -39,12 +39,12 @@ func loadCRCFile(imagePath string, virtualSize int64, log *slog.Logger) []uint32
 // img's size) holds img's CRC list. A list that appeared since img was
 // loaded from this same file (`dnbd3-server --crc` run later) is no
 // change: img takes it, and added reports that.
-func (s *Store) sameCRCList(img *Image, path string) (same, added bool) {
+func (s *Store) sameCRCList(img *image, path string) (same, added bool) {
 	list := loadCRCFile(path, img.VirtualSize, s.log)
-	if slices.Equal(list, img.CRCList()) {
+	if slices.Equal(list, img.crcList()) {
 		return true, false
 	}
-	if img.CRCList() != nil || list == nil || !img.isFile(path) {
+	if img.crcList() != nil || list == nil || !img.isFile(path) {
 		return false, false
 	}
 	img.setCRCList(list)

@@ -26,7 +26,7 @@ func TestReloadAdoptsNewCRCList(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer srv.store.Close()
-	a, b := srv.store.Loaded("a", 1), srv.store.Loaded("b", 1)
+	a, b := srv.store.loaded("a", 1), srv.store.loaded("b", 1)
 	list, err := WriteCRCFile(filepath.Join(base, "a.r1"))
 	if err != nil {
 		t.Fatal(err)
@@ -37,8 +37,8 @@ func TestReloadAdoptsNewCRCList(t *testing.T) {
 	if strings.Contains(lc.String(), "image changed on disk") {
 		t.Errorf("--crc then SIGHUP logged a change:\n%s", lc.String())
 	}
-	if got := srv.store.Loaded("a", 1); got != a || !slices.Equal(got.CRCList(), list) {
-		t.Errorf("image a after the reload: same image %v, CRC list adopted %v", got == a, got != nil && slices.Equal(got.CRCList(), list))
+	if got := srv.store.loaded("a", 1); got != a || !slices.Equal(got.crcList(), list) {
+		t.Errorf("image a after the reload: same image %v, CRC list adopted %v", got == a, got != nil && slices.Equal(got.crcList(), list))
 	}
 
 	// A changed list of the same file is a change.
@@ -51,7 +51,7 @@ func TestReloadAdoptsNewCRCList(t *testing.T) {
 	if err := srv.Reload(); err != nil {
 		t.Fatal(err)
 	}
-	if srv.store.Loaded("a", 1) == a {
+	if srv.store.loaded("a", 1) == a {
 		t.Error("a changed CRC list was adopted")
 	}
 	if _, err := WriteCRCFile(filepath.Join(base, "b.r1")); err != nil {
@@ -60,7 +60,7 @@ func TestReloadAdoptsNewCRCList(t *testing.T) {
 	if err := srv.Reload(); err != nil {
 		t.Fatal(err)
 	}
-	if srv.store.Loaded("b", 1) == b {
+	if srv.store.loaded("b", 1) == b {
 		t.Error("the CRC list of a replaced file was adopted for the old one")
 	}
 	if n := strings.Count(lc.String(), "image changed on disk"); n != 2 {

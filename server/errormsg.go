@@ -15,8 +15,8 @@ func ServeErrorMessage(ctx context.Context, ln net.Listener, msg string) error {
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
 	o := newJSONObject()
-	o.Str("errorMsg", msg)
-	body := o.Bytes()
+	o.str("errorMsg", msg)
+	body := o.bytes()
 	resp := []byte("HTTP/1.1 200 Somewhat OK\r\nConnection: Close\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: " +
 		strconv.Itoa(len(body)) + "\r\n\r\n" + string(body))
 	var wg sync.WaitGroup

@@ -14,18 +14,18 @@ import (
 
 // Problem bits of an image, as the RPC's "problems" field reports them.
 const (
-	ProblemRead         = 1  // the image file cannot be read
-	ProblemWrite        = 2  // the local copy cannot be written (proxy)
-	ProblemChanged      = 4  // the file changed size on disk
-	ProblemNoUplink     = 8  // incomplete and no uplink (proxy)
-	ProblemUplinkQueued = 16 // the uplink queue is full (proxy)
+	problemRead         = 1  // the image file cannot be read
+	problemWrite        = 2  // the local copy cannot be written (proxy)
+	problemChanged      = 4  // the file changed size on disk
+	problemNoUplink     = 8  // incomplete and no uplink (proxy)
+	problemUplinkQueued = 16 // the uplink queue is full (proxy)
 )
 
 // Image is one loaded revision of an image file `<name>.r<rid>` below the
 // base path. Its file stays open while the image is loaded; connections
 // hold a reference through Acquire/Release so that a replaced or removed
 // image is closed only after its last client left.
-type Image struct {
+type image struct {
 	ID          int    // per-process id, shown by the RPC
 	Name        string // image name (relative path without the .r<rid> suffix)
 	RID         uint16 // revision
@@ -52,7 +52,7 @@ type Image struct {
 	// Incomplete (replicated) images. The request loop's fast path looks
 	// at cache and hasBad only: both nil/false means "serve from the file".
 
-	cache   atomic.Pointer[CacheMap] // present blocks; nil: the file is complete
+	cache   atomic.Pointer[cacheMap] // present blocks; nil: the file is complete
 	replica atomic.Bool              // replicated from an uplink: keeps a .meta, LRU candidate
 	saveMu  sync.Mutex               // serialises .map saves and completion
 
@@ -75,7 +75,7 @@ type Image struct {
 }
 
 // openImage opens path as image name/rid and loads its .crc sidecar.
-func openImage(path, name string, rid uint16) (*Image, error) {
+func openImage(path, name string, rid uint16) (*image, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, err
@@ -93,11 +93,11 @@ func openImage(path, name string, rid uint16) (*Image, error) {
 		f.Close()
 		return nil, fmt.Errorf("%s is empty", path)
 	}
-	img := &Image{
+	img := &image{
 		Name:        name,
 		RID:         rid,
 		Path:        path,
-		WWN:         WWN(name),
+		WWN:         wwn(name),
 		RealSize:    st.Size(),
 		VirtualSize: protocol.VirtualSize(st.Size()),
 		file:        f,
@@ -109,15 +109,15 @@ func openImage(path, name string, rid uint16) (*Image, error) {
 }
 
 // String names the image as name:rid.
-func (img *Image) String() string { return fmt.Sprintf("%s:%d", img.Name, img.RID) }
+func (img *image) String() string { return fmt.Sprintf("%s:%d", img.Name, img.RID) }
 
 // LogValue formats the image for log/slog (name:rid) only if the record is
 // logged: pass img, not img.String(), on hot paths.
-func (img *Image) LogValue() slog.Value { return slog.StringValue(img.String()) }
+func (img *image) LogValue() slog.Value { return slog.StringValue(img.String()) }
 
 // isFile reports whether path names the file img has open (not one that
 // replaced it).
-func (img *Image) isFile(path string) bool {
+func (img *image) isFile(path string) bool {
 	st, err := os.Stat(path)
 	if err != nil {
 		return false
@@ -127,46 +127,46 @@ func (img *Image) isFile(path string) bool {
 }
 
 // File returns the open image file.
-func (img *Image) File() *os.File { return img.file }
+func (img *image) File() *os.File { return img.file }
 
 // CRCList returns the image's CRC list, or nil if it has none.
-func (img *Image) CRCList() []uint32 {
+func (img *image) crcList() []uint32 {
 	img.crcMu.RLock()
 	defer img.crcMu.RUnlock()
 	return img.crc
 }
 
-func (img *Image) setCRCList(list []uint32) {
+func (img *image) setCRCList(list []uint32) {
 	img.crcMu.Lock()
 	img.crc = list
 	img.crcMu.Unlock()
 }
 
 // Users returns the number of connected clients.
-func (img *Image) Users() int { return int(img.users.Load()) }
+func (img *image) Users() int { return int(img.users.Load()) }
 
 // Problems returns the problem bits (ProblemRead, ...). The uplink bits
 // are computed: an incomplete image without a connected uplink has
 // ProblemNoUplink, one whose uplink queue is congested ProblemUplinkQueued.
-func (img *Image) Problems() uint32 {
+func (img *image) Problems() uint32 {
 	p := img.problems.Load()
-	if img.SyncFailed() != nil {
-		p |= ProblemWrite
+	if img.syncFailed() != nil {
+		p |= problemWrite
 	}
 	if img.cache.Load() != nil {
 		up := img.up.Load()
 		switch {
 		case up == nil || !up.connected():
-			p |= ProblemNoUplink
+			p |= problemNoUplink
 		case up.congested():
-			p |= ProblemUplinkQueued
+			p |= problemUplinkQueued
 		}
 	}
 	return p
 }
 
 // Touch records an access now.
-func (img *Image) Touch() {
+func (img *image) touch() {
 	now := time.Now().Unix()
 	if img.atime.Load() != now {
 		img.atime.Store(now)
@@ -174,35 +174,35 @@ func (img *Image) Touch() {
 }
 
 // Idle returns the time since the last access.
-func (img *Image) Idle() time.Duration {
+func (img *image) idle() time.Duration {
 	return time.Since(time.Unix(img.atime.Load(), 0))
 }
 
 // Complete returns the percentage of the image present locally (100 for
 // images served from a complete file).
-func (img *Image) Complete() int {
+func (img *image) complete() int {
 	if cm := img.cache.Load(); cm != nil {
-		return cm.Percent()
+		return cm.percent()
 	}
 	return 100
 }
 
 // Incomplete reports whether some blocks of the image are not in the
 // local file yet.
-func (img *Image) Incomplete() bool { return img.cache.Load() != nil }
+func (img *image) incomplete() bool { return img.cache.Load() != nil }
 
 // loadSidecars reads the `.map` (incomplete image) and `.meta` (last
 // access time of a replicated image) sidecars. An unreadable `.map`
 // counts as all blocks missing: the data is fetched again rather than
 // trusted.
-func (img *Image) loadSidecars(log *slog.Logger) {
-	if cm, err := LoadCacheMap(img.Path+".map", img.VirtualSize); !errors.Is(err, os.ErrNotExist) {
+func (img *image) loadSidecars(log *slog.Logger) {
+	if cm, err := loadCacheMap(img.Path+".map", img.VirtualSize); !errors.Is(err, os.ErrNotExist) {
 		if err != nil {
 			log.Warn("cannot read cache map, treating every block as missing", "image", img.String(), "err", err)
-			cm = NewCacheMap(img.VirtualSize)
+			cm = newCacheMap(img.VirtualSize)
 		}
 		img.replica.Store(true)
-		if !cm.Complete() {
+		if !cm.complete() {
 			img.cache.Store(cm)
 		}
 	}
@@ -220,15 +220,15 @@ func (img *Image) loadSidecars(log *slog.Logger) {
 // uplink, no queued check, no cache map changes that are not on disk, no
 // failed hash block (which only the in-memory state remembers) and no
 // failed sync (which stays visible in the RPC until a restart).
-func (img *Image) evictable() bool {
+func (img *image) evictable() bool {
 	if !img.onDemand && !img.replica.Load() {
 		return false
 	}
-	if img.users.Load() != 0 || img.refs.Load() != 1 || img.up.Load() != nil || img.hasBad.Load() || img.SyncFailed() != nil {
+	if img.users.Load() != 0 || img.refs.Load() != 1 || img.up.Load() != nil || img.hasBad.Load() || img.syncFailed() != nil {
 		return false
 	}
 	if cm := img.cache.Load(); cm != nil {
-		if _, dirty := cm.Unsaved(); dirty {
+		if _, dirty := cm.unsaved(); dirty {
 			return false
 		}
 	}
@@ -242,7 +242,7 @@ var errImageClosed = errors.New("image closed")
 // cache map, or nil. Such a failure is permanent until the image is loaded
 // again (a restart): the kernel may have dropped the unsynced data, so
 // nothing is written to the copy any more.
-func (img *Image) SyncFailed() error {
+func (img *image) syncFailed() error {
 	if e := img.syncErr.Load(); e != nil {
 		return *e
 	}
@@ -254,8 +254,8 @@ var errSyncFailed = errors.New("local copy not written since a sync failed (rest
 
 // writer returns the write handle of the local copy, opening it on first
 // use. A failure sets ProblemWrite. After a failed sync it always fails.
-func (img *Image) writer() (*os.File, error) {
-	if err := img.SyncFailed(); err != nil {
+func (img *image) writer() (*os.File, error) {
+	if err := img.syncFailed(); err != nil {
 		return nil, fmt.Errorf("%w: %w", errSyncFailed, err)
 	}
 	img.wmu.Lock()
@@ -271,7 +271,7 @@ func (img *Image) writer() (*os.File, error) {
 	}
 	f, err := os.OpenFile(img.Path, os.O_WRONLY, 0)
 	if err != nil {
-		img.problems.Or(ProblemWrite)
+		img.problems.Or(problemWrite)
 		return nil, fmt.Errorf("open %s for writing: %w", img.Path, err)
 	}
 	img.wfile = f
@@ -280,7 +280,7 @@ func (img *Image) writer() (*os.File, error) {
 
 // ref takes a reference that keeps the file open (uplinks, queued
 // checks). It fails if the image was closed.
-func (img *Image) ref() bool {
+func (img *image) ref() bool {
 	for {
 		r := img.refs.Load()
 		if r <= 0 {
@@ -294,7 +294,7 @@ func (img *Image) ref() bool {
 
 // markBad records a hash block that failed its check; reads touching it
 // are refused until it passes again.
-func (img *Image) markBad(hb int) {
+func (img *image) markBad(hb int) {
 	img.badMu.Lock()
 	defer img.badMu.Unlock()
 	if img.bad == nil {
@@ -306,7 +306,7 @@ func (img *Image) markBad(hb int) {
 
 // countRepair counts an attempt to repair hash block hb and returns the
 // number of attempts so far.
-func (img *Image) countRepair(hb int) int {
+func (img *image) countRepair(hb int) int {
 	img.badMu.Lock()
 	defer img.badMu.Unlock()
 	if img.fixes == nil {
@@ -317,7 +317,7 @@ func (img *Image) countRepair(hb int) int {
 }
 
 // markGood forgets a failed hash block that passed its check.
-func (img *Image) markGood(hb int) {
+func (img *image) markGood(hb int) {
 	img.badMu.Lock()
 	defer img.badMu.Unlock()
 	delete(img.bad, hb)
@@ -325,7 +325,7 @@ func (img *Image) markGood(hb int) {
 }
 
 // touchesBad reports whether [start, end) overlaps a failed hash block.
-func (img *Image) touchesBad(start, end int64) bool {
+func (img *image) touchesBad(start, end int64) bool {
 	img.badMu.Lock()
 	defer img.badMu.Unlock()
 	for hb := range img.bad {
@@ -338,7 +338,7 @@ func (img *Image) touchesBad(start, end int64) bool {
 }
 
 // acquire takes a client reference. It fails if the image was closed.
-func (img *Image) acquire() bool {
+func (img *image) acquire() bool {
 	for {
 		r := img.refs.Load()
 		if r <= 0 {
@@ -352,13 +352,13 @@ func (img *Image) acquire() bool {
 }
 
 // release drops a client reference.
-func (img *Image) release() {
+func (img *image) release() {
 	img.users.Add(-1)
 	img.unref()
 }
 
 // unref drops a reference and closes the file with the last one.
-func (img *Image) unref() {
+func (img *image) unref() {
 	if img.refs.Add(-1) == 0 {
 		img.closeMu.Lock()
 		wasClosed := img.closed
@@ -379,9 +379,9 @@ func (img *Image) unref() {
 
 // CacheMap returns the cache map the RPC's /cachemap shows: the live map
 // of an incomplete image, the single byte 0xFF for a complete one.
-func (img *Image) CacheMap() []byte {
+func (img *image) cacheMap() []byte {
 	if cm := img.cache.Load(); cm != nil {
-		return cm.Bytes()
+		return cm.bytes()
 	}
 	return []byte{0xFF}
 }

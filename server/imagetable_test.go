@@ -69,7 +69,7 @@ func TestImageTableCannotBeFilled(t *testing.T) {
 		t.Fatal("od/f00 refused")
 	}
 	defer held.Close()
-	heldImg := ts.store.Loaded("od/f00", 1)
+	heldImg := ts.store.loaded("od/f00", 1)
 
 	aliases := []string{"sub//x", "sub///x", "sub/./x", "sub/x/", "sub/y/../x", "./img", "od//f%02d", "od/./f%02d", "od///f%02d", "od/f%02d/"}
 	accepted := 0
@@ -104,10 +104,10 @@ func TestImageTableCannotBeFilled(t *testing.T) {
 			t.Fatal("a missing image was served")
 		}
 	}
-	if n := len(ts.store.List()); n > maxImages {
+	if n := len(ts.store.list()); n > maxImages {
 		t.Errorf("%d images loaded, maxImages=%d", n, maxImages)
 	}
-	for _, img := range ts.store.List() {
+	for _, img := range ts.store.list() {
 		if !protocol.ValidImageName(img.Name) {
 			t.Errorf("non-canonical image %q in the table", img.Name)
 		}
@@ -121,7 +121,7 @@ func TestImageTableCannotBeFilled(t *testing.T) {
 	c.Close()
 
 	// the image in use was never unloaded and still serves its client
-	if ts.store.Loaded("od/f00", 1) != heldImg {
+	if ts.store.loaded("od/f00", 1) != heldImg {
 		t.Error("od/f00 was unloaded while a client used it")
 	}
 	rep, data := getBlock(t, held, 0, 4096, 0, 7)
@@ -136,38 +136,38 @@ func TestStoreEvictsOnlyIdleOnDemandImages(t *testing.T) {
 	base := t.TempDir()
 	writeFile(t, filepath.Join(base, "scan1.r1"), make([]byte, 4096))
 	writeFile(t, filepath.Join(base, "scan2.r1"), make([]byte, 4096))
-	s := NewStore(StoreOptions{BasePath: base, MaxImages: 3})
+	s := newStore(storeOptions{BasePath: base, MaxImages: 3})
 	defer s.Close()
-	if _, _, _, err := s.Reload(); err != nil {
+	if _, _, _, err := s.reload(); err != nil {
 		t.Fatal(err)
 	}
 	for _, n := range []string{"a", "b", "c"} {
 		writeFile(t, filepath.Join(base, n+".r1"), make([]byte, 4096))
 	}
-	a, err := s.Get("a", 1)
+	a, err := s.get("a", 1)
 	if err != nil {
 		t.Fatal(err)
 	}
 	// table full, a in use: b cannot load
-	if _, err := s.Get("b", 1); err == nil {
+	if _, err := s.get("b", 1); err == nil {
 		t.Fatal("b loaded although the table is full of scanned images and one in use")
 	}
 	s.Release(a)
-	b, err := s.Get("b", 1) // a is idle now and makes room
+	b, err := s.get("b", 1) // a is idle now and makes room
 	if err != nil {
 		t.Fatalf("b: %v", err)
 	}
 	s.Release(b)
-	if s.Loaded("a", 1) != nil || s.Loaded("scan1", 1) == nil || s.Loaded("scan2", 1) == nil {
-		t.Fatalf("wrong image unloaded: %v", s.List())
+	if s.loaded("a", 1) != nil || s.loaded("scan1", 1) == nil || s.loaded("scan2", 1) == nil {
+		t.Fatalf("wrong image unloaded: %v", s.list())
 	}
-	c, err := s.Get("c", 1)
+	c, err := s.get("c", 1)
 	if err != nil {
 		t.Fatalf("c: %v", err)
 	}
 	s.Release(c)
-	if len(s.List()) != 3 || s.Loaded("b", 1) != nil {
-		t.Fatalf("table %v", s.List())
+	if len(s.list()) != 3 || s.loaded("b", 1) != nil {
+		t.Fatalf("table %v", s.list())
 	}
 }
 
@@ -189,7 +189,7 @@ func TestProxyTableFullClosesIdleUplink(t *testing.T) {
 		name := fmt.Sprintf("p%d", i)
 		c := trySelect(t, proxy.addr, name, 1)
 		if c == nil {
-			t.Fatalf("%s refused (table: %v)", name, proxy.store.List())
+			t.Fatalf("%s refused (table: %v)", name, proxy.store.list())
 		}
 		rep, data := getBlock(t, c, 4096, 8192, 0, 1)
 		if rep.Cmd != protocol.CmdGetBlock || !bytes.Equal(data, want[i][4096:4096+8192]) {
@@ -197,17 +197,17 @@ func TestProxyTableFullClosesIdleUplink(t *testing.T) {
 		}
 		c.Close()
 		waitFor(t, 10*time.Second, name+" without clients", func() bool {
-			img := proxy.store.Loaded(name, 1)
+			img := proxy.store.loaded(name, 1)
 			return img == nil || img.Users() == 0
 		})
 	}
 	for i := range 2 * maxImages {
 		read(i)
-		if n := len(proxy.store.List()); n > maxImages {
+		if n := len(proxy.store.list()); n > maxImages {
 			t.Fatalf("%d images loaded, maxImages=%d", n, maxImages)
 		}
 	}
-	if proxy.store.Loaded("p0", 1) != nil {
+	if proxy.store.loaded("p0", 1) != nil {
 		t.Fatal("p0, the least recently used, is still loaded")
 	}
 	read(0) // from the local copy and its .map again
@@ -236,7 +236,7 @@ func TestProxyLookupCacheBounded(t *testing.T) {
 // images in use.
 func TestStoreOnDemandChurn(t *testing.T) {
 	base := t.TempDir()
-	s := NewStore(StoreOptions{BasePath: base, MaxImages: 4})
+	s := newStore(storeOptions{BasePath: base, MaxImages: 4})
 	defer s.Close()
 	const names = 16
 	old := time.Now().Add(-time.Hour)
@@ -250,9 +250,9 @@ func TestStoreOnDemandChurn(t *testing.T) {
 		go func() {
 			var bad error
 			for i := range 300 {
-				img, err := s.Get(fmt.Sprintf("n%d", (g*7+i)%names), 1)
+				img, err := s.get(fmt.Sprintf("n%d", (g*7+i)%names), 1)
 				if err != nil {
-					if !errors.Is(err, ErrTooManyImages) && bad == nil {
+					if !errors.Is(err, errTooManyImages) && bad == nil {
 						bad = err
 					}
 					continue
@@ -270,7 +270,7 @@ func TestStoreOnDemandChurn(t *testing.T) {
 			t.Error(err)
 		}
 	}
-	if n := len(s.List()); n > 4 {
+	if n := len(s.list()); n > 4 {
 		t.Errorf("%d images loaded, maxImages=4", n)
 	}
 }

@@ -30,7 +30,7 @@ import (
 const checkQueueLen = 200
 
 type checkItem struct {
-	img *Image
+	img *image
 	hb  int
 }
 
@@ -50,8 +50,8 @@ func newChecker(s *Server) *checker { return &checker{s: s} }
 
 // queue schedules a check of hash block hb of img; it is dropped if the
 // queue is full or img has no CRC list.
-func (c *checker) queue(img *Image, hb int) {
-	if img.CRCList() == nil {
+func (c *checker) queue(img *image, hb int) {
+	if img.crcList() == nil {
 		return
 	}
 	c.mu.Lock()
@@ -79,15 +79,15 @@ func (c *checker) startLocked() {
 
 // queueLoad schedules the checks of a freshly loaded image: the first,
 // the last and one random complete hash block.
-func (c *checker) queueLoad(img *Image) {
-	list := img.CRCList()
+func (c *checker) queueLoad(img *image) {
+	list := img.crcList()
 	if len(list) == 0 {
 		return
 	}
 	n := len(list)
 	complete := func(hb int) bool {
 		cm := img.cache.Load()
-		return cm == nil || cm.HashBlockComplete(hb)
+		return cm == nil || cm.hashBlockComplete(hb)
 	}
 	picked := map[int]bool{}
 	for _, hb := range []int{0, n - 1} {
@@ -150,18 +150,18 @@ func (c *checker) wait() {
 
 // checkHashBlock verifies hash block hb of img if it is complete. It
 // reports whether the block failed.
-func (s *Server) checkHashBlock(ctx context.Context, img *Image, hb int, buf []byte) (bad bool, err error) {
-	list := img.CRCList()
+func (s *Server) checkHashBlock(ctx context.Context, img *image, hb int, buf []byte) (bad bool, err error) {
+	list := img.crcList()
 	if hb < 0 || hb >= len(list) || ctx.Err() != nil {
 		return false, ctx.Err()
 	}
-	if cm := img.cache.Load(); cm != nil && !cm.HashBlockComplete(hb) {
+	if cm := img.cache.Load(); cm != nil && !cm.hashBlockComplete(hb) {
 		return false, nil
 	}
 	got, err := protocol.BlockCRC(img.file, img.RealSize, hb, buf)
 	s.met.checks.Add(1)
 	if err != nil {
-		img.problems.Or(ProblemRead)
+		img.problems.Or(problemRead)
 		s.log.Error("cannot read hash block for checking", "image", img.String(), "block", hb, "err", err)
 		return false, err
 	}
@@ -178,7 +178,7 @@ func (s *Server) checkHashBlock(ctx context.Context, img *Image, hb int, buf []b
 
 // badHashBlock handles a failed check: a proxy clears the block from the
 // cache map and fetches it again; otherwise reads of it are refused.
-func (s *Server) badHashBlock(img *Image, hb int) {
+func (s *Server) badHashBlock(img *image, hb int) {
 	if s.config().IsProxy && len(s.proxy.candidates(img.Name)) > 0 {
 		if img.countRepair(hb) > maxRepairs {
 			s.log.Error("hash block keeps failing its check after fetching it again; refusing reads of it (the uplink's data or CRC list may be wrong)",
@@ -197,7 +197,7 @@ const maxRepairs = 3
 // invalidate clears hash block hb from img's cache map (creating one for
 // a complete image), saves the map and has the uplink fetch the block
 // again. It reports false if that was not possible.
-func (p *proxy) invalidate(img *Image, hb int) bool {
+func (p *proxy) invalidate(img *image, hb int) bool {
 	start := int64(hb) * protocol.HashBlockSize
 	end := min(start+protocol.HashBlockSize, img.VirtualSize)
 	if _, err := img.writer(); err != nil {
@@ -207,11 +207,11 @@ func (p *proxy) invalidate(img *Image, hb int) bool {
 	img.saveMu.Lock()
 	cm := img.cache.Load()
 	if cm == nil {
-		cm = NewFullCacheMap(img.VirtualSize)
+		cm = newFullCacheMap(img.VirtualSize)
 	}
-	cm.Clear(start, end)
+	cm.clear(start, end)
 	// Clearing bits needs no data sync: the map on disk says less.
-	err := cm.SaveSynced(func() error { return nil }, p.mapWriter(img.Path+".map"))
+	err := cm.saveSynced(func() error { return nil }, p.mapWriter(img.Path+".map"))
 	if err == nil {
 		img.replica.Store(true)
 		img.cache.Store(cm)
@@ -246,11 +246,11 @@ func (p *proxy) invalidate(img *Image, hb int) bool {
 func (s *Server) VerifyAll(ctx context.Context) (images, failed int) {
 	s.log.Info("verifying checksums of all images")
 	buf := make([]byte, 1<<20)
-	for _, img := range s.store.List() {
+	for _, img := range s.store.list() {
 		if ctx.Err() != nil {
 			break
 		}
-		list := img.CRCList()
+		list := img.crcList()
 		if list == nil || !img.ref() {
 			continue
 		}

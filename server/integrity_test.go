@@ -47,7 +47,7 @@ func TestProxyRepairsBadHashBlock(t *testing.T) {
 		b, _ := os.ReadFile(filepath.Join(obase, "img.r1"+ext))
 		os.WriteFile(filepath.Join(pbase, "img.r1"+ext), b, 0o644)
 	}
-	WriteMeta(filepath.Join(pbase, "img.r1"), time.Now())
+	writeMeta(filepath.Join(pbase, "img.r1"), time.Now())
 
 	proxy := startProxy(t, pbase, "", "", nil, rec.addr())
 	waitChecksIdle(t, proxy.Server)
@@ -133,7 +133,7 @@ func TestProxyChecksReplicatedHashBlocks(t *testing.T) {
 	handshake(t, c, "img", 1)
 	getBlock(t, c, 0, 2<<20, 0, 1) // completes hash block 0 (the whole image)
 	waitFor(t, 15*time.Second, "the repair attempts to give up", func() bool {
-		img := proxy.store.Loaded("img", 1)
+		img := proxy.store.loaded("img", 1)
 		return img != nil && img.hasBad.Load()
 	})
 	if n := proxy.logs.count("Hash check for block 0 of img failed"); n < maxRepairs {

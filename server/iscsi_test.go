@@ -229,7 +229,7 @@ func TestISCSIThroughProxy(t *testing.T) {
 		t.Fatal("data read through the proxy differs")
 	}
 	img := loaded(t, proxy.Server, "img", 3)
-	if cm := img.cache.Load(); cm != nil && !cm.Has(0, img.VirtualSize) {
+	if cm := img.cache.Load(); cm != nil && !cm.has(0, img.VirtualSize) {
 		t.Fatal("the proxy's copy does not have the blocks read")
 	}
 	local, err := os.ReadFile(img.Path)

@@ -45,7 +45,7 @@ func (b iscsiBackend) Open(ctx context.Context, target string) (iscsi.Disk, erro
 		if err == nil {
 			return b.disk(img), nil
 		}
-		if errors.Is(err, ErrTooManyImages) {
+		if errors.Is(err, errTooManyImages) {
 			return nil, err
 		}
 		if firstErr == nil {
@@ -68,35 +68,35 @@ func (b iscsiBackend) Open(ctx context.Context, target string) (iscsi.Disk, erro
 
 // disk wraps an image with a client reference as a Disk; on a proxy the
 // uplink of an incomplete image starts now.
-func (b iscsiBackend) disk(img *Image) *iscsiDisk {
-	if b.s.config().IsProxy && img.Incomplete() {
+func (b iscsiBackend) disk(img *image) *iscsiDisk {
+	if b.s.config().IsProxy && img.incomplete() {
 		b.s.proxy.ensureUplink(img) // errors show at the first read
 	}
 	return &iscsiDisk{s: b.s, img: img}
 }
 
 // image resolves one reading of a target name, with a client reference.
-func (b iscsiBackend) image(ref iscsi.ImageRef) (*Image, error) {
+func (b iscsiBackend) image(ref iscsi.ImageRef) (*image, error) {
 	if !ref.ByWWN {
 		return b.s.selectImage(protocol.SelectImage{Name: ref.Name, RID: ref.RID})
 	}
-	var best *Image
-	for _, img := range b.s.store.List() {
+	var best *image
+	for _, img := range b.s.store.list() {
 		if img.WWN == ref.WWN && (img.RID == ref.RID || ref.RID == 0 && (best == nil || img.RID > best.RID)) {
 			best = img
 		}
 	}
 	if best == nil {
-		return nil, fmt.Errorf("%w: no loaded image has WWN %#016x", ErrImageNotFound, ref.WWN)
+		return nil, fmt.Errorf("%w: no loaded image has WWN %#016x", errImageNotFound, ref.WWN)
 	}
 	return b.s.getImage(best.Name, best.RID)
 }
 
 // foldedImage finds a loaded image whose name equals ref's ignoring
 // letter case, if exactly one name does.
-func (b iscsiBackend) foldedImage(ref iscsi.ImageRef) *Image {
+func (b iscsiBackend) foldedImage(ref iscsi.ImageRef) *image {
 	var name string
-	for _, img := range b.s.store.List() {
+	for _, img := range b.s.store.list() {
 		if strings.EqualFold(img.Name, ref.Name) && (ref.RID == 0 || img.RID == ref.RID) {
 			if name != "" && name != img.Name {
 				return nil // ambiguous
@@ -116,7 +116,7 @@ func (b iscsiBackend) foldedImage(ref iscsi.ImageRef) *Image {
 
 // Targets lists the loaded images for SendTargets=All.
 func (b iscsiBackend) Targets() []string {
-	imgs := b.s.store.List()
+	imgs := b.s.store.list()
 	out := make([]string, len(imgs))
 	for i, img := range imgs {
 		out[i] = iscsi.DiscoveryName(img.Name, img.RID, img.WWN)
@@ -128,7 +128,7 @@ func (b iscsiBackend) Targets() []string {
 // reference until Close.
 type iscsiDisk struct {
 	s    *Server
-	img  *Image
+	img  *image
 	once sync.Once
 }
 
@@ -146,7 +146,7 @@ func (d *iscsiDisk) Read(ctx context.Context, off, n int64) (iscsi.Data, error) 
 	if off < 0 || n <= 0 || off+n > img.VirtualSize {
 		return nil, fmt.Errorf("%w: %d bytes at %d outside the image", iscsi.ErrMedium, n, off)
 	}
-	img.Touch()
+	img.touch()
 	if img.cache.Load() == nil && !img.hasBad.Load() {
 		return fileData{img, off, &d.s.pipes}, nil
 	}
@@ -154,7 +154,7 @@ func (d *iscsiDisk) Read(ctx context.Context, off, n int64) (iscsi.Data, error) 
 		return nil, fmt.Errorf("%w: a hash block of the range failed its check", iscsi.ErrMedium)
 	}
 	cm := img.cache.Load()
-	if cm == nil || cm.Has(off, off+n) {
+	if cm == nil || cm.has(off, off+n) {
 		return fileData{img, off, &d.s.pipes}, nil
 	}
 	return d.s.awaitRange(ctx, img, off, n)
@@ -163,14 +163,14 @@ func (d *iscsiDisk) Read(ctx context.Context, off, n int64) (iscsi.Data, error) 
 // Ready reports whether the range is in the file (or refused at once).
 func (d *iscsiDisk) Ready(off, n int64) bool {
 	cm := d.img.cache.Load()
-	return cm == nil || cm.Has(off, off+n) || d.img.hasBad.Load() && d.img.touchesBad(off, off+n)
+	return cm == nil || cm.has(off, off+n) || d.img.hasBad.Load() && d.img.touchesBad(off, off+n)
 }
 
 // awaitRange fetches the absent blocks of [off, off+n) from the uplink,
 // in pieces of at most maxPayload, with a prefetch after the range like a
 // DNBD3 client's relayed request. The data then comes from the file, or
 // from memory when the copy cannot be written.
-func (s *Server) awaitRange(ctx context.Context, img *Image, off, n int64) (iscsi.Data, error) {
+func (s *Server) awaitRange(ctx context.Context, img *image, off, n int64) (iscsi.Data, error) {
 	cfg := s.config()
 	if !cfg.IsProxy {
 		return nil, fmt.Errorf("%w: the image is incomplete and this server is no proxy", iscsi.ErrMedium)
@@ -225,7 +225,7 @@ func (s *Server) awaitRange(ctx context.Context, img *Image, off, n int64) (iscs
 // awaitRelay waits until the uplink brought [start, end) (4 KiB aligned).
 // It returns the data if it only exists in a fetch's buffer (the local
 // copy could not be written), nil if it is in the file.
-func awaitRelay(ctx context.Context, up *uplink, img *Image, start, end int64, hops uint8) ([]byte, error) {
+func awaitRelay(ctx context.Context, up *uplink, img *image, start, end int64, hops uint8) ([]byte, error) {
 	r := &relay{off: start, size: uint32(end - start), done: make(chan struct{})}
 	ready, err := up.request(r, start, end, hops)
 	if err != nil {
@@ -241,7 +241,7 @@ func awaitRelay(ctx context.Context, up *uplink, img *Image, start, end int64, h
 	if r.failed.Load() {
 		return nil, fmt.Errorf("%w: the uplink could not deliver %d bytes at %d", iscsi.ErrMedium, end-start, start)
 	}
-	if cm := img.cache.Load(); cm == nil || cm.Has(start, end) {
+	if cm := img.cache.Load(); cm == nil || cm.has(start, end) {
 		return nil, nil
 	}
 	if f := r.single; f != nil && f.buf != nil && f.start <= start && f.end >= end {
@@ -252,7 +252,7 @@ func awaitRelay(ctx context.Context, up *uplink, img *Image, start, end int64, h
 
 // readImage reads image bytes at off into p, zeros past the file's end
 // (the 4 KiB padding).
-func readImage(img *Image, p []byte, off int64) error {
+func readImage(img *image, p []byte, off int64) error {
 	n := 0
 	if off < img.RealSize {
 		var err error
@@ -268,7 +268,7 @@ func readImage(img *Image, p []byte, off int64) error {
 // fileData is image data in the file: sent without a copy, as DNBD3
 // replies are (sock.sendFile: splice through a pooled pipe, or sendfile).
 type fileData struct {
-	img   *Image
+	img   *image
 	base  int64     // image offset of the range's start
 	pipes *pipePool // the server's pipes for large replies
 }
@@ -305,13 +305,13 @@ func (s *Server) iscsiClients() [][]byte {
 			continue // discovery session
 		}
 		c := newJSONObject()
-		c.Str("address", si.Remote.String())
-		c.Int("imageId", int64(d.img.ID))
-		c.Int("isServer", 0)
-		c.Uint("bytesSent", si.BytesSent)
-		c.Str("protocol", "iscsi")
-		c.Str("initiator", si.Initiator)
-		items = append(items, c.Bytes())
+		c.str("address", si.Remote.String())
+		c.int("imageId", int64(d.img.ID))
+		c.int("isServer", 0)
+		c.uint("bytesSent", si.BytesSent)
+		c.str("protocol", "iscsi")
+		c.str("initiator", si.Initiator)
+		items = append(items, c.bytes())
 	}
 	return items
 }

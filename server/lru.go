@@ -82,17 +82,17 @@ func (p *proxy) deleteLRU(sparse bool) bool {
 }
 
 // lruVictim returns the least recently used deletable image, or nil.
-func (p *proxy) lruVictim(sparse bool) *Image {
+func (p *proxy) lruVictim(sparse bool) *image {
 	minAge := lruMinAge
 	if p.s.hooks.lruMinAge > 0 {
 		minAge = p.s.hooks.lruMinAge
 	}
-	var victim *Image
-	for _, img := range p.s.store.List() {
+	var victim *image
+	for _, img := range p.s.store.list() {
 		if !img.replica.Load() || img.Users() > 0 || img.up.Load() != nil || img.reusePins.Load() > 0 {
 			continue
 		}
-		if !sparse && img.Idle() < minAge {
+		if !sparse && img.idle() < minAge {
 			continue
 		}
 		if victim == nil || img.atime.Load() < victim.atime.Load() {
@@ -103,8 +103,8 @@ func (p *proxy) lruVictim(sparse bool) *Image {
 }
 
 // deleteImage unloads img and deletes its file and sidecars.
-func (p *proxy) deleteImage(img *Image) {
-	if !p.s.store.Remove(img) {
+func (p *proxy) deleteImage(img *image) {
+	if !p.s.store.remove(img) {
 		return
 	}
 	p.s.met.lruDeletes.Add(1)

@@ -94,7 +94,7 @@ type serverMetrics struct {
 	// atomic loads only)
 	reqs        [reqSlots]uint64
 	disk, relay promhist.Snapshot
-	sentByImage map[*Image]uint64 // bytes sent to clients that left
+	sentByImage map[*image]uint64 // bytes sent to clients that left
 }
 
 // handshake counts one handshake outcome.
@@ -117,7 +117,7 @@ func (m *serverMetrics) foldLocked(cc *clientConn) {
 	m.relay.Add(&cc.stats.relay)
 	if cc.img != nil {
 		if m.sentByImage == nil {
-			m.sentByImage = map[*Image]uint64{}
+			m.sentByImage = map[*image]uint64{}
 		}
 		m.sentByImage[cc.img] += cc.bytesSent.Load()
 	}

@@ -65,16 +65,16 @@ func (c collector) Describe(ch chan<- *prometheus.Desc) {
 type connSnapshot struct {
 	reqs            [reqSlots]uint64
 	disk, relay     promhist.Snapshot
-	sent            map[*Image]uint64
+	sent            map[*image]uint64
 	clients, server int
 }
 
 // snapshotConns sums the folded and the live connection counters.
-func (s *Server) snapshotConns(loaded map[*Image]bool) connSnapshot {
+func (s *Server) snapshotConns(loaded map[*image]bool) connSnapshot {
 	s.connMu.Lock()
 	defer s.connMu.Unlock()
 	m := &s.met
-	snap := connSnapshot{reqs: m.reqs, disk: m.disk, relay: m.relay, sent: map[*Image]uint64{}}
+	snap := connSnapshot{reqs: m.reqs, disk: m.disk, relay: m.relay, sent: map[*image]uint64{}}
 	for img, n := range m.sentByImage {
 		if !loaded[img] {
 			delete(m.sentByImage, img) // bounded: only loaded images
@@ -111,13 +111,13 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	gauge(mdStart, float64(s.started.UnixNano())/1e9)
 	counter(mdSent, float64(s.bytesSent.Load()))
 	counter(mdRecv, float64(s.bytesRecv.Load()))
-	images := s.store.List()
-	loaded := make(map[*Image]bool, len(images))
+	images := s.store.list()
+	loaded := make(map[*image]bool, len(images))
 	for _, img := range images {
 		loaded[img] = true
 	}
 	snap := s.snapshotConns(loaded)
-	iscsiSent := map[*Image]uint64{}
+	iscsiSent := map[*image]uint64{}
 	iscsiN := 0
 	for _, si := range s.iscsi.Sessions() {
 		if d, ok := si.Disk.(*iscsiDisk); ok {
@@ -148,9 +148,9 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	counter(mdEvictions, float64(s.met.lruDeletes.Load()), "disk_space")
 	counter(mdEvictions, float64(s.store.evictions.Load()), "max_images")
 	for _, a := range s.alts {
-		host := FormatHost(a.Addr)
-		gauge(mdAltRTT, a.AvgRTT().Seconds(), host)
-		gauge(mdAltFails, float64(a.Snapshot().Fails), host)
+		host := formatHost(a.Addr)
+		gauge(mdAltRTT, a.avgRTT().Seconds(), host)
+		gauge(mdAltFails, float64(a.snapshot().Fails), host)
 	}
 	var st unix.Statfs_t
 	if err := unix.Statfs(s.config().BasePath, &st); err == nil {
@@ -160,7 +160,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 }
 
 // collectImage sends the per-image metrics of img.
-func (c collector) collectImage(ch chan<- prometheus.Metric, img *Image, sent uint64) {
+func (c collector) collectImage(ch chan<- prometheus.Metric, img *image, sent uint64) {
 	l := []string{img.Name, strconv.Itoa(int(img.RID))}
 	m := func(d *prometheus.Desc, t prometheus.ValueType, v float64, extra ...string) {
 		ch <- promhist.Const(d, t, v, append(l, extra...)...)

@@ -129,7 +129,7 @@ func TestMetricsProxyReplication(t *testing.T) {
 	const size = 32 << 20
 	up := runServer(t, t.TempDir(), "", nil, nil)
 	data := genImage(t, up.base, "big.r1", size, true)
-	if _, _, _, err := up.store.Reload(); err != nil {
+	if _, _, _, err := up.store.reload(); err != nil {
 		t.Fatal(err)
 	}
 	proxy := runServer(t, t.TempDir(), "isProxy=true\nbackgroundReplication=true\nautoFreeDiskSpaceDelay=-1\nuplinkTimeout=3000\n[limits]\nmaxPrefetch=0\n",

@@ -175,7 +175,7 @@ func (cc *clientConn) nbdRead(req protocol.NBDRequest) error {
 	if req.Length == 0 {
 		return cc.nbdError(req.Cookie, 0)
 	}
-	img.Touch()
+	img.touch()
 	start := int64(req.Offset)
 	if img.cache.Load() == nil && !img.hasBad.Load() {
 		return cc.diskReply(req.Cookie, start, req.Length)
@@ -184,7 +184,7 @@ func (cc *clientConn) nbdRead(req protocol.NBDRequest) error {
 		return refuse("NBD read of a hash block that failed its check", "image", img.String(), "offset", start, "size", req.Length)
 	}
 	cm := img.cache.Load()
-	if cm == nil || cm.Has(start, int64(end)) {
+	if cm == nil || cm.has(start, int64(end)) {
 		return cc.diskReply(req.Cookie, start, req.Length)
 	}
 	if !cc.srv.config().IsProxy {

@@ -183,7 +183,7 @@ func TestNBDModeRefused(t *testing.T) {
 	base := t.TempDir()
 	testutil.WriteGenImage(t, filepath.Join(base, "img.r1"), 1<<20)
 	ts := startServer(t, base, "", nil)
-	img, err := ts.store.Get("img", 1)
+	img, err := ts.store.get("img", 1)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -156,8 +156,8 @@ func (p *proxy) needLoop() bool {
 	if n > 0 {
 		return true
 	}
-	for _, img := range p.s.store.List() {
-		if img.Incomplete() {
+	for _, img := range p.s.store.list() {
+		if img.incomplete() {
 			return true
 		}
 	}
@@ -206,8 +206,8 @@ func (p *proxy) stop() {
 	for _, up := range p.uplinkList() {
 		up.close()
 	}
-	for _, img := range p.s.store.List() {
-		if cm := img.cache.Load(); cm != nil && cm.Complete() {
+	for _, img := range p.s.store.list() {
+		if cm := img.cache.Load(); cm != nil && cm.complete() {
 			p.completed(img, cm)
 		}
 		if cm := img.cache.Load(); cm != nil {
@@ -248,9 +248,9 @@ func (p *proxy) register(up *uplink) bool {
 }
 
 // onLoad is called for every image the store loads.
-func (s *Server) onLoad(img *Image) {
+func (s *Server) onLoad(img *image) {
 	s.checker.queueLoad(img)
-	if img.Incomplete() {
+	if img.incomplete() {
 		if s.config().IsProxy {
 			s.proxy.checkWritable(img)
 		}
@@ -260,9 +260,9 @@ func (s *Server) onLoad(img *Image) {
 
 // checkWritable flags an incomplete image whose copy or cache map a proxy
 // cannot write (RPC problems 2) at once, not only at its first fetch.
-func (p *proxy) checkWritable(img *Image) {
+func (p *proxy) checkWritable(img *image) {
 	if err := copyWritable(img.Path); err != nil {
-		img.problems.Or(ProblemWrite)
+		img.problems.Or(problemWrite)
 		p.log.Error("cannot write the local copy of an incomplete image: it is relayed but never completed (make it and its directory writable for the server's user)",
 			"image", img.String(), "path", img.Path, "err", err)
 	}
@@ -293,12 +293,12 @@ func (p *proxy) housekeeping(now time.Time) {
 	if reload {
 		p.lastReload = now
 	}
-	for _, img := range p.s.store.List() {
+	for _, img := range p.s.store.list() {
 		cm := img.cache.Load()
 		if cm == nil {
 			continue
 		}
-		if since, dirty := cm.Unsaved(); dirty && now.Sub(since) >= p.saveInterval() {
+		if since, dirty := cm.unsaved(); dirty && now.Sub(since) >= p.saveInterval() {
 			if err := p.saveMap(img, cm); err != nil {
 				p.log.Error("cannot save cache map", "image", img.String(), "err", err)
 			}
@@ -321,27 +321,27 @@ func (p *proxy) housekeeping(now time.Time) {
 // the map was copied and before the copy is written, so no bit on disk
 // ever describes data that is not durable. A failure is permanent for the
 // image (failSync).
-func (p *proxy) saveMap(img *Image, cm *CacheMap) error {
+func (p *proxy) saveMap(img *image, cm *cacheMap) error {
 	if !img.ref() {
 		return nil // unloaded meanwhile: its last save was complete
 	}
 	defer img.unref() // keeps the file open while it is synced
 	img.saveMu.Lock()
 	defer img.saveMu.Unlock()
-	if err := img.SyncFailed(); err != nil {
+	if err := img.syncFailed(); err != nil {
 		return fmt.Errorf("not saved since a sync failed: %w", err)
 	}
 	if img.cache.Load() != cm {
 		return nil // completed or replaced meanwhile
 	}
-	if _, dirty := cm.Unsaved(); !dirty {
+	if _, dirty := cm.unsaved(); !dirty {
 		return nil
 	}
 	sync := func() error { return nil } // nothing was ever written without a writer
 	if w, err := img.writer(); err == nil {
 		sync = func() error { return p.syncData(w) }
 	}
-	if err := cm.SaveSynced(sync, p.mapWriter(img.Path+".map")); err != nil {
+	if err := cm.saveSynced(sync, p.mapWriter(img.Path+".map")); err != nil {
 		p.failSync(img, cm, err)
 		return err
 	}
@@ -364,7 +364,7 @@ func (p *proxy) mapWriter(path string) func([]byte) error {
 	if f := p.s.hooks.writeMap; f != nil {
 		return func(b []byte) error { return f(path, b) }
 	}
-	return AtomicMapWriter(path)
+	return atomicMapWriter(path)
 }
 
 // failSync makes a failed sync of img's local copy or of its cache map
@@ -376,15 +376,15 @@ func (p *proxy) mapWriter(path string) func([]byte) error {
 // Clients still get the dropped blocks, relayed from the uplink. A restart
 // loads the `.map` on disk and fetches the rest again. Callers hold
 // img.saveMu.
-func (p *proxy) failSync(img *Image, cm *CacheMap, err error) {
+func (p *proxy) failSync(img *image, cm *cacheMap, err error) {
 	first := img.syncErr.CompareAndSwap(nil, &err)
-	img.problems.Or(ProblemWrite)
+	img.problems.Or(problemWrite)
 	if cm != nil {
 		saved, rerr := os.ReadFile(img.Path + ".map")
 		if rerr != nil {
 			saved = nil // unreadable: claim nothing
 		}
-		cm.Fail(err, saved)
+		cm.fail(err, saved)
 	}
 	if first {
 		p.log.Error("sync of the local copy or its cache map failed: blocks not in the last saved map are fetched again, "+
@@ -393,15 +393,15 @@ func (p *proxy) failSync(img *Image, cm *CacheMap, err error) {
 }
 
 // writeMeta writes img's `.meta` with its last access time.
-func (p *proxy) writeMeta(img *Image) {
-	if err := WriteMeta(img.Path, time.Unix(img.atime.Load(), 0)); err != nil {
+func (p *proxy) writeMeta(img *image) {
+	if err := writeMeta(img.Path, time.Unix(img.atime.Load(), 0)); err != nil {
 		p.log.Warn("cannot write .meta", "image", img.String(), "err", err)
 	}
 }
 
 // reloadMap re-reads the `.map` of an incomplete image this server does
 // not replicate itself; without the file the image is complete.
-func (p *proxy) reloadMap(img *Image, cm *CacheMap) {
+func (p *proxy) reloadMap(img *image, cm *cacheMap) {
 	b, err := os.ReadFile(img.Path + ".map")
 	switch {
 	case errors.Is(err, os.ErrNotExist):
@@ -411,8 +411,8 @@ func (p *proxy) reloadMap(img *Image, cm *CacheMap) {
 	case err != nil:
 		p.log.Warn("cannot re-read cache map", "image", img.String(), "err", err)
 	default:
-		if _, dirty := cm.Unsaved(); !dirty {
-			cm.Replace(b)
+		if _, dirty := cm.unsaved(); !dirty {
+			cm.replace(b)
 		}
 	}
 }
@@ -420,14 +420,14 @@ func (p *proxy) reloadMap(img *Image, cm *CacheMap) {
 // completed finishes a replication: the image data is synced, the `.map`
 // deleted and the image served as complete from then on. The uplink
 // closes in the housekeeping once no fetch is outstanding.
-func (p *proxy) completed(img *Image, cm *CacheMap) {
+func (p *proxy) completed(img *image, cm *cacheMap) {
 	if !img.ref() {
 		return
 	}
 	defer img.unref()
 	img.saveMu.Lock()
 	defer img.saveMu.Unlock()
-	if img.cache.Load() != cm || !cm.Complete() || img.SyncFailed() != nil {
+	if img.cache.Load() != cm || !cm.complete() || img.syncFailed() != nil {
 		return
 	}
 	if w, err := img.writer(); err == nil {
@@ -449,7 +449,7 @@ func (p *proxy) completed(img *Image, cm *CacheMap) {
 // selectImage resolves a SELECT_IMAGE: a loaded or on-disk image, else
 // (proxy) one looked up and cloned from the uplinks. rid 0 on a proxy also
 // asks the uplinks whether a newer revision exists (cached 120 s).
-func (s *Server) selectImage(sel protocol.SelectImage) (*Image, error) {
+func (s *Server) selectImage(sel protocol.SelectImage) (*image, error) {
 	cfg := s.config()
 	peerServer := sel.Flags&protocol.FlagServer != 0
 	peerBgRep := peerServer && sel.Flags&protocol.FlagBgRep != 0
@@ -458,9 +458,9 @@ func (s *Server) selectImage(sel protocol.SelectImage) (*Image, error) {
 	}
 	// A BGR peer would replicate everything through us: we only serve it
 	// images we have complete unless we replicate fully ourselves.
-	needComplete := peerBgRep && cfg.BackgroundReplication != BGRFull
+	needComplete := peerBgRep && cfg.BackgroundReplication != bgrFull
 	mayLookup := (!peerServer || cfg.LookupMissingForProxy) && !needComplete
-	var img *Image
+	var img *image
 	var err error
 	if sel.RID == 0 {
 		if mayLookup {
@@ -469,7 +469,7 @@ func (s *Server) selectImage(sel protocol.SelectImage) (*Image, error) {
 		img, err = s.getImage(sel.Name, 0)
 	} else {
 		img, err = s.getImage(sel.Name, sel.RID)
-		if errors.Is(err, ErrImageNotFound) && mayLookup {
+		if errors.Is(err, errImageNotFound) && mayLookup {
 			if lerr := s.proxy.lookup(sel.Name, sel.RID, peerServer); lerr != nil {
 				return nil, lerr
 			}
@@ -479,7 +479,7 @@ func (s *Server) selectImage(sel protocol.SelectImage) (*Image, error) {
 	if err != nil {
 		return nil, err
 	}
-	if needComplete && img.Incomplete() {
+	if needComplete && img.incomplete() {
 		s.store.Release(img)
 		return nil, fmt.Errorf("peer does background replication but %s is incomplete here and this proxy does not replicate fully", img)
 	}
@@ -488,10 +488,10 @@ func (s *Server) selectImage(sel protocol.SelectImage) (*Image, error) {
 
 // getImage is store.Get that, when the table is full of images kept by
 // idle uplinks, closes the least recently used one and tries again.
-func (s *Server) getImage(name string, rid uint16) (*Image, error) {
-	img, err := s.store.Get(name, rid)
-	if errors.Is(err, ErrTooManyImages) && s.proxy.makeRoom() {
-		img, err = s.store.Get(name, rid)
+func (s *Server) getImage(name string, rid uint16) (*image, error) {
+	img, err := s.store.get(name, rid)
+	if errors.Is(err, errTooManyImages) && s.proxy.makeRoom() {
+		img, err = s.store.get(name, rid)
 	}
 	return img, err
 }
@@ -500,9 +500,9 @@ func (s *Server) getImage(name string, rid uint16) (*Image, error) {
 // be unloaded but for its uplink (no client uses it), and saves its cache
 // map, so that the store can unload it. It reports whether it closed one.
 func (p *proxy) makeRoom() bool {
-	var victim *Image
+	var victim *image
 	var up *uplink
-	for _, img := range p.s.store.List() {
+	for _, img := range p.s.store.list() {
 		u := img.up.Load()
 		if u == nil || img.Users() > 0 || (!img.onDemand && !img.replica.Load()) {
 			continue
@@ -531,13 +531,13 @@ var errPenaltyReject = errors.New("incomplete image with a congested uplink or a
 // proxyPenalty applies the handshake penalties of an incomplete image on
 // a proxy (spec §5.2), which steer the RTT probes of clients to better
 // servers, and starts the image's uplink.
-func (s *Server) proxyPenalty(img *Image) error {
+func (s *Server) proxyPenalty(img *image) error {
 	cfg := s.config()
-	if !cfg.IsProxy || !img.Incomplete() {
+	if !cfg.IsProxy || !img.incomplete() {
 		return nil
 	}
 	up, _ := s.proxy.ensureUplink(img)
-	writeProblem := img.problems.Load()&ProblemWrite != 0
+	writeProblem := img.problems.Load()&problemWrite != 0
 	if (up != nil && up.congested()) || writeProblem {
 		if rand.IntN(4) != 0 {
 			return errPenaltyReject
@@ -545,7 +545,7 @@ func (s *Server) proxyPenalty(img *Image) error {
 	}
 	var delay time.Duration
 	if up == nil || !up.connected() {
-		delay = time.Duration(100-img.Complete()) * 100 * time.Microsecond
+		delay = time.Duration(100-img.complete()) * 100 * time.Microsecond
 	}
 	if writeProblem {
 		delay += 100 * time.Millisecond
@@ -563,14 +563,14 @@ func (p *proxy) dial(ctx context.Context, network, addr string) (net.Conn, error
 	c, err := d.DialContext(ctx, network, addr)
 	if err != nil && ctx.Err() == nil {
 		if a := p.altByAddr(addr); a != nil {
-			a.RecordFailure()
+			a.recordFailure()
 		}
 	}
 	return c, err
 }
 
 // altByAddr finds the alt-server entry of a dial address.
-func (p *proxy) altByAddr(addr string) *AltServer {
+func (p *proxy) altByAddr(addr string) *altServer {
 	ap, err := netip.ParseAddrPort(addr)
 	if err != nil {
 		return nil
@@ -589,11 +589,11 @@ func (p *proxy) altByAddr(addr string) *AltServer {
 // namespaces match, without this server itself and without servers that
 // failed 20 times in a row recently; randomised when there are more than
 // 4, fewest failures first, at most 8.
-func (p *proxy) candidates(name string) []*AltServer {
+func (p *proxy) candidates(name string) []*altServer {
 	cfg := p.cfg()
-	all := Uplinks(p.s.alts, cfg.ProxyPrivateOnly, name)
+	all := uplinks(p.s.alts, cfg.ProxyPrivateOnly, name)
 	self := p.s.listenAddr()
-	var ok, blocked []*AltServer
+	var ok, blocked []*altServer
 	for _, a := range all {
 		ap := netip.AddrPortFrom(a.Addr.Addr().Unmap(), a.Addr.Port())
 		if self.IsValid() && ap.Port() == self.Port() &&
@@ -619,12 +619,12 @@ func (p *proxy) candidates(name string) []*AltServer {
 	return ok
 }
 
-func sortStableByFails(list []*AltServer) {
-	fails := make(map[*AltServer]int, len(list))
+func sortStableByFails(list []*altServer) {
+	fails := make(map[*altServer]int, len(list))
 	for _, a := range list {
-		fails[a] = a.Snapshot().Fails
+		fails[a] = a.snapshot().Fails
 	}
-	slices.SortStableFunc(list, func(a, b *AltServer) int { return cmp.Compare(fails[a], fails[b]) })
+	slices.SortStableFunc(list, func(a, b *altServer) int { return cmp.Compare(fails[a], fails[b]) })
 }
 
 // candidateAddrs returns the dial addresses of candidates(name).

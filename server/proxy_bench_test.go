@@ -32,8 +32,8 @@ func BenchmarkProxyBGR256MiB(b *testing.B) {
 		c := benchConnImage(b, proxy.addr, "img")
 		c.Close()
 		for {
-			img := proxy.store.Loaded("img", 1)
-			if img != nil && !img.Incomplete() {
+			img := proxy.store.loaded("img", 1)
+			if img != nil && !img.incomplete() {
 				break
 			}
 			time.Sleep(2 * time.Millisecond)

@@ -126,12 +126,12 @@ func TestProxyMatchesReferenceCapture(t *testing.T) {
 	}
 	// every block present holds the right data, every other one is zero
 	local, _ := os.ReadFile(path)
-	m, _ := LoadCacheMap(path+".map", 41955328)
+	m, _ := loadCacheMap(path+".map", 41955328)
 	want0 := genPadded(0, 41955328, crctestSize)
 	for b := int64(0); b < m.Blocks(); b++ {
 		off := b * 4096
 		exp := want0[off : off+4096]
-		if !m.Has(off, off+4096) {
+		if !m.has(off, off+4096) {
 			exp = make([]byte, 4096)
 		}
 		if !bytes.Equal(local[off:off+4096], exp) {

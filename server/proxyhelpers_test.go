@@ -408,9 +408,9 @@ func selectFlags(t *testing.T, c net.Conn, name string, rid uint16, flags uint8)
 }
 
 // loaded returns the proxy's image name:rid or fails.
-func loaded(t *testing.T, s *Server, name string, rid uint16) *Image {
+func loaded(t *testing.T, s *Server, name string, rid uint16) *image {
 	t.Helper()
-	img := s.store.Loaded(name, rid)
+	img := s.store.loaded(name, rid)
 	if img == nil {
 		t.Fatalf("%s:%d not loaded", name, rid)
 	}

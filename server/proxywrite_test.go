@@ -25,7 +25,7 @@ func TestProxyCacheNotWritable(t *testing.T) {
 	os.Mkdir(filepath.Join(base, "lab"), 0o755)
 	testutil.ReadOnlyDir(t, filepath.Join(base, "ro"))
 	testutil.ReadOnlyDir(t, filepath.Join(base, "lab"))
-	dir, cfg := writeConfigDir(t, base, proxyConf, map[string]string{AltServersFileName: altServersFor(origin.addr)})
+	dir, cfg := writeConfigDir(t, base, proxyConf, map[string]string{altServersFileName: altServersFor(origin.addr)})
 	log, lc := captureLogger(t)
 	srv, err := New(Options{ConfigDir: dir, Config: cfg, Logger: log})
 	if err != nil {
@@ -41,7 +41,7 @@ func TestProxyCacheNotWritable(t *testing.T) {
 		} `json:"images"`
 	}
 	queryJSON(t, addr, "q=images", &rpc)
-	if len(rpc.Images) != 1 || rpc.Images[0].Name != "ro/old" || rpc.Images[0].Problems&ProblemWrite == 0 {
+	if len(rpc.Images) != 1 || rpc.Images[0].Name != "ro/old" || rpc.Images[0].Problems&problemWrite == 0 {
 		t.Errorf("RPC images %+v: want ro/old with problems bit 2 (write)", rpc.Images)
 	}
 	if !strings.Contains(lc.String(), `level=ERROR msg="cannot write the local copy of an incomplete image`) {

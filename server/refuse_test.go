@@ -134,7 +134,7 @@ func TestProxyQueueFullClosesClient(t *testing.T) {
 		}
 	}
 	expectClosed(t, conns[2], 5*time.Second)
-	if p := img.Problems(); p&ProblemUplinkQueued == 0 {
+	if p := img.Problems(); p&problemUplinkQueued == 0 {
 		t.Errorf("problems %d while the queue is full", p)
 	}
 	ps.rec.release()
@@ -217,7 +217,7 @@ func TestProxyRelayFailsForGood(t *testing.T) {
 	}
 	expectClosed(t, c, 5*time.Second)
 	t.Logf("CMD_ERROR after %v", time.Since(start))
-	if p := loaded(t, ps.proxy.Server, "img", 1).Problems(); p&ProblemNoUplink == 0 {
+	if p := loaded(t, ps.proxy.Server, "img", 1).Problems(); p&problemNoUplink == 0 {
 		t.Errorf("problems %d without uplink", p)
 	}
 }
@@ -241,11 +241,11 @@ func TestProxyPenalties(t *testing.T) {
 	if d := time.Since(start); d < 10*time.Millisecond {
 		t.Errorf("handshake took %v, want >= 10 ms (0%% complete, no uplink)", d)
 	}
-	if p := loaded(t, proxy.Server, "pen", 1).Problems(); p != ProblemNoUplink {
+	if p := loaded(t, proxy.Server, "pen", 1).Problems(); p != problemNoUplink {
 		t.Errorf("problems %d", p)
 	}
 	img := loaded(t, proxy.Server, "pen", 1)
-	img.problems.Or(ProblemWrite)
+	img.problems.Or(problemWrite)
 	var ok, refused atomic.Int32
 	var wg sync.WaitGroup
 	for range 40 {

@@ -96,7 +96,7 @@ func (cc *clientConn) relay(req protocol.Request) error {
 		return refuse("no uplink for an uncached request", "image", img.String(), "err", err)
 	}
 	if protocol.HopCount(hops) > 1 {
-		if cur := up.current.Load(); cur.IsValid() && cur.Addr() == cc.addr.Addr() {
+		if cur := up.current.load(); cur.IsValid() && cur.Addr() == cc.addr.Addr() {
 			return refuse("proxy cycle: relayed request came from our own uplink's address", "hops", protocol.HopCount(hops), "uplink", cur)
 		}
 	}
@@ -135,7 +135,7 @@ func checkRelayable(req protocol.Request, cfg *Config) error {
 		return refuse("uncached request larger than maxPayload", "size", req.Size, "maxPayload", cfg.MaxPayload)
 	case protocol.HopCount(hops) > protocol.MaxHops:
 		return refuse("request passed too many proxies", "hops", protocol.HopCount(hops))
-	case hops&protocol.HopFlagBgRep != 0 && cfg.BackgroundReplication != BGRFull:
+	case hops&protocol.HopFlagBgRep != 0 && cfg.BackgroundReplication != bgrFull:
 		return refuse("background replication request from a peer, but this proxy does not replicate fully")
 	}
 	return nil
@@ -187,7 +187,7 @@ func (up *uplink) request(r *relay, start, end int64, hops uint8) (ready bool, e
 	// fetched data never reaches the file: one fetch of the whole range
 	// answers from its own buffer.
 	whole := len(gaps) == 1 && len(overlaps) == 0 && gaps[0] == [2]int64{start, end}
-	if whole || up.img.problems.Load()&ProblemWrite != 0 || up.img.SyncFailed() != nil {
+	if whole || up.img.problems.Load()&problemWrite != 0 || up.img.syncFailed() != nil {
 		f := up.newFetchLocked(start, end, hops, fetchClient)
 		r.single = f
 		r.parts.Store(1)
@@ -248,8 +248,8 @@ func (up *uplink) repair(start, end int64, hops uint8) bool {
 // gapsLocked returns the absent runs of [start, end) that no fetch in
 // flight covers, and the fetches in flight that cover absent blocks of
 // the range.
-func (up *uplink) gapsLocked(cm *CacheMap, start, end int64) (gaps [][2]int64, overlaps []*fetch) {
-	missing := cm.Missing(start, end)
+func (up *uplink) gapsLocked(cm *cacheMap, start, end int64) (gaps [][2]int64, overlaps []*fetch) {
+	missing := cm.missing(start, end)
 	if len(missing) == 0 {
 		return nil, nil
 	}
@@ -368,20 +368,20 @@ func (up *uplink) store(f *fetch) {
 		_, err = w.WriteAt(f.buf, f.start)
 	}
 	if err != nil {
-		if img.problems.Load()&ProblemWrite == 0 {
+		if img.problems.Load()&problemWrite == 0 {
 			up.log.Error("cannot write to the local copy; serving from memory only", "err", err)
 		}
-		img.problems.Or(ProblemWrite)
+		img.problems.Or(problemWrite)
 		return
 	}
-	if img.problems.Load()&ProblemWrite != 0 {
-		img.problems.And(^uint32(ProblemWrite))
+	if img.problems.Load()&problemWrite != 0 {
+		img.problems.And(^uint32(problemWrite))
 	}
 	cm := img.cache.Load()
 	if cm == nil {
 		return
 	}
-	completed, hbs := cm.SetRange(f.start, f.end)
+	completed, hbs := cm.setRange(f.start, f.end)
 	for _, hb := range hbs {
 		up.p.s.checker.queue(img, hb)
 	}
@@ -469,7 +469,7 @@ func (cc *clientConn) finishRelay(r *relay) {
 		f := r.single
 		err = cc.sendData(r.handle, f.buf[r.off-f.start:r.off-f.start+int64(r.size)])
 	default:
-		if cm := cc.img.cache.Load(); cm != nil && !cm.Has(r.off, r.off+int64(r.size)) {
+		if cm := cc.img.cache.Load(); cm != nil && !cm.has(r.off, r.off+int64(r.size)) {
 			cc.logAt(slog.LevelWarn, "relayed data not in the local copy (write failed?), answering CMD_ERROR", "offset", r.off, "size", r.size)
 			cc.failRelayed(r.handle)
 			return

@@ -130,7 +130,7 @@ func TestProxyPrefetch(t *testing.T) {
 		t.Fatal("read")
 	}
 	img := loaded(t, ps.proxy.Server, "img", 1)
-	waitFor(t, 5*time.Second, "prefetch", func() bool { return img.cache.Load().Has(off, off+4*65536) })
+	waitFor(t, 5*time.Second, "prefetch", func() bool { return img.cache.Load().has(off, off+4*65536) })
 	got := sortedByOffset(ps.rec.blocks())
 	want := []protocol.Request{
 		{Cmd: protocol.CmdGetBlock, Offset: off, Size: 65536, Hops: 1},
@@ -266,11 +266,11 @@ func TestProxyRandomReads(t *testing.T) {
 	})
 	local := readFile(t, filepath.Join(ps.proxy.base, "img.r1"))
 	for b := int64(0); b < cm.Blocks(); b++ {
-		if cm.Has(b*4096, b*4096+4096) && !bytes.Equal(local[b*4096:b*4096+4096], ps.data[b*4096:b*4096+4096]) {
+		if cm.has(b*4096, b*4096+4096) && !bytes.Equal(local[b*4096:b*4096+4096], ps.data[b*4096:b*4096+4096]) {
 			t.Fatalf("block %d marked present but wrong", b)
 		}
 	}
-	t.Logf("cached %d%%, %d upstream requests, %d bytes", cm.Percent(), len(ps.rec.blocks()), ps.rec.blockBytes())
+	t.Logf("cached %d%%, %d upstream requests, %d bytes", cm.percent(), len(ps.rec.blocks()), ps.rec.blockBytes())
 }
 
 // sortedByOffset sorts requests by offset: fetches started together (a

@@ -58,7 +58,7 @@ func (up *uplink) replicate() {
 			continue // complete; a failed hash check may make it incomplete again
 		}
 		cfg := up.p.cfg()
-		if cfg.BackgroundReplication == BGROff || img.Users() < cfg.BGRMinClients || img.SyncFailed() != nil {
+		if cfg.BackgroundReplication == bgrOff || img.Users() < cfg.BGRMinClients || img.syncFailed() != nil {
 			continue // (after a failed sync nothing fetched would be kept)
 		}
 		clientBusy, done, inflight := up.bgrState()
@@ -90,15 +90,15 @@ func (up *uplink) bgrState() (clientBusy bool, done, inflight int) {
 // chunk index) on until window fetches are in flight, skipping the hash
 // blocks a reuse walk copies (reuse.go). It returns where to go on next
 // time.
-func (up *uplink) fillWindow(cm *CacheMap, cfg *Config, cursor int64, inflight, window int) int64 {
+func (up *uplink) fillWindow(cm *cacheMap, cfg *Config, cursor int64, inflight, window int) int64 {
 	chunk := int64(bgrChunk)
 	if cfg.MinRequestSize > chunk {
 		chunk = (cfg.MinRequestSize + bgrChunk - 1) / bgrChunk * bgrChunk
 	}
 	hops := bgrHops(cfg)
-	partial := cfg.BackgroundReplication == BGRHashblock
+	partial := cfg.BackgroundReplication == bgrHashblock
 	for skips := 0; inflight < window && skips < 64; {
-		idx, ok := cm.NextChunk(cursor, partial)
+		idx, ok := cm.nextChunk(cursor, partial)
 		if !ok {
 			break
 		}
@@ -145,7 +145,7 @@ func (up *uplink) startBGR(start, end int64, hops uint8) bgrResult {
 			return bgrBusy
 		}
 	}
-	if cm := up.img.cache.Load(); cm == nil || cm.Has(start, end) {
+	if cm := up.img.cache.Load(); cm == nil || cm.has(start, end) {
 		return bgrBusy
 	}
 	up.newFetchLocked(start, end, hops, fetchBGR)

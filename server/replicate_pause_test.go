@@ -335,7 +335,7 @@ func TestBGRPausesWhileClientsWait(t *testing.T) {
 	if got := cm.Present(); got != present {
 		t.Fatalf("%d blocks present after the pause, %d at its start: something was fetched", got, present)
 	}
-	if !img.Incomplete() {
+	if !img.incomplete() {
 		t.Fatal("image complete during the pause")
 	}
 	before := len(fw.bgrRequests())

@@ -12,12 +12,12 @@ import (
 )
 
 // waitComplete waits until the proxy's copy of name:1 is complete.
-func waitComplete(t *testing.T, s *Server, name string, d time.Duration) *Image {
+func waitComplete(t *testing.T, s *Server, name string, d time.Duration) *image {
 	t.Helper()
-	var img *Image
+	var img *image
 	waitFor(t, d, name+" to be complete", func() bool {
-		img = s.store.Loaded(name, 1)
-		return img != nil && !img.Incomplete()
+		img = s.store.loaded(name, 1)
+		return img != nil && !img.incomplete()
 	})
 	return img
 }
@@ -80,14 +80,14 @@ func TestBGRHashblockCompletesTouchedBlocks(t *testing.T) {
 	}
 	img := loaded(t, ps.proxy.Server, "img", 1)
 	cm := img.cache.Load()
-	waitFor(t, 20*time.Second, "hash block 1", func() bool { return cm.HashBlockComplete(1) })
+	waitFor(t, 20*time.Second, "hash block 1", func() bool { return cm.hashBlockComplete(1) })
 	time.Sleep(300 * time.Millisecond)
 	for _, hb := range []int{0, 2, 3} {
-		if cm.Missing(int64(hb)<<24, int64(hb+1)<<24)[0] != [2]int64{int64(hb) << 24, int64(hb+1) << 24} {
+		if cm.missing(int64(hb)<<24, int64(hb+1)<<24)[0] != [2]int64{int64(hb) << 24, int64(hb+1) << 24} {
 			t.Errorf("hash block %d touched", hb)
 		}
 	}
-	if !img.Incomplete() {
+	if !img.incomplete() {
 		t.Fatal("image complete")
 	}
 	// the first 4 KiB relayed, then the 512 chunks of 32 KiB of hash block 1
@@ -124,8 +124,8 @@ func TestProxyRestartResumes(t *testing.T) {
 	expectRead(t, ci, ps.data, 0, 8<<20)
 	ci.Close()
 	ps.proxy.stop()
-	m, err := LoadCacheMap(filepath.Join(ps.proxy.base, "img.r1.map"), size)
-	if err != nil || m.Present() != 2048 || !m.Has(0, 8<<20) {
+	m, err := loadCacheMap(filepath.Join(ps.proxy.base, "img.r1.map"), size)
+	if err != nil || m.Present() != 2048 || !m.has(0, 8<<20) {
 		t.Fatalf("saved map: %v, %d blocks", err, m.Present())
 	}
 	before := ps.rec.blockBytes()
@@ -133,7 +133,7 @@ func TestProxyRestartResumes(t *testing.T) {
 	p2 := startProxy(t, ps.proxy.base, "backgroundReplication=true\nbgrWindowSize=8\n", "", nil, ps.rec.addr())
 	var q struct{ Images []map[string]any }
 	queryJSON(t, p2.addr, "q=images", &q)
-	if len(q.Images) != 1 || q.Images[0]["problems"] != float64(ProblemNoUplink) || q.Images[0]["complete"] != 50.0 || q.Images[0]["bytesReceived"] != nil {
+	if len(q.Images) != 1 || q.Images[0]["problems"] != float64(problemNoUplink) || q.Images[0]["complete"] != 50.0 || q.Images[0]["bytesReceived"] != nil {
 		t.Fatalf("before the first access: %v", q.Images)
 	}
 	time.Sleep(300 * time.Millisecond)
@@ -164,8 +164,8 @@ func TestProxyPeriodicMapSave(t *testing.T) {
 	getBlock(t, c, 1<<20, 65536, 0, 1)
 	path := filepath.Join(p.base, "img.r1")
 	waitFor(t, 5*time.Second, "periodic map save", func() bool {
-		m, err := LoadCacheMap(path+".map", 4<<20)
-		return err == nil && m.Has(1<<20, 1<<20+65536)
+		m, err := loadCacheMap(path+".map", 4<<20)
+		return err == nil && m.has(1<<20, 1<<20+65536)
 	})
 	if b, err := os.ReadFile(path + ".meta"); err != nil || !bytes.HasPrefix(b, []byte("[main]\natime=")) {
 		t.Errorf(".meta: %q %v", b, err)

@@ -58,19 +58,19 @@ func (pl *reusePlan) after(off int64) int64 {
 // blocks of: the highest revision below rid held locally, if it has a
 // CRC list. It is returned referenced and pinned against LRU deletion;
 // releaseSource undoes both. nil if there is none.
-func (p *proxy) reuseSource(name string, rid uint16) *Image {
+func (p *proxy) reuseSource(name string, rid uint16) *image {
 	old := p.s.store.latestRIDBelow(name, int(rid))
 	if old == 0 {
 		return nil
 	}
 	// store.Get, not getImage: making room could close the uplink that
 	// is asking (its image has no client yet).
-	img, err := p.s.store.Get(name, old)
+	img, err := p.s.store.get(name, old)
 	if err != nil {
 		return nil
 	}
 	defer p.s.store.Release(img) // a reference, not a user, keeps it
-	if img.CRCList() == nil || !img.ref() {
+	if img.crcList() == nil || !img.ref() {
 		return nil
 	}
 	p.pinMu.Lock()
@@ -80,7 +80,7 @@ func (p *proxy) reuseSource(name string, rid uint16) *Image {
 }
 
 // releaseSource drops what reuseSource took (nil: nothing).
-func (p *proxy) releaseSource(img *Image) {
+func (p *proxy) releaseSource(img *image) {
 	if img == nil {
 		return
 	}
@@ -91,18 +91,18 @@ func (p *proxy) releaseSource(img *Image) {
 // reusable returns the hash blocks of up's image that can be copied from
 // src: the same CRC in both lists, the same range, fully present in src
 // and not (fully) present here yet.
-func (up *uplink) reusable(src *Image) []int {
+func (up *uplink) reusable(src *image) []int {
 	img := up.img
 	cm := img.cache.Load()
-	list, old := img.CRCList(), src.CRCList()
-	if cm == nil || list == nil || old == nil || img.SyncFailed() != nil || img.problems.Load()&ProblemWrite != 0 {
+	list, old := img.crcList(), src.crcList()
+	if cm == nil || list == nil || old == nil || img.syncFailed() != nil || img.problems.Load()&problemWrite != 0 {
 		return nil
 	}
 	var out []int
 	for hb := range min(len(list), len(old)) {
 		start, end := hashBlockBounds(hb, img.VirtualSize)
 		if list[hb] != old[hb] || end != min(start+protocol.HashBlockSize, src.VirtualSize) ||
-			cm.HashBlockComplete(hb) || !src.holdsHashBlock(hb) {
+			cm.hashBlockComplete(hb) || !src.holdsHashBlock(hb) {
 			continue
 		}
 		out = append(out, hb)
@@ -119,8 +119,8 @@ func hashBlockBounds(hb int, virtualSize int64) (start, end int64) {
 
 // holdsHashBlock reports whether hash block hb of img is present locally
 // and has not failed a check.
-func (img *Image) holdsHashBlock(hb int) bool {
-	if cm := img.cache.Load(); cm != nil && !cm.HashBlockComplete(hb) {
+func (img *image) holdsHashBlock(hb int) bool {
+	if cm := img.cache.Load(); cm != nil && !cm.hashBlockComplete(hb) {
 		return false
 	}
 	start, end := hashBlockBounds(hb, img.VirtualSize)
@@ -132,7 +132,7 @@ func (img *Image) holdsHashBlock(hb int) bool {
 // before background replication starts.
 func (up *uplink) startReuse() {
 	img := up.img
-	if img.cache.Load() == nil || img.CRCList() == nil {
+	if img.cache.Load() == nil || img.crcList() == nil {
 		return
 	}
 	src := up.p.reuseSource(img.Name, img.RID)
@@ -163,7 +163,7 @@ var errReuseSource = errors.New("the previous revision no longer holds this hash
 // reuseWalk copies the planned hash blocks from src, then keeps src
 // pinned until the uplink closes (the replication of the new revision
 // has ended or stopped).
-func (up *uplink) reuseWalk(src *Image, blocks []int) {
+func (up *uplink) reuseWalk(src *image, blocks []int) {
 	defer up.p.releaseSource(src)
 	started := time.Now()
 	var reused int64
@@ -226,7 +226,7 @@ func (up *uplink) claimReuse(start, end int64) (*fetch, bool) {
 	up.mu.Lock()
 	defer up.mu.Unlock()
 	cm := up.img.cache.Load()
-	if up.closing || cm == nil || cm.Has(start, end) {
+	if up.closing || cm == nil || cm.has(start, end) {
 		return nil, true
 	}
 	if len(up.fetches) >= uplinkQueueMax {
@@ -246,7 +246,7 @@ func (up *uplink) claimReuse(start, end int64) (*fetch, bool) {
 // from src, checks the hash block's CRC against the image's list and
 // marks the copied blocks present. It returns the bytes copied. On error
 // nothing is marked.
-func (up *uplink) reuseBlock(f *fetch, src *Image, hb int, buf []byte) (int64, error) {
+func (up *uplink) reuseBlock(f *fetch, src *image, hb int, buf []byte) (int64, error) {
 	img := up.img
 	cm := img.cache.Load()
 	if cm == nil {
@@ -259,7 +259,7 @@ func (up *uplink) reuseBlock(f *fetch, src *Image, hb int, buf []byte) (int64, e
 	if err != nil {
 		return 0, err
 	}
-	runs := cm.Missing(f.start, f.end)
+	runs := cm.missing(f.start, f.end)
 	var n int64
 	for _, r := range runs {
 		if err := copyFromSource(w, src, r[0], r[1]); err != nil {
@@ -274,11 +274,11 @@ func (up *uplink) reuseBlock(f *fetch, src *Image, hb int, buf []byte) (int64, e
 	if err != nil {
 		return 0, err
 	}
-	if want := img.CRCList()[hb]; got != want {
+	if want := img.crcList()[hb]; got != want {
 		return 0, fmt.Errorf("CRC %#08x after the copy, the new revision's list says %#08x", got, want)
 	}
 	for _, r := range runs {
-		if completed, _ := cm.SetRange(r[0], r[1]); completed {
+		if completed, _ := cm.setRange(r[0], r[1]); completed {
 			up.p.goTracked(func() { up.p.completed(img, cm) })
 		}
 	}
@@ -290,7 +290,7 @@ func (up *uplink) reuseBlock(f *fetch, src *Image, hb int, buf []byte) (int64, e
 // copyFromSource copies [start, end) of src's file to w at the same
 // offset; what lies beyond src's file (its 4 KiB padding) is written as
 // zeros.
-func copyFromSource(w *os.File, src *Image, start, end int64) error {
+func copyFromSource(w *os.File, src *image, start, end int64) error {
 	if data := min(end, src.RealSize); data > start {
 		if _, err := fsutil.CopyRange(w, src.file, start, data-start); err != nil {
 			return fmt.Errorf("copy from %s: %w", src.String(), err)
@@ -311,6 +311,6 @@ func copyFromSource(w *os.File, src *Image, start, end int64) error {
 // a proxy that never reuses answers with the reference's keys only.
 func putReused(o *jsonObject, n uint64) {
 	if n > 0 {
-		o.Uint("bytesReused", n)
+		o.uint("bytesReused", n)
 	}
 }

@@ -55,17 +55,17 @@ func replicaOf(t *testing.T, obase, pbase, name string, data []byte) {
 	if b, err := os.ReadFile(filepath.Join(obase, name+".crc")); err == nil {
 		os.WriteFile(filepath.Join(pbase, name+".crc"), b, 0o644)
 	}
-	WriteMeta(filepath.Join(pbase, name), time.Now().Add(-time.Hour))
+	writeMeta(filepath.Join(pbase, name), time.Now().Add(-time.Hour))
 }
 
 // waitRevision waits until the proxy's name:rid is complete and returns
 // it.
-func waitRevision(t *testing.T, s *Server, name string, rid uint16, d time.Duration) *Image {
+func waitRevision(t *testing.T, s *Server, name string, rid uint16, d time.Duration) *image {
 	t.Helper()
-	var img *Image
+	var img *image
 	waitFor(t, d, "revision to be complete", func() bool {
-		img = s.store.Loaded(name, rid)
-		return img != nil && !img.Incomplete()
+		img = s.store.loaded(name, rid)
+		return img != nil && !img.incomplete()
 	})
 	return img
 }
@@ -93,7 +93,7 @@ func rpcReuse(t *testing.T, addr string, rid int) (stats, image uint64) {
 // replicateR2 has a client of the proxy read 4 KiB of r2 in hash block 1
 // (changed, so fetched anyway) and waits until background replication
 // completed the copy, which must equal want.
-func replicateR2(t *testing.T, proxy *tsrv, want []byte) *Image {
+func replicateR2(t *testing.T, proxy *tsrv, want []byte) *image {
 	t.Helper()
 	ci := openClient(t, proxy.addr, "img", 2, 30*time.Second)
 	expectRead(t, ci, want, hashBlock+4096, 4096)
@@ -155,17 +155,17 @@ func TestProxyReusesPartialPrevious(t *testing.T) {
 	origin := runServer(t, obase, "", nil, nil)
 	rec := startRecorder(t, origin.addr)
 	partial := bytes.Clone(r1)
-	cm := NewCacheMap(int64(len(r1)))
+	cm := newCacheMap(int64(len(r1)))
 	for _, hb := range []int64{0, 2} {
-		cm.SetRange(hb*hashBlock, (hb+1)*hashBlock)
+		cm.setRange(hb*hashBlock, (hb+1)*hashBlock)
 	}
 	for off := int64(0); off < int64(len(partial)); off += protocol.BlockSize {
-		if !cm.Has(off, off+protocol.BlockSize) {
+		if !cm.has(off, off+protocol.BlockSize) {
 			clear(partial[off : off+protocol.BlockSize]) // absent: not on disk
 		}
 	}
 	replicaOf(t, obase, pbase, "img.r1", partial)
-	if err := cm.Save(filepath.Join(pbase, "img.r1.map")); err != nil {
+	if err := cm.save(filepath.Join(pbase, "img.r1.map")); err != nil {
 		t.Fatal(err)
 	}
 	proxy := startProxy(t, pbase, "backgroundReplication=true\nbgrWindowSize=8\n", "", nil, rec.addr())
@@ -254,14 +254,14 @@ func TestLRUKeepsReuseSource(t *testing.T) {
 	rec := startRecorder(t, origin.addr)
 	replicaOf(t, obase, pbase, "img.r1", r1)
 	genImage(t, pbase, "other.r1", 1<<20, false)
-	WriteMeta(filepath.Join(pbase, "other.r1"), time.Now().Add(-48*time.Hour))
+	writeMeta(filepath.Join(pbase, "other.r1"), time.Now().Add(-48*time.Hour))
 	free, _ := duFree(pbase, 0)()
 	capacity := -free + sparseDiskSpace - 1 // room for a sparse copy only after a deletion
 	// Without replication r2 stays incomplete and its uplink open.
 	proxy := startProxy(t, pbase, "backgroundReplication=false\nsparseFiles=true\nautoFreeDiskSpaceDelay=0\n", "", func(s *Server) {
 		du := duFree(pbase, capacity)
 		s.hooks.freeSpace = func() (int64, error) {
-			if img := s.store.Loaded("img", 1); img != nil {
+			if img := s.store.loaded("img", 1); img != nil {
 				img.atime.Store(1) // r1 is the least recently used image
 			}
 			return du()

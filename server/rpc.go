@@ -143,9 +143,9 @@ func (r *rpcServer) route(w http.ResponseWriter, req *http.Request) {
 	} else {
 		w.Header().Set("Connection", "Keep-Alive")
 	}
-	var perm ACLPerm
+	var perm aclPerm
 	if ap, err := netip.ParseAddrPort(req.RemoteAddr); err == nil {
-		perm = r.srv.acl.Allowed(ap.Addr().Unmap())
+		perm = r.srv.acl.allowed(ap.Addr().Unmap())
 	}
 	switch req.URL.Path {
 	case "/query":
@@ -175,24 +175,24 @@ func textReply(w http.ResponseWriter, code int, msg string) {
 // queryItem describes one q= value: the permission it needs and the text of
 // the 403 answer.
 type queryItem struct {
-	perm   ACLPerm
+	perm   aclPerm
 	denied string
 }
 
 var queryItems = map[string]queryItem{
-	"stats":      {PermStats, "No permission to access statistics"},
-	"space":      {PermStats, "No permission to access statistics"},
-	"version":    {PermStats, "No permission to access statistics"},
-	"clients":    {PermClientList, "No permission to access client list"},
-	"images":     {PermImageList, "No permission to access image list"},
-	"config":     {PermAll, "No permission to access config"},
-	"altservers": {PermAll, "No permission to access alt servers"},
-	"logfile":    {PermAll, "No permission to access log file"},
+	"stats":      {permStats, "No permission to access statistics"},
+	"space":      {permStats, "No permission to access statistics"},
+	"version":    {permStats, "No permission to access statistics"},
+	"clients":    {permClientList, "No permission to access client list"},
+	"images":     {permImageList, "No permission to access image list"},
+	"config":     {permAll, "No permission to access config"},
+	"altservers": {permAll, "No permission to access alt servers"},
+	"logfile":    {permAll, "No permission to access log file"},
 }
 
 // query answers /query?q=A&q=B (and, unlike the reference, q=A,B). Keys
 // come in the reference's fixed order whatever order q lists them in.
-func (r *rpcServer) query(w http.ResponseWriter, req *http.Request, perm ACLPerm) {
+func (r *rpcServer) query(w http.ResponseWriter, req *http.Request, perm aclPerm) {
 	want := map[string]bool{}
 	n := 0
 	for _, v := range req.URL.Query()["q"] {
@@ -206,7 +206,7 @@ func (r *rpcServer) query(w http.ResponseWriter, req *http.Request, perm ACLPerm
 			if !ok {
 				continue
 			}
-			if !perm.Has(qi.perm) {
+			if !perm.has(qi.perm) {
 				textReply(w, http.StatusForbidden, qi.denied)
 				return
 			}
@@ -231,106 +231,106 @@ func (r *rpcServer) query(w http.ResponseWriter, req *http.Request, perm ACLPerm
 				clients++ // discovery sessions are no clients of an image
 			}
 		}
-		o.Uint("bytesReceived", s.bytesRecv.Load())
-		o.Uint("bytesSent", s.bytesSent.Load())
-		o.Int("clientCount", int64(clients))
-		o.Int("serverCount", int64(servers))
-		o.Int("uptime", int64(time.Since(s.started)/time.Second))
+		o.uint("bytesReceived", s.bytesRecv.Load())
+		o.uint("bytesSent", s.bytesSent.Load())
+		o.int("clientCount", int64(clients))
+		o.int("serverCount", int64(servers))
+		o.int("uptime", int64(time.Since(s.started)/time.Second))
 		putReused(o, s.bytesReused.Load())
 	}
-	o.Uint("runId", s.runID)
+	o.uint("runId", s.runID)
 	if want["version"] {
-		o.Str("version", s.opts.Version)
-		o.Str("build", "Release")
+		o.str("version", s.opts.Version)
+		o.str("build", "Release")
 	}
 	if want["space"] {
 		free, total, _ := fsutil.DiskSpace(s.config().BasePath) // zeros on error
-		o.Uint("spaceTotal", uint64(total))
-		o.Uint("spaceFree", uint64(free))
+		o.uint("spaceTotal", uint64(total))
+		o.uint("spaceFree", uint64(free))
 	}
 	if want["config"] {
-		o.Str("config", s.config().String())
+		o.str("config", s.config().String())
 	}
 	if want["logfile"] {
 		if s.opts.LogTail == nil {
-			o.Null("logfile")
+			o.null("logfile")
 		} else {
-			o.Str("logfile", string(s.opts.LogTail(logfileTail)))
+			o.str("logfile", string(s.opts.LogTail(logfileTail)))
 		}
 	}
 	if want["clients"] {
 		var items [][]byte
 		for _, cc := range s.clientList() {
 			c := newJSONObject()
-			c.Str("address", cc.addr.String())
-			c.Int("imageId", int64(cc.img.ID))
-			c.Int("isServer", b2i(cc.isServer.Load()))
-			c.Uint("bytesSent", cc.bytesSent.Load())
-			items = append(items, c.Bytes())
+			c.str("address", cc.addr.String())
+			c.int("imageId", int64(cc.img.ID))
+			c.int("isServer", b2i(cc.isServer.Load()))
+			c.uint("bytesSent", cc.bytesSent.Load())
+			items = append(items, c.bytes())
 		}
 		items = append(items, s.iscsiClients()...)
-		o.Raw("clients", jsonArray(items))
+		o.raw("clients", jsonArray(items))
 	}
 	if want["images"] {
 		var items [][]byte
-		for _, img := range s.store.List() {
+		for _, img := range s.store.list() {
 			items = append(items, imageJSON(img))
 		}
-		o.Raw("images", jsonArray(items))
+		o.raw("images", jsonArray(items))
 	}
 	if want["altservers"] {
 		var items [][]byte
 		for _, a := range s.alts {
 			items = append(items, altServerJSON(a))
 		}
-		o.Raw("altservers", jsonArray(items))
+		o.raw("altservers", jsonArray(items))
 	}
-	body := o.Bytes()
+	body := o.bytes()
 	w.Header().Set("Content-Type", "application/json; charset=utf-8")
 	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
 	w.Write(body)
 }
 
-func imageJSON(img *Image) []byte {
+func imageJSON(img *image) []byte {
 	o := newJSONObject()
-	o.Int("id", int64(img.ID))
-	o.Str("name", img.Name)
-	o.Uint("wwn", img.WWN)
-	o.Int("rid", int64(img.RID))
-	o.Int("users", int64(img.Users()))
-	o.Int("complete", int64(img.Complete()))
-	o.Int("idle", int64(img.Idle()/time.Second))
-	o.Int("size", img.VirtualSize)
-	o.Uint("problems", uint64(img.Problems()))
+	o.int("id", int64(img.ID))
+	o.str("name", img.Name)
+	o.uint("wwn", img.WWN)
+	o.int("rid", int64(img.RID))
+	o.int("users", int64(img.Users()))
+	o.int("complete", int64(img.complete()))
+	o.int("idle", int64(img.idle()/time.Second))
+	o.int("size", img.VirtualSize)
+	o.uint("problems", uint64(img.Problems()))
 	if up := img.up.Load(); up != nil {
 		// only while an uplink exists, as the reference does
-		o.Uint("bytesReceived", img.bytesRecv.Load())
-		o.Str("uplinkServer", up.server())
+		o.uint("bytesReceived", img.bytesRecv.Load())
+		o.str("uplinkServer", up.server())
 	}
 	putReused(o, img.bytesReused.Load())
-	return o.Bytes()
+	return o.bytes()
 }
 
-func altServerJSON(a *AltServer) []byte {
-	snap := a.Snapshot()
+func altServerJSON(a *altServer) []byte {
+	snap := a.snapshot()
 	o := newJSONObject()
-	o.Str("comment", a.Comment)
-	o.Str("host", FormatHost(a.Addr))
+	o.str("comment", a.Comment)
+	o.str("host", formatHost(a.Addr))
 	rtt := make([][]byte, len(snap.RTT))
 	for i, v := range snap.RTT {
 		rtt[i] = strconv.AppendUint(nil, uint64(v), 10)
 	}
-	o.Raw("rtt", jsonArray(rtt))
-	o.Bool("isPrivate", a.Private)
-	o.Bool("isClientOnly", a.ClientOnly)
-	o.Int("numFails", int64(snap.Fails))
-	return o.Bytes()
+	o.raw("rtt", jsonArray(rtt))
+	o.bool("isPrivate", a.Private)
+	o.bool("isClientOnly", a.ClientOnly)
+	o.int("numFails", int64(snap.Fails))
+	return o.bytes()
 }
 
 // cachemap answers /cachemap?id=N with the image's cache map, or the single
 // byte 0xFF for a complete image.
-func (r *rpcServer) cachemap(w http.ResponseWriter, req *http.Request, perm ACLPerm) {
-	if !perm.Has(PermImageList) {
+func (r *rpcServer) cachemap(w http.ResponseWriter, req *http.Request, perm aclPerm) {
+	if !perm.has(permImageList) {
 		textReply(w, http.StatusForbidden, "No permission to access image list")
 		return
 	}
@@ -340,12 +340,12 @@ func (r *rpcServer) cachemap(w http.ResponseWriter, req *http.Request, perm ACLP
 		return
 	}
 	id, err := strconv.Atoi(v)
-	img := r.srv.store.ByID(id)
+	img := r.srv.store.byID(id)
 	if err != nil || img == nil {
 		textReply(w, http.StatusNotFound, "Image not found")
 		return
 	}
-	body := img.CacheMap()
+	body := img.cacheMap()
 	w.Header().Set("Content-Type", "application/octet-stream; charset=utf-8")
 	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
 	w.Write(body)

@@ -22,39 +22,39 @@ func (o *jsonObject) key(k string) {
 	o.b = append(o.b, ": "...)
 }
 
-func (o *jsonObject) Int(k string, v int64) {
+func (o *jsonObject) int(k string, v int64) {
 	o.key(k)
 	o.b = strconv.AppendInt(o.b, v, 10)
 }
 
-func (o *jsonObject) Uint(k string, v uint64) {
+func (o *jsonObject) uint(k string, v uint64) {
 	o.key(k)
 	o.b = strconv.AppendUint(o.b, v, 10)
 }
 
-func (o *jsonObject) Str(k, v string) {
+func (o *jsonObject) str(k, v string) {
 	o.key(k)
 	o.b = appendJSONString(o.b, v)
 }
 
-func (o *jsonObject) Bool(k string, v bool) {
+func (o *jsonObject) bool(k string, v bool) {
 	o.key(k)
 	o.b = strconv.AppendBool(o.b, v)
 }
 
-func (o *jsonObject) Null(k string) {
+func (o *jsonObject) null(k string) {
 	o.key(k)
 	o.b = append(o.b, "null"...)
 }
 
 // Raw adds an already encoded value.
-func (o *jsonObject) Raw(k string, v []byte) {
+func (o *jsonObject) raw(k string, v []byte) {
 	o.key(k)
 	o.b = append(o.b, v...)
 }
 
 // Bytes closes the object and returns it.
-func (o *jsonObject) Bytes() []byte { return append(o.b, '}') }
+func (o *jsonObject) bytes() []byte { return append(o.b, '}') }
 
 // jsonArray joins encoded values as `[a, b]`.
 func jsonArray(items [][]byte) []byte {

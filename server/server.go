@@ -54,7 +54,7 @@ type Server struct {
 	opts  Options
 	log   *slog.Logger
 	store *Store
-	alts  []*AltServer
+	alts  []*altServer
 	acl   *ACL
 	rpc   *rpcServer
 
@@ -106,7 +106,7 @@ func New(opts Options) (*Server, error) {
 		files.readAux()
 		files.check(CheckOptions{AllowOpenRPC: opts.AllowOpenRPC}, func(string, string) int { return 0 })
 		for _, p := range files.Problems {
-			if p.Severity == SeverityWarning {
+			if p.Severity == severityWarning {
 				s.log.Warn(p.Msg, "at", p.Where())
 			}
 		}
@@ -117,7 +117,7 @@ func New(opts Options) (*Server, error) {
 	s.alts, s.acl = files.AltServers, files.ACL
 	s.checker = newChecker(s)
 	s.proxy = newProxy(s)
-	s.store = NewStore(StoreOptions{
+	s.store = newStore(storeOptions{
 		BasePath:      opts.Config.BasePath,
 		VMDKLegacy:    opts.Config.VMDKLegacyMode,
 		RemoveMissing: opts.Config.RemoveMissingImages,
@@ -125,7 +125,7 @@ func New(opts Options) (*Server, error) {
 		Logger:        s.log,
 		OnLoad:        s.onLoad,
 	})
-	added, _, _, err := s.store.Reload()
+	added, _, _, err := s.store.reload()
 	if err != nil {
 		return nil, err
 	}
@@ -218,7 +218,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 }
 
 // listenAddr returns the address Serve listens on (invalid before Serve).
-func (s *Server) listenAddr() netip.AddrPort { return s.listen.Load() }
+func (s *Server) listenAddr() netip.AddrPort { return s.listen.load() }
 
 // track registers a connection; false if maxClients is reached.
 func (s *Server) track(c net.Conn) bool {
@@ -321,7 +321,7 @@ func (s *Server) Reload() error {
 
 // rescan reloads the images below basePath.
 func (s *Server) rescan() error {
-	added, replaced, removed, err := s.store.Reload()
+	added, replaced, removed, err := s.store.reload()
 	if err != nil {
 		return err
 	}

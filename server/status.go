@@ -11,7 +11,7 @@ func (s *Server) StatusLine() string {
 	s.connMu.Lock()
 	clients := len(s.clients)
 	s.connMu.Unlock()
-	line := fmt.Sprintf("serving %d images, %d clients", len(s.store.List()), clients)
+	line := fmt.Sprintf("serving %d images, %d clients", len(s.store.list()), clients)
 	if r := s.bytesReused.Load(); r > 0 {
 		line += fmt.Sprintf("; replicated %s fetched, %s reused", gib(s.bytesRecv.Load()), gib(r))
 	}

@@ -71,8 +71,8 @@ type pageQuery struct {
 }
 
 // status builds the status document for a caller with perm.
-func (s *Server) status(perm ACLPerm, pq pageQuery) statusDoc {
-	images := s.store.List()
+func (s *Server) status(perm aclPerm, pq pageQuery) statusDoc {
+	images := s.store.list()
 	doc := statusDoc{
 		Version: s.opts.Version, RunID: s.runID, Uptime: int64(time.Since(s.started) / time.Second),
 		IsProxy: s.config().IsProxy, BytesSent: s.bytesSent.Load(), BytesReceived: s.bytesRecv.Load(),
@@ -86,28 +86,28 @@ func (s *Server) status(perm ACLPerm, pq pageQuery) statusDoc {
 			doc.Clients++
 		}
 	}
-	if perm.Has(PermImageList) {
+	if perm.has(permImageList) {
 		doc.Images = imagePage(images, pq)
 	}
-	if perm.Has(PermClientList) {
+	if perm.has(permClientList) {
 		doc.ClientList = s.clientPage(clients, pq)
 	}
-	if perm.Has(PermAll) {
+	if perm.has(permAll) {
 		doc.AltServers = s.altStatus(images)
 	}
 	return doc
 }
 
 // imagePage returns the requested page of images sorted by name and rid.
-func imagePage(images []*Image, pq pageQuery) *statusPageOf {
+func imagePage(images []*image, pq pageQuery) *statusPageOf {
 	f := strings.ToLower(pq.imgFilter)
-	var sel []*Image
+	var sel []*image
 	for _, img := range images {
 		if f == "" || strings.Contains(strings.ToLower(img.Name), f) {
 			sel = append(sel, img)
 		}
 	}
-	slices.SortFunc(sel, func(a, b *Image) int {
+	slices.SortFunc(sel, func(a, b *image) int {
 		return cmp.Or(strings.Compare(a.Name, b.Name), cmp.Compare(a.RID, b.RID))
 	})
 	lo, hi := pageBounds(len(sel), pq.imgOff, pq.imgLim)
@@ -118,9 +118,9 @@ func imagePage(images []*Image, pq pageQuery) *statusPageOf {
 	return &statusPageOf{Total: len(sel), Offset: lo, Items: items}
 }
 
-func imageStatusOf(img *Image) imageStatus {
+func imageStatusOf(img *image) imageStatus {
 	st := imageStatus{ID: img.ID, Name: img.Name, RID: img.RID, Size: img.VirtualSize, Users: img.Users(),
-		Complete: 1, Problems: img.Problems(), Idle: int64(img.Idle() / time.Second)}
+		Complete: 1, Problems: img.Problems(), Idle: int64(img.idle() / time.Second)}
 	if cm := img.cache.Load(); cm != nil && cm.Blocks() > 0 {
 		st.Complete = float64(cm.Present()) / float64(cm.Blocks())
 	}
@@ -169,7 +169,7 @@ func (s *Server) clientPage(clients []*clientConn, pq pageQuery) *statusPageOf {
 
 // altStatus lists the alt servers with their RTT history and the number
 // of images whose uplink they are.
-func (s *Server) altStatus(images []*Image) []altStatus {
+func (s *Server) altStatus(images []*image) []altStatus {
 	current := map[string]int{}
 	for _, img := range images {
 		if up := img.up.Load(); up != nil {
@@ -180,8 +180,8 @@ func (s *Server) altStatus(images []*Image) []altStatus {
 	}
 	out := make([]altStatus, 0, len(s.alts))
 	for _, a := range s.alts {
-		snap := a.Snapshot()
-		host := FormatHost(a.Addr)
+		snap := a.snapshot()
+		host := formatHost(a.Addr)
 		out = append(out, altStatus{Host: host, Comment: a.Comment, RTT: append([]uint32{}, snap.RTT[:]...), Fails: snap.Fails,
 			Private: a.Private, ClientOnly: a.ClientOnly, Uplinks: current[host]})
 	}
@@ -208,7 +208,7 @@ type mapDoc struct {
 }
 
 // imageMap aggregates img's cache map into at most cells cells.
-func imageMap(img *Image, cells int) mapDoc {
+func imageMap(img *image, cells int) mapDoc {
 	blocks := (img.VirtualSize + 4095) / 4096
 	per := max(1, (blocks+int64(cells)-1)/int64(cells))
 	n := int((blocks + per - 1) / per)

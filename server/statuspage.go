@@ -33,8 +33,8 @@ const (
 )
 
 // statusPage serves the page's files.
-func (r *rpcServer) statusPage(w http.ResponseWriter, req *http.Request, perm ACLPerm) {
-	if !perm.Has(PermStats) {
+func (r *rpcServer) statusPage(w http.ResponseWriter, req *http.Request, perm aclPerm) {
+	if !perm.has(permStats) {
 		textReply(w, http.StatusForbidden, "No permission to access statistics")
 		return
 	}
@@ -54,8 +54,8 @@ func (r *rpcServer) statusPage(w http.ResponseWriter, req *http.Request, perm AC
 }
 
 // statusJSON answers /status.json?ioff=&ilim=&iq=&coff=&clim=&cq=.
-func (r *rpcServer) statusJSON(w http.ResponseWriter, req *http.Request, perm ACLPerm) {
-	if !perm.Has(PermStats) {
+func (r *rpcServer) statusJSON(w http.ResponseWriter, req *http.Request, perm aclPerm) {
+	if !perm.has(permStats) {
 		textReply(w, http.StatusForbidden, "No permission to access statistics")
 		return
 	}
@@ -71,14 +71,14 @@ func (r *rpcServer) statusJSON(w http.ResponseWriter, req *http.Request, perm AC
 
 // statusMap answers /status/map?id=N&cells=C with the image's cache map
 // aggregated into at most C cells.
-func (r *rpcServer) statusMap(w http.ResponseWriter, req *http.Request, perm ACLPerm) {
-	if !perm.Has(PermImageList) {
+func (r *rpcServer) statusMap(w http.ResponseWriter, req *http.Request, perm aclPerm) {
+	if !perm.has(permImageList) {
 		textReply(w, http.StatusForbidden, "No permission to access image list")
 		return
 	}
 	q := req.URL.Query()
 	id, err := strconv.Atoi(q.Get("id"))
-	img := r.srv.store.ByID(id)
+	img := r.srv.store.byID(id)
 	if err != nil || img == nil {
 		textReply(w, http.StatusNotFound, "Image not found")
 		return

@@ -92,9 +92,9 @@ func TestStatusPagePermissions(t *testing.T) {
 // with blocks 0-11 present gives 100, 50, 0, ...; in 64 cells one per
 // block; a complete image is all 100.
 func TestImageMapCells(t *testing.T) {
-	img := &Image{ID: 7, VirtualSize: 64 * 4096}
-	cm := NewCacheMap(img.VirtualSize)
-	cm.SetRange(0, 12*4096)
+	img := &image{ID: 7, VirtualSize: 64 * 4096}
+	cm := newCacheMap(img.VirtualSize)
+	cm.setRange(0, 12*4096)
 	img.cache.Store(cm)
 	m := imageMap(img, 8)
 	if m.BlocksPerCell != 8 || len(m.Cells) != 8 || m.Cells[0] != 100 || m.Cells[1] != 50 || m.Cells[2] != 0 || m.Complete {

@@ -22,14 +22,14 @@ import (
 const maxComponentLength = 150
 
 // ErrImageNotFound is returned when no file serves a requested name/rid.
-var ErrImageNotFound = errors.New("image not found")
+var errImageNotFound = errors.New("image not found")
 
 // ErrTooManyImages is returned when maxImages images are loaded and none
 // of them may be unloaded to make room.
-var ErrTooManyImages = errors.New("too many images loaded")
+var errTooManyImages = errors.New("too many images loaded")
 
 // StoreOptions configures a Store.
-type StoreOptions struct {
+type storeOptions struct {
 	BasePath      string // image root (absolute)
 	VMDKLegacy    bool   // files without .r<rid> load as rid 1 under their full name
 	RemoveMissing bool   // drop images whose file vanished on reload
@@ -37,7 +37,7 @@ type StoreOptions struct {
 	Logger        *slog.Logger
 	// OnLoad, if set, is called for every image the store loads (after it
 	// was registered), e.g. to queue its integrity checks.
-	OnLoad func(*Image)
+	OnLoad func(*image)
 }
 
 type imageKey struct {
@@ -58,11 +58,11 @@ type imageKey struct {
 // canonical name each, protocol.ValidImageName), and those idle ones make
 // room for the next.
 type Store struct {
-	opts StoreOptions
+	opts storeOptions
 	log  *slog.Logger
 
 	mu     sync.RWMutex
-	images map[imageKey]*Image
+	images map[imageKey]*image
 	nextID int
 
 	dirMu sync.Mutex
@@ -72,20 +72,20 @@ type Store struct {
 }
 
 // NewStore returns an empty store; call Reload to scan the base path.
-func NewStore(opts StoreOptions) *Store {
+func newStore(opts storeOptions) *Store {
 	if opts.MaxImages <= 0 {
 		opts.MaxImages = 5000
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Store{opts: opts, log: opts.Logger, images: map[imageKey]*Image{}}
+	return &Store{opts: opts, log: opts.Logger, images: map[imageKey]*image{}}
 }
 
 // ParseImageFileName splits a path relative to the base path into image
 // name and revision. ok is false for sidecars, hidden entries, long
 // components and files without a valid .r<rid> suffix (unless legacy).
-func ParseImageFileName(rel string, legacy bool) (name string, rid uint16, ok bool, why string) {
+func parseImageFileName(rel string, legacy bool) (name string, rid uint16, ok bool, why string) {
 	rel = filepath.ToSlash(rel)
 	for _, c := range strings.Split(rel, "/") {
 		if strings.HasPrefix(c, ".") {
@@ -120,7 +120,7 @@ func ParseImageFileName(rel string, legacy bool) (name string, rid uint16, ok bo
 // Reload scans the base path: it adds new files, replaces images whose size
 // or CRC list changed and, with RemoveMissing, drops images whose file
 // vanished. It returns how many images were added, replaced and removed.
-func (s *Store) Reload() (added, replaced, removed int, err error) {
+func (s *Store) reload() (added, replaced, removed int, err error) {
 	seen, err := s.scan()
 	if err != nil {
 		return 0, 0, 0, err
@@ -180,7 +180,7 @@ func (s *Store) scan() (map[imageKey]foundFile, error) {
 func (s *Store) scanFile(seen map[imageKey]foundFile, rel string) {
 	base := s.opts.BasePath
 	path := filepath.Join(base, rel)
-	name, rid, ok, why := ParseImageFileName(rel, s.opts.VMDKLegacy)
+	name, rid, ok, why := parseImageFileName(rel, s.opts.VMDKLegacy)
 	if !ok {
 		if why != "sidecar" && why != "hidden" {
 			s.log.Warn("ignoring file", "path", path, "reason", why)
@@ -201,7 +201,7 @@ func (s *Store) scanFile(seen map[imageKey]foundFile, rel string) {
 // whose CRC list appeared.
 func (s *Store) reconcile(seen map[imageKey]foundFile) (replaced, removed int) {
 	s.mu.Lock()
-	var drop, newCRC []*Image
+	var drop, newCRC []*image
 	for k, img := range s.images {
 		f, ok := seen[k]
 		if !ok {
@@ -271,7 +271,7 @@ func (s *Store) loadNew(seen map[imageKey]foundFile) (loaded int) {
 // than by the scan: it may be unloaded again when idle and the table is
 // full, and it is returned with a client reference taken (under the lock,
 // so that no other load unloads it before its client uses it).
-func (s *Store) load(k imageKey, path string, onDemand bool) (*Image, error) {
+func (s *Store) load(k imageKey, path string, onDemand bool) (*image, error) {
 	img, err := openImage(path, k.name, k.rid)
 	if err != nil {
 		return nil, err
@@ -288,13 +288,13 @@ func (s *Store) load(k imageKey, path string, onDemand bool) (*Image, error) {
 		img.unref()
 		return old, nil
 	}
-	var evicted *Image
+	var evicted *image
 	if len(s.images) >= s.opts.MaxImages {
 		evicted = s.evictLocked()
 		if evicted == nil {
 			s.mu.Unlock()
 			img.unref()
-			return nil, fmt.Errorf("%w (maxImages=%d) and none is idle: raise maxImages or wait for clients to leave", ErrTooManyImages, s.opts.MaxImages)
+			return nil, fmt.Errorf("%w (maxImages=%d) and none is idle: raise maxImages or wait for clients to leave", errTooManyImages, s.opts.MaxImages)
 		}
 	}
 	s.nextID++
@@ -310,7 +310,7 @@ func (s *Store) load(k imageKey, path string, onDemand bool) (*Image, error) {
 		evicted.unref()
 	}
 	s.log.Info("loaded image", "id", img.ID, "image", img.String(), "size", img.VirtualSize,
-		"crc", img.CRCList() != nil, "complete", img.Complete(), "path", path)
+		"crc", img.crcList() != nil, "complete", img.complete(), "path", path)
 	if s.opts.OnLoad != nil {
 		s.opts.OnLoad(img)
 	}
@@ -319,8 +319,8 @@ func (s *Store) load(k imageKey, path string, onDemand bool) (*Image, error) {
 
 // evictLocked removes the least recently used evictable image from the
 // table and returns it (the caller drops the store's reference), or nil.
-func (s *Store) evictLocked() *Image {
-	var victim *Image
+func (s *Store) evictLocked() *image {
+	var victim *image
 	for _, img := range s.images {
 		if img.evictable() && (victim == nil || img.atime.Load() < victim.atime.Load()) {
 			victim = img
@@ -336,14 +336,14 @@ func (s *Store) evictLocked() *Image {
 // Get returns image name/rid with a client reference taken; rid 0 selects
 // the highest revision loaded or on disk. Files that appeared since the
 // last scan are loaded on demand. The caller must call Release.
-func (s *Store) Get(name string, rid uint16) (*Image, error) {
+func (s *Store) get(name string, rid uint16) (*image, error) {
 	if !protocol.ValidImageName(name) {
-		return nil, fmt.Errorf("%w: invalid name %q", ErrImageNotFound, name)
+		return nil, fmt.Errorf("%w: invalid name %q", errImageNotFound, name)
 	}
 	if rid == 0 {
 		rid = s.latestRID(name)
 		if rid == 0 {
-			return nil, fmt.Errorf("%w: %s (no revision)", ErrImageNotFound, name)
+			return nil, fmt.Errorf("%w: %s (no revision)", errImageNotFound, name)
 		}
 	}
 	k := imageKey{name, rid}
@@ -360,13 +360,13 @@ func (s *Store) Get(name string, rid uint16) (*Image, error) {
 	if img == nil {
 		path, err := s.onDemandPath(name, rid)
 		if err != nil {
-			return nil, fmt.Errorf("%w: %s:%d: %w", ErrImageNotFound, name, rid, err)
+			return nil, fmt.Errorf("%w: %s:%d: %w", errImageNotFound, name, rid, err)
 		}
 		if img, err = s.load(k, path, true); err != nil {
 			return nil, err
 		}
 	}
-	img.Touch()
+	img.touch()
 	return img, nil
 }
 
@@ -376,7 +376,7 @@ func (s *Store) Get(name string, rid uint16) (*Image, error) {
 // or a symlink to one inside basePath (basepath.go).
 func (s *Store) onDemandPath(name string, rid uint16) (string, error) {
 	rel := name + ".r" + strconv.Itoa(int(rid))
-	if n, r, ok, why := ParseImageFileName(rel, false); !ok || n != name || r != rid {
+	if n, r, ok, why := parseImageFileName(rel, false); !ok || n != name || r != rid {
 		return "", fmt.Errorf("file %s would not be loaded by the scan (%s)", rel, why)
 	}
 	if err := checkDirs(s.opts.BasePath, rel); err != nil {
@@ -395,7 +395,7 @@ func imageFilePath(basePath, name string, rid uint16) string {
 }
 
 // Release drops the reference Get took.
-func (s *Store) Release(img *Image) { img.release() }
+func (s *Store) Release(img *image) { img.release() }
 
 // latestRID returns the highest revision of name loaded or on disk, 0 if none.
 func (s *Store) latestRID(name string) uint16 {
@@ -473,19 +473,19 @@ type dirListing struct {
 }
 
 // List returns the loaded images ordered by id.
-func (s *Store) List() []*Image {
+func (s *Store) list() []*image {
 	s.mu.RLock()
-	out := make([]*Image, 0, len(s.images))
+	out := make([]*image, 0, len(s.images))
 	for _, img := range s.images {
 		out = append(out, img)
 	}
 	s.mu.RUnlock()
-	slices.SortFunc(out, func(a, b *Image) int { return a.ID - b.ID })
+	slices.SortFunc(out, func(a, b *image) int { return a.ID - b.ID })
 	return out
 }
 
 // ByID returns the loaded image with the given id, or nil.
-func (s *Store) ByID(id int) *Image {
+func (s *Store) byID(id int) *image {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	for _, img := range s.images {
@@ -498,7 +498,7 @@ func (s *Store) ByID(id int) *Image {
 
 // Remove drops img from the store if it is still registered and has no
 // users (LRU deletion). It reports whether it did.
-func (s *Store) Remove(img *Image) bool {
+func (s *Store) remove(img *image) bool {
 	k := imageKey{img.Name, img.RID}
 	s.mu.Lock()
 	if s.images[k] != img || img.Users() > 0 {
@@ -513,7 +513,7 @@ func (s *Store) Remove(img *Image) bool {
 
 // Loaded returns the loaded image name/rid without taking a reference, or
 // nil.
-func (s *Store) Loaded(name string, rid uint16) *Image {
+func (s *Store) loaded(name string, rid uint16) *image {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	return s.images[imageKey{name, rid}]
@@ -523,7 +523,7 @@ func (s *Store) Loaded(name string, rid uint16) *Image {
 func (s *Store) Close() {
 	s.mu.Lock()
 	imgs := s.images
-	s.images = map[imageKey]*Image{}
+	s.images = map[imageKey]*image{}
 	s.mu.Unlock()
 	for _, img := range imgs {
 		img.unref()

@@ -34,7 +34,7 @@ func (f *syncFaults) install(s *Server) {
 		if f.mapWrite.Load() {
 			return fmt.Errorf("write %s: %w", path, syscall.EIO)
 		}
-		return AtomicMapWriter(path)(b)
+		return atomicMapWriter(path)(b)
 	}
 }
 
@@ -85,7 +85,7 @@ func TestProxySyncFailureIsPermanent(t *testing.T) {
 				t.Fatalf("first save: %v", err)
 			}
 			proxyRead(t, proxy.addr, "img", 4*blk, blk, want) // B, not saved yet
-			if !cm.Has(4*blk, 5*blk) {
+			if !cm.has(4*blk, 5*blk) {
 				t.Fatal("B not cached")
 			}
 
@@ -100,17 +100,17 @@ func TestProxySyncFailureIsPermanent(t *testing.T) {
 			faults.data.Store(false) // the disk "recovers": a retry would succeed
 			faults.mapWrite.Store(false)
 
-			if cm.Has(4*blk, 5*blk) {
+			if cm.has(4*blk, 5*blk) {
 				t.Error("B still claimed as cached after the failed sync")
 			}
-			if !cm.Has(0, blk) {
+			if !cm.has(0, blk) {
 				t.Error("A, saved before the failure, no longer cached")
 			}
-			if img.Problems()&ProblemWrite == 0 {
+			if img.Problems()&problemWrite == 0 {
 				t.Errorf("problems %d without ProblemWrite", img.Problems())
 			}
 			var rpc struct{ Problems uint32 }
-			if err := json.Unmarshal(imageJSON(img), &rpc); err != nil || rpc.Problems&ProblemWrite == 0 {
+			if err := json.Unmarshal(imageJSON(img), &rpc); err != nil || rpc.Problems&problemWrite == 0 {
 				t.Errorf("RPC: %s (%v)", imageJSON(img), err)
 			}
 			if n := proxy.logs.count("sync of the local copy or its cache map failed: blocks not in the last saved map are fetched again, " +
@@ -122,7 +122,7 @@ func TestProxySyncFailureIsPermanent(t *testing.T) {
 			proxyRead(t, proxy.addr, "img", 4*blk, blk, want)
 			proxyRead(t, proxy.addr, "img", 8*blk, blk, want) // C
 			proxyRead(t, proxy.addr, "img", blk/2, blk, want) // half in A, half not cached
-			if cm.Has(4*blk, 5*blk) || cm.Has(8*blk, 9*blk) {
+			if cm.has(4*blk, 5*blk) || cm.has(8*blk, 9*blk) {
 				t.Error("blocks fetched after the failure claimed as cached")
 			}
 			calls := faults.dataCalls.Load()
@@ -145,15 +145,15 @@ func TestProxySyncFailureIsPermanent(t *testing.T) {
 			recv := proxy.bytesRecv.Load()
 			proxy2 := startProxy(t, base, "", "", nil, origin.addr)
 			img2 := loaded(t, proxy2.Server, "img", 1)
-			if img2.Problems()&ProblemWrite != 0 {
+			if img2.Problems()&problemWrite != 0 {
 				t.Errorf("problems %d after restart", img2.Problems())
 			}
 			cm2 := img2.cache.Load()
-			if cm2 == nil || !cm2.Has(0, blk) || cm2.Has(4*blk, 5*blk) {
+			if cm2 == nil || !cm2.has(0, blk) || cm2.has(4*blk, 5*blk) {
 				t.Fatal("restart did not load the last saved map")
 			}
 			proxyRead(t, proxy2.addr, "img", 4*blk, blk, want)
-			if !cm2.Has(4*blk, 5*blk) || proxy2.bytesRecv.Load() == 0 {
+			if !cm2.has(4*blk, 5*blk) || proxy2.bytesRecv.Load() == 0 {
 				t.Errorf("B not fetched again after restart (received %d, before %d)", proxy2.bytesRecv.Load(), recv)
 			}
 		})
@@ -175,16 +175,16 @@ func TestProxySyncFailureAtCompletion(t *testing.T) {
 	proxyRead(t, proxy.addr, "small", 0, size, want)
 	img := loaded(t, proxy.Server, "small", 1)
 	waitFor(t, 10*time.Second, "ProblemWrite after the completion's fdatasync failed", func() bool {
-		return faults.dataCalls.Load() > 0 && img.Problems()&ProblemWrite != 0
+		return faults.dataCalls.Load() > 0 && img.Problems()&problemWrite != 0
 	})
 	faults.data.Store(false)
 	if _, err := os.Stat(filepath.Join(base, "small.r1.map")); err != nil {
 		t.Errorf(".map of a copy whose sync failed: %v", err)
 	}
-	if !img.Incomplete() || img.Complete() == 100 {
+	if !img.incomplete() || img.complete() == 100 {
 		t.Error("copy served as complete after its sync failed")
 	}
-	if img.Problems()&ProblemWrite == 0 {
+	if img.Problems()&problemWrite == 0 {
 		t.Errorf("problems %d", img.Problems())
 	}
 	proxyRead(t, proxy.addr, "small", 0, size, want) // relayed again

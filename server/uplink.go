@@ -37,7 +37,7 @@ var errUplinkGone = errors.New("uplink closed")
 // uplink fetches blocks of one incomplete image.
 type uplink struct {
 	p   *proxy
-	img *Image
+	img *image
 	log *slog.Logger
 
 	ctx    context.Context // ends when the uplink closes
@@ -76,7 +76,7 @@ type syncValue[T any] struct {
 	v  T
 }
 
-func (a *syncValue[T]) Load() T {
+func (a *syncValue[T]) load() T {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return a.v
@@ -92,13 +92,13 @@ func (a *syncValue[T]) Store(v T) {
 // background) if there is none. It fails on non-proxies, right after a
 // failed start (uplinkRetryDelay) and when no alt-server may serve the
 // image.
-func (p *proxy) ensureUplink(img *Image) (*uplink, error) {
+func (p *proxy) ensureUplink(img *image) (*uplink, error) {
 	if up := img.up.Load(); up != nil && !up.isClosing() {
 		return up, nil
 	}
 	cfg := p.cfg()
 	if !cfg.IsProxy {
-		return nil, ErrNoUplink
+		return nil, errNoUplink
 	}
 	img.upMu.Lock()
 	defer img.upMu.Unlock()
@@ -106,11 +106,11 @@ func (p *proxy) ensureUplink(img *Image) (*uplink, error) {
 		return up, nil
 	}
 	if t := img.upFailed.Load(); t != 0 && time.Since(time.Unix(0, t)) < uplinkRetryDelay {
-		return nil, fmt.Errorf("%w: the last attempt failed moments ago", ErrNoUplink)
+		return nil, fmt.Errorf("%w: the last attempt failed moments ago", errNoUplink)
 	}
 	servers := p.candidateAddrs(img.Name)
 	if len(servers) == 0 {
-		return nil, ErrNoUplink
+		return nil, errNoUplink
 	}
 	up := p.newUplink(img)
 	if up == nil {
@@ -124,7 +124,7 @@ func (p *proxy) ensureUplink(img *Image) (*uplink, error) {
 
 // attachUplink makes ci (connected by a lookup) the uplink of img, unless
 // img has one already.
-func (p *proxy) attachUplink(img *Image, ci *client.Image) {
+func (p *proxy) attachUplink(img *image, ci *client.Image) {
 	img.upMu.Lock()
 	defer img.upMu.Unlock()
 	if up := img.up.Load(); up != nil && !up.isClosing() {
@@ -140,7 +140,7 @@ func (p *proxy) attachUplink(img *Image, ci *client.Image) {
 }
 
 // newUplink registers a new uplink for img (caller holds img.upMu).
-func (p *proxy) newUplink(img *Image) *uplink {
+func (p *proxy) newUplink(img *image) *uplink {
 	if !img.ref() {
 		return nil
 	}
@@ -253,8 +253,8 @@ func (up *uplink) congested() bool {
 
 // server returns the address of the current uplink server, "" if none.
 func (up *uplink) server() string {
-	if ap := up.current.Load(); ap.IsValid() {
-		return FormatHost(ap)
+	if ap := up.current.load(); ap.IsValid() {
+		return formatHost(ap)
 	}
 	return ""
 }
@@ -304,22 +304,22 @@ func (up *uplink) idle(now time.Time, cfg *Config) bool {
 	if busy {
 		return false
 	}
-	if !up.img.Incomplete() || up.p.s.store.Loaded(up.img.Name, up.img.RID) != up.img {
+	if !up.img.incomplete() || up.p.s.store.loaded(up.img.Name, up.img.RID) != up.img {
 		return true
 	}
 	if now.Sub(last) < up.p.idleTimeout() {
 		return false
 	}
-	return !(cfg.BackgroundReplication == BGRFull && up.img.Users() >= cfg.BGRMinClients)
+	return !(cfg.BackgroundReplication == bgrFull && up.img.Users() >= cfg.BGRMinClients)
 }
 
 func (up *uplink) idleReason(cfg *Config) string {
 	switch {
 	case !cfg.IsProxy:
 		return "isProxy=false"
-	case !up.img.Incomplete():
+	case !up.img.incomplete():
 		return "image complete"
-	case up.p.s.store.Loaded(up.img.Name, up.img.RID) != up.img:
+	case up.p.s.store.loaded(up.img.Name, up.img.RID) != up.img:
 		return "image unloaded"
 	}
 	return "no client traffic"
@@ -346,12 +346,12 @@ func (up *uplink) monitor() {
 		}
 		prev := up.seen[ss.Addr]
 		if ss.Samples > 0 && (ss.RTT != prev.rtt || ss.Samples != prev.samples) {
-			a.RecordRTT(uint32(max(ss.RTT.Microseconds(), 1)))
+			a.recordRTT(uint32(max(ss.RTT.Microseconds(), 1)))
 			if ss.Consec == 0 {
-				a.RecordSuccess()
+				a.recordSuccess()
 			}
-		} else if ss.Active && ss.Consec == 0 && a.Snapshot().Fails > 0 {
-			a.RecordSuccess()
+		} else if ss.Active && ss.Consec == 0 && a.snapshot().Fails > 0 {
+			a.recordSuccess()
 		}
 		up.seen[ss.Addr] = serverSeen{rtt: ss.RTT, samples: ss.Samples}
 	}

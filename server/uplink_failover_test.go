@@ -319,7 +319,7 @@ func TestIgnoreAllocErrors(t *testing.T) {
 				if !cached || !errors.Is(lk.err, unix.ENOSPC) || !strings.Contains(lk.err.Error(), "preallocate") {
 					t.Errorf("lookup result %v (cached %v), want the preallocation's ENOSPC", lk.err, cached)
 				}
-				if proxy.store.Loaded("big", 1) != nil {
+				if proxy.store.loaded("big", 1) != nil {
 					t.Error("image loaded after the failed clone")
 				}
 				entries, _ := os.ReadDir(base)

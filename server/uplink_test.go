@@ -35,7 +35,7 @@ comment=this server
 	s.cfg.Store(&Config{IsProxy: true})
 	s.listen.Store(netip.MustParseAddrPort("0.0.0.0:5003"))
 	p := newProxy(s)
-	hosts := func(list []*AltServer) string {
+	hosts := func(list []*altServer) string {
 		var out []string
 		for _, a := range list {
 			out = append(out, a.Addr.String())
@@ -55,13 +55,13 @@ comment=this server
 	s.cfg.Store(&Config{IsProxy: true})
 	// fewest failures first; 20 failures in a row block a server for a while
 	for range 3 {
-		alts[0].RecordFailure()
+		alts[0].recordFailure()
 	}
 	if got := hosts(p.candidates("x")); got != "10.0.0.3:5003 10.0.0.1:5003" {
 		t.Errorf("after failures: %s", got)
 	}
 	for range 20 {
-		alts[2].RecordFailure()
+		alts[2].recordFailure()
 	}
 	if got := hosts(p.candidates("x")); got != "10.0.0.1:5003" {
 		t.Errorf("blocked: %s", got)
@@ -151,7 +151,7 @@ func TestNonProxyIncompleteImage(t *testing.T) {
 	f.Close()
 	os.Remove(path + ".map")
 	img := loaded(t, ts.Server, "inc", 1)
-	waitFor(t, 5*time.Second, "the image to be complete", func() bool { return !img.Incomplete() })
+	waitFor(t, 5*time.Second, "the image to be complete", func() bool { return !img.incomplete() })
 	if _, p := getBlock(t, c, 65536, 65536, 0, 3); !bytes.Equal(p, data[65536:131072]) {
 		t.Fatal("after completion")
 	}
@@ -166,13 +166,13 @@ func TestCacheMapRandomOps(t *testing.T) {
 		if round%5 == 0 {
 			vsize = protocol.HashBlockSize * (1 + rng.Int64N(3))
 		}
-		m := NewCacheMap(vsize)
+		m := newCacheMap(vsize)
 		model := make([]bool, m.Blocks())
 		for range 200 {
 			s := rng.Int64N(vsize)
 			e := min(s+1+rng.Int64N(4<<20), vsize)
 			if rng.IntN(4) == 0 {
-				m.Clear(s, e)
+				m.clear(s, e)
 				for b := s / 4096; b < (e+4095)/4096; b++ {
 					model[b] = false
 				}
@@ -181,7 +181,7 @@ func TestCacheMapRandomOps(t *testing.T) {
 				e = min((e+4095)&^4095, vsize)
 				before := make([]bool, len(model))
 				copy(before, model)
-				completed, hbs := m.SetRange(s, e)
+				completed, hbs := m.setRange(s, e)
 				for b := s / 4096; b < e/4096; b++ {
 					model[b] = true
 				}
@@ -197,16 +197,16 @@ func TestCacheMapRandomOps(t *testing.T) {
 					t.Fatalf("completed %v, model complete %v changed %v", completed, all, changed)
 				}
 				for _, hb := range hbs {
-					if !m.HashBlockComplete(hb) {
+					if !m.hashBlockComplete(hb) {
 						t.Fatalf("reported hash block %d not complete", hb)
 					}
 				}
 			}
 			// NextChunk finds the first byte with an absent block
-			from := rng.Int64N(int64(len(m.Bytes())))
-			idx, ok := m.NextChunk(from, false)
+			from := rng.Int64N(int64(len(m.bytes())))
+			idx, ok := m.nextChunk(from, false)
 			want, wok := int64(-1), false
-			n := int64(len(m.Bytes()))
+			n := int64(len(m.bytes()))
 			for k := int64(0); k < n && !wok; k++ {
 				i := (from + k) % n
 				for b := i * 8; b < min(i*8+8, int64(len(model))); b++ {
@@ -221,7 +221,7 @@ func TestCacheMapRandomOps(t *testing.T) {
 			}
 		}
 		for b, x := range model {
-			if m.Has(int64(b)*4096, int64(b)*4096+4096) != x {
+			if m.has(int64(b)*4096, int64(b)*4096+4096) != x {
 				t.Fatalf("block %d", b)
 			}
 		}

@@ -10,7 +10,7 @@ func TestWWNMatchesReference(t *testing.T) {
 		"bigsrc":          2848808253376182880,
 		"sub/dir/odd.img": 2442921336962643415,
 	} {
-		if got := WWN(name); got != want {
+		if got := wwn(name); got != want {
 			t.Errorf("WWN(%q) = %d, want %d", name, got, want)
 		}
 	}
