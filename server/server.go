@@ -140,9 +140,6 @@ func New(opts Options) (*Server, error) {
 	return s, nil
 }
 
-// Store returns the server's image store.
-func (s *Server) Store() *Store { return s.store }
-
 // config returns the current configuration (read-only: Reload replaces
 // it with a new one).
 func (s *Server) config() *Config { return s.cfg.Load() }

@@ -97,7 +97,7 @@ func TestInvalidNamesRefused(t *testing.T) {
 		selectRaw(t, c, protocol.SelectImage{Version: 3, Name: name, RID: 1}.Marshal())
 		expectClosed(t, c, 5*time.Second)
 	}
-	if n := len(ts.Store().list()); n != 1 {
+	if n := len(ts.store.list()); n != 1 {
 		t.Errorf("%d images loaded, want only ok:1", n)
 	}
 }
@@ -205,7 +205,7 @@ func TestRIDZeroLatestAndOnDemandLoading(t *testing.T) {
 	// Reload (SIGHUP): removed files go, new files come
 	os.Remove(filepath.Join(base, "ondemand.r1"))
 	writeFile(t, filepath.Join(base, "newimg.r5"), make([]byte, 4096))
-	added, _, removed, err := ts.Store().reload()
+	added, _, removed, err := ts.store.reload()
 	if err != nil || added != 1 || removed != 1 {
 		t.Fatalf("reload: added %d removed %d err %v", added, removed, err)
 	}
