@@ -39,7 +39,7 @@ func loadCRCFile(imagePath string, virtualSize int64, log *slog.Logger) []uint32
 // img's size) holds img's CRC list. A list that appeared since img was
 // loaded from this same file (`dnbd3-server --crc` run later) is no
 // change: img takes it, and added reports that.
-func (s *Store) sameCRCList(img *image, path string) (same, added bool) {
+func (s *store) sameCRCList(img *image, path string) (same, added bool) {
 	list := loadCRCFile(path, img.VirtualSize, s.log)
 	if slices.Equal(list, img.crcList()) {
 		return true, false

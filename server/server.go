@@ -53,7 +53,7 @@ type Options struct {
 type Server struct {
 	opts  Options
 	log   *slog.Logger
-	store *Store
+	store *store
 	alts  []*altServer
 	acl   *ACL
 	rpc   *rpcServer
@@ -159,7 +159,7 @@ func Listen(addr string) (net.Listener, error) {
 // maps and `.meta` files of incomplete and replicated images are saved
 // before Serve returns.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
-	s.listen.Store(addrPort(ln.Addr()))
+	s.listen.store(addrPort(ln.Addr()))
 	stop := context.AfterFunc(ctx, func() {
 		ln.Close()
 		s.proxy.abort()

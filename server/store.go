@@ -57,7 +57,7 @@ type imageKey struct {
 // requests can fill the table: requests only name files that exist (one
 // canonical name each, protocol.ValidImageName), and those idle ones make
 // room for the next.
-type Store struct {
+type store struct {
 	opts storeOptions
 	log  *slog.Logger
 
@@ -72,14 +72,14 @@ type Store struct {
 }
 
 // NewStore returns an empty store; call Reload to scan the base path.
-func newStore(opts storeOptions) *Store {
+func newStore(opts storeOptions) *store {
 	if opts.MaxImages <= 0 {
 		opts.MaxImages = 5000
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Store{opts: opts, log: opts.Logger, images: map[imageKey]*image{}}
+	return &store{opts: opts, log: opts.Logger, images: map[imageKey]*image{}}
 }
 
 // ParseImageFileName splits a path relative to the base path into image
@@ -120,7 +120,7 @@ func parseImageFileName(rel string, legacy bool) (name string, rid uint16, ok bo
 // Reload scans the base path: it adds new files, replaces images whose size
 // or CRC list changed and, with RemoveMissing, drops images whose file
 // vanished. It returns how many images were added, replaced and removed.
-func (s *Store) reload() (added, replaced, removed int, err error) {
+func (s *store) reload() (added, replaced, removed int, err error) {
 	seen, err := s.scan()
 	if err != nil {
 		return 0, 0, 0, err
@@ -137,7 +137,7 @@ type foundFile struct {
 }
 
 // scan walks the base path and returns the servable image files in it.
-func (s *Store) scan() (map[imageKey]foundFile, error) {
+func (s *store) scan() (map[imageKey]foundFile, error) {
 	seen := map[imageKey]foundFile{}
 	base := s.opts.BasePath
 	// WalkDir does not follow a symlinked root, nor (rightly, see
@@ -177,7 +177,7 @@ func (s *Store) scan() (map[imageKey]foundFile, error) {
 
 // scanFile adds the file at rel (relative to the base path) to seen if it
 // is a servable image.
-func (s *Store) scanFile(seen map[imageKey]foundFile, rel string) {
+func (s *store) scanFile(seen map[imageKey]foundFile, rel string) {
 	base := s.opts.BasePath
 	path := filepath.Join(base, rel)
 	name, rid, ok, why := parseImageFileName(rel, s.opts.VMDKLegacy)
@@ -199,7 +199,7 @@ func (s *Store) scanFile(seen map[imageKey]foundFile, rel string) {
 // reconcile drops loaded images whose file changed (size or CRC list) or,
 // with RemoveMissing, vanished, and runs the load-time checks of images
 // whose CRC list appeared.
-func (s *Store) reconcile(seen map[imageKey]foundFile) (replaced, removed int) {
+func (s *store) reconcile(seen map[imageKey]foundFile) (replaced, removed int) {
 	s.mu.Lock()
 	var drop, newCRC []*image
 	for k, img := range s.images {
@@ -242,7 +242,7 @@ func (s *Store) reconcile(seen map[imageKey]foundFile) (replaced, removed int) {
 
 // loadNew loads the images in seen that are not loaded, in path order,
 // and returns how many it loaded.
-func (s *Store) loadNew(seen map[imageKey]foundFile) (loaded int) {
+func (s *store) loadNew(seen map[imageKey]foundFile) (loaded int) {
 	keys := make([]imageKey, 0, len(seen))
 	for k := range seen {
 		keys = append(keys, k)
@@ -271,7 +271,7 @@ func (s *Store) loadNew(seen map[imageKey]foundFile) (loaded int) {
 // than by the scan: it may be unloaded again when idle and the table is
 // full, and it is returned with a client reference taken (under the lock,
 // so that no other load unloads it before its client uses it).
-func (s *Store) load(k imageKey, path string, onDemand bool) (*image, error) {
+func (s *store) load(k imageKey, path string, onDemand bool) (*image, error) {
 	img, err := openImage(path, k.name, k.rid)
 	if err != nil {
 		return nil, err
@@ -319,7 +319,7 @@ func (s *Store) load(k imageKey, path string, onDemand bool) (*image, error) {
 
 // evictLocked removes the least recently used evictable image from the
 // table and returns it (the caller drops the store's reference), or nil.
-func (s *Store) evictLocked() *image {
+func (s *store) evictLocked() *image {
 	var victim *image
 	for _, img := range s.images {
 		if img.evictable() && (victim == nil || img.atime.Load() < victim.atime.Load()) {
@@ -336,7 +336,7 @@ func (s *Store) evictLocked() *image {
 // Get returns image name/rid with a client reference taken; rid 0 selects
 // the highest revision loaded or on disk. Files that appeared since the
 // last scan are loaded on demand. The caller must call Release.
-func (s *Store) get(name string, rid uint16) (*image, error) {
+func (s *store) get(name string, rid uint16) (*image, error) {
 	if !protocol.ValidImageName(name) {
 		return nil, fmt.Errorf("%w: invalid name %q", errImageNotFound, name)
 	}
@@ -374,7 +374,7 @@ func (s *Store) get(name string, rid uint16) (*image, error) {
 // loaded it: a name the scan derives from that file (no hidden or overlong
 // component), no symlinked directory on the way, a non-empty regular file
 // or a symlink to one inside basePath (basepath.go).
-func (s *Store) onDemandPath(name string, rid uint16) (string, error) {
+func (s *store) onDemandPath(name string, rid uint16) (string, error) {
 	rel := name + ".r" + strconv.Itoa(int(rid))
 	if n, r, ok, why := parseImageFileName(rel, false); !ok || n != name || r != rid {
 		return "", fmt.Errorf("file %s would not be loaded by the scan (%s)", rel, why)
@@ -395,16 +395,16 @@ func imageFilePath(basePath, name string, rid uint16) string {
 }
 
 // Release drops the reference Get took.
-func (s *Store) Release(img *image) { img.release() }
+func (s *store) Release(img *image) { img.release() }
 
 // latestRID returns the highest revision of name loaded or on disk, 0 if none.
-func (s *Store) latestRID(name string) uint16 {
+func (s *store) latestRID(name string) uint16 {
 	return s.latestRIDBelow(name, math.MaxUint16+1)
 }
 
 // latestRIDBelow returns the highest revision of name below the given one
 // that is loaded or on disk, 0 if none.
-func (s *Store) latestRIDBelow(name string, below int) uint16 {
+func (s *store) latestRIDBelow(name string, below int) uint16 {
 	var best uint16
 	s.mu.RLock()
 	for k := range s.images {
@@ -436,7 +436,7 @@ func (s *Store) latestRIDBelow(name string, below int) uint16 {
 
 // dirEntries lists a directory's entry names, cached until the directory's
 // mtime changes: rid-0 requests then cost one stat(2), not a directory read.
-func (s *Store) dirEntries(dir string) []string {
+func (s *store) dirEntries(dir string) []string {
 	st, err := os.Stat(dir)
 	if err != nil {
 		return nil
@@ -473,7 +473,7 @@ type dirListing struct {
 }
 
 // List returns the loaded images ordered by id.
-func (s *Store) list() []*image {
+func (s *store) list() []*image {
 	s.mu.RLock()
 	out := make([]*image, 0, len(s.images))
 	for _, img := range s.images {
@@ -485,7 +485,7 @@ func (s *Store) list() []*image {
 }
 
 // ByID returns the loaded image with the given id, or nil.
-func (s *Store) byID(id int) *image {
+func (s *store) byID(id int) *image {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	for _, img := range s.images {
@@ -498,7 +498,7 @@ func (s *Store) byID(id int) *image {
 
 // Remove drops img from the store if it is still registered and has no
 // users (LRU deletion). It reports whether it did.
-func (s *Store) remove(img *image) bool {
+func (s *store) remove(img *image) bool {
 	k := imageKey{img.Name, img.RID}
 	s.mu.Lock()
 	if s.images[k] != img || img.Users() > 0 {
@@ -513,14 +513,14 @@ func (s *Store) remove(img *image) bool {
 
 // Loaded returns the loaded image name/rid without taking a reference, or
 // nil.
-func (s *Store) loaded(name string, rid uint16) *image {
+func (s *store) loaded(name string, rid uint16) *image {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	return s.images[imageKey{name, rid}]
 }
 
 // Close drops every image; files close when their last client leaves.
-func (s *Store) Close() {
+func (s *store) Close() {
 	s.mu.Lock()
 	imgs := s.images
 	s.images = map[imageKey]*image{}

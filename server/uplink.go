@@ -82,7 +82,7 @@ func (a *syncValue[T]) load() T {
 	return a.v
 }
 
-func (a *syncValue[T]) Store(v T) {
+func (a *syncValue[T]) store(v T) {
 	a.mu.Lock()
 	a.v = v
 	a.mu.Unlock()
@@ -231,10 +231,10 @@ func (up *uplink) connected() bool {
 func (up *uplink) setCurrent(addr string) bool {
 	ap, err := netip.ParseAddrPort(addr)
 	if err != nil {
-		up.current.Store(netip.AddrPort{})
+		up.current.store(netip.AddrPort{})
 		return false
 	}
-	up.current.Store(ap)
+	up.current.store(ap)
 	return true
 }
 

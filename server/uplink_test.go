@@ -33,7 +33,7 @@ comment=this server
 	}
 	s := &Server{alts: alts}
 	s.cfg.Store(&Config{IsProxy: true})
-	s.listen.Store(netip.MustParseAddrPort("0.0.0.0:5003"))
+	s.listen.store(netip.MustParseAddrPort("0.0.0.0:5003"))
 	p := newProxy(s)
 	hosts := func(list []*altServer) string {
 		var out []string
