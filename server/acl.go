@@ -36,7 +36,7 @@ const (
 	// PermMetrics allows /metrics (flag METRICS, an extension of this
 	// project). PermStats grants it too (see CanScrape), so existing
 	// access lists keep working.
-	PermMetrics
+	permMetrics
 	// PermAll allows everything (flag ALL).
 	permAll aclPerm = 0xFF
 )
@@ -47,7 +47,7 @@ var aclFlags = map[string]aclPerm{
 	"STATS":       permStats,
 	"CLIENT_LIST": permClientList,
 	"IMAGE_LIST":  permImageList,
-	"METRICS":     PermMetrics,
+	"METRICS":     permMetrics,
 }
 
 // Has reports whether p grants need; PermAll grants everything.
@@ -56,8 +56,8 @@ func (p aclPerm) has(need aclPerm) bool {
 }
 
 // CanScrape reports whether p allows /metrics: METRICS, STATS or ALL.
-func (p aclPerm) CanScrape() bool {
-	return p.has(PermMetrics) || p.has(permStats)
+func (p aclPerm) canScrape() bool {
+	return p.has(permMetrics) || p.has(permStats)
 }
 
 // String returns the flag words of p as rpc.acl spells them, e.g.
@@ -70,7 +70,7 @@ func (p aclPerm) String() string {
 	for _, f := range []struct {
 		p    aclPerm
 		name string
-	}{{permStats, "STATS"}, {permClientList, "CLIENT_LIST"}, {permImageList, "IMAGE_LIST"}, {PermMetrics, "METRICS"}} {
+	}{{permStats, "STATS"}, {permClientList, "CLIENT_LIST"}, {permImageList, "IMAGE_LIST"}, {permMetrics, "METRICS"}} {
 		if p&f.p != 0 {
 			words = append(words, f.name)
 		}

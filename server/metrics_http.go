@@ -31,7 +31,7 @@ func newMetrics(s *Server) (*prometheus.Registry, *prometheus.CounterVec) {
 
 // metricsHandler serves /metrics for callers with METRICS or STATS.
 func (r *rpcServer) metrics(w http.ResponseWriter, req *http.Request, perm aclPerm) {
-	if !perm.CanScrape() {
+	if !perm.canScrape() {
 		textReply(w, http.StatusForbidden, "No permission to access metrics")
 		return
 	}
