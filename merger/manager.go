@@ -156,6 +156,8 @@ type Manager struct {
 	// pauses before it is tried again.
 	mergeRetry time.Duration
 
+	stats *mergeStats // Prometheus counters (metrics.go)
+
 	// installMu serialises moving merged revisions into place (their CRC
 	// list, then the image; install.go), so that a merge that loses the
 	// race for a revision never replaces the winner's list.
@@ -255,6 +257,7 @@ func NewManager(cfg Config) (*Manager, error) {
 		images:     make(map[string]int),
 		mergeRetry: 30 * time.Second,
 		now:        time.Now,
+		stats:      newMergeStats(),
 	}
 	if err := m.loadSessions(); err != nil {
 		cancel()

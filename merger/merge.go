@@ -197,6 +197,7 @@ func (m *Manager) startMergeLocked(s *session, haveSlot bool) {
 // marks the session Failed.
 func (m *Manager) runMerge(s *session, haveSlot bool) {
 	defer m.wg.Done()
+	start := time.Now()
 	for {
 		if !haveSlot {
 			select {
@@ -218,6 +219,7 @@ func (m *Manager) runMerge(s *session, haveSlot bool) {
 			continue
 		}
 		m.endMerge(s, err)
+		m.recordMerge(s, start)
 		return
 	}
 }

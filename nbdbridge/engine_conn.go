@@ -12,6 +12,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/dnbd3go/dnbd3go/internal/promhist"
 )
 
 const (
@@ -33,8 +35,9 @@ type engineConn struct {
 
 	replies chan *job // completed requests, to the writer
 	lim     connLimiter
-	workers sync.WaitGroup // dispatched requests whose reply is not queued yet
-	dirty   atomic.Bool    // a write succeeded on this connection
+	sampler promhist.Sampler // request reader only: which requests to time
+	workers sync.WaitGroup   // dispatched requests whose reply is not queued yet
+	dirty   atomic.Bool      // a write succeeded on this connection
 
 	writerDone  chan struct{}
 	failOnce    sync.Once
@@ -303,6 +306,7 @@ func (c *engineConn) fail(err error) {
 
 // finish releases what a request held once its reply is written.
 func (c *engineConn) finish(j *job) {
+	c.e.st.observe(j.req.Type, j.start)
 	c.lim.release(j.limBytes)
 	c.busy.Add(-1)
 	c.e.st.inFlight.Add(-1)

@@ -9,6 +9,7 @@ import (
 	"net"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/internal/promhist"
 	"github.com/pojntfx/go-nbd/pkg/protocol"
 )
 
@@ -27,9 +28,10 @@ type job struct {
 	mark     uint64 // writeTracker mark of a FLUSH
 	limBytes int64  // bytes held in the connection's limiter
 	hdr      [wireReplySize]byte
-	c        *engineConn // an asynchronous read's connection (ReadDone)
-	vec      [2][]byte   // writeNow's header and payload
-	iovw     net.Buffers // writeNow's writev (consumed by WriteTo)
+	c        *engineConn   // an asynchronous read's connection (ReadDone)
+	vec      [2][]byte     // writeNow's header and payload
+	iovw     net.Buffers   // writeNow's writev (consumed by WriteTo)
+	start    time.Duration // promhist.Now when the request was read, 0: not timed
 }
 
 // hasData reports whether the reply carries the READ data.
@@ -80,6 +82,9 @@ func (c *engineConn) handle(ctx context.Context, req protocol.TransmissionReques
 	j := e.getJob()
 	j.req = req
 	j.limBytes = bufBytes
+	if c.sampler.Next() {
+		j.start = promhist.Now()
+	}
 
 	if req.Type == wireCmdWrite && req.Length > 0 {
 		if rerr := c.readPayload(j, errno); rerr != nil {

@@ -1,6 +1,11 @@
 package nbdbridge
 
-import "sync/atomic"
+import (
+	"sync/atomic"
+	"time"
+
+	"github.com/dnbd3go/dnbd3go/internal/promhist"
+)
 
 // EngineStats are the counters of an Engine since it was created.
 type EngineStats struct {
@@ -33,6 +38,48 @@ type statCounters struct {
 	trims, writeZeroes      atomic.Uint64
 	bytesRead, bytesWritten atomic.Uint64
 	errors, backendErrors   atomic.Uint64
+	latency                 [len(LatencyCommands)]promhist.Hist
+}
+
+// LatencyCommands names the commands whose latency the engine measures,
+// in the order of Engine.Latency's result.
+var LatencyCommands = [...]string{"read", "write", "flush", "trim", "write_zeroes", "other"}
+
+// latencySlot maps a command to its LatencyCommands index.
+func latencySlot(typ uint16) int {
+	switch typ {
+	case wireCmdRead:
+		return 0
+	case wireCmdWrite:
+		return 1
+	case wireCmdFlush:
+		return 2
+	case wireCmdTrim:
+		return 3
+	case wireCmdWriteZeroes:
+		return 4
+	}
+	return 5
+}
+
+// observe records the latency of a request read at start whose reply
+// was written now (answered with an error or not); requests that were
+// not sampled (zero start) are skipped.
+func (s *statCounters) observe(typ uint16, start time.Duration) {
+	if start != 0 {
+		s.latency[latencySlot(typ)].Observe(promhist.Now() - start)
+	}
+}
+
+// Latency returns the latency histograms (from reading a request to
+// writing its reply; one request in promhist.SampleEvery per connection
+// is timed) by command, in the order of LatencyCommands.
+func (e *Engine) Latency() [len(LatencyCommands)]promhist.Snapshot {
+	var out [len(LatencyCommands)]promhist.Snapshot
+	for i := range out {
+		out[i].Add(&e.st.latency[i])
+	}
+	return out
 }
 
 // Stats returns a snapshot of the engine's counters.

@@ -20,6 +20,9 @@ declare -A want=(
   # initiator's tools (copied into the test VM), QEMU's iSCSI driver
   [iscsi-test-cu]=libiscsi-bin [iscsi-ls]=libiscsi-bin [iscsi-perf]=libiscsi-bin
   [iscsiadm]=open-iscsi [iscsid]=open-iscsi
+  # metrics and status pages: promtool checks the scrapes and the example
+  # rules, chromium (driven by chromedp) loads the status pages
+  [promtool]=prometheus [chromium]=chromium
 )
 # qemu-system-x86 is large; skip it when only unit tests are wanted
 [ "${1:-}" = "--no-vm" ] && unset 'want[qemu-system-x86_64]'

@@ -33,6 +33,10 @@ const (
 	permClientList
 	// PermImageList allows q=images and /cachemap (flag IMAGE_LIST).
 	permImageList
+	// PermMetrics allows /metrics (flag METRICS, an extension of this
+	// project). PermStats grants it too (see CanScrape), so existing
+	// access lists keep working.
+	permMetrics
 	// PermAll allows everything (flag ALL).
 	permAll aclPerm = 0xFF
 )
@@ -43,11 +47,17 @@ var aclFlags = map[string]aclPerm{
 	"STATS":       permStats,
 	"CLIENT_LIST": permClientList,
 	"IMAGE_LIST":  permImageList,
+	"METRICS":     permMetrics,
 }
 
 // Has reports whether p grants need; PermAll grants everything.
 func (p aclPerm) has(need aclPerm) bool {
 	return p == permAll || p&need == need
+}
+
+// CanScrape reports whether p allows /metrics: METRICS, STATS or ALL.
+func (p aclPerm) canScrape() bool {
+	return p.has(permMetrics) || p.has(permStats)
 }
 
 // String returns the flag words of p as rpc.acl spells them, e.g.
@@ -60,7 +70,7 @@ func (p aclPerm) String() string {
 	for _, f := range []struct {
 		p    aclPerm
 		name string
-	}{{permStats, "STATS"}, {permClientList, "CLIENT_LIST"}, {permImageList, "IMAGE_LIST"}} {
+	}{{permStats, "STATS"}, {permClientList, "CLIENT_LIST"}, {permImageList, "IMAGE_LIST"}, {permMetrics, "METRICS"}} {
 		if p&f.p != 0 {
 			words = append(words, f.name)
 		}
@@ -118,7 +128,7 @@ func (a *ACL) allowed(addr netip.Addr) aclPerm {
 // everything. Lines that cannot be used are skipped with a warning.
 //
 // Each line is "ADDRESS[/PREFIXBITS] FLAG [FLAG...]" with the flags ALL,
-// STATS, CLIENT_LIST and IMAGE_LIST; "#" starts a comment. At most 100 rules
+// STATS, CLIENT_LIST, IMAGE_LIST and METRICS; "#" starts a comment. At most 100 rules
 // are read; the first rule matching a client decides.
 func loadACL(path string) (*ACL, []string, error) {
 	acl, probs, err := readACL(path)
@@ -199,7 +209,7 @@ func parseACLLine(text string) (r aclRule, ok bool, warn string) {
 		r.perm |= p
 	}
 	if len(unknown) > 0 {
-		warn = fmt.Sprintf("unknown flag(s) %s ignored (valid: ALL, STATS, CLIENT_LIST, IMAGE_LIST)", strings.Join(unknown, " "))
+		warn = fmt.Sprintf("unknown flag(s) %s ignored (valid: ALL, STATS, CLIENT_LIST, IMAGE_LIST, METRICS)", strings.Join(unknown, " "))
 	}
 	if r.perm == 0 {
 		if warn != "" {

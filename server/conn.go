@@ -47,10 +47,18 @@ type clientConn struct {
 	relayDone chan struct{} // cap 1: a relayed request was answered
 
 	nbd atomic.Bool // switched to the NBD transmission protocol (nbdmode.go)
+
+	stats connStats // Prometheus counters (metrics.go)
 }
 
 // serveDNBD3 runs the handshake and the request loop.
 func (cc *clientConn) serveDNBD3() {
+	outcome := hsMalformed // counted when the handshake fails (-1: counted as ok)
+	defer func() {
+		if outcome >= 0 {
+			cc.srv.met.handshake(outcome)
+		}
+	}()
 	var first [protocol.RequestSize]byte
 	if _, err := io.ReadFull(cc.r, first[:]); err != nil {
 		cc.logAt(slog.LevelDebug, "closing: incomplete first header", "err", err)
@@ -73,6 +81,7 @@ func (cc *clientConn) serveDNBD3() {
 	}
 	img, err := cc.srv.selectImage(sel)
 	if err != nil {
+		outcome = hsUnavailable
 		cc.logAt(slog.LevelInfo, "closing: image not available", "image", sel.Name, "rid", sel.RID, "err", err)
 		return
 	}
@@ -87,6 +96,7 @@ func (cc *clientConn) serveDNBD3() {
 	defer cc.dropQueued()
 	defer cc.markDead()
 	if err := cc.srv.proxyPenalty(img); err != nil {
+		outcome = hsRefused
 		cc.logAt(slog.LevelDebug, "closing: "+err.Error(), "image", img)
 		return
 	}
@@ -95,8 +105,11 @@ func (cc *clientConn) serveDNBD3() {
 	reply := protocol.SelectImageReply{Version: version, Name: img.Name, RID: img.RID, Size: uint64(img.VirtualSize),
 		Features: cc.features(sel.Flags)}
 	if err := cc.sendReply(protocol.CmdSelectImage, 0, reply.Marshal()); err != nil {
+		outcome = hsAborted
 		return
 	}
+	cc.srv.met.handshake(hsOK)
+	outcome = -1
 	penalty := cfg.ClientPenalty
 	if cc.isServer.Load() {
 		penalty = cfg.ServerPenalty
@@ -130,6 +143,7 @@ func (cc *clientConn) requestLoop(timeout time.Duration) {
 			cc.logAt(slog.LevelDebug, "closing: bad request header", "err", err)
 			return
 		}
+		cc.stats.count(reqSlot(req.Cmd))
 		if req.Cmd != protocol.CmdGetBlock && req.Size > protocol.MaxPayload {
 			cc.logAt(slog.LevelDebug, "closing: payload too large", "cmd", req.Cmd, "size", req.Size)
 			return
@@ -256,7 +270,7 @@ func (cc *clientConn) getBlock(req protocol.Request) error {
 	if img.cache.Load() != nil || img.hasBad.Load() {
 		return cc.getBlockSlow(req)
 	}
-	return cc.queueFromFile(req.Handle, int64(req.Offset), req.Size)
+	return cc.diskReply(req.Handle, int64(req.Offset), req.Size)
 }
 
 // getBlockSlow answers a GET_BLOCK of an image that is incomplete or has
@@ -273,7 +287,7 @@ func (cc *clientConn) getBlockSlow(req protocol.Request) error {
 	}
 	cm := img.cache.Load()
 	if cm == nil || cm.has(start, end) {
-		return cc.queueFromFile(req.Handle, start, req.Size)
+		return cc.diskReply(req.Handle, start, req.Size)
 	}
 	return cc.relay(req)
 }

@@ -159,6 +159,7 @@ func (s *Server) checkHashBlock(ctx context.Context, img *image, hb int, buf []b
 		return false, nil
 	}
 	got, err := protocol.BlockCRC(img.file, img.RealSize, hb, buf)
+	s.met.checks.Add(1)
 	if err != nil {
 		img.problems.Or(problemRead)
 		s.log.Error("cannot read hash block for checking", "image", img.String(), "block", hb, "err", err)
@@ -170,6 +171,7 @@ func (s *Server) checkHashBlock(ctx context.Context, img *image, hb int, buf []b
 	}
 	s.log.Error(fmt.Sprintf("Hash check for block %d of %s failed", hb, img.Name), "image", img.String(),
 		"crc", fmt.Sprintf("%#08x", got), "want", fmt.Sprintf("%#08x", list[hb]))
+	s.met.checkFails.Add(1)
 	s.badHashBlock(img, hb)
 	return true, nil
 }

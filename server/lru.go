@@ -107,6 +107,7 @@ func (p *proxy) deleteImage(img *image) {
 	if !p.s.store.remove(img) {
 		return
 	}
+	p.s.met.lruDeletes.Add(1)
 	p.log.Info("deleting least recently used replicated image to free disk space", "image", img.String(),
 		"lastAccess", time.Unix(img.atime.Load(), 0).UTC().Format(time.RFC3339), "size", img.VirtualSize)
 	for _, suffix := range []string{".map", ".crc", ".meta", ""} {

@@ -128,6 +128,11 @@ func (cc *clientConn) nbdLoop() {
 			cc.logAt(slog.LevelDebug, "closing NBD connection: bad request", "err", err)
 			return
 		}
+		if req.Type == protocol.NBDCmdRead {
+			cc.stats.count(reqNBDRead)
+		} else {
+			cc.stats.count(reqNBDOther)
+		}
 		switch req.Type {
 		case protocol.NBDCmdRead:
 			err = cc.nbdRead(req)
@@ -173,14 +178,14 @@ func (cc *clientConn) nbdRead(req protocol.NBDRequest) error {
 	img.touch()
 	start := int64(req.Offset)
 	if img.cache.Load() == nil && !img.hasBad.Load() {
-		return cc.queueFromFile(req.Cookie, start, req.Length)
+		return cc.diskReply(req.Cookie, start, req.Length)
 	}
 	if img.hasBad.Load() && img.touchesBad(start, int64(end)) {
 		return refuse("NBD read of a hash block that failed its check", "image", img.String(), "offset", start, "size", req.Length)
 	}
 	cm := img.cache.Load()
 	if cm == nil || cm.has(start, int64(end)) {
-		return cc.queueFromFile(req.Cookie, start, req.Length)
+		return cc.diskReply(req.Cookie, start, req.Length)
 	}
 	if !cc.srv.config().IsProxy {
 		return refuse("NBD read of blocks an incomplete image does not have; not a proxy", "image", img.String(), "offset", start, "size", req.Length)

@@ -69,6 +69,7 @@ type relay struct {
 	off    int64
 	size   uint32
 	single *fetch       // the fetch whose buffer answers it, nil: send from file
+	start  time.Time    // when the request arrived (latency metric)
 	parts  atomic.Int32 // fetches still to complete
 	failed atomic.Bool
 }
@@ -105,7 +106,7 @@ func (cc *clientConn) relay(req protocol.Request) error {
 		end = min(protocol.VirtualSize(start+cfg.MinRequestSize), img.VirtualSize)
 	}
 	outHops := hops&^protocol.HopCountMask | uint8(protocol.HopCount(hops)+1)
-	r := &relay{cc: cc, handle: req.Handle, off: int64(req.Offset), size: req.Size}
+	r := &relay{cc: cc, handle: req.Handle, off: int64(req.Offset), size: req.Size, start: time.Now()}
 	cc.relays.Add(1)
 	ready, err := up.request(r, start, end, outHops)
 	if err != nil || ready {
@@ -361,6 +362,7 @@ func (up *uplink) store(f *fetch) {
 	n := uint64(len(f.buf))
 	img.bytesRecv.Add(n)
 	up.p.s.bytesRecv.Add(n)
+	up.p.s.met.fetchedBytes(f.kind, len(f.buf))
 	w, err := img.writer()
 	if err == nil {
 		_, err = w.WriteAt(f.buf, f.start)
@@ -450,6 +452,7 @@ func (r *relay) partDone(f *fetch) {
 // connection shut down) if the data could not be fetched.
 func (cc *clientConn) finishRelay(r *relay) {
 	defer func() {
+		cc.stats.relay.Observe(time.Since(r.start))
 		cc.relays.Add(-1)
 		select {
 		case cc.relayDone <- struct{}{}:

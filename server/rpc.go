@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/dnbd3go/dnbd3go/internal/fsutil"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
 // HTTP connection limits of the reference: above softHTTPClients the server
@@ -39,10 +41,16 @@ type rpcServer struct {
 
 	slotMu   sync.Mutex
 	bySource map[netip.Prefix]int // RPC connections per source
+
+	metricsHandler http.Handler           // /metrics (metrics_http.go)
+	rpcReqs        *prometheus.CounterVec // RPC requests by path and status
 }
 
 func newRPCServer(s *Server) *rpcServer {
 	r := &rpcServer{srv: s, ln: newHandoffListener(), bySource: map[netip.Prefix]int{}}
+	reg, rpcReqs := newMetrics(s)
+	r.rpcReqs = rpcReqs
+	r.metricsHandler = promhttp.HandlerFor(reg, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError})
 	timeout := s.config().ClientTimeout
 	r.http = &http.Server{
 		Handler:           r,
@@ -121,8 +129,15 @@ func (r *rpcServer) releaseSlot(src netip.Prefix) {
 	}
 }
 
-// ServeHTTP routes /query and /cachemap.
+// ServeHTTP routes /query, /cachemap, /metrics and the status page, and
+// counts the request by path and status.
 func (r *rpcServer) ServeHTTP(w http.ResponseWriter, req *http.Request) {
+	rec := &statusRecorder{ResponseWriter: w}
+	r.route(rec, req)
+	r.countRPC(req.URL.Path, rec.code)
+}
+
+func (r *rpcServer) route(w http.ResponseWriter, req *http.Request) {
 	if r.active.Load() > softHTTPClients || req.Close {
 		w.Header().Set("Connection", "Close")
 	} else {
@@ -137,6 +152,14 @@ func (r *rpcServer) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 		r.query(w, req, perm)
 	case "/cachemap":
 		r.cachemap(w, req, perm)
+	case "/metrics":
+		r.metrics(w, req, perm)
+	case "/", "/status.js", "/status.css":
+		r.statusPage(w, req, perm)
+	case "/status.json":
+		r.statusJSON(w, req, perm)
+	case "/status/map":
+		r.statusMap(w, req, perm)
 	default:
 		textReply(w, http.StatusNotFound, "Nothing")
 	}

@@ -67,6 +67,7 @@ type Server struct {
 	// bytesReused counts bytes of replicated images copied from a
 	// previous revision on this server instead of fetched (reuse.go).
 	bytesReused atomic.Uint64
+	met         serverMetrics // Prometheus counters (metrics.go)
 
 	batches   batchPool // reply batch buffers (batch.go)
 	pipes     pipePool  // pipes for large replies (splice.go)
@@ -285,6 +286,7 @@ func (s *Server) addClient(cc *clientConn) {
 func (s *Server) removeClient(cc *clientConn) {
 	s.connMu.Lock()
 	delete(s.clients, cc)
+	s.met.foldLocked(cc)
 	s.connMu.Unlock()
 }
 

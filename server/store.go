@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/dnbd3go/dnbd3go/protocol"
@@ -66,6 +67,8 @@ type store struct {
 
 	dirMu sync.Mutex
 	dirs  map[string]dirListing
+
+	evictions atomic.Uint64 // images unloaded because maxImages was reached
 }
 
 // NewStore returns an empty store; call Reload to scan the base path.
@@ -325,6 +328,7 @@ func (s *store) evictLocked() *image {
 	}
 	if victim != nil {
 		delete(s.images, imageKey{victim.Name, victim.RID})
+		s.evictions.Add(1)
 	}
 	return victim
 }

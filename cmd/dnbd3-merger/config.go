@@ -40,6 +40,7 @@ type flags struct {
 	version         bool
 	helpOut         io.Writer // where --help prints (stdout); nil: the flag set's output
 	limits          limitFlags
+	metricsNoAuth   bool
 
 	fs *pflag.FlagSet // to ask which flags were given
 }
@@ -63,6 +64,7 @@ type config struct {
 	logLevel       slog.Level
 	shutdown       time.Duration
 	limits         limits
+	metricsNoAuth  bool
 }
 
 // usageError is a bad command line (exit code 2); other configuration
@@ -95,6 +97,7 @@ func newFlagSet(f *flags, stderr io.Writer) *pflag.FlagSet {
 	fs.StringVar(&f.logFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&f.logLevel, "log-level", "info", "lowest level logged: error, warning, info, debug (every request) or debug2")
 	fs.DurationVar(&f.shutdownTimeout, "shutdown-timeout", 30*time.Second, "on SIGTERM, how long requests in flight may take to finish")
+	fs.BoolVar(&f.metricsNoAuth, "metrics-no-auth", false, "serve the Prometheus metrics at /metrics without the token (the API and the status page keep needing it)")
 	fs.BoolVarP(&f.version, "version", "v", false, "print the version and exit")
 	fs.Usage = func() {
 		out := fs.Output()
@@ -188,6 +191,7 @@ func buildConfig(f *flags, cwd string) (config, error) {
 	if err := f.check(&c); err != nil {
 		return c, err
 	}
+	c.metricsNoAuth = f.metricsNoAuth
 	s, err := readSettingsFile(f, cwd, &c)
 	if err != nil {
 		return c, err

@@ -228,11 +228,13 @@ func mergerConfig(cfg config, log *slog.Logger) merger.Config {
 
 // newHTTPServer is the HTTP server of both APIs, with bounded headers,
 // bodies and connection times.
-func newHTTPServer(cfg config, svc merger.Service, token string, tlsCfg *tls.Config, log *slog.Logger) *http.Server {
+func newHTTPServer(cfg config, svc service, token string, tlsCfg *tls.Config, log *slog.Logger) *http.Server {
 	return &http.Server{
 		Handler: httpapi.New(svc, httpapi.Options{Token: token, Logger: log,
 			MaxUploads: cfg.limits.maxUploads, MaxUploadsPerClient: cfg.limits.maxUploadsPerClient,
-			UploadTimeout: cfg.limits.uploadTimeout}),
+			UploadTimeout: cfg.limits.uploadTimeout,
+			Metrics:       metricsRegistry(svc), OpenMetrics: cfg.metricsNoAuth,
+			StatusPage: true, Version: version.String()}),
 		TLSConfig:         tlsCfg,
 		ReadHeaderTimeout: 20 * time.Second,
 		// Forms are at most 64 KiB; an upload's body gets its own deadline

@@ -56,6 +56,10 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 	// The device's writeback runs through this process: keep it from
 	// deadlocking in memory reclaim (I/O flusher, locked memory, OOM).
 	nbdbridge.ProtectDaemon(log, a.oomScoreAdj)
+	mln, err := listenMetrics(a.metricsAddr)
+	if err != nil {
+		return exitWith(s, "attach", err)
+	}
 	img, err := a.f.open(ctx, log)
 	if err != nil {
 		return exitWith(s, "attach", err)
@@ -74,6 +78,7 @@ func runAttach(ctx context.Context, args []string, s stdio) int {
 		}
 		return exitWith(s, "attach", err)
 	}
+	defer serveMetrics(mln, &bridgeCollector{device: dev.Path, engine: dev.Engine, img: img, cow: cs}, log)()
 	ctlCtx, stopCtl := context.WithCancel(context.Background())
 	defer stopCtl()
 	status := a.statusFunc(img, dev, cs, time.Now())
@@ -112,6 +117,7 @@ type attachFlags struct {
 	maxRequest    int
 	kernelDirect  bool
 	directTimeout time.Duration
+	metricsAddr   string
 }
 
 // parseAttachFlags parses and checks attach's command line; ok is false
@@ -130,6 +136,7 @@ func parseAttachFlags(args []string, s stdio) (a *attachFlags, code int, ok bool
 	fs.BoolVar(&a.kernelDirect, "kernel-direct", true, "read-only: the kernel reads from servers that offer it (dnbd3go servers) with no hop through this daemon; false: always relay")
 	fs.DurationVar(&a.directTimeout, "direct-timeout", nbdbridge.DefaultDirectTimeout, "kernel-direct: how long a read in flight on a failed server's connection waits before the kernel re-sends it (grows with the read latency and while a live server is slower)")
 	fs.IntVar(&a.oomScoreAdj, "oom-score-adj", nbdbridge.DefaultOOMScoreAdj, "the daemon's oom_score_adj (-1000 to 1000; -1000: the OOM killer never picks it)")
+	addMetricsFlag(fs, &a.metricsAddr)
 	setHelp(fs, s, "Usage: dnbd3-nbd attach -h \"HOST[:PORT] ...\" -i IMAGE [-r RID] [--device /dev/nbdN] [--connections N] [--block-size 512|4096] [-a KB] [-S] [-l LOG]\n"+
 		"                        [-c DIR | -L DIR] [-C MERGER] [-m] [--upload-uuid UUID] [--cow-stats-file] [--cow-stats-stdout]\n\n"+
 		"Attaches a DNBD3 image as /dev/nbdX, prints the device path once it is ready and serves it in the\n"+

@@ -129,6 +129,7 @@ type cowSession struct {
 	stopRun  context.CancelFunc
 	runDone  chan struct{}
 	log      *slog.Logger
+	merge    syncString // merge state for the metrics (metrics.go)
 }
 
 // openCOW creates or loads the session over img and starts the uploader.
@@ -202,7 +203,9 @@ func (s *cowSession) finish(ctx context.Context, detached bool) error {
 		<-s.runDone
 		s.log.Error("no final upload and no merge: the COW session failed", "dir", s.flags.dir(), "err", s.overlay.Failed())
 	case detached:
+		s.merge.Store(mergeFinalUpload)
 		res, err := s.uploader.Finish(ctx, s.flags.merge)
+		s.merge.Store(mergeOutcome(s.flags.merge, res.MergeAccepted))
 		s.log.Info("final upload", "uploaded", res.Uploaded, "dirty", res.Dirty,
 			"merge", res.MergeRequested, "mergeAccepted", res.MergeAccepted, "uuid", res.UUID)
 		ferr = err

@@ -26,8 +26,15 @@ func runServe(ctx context.Context, args []string, s stdio) int {
 		return exitUsage
 	}
 	defer closeLog()
+	mln, err := listenMetrics(sf.metricsAddr)
+	if err != nil {
+		return exitWith(s, "serve", err)
+	}
 	ln, err := sf.lc.Listen(sf.listen)
 	if err != nil {
+		if mln != nil {
+			mln.Close()
+		}
 		return exitWith(s, "serve", err)
 	}
 	img, err := sf.f.open(ctx, log)
@@ -47,6 +54,7 @@ func runServe(ctx context.Context, args []string, s stdio) int {
 	}
 	eng := nbdbridge.NewEngine(backend, nbdbridge.EngineOptions{Logger: log, Workers: remoteWorkers})
 	defer serveControl(sf.listen, log, img, backend, eng, cs)()
+	defer serveMetrics(mln, &bridgeCollector{device: "serve:" + sf.listen, engine: func() *nbdbridge.Engine { return eng }, img: img, cow: cs}, log)()
 	log.Info("serving", "listen", sf.listen, "image", img.Name(), "rid", img.RID(), "size", img.Size())
 	fmt.Fprintln(s.out, ln.Addr().String())
 	serr := eng.ServeListener(ctx, ln, img.Name(), fmt.Sprintf("dnbd3 image %s rid %d", img.Name(), img.RID()))
@@ -73,6 +81,8 @@ type serveFlags struct {
 	cow    cowFlags
 	listen string
 	lc     *nbdbridge.ListenConfig
+	// metricsAddr is --metrics-listen (metrics.go).
+	metricsAddr string
 }
 
 // parseServeFlags parses and checks serve's command line; ok is false
@@ -83,6 +93,7 @@ func parseServeFlags(args []string, s stdio) (sf *serveFlags, code int, ok bool)
 	var insecureWritable bool
 	fs := newImageFlagSet("serve", s, &sf.f, &sf.cow)
 	sf.cow.statsOut = s.out
+	addMetricsFlag(fs, &sf.metricsAddr)
 	fs.StringVar(&sf.listen, "listen", "", "where to export: unix:PATH or tcp:HOST:PORT")
 	fs.StringVar(&socketMode, "socket-mode", "0600", "permission of the unix:PATH socket file (octal); 0660 lets the file's group connect")
 	fs.BoolVar(&insecureWritable, "insecure-writable", false, "allow a writable export (-c/-L) on tcp: or an abstract unix:@ socket, where anyone who can connect may change the session")

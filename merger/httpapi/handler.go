@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/dnbd3go/dnbd3go/merger"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // Options configure the handler New returns.
@@ -29,6 +30,17 @@ type Options struct {
 	// UploadTimeout is how long an admitted upload's body may take to
 	// arrive; 0 means DefaultUploadTimeout.
 	UploadTimeout time.Duration
+	// Metrics, if set, receives the API's counters and is served at
+	// GET /metrics (with the token, unless OpenMetrics).
+	Metrics *prometheus.Registry
+	// OpenMetrics serves /metrics without the token (for a Prometheus
+	// that cannot send one). The status page always needs the token.
+	OpenMetrics bool
+	// StatusPage serves the HTML status page at GET / and its data at
+	// /status.json (extra.go).
+	StatusPage bool
+	// Version is shown by the status page.
+	Version string
 }
 
 // handler is the http.Handler New returns.
@@ -43,6 +55,13 @@ type handler struct {
 	// uploads admits uploads (see uploads.go).
 	uploads       *uploadLimiter
 	uploadTimeout time.Duration
+
+	met         *apiMetrics
+	metrics     http.Handler // nil without Options.Metrics
+	openMetrics bool
+	statusPage  bool
+	version     string
+	started     time.Time
 }
 
 // New returns the HTTP API of both generations for svc.
@@ -69,6 +88,13 @@ func New(svc merger.Service, opts Options) http.Handler {
 		h.uploadTimeout = DefaultUploadTimeout
 	}
 	h.routes = buildRoutes(v1API, seedAPI)
+	h.met = newAPIMetrics()
+	h.statusPage, h.version, h.started = opts.StatusPage, opts.Version, time.Now()
+	if opts.Metrics != nil {
+		h.met.register(opts.Metrics)
+		h.metrics = metricsHandler(opts.Metrics)
+		h.openMetrics = opts.OpenMetrics
+	}
 	return h
 }
 
@@ -77,6 +103,7 @@ func New(svc merger.Service, opts Options) http.Handler {
 func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	rec := &recorder{ResponseWriter: w}
+	var rt route
 	defer func() {
 		if p := recover(); p != nil {
 			if p == http.ErrAbortHandler {
@@ -88,9 +115,13 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 				writeText(rec, http.StatusInternalServerError, "Internal server error")
 			}
 		}
+		h.met.observe(rt.upload, rec.status())
 		h.log.Debug("request", "method", r.Method, "path", r.URL.Path, "query", r.URL.RawQuery,
 			"status", rec.status(), "bytes", rec.written, "duration", time.Since(start), "remote", r.RemoteAddr)
 	}()
+	if h.serveExtra(rec, r) {
+		return // /metrics and the status page (extra.go)
+	}
 	if h.auth != nil {
 		if ok, reason := h.auth.check(rec, r); !ok {
 			h.logThrottled(r, slog.LevelWarn, "request rejected", "reason", reason)
@@ -98,6 +129,7 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	rt, ok := h.lookup(r.URL.Path)
+	rt.upload = ok && rt.upload
 	switch {
 	case !ok:
 		writeText(rec, http.StatusNotFound, "Not found")

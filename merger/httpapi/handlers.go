@@ -106,6 +106,7 @@ func (h *handler) update(g *generation, w http.ResponseWriter, r *http.Request) 
 	if err := h.svc.Update(id, u); err != nil {
 		return &opError{fmt.Sprintf("update session %s cluster %d", id, idx), err}
 	}
+	h.met.ingest.Add(float64(len(body)))
 	w.WriteHeader(http.StatusOK)
 	return nil
 }

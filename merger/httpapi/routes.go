@@ -15,17 +15,18 @@ type route struct {
 	method string
 	gen    *generation
 	action action
+	upload bool // an Update (counted in dnbd3_merger_uploads_total)
 }
 
 // buildRoutes returns the route table, keyed by the lower-case path.
 func buildRoutes(gens ...*generation) map[string]route {
 	m := make(map[string]route, 5*len(gens))
 	for _, g := range gens {
-		m[g.prefix+"create"] = route{http.MethodPost, g, (*handler).create}
-		m[g.prefix+"update"] = route{http.MethodPost, g, (*handler).update}
-		m[g.prefix+g.mergeAction] = route{http.MethodPost, g, (*handler).merge}
-		m[g.prefix+"gettopmodifiedblocks"] = route{http.MethodGet, g, (*handler).topModified}
-		m[g.prefix+"status"] = route{http.MethodGet, g, (*handler).status}
+		m[g.prefix+"create"] = route{http.MethodPost, g, (*handler).create, false}
+		m[g.prefix+"update"] = route{http.MethodPost, g, (*handler).update, true}
+		m[g.prefix+g.mergeAction] = route{http.MethodPost, g, (*handler).merge, false}
+		m[g.prefix+"gettopmodifiedblocks"] = route{http.MethodGet, g, (*handler).topModified, false}
+		m[g.prefix+"status"] = route{http.MethodGet, g, (*handler).status, false}
 	}
 	return m
 }

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/dnbd3go/dnbd3go/cowstore/mergertest"
+	"github.com/dnbd3go/dnbd3go/internal/promtest"
 	"github.com/dnbd3go/dnbd3go/internal/testutil"
 )
 
@@ -84,6 +85,8 @@ func umount(t *testing.T, mnt string) {
 // TestCOWFilesystemCycle: attach with -c, mkfs.ext4, mount, write files,
 // unmount, detach (the final upload reaches the merger); attach again with
 // -L: the files are intact, and the merger's data equals the device.
+// While attached, --metrics-listen shows the kernel's writes and the
+// uploads.
 func TestCOWFilesystemCycle(t *testing.T) {
 	requireNBD(t)
 	base := t.TempDir()
@@ -93,7 +96,8 @@ func TestCOWFilesystemCycle(t *testing.T) {
 	m := mergertest.Start(t)
 	sess := t.TempDir()
 
-	p, dev, _ := attachCmd(t, "-h", addr, "-i", "cowbase", "-c", sess, "-C", m.Addr, "--cow-stats-file", "--upload-delay", "0")
+	p, dev, _ := attachCmd(t, "-h", addr, "-i", "cowbase", "-c", sess, "-C", m.Addr, "--cow-stats-file", "--upload-delay", "0",
+		"--metrics-listen", "127.0.0.1:9310")
 	if ro, _ := os.ReadFile(fmt.Sprintf("/sys/block/%s/ro", filepath.Base(dev))); strings.TrimSpace(string(ro)) != "0" {
 		t.Fatalf("COW device is read-only")
 	}
@@ -101,6 +105,7 @@ func TestCOWFilesystemCycle(t *testing.T) {
 	mnt := mountDev(t, dev)
 	sums := writeTree(t, mnt, 1)
 	umount(t, mnt)
+	checkAttachMetrics(t, "http://127.0.0.1:9310/metrics", dev)
 	out, code := nbd(t, "detach", dev)
 	if code != 0 {
 		t.Fatalf("detach: %s", out)
@@ -238,5 +243,45 @@ func TestCowtestRandom(t *testing.T) {
 	p.cmd.Process.Signal(syscall.SIGTERM)
 	if c := p.wait(60 * time.Second); c != 0 {
 		t.Fatalf("attach exited %d", c)
+	}
+}
+
+// checkAttachMetrics scrapes an attached COW device's --metrics-listen
+// after a filesystem was written and unmounted: the kernel's writes and
+// flushes are counted with their latencies, and the changed clusters
+// reach the merger.
+func checkAttachMetrics(t *testing.T, url, dev string) {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	var s *promtest.Scrape
+	for {
+		s = promtest.Get(t, url, "")
+		stored, _ := s.Value("dnbd3_nbd_cow_uploads_total", "device", dev, "outcome", "stored")
+		dirty, _ := s.Value("dnbd3_nbd_cow_dirty_clusters", "device", dev)
+		if stored > 0 && dirty == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("uploads did not catch up: stored %v, dirty %v", stored, dirty)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	// writeTree wrote 4,199,425 bytes of files; mkfs and the journal more
+	if v := s.Must(t, "dnbd3_nbd_written_bytes_total", "device", dev); v < 4199425 {
+		t.Errorf("written bytes %v", v)
+	}
+	writes := s.Must(t, "dnbd3_nbd_requests_total", "device", dev, "command", "write")
+	// one request in 16 of each connection is timed, whatever its command
+	if lat := s.Must(t, "dnbd3_nbd_request_duration_seconds", "device", dev, "command", "write"); writes < 1 || lat < 1 || lat > writes {
+		t.Errorf("writes %v, write latency samples %v", writes, lat)
+	}
+	if v := s.Must(t, "dnbd3_nbd_requests_total", "device", dev, "command", "flush"); v < 1 {
+		t.Errorf("flushes %v", v)
+	}
+	if v := s.Must(t, "dnbd3_nbd_cow_uploaded_bytes_total", "device", dev); v < 1 {
+		t.Errorf("uploaded bytes %v", v)
+	}
+	if v := s.Must(t, "dnbd3_nbd_cow_merge_state", "device", dev, "state", "none"); v != 1 {
+		t.Errorf("merge state none %v", v)
 	}
 }

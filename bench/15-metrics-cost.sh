@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# What the Prometheus metrics cost (issue 13: at most 3 % off the server's
+# and the bridge's figures). The binaries before the metrics (BASE_REV,
+# see below) run side by side with
+# the current ones, alternating run by run, while a scraper reads the new
+# ones' /metrics every second (15x more often than a usual Prometheus):
+#   dnbd3-server: sequential 1 MiB QD8, random 4 KiB QD32, handshakes/s
+#   dnbd3-nbd serve (--metrics-listen, both reading the same server):
+#   fio's nbd engine, sequential 1 MiB QD8 and random 4 KiB QD32.
+# Ratios are new/old, best of RUNS. Throughput on a loaded machine is
+# noise, so the script also reports the CPU time the server or bridge
+# process used per request or per MB (from /proc/PID/stat, lowest of
+# RUNS): that is what the metrics add, and other load hardly changes it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. bench/lib.sh
+RUNS=${RUNS:-5} SECS=${SECS:-4}
+OLD_PORT=15221 NEW_PORT=15222 SCRAPE_EVERY=${SCRAPE_EVERY:-1}
+# BASE_REV: code without the metrics; by default where this branch left
+# main (on main itself, give the parent of the merge that brought them)
+BASE_REV=${BASE_REV:-$(git merge-base HEAD main)}
+if [ "$(git rev-parse "$BASE_REV")" = "$(git rev-parse HEAD)" ]; then
+  echo "BASE_REV is HEAD: set BASE_REV to a revision without the metrics, e.g. the first parent of the merge that brought them" >&2
+  exit 2
+fi
+OLD=$W/metrics-base
+if [ ! -x "$OLD/bin/dnbd3-server" ] || [ "$(cat "$OLD/rev" 2>/dev/null)" != "$(git rev-parse "$BASE_REV")" ]; then
+  rm -rf "$OLD" && mkdir -p "$OLD/src" "$OLD/bin"
+  git archive "$BASE_REV" | tar -x -C "$OLD/src"
+  (cd "$OLD/src" && go build -trimpath -o "$OLD/bin/" ./cmd/dnbd3-server ./cmd/dnbd3-nbd ./cmd/dnbd3-bench)
+  git rev-parse "$BASE_REV" > "$OLD/rev"
+fi
+gcc -O2 -o "$W/dnbd3-hsbench" bench/peers/dnbd3-hsbench.c -lpthread
+random_file "$W/img/bench.r1" 256M
+server_conf "$W/etc-old" "$W/img" $OLD_PORT
+server_conf "$W/etc-new" "$W/img" $NEW_PORT
+OLDSOCK=$W/old.sock NEWSOCK=$W/new.sock MPORT=15223
+rm -f "$OLDSOCK" "$NEWSOCK"
+"$OLD/bin/dnbd3-server" -n -c "$W/etc-old" -b 127.0.0.1 > "$W/old.log" 2>&1 & S1=$!
+"$BIN/dnbd3-server" -n -c "$W/etc-new" -b 127.0.0.1 > "$W/new.log" 2>&1 & S2=$!
+PIDS="$S1 $S2"
+trap 'kill $PIDS 2>/dev/null || true' EXIT
+wait_port $OLD_PORT; wait_port $NEW_PORT
+# both bridges read from the old server, so only the bridge differs
+"$OLD/bin/dnbd3-nbd" serve -h 127.0.0.1:$OLD_PORT -i bench --listen "unix:$OLDSOCK" --log-level warning > /dev/null & N1=$!
+"$BIN/dnbd3-nbd" serve -h 127.0.0.1:$OLD_PORT -i bench --listen "unix:$NEWSOCK" --log-level warning \
+  --metrics-listen 127.0.0.1:$MPORT > /dev/null & N2=$!
+PIDS="$PIDS $N1 $N2"
+wait_sock "$OLDSOCK" "$NEWSOCK"; wait_port $MPORT
+( while sleep "$SCRAPE_EVERY"; do
+    curl -sf "http://127.0.0.1:$NEW_PORT/metrics" > /dev/null
+    curl -sf "http://127.0.0.1:$MPORT/metrics" > /dev/null
+  done ) & SCR=$!
+PIDS="$PIDS $SCR"
+cat "$W/img/bench.r1" > /dev/null
+
+load() { # bin port key args...
+  "$1" -h 127.0.0.1:$2 -i bench --json "${@:4}" | awk -F'[:,]' -v k="$3" '$1 ~ "\""k"\"" {gsub(/ /,"",$2); print $2}'
+}
+hs() { "$W/dnbd3-hsbench" "$1" bench 8 2000 | awk '{print $1}'; }
+TCK=$(getconf CLK_TCK)
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# per PID T0 AMOUNT: microseconds of CPU of PID since T0 ticks per unit
+per() { awk -v t0="$2" -v t1="$(ticks "$1")" -v n="$3" -v hz="$TCK" 'BEGIN { if (n > 0) printf "%.3f", (t1 - t0) / hz * 1e6 / n; else print 0 }'; }
+least() { printf '%s\n' "$@" | sort -g | head -1; }
+declare -A R
+for i in $(seq "$RUNS"); do
+  order="old new"; [ $((i % 2)) = 0 ] && order="new old" # no side always goes first
+  for side in $order; do
+    if [ $side = old ]; then port=$OLD_PORT bench=$OLD/bin/dnbd3-bench sock=$OLDSOCK spid=$S1 npid=$N1
+    else port=$NEW_PORT bench=$BIN/dnbd3-bench sock=$NEWSOCK spid=$S2 npid=$N2; fi
+    t0=$(ticks $spid); v=$(load "$bench" $port mb_per_s --load --duration ${SECS}s --queue-depth 8 -b 1M --pattern seq)
+    R[seq_$side]+=" $v"; R[cseq_$side]+=" $(per $spid "$t0" "$(awk -v v="$v" -v s="$SECS" 'BEGIN {print v * s}')")"
+    t0=$(ticks $spid); v=$(load "$bench" $port iops --load --duration ${SECS}s --queue-depth 32 -b 4096 --pattern rand)
+    R[rand_$side]+=" $v"; R[crand_$side]+=" $(per $spid "$t0" "$(awk -v v="$v" -v s="$SECS" 'BEGIN {print v * s}')")"
+    t0=$(ticks $spid); v=$(hs $port)
+    R[hs_$side]+=" $v"; R[chs_$side]+=" $(per $spid "$t0" 16000)"
+    t0=$(ticks $npid); read -r bw _ <<< "$(fio_nbd "$sock" read 1M 8 256M)"
+    R[nseq_$side]+=" $bw"; R[cnseq_$side]+=" $(per $npid "$t0" "$(awk -v v="$bw" -v s="$SECS" 'BEGIN {print v * s / 1e6}')")"
+    t0=$(ticks $npid); read -r _ iops <<< "$(fio_nbd "$sock" randread 4k 32 256M)"
+    R[nrand_$side]+=" $iops"; R[cnrand_$side]+=" $(per $npid "$t0" "$(awk -v v="$iops" -v s="$SECS" 'BEGIN {print v * s}')")"
+  done
+done
+printf '\n%-40s %12s %12s %8s\n' "metrics cost (best of $RUNS, load $(cut -d' ' -f1 /proc/loadavg))" "before" "metrics" "ratio"
+row() { printf "%-40s %12.0f %12.0f %8s\n" "$1" "$2" "$3" "$(ratio "$3" "$2")"; }
+row "server seq 1 MiB QD8 (MB/s)" "$(best ${R[seq_old]})" "$(best ${R[seq_new]})"
+row "server rand 4 KiB QD32 (IOPS)" "$(best ${R[rand_old]})" "$(best ${R[rand_new]})"
+row "server handshakes/s, 8 threads" "$(best ${R[hs_old]})" "$(best ${R[hs_new]})"
+row "bridge seq 1 MiB QD8 (MB/s)" "$(mb "$(best ${R[nseq_old]})")" "$(mb "$(best ${R[nseq_new]})")"
+row "bridge rand 4 KiB QD32 (IOPS)" "$(best ${R[nrand_old]})" "$(best ${R[nrand_new]})"
+printf '\n%-40s %12s %12s %8s\n' "CPU time of the process (lowest of $RUNS)" "before" "metrics" "ratio"
+crow() { printf "%-40s %12.3f %12.3f %8s\n" "$1" "$2" "$3" "$(ratio "$3" "$2")"; }
+crow "server seq: CPU us per MB" "$(least ${R[cseq_old]})" "$(least ${R[cseq_new]})"
+crow "server rand 4 KiB: CPU us per request" "$(least ${R[crand_old]})" "$(least ${R[crand_new]})"
+crow "server: CPU us per handshake" "$(least ${R[chs_old]})" "$(least ${R[chs_new]})"
+crow "bridge seq: CPU us per MB" "$(least ${R[cnseq_old]})" "$(least ${R[cnseq_new]})"
+crow "bridge rand 4 KiB: CPU us per request" "$(least ${R[cnrand_old]})" "$(least ${R[cnrand_new]})"
+echo "(runs old/new: rand${R[rand_old]} /${R[rand_new]}; bridge rand${R[nrand_old]} /${R[nrand_new]})"
+echo "(new: scraped every ${SCRAPE_EVERY}s; scrape of the server: $(curl -s -o /dev/null -w '%{size_download} bytes in %{time_total}s' http://127.0.0.1:$NEW_PORT/metrics))"
