@@ -35,7 +35,7 @@ func TestLongImageNameMergesIntoTheRightImage(t *testing.T) {
 	}
 	remote := &memRemote{data: testutil.GenImage(0, 2*cowformat.ClusterSize)}
 	srv := mergertest.Start(t)
-	m, err := upload.NewMerger(srv.URL, upload.MergerConfig{})
+	m, err := upload.NewMergerClient(srv.URL, upload.MergerConfig{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -4,10 +4,7 @@ import (
 	"fmt"
 
 	"github.com/dnbd3go/dnbd3go/cowformat"
-	"github.com/dnbd3go/dnbd3go/cowstore/upload"
 )
-
-var _ upload.Source = (*Overlay)(nil)
 
 // forEachSlot calls fn for every cluster with a data slot, holding its
 // lock for reading.

@@ -29,7 +29,7 @@ func TestRunWithManager(t *testing.T) {
 	}
 	s := startRun(t, context.Background(), args, openManager)
 	ctx := context.Background()
-	m, err := upload.NewMerger(s.addrs[0].String(), upload.MergerConfig{})
+	m, err := upload.NewMergerClient(s.addrs[0].String(), upload.MergerConfig{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -72,7 +72,7 @@ func TestRunWithManager(t *testing.T) {
 	}
 	m.CloseIdleConnections()
 	s = startRun(t, context.Background(), args, openManager)
-	m, err = upload.NewMerger(s.addrs[0].String(), upload.MergerConfig{})
+	m, err = upload.NewMergerClient(s.addrs[0].String(), upload.MergerConfig{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -210,7 +210,7 @@ func TestRunServesAndStopsCleanly(t *testing.T) {
 		t.Errorf("listen address not logged:\n%s", s.stderr)
 	}
 	ctx := context.Background()
-	m, err := upload.NewMerger(addr, upload.MergerConfig{Token: "t0k3n"})
+	m, err := upload.NewMergerClient(addr, upload.MergerConfig{Token: "t0k3n"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -226,7 +226,7 @@ func TestRunServesAndStopsCleanly(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Without the token: 401.
-	anon, _ := upload.NewMerger(addr, upload.MergerConfig{})
+	anon, _ := upload.NewMergerClient(addr, upload.MergerConfig{})
 	if _, err := anon.Status(ctx, id); err == nil || !strings.Contains(err.Error(), "401") {
 		t.Fatalf("status without token: %v", err)
 	}
@@ -420,7 +420,7 @@ func TestRunHTTPSAndHTTP(t *testing.T) {
 		t.Fatalf("addrs %v", s.addrs)
 	}
 	ctx := context.Background()
-	m, err := upload.NewMerger("https://"+s.addrs[0].String(), upload.MergerConfig{TLSConfig: &tls.Config{RootCAs: pool}})
+	m, err := upload.NewMergerClient("https://"+s.addrs[0].String(), upload.MergerConfig{TLSConfig: &tls.Config{RootCAs: pool}})
 	if err != nil {
 		t.Fatal(err)
 	}

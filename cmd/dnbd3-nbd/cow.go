@@ -33,8 +33,8 @@ type cowFlags struct {
 	tokenFile   string
 	caFile      string
 
-	client   *upload.Merger // built by validate from -C and its options
-	statsOut io.Writer      // where --cow-stats-stdout prints (the command's stdout)
+	client   *upload.MergerClient // built by validate from -C and its options
+	statsOut io.Writer            // where --cow-stats-stdout prints (the command's stdout)
 }
 
 func (c *cowFlags) register(fs *pflag.FlagSet) {
@@ -100,7 +100,7 @@ func (c *cowFlags) newMergerClient() error {
 		}
 		mc.Token = tok
 	}
-	m, err := upload.NewMerger(c.merger, mc)
+	m, err := upload.NewMergerClient(c.merger, mc)
 	if err != nil {
 		return fmt.Errorf("-C: %w", err)
 	}

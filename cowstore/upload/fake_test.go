@@ -227,7 +227,7 @@ type env struct {
 	clock *fakeClock
 	src   *fakeSource
 	srv   *mergertest.Server
-	m     *Merger
+	m     *MergerClient
 	cfg   Config
 }
 

@@ -50,9 +50,9 @@ type MergerConfig struct {
 	Now func() time.Time
 }
 
-// Merger is a client for the merger service's v1 REST API. It is safe for
+// MergerClient is a client for the merger service's v1 REST API. It is safe for
 // concurrent use.
-type Merger struct {
+type MergerClient struct {
 	base      string // scheme://host[:port][/prefix], no trailing slash
 	token     string
 	client    *http.Client
@@ -63,11 +63,11 @@ type Merger struct {
 	now       func() time.Time
 }
 
-// NewMerger returns a client for the merger at target, the value of the
+// NewMergerClient returns a client for the merger at target, the value of the
 // reference client's -C flag: "host:port" (plain HTTP, as the reference's
 // curl assumes) or an "http://" or "https://" URL, optionally with a path
 // prefix in front of /v1/.
-func NewMerger(target string, cfg MergerConfig) (*Merger, error) {
+func NewMergerClient(target string, cfg MergerConfig) (*MergerClient, error) {
 	base, err := parseMergerURL(target)
 	if err != nil {
 		return nil, err
@@ -75,7 +75,7 @@ func NewMerger(target string, cfg MergerConfig) (*Merger, error) {
 	if strings.ContainsAny(cfg.Token, "\r\n") || strings.TrimSpace(cfg.Token) != cfg.Token {
 		return nil, errors.New("merger token contains whitespace or line breaks: give exactly one token")
 	}
-	m := &Merger{
+	m := &MergerClient{
 		base:      base,
 		token:     cfg.Token,
 		client:    cfg.Client,
@@ -187,11 +187,11 @@ func ReadTokenFile(path string) (string, error) {
 }
 
 // URL returns the merger's base URL (scheme, host and path prefix).
-func (m *Merger) URL() string { return m.base }
+func (m *MergerClient) URL() string { return m.base }
 
 // CloseIdleConnections closes the kept-alive connections of a client the
 // Merger built itself (not of one passed in MergerConfig.Client).
-func (m *Merger) CloseIdleConnections() {
+func (m *MergerClient) CloseIdleConnections() {
 	if m.ownClient {
 		m.client.CloseIdleConnections()
 	}

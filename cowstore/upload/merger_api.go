@@ -26,7 +26,7 @@ const formType = "application/x-www-form-urlencoded"
 // Create opens a merger session for revision rid of image imageName and
 // returns its id. The merger must answer 2xx with the bare id (at most
 // MaxUUIDLength characters; one trailing newline is tolerated).
-func (m *Merger) Create(ctx context.Context, imageName string, rid uint16) (string, error) {
+func (m *MergerClient) Create(ctx context.Context, imageName string, rid uint16) (string, error) {
 	if imageName == "" {
 		return "", fmt.Errorf("merger create: no image name")
 	}
@@ -76,7 +76,7 @@ func statusHint(status int) string {
 // It returns nil on 2xx. Use BackPressure on the error to tell a request to
 // slow down (503, 429 or Retry-After, the cluster must stay dirty) from a
 // failure.
-func (m *Merger) Update(ctx context.Context, uuid string, cluster int, bitfield [cowformat.BitfieldSize]byte, blocks []byte) error {
+func (m *MergerClient) Update(ctx context.Context, uuid string, cluster int, bitfield [cowformat.BitfieldSize]byte, blocks []byte) error {
 	if err := checkUUID(uuid); err != nil {
 		return fmt.Errorf("merger update: %w", err)
 	}
@@ -106,7 +106,7 @@ func (m *Merger) Update(ctx context.Context, uuid string, cluster int, bitfield 
 // uploaded blocks on top, the result cut or extended to newFileSize.
 // A 2xx reply means the merger accepted the request; the merge itself may
 // run later.
-func (m *Merger) Merge(ctx context.Context, uuid string, originalFileSize, newFileSize int64) error {
+func (m *MergerClient) Merge(ctx context.Context, uuid string, originalFileSize, newFileSize int64) error {
 	if err := checkUUID(uuid); err != nil {
 		return fmt.Errorf("merger merge: %w", err)
 	}
@@ -142,7 +142,7 @@ type SessionStatus struct {
 }
 
 // Status asks the merger for a session's state.
-func (m *Merger) Status(ctx context.Context, uuid string) (SessionStatus, error) {
+func (m *MergerClient) Status(ctx context.Context, uuid string) (SessionStatus, error) {
 	var st SessionStatus
 	if err := checkUUID(uuid); err != nil {
 		return st, fmt.Errorf("merger status: %w", err)

@@ -29,7 +29,7 @@ type reply struct {
 func (r reply) ok() bool { return r.status >= 200 && r.status < 300 }
 
 // statusError turns a non-2xx reply into a *StatusError.
-func (m *Merger) statusError(op string, r reply) *StatusError {
+func (m *MergerClient) statusError(op string, r reply) *StatusError {
 	e := &StatusError{Op: op, StatusCode: r.status, Body: printable(r.body, 200)}
 	if d, ok := parseRetryAfter(r.header.Get("Retry-After"), m.now()); ok {
 		e.RetryAfter = d
@@ -41,7 +41,7 @@ func (m *Merger) statusError(op string, r reply) *StatusError {
 // GET); the body has an exact Content-Length and can be replayed by the
 // transport. A transport failure, a stall or a timeout is an error; any
 // HTTP status is a reply.
-func (m *Merger) do(ctx context.Context, op, method, endpoint, contentType string, parts ...[]byte) (reply, error) {
+func (m *MergerClient) do(ctx context.Context, op, method, endpoint, contentType string, parts ...[]byte) (reply, error) {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	if m.timeout > 0 {
@@ -103,7 +103,7 @@ func (m *Merger) do(ctx context.Context, op, method, endpoint, contentType strin
 }
 
 // transportError explains a failed request, naming a stall or timeout.
-func (m *Merger) transportError(ctx context.Context, op string, err error) error {
+func (m *MergerClient) transportError(ctx context.Context, op string, err error) error {
 	switch context.Cause(ctx) {
 	case errStalled:
 		return fmt.Errorf("merger %s: no progress for %s, aborted (is the merger at %s overloaded or hanging?): %w", op, m.stall, m.base, err)

@@ -79,9 +79,9 @@ func (rec *recorder) last(t *testing.T) seen {
 	return rec.reqs[len(rec.reqs)-1]
 }
 
-func newTestMerger(t *testing.T, target string, cfg MergerConfig) *Merger {
+func newTestMerger(t *testing.T, target string, cfg MergerConfig) *MergerClient {
 	t.Helper()
-	m, err := NewMerger(target, cfg)
+	m, err := NewMergerClient(target, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -384,13 +384,13 @@ func TestHTTPSWithCAFileAndToken(t *testing.T) {
 			t.Errorf("ReadTokenFile accepted %q", content)
 		}
 	}
-	if _, err := NewMerger(ts.URL, MergerConfig{CAFile: tokFile}); err == nil {
+	if _, err := NewMergerClient(ts.URL, MergerConfig{CAFile: tokFile}); err == nil {
 		t.Error("NewMerger accepted a CA file without certificates")
 	}
-	if _, err := NewMerger(ts.URL, MergerConfig{Client: ts.Client(), CAFile: caFile}); err == nil {
+	if _, err := NewMergerClient(ts.URL, MergerConfig{Client: ts.Client(), CAFile: caFile}); err == nil {
 		t.Error("NewMerger accepted Client and CAFile together")
 	}
-	if _, err := NewMerger(ts.URL, MergerConfig{Token: "a\nb"}); err == nil {
+	if _, err := NewMergerClient(ts.URL, MergerConfig{Token: "a\nb"}); err == nil {
 		t.Error("NewMerger accepted a token with a newline")
 	}
 }

@@ -124,7 +124,7 @@ var ErrFinished = errors.New("upload: the uploader has already finished")
 // detach (Finish). Its methods are safe for concurrent use.
 type Uploader struct {
 	src Source
-	m   *Merger
+	m   *MergerClient
 	cfg Config
 	log *slog.Logger
 
@@ -156,7 +156,7 @@ type Uploader struct {
 }
 
 // New returns an Uploader for the overlay src and the merger m (not nil).
-func New(src Source, m *Merger, cfg Config) *Uploader {
+func New(src Source, m *MergerClient, cfg Config) *Uploader {
 	cfg = cfg.withDefaults()
 	u := &Uploader{
 		src: src,

@@ -21,9 +21,9 @@ import (
 // These tests drive the handler with dnbd3go's own merger client
 // (cowstore/upload), which sends what dnbd3-fuse sends.
 
-func newClient(t *testing.T, target string, cfg upload.MergerConfig) *upload.Merger {
+func newClient(t *testing.T, target string, cfg upload.MergerConfig) *upload.MergerClient {
 	t.Helper()
-	m, err := upload.NewMerger(target, cfg)
+	m, err := upload.NewMergerClient(target, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

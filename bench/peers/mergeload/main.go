@@ -27,7 +27,7 @@ func main() {
 	parallel := flag.Int("parallel", 10, "parallel uploads")
 	flag.Parse()
 	ctx := context.Background()
-	m, err := upload.NewMerger(*url, upload.MergerConfig{})
+	m, err := upload.NewMergerClient(*url, upload.MergerConfig{})
 	if err != nil {
 		fail(err)
 	}

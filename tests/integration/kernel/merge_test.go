@@ -64,7 +64,7 @@ func sessionUUID(t *testing.T, sess string) string {
 // waitState polls the merger until the session is in one of states.
 func waitState(t *testing.T, addr, uuid string, within time.Duration, states ...string) string {
 	t.Helper()
-	mc, err := upload.NewMerger(addr, upload.MergerConfig{})
+	mc, err := upload.NewMergerClient(addr, upload.MergerConfig{})
 	if err != nil {
 		t.Fatal(err)
 	}
