@@ -11,6 +11,8 @@ import (
 	"encoding/json"
 	"net/http"
 	"strconv"
+
+	"github.com/dnbd3go/dnbd3go/internal/statusui"
 )
 
 //go:embed statusui
@@ -20,7 +22,7 @@ var statusUI embed.FS
 var statusAssets = map[string][2]string{
 	"/":           {"statusui/index.html", "text/html; charset=utf-8"},
 	"/status.js":  {"statusui/status.js", "text/javascript; charset=utf-8"},
-	"/status.css": {"statusui/status.css", "text/css; charset=utf-8"},
+	"/status.css": {"", "text/css; charset=utf-8"}, // statusui.BaseCSS
 }
 
 // Page sizes of the status JSON: the page shows a page of images and one
@@ -39,18 +41,16 @@ func (r *rpcServer) statusPage(w http.ResponseWriter, req *http.Request, perm ac
 		return
 	}
 	a := statusAssets[req.URL.Path]
-	body, err := statusUI.ReadFile(a[0])
-	if err != nil {
-		textReply(w, http.StatusInternalServerError, "status page missing from the build")
-		return
+	body := statusui.BaseCSS
+	if a[0] != "" {
+		var err error
+		if body, err = statusUI.ReadFile(a[0]); err != nil {
+			textReply(w, http.StatusInternalServerError, "status page missing from the build")
+			return
+		}
 	}
-	h := w.Header()
-	h.Set("Content-Type", a[1])
-	h.Set("Content-Length", strconv.Itoa(len(body)))
-	h.Set("Cache-Control", "no-cache")
-	h.Set("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'")
-	h.Set("X-Content-Type-Options", "nosniff")
-	w.Write(body)
+	w.Header().Set("Cache-Control", "no-cache")
+	statusui.WriteAsset(w, body, a[1])
 }
 
 // statusJSON answers /status.json?ioff=&ilim=&iq=&coff=&clim=&cq=.

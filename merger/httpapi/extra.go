@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/internal/statusui"
 	"github.com/dnbd3go/dnbd3go/merger"
 )
 
@@ -24,7 +25,7 @@ var statusUI embed.FS
 var statusAssets = map[string][2]string{
 	"/":           {"statusui/index.html", "text/html; charset=utf-8"},
 	"/status.js":  {"statusui/status.js", "text/javascript; charset=utf-8"},
-	"/status.css": {"statusui/status.css", "text/css; charset=utf-8"},
+	"/status.css": {"statusui/merger.css", "text/css; charset=utf-8"}, // after statusui.BaseCSS
 }
 
 // sessionLister is what the status page needs from the Service
@@ -113,8 +114,8 @@ func (h *handler) servePage(w http.ResponseWriter, r *http.Request) {
 		writeText(w, http.StatusInternalServerError, "status page missing from the build")
 		return
 	}
-	hd.Set("Content-Type", a[1])
-	hd.Set("Content-Length", strconv.Itoa(len(body)))
-	hd.Set("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'")
-	w.Write(body)
+	if r.URL.Path == "/status.css" {
+		body = statusui.CSS(body)
+	}
+	statusui.WriteAsset(w, body, a[1])
 }
