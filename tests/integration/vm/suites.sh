@@ -27,14 +27,16 @@ DISK=out/vm-cowdisk.img
 # initiator and copies the host's open-iscsi daemon and tool (package
 # open-iscsi, installed by scripts/deps.sh).
 SUITES=(
-  "bridge|600|150|-skip ^Test(COW|Merge|Cowtest|ISCSI) -files $DATA"
-  "iscsi|240|35|-run ^TestISCSI -files $DATA -mod iscsi_tcp -mod sd_mod -hostbin iscsid -hostbin iscsiadm"
-  "cow|300|60|-run ^Test(COW|Merge) -files $DATA"
-  "cowtest-random|600|170|-run ^TestCowtestRandom$ -disk-snapshot $DISK"
-  # cowtest-sequence: 1,354 s at host load 7-11 (before: 1,072-1,191 s quiet,
-  # 1,477 s loaded); about 850 s quiet is an estimate from a same-time A/B of
-  # the scaled sequence (TestCowtestProbeSequence: -t 1.56x, -v 1.17x faster).
-  "cowtest-sequence|1800|850|-run ^TestCowtestSequenceWithMerger$ -disk-snapshot $DISK"
+  # Quiet durations measured in one `make test` on an otherwise idle 2-core
+  # machine (2026-12-03, whole make test 20m33s). Under a load of 8-18 the
+  # same suites took 2.5-4.5x as long (bridge 577 s, cowtest-sequence
+  # 1,354-1,477 s), hence limits well above twice the quiet figure.
+  "bridge|900|126|-skip ^Test(COW|Merge|Cowtest|ISCSI) -files $DATA"
+  "iscsi|240|21|-run ^TestISCSI -files $DATA -mod iscsi_tcp -mod sd_mod -hostbin iscsid -hostbin iscsiadm"
+  "cow|300|73|-run ^Test(COW|Merge) -files $DATA"
+  "cowtest-random|600|113|-run ^TestCowtestRandom$ -disk-snapshot $DISK"
+  # -t 3m3s, -v of the device 2m3s, -v of the merged file 44s.
+  "cowtest-sequence|1800|498|-run ^TestCowtestSequenceWithMerger$ -disk-snapshot $DISK"
 )
 
 if [ "${1:-}" = -list ]; then
