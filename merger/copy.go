@@ -118,39 +118,11 @@ func copyRange(dst, src *os.File, off, n int64) (int64, error) {
 // copyStream copies n bytes at off through a buffer, leaving all-zero
 // pieces as holes (dst was extended with Truncate, so they read as 0).
 func copyStream(dst, src *os.File, off, n int64) error {
-	buf := make([]byte, min(n, 1<<20))
-	for n > 0 {
-		p := buf[:min(n, int64(len(buf)))]
-		if _, err := src.ReadAt(p, off); err != nil {
-			if err == io.EOF {
-				err = fmt.Errorf("at offset %d: %w (the original image shrank during the merge)", off, io.ErrUnexpectedEOF)
-			}
-			return fmt.Errorf("read %s: %w", src.Name(), err)
-		}
-		if !allZero(p) {
-			if _, err := dst.WriteAt(p, off); err != nil {
-				return err
-			}
-		}
-		off += int64(len(p))
-		n -= int64(len(p))
+	err := fsutil.CopyBuffered(dst, src, off, n, true)
+	if errors.Is(err, io.ErrUnexpectedEOF) {
+		err = fmt.Errorf("%w (the original image shrank during the merge)", err)
 	}
-	return nil
-}
-
-func allZero(p []byte) bool {
-	for len(p) >= 8 {
-		if p[0]|p[1]|p[2]|p[3]|p[4]|p[5]|p[6]|p[7] != 0 {
-			return false
-		}
-		p = p[8:]
-	}
-	for _, b := range p {
-		if b != 0 {
-			return false
-		}
-	}
-	return true
+	return err
 }
 
 // forDataSegments calls fn for each range of [0, n) of f that may hold

@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -530,7 +531,7 @@ func writeSparse(t *testing.T, path string, content []byte) {
 	const piece = 64 << 10
 	for off := 0; off < len(content); off += piece {
 		p := content[off:min(off+piece, len(content))]
-		if !allZero(p) {
+		if slices.ContainsFunc(p, func(b byte) bool { return b != 0 }) {
 			if _, err := f.WriteAt(p, int64(off)); err != nil {
 				t.Fatal(err)
 			}

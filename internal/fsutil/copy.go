@@ -36,7 +36,7 @@ func CopyRange(dst, src *os.File, off, n int64) (string, error) {
 	case err == nil:
 		return CopyFileRange, nil
 	case copied == 0 && CopyUnsupported(err):
-		return CopyStream, copyStream(dst, src, off, n)
+		return CopyStream, CopyBuffered(dst, src, off, n, false)
 	}
 	return CopyFileRange, err
 }
@@ -80,8 +80,12 @@ func CopyUnsupported(err error) bool {
 		errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EINVAL)
 }
 
-// copyStream copies n bytes at off through a buffer.
-func copyStream(dst, src *os.File, off, n int64) error {
+// CopyBuffered copies the n bytes at offset off of src to the same offset
+// of dst through a buffer in user space; a src that ends first is
+// io.ErrUnexpectedEOF. With skipZeros, pieces that are all zero are not
+// written, so they stay holes in a dst that was extended with Truncate
+// (and read as zeros).
+func CopyBuffered(dst, src *os.File, off, n int64, skipZeros bool) error {
 	buf := make([]byte, min(n, 1<<20))
 	for n > 0 {
 		p := buf[:min(n, int64(len(buf)))]
@@ -91,13 +95,30 @@ func copyStream(dst, src *os.File, off, n int64) error {
 			}
 			return fmt.Errorf("read %s at %d: %w", src.Name(), off, err)
 		}
-		if _, err := dst.WriteAt(p, off); err != nil {
-			return err
+		if !skipZeros || !allZero(p) {
+			if _, err := dst.WriteAt(p, off); err != nil {
+				return err
+			}
 		}
 		off += int64(len(p))
 		n -= int64(len(p))
 	}
 	return nil
+}
+
+func allZero(p []byte) bool {
+	for len(p) >= 8 {
+		if p[0]|p[1]|p[2]|p[3]|p[4]|p[5]|p[6]|p[7] != 0 {
+			return false
+		}
+		p = p[8:]
+	}
+	for _, b := range p {
+		if b != 0 {
+			return false
+		}
+	}
+	return true
 }
 
 // withFds runs fn with the descriptors of a and b.
