@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"os"
 
+	"github.com/dnbd3go/dnbd3go/internal/fsutil"
 	"github.com/dnbd3go/dnbd3go/protocol"
 	"golang.org/x/sys/unix"
 )
@@ -217,25 +218,9 @@ func (m *Manager) writeCRCTemp(p *mergePlan, out *os.File) (fileID, crcStats, er
 			"session", p.uuid, "list", p.src+".crc")
 	}
 	path := p.temp + crcSuffix
-	if err := writeSynced(path, protocol.MarshalCRCList(list)); err != nil {
+	if err := fsutil.WriteFileSync(path, protocol.MarshalCRCList(list), os.O_TRUNC, 0o644); err != nil {
 		return fileID{}, st, fmt.Errorf("write the CRC list: %w", err)
 	}
 	id, err := statID(path)
 	return id, st, err
-}
-
-// writeSynced creates (or truncates) path with data and fsyncs it.
-func writeSynced(path string, data []byte) error {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	return err
 }

@@ -105,7 +105,7 @@ func computeCRCFile(image, path string) error {
 	if err != nil {
 		return fmt.Errorf("compute the CRC list of %s: %w", image, err)
 	}
-	return writeSynced(path, protocol.MarshalCRCList(list))
+	return fsutil.WriteFileSync(path, protocol.MarshalCRCList(list), os.O_TRUNC, 0o644)
 }
 
 // removeCRCIf removes <dest>.crc if it is the file id names.

@@ -7,6 +7,7 @@ import (
 	"os"
 	"slices"
 
+	"github.com/dnbd3go/dnbd3go/internal/fsutil"
 	"github.com/dnbd3go/dnbd3go/protocol"
 )
 
@@ -78,22 +79,9 @@ func WriteCRCFile(path string) ([]uint32, error) {
 // writeFileExclusive creates path with data and syncs it; it fails if the
 // file exists. A partial file is removed on error.
 func writeFileExclusive(path string, data []byte) error {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
-	if err != nil {
-		if errors.Is(err, os.ErrExist) {
-			return fmt.Errorf("%s already exists; remove it first if you want to recreate it", path)
-		}
-		return err
-	}
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		os.Remove(path)
+	err := fsutil.WriteFileSync(path, data, os.O_EXCL, 0o644)
+	if errors.Is(err, os.ErrExist) {
+		return fmt.Errorf("%s already exists; remove it first if you want to recreate it", path)
 	}
 	return err
 }

@@ -52,13 +52,37 @@ func ReplaceFile(path string, data []byte, perm fs.FileMode) error {
 
 func replaceFile(path string, data []byte, perm fs.FileMode, sync bool) error {
 	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, perm)
+	err := writeFile(tmp, data, os.O_TRUNC, perm, sync)
+	if err == nil {
+		err = os.Rename(tmp, path)
+		if err != nil {
+			os.Remove(tmp)
+		}
+	}
 	if err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
+	return nil
+}
+
+// WriteFileSync writes data to path, opened with
+// os.O_WRONLY|os.O_CREATE|flag (flag adds os.O_TRUNC or os.O_EXCL), fsyncs
+// and closes it. Without os.O_EXCL a file that existed is given perm. A
+// file it opened is removed if a later step fails; with os.O_EXCL an
+// existing path is an error satisfying errors.Is(err, fs.ErrExist).
+func WriteFileSync(path string, data []byte, flag int, perm fs.FileMode) error {
+	return writeFile(path, data, flag, perm, true)
+}
+
+// writeFile is WriteFileSync, syncing only if sync.
+func writeFile(path string, data []byte, flag int, perm fs.FileMode, sync bool) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|flag, perm)
+	if err != nil {
+		return err
+	}
 	_, err = f.Write(data)
-	if err == nil {
-		err = f.Chmod(perm) // an old tmp file kept its mode
+	if err == nil && flag&os.O_EXCL == 0 {
+		err = f.Chmod(perm) // a file that existed kept its mode
 	}
 	if err == nil && sync {
 		err = f.Sync()
@@ -66,14 +90,10 @@ func replaceFile(path string, data []byte, perm fs.FileMode, sync bool) error {
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
 	if err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("write %s: %w", path, err)
+		os.Remove(path)
 	}
-	return nil
+	return err
 }
 
 // Fdatasync flushes f's data and the metadata needed to read it back (its

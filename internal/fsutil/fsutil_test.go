@@ -1,6 +1,8 @@
 package fsutil
 
 import (
+	"errors"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"testing"
@@ -93,5 +95,30 @@ func TestReplaceFileDiskSpaceFdatasync(t *testing.T) {
 	defer f.Close()
 	if err := Fdatasync(f); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestWriteFileSync truncates and rewrites with os.O_TRUNC (giving an
+// existing file perm) and refuses an existing file with os.O_EXCL,
+// leaving it as it was.
+func TestWriteFileSync(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "f")
+	if err := os.WriteFile(p, []byte("old, longer content"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := WriteFileSync(p, []byte("new"), os.O_TRUNC, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := os.ReadFile(p); err != nil || string(got) != "new" {
+		t.Fatalf("content %q (%v), want %q", got, err, "new")
+	}
+	if fi, err := os.Stat(p); err != nil || fi.Mode().Perm() != 0o644 {
+		t.Fatalf("mode %v %v", fi.Mode(), err)
+	}
+	if err := WriteFileSync(p, []byte("other"), os.O_EXCL, 0o644); !errors.Is(err, fs.ErrExist) {
+		t.Fatalf("exclusive write over an existing file: %v, want fs.ErrExist", err)
+	}
+	if got, err := os.ReadFile(p); err != nil || string(got) != "new" {
+		t.Fatalf("after the refused write: content %q (%v), want %q", got, err, "new")
 	}
 }
