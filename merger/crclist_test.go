@@ -241,19 +241,35 @@ func TestCRCSourcesFromOriginal(t *testing.T) {
 // crash no revision is visible without its list, and recovery ends with
 // the revision and its correct list, or (conflict) with the other
 // revision untouched and no list of ours beside it.
+//
+// The sequence and the state each crash leaves (a power loss before a
+// directory sync undoes the rename it would have made durable, which is
+// the state of the point before that rename):
+//
+//	write the list to <temp>.crc   synced: no list, or a torn one (synced/crc-temp-torn)
+//	sync it                        crcwritten
+//	persist the finalize record    finalizing (also: temp list lost, a stale <dest>.crc)
+//	rename the list, sync the dir  crcplaced (also: list lost, image lost, dest appeared)
+//	rename the image               renamed (also: list lost; the link+unlink
+//	                               fallback left the temporary name too)
+//	sync the dirs, persist Done    renamed
 func TestCrashBetweenRenames(t *testing.T) {
 	cases := []struct {
 		point, variant string
 	}{
+		{hookSynced, ""},
+		{hookSynced, "crc-temp-torn"},
 		{hookCRCWritten, ""},
 		{hookFinalizing, ""},
 		{hookFinalizing, "crc-temp-lost"},
+		{hookFinalizing, "stale-crc"},
 		{hookCRCPlaced, ""},
 		{hookCRCPlaced, "crc-lost"},
 		{hookCRCPlaced, "image-temp-lost"},
 		{hookCRCPlaced, "dest-appeared"},
 		{hookRenamed, ""},
 		{hookRenamed, "crc-lost"},
+		{hookRenamed, "temp-link-left"},
 	}
 	for _, c := range cases {
 		t.Run(c.point+"/"+c.variant, func(t *testing.T) {
@@ -278,7 +294,7 @@ func TestCrashBetweenRenames(t *testing.T) {
 			want := expectedImage(original, ups, size, size)
 			img, crc := e.destFile("x.r2"), e.destFile("x.r2.crc")
 			switch c.point {
-			case hookCRCWritten, hookFinalizing:
+			case hookSynced, hookCRCWritten, hookFinalizing:
 				if img != nil || crc != nil {
 					t.Fatalf("after a crash at %s (before the renames): image %v, list %v visible", c.point, img != nil, crc != nil)
 				}
@@ -293,8 +309,16 @@ func TestCrashBetweenRenames(t *testing.T) {
 			}
 			planted := []byte("someone else's revision 2")
 			switch c.variant {
+			case "crc-temp-torn":
+				os.WriteFile(filepath.Join(e.work, info.UUID, mergeTempName+crcSuffix), wantCRCFile(t, want)[:6], 0o644)
 			case "crc-temp-lost":
 				mustRemove(t, filepath.Join(e.work, info.UUID, mergeTempName+crcSuffix))
+			case "stale-crc":
+				os.WriteFile(filepath.Join(e.dest, "x.r2.crc"), wantCRCFile(t, original), 0o644)
+			case "temp-link-left":
+				if err := os.Link(filepath.Join(e.dest, "x.r2"), filepath.Join(e.work, info.UUID, mergeTempName)); err != nil {
+					t.Fatal(err)
+				}
 			case "crc-lost":
 				mustRemove(t, filepath.Join(e.dest, "x.r2.crc"))
 			case "image-temp-lost":
