@@ -157,3 +157,52 @@ func TestReadAheadFailedFetch(t *testing.T) {
 		t.Fatal("wrong bytes after a failed fetch ahead")
 	}
 }
+
+// Blocks written to the overlay are read from the data file even where
+// the read-ahead holds the remote bytes of their segment: a sequential
+// reader that goes on into the segments fetched ahead, which were written
+// meanwhile, gets what was written, and the remote bytes around it
+// (served from the segments).
+func TestReadAheadNeverServesWrittenBlocks(t *testing.T) {
+	remote := cowsrc() // 8 MiB
+	o := newSession(t, remote)
+	want := bytes.Clone(remote.data)
+	const piece = 64 << 10
+	readSeq := func(from, to int64) {
+		t.Helper()
+		got := make([]byte, piece)
+		for off := from; off < to; off += piece {
+			if _, err := o.ReadAt(got, off); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got, want[off:off+piece]) {
+				t.Fatalf("read at %d: wrong bytes", off)
+			}
+		}
+	}
+	readSeq(0, 2<<20) // fetches segments 2 and 3 ahead
+	waitReadAhead(o)
+	ra := o.remote.(*readAhead)
+	writes := [][2]int64{{2<<20 + 1000, 5000}, {3<<20 - 10, 20}, {3<<20 + 4096, 4096}, {4<<20 - 100, 100}}
+	for _, w := range writes {
+		if s := ra.lookup(w[0] / raSegment); s == nil || !s.ok {
+			t.Fatalf("segment %d is not held: the test does not cover a cached segment", w[0]/raSegment)
+		}
+	}
+	rng := rand.New(rand.NewPCG(11, 12))
+	for _, w := range writes {
+		p := make([]byte, w[1])
+		for i := range p {
+			p[i] = byte(rng.Uint32())
+		}
+		if _, err := o.WriteAt(p, w[0]); err != nil {
+			t.Fatal(err)
+		}
+		copy(want[w[0]:], p)
+	}
+	hits := ra.hits.Load()
+	readSeq(2<<20, 4<<20)
+	if ra.hits.Load() == hits {
+		t.Error("the reads after the writes used no read-ahead segment: the test does not cover it")
+	}
+}
