@@ -1,6 +1,7 @@
 package cowstore
 
 import (
+	"slices"
 	"sync"
 	"sync/atomic"
 )
@@ -120,6 +121,10 @@ func (ra *readAhead) read(p []byte, off int64) (int, error) {
 func (ra *readAhead) lookup(idx int64) *segment {
 	ra.mu.Lock()
 	defer ra.mu.Unlock()
+	return ra.lookupLocked(idx)
+}
+
+func (ra *readAhead) lookupLocked(idx int64) *segment {
 	for _, s := range ra.segs {
 		if s.index == idx {
 			return s
@@ -135,11 +140,7 @@ func (ra *readAhead) fetchAfter(end int64) {
 	ra.mu.Lock()
 	defer ra.mu.Unlock()
 	for idx := first; idx < first+raAhead && idx*raSegment < ra.size; idx++ {
-		held := false
-		for _, s := range ra.segs {
-			held = held || s.index == idx
-		}
-		if held || !ra.evictLocked() {
+		if ra.lookupLocked(idx) != nil || !ra.evictLocked() {
 			continue
 		}
 		s := &segment{index: idx, done: make(chan struct{})}
@@ -179,11 +180,6 @@ func (ra *readAhead) fetch(s *segment) {
 	}
 	// a failed fetch is forgotten: readers read the remote image directly
 	ra.mu.Lock()
-	for i, x := range ra.segs {
-		if x == s {
-			ra.segs = append(ra.segs[:i], ra.segs[i+1:]...)
-			break
-		}
-	}
+	ra.segs = slices.DeleteFunc(ra.segs, func(x *segment) bool { return x == s })
 	ra.mu.Unlock()
 }
