@@ -25,11 +25,8 @@ func newBearerAuth(token string) *bearerAuth {
 // WWW-Authenticate challenge and returns the reason for the log.
 func (a *bearerAuth) check(w http.ResponseWriter, r *http.Request) (ok bool, reason string) {
 	got, ok := bearerToken(r.Header.Get("Authorization"))
-	if ok {
-		sum := sha256.Sum256([]byte(got))
-		if subtle.ConstantTimeCompare(sum[:], a.sum[:]) == 1 {
-			return true, ""
-		}
+	if ok && a.matches(got) {
+		return true, ""
 	}
 	challenge := `Bearer realm="dnbd3-merger"`
 	reason = "no bearer token"
@@ -40,6 +37,12 @@ func (a *bearerAuth) check(w http.ResponseWriter, r *http.Request) (ok bool, rea
 	w.Header().Set("WWW-Authenticate", challenge)
 	writeText(w, http.StatusUnauthorized, "Unauthorized: "+reason)
 	return false, reason
+}
+
+// matches reports whether tok is the token, in constant time.
+func (a *bearerAuth) matches(tok string) bool {
+	sum := sha256.Sum256([]byte(tok))
+	return subtle.ConstantTimeCompare(sum[:], a.sum[:]) == 1
 }
 
 // bearerToken extracts the token from an Authorization header value

@@ -7,8 +7,6 @@ package httpapi
 // "Authorization: Bearer <token>".
 
 import (
-	"crypto/sha256"
-	"crypto/subtle"
 	"embed"
 	"encoding/json"
 	"net/http"
@@ -64,17 +62,11 @@ func (h *handler) pageAuth(w http.ResponseWriter, r *http.Request) bool {
 	if h.auth == nil {
 		return true
 	}
-	if _, pw, ok := r.BasicAuth(); ok {
-		sum := sha256.Sum256([]byte(pw))
-		if subtle.ConstantTimeCompare(sum[:], h.auth.sum[:]) == 1 {
-			return true
-		}
+	if _, pw, ok := r.BasicAuth(); ok && h.auth.matches(pw) {
+		return true
 	}
-	if tok, ok := bearerToken(r.Header.Get("Authorization")); ok {
-		sum := sha256.Sum256([]byte(tok))
-		if subtle.ConstantTimeCompare(sum[:], h.auth.sum[:]) == 1 {
-			return true
-		}
+	if tok, ok := bearerToken(r.Header.Get("Authorization")); ok && h.auth.matches(tok) {
+		return true
 	}
 	w.Header().Set("WWW-Authenticate", `Basic realm="dnbd3-merger (password: the token)", charset="UTF-8"`)
 	writeText(w, http.StatusUnauthorized, "Unauthorized: the status page needs the token (as the password)")
