@@ -48,8 +48,8 @@ const (
 )
 
 // MaxImageSize is the largest newFileSize a merge accepts: the COW
-// format addresses 10^12 bytes.
-const MaxImageSize = 1_000_000_000_000
+// format addresses 10^12 bytes (cowformat.MaxImageSize).
+const MaxImageSize = cowformat.MaxImageSize
 
 // Back-pressure delays suggested to clients (the reference client honours
 // Retry-After up to 120 s).
