@@ -47,14 +47,7 @@ func (m *Manager) Describe(ch chan<- *prometheus.Desc) {
 
 // Collect sends the current values of the Manager's metrics.
 func (m *Manager) Collect(ch chan<- prometheus.Metric) {
-	count := map[State]int{}
-	for _, s := range m.allSessions() {
-		s.mu.Lock()
-		if !s.deleted {
-			count[s.meta.State]++
-		}
-		s.mu.Unlock()
-	}
+	count, _ := m.stateCounts()
 	for _, st := range allStates {
 		ch <- prometheus.MustNewConstMetric(mdSessions, prometheus.GaugeValue, float64(count[st]), string(st))
 	}
@@ -67,6 +60,21 @@ func (m *Manager) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(mdFree, prometheus.GaugeValue, float64(free), d.name)
 		}
 	}
+}
+
+// stateCounts counts the sessions (those being deleted left out) by
+// state, and in all.
+func (m *Manager) stateCounts() (count map[State]int, total int) {
+	count = map[State]int{}
+	for _, s := range m.allSessions() {
+		s.mu.Lock()
+		if !s.deleted {
+			count[s.meta.State]++
+			total++
+		}
+		s.mu.Unlock()
+	}
+	return count, total
 }
 
 // recordMerge counts a merge that ended after it started at start.

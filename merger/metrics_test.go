@@ -12,7 +12,8 @@ import (
 
 // TestManagerMetrics merges a session and checks the collected values:
 // one Done session, one merge done, its clusters counted, one duration
-// sample; an Active session counts as Active; Sessions lists both.
+// sample; an Active session counts as Active; the status line and
+// Sessions list both.
 func TestManagerMetrics(t *testing.T) {
 	e := newEnv(t)
 	rng := rand.New(rand.NewPCG(3, 4))
@@ -71,6 +72,9 @@ dnbd3_merger_merges_total{outcome="failed"} 0
 	}
 	if durations != 1 || free != 2 {
 		t.Errorf("duration samples %d, free space gauges %d", durations, free)
+	}
+	if got, want := m.StatusLine(), "2 sessions: 1 active, 0 merging"; got != want {
+		t.Errorf("StatusLine %q, want %q", got, want)
 	}
 	list := m.Sessions()
 	if len(list) < 2 || list[0].UUID != active.UUID && list[1].UUID != active.UUID {
