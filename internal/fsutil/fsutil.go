@@ -1,8 +1,8 @@
 // Package fsutil holds the file operations the server, the COW overlay,
-// the uploader and the merger share: an atomic replace of a small file, a
-// rename that never replaces, fdatasync, the fsync of a directory that
-// makes renames and unlinks in it durable, and the free space of a file
-// system.
+// the uploader and the merger share: a synced write of a small file and
+// an atomic replace of one, a rename that never replaces, fdatasync, the
+// fsync of a directory that makes renames and unlinks in it durable, the
+// free space of a file system, and copies of file ranges (copy.go).
 package fsutil
 
 import (
