@@ -154,3 +154,24 @@ func TestStartReadAfterReadAtHops(t *testing.T) {
 		t.Fatalf("server saw %d requests with hops after the asynchronous reads, want 4", got)
 	}
 }
+
+// TestStartReadAllocations: the asynchronous read path of the kernel
+// bridge allocates no more per 4 KiB read than ReadAt does (the one
+// allocation counted is the test server's reply; the client makes none).
+func TestStartReadAllocations(t *testing.T) {
+	srv := startServer(t, dnbd3test.Image{Name: "test", Data: genImage(1<<20, 0)})
+	img := openT(t, fastConfig(t, "test", srv.Addr()))
+	buf := make([]byte, 4096)
+	done := make(doneChan, 1)
+	read := func() {
+		img.StartRead(buf, 8192, done)
+		img.SendStarted()
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+	}
+	read()
+	if allocs := testing.AllocsPerRun(200, read); allocs > 1 {
+		t.Fatalf("%.1f allocations per 4 KiB StartRead, want <= 1", allocs)
+	}
+}
