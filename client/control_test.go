@@ -105,14 +105,8 @@ func TestRemovedServerNotLearnedAgain(t *testing.T) {
 func TestSwitchServerPins(t *testing.T) {
 	t.Parallel()
 	data := genImage(1<<20, 23)
-	fast, slow := startPair(t, data)
-	slow.Update(func(bh *dnbd3test.Behavior) { bh.BlockDelay = 30 * time.Millisecond })
-	cfg := fastConfig(t, "test", fast.Addr(), slow.Addr())
-	cfg.OpenStagger = 300 * time.Millisecond // the fast one wins Open
-	cfg.NoProbe = false
-	cfg.ProbeStartupInterval = 40 * time.Millisecond
+	slow, fast, cfg := slowFastPair(t, data, false) // the fast one wins Open
 	cfg.ProbeAfterSwitch = 40 * time.Millisecond
-	cfg.StallTimeout = 2 * time.Second
 	img := openT(t, cfg)
 	stop := make(chan struct{})
 	errc := make(chan error, 1)
