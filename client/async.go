@@ -72,17 +72,9 @@ func (i *Image) StartRead(p []byte, off int64, t ReadTarget) {
 		g = &asyncGroup{left: (n + maxReq - 1) / maxReq, target: t}
 	}
 	for k := 0; k < n; k += maxReq {
-		r := i.reqs.Get().(*request)
 		end := min(k+maxReq, n)
-		r.handle = i.nextHandle
-		i.nextHandle++
-		r.buf = p[k:end:end]
-		r.off = uint64(off) + uint64(k)
-		r.state = statePending
-		r.start = now
+		r := i.queueLocked(p[k:end:end], uint64(off)+uint64(k), 0, now)
 		r.target, r.group = t, g
-		i.pending[r.handle] = r
-		i.waitq = append(i.waitq, queued{r: r, handle: r.handle})
 	}
 	i.holdSend = true
 	i.dispatchLocked(now)
@@ -142,12 +134,7 @@ func (i *Image) completeLocked(r *request, err error) {
 	if t != nil {
 		i.completions = append(i.completions, completion{t, err})
 	}
-	r.buf = nil
-	r.err = nil
-	r.conn = nil
-	r.cancelled = false
-	r.target, r.group = nil, nil
-	i.reqs.Put(r)
+	i.recycle(r)
 }
 
 // unlock releases i.mu and then runs the ReadDone calls of asynchronous

@@ -1,6 +1,7 @@
 package client
 
 import (
+	"context"
 	"errors"
 	"math/rand/v2"
 	"testing"
@@ -121,5 +122,59 @@ func TestStartReadDeadlineAndClose(t *testing.T) {
 	img2.StartRead(make([]byte, 10), 0, ch)
 	if err := <-ch; !errors.Is(err, ErrClosed) {
 		t.Fatalf("read after Close: %v", err)
+	}
+}
+
+// TestStartReadAfterReadAtHops: an asynchronous read that reuses a pooled
+// request of a ReadAtHops read sends hop count 0, not the old one.
+func TestStartReadAfterReadAtHops(t *testing.T) {
+	t.Parallel()
+	data := genImage(256<<10, 31)
+	srv := startServer(t, dnbd3test.Image{Name: "test", Data: data})
+	img := openT(t, fastConfig(t, "test", srv.Addr()))
+	buf := make([]byte, 4096)
+	for k := 0; k < 4; k++ {
+		if _, err := img.ReadAtHops(context.Background(), buf, int64(k)*4096, 3); err != nil {
+			t.Fatalf("ReadAtHops: %v", err)
+		}
+	}
+	if got := srv.HopBlocks(); got != 4 {
+		t.Fatalf("server saw %d requests with hops, want 4", got)
+	}
+	for k := 0; k < 4; k++ {
+		done := make(doneChan, 1)
+		img.StartRead(buf, int64(k)*4096, done)
+		img.SendStarted()
+		if err := <-done; err != nil {
+			t.Fatalf("StartRead: %v", err)
+		}
+		checkRange(t, data, buf, int64(k)*4096)
+	}
+	if got := srv.HopBlocks(); got != 4 {
+		t.Fatalf("server saw %d requests with hops after the asynchronous reads, want 4", got)
+	}
+}
+
+// TestStartReadAllocations: the asynchronous read path of the kernel
+// bridge allocates no more per 4 KiB read than ReadAt does (the one
+// allocation counted is the test server's reply; the client makes none).
+func TestStartReadAllocations(t *testing.T) {
+	if raceEnabled {
+		t.Skip("allocation counts are meaningless under the race detector (sync.Pool drops items)")
+	}
+	srv := startServer(t, dnbd3test.Image{Name: "test", Data: genImage(1<<20, 0)})
+	img := openT(t, fastConfig(t, "test", srv.Addr()))
+	buf := make([]byte, 4096)
+	done := make(doneChan, 1)
+	read := func() {
+		img.StartRead(buf, 8192, done)
+		img.SendStarted()
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+	}
+	read()
+	if allocs := testing.AllocsPerRun(200, read); allocs > 1 {
+		t.Fatalf("%.1f allocations per 4 KiB StartRead, want <= 1", allocs)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/netip"
 	"slices"
 	"strings"
@@ -46,24 +47,20 @@ func ParseServerSpec(spec string) (host string, port uint16, err error) {
 }
 
 // resolveOne resolves one server argument to its addresses (up to 2 for a
-// host name).
+// host name), with IPv4-mapped addresses unmapped as in the server list.
 func resolveOne(ctx context.Context, spec string) ([]netip.AddrPort, error) {
 	if _, _, err := ParseServerSpec(spec); err != nil {
 		return nil, err
 	}
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	keys, err := ResolveServers(ctx, []string{spec})
+	list, err := resolveServers(ctx, []string{spec}, slog.New(slog.DiscardHandler))
 	if err != nil {
 		return nil, err
 	}
-	out := make([]netip.AddrPort, 0, len(keys))
-	for _, k := range keys {
-		a, err := netip.ParseAddrPort(k)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, a)
+	out := make([]netip.AddrPort, len(list))
+	for k, s := range list {
+		out[k] = s.addr
 	}
 	return out, nil
 }
@@ -90,20 +87,15 @@ func (i *Image) AddServer(ctx context.Context, spec string) ([]string, error) {
 	}
 	var added []string
 	for _, a := range addrs {
-		a = netip.AddrPortFrom(a.Addr().Unmap(), a.Port())
-		i.removed = slices.DeleteFunc(i.removed, func(r netip.AddrPort) bool { return r == a })
 		if k := i.indexLocked(a); k >= 0 {
 			i.servers[k].added = true
 			continue
 		}
-		if len(i.servers) >= MaxServers {
-			return added, fmt.Errorf("%w (%d servers): remove one first", ErrServerListFull, MaxServers)
+		s, err := i.addLocked(a)
+		if err != nil {
+			return added, err
 		}
-		s := newServer(a, false)
-		s.added = true
-		i.servers = append(i.servers, s)
 		added = append(added, s.key)
-		i.log.Info("dnbd3: server added", "server", s.key)
 	}
 	if len(added) > 0 {
 		i.probeAt = time.Time{} // measure it soon
@@ -126,23 +118,20 @@ func (i *Image) RemoveServer(ctx context.Context, spec string) ([]string, error)
 	if i.closed {
 		return nil, ErrClosed
 	}
-	var idx []int
-	for _, a := range addrs {
-		if k := i.indexLocked(netip.AddrPortFrom(a.Addr().Unmap(), a.Port())); k >= 0 {
-			idx = append(idx, k)
+	var gone []*server
+	for _, s := range i.servers {
+		if slices.Contains(addrs, s.addr) {
+			gone = append(gone, s)
 		}
 	}
-	if len(idx) == 0 {
+	if len(gone) == 0 {
 		return nil, fmt.Errorf("%w: %s (known: %s)", ErrUnknownServer, spec, serverKeys(i.servers))
 	}
-	if len(idx) == len(i.servers) {
+	if len(gone) == len(i.servers) {
 		return nil, fmt.Errorf("dnbd3 client: %s is the only server: add another first", spec)
 	}
 	var removed []string
-	for _, s := range slices.Clone(i.servers) {
-		if !slices.ContainsFunc(addrs, func(a netip.AddrPort) bool { return netip.AddrPortFrom(a.Addr().Unmap(), a.Port()) == s.addr }) {
-			continue
-		}
+	for _, s := range gone {
 		i.servers = slices.DeleteFunc(i.servers, func(o *server) bool { return o == s })
 		i.rememberRemovedLocked(s.addr)
 		removed = append(removed, s.key)
@@ -220,10 +209,15 @@ func (i *Image) switchTarget(a netip.AddrPort) (*server, error) {
 	if i.closed {
 		return nil, ErrClosed
 	}
-	a = netip.AddrPortFrom(a.Addr().Unmap(), a.Port())
 	if k := i.indexLocked(a); k >= 0 {
 		return i.servers[k], nil
 	}
+	return i.addLocked(a)
+}
+
+// addLocked appends a server of address a (not in the list) as an added
+// one and lets it be learned again; ErrServerListFull if there is no room.
+func (i *Image) addLocked(a netip.AddrPort) (*server, error) {
 	if len(i.servers) >= MaxServers {
 		return nil, fmt.Errorf("%w (%d servers): remove one first", ErrServerListFull, MaxServers)
 	}

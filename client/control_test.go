@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -103,14 +105,8 @@ func TestRemovedServerNotLearnedAgain(t *testing.T) {
 func TestSwitchServerPins(t *testing.T) {
 	t.Parallel()
 	data := genImage(1<<20, 23)
-	fast, slow := startPair(t, data)
-	slow.Update(func(bh *dnbd3test.Behavior) { bh.BlockDelay = 30 * time.Millisecond })
-	cfg := fastConfig(t, "test", fast.Addr(), slow.Addr())
-	cfg.OpenStagger = 300 * time.Millisecond // the fast one wins Open
-	cfg.NoProbe = false
-	cfg.ProbeStartupInterval = 40 * time.Millisecond
+	slow, fast, cfg := slowFastPair(t, data, false) // the fast one wins Open
 	cfg.ProbeAfterSwitch = 40 * time.Millisecond
-	cfg.StallTimeout = 2 * time.Second
 	img := openT(t, cfg)
 	stop := make(chan struct{})
 	errc := make(chan error, 1)
@@ -206,5 +202,91 @@ func TestParseServerSpec(t *testing.T) {
 		if (err == nil) != tc.ok {
 			t.Errorf("ParseServerSpec(%q) = %v, want ok=%v", tc.spec, err, tc.ok)
 		}
+	}
+}
+
+// TestSwitchServerFailurePoints fails a SwitchServer at each point between
+// its start and the reads running on the new server, while reads run: the
+// target dies during the handshake, is removed during it, the Image is
+// closed during it, and the target dies after the switch. Reads never fail
+// (except after Close) and the Image ends on a server it still lists.
+func TestSwitchServerFailurePoints(t *testing.T) {
+	t.Parallel()
+	for _, point := range []string{"dies in handshake", "removed in handshake", "closed in handshake", "dies after switch"} {
+		t.Run(point, func(t *testing.T) {
+			t.Parallel()
+			data := genImage(1<<20, 26)
+			a, b := startPair(t, data)
+			var img *Image
+			var hooked atomic.Bool // the next dial to B runs the fault
+			cfg := fastConfig(t, "test", a.Addr())
+			cfg.Sticky = true
+			cfg.Dial = func(ctx context.Context, network, addr string) (net.Conn, error) {
+				var d net.Dialer
+				if addr != b.Addr() || !hooked.CompareAndSwap(true, false) {
+					return d.DialContext(ctx, network, addr)
+				}
+				switch point {
+				case "dies in handshake":
+					nc, err := d.DialContext(ctx, network, addr)
+					b.Kill()
+					return nc, err
+				case "removed in handshake":
+					if _, err := img.RemoveServer(ctx, b.Addr()); err != nil {
+						t.Errorf("RemoveServer during the switch: %v", err)
+					}
+				case "closed in handshake":
+					img.Close()
+				}
+				return d.DialContext(ctx, network, addr)
+			}
+			img = openT(t, cfg)
+			stop := make(chan struct{})
+			errc := make(chan error, 1)
+			go func() { errc <- readLoop(img, data, 64<<10, stop) }()
+			eventually(t, 5*time.Second, "reads on A", func() bool { return a.Blocks() > 10 })
+			hooked.Store(point != "dies after switch")
+			got, err := img.SwitchServer(context.Background(), b.Addr())
+			switch point {
+			case "dies after switch":
+				if err != nil || got != b.Addr() {
+					t.Fatalf("SwitchServer = %q, %v", got, err)
+				}
+				eventually(t, 5*time.Second, "reads on B", func() bool { return b.Blocks() > 10 })
+				b.Kill()
+				eventually(t, 5*time.Second, "back on A, unpinned", func() bool {
+					st := img.Stats()
+					return st.Current == a.Addr() && st.Pinned == ""
+				})
+			case "closed in handshake":
+				if !errors.Is(err, ErrClosed) {
+					t.Fatalf("SwitchServer while closing = %q, %v; want ErrClosed", got, err)
+				}
+				close(stop)
+				if err := <-errc; err != nil && !errors.Is(err, ErrClosed) {
+					t.Fatalf("reads across the close: %v", err)
+				}
+				return
+			default:
+				if err == nil {
+					t.Fatalf("SwitchServer = %q, nil; want an error", got)
+				}
+				if point == "removed in handshake" && !strings.Contains(err.Error(), "removed while switching") {
+					t.Fatalf("SwitchServer to a server removed meanwhile: %v", err)
+				}
+				if st := img.Stats(); st.Current != a.Addr() || st.Pinned != "" {
+					t.Fatalf("after the failed switch: current %s pinned %q", st.Current, st.Pinned)
+				}
+			}
+			before := a.Blocks()
+			eventually(t, 5*time.Second, "reads go on on A", func() bool { return a.Blocks() > before+10 })
+			close(stop)
+			if err := <-errc; err != nil {
+				t.Fatalf("reads across the switch: %v", err)
+			}
+			if _, listed := serverStat(img.Stats(), b.Addr()); listed == (point == "removed in handshake") {
+				t.Fatalf("B listed = %v after %q", listed, point)
+			}
+		})
 	}
 }

@@ -54,7 +54,7 @@ func (i *Image) startFailoverLocked() {
 	go func() {
 		defer i.wg.Done()
 		start := time.Now()
-		d, errs := raceHandshakes(i.ctx, i.cfg.Dial, servers, delays, i.id, i.cfg.SelectFlags, i.cfg.FailoverConnectTimeout)
+		d, errs := raceHandshakes(i.ctx, i.cfg.Dial, servers, delays, i.id, i.cfg.SelectFlags, i.cfg.FailoverConnectTimeout, nil)
 		if i.ctx.Err() != nil {
 			errs = nil // closing: the attempts were cancelled, not the servers' fault
 		}
@@ -66,11 +66,13 @@ func (i *Image) startFailoverLocked() {
 var errNotTried = errors.New("not tried")
 
 // raceHandshakes starts a handshake for want with every server, server k
-// after delays[k], and returns the first that succeeds. The other attempts
-// are cancelled and their connections closed. errs lists, in the order
-// they came in, the failures before the winner; an attempt cancelled
-// before it started fails with errNotTried.
-func raceHandshakes(ctx context.Context, dial func(context.Context, string, string) (net.Conn, error), servers []*server, delays []time.Duration, want identity, flags uint8, timeout time.Duration) (win *dialed, errs []serverError) {
+// after delays[k] (none without delays), and returns the first that
+// succeeds, and for which then (if not nil) succeeds too; then closes the
+// connection it fails. The other attempts are cancelled and their
+// connections closed. errs lists, in the order they came in, the failures
+// before the winner; an attempt cancelled before it started fails with
+// errNotTried.
+func raceHandshakes(ctx context.Context, dial func(context.Context, string, string) (net.Conn, error), servers []*server, delays []time.Duration, want identity, flags uint8, timeout time.Duration, then func(context.Context, *dialed) error) (win *dialed, errs []serverError) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	type result struct {
@@ -81,7 +83,7 @@ func raceHandshakes(ctx context.Context, dial func(context.Context, string, stri
 	results := make(chan result, len(servers))
 	for k, s := range servers {
 		go func() {
-			if delays[k] > 0 {
+			if k < len(delays) && delays[k] > 0 {
 				t := time.NewTimer(delays[k])
 				select {
 				case <-ctx.Done():
@@ -92,6 +94,11 @@ func raceHandshakes(ctx context.Context, dial func(context.Context, string, stri
 				}
 			}
 			d, err := handshake(ctx, dial, s, want, flags, timeout)
+			if err == nil && then != nil {
+				if err = then(ctx, d); err != nil {
+					d = nil
+				}
+			}
 			results <- result{srv: s, d: d, err: err}
 		}()
 	}

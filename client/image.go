@@ -125,7 +125,7 @@ func openFirst(ctx context.Context, cfg Config, servers []*server) (*dialed, err
 	for k := range delays {
 		delays[k] = time.Duration(k) * cfg.OpenStagger
 	}
-	win, failed := raceHandshakes(ctx, cfg.Dial, servers, delays, identity{name: cfg.Image, rid: cfg.RID}, cfg.SelectFlags, cfg.ConnectTimeout)
+	win, failed := raceHandshakes(ctx, cfg.Dial, servers, delays, identity{name: cfg.Image, rid: cfg.RID}, cfg.SelectFlags, cfg.ConnectTimeout, nil)
 	now := time.Now()
 	var errs []string
 	notFound, tried := 0, 0

@@ -59,10 +59,13 @@ func (i *Image) DialNBD(ctx context.Context, n int) ([]net.Conn, string, error) 
 		}
 	}
 	if c0 == nil && len(rest) > 0 {
-		var failed []serverError
-		srv, c0, failed = raceNBD(ctx, i.cfg.Dial, rest, i.id, timeout)
+		win, failed := raceHandshakes(ctx, i.cfg.Dial, rest, nil, i.id, protocol.FlagFeatures, timeout,
+			func(ctx context.Context, d *dialed) error { return toNBD(ctx, d, timeout) })
 		for _, f := range failed {
 			note(f.srv, f.err)
+		}
+		if win != nil {
+			srv, c0 = win.srv, win.nc
 		}
 	}
 	if c0 == nil {
@@ -132,40 +135,6 @@ func (i *Image) nbdCandidates() (*server, []*server) {
 	return cur, rest
 }
 
-// raceNBD tries every server at once and returns the first connection
-// that switched; the others are closed.
-func raceNBD(ctx context.Context, dial func(context.Context, string, string) (net.Conn, error), servers []*server, want identity, timeout time.Duration) (*server, net.Conn, []serverError) {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	type res struct {
-		srv *server
-		c   net.Conn
-		err error
-	}
-	ch := make(chan res, len(servers))
-	for _, s := range servers {
-		go func() {
-			c, err := dialNBD(ctx, dial, s, want, timeout)
-			ch <- res{s, c, err}
-		}()
-	}
-	var win res
-	var failed []serverError
-	for range servers {
-		r := <-ch
-		switch {
-		case r.err == nil && win.c == nil:
-			win = r
-			cancel()
-		case r.err == nil:
-			r.c.Close()
-		case win.c == nil:
-			failed = append(failed, serverError{r.srv, r.err})
-		}
-	}
-	return win.srv, win.c, failed
-}
-
 // dialNBD connects to srv, selects the image with FlagFeatures and
 // switches the connection to NBD.
 func dialNBD(ctx context.Context, dial func(context.Context, string, string) (net.Conn, error), srv *server, want identity, timeout time.Duration) (net.Conn, error) {
@@ -173,22 +142,31 @@ func dialNBD(ctx context.Context, dial func(context.Context, string, string) (ne
 	if err != nil {
 		return nil, err
 	}
+	if err := toNBD(ctx, d, timeout); err != nil {
+		return nil, err
+	}
+	return d.nc, nil
+}
+
+// toNBD switches a connection that selected the image with FlagFeatures
+// to NBD, within timeout; it closes d if it cannot.
+func toNBD(ctx context.Context, d *dialed, timeout time.Duration) error {
 	if d.reply.Features&protocol.FeatureNBD == 0 {
 		d.close()
-		return nil, ErrNoNBD
+		return ErrNoNBD
 	}
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	stop := watchConn(ctx, d.nc)
-	err = switchNBD(d)
+	err := switchNBD(d)
 	if !stop() || err != nil {
 		d.close()
 		if err == nil || ctx.Err() != nil {
 			err = fmt.Errorf("switch to NBD: %w", context.Cause(ctx))
 		}
-		return nil, err
+		return err
 	}
-	return d.nc, nil
+	return nil
 }
 
 // switchNBD sends CmdNBDMode and reads its answer; afterwards nothing of

@@ -10,13 +10,7 @@ import (
 func TestSwitchToFasterServer(t *testing.T) {
 	t.Parallel()
 	data := genImage(1<<20, 14)
-	slow, fast := startPair(t, data)
-	slow.Update(func(b *dnbd3test.Behavior) { b.BlockDelay = 30 * time.Millisecond })
-	cfg := fastConfig(t, "test", slow.Addr(), fast.Addr())
-	cfg.OpenStagger = 300 * time.Millisecond // the slow one wins Open
-	cfg.NoProbe = false
-	cfg.ProbeStartupInterval = 40 * time.Millisecond
-	cfg.StallTimeout = 2 * time.Second
+	slow, fast, cfg := slowFastPair(t, data, true) // the slow one wins Open
 	img := openT(t, cfg)
 	if img.Stats().Current != slow.Addr() {
 		t.Fatalf("opened on %s", img.Stats().Current)
@@ -69,4 +63,22 @@ func TestNoSwitchWithinHysteresis(t *testing.T) {
 	if st := img.Stats(); st.Switches != 0 || st.Current != a.Addr() {
 		t.Fatalf("switched between equal servers: %+v", st)
 	}
+}
+
+// slowFastPair starts two servers of data, slow answering blocks 30 ms
+// late, and returns a Config with RTT probing every 40 ms that opens on
+// the slow one if slowFirst, else on the fast one.
+func slowFastPair(t *testing.T, data []byte, slowFirst bool) (slow, fast *dnbd3test.Server, cfg Config) {
+	slow, fast = startPair(t, data)
+	slow.Update(func(b *dnbd3test.Behavior) { b.BlockDelay = 30 * time.Millisecond })
+	first, second := slow, fast
+	if !slowFirst {
+		first, second = fast, slow
+	}
+	cfg = fastConfig(t, "test", first.Addr(), second.Addr())
+	cfg.OpenStagger = 300 * time.Millisecond // the first one wins Open
+	cfg.NoProbe = false
+	cfg.ProbeStartupInterval = 40 * time.Millisecond
+	cfg.StallTimeout = 2 * time.Second
+	return slow, fast, cfg
 }

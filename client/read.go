@@ -44,6 +44,33 @@ type queued struct {
 	handle uint64
 }
 
+// queueLocked takes a request from the pool for the GET_BLOCK of buf at
+// off, enters it in the pending table and the wait queue, and returns it.
+// Every field a read sets is set here, so that no value of a recycled
+// request's previous read (its hop count) is sent again.
+func (i *Image) queueLocked(buf []byte, off uint64, hops uint8, now time.Time) *request {
+	r := i.reqs.Get().(*request)
+	r.handle = i.nextHandle
+	i.nextHandle++
+	r.buf, r.off, r.hops = buf, off, hops
+	r.state = statePending
+	r.start = now
+	i.pending[r.handle] = r
+	i.waitq = append(i.waitq, queued{r: r, handle: r.handle})
+	return r
+}
+
+// recycle clears a finished request's references and returns it to the
+// pool.
+func (i *Image) recycle(r *request) {
+	r.buf = nil
+	r.err = nil
+	r.conn = nil
+	r.cancelled = false
+	r.target, r.group = nil, nil
+	i.reqs.Put(r)
+}
+
 // abandonedReq is a request sent on conn whose waiter gave up; its reply
 // is drained when it arrives.
 type abandonedReq struct {
@@ -99,18 +126,8 @@ func (i *Image) ReadAtHops(ctx context.Context, p []byte, off int64, hops uint8)
 	}
 	wasIdle := len(i.pending) == 0
 	for k := 0; k < n; k += maxReq {
-		r := i.reqs.Get().(*request)
 		end := min(k+maxReq, n)
-		r.handle = i.nextHandle
-		i.nextHandle++
-		r.buf = p[k:end:end]
-		r.off = uint64(off) + uint64(k)
-		r.hops = hops
-		r.state = statePending
-		r.start = now
-		i.pending[r.handle] = r
-		i.waitq = append(i.waitq, queued{r: r, handle: r.handle})
-		reqs = append(reqs, r)
+		reqs = append(reqs, i.queueLocked(p[k:end:end], uint64(off)+uint64(k), hops, now))
 	}
 	i.dispatchLocked(now)
 	i.mu.Unlock()
@@ -131,11 +148,7 @@ func (i *Image) ReadAtHops(ctx context.Context, p []byte, off int64, hops uint8)
 		} else if prefix {
 			good += len(r.buf)
 		}
-		r.buf = nil
-		r.err = nil
-		r.conn = nil
-		r.cancelled = false
-		i.reqs.Put(r)
+		i.recycle(r)
 	}
 	if firstErr != nil {
 		return good, firstErr

@@ -2,6 +2,7 @@ package nbdbridge
 
 import (
 	"context"
+	"errors"
 	"io"
 	"log/slog"
 	"net"
@@ -239,5 +240,100 @@ func TestStepDisconnectOrFailure(t *testing.T) {
 	}
 	if len(d.slots) != 0 || c.failures != 1 || c.retryAt.IsZero() {
 		t.Fatalf("failure not handled: %d slots, %d failures, retry %v", len(d.slots), c.failures, c.retryAt)
+	}
+}
+
+// TestFollowPreferredWhileBusy: after FollowPreferred (forceMove) a direct
+// slot on the old server moves at once although requests are in flight;
+// while the client fails over (preferred server unknown) the request is
+// kept, and it ends once the slots are on the preferred server.
+func TestFollowPreferredWhileBusy(t *testing.T) {
+	root := t.TempDir()
+	os.MkdirAll(filepath.Join(root, "block", "nbd6"), 0o755)
+	os.WriteFile(filepath.Join(root, "block", "nbd6", "inflight"), []byte("       2        0\n"), 0o644)
+	c, _ := tcpPair(t)
+	fd, err := kernelSocket(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	dial := &fakeDialer{pref: ""} // failing over: no preferred server yet
+	d := &Device{Index: 6, Path: "/dev/nbd6", sysfs: Sysfs{Root: root}, log: slog.New(slog.DiscardHandler),
+		opts: AttachOptions{Direct: dial}}
+	d.slots = []*slot{{direct: true, fd: fd, server: "A"}}
+	cs := ctlState{forceMove: true}
+	now := time.Now()
+	d.migrate(&cs, now)
+	if hungUp(fd) || !cs.forceMove {
+		t.Fatalf("preferred server unknown: retired %v, forceMove %v; want kept, pending", hungUp(fd), cs.forceMove)
+	}
+	dial.pref = "B"
+	d.migrate(&cs, now.Add(time.Second))
+	if !hungUp(fd) {
+		t.Fatal("FollowPreferred: busy slot on the old server not retired")
+	}
+	d.slots = []*slot{{direct: true, fd: -1, server: "B"}}
+	d.migrate(&cs, now.Add(2*time.Second))
+	if cs.forceMove {
+		t.Fatal("forceMove still set with every slot on the preferred server")
+	}
+}
+
+// countingDialer is a DirectDialer whose DialDirect fails with err (nil:
+// returns one side of a pipe) and counts its calls.
+type countingDialer struct {
+	err   error
+	dials int
+}
+
+func (f *countingDialer) DialDirect(ctx context.Context, n int) ([]net.Conn, string, error) {
+	f.dials++
+	if f.err != nil {
+		return nil, "", f.err
+	}
+	a, b := net.Pipe()
+	b.Close()
+	return []net.Conn{a}, "B", nil
+}
+func (f *countingDialer) Preferred() string { return "B" }
+
+// TestMigrateUpgrade: an idle device on a relay slot tries the direct
+// path. A failed dial keeps the relay slot and waits directRetry before
+// the next try; a successful one closes the relay slot so that the next
+// step replaces it with a direct one.
+func TestMigrateUpgrade(t *testing.T) {
+	root := t.TempDir()
+	os.MkdirAll(filepath.Join(root, "block", "nbd7"), 0o755)
+	os.WriteFile(filepath.Join(root, "block", "nbd7", "inflight"), []byte("       0        0\n"), 0o644)
+	dial := &countingDialer{err: errors.New("no server switches to NBD")}
+	d := &Device{Index: 7, Path: "/dev/nbd7", sysfs: Sysfs{Root: root}, log: slog.New(slog.DiscardHandler),
+		opts: AttachOptions{Direct: dial}}
+	relay, peer := net.Pipe()
+	defer peer.Close()
+	d.slots = []*slot{{conn: relay}}
+	var cs ctlState
+	now := time.Now()
+	d.migrate(&cs, now)
+	if dial.dials != 1 || d.wantDirect() {
+		t.Fatalf("after a failed dial: %d dials, wantDirect %v; want 1, false", dial.dials, d.wantDirect())
+	}
+	peer.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+	if _, err := peer.Read(make([]byte, 1)); err == io.EOF || err == io.ErrClosedPipe {
+		t.Fatal("relay slot closed although the direct dial failed")
+	}
+	d.migrate(&cs, now.Add(directRetry/2))
+	if dial.dials != 1 {
+		t.Fatalf("tried again after %v, before directRetry", directRetry/2)
+	}
+
+	dial.err = nil
+	d.directRetryAt = time.Time{}
+	d.migrate(&cs, now.Add(directRetry+time.Second))
+	if dial.dials != 2 {
+		t.Fatalf("%d dials after directRetry, want 2", dial.dials)
+	}
+	peer.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := peer.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("relay slot after a successful direct dial: %v, want closed (EOF)", err)
 	}
 }

@@ -94,6 +94,7 @@ type Server struct {
 
 	handshakes atomic.Int64
 	blocks     atomic.Int64
+	hopBlocks  atomic.Int64
 	keepalives atomic.Int64
 	getServers atomic.Int64
 	accepted   atomic.Int64
@@ -160,6 +161,10 @@ func (s *Server) Handshakes() int64 { return s.handshakes.Load() }
 
 // Blocks returns the number of GET_BLOCK requests received.
 func (s *Server) Blocks() int64 { return s.blocks.Load() }
+
+// HopBlocks returns the number of GET_BLOCK requests received with a
+// non-zero hop count.
+func (s *Server) HopBlocks() int64 { return s.hopBlocks.Load() }
 
 // Keepalives returns the number of KEEPALIVE requests received.
 func (s *Server) Keepalives() int64 { return s.keepalives.Load() }
@@ -348,6 +353,9 @@ func (s *Server) handle(c net.Conn) {
 		switch req.Cmd {
 		case protocol.CmdGetBlock:
 			s.blocks.Add(1)
+			if req.Hops != 0 {
+				s.hopBlocks.Add(1)
+			}
 			nblocks++
 			if b.DropAfter > 0 && nblocks > b.DropAfter || b.DropAfter < 0 {
 				return

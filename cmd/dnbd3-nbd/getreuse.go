@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"hash"
 	"hash/crc32"
 	"io"
 	"os"
@@ -116,15 +117,11 @@ func readPadded(f *os.File, p []byte, off int64) error {
 // w one hash block at a time, after checking each block's CRC against
 // list: nothing unchecked is written.
 type crcCheckWriter struct {
-	w    io.Writer
-	list []uint32
-	size int64 // virtual size: the last block ends here
-	off  int64
-	h    interface {
-		io.Writer
-		Sum32() uint32
-		Reset()
-	}
+	w       io.Writer
+	list    []uint32
+	size    int64 // virtual size: the last block ends here
+	off     int64
+	h       hash.Hash32
 	pending []byte // the current block so far
 }
 

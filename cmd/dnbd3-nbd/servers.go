@@ -40,15 +40,13 @@ type serverChange struct {
 // serverControl answers the server operations for img; moved is called
 // after a switch or a removal of the current server, so that the device's
 // kernel-direct connections follow at once (nil: nothing to move). ok is
-// false for other operations.
+// false for other operations. The client checks req.Server
+// (client.ParseServerSpec) before it resolves anything.
 func serverControl(ctx context.Context, img *client.Image, req nbdbridge.ControlRequest, moved func()) (v any, ok bool, err error) {
-	if req.Op != "unpin" {
-		if _, known := map[string]bool{"add-server": true, "remove-server": true, "switch-server": true}[req.Op]; !known {
-			return nil, false, nil
-		}
-		if _, _, err := client.ParseServerSpec(req.Server); err != nil {
-			return nil, true, err
-		}
+	switch req.Op {
+	case "add-server", "remove-server", "switch-server", "unpin":
+	default:
+		return nil, false, nil
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()

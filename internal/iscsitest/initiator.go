@@ -137,13 +137,8 @@ func Login(c net.Conn, o Options) (*Conn, error) {
 		if !o.SkipSecurity && i == 0 {
 			nsg = 1
 		}
-		var h [48]byte
-		h[0] = 0x43
-		h[1] = 0x80 | csg<<2 | nsg
+		h := ic.header(0x43, 0x80|csg<<2|nsg, ic.itt, 0)
 		copy(h[8:14], o.ISID[:])
-		binary.BigEndian.PutUint32(h[16:], ic.itt)
-		binary.BigEndian.PutUint32(h[24:], ic.cmdSN)
-		binary.BigEndian.PutUint32(h[28:], ic.expStatSN)
 		if err := ic.Send(h, textOf(keys)); err != nil {
 			return nil, err
 		}
@@ -262,13 +257,7 @@ func (ic *Conn) Recv() (*PDU, error) {
 		}
 		if p.Opcode() == 0x20 && p.U32(16) == 0xffffffff {
 			// A ping: answer with a NOP-Out carrying its TTT.
-			var h [48]byte
-			h[0] = 0x40
-			h[1] = 0x80
-			binary.BigEndian.PutUint32(h[16:], 0xffffffff)
-			binary.BigEndian.PutUint32(h[20:], p.U32(20))
-			binary.BigEndian.PutUint32(h[24:], ic.cmdSN)
-			binary.BigEndian.PutUint32(h[28:], ic.expStatSN)
+			h := ic.header(0x40, 0x80, 0xffffffff, p.U32(20))
 			ic.Pings++
 			if err := ic.Send(h, nil); err != nil {
 				return nil, err
@@ -377,24 +366,32 @@ func (ic *Conn) CommandLUN(lun uint16, cdb []byte, edtl uint32, out []byte) (*Re
 	return ic.Finish(itt, out)
 }
 
+// header returns a basic header segment with opcode op, the flags byte,
+// the ITT, word 20 (TTT, expected length or referenced ITT, by opcode) and
+// the session's CmdSN and ExpStatSN.
+func (ic *Conn) header(op, flags byte, itt, word20 uint32) [48]byte {
+	var h [48]byte
+	h[0], h[1] = op, flags
+	binary.BigEndian.PutUint32(h[16:], itt)
+	binary.BigEndian.PutUint32(h[20:], word20)
+	binary.BigEndian.PutUint32(h[24:], ic.cmdSN)
+	binary.BigEndian.PutUint32(h[28:], ic.expStatSN)
+	return h
+}
+
 // StartCommand sends a SCSI command (with immediate data) and returns
 // its ITT; Finish collects the answer.
 func (ic *Conn) StartCommand(lun uint16, cdb []byte, edtl uint32, out []byte) (uint32, error) {
-	var h [48]byte
-	h[0] = 0x01
-	h[1] = 0x80 | 0x01 // final, simple task attribute
+	flags := byte(0x80 | 0x01) // final, simple task attribute
 	if out != nil {
-		h[1] |= 0x20
+		flags |= 0x20
 	} else if edtl > 0 {
-		h[1] |= 0x40
+		flags |= 0x40
 	}
-	binary.BigEndian.PutUint16(h[8:], lun&0x3fff)
 	itt := ic.NextITT()
-	binary.BigEndian.PutUint32(h[16:], itt)
-	binary.BigEndian.PutUint32(h[20:], edtl)
-	binary.BigEndian.PutUint32(h[24:], ic.cmdSN)
+	h := ic.header(0x01, flags, itt, edtl)
 	ic.cmdSN++
-	binary.BigEndian.PutUint32(h[28:], ic.expStatSN)
+	binary.BigEndian.PutUint16(h[8:], lun&0x3fff)
 	copy(h[32:48], cdb)
 	imm := out
 	if ic.Keys["ImmediateData"] != "Yes" {
@@ -534,14 +531,8 @@ func (ic *Conn) Text(keys ...string) ([]string, error) {
 	data := textOf(keys)
 	var answer []byte
 	for {
-		var h [48]byte
-		h[0] = 0x04
-		h[1] = 0x80
-		binary.BigEndian.PutUint32(h[16:], itt)
-		binary.BigEndian.PutUint32(h[20:], ttt)
-		binary.BigEndian.PutUint32(h[24:], ic.cmdSN)
+		h := ic.header(0x04, 0x80, itt, ttt)
 		ic.cmdSN++
-		binary.BigEndian.PutUint32(h[28:], ic.expStatSN)
 		if err := ic.Send(h, data); err != nil {
 			return nil, err
 		}
@@ -565,14 +556,8 @@ func (ic *Conn) Text(keys ...string) ([]string, error) {
 
 // NOP sends a NOP-Out ping (immediate) and waits for its NOP-In.
 func (ic *Conn) NOP(data []byte) ([]byte, error) {
-	var h [48]byte
-	h[0] = 0x40
-	h[1] = 0x80
 	itt := ic.NextITT()
-	binary.BigEndian.PutUint32(h[16:], itt)
-	binary.BigEndian.PutUint32(h[20:], 0xffffffff)
-	binary.BigEndian.PutUint32(h[24:], ic.cmdSN)
-	binary.BigEndian.PutUint32(h[28:], ic.expStatSN)
+	h := ic.header(0x40, 0x80, itt, 0xffffffff)
 	if err := ic.Send(h, data); err != nil {
 		return nil, err
 	}
@@ -590,14 +575,8 @@ func (ic *Conn) NOP(data []byte) ([]byte, error) {
 // response code of the TMF response, reading past other PDUs (returned in
 // others).
 func (ic *Conn) TMF(function uint8, refITT, refCmdSN uint32) (resp uint8, others []*PDU, err error) {
-	var h [48]byte
-	h[0] = 0x42
-	h[1] = 0x80 | function
 	itt := ic.NextITT()
-	binary.BigEndian.PutUint32(h[16:], itt)
-	binary.BigEndian.PutUint32(h[20:], refITT)
-	binary.BigEndian.PutUint32(h[24:], ic.cmdSN)
-	binary.BigEndian.PutUint32(h[28:], ic.expStatSN)
+	h := ic.header(0x42, 0x80|function, itt, refITT)
 	binary.BigEndian.PutUint32(h[32:], refCmdSN)
 	if err := ic.Send(h, nil); err != nil {
 		return 0, nil, err
@@ -616,13 +595,8 @@ func (ic *Conn) TMF(function uint8, refITT, refCmdSN uint32) (resp uint8, others
 
 // Logout closes the session and waits for the response.
 func (ic *Conn) Logout() error {
-	var h [48]byte
-	h[0] = 0x46
-	h[1] = 0x80
 	itt := ic.NextITT()
-	binary.BigEndian.PutUint32(h[16:], itt)
-	binary.BigEndian.PutUint32(h[24:], ic.cmdSN)
-	binary.BigEndian.PutUint32(h[28:], ic.expStatSN)
+	h := ic.header(0x46, 0x80, itt, 0)
 	if err := ic.Send(h, nil); err != nil {
 		return err
 	}
