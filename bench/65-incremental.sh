@@ -26,20 +26,7 @@ P=$W/incremental
 NSP=dnbd3i-$$- # namespace prefix
 PIDS=()
 
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  if [ "$(id -u)" = 0 ]; then
-    for ns in $(ip netns list 2>/dev/null | awk -v p="$NSP" 'index($1, p) == 1 {print $1}'); do
-      for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
-      ip netns del "$ns" 2>/dev/null || true
-    done
-  fi
-}
-trap cleanup EXIT
-
-now() { date +%s.%N; }
-elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }'; }
+trap stop_all EXIT
 
 # The origin: r1 (random), r2 = r1 with 40 MiB at 300 MiB replaced, r3 =
 # r1 with 2,000 scattered 4 KiB blocks replaced, each with a .crc. Kept

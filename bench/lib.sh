@@ -114,3 +114,23 @@ fuse_ok() {
   [ -c /dev/fuse ] || { echo "SKIP: FUSE rows: no /dev/fuse" >&2; return 1; }
   command -v fusermount > /dev/null || { echo "SKIP: FUSE rows: no fusermount (apt-get install fuse3)" >&2; return 1; }
 }
+
+# now: the time in seconds; elapsed T0: seconds since T0 (3 decimals).
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }'; }
+
+# stop_all: for `trap stop_all EXIT`: kill and reap the pids in the array
+# PIDS and, as root, delete the network namespaces whose names begin with
+# $NSP (when set), killing what still runs in them.
+stop_all() {
+  local p ns pid
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  if [ -n "${NSP:-}" ] && [ "$(id -u)" = 0 ]; then
+    for ns in $(ip netns list 2>/dev/null | awk -v p="$NSP" 'index($1, p) == 1 {print $1}'); do
+      for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
+      ip netns del "$ns" 2>/dev/null || true
+    done
+  fi
+}
+
