@@ -9,19 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
 RUNS=${RUNS:-6} BT=${BT:-1s}
-# BASE_REV: code without the metrics; by default where this branch left
-# main (on main itself, give the parent of the merge that brought them)
-BASE_REV=${BASE_REV:-$(git merge-base HEAD main)}
-if [ "$(git rev-parse "$BASE_REV")" = "$(git rev-parse HEAD)" ]; then
-  echo "BASE_REV is HEAD: set BASE_REV to a revision without the metrics, e.g. the first parent of the merge that brought them" >&2
-  exit 2
-fi
-OLD=$W/metrics-base
-if [ ! -d "$OLD/src" ] || [ "$(cat "$OLD/rev" 2>/dev/null)" != "$(git rev-parse "$BASE_REV")" ]; then
-  rm -rf "$OLD" && mkdir -p "$OLD/src" "$OLD/bin"
-  git archive "$BASE_REV" | tar -x -C "$OLD/src"
-  git rev-parse "$BASE_REV" > "$OLD/rev"
-fi
+metrics_base
 (cd "$OLD/src" && go test -c -o "$W/old-server.test" ./server && go test -c -o "$W/old-nbdbridge.test" ./nbdbridge)
 go test -c -o "$W/new-server.test" ./server
 go test -c -o "$W/new-nbdbridge.test" ./nbdbridge

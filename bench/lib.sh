@@ -134,3 +134,21 @@ stop_all() {
   fi
 }
 
+# metrics_base: OLD=$W/metrics-base with the tree of BASE_REV, code without
+# the Prometheus metrics, unpacked in $OLD/src (kept while BASE_REV stays
+# the same; $OLD/bin is emptied with it). BASE_REV defaults to where this
+# branch left main; on main itself give the parent of the merge that
+# brought the metrics. Exits 2 when BASE_REV is HEAD.
+metrics_base() {
+  BASE_REV=${BASE_REV:-$(git merge-base HEAD main)}
+  if [ "$(git rev-parse "$BASE_REV")" = "$(git rev-parse HEAD)" ]; then
+    echo "BASE_REV is HEAD: set BASE_REV to a revision without the metrics, e.g. the first parent of the merge that brought them" >&2
+    exit 2
+  fi
+  OLD=$W/metrics-base
+  if [ ! -d "$OLD/src" ] || [ "$(cat "$OLD/rev" 2>/dev/null)" != "$(git rev-parse "$BASE_REV")" ]; then
+    rm -rf "$OLD" && mkdir -p "$OLD/src" "$OLD/bin"
+    git archive "$BASE_REV" | tar -x -C "$OLD/src"
+    git rev-parse "$BASE_REV" > "$OLD/rev"
+  fi
+}
