@@ -70,7 +70,8 @@ for i in $(seq "$RUNS"); do
     R[nrand_$side]+=" $iops"; R[cnrand_$side]+=" $(per $npid "$t0" "$(awk -v v="$iops" -v s="$SECS" 'BEGIN {print v * s}')")"
   done
 done
-printf '\n%-40s %12s %12s %8s\n' "metrics cost (best of $RUNS, load $(cut -d' ' -f1 /proc/loadavg))" "before" "metrics" "ratio"
+printf '\npeer: none; our code before the metrics (BASE_REV %s) against the current code, same run: what the metrics cost, not a comparison with the reference\n' "$(git rev-parse --short "$BASE_REV")"
+printf '%-40s %12s %12s %8s\n' "metrics cost (best of $RUNS, load $(cut -d' ' -f1 /proc/loadavg))" "before" "metrics" "ratio"
 row() { printf "%-40s %12.0f %12.0f %8s\n" "$1" "$2" "$3" "$(ratio "$3" "$2")"; }
 row "server seq 1 MiB QD8 (MB/s)" "$(best ${R[seq_old]})" "$(best ${R[seq_new]})"
 row "server rand 4 KiB QD32 (IOPS)" "$(best ${R[rand_old]})" "$(best ${R[rand_new]})"
