@@ -60,14 +60,7 @@ func TestCowtestProbeSequence(t *testing.T) {
 		l2 = "167772160"
 	}
 	disk := cowDisk(t)
-	images := disk + "/images"
-	_, addr := server(t, images)
-	work := disk + "/merger-work"
-	os.MkdirAll(work, 0o755)
-	mg := startMerger(t, work, images, images)
-	sess := disk + "/session-probe"
-	os.RemoveAll(sess)
-	os.MkdirAll(sess, 0o755)
+	addr, mg, sess := cowServerAndMerger(t, disk, "session-probe")
 
 	p, dev, _ := attachCmd(t, "-h", addr, "-i", "test", "-c", sess, "-C", mg.addr, "--upload-delay", "0", "--cow-stats-file", "--block-size", "4096")
 	probeStatus(t, "-t before", dev)
