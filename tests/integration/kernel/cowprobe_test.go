@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/internal/testutil"
 	"github.com/dnbd3go/dnbd3go/nbdbridge"
 	"golang.org/x/sys/unix"
 )
@@ -94,7 +95,7 @@ func probeQD1(t *testing.T, name, dev string, off int64, n int) {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	rbuf, wbuf := alignedBuf(t, 4096), alignedBuf(t, 45056)
+	rbuf, wbuf := testutil.AlignedBuf(t, 4096), testutil.AlignedBuf(t, 45056)
 	var tr, tw time.Duration
 	start := time.Now()
 	for range n {
