@@ -164,17 +164,8 @@ stop_server $OPID
 
 # --- 2b. the same over a shaped link between two network namespaces ----------
 NS_OK=
-if [ "$NETNS" = 1 ] && [ "$(id -u)" = 0 ] && ip netns add ${NSP}central 2>/dev/null; then
+if wan_netns; then
   NS_OK=1
-  C=${NSP}central B=${NSP}roomB
-  ip netns add $B
-  ip -n $C link set lo up; ip -n $B link set lo up
-  ip -n $C link add name wan0 type veth peer name wan0 netns $B
-  ip -n $C addr add 10.213.9.1/24 dev wan0; ip -n $B addr add 10.213.9.2/24 dev wan0
-  ip -n $C link set wan0 up; ip -n $B link set wan0 up
-  for ns in $C $B; do
-    ip netns exec $ns tc qdisc add dev wan0 root tbf rate ${LINK_MBIT}mbit burst 1mb latency 50ms
-  done
   conf "$P/nsorigin/etc" "$P/origin/img" 5003
   start_server nsorigin "$P/nsorigin/etc" "" $C; NOPID=$SPID
   wait_on 10.213.9.1 5003 $C
@@ -191,11 +182,9 @@ if [ "$NETNS" = 1 ] && [ "$(id -u)" = 0 ] && ip netns add ${NSP}central 2>/dev/n
 fi
 
 # --- report --------------------------------------------------------------------
-isnum() { [[ $1 =~ ^[0-9]+(\.[0-9]+)?$ ]]; }
 num() { if isnum "$1"; then printf '%.2f' "$1"; else echo n/a; fi; }
 rat() { if isnum "$1" && isnum "$2"; then ratio "$1" "$2"; else echo n/a; fi; }
 rowt() { printf '%-46s %12s %12s %8s %s\n' "$1" "$(num "$2")" "$(num "$3")" "$(rat "$2" "$3")" "$4"; }
-mins() { local v; v=$(printf '%s\n' $1 | grep -v n/a | sort -g | head -1); echo "${v:-n/a}"; }
 # speed OURS PEER: PEER/OURS for times (higher = ours faster), n/a if either is missing
 speed() { if isnum "$1" && isnum "$2"; then ratio "$2" "$1"; else echo n/a; fi; }
 printf '\n%-46s %12s %12s %8s %s\n' "proxy (best of $RUNS; seconds)" "our proxy" "peer" "speed" "peer (speed = peer time / ours)"

@@ -60,16 +60,8 @@ for r in 1 2 3; do [ -f "$O/lab.r$r.crc" ] || "$BIN/dnbd3-server" --crc "$O/lab.
 cat "$O"/lab.r[123] > /dev/null # page cache warm
 
 NS=
-if [ "$NETNS" = 1 ] && [ "$(id -u)" = 0 ] && ip netns add ${NSP}central 2>/dev/null; then
-  NS=1 C=${NSP}central B=${NSP}roomB
-  ip netns add $B
-  ip -n $C link set lo up; ip -n $B link set lo up
-  ip -n $C link add name wan0 type veth peer name wan0 netns $B
-  ip -n $C addr add 10.213.9.1/24 dev wan0; ip -n $B addr add 10.213.9.2/24 dev wan0
-  ip -n $C link set wan0 up; ip -n $B link set wan0 up
-  for ns in $C $B; do
-    ip netns exec $ns tc qdisc add dev wan0 root tbf rate ${LINK_MBIT}mbit burst 1mb latency 50ms
-  done
+if wan_netns; then
+  NS=1
   OADDR=10.213.9.1:5003 PADDR=10.213.9.2:5003 OBIND= PBIND= ON=$C PN=$B
 else
   OADDR=127.0.0.1:15651 PADDR=127.0.0.2:15652 OBIND=127.0.0.1 PBIND=127.0.0.2 ON= PN=
@@ -159,8 +151,6 @@ for i in $(seq "$RUNS"); do
   done
 done
 
-isnum() { [[ $1 =~ ^[0-9]+(\.[0-9]+)?$ ]]; }
-mins() { local v; v=$(printf '%s\n' $1 | grep -v n/a | sort -g | head -1); echo "${v:-n/a}"; }
 rat() { if isnum "$1" && isnum "$2"; then ratio "$1" "$2"; else echo n/a; fi; }
 mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
 # row LABEL R1 WITHOUT RATIO REFERENCE RATIO NOTE

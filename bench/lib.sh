@@ -152,3 +152,28 @@ metrics_base() {
     git rev-parse "$BASE_REV" > "$OLD/rev"
   fi
 }
+
+# wan_netns: as root and with NETNS=1, the network namespaces
+# ${NSP}central (10.213.9.1) and ${NSP}roomB (10.213.9.2), joined by a veth
+# link wan0 shaped to LINK_MBIT Mbit/s in both directions; sets C and B to
+# their names. Fails without creating anything otherwise.
+wan_netns() {
+  [ "${NETNS:-1}" = 1 ] && [ "$(id -u)" = 0 ] && ip netns add "${NSP}central" 2>/dev/null || return 1
+  C=${NSP}central B=${NSP}roomB
+  ip netns add "$B"
+  ip -n "$C" link set lo up; ip -n "$B" link set lo up
+  ip -n "$C" link add name wan0 type veth peer name wan0 netns "$B"
+  ip -n "$C" addr add 10.213.9.1/24 dev wan0; ip -n "$B" addr add 10.213.9.2/24 dev wan0
+  ip -n "$C" link set wan0 up; ip -n "$B" link set wan0 up
+  local ns
+  for ns in "$C" "$B"; do
+    ip netns exec "$ns" tc qdisc add dev wan0 root tbf rate "${LINK_MBIT}mbit" burst 1mb latency 50ms
+  done
+}
+
+# isnum V: V is a number (not n/a).
+isnum() { [[ $1 =~ ^[0-9]+(\.[0-9]+)?$ ]]; }
+
+# mins "VALUES": the smallest of the numbers in VALUES (n/a entries
+# ignored), n/a when there is none.
+mins() { local v; v=$(printf '%s\n' $1 | grep -v n/a | sort -g | head -1); echo "${v:-n/a}"; }
