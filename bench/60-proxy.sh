@@ -11,9 +11,9 @@
 #  2. full background replication (bgrWindowSize=8) of a 1 GiB image,
 #     triggered by a 4 KiB read: on loopback our proxy vs the reference
 #     proxy and vs a plain `dnbd3-nbd get` of the whole image from the
-#     origin, and (as root, in network namespaces, our proxy and origin)
-#     over a tc-shaped link vs the link's raw transfer time and vs a plain
-#     get over the same link;
+#     origin, and (as root, in network namespaces, our origin) over a
+#     tc-shaped link: our proxy vs the reference proxy, vs the link's raw
+#     transfer time and vs a plain get over the same link;
 #  3. the proxy's RPC (GET /query?q=stats&q=images&q=clients) with 1,000
 #     idle clients connected (dnbd3-bench --idle) vs with none, and the RSS
 #     each idle client costs.
@@ -176,8 +176,19 @@ if wan_netns; then
   wait_on 10.213.9.2 5003 $B
   R[linkbgr]=$(replicate 10.213.9.2:5003 big "$P/nsproxy/img/big.r1.map" $B)
   if cmp -s "$P/origin/img/big.r1" "$P/nsproxy/img/big.r1"; then NSCOPY=identical; else NSCOPY=DIFFERENT; fi
-  stop_server $NPPID; stop_server $NOPID
+  stop_server $NPPID
   rm -rf "$P/nsproxy/img"
+  if [ -n "$REF_SERVER" ]; then # the reference proxy over the same link
+    rm -rf "$P/nsrproxy/img"
+    UPLINK=10.213.9.1:5003 conf "$P/nsrproxy/etc" "$P/nsrproxy/img" 5003 isProxy=true backgroundReplication=true bgrWindowSize=8
+    SERVER=$REF_SERVER start_server nsrproxy "$P/nsrproxy/etc" "" $B; NRPID=$SPID
+    wait_on 10.213.9.2 5003 $B
+    R[rlinkbgr]=$(replicate 10.213.9.2:5003 big "$P/nsrproxy/img/big.r1.map" $B)
+    if cmp -s "$P/origin/img/big.r1" "$P/nsrproxy/img/big.r1"; then NSCOPY+=", reference proxy identical"; else NSCOPY+=", reference proxy DIFFERENT"; fi
+    stop_server $NRPID
+    rm -rf "$P/nsrproxy/img"
+  fi
+  stop_server $NOPID
   RAW=$(awk -v m="$LINK_MBIT" 'BEGIN { printf "%.3f", 1073741824 * 8 / (m * 1e6) }')
 fi
 
@@ -203,6 +214,9 @@ if [ -n "$REF_SERVER" ]; then
 fi
 rowt "full BGR 1 GiB (window 8), loopback" "$(mins "${R[bgr1g]}")" "$(mins "${R[get1g]}")" "plain get of 1 GiB"
 if [ -n "$NS_OK" ]; then
+  if [ -n "$REF_SERVER" ]; then
+    rowt "full BGR 1 GiB over ${LINK_MBIT} Mbit/s link (netns)" "${R[linkbgr]}" "${R[rlinkbgr]}" "reference proxy"
+  fi
   rowt "full BGR 1 GiB over ${LINK_MBIT} Mbit/s link (netns)" "${R[linkbgr]}" "$RAW" "raw link time"
   rowt "plain get 1 GiB over the same link" "${R[linkget]}" "$RAW" "raw link time"
 else
