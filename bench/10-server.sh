@@ -53,7 +53,6 @@ port() { case $1 in ours) echo $OURS;; ref) echo $REF;; min) echo $MIN;; esac; }
 load() { # port key args... -> the key's value from dnbd3-bench --json
   "$BIN/dnbd3-bench" -h 127.0.0.1:$1 -i bench --json "${@:3}" | awk -F'[:,]' -v k="$2" '$1 ~ "\""k"\"" {gsub(/ /,"",$2); print $2}'
 }
-now() { date +%s.%N; }
 per_s() { awk -v n="$1" -v a="$2" -v b="$(now)" 'BEGIN { printf "%.0f", n / (b - a) }'; }
 hs() { # port threads -> handshakes/s with the reference dnbd3-bench
   local runs=$HS1 t out

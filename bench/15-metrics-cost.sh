@@ -16,20 +16,9 @@ cd "$(dirname "$0")/.."
 . bench/lib.sh
 RUNS=${RUNS:-5} SECS=${SECS:-4}
 OLD_PORT=15221 NEW_PORT=15222 SCRAPE_EVERY=${SCRAPE_EVERY:-1}
-# BASE_REV: code without the metrics; by default where this branch left
-# main (on main itself, give the parent of the merge that brought them)
-BASE_REV=${BASE_REV:-$(git merge-base HEAD main)}
-if [ "$(git rev-parse "$BASE_REV")" = "$(git rev-parse HEAD)" ]; then
-  echo "BASE_REV is HEAD: set BASE_REV to a revision without the metrics, e.g. the first parent of the merge that brought them" >&2
-  exit 2
-fi
-OLD=$W/metrics-base
-if [ ! -x "$OLD/bin/dnbd3-server" ] || [ "$(cat "$OLD/rev" 2>/dev/null)" != "$(git rev-parse "$BASE_REV")" ]; then
-  rm -rf "$OLD" && mkdir -p "$OLD/src" "$OLD/bin"
-  git archive "$BASE_REV" | tar -x -C "$OLD/src"
+metrics_base
+[ -x "$OLD/bin/dnbd3-server" ] ||
   (cd "$OLD/src" && go build -trimpath -o "$OLD/bin/" ./cmd/dnbd3-server ./cmd/dnbd3-nbd ./cmd/dnbd3-bench)
-  git rev-parse "$BASE_REV" > "$OLD/rev"
-fi
 gcc -O2 -o "$W/dnbd3-hsbench" bench/peers/dnbd3-hsbench.c -lpthread
 random_file "$W/img/bench.r1" 256M
 server_conf "$W/etc-old" "$W/img" $OLD_PORT
@@ -81,7 +70,8 @@ for i in $(seq "$RUNS"); do
     R[nrand_$side]+=" $iops"; R[cnrand_$side]+=" $(per $npid "$t0" "$(awk -v v="$iops" -v s="$SECS" 'BEGIN {print v * s}')")"
   done
 done
-printf '\n%-40s %12s %12s %8s\n' "metrics cost (best of $RUNS, load $(cut -d' ' -f1 /proc/loadavg))" "before" "metrics" "ratio"
+printf '\npeer: none; our code before the metrics (BASE_REV %s) against the current code, same run: what the metrics cost, not a comparison with the reference\n' "$(git rev-parse --short "$BASE_REV")"
+printf '%-40s %12s %12s %8s\n' "metrics cost (best of $RUNS, load $(cut -d' ' -f1 /proc/loadavg))" "before" "metrics" "ratio"
 row() { printf "%-40s %12.0f %12.0f %8s\n" "$1" "$2" "$3" "$(ratio "$3" "$2")"; }
 row "server seq 1 MiB QD8 (MB/s)" "$(best ${R[seq_old]})" "$(best ${R[seq_new]})"
 row "server rand 4 KiB QD32 (IOPS)" "$(best ${R[rand_old]})" "$(best ${R[rand_new]})"

@@ -9,19 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
 RUNS=${RUNS:-6} BT=${BT:-1s}
-# BASE_REV: code without the metrics; by default where this branch left
-# main (on main itself, give the parent of the merge that brought them)
-BASE_REV=${BASE_REV:-$(git merge-base HEAD main)}
-if [ "$(git rev-parse "$BASE_REV")" = "$(git rev-parse HEAD)" ]; then
-  echo "BASE_REV is HEAD: set BASE_REV to a revision without the metrics, e.g. the first parent of the merge that brought them" >&2
-  exit 2
-fi
-OLD=$W/metrics-base
-if [ ! -d "$OLD/src" ] || [ "$(cat "$OLD/rev" 2>/dev/null)" != "$(git rev-parse "$BASE_REV")" ]; then
-  rm -rf "$OLD" && mkdir -p "$OLD/src" "$OLD/bin"
-  git archive "$BASE_REV" | tar -x -C "$OLD/src"
-  git rev-parse "$BASE_REV" > "$OLD/rev"
-fi
+metrics_base
 (cd "$OLD/src" && go test -c -o "$W/old-server.test" ./server && go test -c -o "$W/old-nbdbridge.test" ./nbdbridge)
 go test -c -o "$W/new-server.test" ./server
 go test -c -o "$W/new-nbdbridge.test" ./nbdbridge
@@ -35,11 +23,13 @@ for i in $(seq "$RUNS"); do
     (cd nbdbridge && "$W/$side-nbdbridge.test" -test.run XXX -test.bench "$NB" -test.benchtime "$BT") | sed "s/^/$side /" >> "$W/gobench.txt"
   done
 done
-printf '\n%-44s %12s %12s %8s %8s\n' "Go benchmarks, median ns/op of $RUNS (load $(cut -d' ' -f1 /proc/loadavg))" "before" "metrics" "ratio" "best"
+printf '\npeer: none; our code before the metrics (BASE_REV %s) against the current code, same run: what the metrics cost, not a comparison with the reference\n' "$(git rev-parse --short "$BASE_REV")"
+printf '%-44s %12s %12s %8s %8s\n' "Go benchmarks, median ns/op of $RUNS (load $(cut -d' ' -f1 /proc/loadavg))" "before" "metrics" "ratio" "best"
 for b in $(awk '$2 ~ /^Benchmark/ {sub(/-[0-9]+$/, "", $2); print $2}' "$W/gobench.txt" | sort -u); do
-  med() { awk -v s="$1" -v b="$b" '$1 == s { n = $2; sub(/-[0-9]+$/, "", n); if (n == b) print $4 }' "$W/gobench.txt" | sort -g |
-    awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-  low() { awk -v s="$1" -v b="$b" '$1 == s { n = $2; sub(/-[0-9]+$/, "", n); if (n == b) print $4 }' "$W/gobench.txt" | sort -g | head -1; }
+  # ns SIDE: the ns/op of every run of benchmark $b by SIDE (old, new)
+  ns() { awk -v s="$1" -v b="$b" '$1 == s { n = $2; sub(/-[0-9]+$/, "", n); if (n == b) print $4 }' "$W/gobench.txt"; }
+  med() { median $(ns "$1"); }
+  low() { ns "$1" | sort -g | head -1; }
   o=$(med old) n=$(med new)
   printf '%-44s %12.0f %12.0f %8s %8s\n' "$b" "$o" "$n" "$(ratio "$n" "$o")" "$(ratio "$(low new)" "$(low old)")"
 done

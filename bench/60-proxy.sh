@@ -11,9 +11,9 @@
 #  2. full background replication (bgrWindowSize=8) of a 1 GiB image,
 #     triggered by a 4 KiB read: on loopback our proxy vs the reference
 #     proxy and vs a plain `dnbd3-nbd get` of the whole image from the
-#     origin, and (as root, in network namespaces, our proxy and origin)
-#     over a tc-shaped link vs the link's raw transfer time and vs a plain
-#     get over the same link;
+#     origin, and (as root, in network namespaces, our origin) over a
+#     tc-shaped link: our proxy vs the reference proxy, vs the link's raw
+#     transfer time and vs a plain get over the same link;
 #  3. the proxy's RPC (GET /query?q=stats&q=images&q=clients) with 1,000
 #     idle clients connected (dnbd3-bench --idle) vs with none, and the RSS
 #     each idle client costs.
@@ -29,20 +29,7 @@ P=$W/proxy
 NSP=dnbd3b-$$- # namespace prefix
 PIDS=()
 
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  if [ "$(id -u)" = 0 ]; then
-    for ns in $(ip netns list 2>/dev/null | awk -v p="$NSP" 'index($1, p) == 1 {print $1}'); do
-      for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
-      ip netns del "$ns" 2>/dev/null || true
-    done
-  fi
-}
-trap cleanup EXIT
-
-now() { date +%s.%N; }
-elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }'; }
+trap stop_all EXIT
 
 # conf DIR BASE PORT [PROXY_KEYS...]: write server.conf (and alt-servers
 # from $UPLINK when set).
@@ -177,17 +164,8 @@ stop_server $OPID
 
 # --- 2b. the same over a shaped link between two network namespaces ----------
 NS_OK=
-if [ "$NETNS" = 1 ] && [ "$(id -u)" = 0 ] && ip netns add ${NSP}central 2>/dev/null; then
+if wan_netns; then
   NS_OK=1
-  C=${NSP}central B=${NSP}roomB
-  ip netns add $B
-  ip -n $C link set lo up; ip -n $B link set lo up
-  ip -n $C link add name wan0 type veth peer name wan0 netns $B
-  ip -n $C addr add 10.213.9.1/24 dev wan0; ip -n $B addr add 10.213.9.2/24 dev wan0
-  ip -n $C link set wan0 up; ip -n $B link set wan0 up
-  for ns in $C $B; do
-    ip netns exec $ns tc qdisc add dev wan0 root tbf rate ${LINK_MBIT}mbit burst 1mb latency 50ms
-  done
   conf "$P/nsorigin/etc" "$P/origin/img" 5003
   start_server nsorigin "$P/nsorigin/etc" "" $C; NOPID=$SPID
   wait_on 10.213.9.1 5003 $C
@@ -198,17 +176,26 @@ if [ "$NETNS" = 1 ] && [ "$(id -u)" = 0 ] && ip netns add ${NSP}central 2>/dev/n
   wait_on 10.213.9.2 5003 $B
   R[linkbgr]=$(replicate 10.213.9.2:5003 big "$P/nsproxy/img/big.r1.map" $B)
   if cmp -s "$P/origin/img/big.r1" "$P/nsproxy/img/big.r1"; then NSCOPY=identical; else NSCOPY=DIFFERENT; fi
-  stop_server $NPPID; stop_server $NOPID
+  stop_server $NPPID
   rm -rf "$P/nsproxy/img"
+  if [ -n "$REF_SERVER" ]; then # the reference proxy over the same link
+    rm -rf "$P/nsrproxy/img"
+    UPLINK=10.213.9.1:5003 conf "$P/nsrproxy/etc" "$P/nsrproxy/img" 5003 isProxy=true backgroundReplication=true bgrWindowSize=8
+    SERVER=$REF_SERVER start_server nsrproxy "$P/nsrproxy/etc" "" $B; NRPID=$SPID
+    wait_on 10.213.9.2 5003 $B
+    R[rlinkbgr]=$(replicate 10.213.9.2:5003 big "$P/nsrproxy/img/big.r1.map" $B)
+    if cmp -s "$P/origin/img/big.r1" "$P/nsrproxy/img/big.r1"; then NSCOPY+=", reference proxy identical"; else NSCOPY+=", reference proxy DIFFERENT"; fi
+    stop_server $NRPID
+    rm -rf "$P/nsrproxy/img"
+  fi
+  stop_server $NOPID
   RAW=$(awk -v m="$LINK_MBIT" 'BEGIN { printf "%.3f", 1073741824 * 8 / (m * 1e6) }')
 fi
 
 # --- report --------------------------------------------------------------------
-isnum() { [[ $1 =~ ^[0-9]+(\.[0-9]+)?$ ]]; }
 num() { if isnum "$1"; then printf '%.2f' "$1"; else echo n/a; fi; }
 rat() { if isnum "$1" && isnum "$2"; then ratio "$1" "$2"; else echo n/a; fi; }
 rowt() { printf '%-46s %12s %12s %8s %s\n' "$1" "$(num "$2")" "$(num "$3")" "$(rat "$2" "$3")" "$4"; }
-mins() { local v; v=$(printf '%s\n' $1 | grep -v n/a | sort -g | head -1); echo "${v:-n/a}"; }
 # speed OURS PEER: PEER/OURS for times (higher = ours faster), n/a if either is missing
 speed() { if isnum "$1" && isnum "$2"; then ratio "$2" "$1"; else echo n/a; fi; }
 printf '\n%-46s %12s %12s %8s %s\n' "proxy (best of $RUNS; seconds)" "our proxy" "peer" "speed" "peer (speed = peer time / ours)"
@@ -227,6 +214,9 @@ if [ -n "$REF_SERVER" ]; then
 fi
 rowt "full BGR 1 GiB (window 8), loopback" "$(mins "${R[bgr1g]}")" "$(mins "${R[get1g]}")" "plain get of 1 GiB"
 if [ -n "$NS_OK" ]; then
+  if [ -n "$REF_SERVER" ]; then
+    rowt "full BGR 1 GiB over ${LINK_MBIT} Mbit/s link (netns)" "${R[linkbgr]}" "${R[rlinkbgr]}" "reference proxy"
+  fi
   rowt "full BGR 1 GiB over ${LINK_MBIT} Mbit/s link (netns)" "${R[linkbgr]}" "$RAW" "raw link time"
   rowt "plain get 1 GiB over the same link" "${R[linkget]}" "$RAW" "raw link time"
 else

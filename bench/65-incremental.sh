@@ -9,6 +9,10 @@
 #  - r3 = r1 with 2,000 scattered 4 KiB blocks changed: every hash block
 #    is touched, so nothing can be reused (16 MiB granularity); against
 #    the same without r1.
+# The reference dnbd3-server (../shared/peers/dnbd3-ref) as the proxy,
+# replicating the same revision in the same run, is the peer: it has no
+# incremental revisions and always fetches the whole image, as ours does
+# without r1 (a SKIP line and no column when it cannot run).
 # Each with full background replication (bgrWindowSize=16), triggered by a
 # 4 KiB read; the time runs until RPC complete=100 and the .map is gone.
 # Reported: seconds and bytes the proxy received (and, in network
@@ -26,20 +30,7 @@ P=$W/incremental
 NSP=dnbd3i-$$- # namespace prefix
 PIDS=()
 
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  if [ "$(id -u)" = 0 ]; then
-    for ns in $(ip netns list 2>/dev/null | awk -v p="$NSP" 'index($1, p) == 1 {print $1}'); do
-      for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
-      ip netns del "$ns" 2>/dev/null || true
-    done
-  fi
-}
-trap cleanup EXIT
-
-now() { date +%s.%N; }
-elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }'; }
+trap stop_all EXIT
 
 # The origin: r1 (random), r2 = r1 with 40 MiB at 300 MiB replaced, r3 =
 # r1 with 2,000 scattered 4 KiB blocks replaced, each with a .crc. Kept
@@ -69,32 +60,24 @@ for r in 1 2 3; do [ -f "$O/lab.r$r.crc" ] || "$BIN/dnbd3-server" --crc "$O/lab.
 cat "$O"/lab.r[123] > /dev/null # page cache warm
 
 NS=
-if [ "$NETNS" = 1 ] && [ "$(id -u)" = 0 ] && ip netns add ${NSP}central 2>/dev/null; then
-  NS=1 C=${NSP}central B=${NSP}roomB
-  ip netns add $B
-  ip -n $C link set lo up; ip -n $B link set lo up
-  ip -n $C link add name wan0 type veth peer name wan0 netns $B
-  ip -n $C addr add 10.213.9.1/24 dev wan0; ip -n $B addr add 10.213.9.2/24 dev wan0
-  ip -n $C link set wan0 up; ip -n $B link set wan0 up
-  for ns in $C $B; do
-    ip netns exec $ns tc qdisc add dev wan0 root tbf rate ${LINK_MBIT}mbit burst 1mb latency 50ms
-  done
+if wan_netns; then
+  NS=1
   OADDR=10.213.9.1:5003 PADDR=10.213.9.2:5003 OBIND= PBIND= ON=$C PN=$B
 else
   OADDR=127.0.0.1:15651 PADDR=127.0.0.2:15652 OBIND=127.0.0.1 PBIND=127.0.0.2 ON= PN=
 fi
 inns() { local ns=$1; shift; if [ -n "$ns" ]; then ip netns exec "$ns" "$@"; else "$@"; fi; }
 
-# server NS CONFDIR BIND LOG: start dnbd3-server in the background (in
+# server NS CONFDIR BIND LOG: start dnbd3-server ($SERVER, default ours) in the background (in
 # namespace NS, bound to BIND, if given); its pid is left in SPID. nsenter
 # execs the server (`ip netns exec` forks and waits, so killing it would
 # leave the server running).
 server() {
   local args=(-n -c "$2" ${3:+-b "$3"})
   if [ -n "$1" ]; then
-    nsenter --net="/run/netns/$1" "$BIN/dnbd3-server" "${args[@]}" >> "$4" 2>&1 &
+    nsenter --net="/run/netns/$1" "${SERVER:-$BIN/dnbd3-server}" "${args[@]}" >> "$4" 2>&1 &
   else
-    "$BIN/dnbd3-server" "${args[@]}" >> "$4" 2>&1 &
+    "${SERVER:-$BIN/dnbd3-server}" "${args[@]}" >> "$4" 2>&1 &
   fi
   SPID=$!
 }
@@ -115,13 +98,16 @@ query() {
 }
 
 # run WITH_R1 RID: one replication of revision RID by a fresh proxy (with
-# a complete copy of r1 when WITH_R1 is 1); prints "seconds fetched_bytes
+# a complete copy of r1 when WITH_R1 is 1; the reference server without r1
+# when WITH_R1 is ref); prints "seconds fetched_bytes
 # link_bytes reused_bytes" ("n/a ..." on failure, or when the proxy's copy
 # differs from the origin's).
 run() {
   local base=$P/proxy/img rid=$2 t c rx0 recv
   rm -rf "$P/proxy"
   mkdir -p "$base"
+  local server=$BIN/dnbd3-server
+  [ "$1" = ref ] && server=$REF_SERVER
   if [ "$1" = 1 ]; then # a complete replicated copy of r1
     cp "$O/lab.r1" "$O/lab.r1.crc" "$base/"
     printf '[main]\natime=%s\n' "$(date +%s)" > "$base/lab.r1.meta"
@@ -129,7 +115,7 @@ run() {
   sync -f "$base" # the copy's writeback does not count
   server_conf "$P/proxy/etc" "$base" "${PADDR##*:}" isProxy=true backgroundReplication=true bgrWindowSize=16 autoFreeDiskSpaceDelay=-1
   printf '[%s]\ncomment=origin\nfor=replication\n' "$OADDR" > "$P/proxy/etc/alt-servers"
-  server "$PN" "$P/proxy/etc" "$PBIND" "$P/proxy.log"; local pid=$SPID
+  SERVER=$server server "$PN" "$P/proxy/etc" "$PBIND" "$P/proxy.log"; local pid=$SPID
   wait_on "${PADDR%:*}" "${PADDR##*:}" "$PN"
   rx0=$(rx_bytes)
   t=$(now)
@@ -149,40 +135,47 @@ run() {
   echo "$line" # last: the caller's read returns on it and starts the next run
 }
 
+REF_SERVER=$(ref_peer dnbd3-server) || REF_SERVER=
+SIDES="1 0"
+if [ -n "$REF_SERVER" ]; then SIDES+=" ref"; else echo "SKIP: reference proxy column"; fi
+
 # T, B, L, U by "RID WITH_R1": times (all runs), bytes received, bytes
 # over the link, bytes reused (last run).
 declare -A T B L U
 for i in $(seq "$RUNS"); do
   for rid in 2 3; do
-    for with in 1 0; do
+    for with in $SIDES; do
       read -r s b l u < <(run $with $rid)
       T[$rid$with]+=" $s"; B[$rid$with]=$b; L[$rid$with]=$l; U[$rid$with]=$u
     done
   done
 done
 
-isnum() { [[ $1 =~ ^[0-9]+(\.[0-9]+)?$ ]]; }
-mins() { local v; v=$(printf '%s\n' $1 | grep -v n/a | sort -g | head -1); echo "${v:-n/a}"; }
 rat() { if isnum "$1" && isnum "$2"; then ratio "$1" "$2"; else echo n/a; fi; }
 mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
-row() { printf '%-62s %12s %12s %8s %s\n' "$@"; }
+# row LABEL R1 WITHOUT RATIO REFERENCE RATIO NOTE
+row() { printf '%-62s %12s %12s %8s %12s %8s %s\n' "$@"; }
+# rmib KEY: MiB of a reference figure, n/a without the reference
+rmib() { if [ -n "$REF_SERVER" ]; then mib "$1"; else echo n/a; fi; }
 where="loopback (no link limit)"
 [ -n "$NS" ] && where="${LINK_MBIT} Mbit/s link (netns)"
-printf '\n'
-row "incremental revisions (best of $RUNS), $where" "r1 present" "without r1" "ratio" ""
+printf '\n%s\n' "peer: the reference dnbd3-server as the proxy, same revision, same run (no incremental revisions: it fetches the whole image)"
+row "incremental revisions (best of $RUNS), $where" "r1 present" "without r1" "ratio" "reference" "r1/ref" ""
 for rid in 2 3; do
-  t1=$(mins "${T[${rid}1]}") t0=$(mins "${T[${rid}0]}")
+  t1=$(mins "${T[${rid}1]}") t0=$(mins "${T[${rid}0]}") tr=$(mins "${T[${rid}ref]:-}")
   if [ $rid = 2 ]; then
-    row "replication of r2 (1 GiB, 40 MiB contiguous changed): seconds" "$t1" "$t0" "$(rat "$t1" "$t0")" "without r1: full fetch"
+    row "replication of r2 (1 GiB, 40 MiB contiguous changed): seconds" "$t1" "$t0" "$(rat "$t1" "$t0")" "$tr" "$(rat "$t1" "$tr")" "without r1: full fetch"
     touched="4 hash blocks = 64 MiB"
   else
-    row "replication of r3 (1 GiB, 2,000 x 4 KiB scattered): seconds" "$t1" "$t0" "$(rat "$t1" "$t0")" "all 64 hash blocks touched"
+    row "replication of r3 (1 GiB, 2,000 x 4 KiB scattered): seconds" "$t1" "$t0" "$(rat "$t1" "$t0")" "$tr" "$(rat "$t1" "$tr")" "all 64 hash blocks touched"
     touched="64 hash blocks = 1024 MiB"
   fi
-  row "  MiB the proxy received from the origin" "$(mib "${B[${rid}1]}")" "$(mib "${B[${rid}0]}")" "$(rat "${B[${rid}1]}" "${B[${rid}0]}")" "$touched"
+  row "  MiB the proxy received from the origin" "$(mib "${B[${rid}1]}")" "$(mib "${B[${rid}0]}")" "$(rat "${B[${rid}1]}" "${B[${rid}0]}")" \
+    "$(rmib "${B[${rid}ref]:-}")" "$(rat "${B[${rid}1]}" "${B[${rid}ref]:-}")" "$touched"
   if [ -n "$NS" ]; then
-    row "  MiB over the link" "$(mib "${L[${rid}1]}")" "$(mib "${L[${rid}0]}")" "$(rat "${L[${rid}1]}" "${L[${rid}0]}")" ""
+    row "  MiB over the link" "$(mib "${L[${rid}1]}")" "$(mib "${L[${rid}0]}")" "$(rat "${L[${rid}1]}" "${L[${rid}0]}")" \
+      "$(rmib "${L[${rid}ref]:-}")" "$(rat "${L[${rid}1]}" "${L[${rid}ref]:-}")" ""
   fi
-  row "  MiB copied from r1 (RPC bytesReused)" "$(mib "${U[${rid}1]}")" "$(mib "${U[${rid}0]}")" "" ""
+  row "  MiB copied from r1 (RPC bytesReused)" "$(mib "${U[${rid}1]}")" "$(mib "${U[${rid}0]}")" "" "" "" ""
 done
-echo "(runs: r2 with r1${T[21]} | without${T[20]}; r3 with r1${T[31]} | without${T[30]}; load average $(cut -d' ' -f1-3 /proc/loadavg))"
+echo "(runs: r2 with r1${T[21]} | without${T[20]}${T[2ref]:+ | reference${T[2ref]}}; r3 with r1${T[31]} | without${T[30]}${T[3ref]:+ | reference${T[3ref]}}; load average $(cut -d' ' -f1-3 /proc/loadavg))"

@@ -11,21 +11,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
 OURS=15701 PEER=15702 RUNS=${RUNS:-5} SECS=${SECS:-3}
-REF=${REF:-../shared/peers/dnbd3-ref/dnbd3-server}
 command -v iscsi-perf >/dev/null || { echo "SKIP: iscsi-perf not installed (package libiscsi-bin; scripts/deps.sh)"; exit 0; }
 random_file "$W/img/bench.r1" 256M
 server_conf "$W/etc-iscsi" "$W/img" $OURS
 "$BIN/dnbd3-server" -n -c "$W/etc-iscsi" -b 127.0.0.1 > "$W/iscsi-server.log" 2>&1 & S1=$!
 PIDS="$S1"
 trap 'kill $PIDS 2>/dev/null || true' EXIT
-peer=1
-if [ ! -x "$REF" ]; then
-  echo "SKIP (reference column): no reference server at $REF"; peer=0
-elif ldd "$REF" | grep -q "not found"; then
-  echo "SKIP (reference column): the reference server needs libjansson4"; peer=0
-else
-  mkdir -p "$W/etc-iscsi-ref"
-  printf '[dnbd3]\nbasePath=%s\nlistenPort=%s\n[logging]\nconsoleMask=ERROR WARNING\n' "$W/img" $PEER > "$W/etc-iscsi-ref/server.conf"
+peer=0
+if REF=$(ref_peer dnbd3-server); then
+  peer=1
+  server_conf "$W/etc-iscsi-ref" "$W/img" $PEER
   "$REF" -n -c "$W/etc-iscsi-ref" -b 127.0.0.1 > "$W/iscsi-ref.log" 2>&1 & S2=$!
   PIDS="$S1 $S2"
   wait_port $PEER
@@ -50,8 +45,6 @@ for i in $(seq "$RUNS"); do
   done
 done
 
-# median VALUES...
-median() { printf '%s\n' "$@" | sort -g | awk '{v[NR]=$1} END {print (NR % 2) ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2}'; }
 printf '\n%-36s %13s %13s %6s %9s %s\n' "iscsi-perf, 32 in flight ($RUNS runs)" "dnbd3-server" "reference" "ratio" "(median)" "target"
 row() {
   local o p om pm

@@ -114,3 +114,66 @@ fuse_ok() {
   [ -c /dev/fuse ] || { echo "SKIP: FUSE rows: no /dev/fuse" >&2; return 1; }
   command -v fusermount > /dev/null || { echo "SKIP: FUSE rows: no fusermount (apt-get install fuse3)" >&2; return 1; }
 }
+
+# now: the time in seconds; elapsed T0: seconds since T0 (3 decimals).
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }'; }
+
+# stop_all: for `trap stop_all EXIT`: kill and reap the pids in the array
+# PIDS and, as root, delete the network namespaces whose names begin with
+# $NSP (when set), killing what still runs in them.
+stop_all() {
+  local p ns pid
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  if [ -n "${NSP:-}" ] && [ "$(id -u)" = 0 ]; then
+    for ns in $(ip netns list 2>/dev/null | awk -v p="$NSP" 'index($1, p) == 1 {print $1}'); do
+      for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
+      ip netns del "$ns" 2>/dev/null || true
+    done
+  fi
+}
+
+# metrics_base: OLD=$W/metrics-base with the tree of BASE_REV, code without
+# the Prometheus metrics, unpacked in $OLD/src (kept while BASE_REV stays
+# the same; $OLD/bin is emptied with it). BASE_REV defaults to where this
+# branch left main; on main itself give the parent of the merge that
+# brought the metrics. Exits 2 when BASE_REV is HEAD.
+metrics_base() {
+  BASE_REV=${BASE_REV:-$(git merge-base HEAD main)}
+  if [ "$(git rev-parse "$BASE_REV")" = "$(git rev-parse HEAD)" ]; then
+    echo "BASE_REV is HEAD: set BASE_REV to a revision without the metrics, e.g. the first parent of the merge that brought them" >&2
+    exit 2
+  fi
+  OLD=$W/metrics-base
+  if [ ! -d "$OLD/src" ] || [ "$(cat "$OLD/rev" 2>/dev/null)" != "$(git rev-parse "$BASE_REV")" ]; then
+    rm -rf "$OLD" && mkdir -p "$OLD/src" "$OLD/bin"
+    git archive "$BASE_REV" | tar -x -C "$OLD/src"
+    git rev-parse "$BASE_REV" > "$OLD/rev"
+  fi
+}
+
+# wan_netns: as root and with NETNS=1, the network namespaces
+# ${NSP}central (10.213.9.1) and ${NSP}roomB (10.213.9.2), joined by a veth
+# link wan0 shaped to LINK_MBIT Mbit/s in both directions; sets C and B to
+# their names. Fails without creating anything otherwise.
+wan_netns() {
+  [ "${NETNS:-1}" = 1 ] && [ "$(id -u)" = 0 ] && ip netns add "${NSP}central" 2>/dev/null || return 1
+  C=${NSP}central B=${NSP}roomB
+  ip netns add "$B"
+  ip -n "$C" link set lo up; ip -n "$B" link set lo up
+  ip -n "$C" link add name wan0 type veth peer name wan0 netns "$B"
+  ip -n "$C" addr add 10.213.9.1/24 dev wan0; ip -n "$B" addr add 10.213.9.2/24 dev wan0
+  ip -n "$C" link set wan0 up; ip -n "$B" link set wan0 up
+  local ns
+  for ns in "$C" "$B"; do
+    ip netns exec "$ns" tc qdisc add dev wan0 root tbf rate "${LINK_MBIT}mbit" burst 1mb latency 50ms
+  done
+}
+
+# isnum V: V is a number (not n/a).
+isnum() { [[ $1 =~ ^[0-9]+(\.[0-9]+)?$ ]]; }
+
+# mins "VALUES": the smallest of the numbers in VALUES (n/a entries
+# ignored), n/a when there is none.
+mins() { local v; v=$(printf '%s\n' $1 | grep -v n/a | sort -g | head -1); echo "${v:-n/a}"; }

@@ -4,7 +4,6 @@ package e2e
 // the console messages it collects, screenshots under out/screenshots.
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -18,7 +17,6 @@ import (
 	"time"
 
 	"github.com/chromedp/chromedp"
-	"github.com/dnbd3go/dnbd3go/internal/testutil"
 )
 
 // browserBudget bounds each browser test (the make test budget is tight).
@@ -204,31 +202,7 @@ func (th *throttle) slowCopy(dst io.Writer, src io.Reader) {
 // added) and the other config files given.
 func startServerConf(t *testing.T, conf string, files map[string]string) *daemon {
 	t.Helper()
-	etc := t.TempDir()
 	port := freePort(t)
 	conf = strings.Replace(conf, "[dnbd3]\n", fmt.Sprintf("[dnbd3]\nlistenPort=%d\n", port), 1)
-	files["server.conf"] = conf
-	for name, body := range files {
-		if err := os.WriteFile(filepath.Join(etc, name), []byte(body), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	d := &daemon{addr: fmt.Sprintf("127.0.0.1:%d", port), log: &bytes.Buffer{}, done: make(chan error, 1)}
-	d.cmd = exec.Command(bin("dnbd3-server"), "-n", "-c", etc, "-b", "127.0.0.1")
-	d.cmd.Stdout, d.cmd.Stderr = syncWriter(d.log), syncWriter(d.log)
-	if err := d.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { d.done <- d.cmd.Wait() }()
-	t.Cleanup(func() {
-		d.cmd.Process.Kill()
-		<-d.done
-		if t.Failed() {
-			t.Logf("dnbd3-server log:\n%s", d.logText())
-		}
-	})
-	if err := testutil.WaitListening(d.addr, 10*time.Second); err != nil {
-		t.Fatalf("dnbd3-server did not listen on %s: %v\n%s", d.addr, err, d.logText())
-	}
-	return d
+	return runServerBinary(t, confDir(t, conf, files), port)
 }

@@ -47,19 +47,21 @@ func startDaemon(t *testing.T, base string) *daemon {
 // config directory.
 func startDaemonWith(t *testing.T, base, extra string, files map[string]string) *daemon {
 	t.Helper()
-	etc := t.TempDir()
 	port := freePort(t)
 	conf := fmt.Sprintf("[dnbd3]\nbasePath=%s\nlistenPort=%d\n%s[logging]\nconsoleMask=ERROR WARNING MINOR INFO DEBUG1\n", base, port, extra)
-	if err := os.WriteFile(filepath.Join(etc, "server.conf"), []byte(conf), 0o644); err != nil {
-		t.Fatal(err)
+	if files == nil {
+		files = map[string]string{}
 	}
-	for name, content := range files {
-		if err := os.WriteFile(filepath.Join(etc, name), []byte(content), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
+	return runServerBinary(t, confDir(t, conf, files), port)
+}
+
+// runServerBinary runs `dnbd3-server -n -c etc -b 127.0.0.1 args...`, whose
+// config listens on port, and waits until it does. The server is killed
+// when the test ends; its log is shown if the test failed.
+func runServerBinary(t *testing.T, etc string, port int, args ...string) *daemon {
+	t.Helper()
 	d := &daemon{addr: fmt.Sprintf("127.0.0.1:%d", port), log: &bytes.Buffer{}, done: make(chan error, 1)}
-	d.cmd = exec.Command(bin("dnbd3-server"), "-n", "-c", etc, "-b", "127.0.0.1")
+	d.cmd = exec.Command(bin("dnbd3-server"), append([]string{"-n", "-c", etc, "-b", "127.0.0.1"}, args...)...)
 	d.cmd.Stdout, d.cmd.Stderr = syncWriter(d.log), syncWriter(d.log)
 	if err := d.cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -174,17 +174,7 @@ func TestServerOpenRPCOptIn(t *testing.T) {
 	if code != 0 || !strings.Contains(out, "rpc.acl: warning: no line is a valid rule, so the RPC is open to everyone") {
 		t.Errorf("--check-config --allow-open-rpc: exit %d\n%s", code, out)
 	}
-	d := &daemon{addr: fmt.Sprintf("127.0.0.1:%d", port), log: &bytes.Buffer{}, done: make(chan error, 1)}
-	d.cmd = exec.Command(bin("dnbd3-server"), "-n", "-c", etc, "-b", "127.0.0.1", "--allow-open-rpc")
-	d.cmd.Stdout, d.cmd.Stderr = syncWriter(d.log), syncWriter(d.log)
-	if err := d.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { d.done <- d.cmd.Wait() }()
-	t.Cleanup(func() { d.cmd.Process.Kill(); <-d.done })
-	if err := testutil.WaitListening(d.addr, 10*time.Second); err != nil {
-		t.Fatalf("not listening: %v\n%s", err, d.logText())
-	}
+	d := runServerBinary(t, etc, port, "--allow-open-rpc")
 	if _, ok := d.query(t, "config")["config"]; !ok {
 		t.Error("the RPC is not open with --allow-open-rpc")
 	}
@@ -225,16 +215,6 @@ func TestServerStartLogsConfigWarnings(t *testing.T) {
 	randomImage(t, filepath.Join(base, "img.r1"), 4096)
 	port := freePort(t)
 	etc := confDir(t, fmt.Sprintf("[dnbd3]\nbasePath=%s\nlistenPort=%d\nbackgroundReplicaton=true\n", base, port), map[string]string{})
-	d := &daemon{addr: fmt.Sprintf("127.0.0.1:%d", port), log: &bytes.Buffer{}, done: make(chan error, 1)}
-	d.cmd = exec.Command(bin("dnbd3-server"), "-n", "-c", etc, "-b", "127.0.0.1")
-	d.cmd.Stdout, d.cmd.Stderr = syncWriter(d.log), syncWriter(d.log)
-	if err := d.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { d.done <- d.cmd.Wait() }()
-	t.Cleanup(func() { d.cmd.Process.Kill(); <-d.done })
-	if err := testutil.WaitListening(d.addr, 10*time.Second); err != nil {
-		t.Fatalf("not listening: %v\n%s", err, d.logText())
-	}
+	d := runServerBinary(t, etc, port)
 	d.waitLog(t, `msg="[dnbd3] backgroundReplicaton is not a known key (did you mean [dnbd3] backgroundReplication?); ignored" at=`+etc+"/server.conf:4")
 }

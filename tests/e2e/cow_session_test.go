@@ -17,13 +17,15 @@ import (
 )
 
 // startMerger runs dnbd3-merger on a loopback port with base as the
-// directory of original and merged images, and returns its host:port.
-func startMerger(t *testing.T, base string) string {
+// directory of original and merged images, and the extra arguments, and
+// returns its host:port.
+func startMerger(t *testing.T, base string, extra ...string) string {
 	t.Helper()
 	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	var log bytes.Buffer
 	cmd := exec.Command(bin("dnbd3-merger"), "--settings", "", "--working-dir", t.TempDir(), "--original-dir", base,
 		"--destination-dir", base, "--listen", "http://"+addr, "--min-free-space", "0")
+	cmd.Args = append(cmd.Args, extra...)
 	cmd.Stdout, cmd.Stderr = syncWriter(&log), syncWriter(&log)
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -164,12 +164,8 @@ func startReference(t *testing.T, base string) (addr string, why string) {
 	if out, err := exec.Command("ldd", ref).CombinedOutput(); err != nil || strings.Contains(string(out), "not found") {
 		return "", "the reference server cannot run (needs libjansson4): " + strings.TrimSpace(string(out))
 	}
-	etc := t.TempDir()
 	port := freePort(t)
-	conf := fmt.Sprintf("[dnbd3]\nbasePath=%s\nlistenPort=%d\n[logging]\nconsoleMask=ERROR WARNING\n", base, port)
-	if err := os.WriteFile(filepath.Join(etc, "server.conf"), []byte(conf), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	etc := confDir(t, fmt.Sprintf("[dnbd3]\nbasePath=%s\nlistenPort=%d\n[logging]\nconsoleMask=ERROR WARNING\n", base, port), map[string]string{})
 	cmd := exec.Command(ref, "-n", "-c", etc, "-b", "127.0.0.1")
 	var log bytes.Buffer
 	cmd.Stdout, cmd.Stderr = syncWriter(&log), syncWriter(&log)

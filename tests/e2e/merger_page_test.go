@@ -7,7 +7,6 @@ import (
 	"net/http"
 	"net/url"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -23,29 +22,9 @@ import (
 // host:port.
 func startMergerToken(t *testing.T, base, token string) string {
 	t.Helper()
-	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	tokFile := filepath.Join(t.TempDir(), "token")
 	os.WriteFile(tokFile, []byte(token+"\n"), 0o600)
-	var log bytes.Buffer
-	cmd := exec.Command(bin("dnbd3-merger"), "--settings", "", "--working-dir", t.TempDir(), "--original-dir", base,
-		"--destination-dir", base, "--listen", "http://"+addr, "--min-free-space", "0", "--token-file", tokFile)
-	cmd.Stdout, cmd.Stderr = syncWriter(&log), syncWriter(&log)
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-		if t.Failed() {
-			logMu.Lock()
-			t.Logf("dnbd3-merger log:\n%s", log.String())
-			logMu.Unlock()
-		}
-	})
-	if err := testutil.WaitListening(addr, 10*time.Second); err != nil {
-		t.Fatalf("dnbd3-merger did not listen on %s: %v", addr, err)
-	}
-	return addr
+	return startMerger(t, base, "--token-file", tokFile)
 }
 
 // mergerClient drives the merger's v1 API with a token.

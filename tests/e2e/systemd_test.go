@@ -74,34 +74,10 @@ func TestServerSystemdNotify(t *testing.T) {
 	base := t.TempDir()
 	randomImage(t, filepath.Join(base, "a.r1"), 1<<20)
 	randomImage(t, filepath.Join(base, "b.r2"), 1<<20)
-	etc := t.TempDir()
 	port := freePort(t)
-	conf := fmt.Sprintf("[dnbd3]\nbasePath=%s\nlistenPort=%d\n[logging]\nconsoleMask=ERROR WARNING MINOR INFO\n", base, port)
-	if err := os.WriteFile(filepath.Join(etc, "server.conf"), []byte(conf), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	sock := sdnotifytest.Listen(t)
-	out, env := journalEnv(t, sock)
-	cmd := exec.Command(bin("dnbd3-server"), "-n", "-c", etc, "-b", "127.0.0.1")
-	cmd.Stdout, cmd.Stderr, cmd.Env = out, out, env
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer cmd.Process.Kill()
-	ready := sock.WaitFor(t, "READY=1", 10*time.Second)
-	if want := "READY=1\nSTATUS=serving 2 images, 0 clients"; ready != want {
-		t.Fatalf("ready message %q, want %q", ready, want)
-	}
-	// READY=1 means listening: a client is served at once.
-	if err := testutil.WaitListening(fmt.Sprintf("127.0.0.1:%d", port), time.Millisecond); err != nil {
-		t.Fatalf("READY=1 before the port accepts connections: %v", err)
-	}
-	cmd.Process.Signal(syscall.SIGTERM)
-	sock.WaitFor(t, "STOPPING=1", 10*time.Second)
-	if code := waitExit(t, cmd); code != 0 {
-		t.Fatalf("exit code %d after SIGTERM", code)
-	}
-	checkJournalLines(t, out, "<6>level=INFO msg=listening", "<6>level=INFO msg=\"shut down cleanly\"")
+	etc := confDir(t, fmt.Sprintf("[dnbd3]\nbasePath=%s\nlistenPort=%d\n[logging]\nconsoleMask=ERROR WARNING MINOR INFO\n", base, port), map[string]string{})
+	systemdLifecycle(t, exec.Command(bin("dnbd3-server"), "-n", "-c", etc, "-b", "127.0.0.1"), port,
+		"READY=1\nSTATUS=serving 2 images, 0 clients", "<6>level=INFO msg=listening", "<6>level=INFO msg=\"shut down cleanly\"")
 }
 
 // TestMergerSystemdNotify does the same for dnbd3-merger.
@@ -117,18 +93,27 @@ func TestMergerSystemdNotify(t *testing.T) {
 	if err := os.WriteFile(settings, []byte(js), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	systemdLifecycle(t, exec.Command(bin("dnbd3-merger"), "--settings", settings), port,
+		"READY=1\nSTATUS=0 sessions: 0 active, 0 merging", "<6>level=INFO msg=listening", "<6>level=INFO msg=stopped")
+}
+
+// systemdLifecycle runs cmd as systemd would with Type=notify and a
+// journal on stdout and stderr: its READY=1 message must be ready and
+// come once port accepts connections; after SIGTERM it sends STOPPING=1
+// and exits 0; its output has the journal lines.
+func systemdLifecycle(t *testing.T, cmd *exec.Cmd, port int, ready string, lines ...string) {
+	t.Helper()
 	sock := sdnotifytest.Listen(t)
 	out, env := journalEnv(t, sock)
-	cmd := exec.Command(bin("dnbd3-merger"), "--settings", settings)
 	cmd.Stdout, cmd.Stderr, cmd.Env = out, out, env
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	defer cmd.Process.Kill()
-	ready := sock.WaitFor(t, "READY=1", 10*time.Second)
-	if want := "READY=1\nSTATUS=0 sessions: 0 active, 0 merging"; ready != want {
-		t.Fatalf("ready message %q, want %q", ready, want)
+	if got := sock.WaitFor(t, "READY=1", 10*time.Second); got != ready {
+		t.Fatalf("ready message %q, want %q", got, ready)
 	}
+	// READY=1 means listening: a client is served at once.
 	if err := testutil.WaitListening(fmt.Sprintf("127.0.0.1:%d", port), time.Millisecond); err != nil {
 		t.Fatalf("READY=1 before the port accepts connections: %v", err)
 	}
@@ -137,5 +122,5 @@ func TestMergerSystemdNotify(t *testing.T) {
 	if code := waitExit(t, cmd); code != 0 {
 		t.Fatalf("exit code %d after SIGTERM", code)
 	}
-	checkJournalLines(t, out, "<6>level=INFO msg=listening", "<6>level=INFO msg=stopped")
+	checkJournalLines(t, out, lines...)
 }

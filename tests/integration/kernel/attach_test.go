@@ -407,7 +407,7 @@ func TestDaemonKilledWhileReading(t *testing.T) {
 			return
 		}
 		defer f.Close()
-		buf := alignedBuf(t, 1<<20)
+		buf := testutil.AlignedBuf(t, 1<<20)
 		_, err = f.ReadAt(buf, 40<<20)
 		res <- result{append([]byte(nil), buf...), err}
 	}()
@@ -547,7 +547,7 @@ func TestSIGTERMWhileOpen(t *testing.T) {
 	// The opener keeps the kernel's config reference (STATUS says connected
 	// until the last close), but its I/O now fails.
 	dropCaches()
-	if _, err := f3.ReadAt(alignedBuf(t, 4096), 1<<20); err == nil {
+	if _, err := f3.ReadAt(testutil.AlignedBuf(t, 4096), 1<<20); err == nil {
 		t.Error("read on a force-disconnected device succeeded")
 	}
 	f3.Close()

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/internal/testutil"
 	"github.com/dnbd3go/dnbd3go/nbdbridge"
 	"golang.org/x/sys/unix"
 )
@@ -60,14 +61,7 @@ func TestCowtestProbeSequence(t *testing.T) {
 		l2 = "167772160"
 	}
 	disk := cowDisk(t)
-	images := disk + "/images"
-	_, addr := server(t, images)
-	work := disk + "/merger-work"
-	os.MkdirAll(work, 0o755)
-	mg := startMerger(t, work, images, images)
-	sess := disk + "/session-probe"
-	os.RemoveAll(sess)
-	os.MkdirAll(sess, 0o755)
+	addr, mg, sess := cowServerAndMerger(t, disk, "session-probe")
 
 	p, dev, _ := attachCmd(t, "-h", addr, "-i", "test", "-c", sess, "-C", mg.addr, "--upload-delay", "0", "--cow-stats-file", "--block-size", "4096")
 	probeStatus(t, "-t before", dev)
@@ -101,7 +95,7 @@ func probeQD1(t *testing.T, name, dev string, off int64, n int) {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	rbuf, wbuf := alignedBuf(t, 4096), alignedBuf(t, 45056)
+	rbuf, wbuf := testutil.AlignedBuf(t, 4096), testutil.AlignedBuf(t, 45056)
 	var tr, tw time.Duration
 	start := time.Now()
 	for range n {

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/internal/testutil"
 	"github.com/dnbd3go/dnbd3go/nbdbridge"
 	"golang.org/x/sys/unix"
 )
@@ -55,7 +56,7 @@ func TestPartitionsWaitReady(t *testing.T) {
 		t.Fatalf("%sp1 size = %q, %v", name, sz, err)
 	}
 	f := openDirect(t, "/dev/"+name+"p1", os.O_RDONLY)
-	buf := alignedBuf(t, 4096)
+	buf := testutil.AlignedBuf(t, 4096)
 	if _, err := f.ReadAt(buf, 0); err != nil || !bytes.HasPrefix(buf, []byte("partition one")) {
 		t.Fatalf("read of %sp1: %v %q", name, err, buf[:16])
 	}

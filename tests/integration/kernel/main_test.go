@@ -135,17 +135,6 @@ func waitSize(t *testing.T, idx int, size int64) {
 	}
 }
 
-// alignedBuf returns page-aligned memory for O_DIRECT I/O.
-func alignedBuf(t *testing.T, n int) []byte {
-	t.Helper()
-	b, err := unix.Mmap(-1, 0, n, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { unix.Munmap(b) })
-	return b
-}
-
 // openDirect opens a device for O_DIRECT I/O.
 func openDirect(t *testing.T, path string, flag int) *os.File {
 	t.Helper()

@@ -130,6 +130,22 @@ func TestMergeEndToEnd(t *testing.T) {
 	umount(t, mnt2)
 }
 
+// cowServerAndMerger starts a server on disk/images and a merger
+// (working directory disk/merger-work) merging there, and empties the
+// session directory disk/session.
+func cowServerAndMerger(t *testing.T, disk, session string) (addr string, mg *mergerProc, sess string) {
+	t.Helper()
+	images := disk + "/images"
+	_, addr = server(t, images)
+	work := disk + "/merger-work"
+	os.MkdirAll(work, 0o755)
+	mg = startMerger(t, work, images, images)
+	sess = disk + "/" + session
+	os.RemoveAll(sess)
+	os.MkdirAll(sess, 0o755)
+	return addr, mg, sess
+}
+
 // TestCowtestSequenceWithMerger runs the reference CI's standard sequence
 // with a real merger: -t on a new session while the merger is killed and
 // restarted during the uploads, detach; -L with -m, -v, detach; the merger
@@ -140,13 +156,7 @@ func TestCowtestSequenceWithMerger(t *testing.T) {
 	disk := cowDisk(t)
 	images := disk + "/images"
 	os.RemoveAll(images + "/test.r2")
-	_, addr := server(t, images)
-	work := disk + "/merger-work"
-	os.MkdirAll(work, 0o755)
-	mg := startMerger(t, work, images, images)
-	sess := disk + "/session-merged"
-	os.RemoveAll(sess)
-	os.MkdirAll(sess, 0o755)
+	addr, mg, sess := cowServerAndMerger(t, disk, "session-merged")
 
 	p, dev, _ := attachCmd(t, "-h", addr, "-i", "test", "-c", sess, "-C", mg.addr, "--upload-delay", "0", "--cow-stats-file", "--block-size", "4096")
 	killed := make(chan struct{})

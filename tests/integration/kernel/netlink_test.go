@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/internal/testutil"
 	"github.com/dnbd3go/dnbd3go/nbdbridge"
 	"golang.org/x/sys/unix"
 )
@@ -131,7 +132,7 @@ func TestNetlinkConnectSmoke(t *testing.T) {
 	pattern := randomBytes(1, 1<<20)
 	srv.fill(2<<20, pattern)
 	f := openDirect(t, dev, os.O_RDWR)
-	buf := alignedBuf(t, 1<<20)
+	buf := testutil.AlignedBuf(t, 1<<20)
 	if _, err := f.ReadAt(buf, 2<<20); err != nil {
 		t.Fatalf("O_DIRECT read: %v", err)
 	}
@@ -152,7 +153,7 @@ func TestNetlinkConnectSmoke(t *testing.T) {
 	if srv.count(nbdCmdFlush) == 0 {
 		t.Fatal("fsync sent no NBD_CMD_FLUSH although SEND_FLUSH is set")
 	}
-	back := alignedBuf(t, 1<<20)
+	back := testutil.AlignedBuf(t, 1<<20)
 	if _, err := f.ReadAt(back, 5<<20); err != nil || !bytes.Equal(back, buf) {
 		t.Fatalf("read back after write: %v, equal=%v", err, bytes.Equal(back, buf))
 	}
@@ -201,7 +202,7 @@ func TestNetlinkConnectSmoke(t *testing.T) {
 	srv.mu.Lock()
 	srv.hold = func(off uint64, _ uint32) bool { return off == heldOff }
 	srv.mu.Unlock()
-	heldBuf, queuedBuf := alignedBuf(t, 4096), alignedBuf(t, 4096)
+	heldBuf, queuedBuf := testutil.AlignedBuf(t, 4096), testutil.AlignedBuf(t, 4096)
 	inflight := readAsync(f, heldBuf, heldOff)
 	select {
 	case <-srv.held:
@@ -370,7 +371,7 @@ func TestDeadConnTimeoutZero(t *testing.T) {
 	f := openDirect(t, nbdbridge.DevicePath(a.idx), os.O_RDONLY)
 	a.conn.Close()
 	waitLinkDead(t, events, a.idx)
-	buf := alignedBuf(t, 4096)
+	buf := testutil.AlignedBuf(t, 4096)
 	start := time.Now()
 	_, err = f.ReadAt(buf, 0)
 	if !errors.Is(err, unix.EIO) {
@@ -413,7 +414,7 @@ func TestMultiConnFallback(t *testing.T) {
 	pattern := randomBytes(3, 8<<20)
 	srv.fill(0, pattern)
 	f := openDirect(t, nbdbridge.DevicePath(idx), os.O_RDONLY)
-	buf := alignedBuf(t, 1<<20)
+	buf := testutil.AlignedBuf(t, 1<<20)
 	c1.Close()
 	waitLinkDead(t, events, idx)
 	for off := 0; off < 8<<20; off += 1 << 20 {

@@ -256,22 +256,6 @@ func replicate(t *testing.T, tp *topology, origin, proxy *server, image string, 
 	return r
 }
 
-// corruptByte flips one byte of a file.
-func corruptByte(t *testing.T, path string, off int64) {
-	t.Helper()
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	b := make([]byte, 1)
-	f.ReadAt(b, off)
-	b[0] ^= 0xFF
-	if _, err := f.WriteAt(b, off); err != nil {
-		t.Fatal(err)
-	}
-}
-
 // incrRun is the state of TestIncrementalRevisions: the topology, the
 // servers, the merger and the figures of r1's full replication.
 type incrRun struct {
@@ -394,7 +378,7 @@ func (ir *incrRun) corruptSource() {
 	ws := []write{{off: changedHB*hashBlock + 5<<20, n: 1 << 20, pattern: 0x77}}
 	logOff := len(ir.proxy.readLog())
 	r4 := ir.step("r4 (1 MiB, the proxy's r3 corrupt in another hash block)", 3, ws, ws[0].off, func() {
-		corruptByte(t, ir.proxy.imagePath("lab", 3), corruptHB*hashBlock+12345)
+		testutil.FlipByte(t, ir.proxy.imagePath("lab", 3), corruptHB*hashBlock+12345)
 	})
 	if l := ir.proxy.readLog()[logOff:]; !strings.Contains(l, "failed its check; fetching it from the uplink") || !regexp.MustCompile(fmt.Sprintf(`\bblock=%d\b`, corruptHB)).MatchString(l) {
 		t.Errorf("proxy B did not log the failed check of hash block %d copied from the corrupt r3: %s", corruptHB, lastLines(l, 10))

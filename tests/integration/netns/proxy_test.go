@@ -455,19 +455,7 @@ func TestCorruptBlockRepaired(t *testing.T) {
 
 	// Flip one byte in hash block 1 (16-32 MiB).
 	const off = 20*mib + 12345
-	f, err := os.OpenFile(proxy.imagePath("crc", 1), os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	b := make([]byte, 1)
-	if _, err := f.ReadAt(b, off); err != nil {
-		t.Fatal(err)
-	}
-	b[0] ^= 0xFF
-	if _, err := f.WriteAt(b, off); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
+	testutil.FlipByte(t, proxy.imagePath("crc", 1), off)
 	if got, _ := testutil.SHA256Of(proxy.imagePath("crc", 1)); got == sum {
 		t.Fatal("flipping a byte did not change the proxy's copy")
 	}

@@ -339,7 +339,7 @@ func seqDirect(t *testing.T, dev string, size int64, bs int) result {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	buf := aligned(t, bs)
+	buf := testutil.AlignedBuf(t, bs)
 	var n int64
 	secs, cpu := timed(func() {
 		for off := int64(0); off < size; off += int64(bs) {
@@ -371,7 +371,7 @@ func randDirect(t *testing.T, dev string, size int64, threads int, d time.Durati
 					return
 				}
 				defer f.Close()
-				buf := aligned(t, 4096)
+				buf := testutil.AlignedBuf(t, 4096)
 				rng := rand.New(rand.NewPCG(uint64(g), uint64(time.Now().UnixNano())))
 				n := int64(0)
 				for time.Now().Before(stop) {
@@ -399,7 +399,7 @@ func randWrite(t *testing.T, dev string, size int64, d time.Duration) result {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	buf := aligned(t, 4096)
+	buf := testutil.AlignedBuf(t, 4096)
 	rng := rand.New(rand.NewPCG(3, uint64(time.Now().UnixNano())))
 	var ops int64
 	secs, cpu := timed(func() {
@@ -416,15 +416,6 @@ func randWrite(t *testing.T, dev string, size int64, d time.Duration) result {
 func readOnly(dev string) bool {
 	b, _ := os.ReadFile(filepath.Join("/sys/block", filepath.Base(dev), "ro"))
 	return strings.TrimSpace(string(b)) != "0"
-}
-
-func aligned(t *testing.T, n int) []byte {
-	b, err := unix.Mmap(-1, 0, n, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { unix.Munmap(b) })
-	return b
 }
 
 // writeRandomImage writes size pseudo-random bytes and returns their sha256.
