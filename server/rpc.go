@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/dnbd3go/dnbd3go/internal/fsutil"
+	"github.com/dnbd3go/dnbd3go/internal/statusui"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
@@ -43,6 +44,7 @@ type rpcServer struct {
 	bySource map[netip.Prefix]int // RPC connections per source
 
 	metricsHandler http.Handler           // /metrics (metrics_http.go)
+	page           *statusui.Page         // the status page's files (statuspage.go)
 	rpcReqs        *prometheus.CounterVec // RPC requests by path and status
 }
 
@@ -51,6 +53,7 @@ func newRPCServer(s *Server) *rpcServer {
 	reg, rpcReqs := newMetrics(s)
 	r.rpcReqs = rpcReqs
 	r.metricsHandler = promhttp.HandlerFor(reg, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError})
+	r.page = newStatusPage()
 	timeout := s.config().ClientTimeout
 	r.http = &http.Server{
 		Handler:           r,
