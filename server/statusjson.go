@@ -120,15 +120,11 @@ func imagePage(images []*image, pq pageQuery) *statusPageOf {
 
 func imageStatusOf(img *image) imageStatus {
 	st := imageStatus{ID: img.ID, Name: img.Name, RID: img.RID, Size: img.VirtualSize, Users: img.Users(),
-		Complete: 1, Problems: img.Problems(), Idle: int64(img.idle() / time.Second)}
-	if cm := img.cache.Load(); cm != nil && cm.Blocks() > 0 {
-		st.Complete = float64(cm.Present()) / float64(cm.Blocks())
-	}
+		Problems: img.Problems(), Idle: int64(img.idle() / time.Second)}
+	st.Complete, _ = presence(img)
 	if up := img.up.Load(); up != nil {
 		st.Uplink = up.server()
-		up.mu.Lock()
-		st.Fetching = len(up.fetches)
-		up.mu.Unlock()
+		st.Fetching = fetchesInFlight(up)
 		if up.connected() {
 			st.UplinkRTT = up.ci.Stats().CurrentRTT.Microseconds()
 		}
