@@ -249,16 +249,7 @@ func wantedItems(qs []string, perm aclPerm) (want map[string]bool, denied string
 }
 
 func writeStats(s *Server, o *jsonObject) {
-	s.connMu.Lock()
-	clients, servers := 0, 0
-	for cc := range s.clients {
-		if cc.isServer.Load() {
-			servers++
-		} else {
-			clients++
-		}
-	}
-	s.connMu.Unlock()
+	clients, servers := s.peerCounts()
 	for _, si := range s.iscsi.Sessions() {
 		if si.Disk != nil {
 			clients++ // discovery sessions are no clients of an image

@@ -78,19 +78,12 @@ func (s *Server) status(perm aclPerm, pq pageQuery) statusDoc {
 		IsProxy: s.config().IsProxy, BytesSent: s.bytesSent.Load(), BytesReceived: s.bytesRecv.Load(),
 		ImageCount: len(images), Perm: perm.String(),
 	}
-	clients := s.clientList()
-	for _, cc := range clients {
-		if cc.isServer.Load() {
-			doc.Servers++
-		} else {
-			doc.Clients++
-		}
-	}
+	doc.Clients, doc.Servers = s.peerCounts()
 	if perm.has(permImageList) {
 		doc.Images = imagePage(images, pq)
 	}
 	if perm.has(permClientList) {
-		doc.ClientList = s.clientPage(clients, pq)
+		doc.ClientList = s.clientPage(s.clientList(), pq)
 	}
 	if perm.has(permAll) {
 		doc.AltServers = s.altStatus(images)
