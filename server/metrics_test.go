@@ -204,3 +204,22 @@ func TestMetricsACL(t *testing.T) {
 		}
 	}
 }
+
+// TestRPCRequestCounter counts RPC requests by path label and status code:
+// a known path, a status page asset and an unknown path (label "other").
+func TestRPCRequestCounter(t *testing.T) {
+	ts := runServer(t, t.TempDir(), "", nil, nil)
+	base := "http://" + ts.addr
+	for _, p := range []string{"/nothing-here", "/nothing-either", "/status.css", "/query?q=version"} {
+		promtest.Fetch(t, base+p, "")
+	}
+	s := promtest.Get(t, base+"/metrics", "")
+	for _, c := range []struct {
+		path, code string
+		want       float64
+	}{{"other", "404", 2}, {"status_asset", "200", 1}, {"query", "200", 1}} {
+		if v := s.Must(t, "dnbd3_server_rpc_requests_total", "path", c.path, "code", c.code); v != c.want {
+			t.Errorf("rpc_requests_total{path=%q,code=%q} = %v, want %v", c.path, c.code, v, c.want)
+		}
+	}
+}

@@ -15,7 +15,6 @@ import (
 
 	"github.com/dnbd3go/dnbd3go/internal/fsutil"
 	"github.com/dnbd3go/dnbd3go/internal/statusui"
-	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
@@ -43,16 +42,16 @@ type rpcServer struct {
 	slotMu   sync.Mutex
 	bySource map[netip.Prefix]int // RPC connections per source
 
-	metricsHandler http.Handler           // /metrics (metrics_http.go)
-	page           *statusui.Page         // the status page's files (statuspage.go)
-	rpcReqs        *prometheus.CounterVec // RPC requests by path and status
+	metricsHandler http.Handler            // /metrics (metrics_http.go)
+	page           *statusui.Page          // the status page's files (statuspage.go)
+	counted        map[string]http.Handler // route, counted, by rpcPaths label (metrics_http.go)
 }
 
 func newRPCServer(s *Server) *rpcServer {
 	r := &rpcServer{srv: s, ln: newHandoffListener(), bySource: map[netip.Prefix]int{}}
 	reg, rpcReqs := newMetrics(s)
-	r.rpcReqs = rpcReqs
 	r.metricsHandler = promhttp.HandlerFor(reg, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError})
+	r.counted = countedRoutes(rpcReqs, http.HandlerFunc(r.route))
 	r.page = newStatusPage()
 	timeout := s.config().ClientTimeout
 	r.http = &http.Server{
@@ -135,9 +134,11 @@ func (r *rpcServer) releaseSlot(src netip.Prefix) {
 // ServeHTTP routes /query, /cachemap, /metrics and the status page, and
 // counts the request by path and status.
 func (r *rpcServer) ServeHTTP(w http.ResponseWriter, req *http.Request) {
-	rec := &statusRecorder{ResponseWriter: w}
-	r.route(rec, req)
-	r.countRPC(req.URL.Path, rec.code)
+	label, ok := rpcPaths[req.URL.Path]
+	if !ok {
+		label = "other"
+	}
+	r.counted[label].ServeHTTP(w, req)
 }
 
 func (r *rpcServer) route(w http.ResponseWriter, req *http.Request) {
