@@ -68,17 +68,11 @@ func (h *handler) pageAuth(w http.ResponseWriter, r *http.Request) bool {
 	if h.auth == nil {
 		return true
 	}
-	if _, pw, ok := r.BasicAuth(); ok {
-		sum := sha256.Sum256([]byte(pw))
-		if subtle.ConstantTimeCompare(sum[:], h.auth.sum[:]) == 1 {
-			return true
-		}
+	if _, pw, ok := r.BasicAuth(); ok && h.auth.matches(pw) {
+		return true
 	}
-	if tok, ok := bearerToken(r.Header.Get("Authorization")); ok {
-		sum := sha256.Sum256([]byte(tok))
-		if subtle.ConstantTimeCompare(sum[:], h.auth.sum[:]) == 1 {
-			return true
-		}
+	if tok, ok := bearerToken(r.Header.Get("Authorization")); ok && h.auth.matches(tok) {
+		return true
 	}
 	w.Header().Set("WWW-Authenticate", `Basic realm="dnbd3-merger (password: the token)", charset="UTF-8"`)
 	writeText(w, http.StatusUnauthorized, "Unauthorized: the status page needs the token (as the password)")
@@ -113,4 +107,10 @@ func (h *handler) servePage(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	h.page.Serve(w, r.URL.Path)
+}
+
+// matches reports whether tok is the token (compared in constant time).
+func (a *bearerAuth) matches(tok string) bool {
+	sum := sha256.Sum256([]byte(tok))
+	return subtle.ConstantTimeCompare(sum[:], a.sum[:]) == 1
 }
