@@ -135,3 +135,22 @@ func (cc *clientConn) diskReply(handle uint64, off int64, size uint32) error {
 	cc.stats.disk.Observe(promhist.Now() - t0)
 	return err
 }
+
+// presence returns the share of img present locally (1 for a complete
+// image) and the bytes it stands for: what the status page and the
+// metrics show.
+func presence(img *image) (ratio float64, bytes int64) {
+	cm := img.cache.Load()
+	if cm == nil || cm.Blocks() == 0 {
+		return 1, img.VirtualSize
+	}
+	present := cm.Present()
+	return float64(present) / float64(cm.Blocks()), min(present*protocol.BlockSize, img.VirtualSize)
+}
+
+// fetchesInFlight returns the number of uplink fetches in flight.
+func fetchesInFlight(up *uplink) int {
+	up.mu.Lock()
+	defer up.mu.Unlock()
+	return len(up.fetches)
+}

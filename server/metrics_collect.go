@@ -3,10 +3,9 @@ package server
 import (
 	"strconv"
 
+	"github.com/dnbd3go/dnbd3go/internal/fsutil"
 	"github.com/dnbd3go/dnbd3go/internal/promhist"
-	"github.com/dnbd3go/dnbd3go/protocol"
 	"github.com/prometheus/client_golang/prometheus"
-	"golang.org/x/sys/unix"
 )
 
 func desc(name, help string, labels ...string) *prometheus.Desc {
@@ -152,10 +151,9 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		gauge(mdAltRTT, a.avgRTT().Seconds(), host)
 		gauge(mdAltFails, float64(a.snapshot().Fails), host)
 	}
-	var st unix.Statfs_t
-	if err := unix.Statfs(s.config().BasePath, &st); err == nil {
-		gauge(mdSpaceFree, float64(st.Bavail*uint64(st.Bsize)))
-		gauge(mdSpaceTotal, float64(st.Blocks*uint64(st.Bsize)))
+	if free, total, err := fsutil.DiskSpace(s.config().BasePath); err == nil {
+		gauge(mdSpaceFree, float64(free))
+		gauge(mdSpaceTotal, float64(total))
 	}
 }
 
@@ -170,22 +168,14 @@ func (c collector) collectImage(ch chan<- prometheus.Metric, img *image, sent ui
 	m(mdImgSize, prometheus.GaugeValue, float64(img.VirtualSize))
 	m(mdImgUsers, prometheus.GaugeValue, float64(img.Users()))
 	m(mdImgProblems, prometheus.GaugeValue, float64(img.Problems()))
-	ratio, cached := 1.0, float64(img.VirtualSize)
-	if cm := img.cache.Load(); cm != nil && cm.Blocks() > 0 {
-		present := cm.Present()
-		ratio = float64(present) / float64(cm.Blocks())
-		cached = float64(min(present*protocol.BlockSize, img.VirtualSize))
-	}
+	ratio, cached := presence(img)
 	m(mdImgComplete, prometheus.GaugeValue, ratio)
-	m(mdImgCached, prometheus.GaugeValue, cached)
+	m(mdImgCached, prometheus.GaugeValue, float64(cached))
 	up := img.up.Load()
 	if up == nil {
 		return
 	}
-	up.mu.Lock()
-	inFlight := len(up.fetches)
-	up.mu.Unlock()
-	m(mdUplinkPending, prometheus.GaugeValue, float64(inFlight))
+	m(mdUplinkPending, prometheus.GaugeValue, float64(fetchesInFlight(up)))
 	if !up.connected() {
 		m(mdUplinkUp, prometheus.GaugeValue, 0)
 		return

@@ -1,11 +1,13 @@
 package server
 
 import (
+	"maps"
 	"net/http"
-	"strconv"
+	"slices"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
 // rpcPaths are the label values of dnbd3_server_rpc_requests_total's path
@@ -29,7 +31,7 @@ func newMetrics(s *Server) (*prometheus.Registry, *prometheus.CounterVec) {
 	return reg, rpcReqs
 }
 
-// metricsHandler serves /metrics for callers with METRICS or STATS.
+// metrics serves /metrics for callers with METRICS or STATS.
 func (r *rpcServer) metrics(w http.ResponseWriter, req *http.Request, perm aclPerm) {
 	if !perm.canScrape() {
 		textReply(w, http.StatusForbidden, "No permission to access metrics")
@@ -38,34 +40,13 @@ func (r *rpcServer) metrics(w http.ResponseWriter, req *http.Request, perm aclPe
 	r.metricsHandler.ServeHTTP(w, req)
 }
 
-// statusRecorder remembers the status code of a response.
-type statusRecorder struct {
-	http.ResponseWriter
-	code int
-}
-
-func (s *statusRecorder) WriteHeader(code int) {
-	if s.code == 0 {
-		s.code = code
+// countedRoutes wraps route once per path label of rpcPaths (and "other")
+// in promhttp's counter by status code, curried with the label: a request
+// pays one label lookup for its code.
+func countedRoutes(rpcReqs *prometheus.CounterVec, route http.Handler) map[string]http.Handler {
+	out := map[string]http.Handler{}
+	for _, label := range append(slices.Collect(maps.Values(rpcPaths)), "other") {
+		out[label] = promhttp.InstrumentHandlerCounter(rpcReqs.MustCurryWith(prometheus.Labels{"path": label}), route)
 	}
-	s.ResponseWriter.WriteHeader(code)
-}
-
-func (s *statusRecorder) Write(b []byte) (int, error) {
-	if s.code == 0 {
-		s.code = http.StatusOK
-	}
-	return s.ResponseWriter.Write(b)
-}
-
-// countRPC counts a finished RPC request.
-func (r *rpcServer) countRPC(path string, code int) {
-	label, ok := rpcPaths[path]
-	if !ok {
-		label = "other"
-	}
-	if code == 0 {
-		code = http.StatusOK
-	}
-	r.rpcReqs.WithLabelValues(label, strconv.Itoa(code)).Inc()
+	return out
 }

@@ -45,9 +45,7 @@ func TestMetricsAfterReading64MiB(t *testing.T) {
 	if v := before.Must(t, "dnbd3_server_sent_bytes_total"); v != 0 {
 		t.Fatalf("sent before any client: %v", v)
 	}
-	if before.Must(t, "dnbd3_server_image_size_bytes", "image", "lab/win", "rid", "3") != size {
-		t.Error("image size")
-	}
+	before.Want(t, size, "dnbd3_server_image_size_bytes", "image", "lab/win", "rid", "3")
 	if !before.Has("go_goroutines") || !before.Has("process_open_fds") {
 		t.Error("Go runtime or process collector missing")
 	}
@@ -56,12 +54,8 @@ func TestMetricsAfterReading64MiB(t *testing.T) {
 	readBack(t, ci, data, size)
 	during := promtest.Get(t, url, "")
 	during.Promtool(t)
-	if v := during.Must(t, "dnbd3_server_sent_bytes_total"); v != size {
-		t.Errorf("sent_bytes_total %v, want %d", v, size)
-	}
-	if v := during.Must(t, "dnbd3_server_image_sent_bytes_total", "image", "lab/win", "rid", "3"); v != size {
-		t.Errorf("image_sent_bytes_total %v, want %d", v, size)
-	}
+	during.Want(t, size, "dnbd3_server_sent_bytes_total")
+	during.Want(t, size, "dnbd3_server_image_sent_bytes_total", "image", "lab/win", "rid", "3")
 	reqs := during.Must(t, "dnbd3_server_requests_total", "command", "get_block")
 	if reqs < 64 {
 		t.Errorf("get_block requests %v, want at least 64 (1 MiB each at most)", reqs)
@@ -73,15 +67,9 @@ func TestMetricsAfterReading64MiB(t *testing.T) {
 		v, _ := promtest.Get(t, url, "").Value("dnbd3_server_read_duration_seconds", "source", "disk")
 		return v == samples
 	})
-	if v := during.Must(t, "dnbd3_server_handshakes_total", "outcome", "ok"); v != 1 {
-		t.Errorf("handshakes ok %v, want 1", v)
-	}
-	if v := during.Must(t, "dnbd3_server_connected_clients", "type", "client"); v != 1 {
-		t.Errorf("connected clients %v", v)
-	}
-	if v := during.Must(t, "dnbd3_server_image_users", "image", "lab/win"); v != 1 {
-		t.Errorf("image users %v", v)
-	}
+	during.Want(t, 1, "dnbd3_server_handshakes_total", "outcome", "ok")
+	during.Want(t, 1, "dnbd3_server_connected_clients", "type", "client")
+	during.Want(t, 1, "dnbd3_server_image_users", "image", "lab/win")
 	ci.Close()
 	waitFor(t, 10*time.Second, "client gone", func() bool {
 		s := promtest.Get(t, url, "")
@@ -89,9 +77,7 @@ func TestMetricsAfterReading64MiB(t *testing.T) {
 		return v == 0
 	})
 	after := promtest.Get(t, url, "")
-	if v := after.Must(t, "dnbd3_server_image_sent_bytes_total", "image", "lab/win", "rid", "3"); v != size {
-		t.Errorf("image_sent_bytes_total after the client left: %v, want %d", v, size)
-	}
+	after.Want(t, size, "dnbd3_server_image_sent_bytes_total", "image", "lab/win", "rid", "3")
 	if v := after.Must(t, "dnbd3_server_requests_total", "command", "get_block"); v < reqs {
 		t.Errorf("request counter went back from %v to %v", reqs, v)
 	}
@@ -144,26 +130,18 @@ func TestMetricsProxyReplication(t *testing.T) {
 	})
 	s := promtest.Get(t, url, "")
 	s.Promtool(t)
-	if v := s.Must(t, "dnbd3_server_received_bytes_total"); v != size {
-		t.Errorf("received %v, want %d", v, size)
-	}
-	if v := s.Must(t, "dnbd3_server_image_received_bytes_total", "image", "big", "rid", "1"); v != size {
-		t.Errorf("image received %v, want %d", v, size)
-	}
+	s.Want(t, size, "dnbd3_server_received_bytes_total")
+	s.Want(t, size, "dnbd3_server_image_received_bytes_total", "image", "big", "rid", "1")
 	relayed := s.Must(t, "dnbd3_server_uplink_fetched_bytes_total", "kind", "relay")
 	repl := s.Must(t, "dnbd3_server_uplink_fetched_bytes_total", "kind", "replication")
 	if relayed < 1<<20 || relayed+repl != size {
 		t.Errorf("relayed %v + replicated %v, want at least 1 MiB relayed and %d in all", relayed, repl, size)
 	}
-	if v := s.Must(t, "dnbd3_server_image_cached_bytes", "image", "big"); v != size {
-		t.Errorf("cached bytes %v", v)
-	}
+	s.Want(t, size, "dnbd3_server_image_cached_bytes", "image", "big")
 	if v := s.Must(t, "dnbd3_server_read_duration_seconds", "source", "relay"); v < 1 {
 		t.Errorf("relay latency samples %v", v)
 	}
-	if v := s.Must(t, "dnbd3_server_uplink_connected", "image", "big"); v != 1 {
-		t.Errorf("uplink_connected %v", v)
-	}
+	s.Want(t, 1, "dnbd3_server_uplink_connected", "image", "big")
 	if _, ok := s.Value("dnbd3_server_uplink_rtt_seconds", "image", "big"); !ok {
 		t.Error("no uplink RTT")
 	}
@@ -172,9 +150,7 @@ func TestMetricsProxyReplication(t *testing.T) {
 		v, _ := promtest.Get(t, url, "").Value("dnbd3_server_integrity_checks_total")
 		return v >= hashBlocks
 	})
-	if v := promtest.Get(t, url, "").Must(t, "dnbd3_server_integrity_failures_total"); v != 0 {
-		t.Errorf("integrity failures %v", v)
-	}
+	promtest.Get(t, url, "").Want(t, 0, "dnbd3_server_integrity_failures_total")
 	if v := s.Must(t, "dnbd3_server_altserver_rtt_seconds", "server", up.addr); v < 0 {
 		t.Errorf("alt server rtt %v", v)
 	}
@@ -202,5 +178,22 @@ func TestMetricsACL(t *testing.T) {
 				t.Errorf("METRICS grants q=stats: %d", code)
 			}
 		}
+	}
+}
+
+// TestRPCRequestCounter counts RPC requests by path label and status code:
+// a known path, a status page asset and an unknown path (label "other").
+func TestRPCRequestCounter(t *testing.T) {
+	ts := runServer(t, t.TempDir(), "", nil, nil)
+	base := "http://" + ts.addr
+	for _, p := range []string{"/nothing-here", "/nothing-either", "/status.css", "/query?q=version"} {
+		promtest.Fetch(t, base+p, "")
+	}
+	s := promtest.Get(t, base+"/metrics", "")
+	for _, c := range []struct {
+		path, code string
+		want       float64
+	}{{"other", "404", 2}, {"status_asset", "200", 1}, {"query", "200", 1}} {
+		s.Want(t, c.want, "dnbd3_server_rpc_requests_total", "path", c.path, "code", c.code)
 	}
 }

@@ -14,7 +14,7 @@ import (
 	"time"
 
 	"github.com/dnbd3go/dnbd3go/internal/fsutil"
-	"github.com/prometheus/client_golang/prometheus"
+	"github.com/dnbd3go/dnbd3go/internal/statusui"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
@@ -42,15 +42,17 @@ type rpcServer struct {
 	slotMu   sync.Mutex
 	bySource map[netip.Prefix]int // RPC connections per source
 
-	metricsHandler http.Handler           // /metrics (metrics_http.go)
-	rpcReqs        *prometheus.CounterVec // RPC requests by path and status
+	metricsHandler http.Handler            // /metrics (metrics_http.go)
+	page           *statusui.Page          // the status page's files (statuspage.go)
+	counted        map[string]http.Handler // route, counted, by rpcPaths label (metrics_http.go)
 }
 
 func newRPCServer(s *Server) *rpcServer {
 	r := &rpcServer{srv: s, ln: newHandoffListener(), bySource: map[netip.Prefix]int{}}
 	reg, rpcReqs := newMetrics(s)
-	r.rpcReqs = rpcReqs
 	r.metricsHandler = promhttp.HandlerFor(reg, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError})
+	r.counted = countedRoutes(rpcReqs, http.HandlerFunc(r.route))
+	r.page = newStatusPage()
 	timeout := s.config().ClientTimeout
 	r.http = &http.Server{
 		Handler:           r,
@@ -132,9 +134,11 @@ func (r *rpcServer) releaseSlot(src netip.Prefix) {
 // ServeHTTP routes /query, /cachemap, /metrics and the status page, and
 // counts the request by path and status.
 func (r *rpcServer) ServeHTTP(w http.ResponseWriter, req *http.Request) {
-	rec := &statusRecorder{ResponseWriter: w}
-	r.route(rec, req)
-	r.countRPC(req.URL.Path, rec.code)
+	label, ok := rpcPaths[req.URL.Path]
+	if !ok {
+		label = "other"
+	}
+	r.counted[label].ServeHTTP(w, req)
 }
 
 func (r *rpcServer) route(w http.ResponseWriter, req *http.Request) {
@@ -246,16 +250,7 @@ func wantedItems(qs []string, perm aclPerm) (want map[string]bool, denied string
 }
 
 func writeStats(s *Server, o *jsonObject) {
-	s.connMu.Lock()
-	clients, servers := 0, 0
-	for cc := range s.clients {
-		if cc.isServer.Load() {
-			servers++
-		} else {
-			clients++
-		}
-	}
-	s.connMu.Unlock()
+	clients, servers := s.peerCounts()
 	for _, si := range s.iscsi.Sessions() {
 		if si.Disk != nil {
 			clients++ // discovery sessions are no clients of an image

@@ -20,3 +20,18 @@ func (s *Server) StatusLine() string {
 
 // gib formats a byte count in GiB with one decimal.
 func gib(n uint64) string { return fmt.Sprintf("%.1f GiB", float64(n)/(1<<30)) }
+
+// peerCounts returns the DNBD3 connections that selected an image: clients
+// and servers (proxies replicating from this one).
+func (s *Server) peerCounts() (clients, servers int) {
+	s.connMu.Lock()
+	defer s.connMu.Unlock()
+	for cc := range s.clients {
+		if cc.isServer.Load() {
+			servers++
+		} else {
+			clients++
+		}
+	}
+	return clients, servers
+}

@@ -78,19 +78,12 @@ func (s *Server) status(perm aclPerm, pq pageQuery) statusDoc {
 		IsProxy: s.config().IsProxy, BytesSent: s.bytesSent.Load(), BytesReceived: s.bytesRecv.Load(),
 		ImageCount: len(images), Perm: perm.String(),
 	}
-	clients := s.clientList()
-	for _, cc := range clients {
-		if cc.isServer.Load() {
-			doc.Servers++
-		} else {
-			doc.Clients++
-		}
-	}
+	doc.Clients, doc.Servers = s.peerCounts()
 	if perm.has(permImageList) {
 		doc.Images = imagePage(images, pq)
 	}
 	if perm.has(permClientList) {
-		doc.ClientList = s.clientPage(clients, pq)
+		doc.ClientList = s.clientPage(s.clientList(), pq)
 	}
 	if perm.has(permAll) {
 		doc.AltServers = s.altStatus(images)
@@ -120,15 +113,11 @@ func imagePage(images []*image, pq pageQuery) *statusPageOf {
 
 func imageStatusOf(img *image) imageStatus {
 	st := imageStatus{ID: img.ID, Name: img.Name, RID: img.RID, Size: img.VirtualSize, Users: img.Users(),
-		Complete: 1, Problems: img.Problems(), Idle: int64(img.idle() / time.Second)}
-	if cm := img.cache.Load(); cm != nil && cm.Blocks() > 0 {
-		st.Complete = float64(cm.Present()) / float64(cm.Blocks())
-	}
+		Problems: img.Problems(), Idle: int64(img.idle() / time.Second)}
+	st.Complete, _ = presence(img)
 	if up := img.up.Load(); up != nil {
 		st.Uplink = up.server()
-		up.mu.Lock()
-		st.Fetching = len(up.fetches)
-		up.mu.Unlock()
+		st.Fetching = fetchesInFlight(up)
 		if up.connected() {
 			st.UplinkRTT = up.ci.Stats().CurrentRTT.Microseconds()
 		}

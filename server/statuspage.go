@@ -7,7 +7,7 @@ package server
 // servers ALL (as q=altservers does).
 
 import (
-	"embed"
+	_ "embed"
 	"encoding/json"
 	"net/http"
 	"strconv"
@@ -15,14 +15,17 @@ import (
 	"github.com/dnbd3go/dnbd3go/internal/statusui"
 )
 
-//go:embed statusui
-var statusUI embed.FS
+var (
+	//go:embed statusui/main.html
+	statusMain []byte
+	//go:embed statusui/status.js
+	statusJS []byte
+)
 
-// statusAssets maps request paths to embedded files and content types.
-var statusAssets = map[string][2]string{
-	"/":           {"statusui/index.html", "text/html; charset=utf-8"},
-	"/status.js":  {"statusui/status.js", "text/javascript; charset=utf-8"},
-	"/status.css": {"", "text/css; charset=utf-8"}, // statusui.BaseCSS
+// newStatusPage assembles the page's files (once, when the RPC server is
+// made).
+func newStatusPage() *statusui.Page {
+	return statusui.NewPage("dnbd3-server", statusMain, statusJS, nil)
 }
 
 // Page sizes of the status JSON: the page shows a page of images and one
@@ -40,17 +43,8 @@ func (r *rpcServer) statusPage(w http.ResponseWriter, req *http.Request, perm ac
 		textReply(w, http.StatusForbidden, "No permission to access statistics")
 		return
 	}
-	a := statusAssets[req.URL.Path]
-	body := statusui.BaseCSS
-	if a[0] != "" {
-		var err error
-		if body, err = statusUI.ReadFile(a[0]); err != nil {
-			textReply(w, http.StatusInternalServerError, "status page missing from the build")
-			return
-		}
-	}
 	w.Header().Set("Cache-Control", "no-cache")
-	statusui.WriteAsset(w, body, a[1])
+	r.page.Serve(w, req.URL.Path)
 }
 
 // statusJSON answers /status.json?ioff=&ilim=&iq=&coff=&clim=&cq=.

@@ -114,8 +114,8 @@ func (b *bridgeCollector) Collect(ch chan<- prometheus.Metric) {
 	m(nInfo, prometheus.GaugeValue, 1, b.img.Name(), strconv.Itoa(int(b.img.RID())))
 	if e := b.engine(); e != nil {
 		st := e.Stats()
-		for cmd, v := range map[string]uint64{"read": st.Reads, "write": st.Writes, "flush": st.Flushes, "trim": st.Trims, "write_zeroes": st.WriteZeroes} {
-			m(nRequests, prometheus.CounterValue, float64(v), cmd)
+		for i, v := range [...]uint64{st.Reads, st.Writes, st.Flushes, st.Trims, st.WriteZeroes} {
+			m(nRequests, prometheus.CounterValue, float64(v), nbdbridge.LatencyCommands[i])
 		}
 		m(nErrors, prometheus.CounterValue, float64(st.Errors))
 		m(nBackendErrs, prometheus.CounterValue, float64(st.BackendErrors))
@@ -133,7 +133,11 @@ func (b *bridgeCollector) Collect(ch chan<- prometheus.Metric) {
 	m(nSwitches, prometheus.CounterValue, float64(cs.Failovers), "failover")
 	m(nConnFails, prometheus.CounterValue, float64(cs.Failures))
 	m(nRTT, prometheus.GaugeValue, cs.CurrentRTT.Seconds())
-	m(nUp, prometheus.GaugeValue, map[bool]float64{true: 0, false: 1}[cs.Panic])
+	up := 1.0
+	if cs.Panic {
+		up = 0
+	}
+	m(nUp, prometheus.GaugeValue, up)
 	m(nFetched, prometheus.CounterValue, float64(cs.BytesRead))
 	m(nPending, prometheus.GaugeValue, float64(cs.Pending))
 	if b.cow != nil {

@@ -1,8 +1,9 @@
 // Package promhist is a lock-free latency histogram with fixed buckets
-// for hot paths, and constructors of Prometheus metrics that never panic: observing costs one bucket search and two uncontended
-// atomic adds, and the histogram becomes a Prometheus const histogram only
-// when scraped. Give each connection (or engine) its own Hist and sum them
-// into a Snapshot at scrape time.
+// for hot paths, and constructors of Prometheus metrics that never panic.
+// Observing costs one bucket search and two uncontended atomic adds; the
+// histogram becomes a Prometheus const histogram only when scraped. Give
+// each connection (or engine) its own Hist and sum them into a Snapshot at
+// scrape time.
 package promhist
 
 import (

@@ -119,6 +119,15 @@ func (s *Scrape) Must(t testing.TB, name string, labels ...string) float64 {
 	return v
 }
 
+// Want fails the test (t.Errorf) unless the sample of family name with
+// labels exists and equals want.
+func (s *Scrape) Want(t testing.TB, want float64, name string, labels ...string) {
+	t.Helper()
+	if v := s.Must(t, name, labels...); v != want {
+		t.Errorf("%s%v = %v, want %v", name, labels, v, want)
+	}
+}
+
 // Sum adds the values of every sample of family name.
 func (s *Scrape) Sum(name string) float64 {
 	var sum float64

@@ -7,7 +7,7 @@ package httpapi
 // "Authorization: Bearer <token>".
 
 import (
-	"embed"
+	_ "embed"
 	"encoding/json"
 	"net/http"
 	"strconv"
@@ -17,13 +17,18 @@ import (
 	"github.com/dnbd3go/dnbd3go/merger"
 )
 
-//go:embed statusui
-var statusUI embed.FS
+var (
+	//go:embed statusui/main.html
+	statusMain []byte
+	//go:embed statusui/status.js
+	statusJS []byte
+	//go:embed statusui/merger.css
+	statusCSS []byte
+)
 
-var statusAssets = map[string][2]string{
-	"/":           {"statusui/index.html", "text/html; charset=utf-8"},
-	"/status.js":  {"statusui/status.js", "text/javascript; charset=utf-8"},
-	"/status.css": {"statusui/merger.css", "text/css; charset=utf-8"}, // after statusui.BaseCSS
+// newStatusPage assembles the page's files (once, in New).
+func newStatusPage() *statusui.Page {
+	return statusui.NewPage("dnbd3-merger", statusMain, statusJS, statusCSS)
 }
 
 // sessionLister is what the status page needs from the Service
@@ -36,13 +41,12 @@ type sessionLister interface {
 // path (the REST API).
 func (h *handler) serveExtra(w http.ResponseWriter, r *http.Request) bool {
 	path := r.URL.Path
-	_, asset := statusAssets[path]
 	switch {
 	case path == "/metrics" && h.metrics != nil:
 		if h.openMetrics || h.pageAuth(w, r) {
 			h.metrics.ServeHTTP(w, r)
 		}
-	case (asset || path == "/status.json") && h.statusPage:
+	case h.page != nil && (h.page.Has(path) || path == "/status.json"):
 		if r.Method != http.MethodGet && r.Method != http.MethodHead {
 			w.Header().Set("Allow", http.MethodGet)
 			writeText(w, http.StatusMethodNotAllowed, "Method not allowed: use GET")
@@ -100,14 +104,5 @@ func (h *handler) servePage(w http.ResponseWriter, r *http.Request) {
 		w.Write(body)
 		return
 	}
-	a := statusAssets[r.URL.Path]
-	body, err := statusUI.ReadFile(a[0])
-	if err != nil {
-		writeText(w, http.StatusInternalServerError, "status page missing from the build")
-		return
-	}
-	if r.URL.Path == "/status.css" {
-		body = statusui.CSS(body)
-	}
-	statusui.WriteAsset(w, body, a[1])
+	h.page.Serve(w, r.URL.Path)
 }

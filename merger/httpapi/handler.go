@@ -7,6 +7,7 @@ import (
 	"runtime/debug"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/internal/statusui"
 	"github.com/dnbd3go/dnbd3go/merger"
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -59,7 +60,7 @@ type handler struct {
 	met         *apiMetrics
 	metrics     http.Handler // nil without Options.Metrics
 	openMetrics bool
-	statusPage  bool
+	page        *statusui.Page // nil without Options.StatusPage (extra.go)
 	version     string
 	started     time.Time
 }
@@ -89,7 +90,10 @@ func New(svc merger.Service, opts Options) http.Handler {
 	}
 	h.routes = buildRoutes(v1API, seedAPI)
 	h.met = newAPIMetrics()
-	h.statusPage, h.version, h.started = opts.StatusPage, opts.Version, time.Now()
+	h.version, h.started = opts.Version, time.Now()
+	if opts.StatusPage {
+		h.page = newStatusPage()
+	}
 	if opts.Metrics != nil {
 		h.met.register(opts.Metrics)
 		h.metrics = metricsHandler(opts.Metrics)

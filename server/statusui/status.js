@@ -2,40 +2,14 @@
 // cache maps of incomplete images from status/map. No external assets.
 "use strict";
 (function () {
-  const PAGE = 50, CLIENT_PAGE = 100, INTERVAL = 2000, MAP_CELLS = 4096, MAP_ROW = 256;
-  const state = { ioff: 0, coff: 0, iq: "", cq: "", paused: false, polls: 0, prev: null, timer: 0 };
+  const PAGE = 50, CLIENT_PAGE = 100, MAP_CELLS = 4096, MAP_ROW = 256;
+  const state = { ioff: 0, coff: 0, iq: "", cq: "", prev: null };
   const canvases = new Map(); // image id -> canvas (kept across refreshes)
   const rttHistory = new Map(); // alt server -> average RTT per refresh
-  const $ = (id) => document.getElementById(id);
+  const { $, el, fmtBytes, fmtDuration, getJSON } = UI;
 
-  function el(tag, props, ...kids) {
-    const e = document.createElement(tag);
-    if (props) for (const [k, v] of Object.entries(props)) {
-      if (k === "class") e.className = v; else if (k === "text") e.textContent = v; else e.setAttribute(k, v);
-    }
-    for (const k of kids) e.append(k);
-    return e;
-  }
-  function fmtBytes(n) {
-    const u = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let i = 0;
-    while (n >= 1024 && i < u.length - 1) { n /= 1024; i++; }
-    return (i === 0 ? n.toFixed(0) : n.toFixed(n < 10 ? 2 : 1)) + " " + u[i];
-  }
-  function fmtDuration(s) {
-    const d = Math.floor(s / 86400), h = Math.floor(s % 86400 / 3600), m = Math.floor(s % 3600 / 60);
-    if (d > 0) return d + "d " + h + "h";
-    if (h > 0) return h + "h " + m + "m";
-    return m + "m " + (s % 60) + "s";
-  }
   function fmtRTT(us) { return us >= 1000 ? (us / 1000).toFixed(1) + " ms" : us + " µs"; }
   const problemNames = { 1: "read", 2: "write", 4: "changed", 8: "no uplink", 16: "uplink busy" };
-
-  async function getJSON(url) {
-    const r = await fetch(url, { cache: "no-store" });
-    if (!r.ok) throw new Error(url + ": " + r.status + " " + (await r.text()));
-    return r.json();
-  }
 
   function pager(div, page, size, onGo) {
     div.replaceChildren();
@@ -50,10 +24,7 @@
 
   function progress(ratio) {
     const pct = Math.floor(ratio * 1000) / 10;
-    const bar = el("div", { class: "progress", role: "progressbar", "aria-valuenow": String(pct) });
-    const fill = el("div"); fill.style.width = pct + "%";
-    bar.append(fill, el("span", { text: pct + " %" }));
-    return bar;
+    return UI.progress(pct, pct + " %");
   }
 
   function renderSummary(d) {
@@ -180,40 +151,22 @@
     }));
   }
 
-  async function refresh() {
-    clearTimeout(state.timer);
+  async function update() {
     const q = new URLSearchParams({ ioff: state.ioff, ilim: PAGE, iq: state.iq, coff: state.coff, clim: CLIENT_PAGE, cq: state.cq });
-    try {
-      const d = await getJSON("status.json?" + q);
-      renderSummary(d);
-      const maps = renderImages(d.images);
-      renderClients(d.clients);
-      renderAlts(d.altservers);
-      await Promise.all(maps.map(async (id) => {
-        const m = await getJSON("status/map?id=" + id + "&cells=" + MAP_CELLS);
-        const c = canvases.get(id);
-        if (c) drawMap(c, m);
-      }));
-      $("error").textContent = "";
-      $("live").classList.remove("stale");
-      state.polls++;
-      document.body.dataset.polls = String(state.polls);
-    } catch (e) {
-      $("error").textContent = "refresh failed: " + e.message;
-      $("live").classList.add("stale");
-    }
-    if (!state.paused) state.timer = setTimeout(refresh, INTERVAL);
+    const d = await getJSON("status.json?" + q);
+    renderSummary(d);
+    const maps = renderImages(d.images);
+    renderClients(d.clients);
+    renderAlts(d.altservers);
+    await Promise.all(maps.map(async (id) => {
+      const m = await getJSON("status/map?id=" + id + "&cells=" + MAP_CELLS);
+      const c = canvases.get(id);
+      if (c) drawMap(c, m);
+    }));
   }
 
   function debounce(f) { let t = 0; return () => { clearTimeout(t); t = setTimeout(f, 250); }; }
   $("imageFilter").addEventListener("input", debounce(() => { state.iq = $("imageFilter").value; state.ioff = 0; refresh(); }));
   $("clientFilter").addEventListener("input", debounce(() => { state.cq = $("clientFilter").value; state.coff = 0; refresh(); }));
-  $("pause").addEventListener("click", () => {
-    state.paused = !state.paused;
-    $("pause").textContent = state.paused ? "Resume" : "Pause";
-    $("live").classList.toggle("paused", state.paused);
-    $("live").textContent = state.paused ? "paused" : "live";
-    if (!state.paused) refresh(); else clearTimeout(state.timer);
-  });
-  refresh();
+  const refresh = UI.poll(update);
 })();

@@ -1,29 +1,9 @@
 // dnbd3-merger status page: polls status.json every 2 s. No external assets.
 "use strict";
 (function () {
-  const PAGE = 50, INTERVAL = 2000, CLUSTER = 1310720;
-  const state = { off: 0, q: "", st: "", paused: false, polls: 0, timer: 0, last: null };
-  const $ = (id) => document.getElementById(id);
-  function el(tag, props, ...kids) {
-    const e = document.createElement(tag);
-    if (props) for (const [k, v] of Object.entries(props)) {
-      if (k === "class") e.className = v; else if (k === "text") e.textContent = v; else e.setAttribute(k, v);
-    }
-    for (const k of kids) e.append(k);
-    return e;
-  }
-  function fmtBytes(n) {
-    const u = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let i = 0;
-    while (n >= 1024 && i < u.length - 1) { n /= 1024; i++; }
-    return (i === 0 ? n.toFixed(0) : n.toFixed(n < 10 ? 2 : 1)) + " " + u[i];
-  }
-  function fmtDuration(s) {
-    const d = Math.floor(s / 86400), h = Math.floor(s % 86400 / 3600), m = Math.floor(s % 3600 / 60);
-    if (d > 0) return d + "d " + h + "h";
-    if (h > 0) return h + "h " + m + "m";
-    return m + "m " + (s % 60) + "s";
-  }
+  const PAGE = 50, CLUSTER = 1310720;
+  const state = { off: 0, q: "", st: "", last: null };
+  const { $, el, fmtBytes, fmtDuration } = UI;
   function ago(t) {
     const s = Math.max(0, Math.round((Date.now() - Date.parse(t)) / 1000));
     return fmtDuration(s) + " ago";
@@ -32,10 +12,7 @@
     let ratio = total > 0 ? done / total : (st === "Done" ? 1 : 0);
     if (st === "Active") ratio = 0;
     const pct = Math.floor(ratio * 1000) / 10;
-    const bar = el("div", { class: "progress", role: "progressbar", "aria-valuenow": String(pct) });
-    const fill = el("div"); fill.style.width = pct + "%";
-    bar.append(fill, el("span", { text: st === "Active" ? "not started" : done + " / " + total + " (" + pct + " %)" }));
-    return bar;
+    return UI.progress(pct, st === "Active" ? "not started" : done + " / " + total + " (" + pct + " %)");
   }
   function render(d) {
     $("version").textContent = d.version ? "version " + d.version : "";
@@ -69,31 +46,10 @@
       pager.append(prev, next);
     }
   }
-  async function refresh() {
-    clearTimeout(state.timer);
-    try {
-      const r = await fetch("status.json", { cache: "no-store" });
-      if (!r.ok) throw new Error("status.json: " + r.status);
-      state.last = await r.json();
-      render(state.last);
-      $("error").textContent = "";
-      $("live").classList.remove("stale");
-      state.polls++;
-      document.body.dataset.polls = String(state.polls);
-    } catch (e) {
-      $("error").textContent = "refresh failed: " + e.message;
-      $("live").classList.add("stale");
-    }
-    if (!state.paused) state.timer = setTimeout(refresh, INTERVAL);
-  }
   $("filter").addEventListener("input", () => { state.q = $("filter").value; state.off = 0; if (state.last) render(state.last); });
   $("stateFilter").addEventListener("change", () => { state.st = $("stateFilter").value; state.off = 0; if (state.last) render(state.last); });
-  $("pause").addEventListener("click", () => {
-    state.paused = !state.paused;
-    $("pause").textContent = state.paused ? "Resume" : "Pause";
-    $("live").classList.toggle("paused", state.paused);
-    $("live").textContent = state.paused ? "paused" : "live";
-    if (!state.paused) refresh(); else clearTimeout(state.timer);
+  UI.poll(async () => {
+    state.last = await UI.getJSON("status.json");
+    render(state.last);
   });
-  refresh();
 })();
