@@ -297,3 +297,64 @@ func TestLRUKeepsReuseSource(t *testing.T) {
 		t.Errorf("after r2 completed, the LRU victim is %v, want r1", v)
 	}
 }
+
+// TestProxyReuseCopyFails: the previous revision's file is cut short
+// after it was loaded, so copying hash blocks 2 and 4 from it fails
+// (copy_file_range meets its end); those blocks are not marked present
+// but fetched from the uplink, hash block 0 is still reused, and the
+// result is right.
+func TestProxyReuseCopyFails(t *testing.T) {
+	obase, pbase, r1, r2, rec := reuseOrigin(t, true)
+	replicaOf(t, obase, pbase, "img.r1", r1)
+	proxy := startReuseProxy(t, pbase, rec)
+	waitChecksIdle(t, proxy.Server)
+	if err := os.Truncate(filepath.Join(pbase, "img.r1"), 2*hashBlock+4096); err != nil {
+		t.Fatal(err)
+	}
+
+	img := replicateR2(t, proxy, r2)
+	if got := img.bytesReused.Load(); got != hashBlock {
+		t.Errorf("bytesReused %d, want hash block 0 only (%d)", got, hashBlock)
+	}
+	want := int64(len(r2)) - hashBlock
+	if fetched := rec.blockBytes(); fetched < want || fetched > want+64<<10 {
+		t.Errorf("fetched %d bytes, want all but hash block 0 (%d, +64 KiB)", fetched, want)
+	}
+	if n := proxy.logs.count("hash block copied from the previous revision failed its check; fetching it from the uplink"); n != 2 {
+		t.Errorf("the failed copies are logged %d times, want 2", n)
+	}
+}
+
+// TestProxyReuseAfterCrash: the proxy died while reusing r1 for r2: hash
+// block 0 was copied completely but the .map saved before only marks
+// its first MiB (died between the copy and the map save), hash block 2
+// was copied half (died during the copy). After the restart the map
+// decides: the unmarked parts of hash blocks 0, 2 and 4 are copied again
+// and checked, hash blocks 1 and 3 are fetched, and the result is right.
+func TestProxyReuseAfterCrash(t *testing.T) {
+	obase, pbase, r1, r2, rec := reuseOrigin(t, true)
+	replicaOf(t, obase, pbase, "img.r1", r1)
+	onDisk := make([]byte, len(r2))
+	copy(onDisk[:hashBlock], r2)
+	copy(onDisk[2*hashBlock:2*hashBlock+hashBlock/2], r2[2*hashBlock:])
+	replicaOf(t, obase, pbase, "img.r2", onDisk)
+	cm := newCacheMap(int64(len(r2)))
+	cm.setRange(0, 1<<20)
+	if err := cm.save(filepath.Join(pbase, "img.r2.map")); err != nil {
+		t.Fatal(err)
+	}
+	proxy := startReuseProxy(t, pbase, rec)
+
+	img := replicateR2(t, proxy, r2)
+	if got, want := img.bytesReused.Load(), uint64(len(r2))-2*hashBlock-1<<20; got != want {
+		t.Errorf("bytesReused %d, want all but hash blocks 1 and 3 and the marked MiB (%d)", got, want)
+	}
+	if fetched := rec.blockBytes(); fetched < 2*hashBlock || fetched > 2*hashBlock+64<<10 {
+		t.Errorf("fetched %d bytes, want the 2 changed hash blocks (%d, +64 KiB)", fetched, 2*hashBlock)
+	}
+	for _, r := range rec.blocks() {
+		if hb := int64(r.Offset) / hashBlock; hb != 1 && hb != 3 {
+			t.Errorf("fetched %d bytes at %d (hash block %d), which r1 has", r.Size, r.Offset, hb)
+		}
+	}
+}
