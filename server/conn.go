@@ -330,14 +330,7 @@ func (cc *clientConn) sendData(handle uint64, data []byte) error {
 	var hdr [protocol.ReplySize]byte
 	cc.putBlockHeader(hdr[:], handle, uint32(len(data)))
 	cc.countSent(uint32(len(data)))
-	if !cc.lockWrite() {
-		return net.ErrClosed
-	}
-	defer cc.wmu.Unlock()
-	if err := cc.flushLocked(); err != nil {
-		return err
-	}
-	return cc.s.write(hdr[:], data)
+	return cc.send(hdr[:], data)
 }
 
 // sendReply writes a reply header and its payload.
@@ -345,6 +338,11 @@ func (cc *clientConn) sendReply(cmd protocol.Cmd, handle uint64, payload []byte)
 	var hdr [protocol.ReplySize]byte
 	rep := protocol.Reply{Cmd: cmd, Size: uint32(len(payload)), Handle: handle}
 	rep.MarshalTo(hdr[:])
+	return cc.send(hdr[:], payload)
+}
+
+// send writes a reply header and its payload after the queued replies.
+func (cc *clientConn) send(hdr, payload []byte) error {
 	if !cc.lockWrite() {
 		return net.ErrClosed
 	}
@@ -352,7 +350,7 @@ func (cc *clientConn) sendReply(cmd protocol.Cmd, handle uint64, payload []byte)
 	if err := cc.flushLocked(); err != nil {
 		return err
 	}
-	return cc.s.write(hdr[:], payload)
+	return cc.s.write(hdr, payload)
 }
 
 // lockWrite takes the write lock and refreshes the write deadline. It

@@ -90,14 +90,7 @@ func (cc *clientConn) nbdMode(req protocol.Request) (switched bool, err error) {
 	}
 	cc.nbd.Store(true)
 	rep := protocol.Reply{Cmd: protocol.CmdNBDMode, Handle: req.Handle}.Marshal()
-	if !cc.lockWrite() {
-		return true, nil
-	}
-	if err = cc.flushLocked(); err == nil {
-		err = cc.s.write(rep[:], nil)
-	}
-	cc.wmu.Unlock()
-	if err != nil {
+	if cc.send(rep[:], nil) != nil {
 		return true, nil
 	}
 	cc.logAt(slog.LevelDebug, "connection switched to NBD mode", "image", img.String())
@@ -198,12 +191,5 @@ func (cc *clientConn) nbdRead(req protocol.NBDRequest) error {
 func (cc *clientConn) nbdError(cookie uint64, errno uint32) error {
 	var b [protocol.NBDReplySize]byte
 	protocol.PutNBDReply(b[:], errno, cookie)
-	if !cc.lockWrite() {
-		return net.ErrClosed
-	}
-	defer cc.wmu.Unlock()
-	if err := cc.flushLocked(); err != nil {
-		return err
-	}
-	return cc.s.write(b[:], nil)
+	return cc.send(b[:], nil)
 }
