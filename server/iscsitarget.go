@@ -274,7 +274,25 @@ type fileData struct {
 }
 
 func (f fileData) SendTo(c net.Conn, hdr []byte, off, n int64) error {
-	return newSock(c, f.pipes).sendFile(hdr, f.img.file, f.img.fd, f.img.RealSize, f.base+off, n)
+	sk := connSock(c, f.pipes)
+	return sk.sendFile(hdr, f.img.file, f.img.fd, f.img.RealSize, f.base+off, n)
+}
+
+// sockConn is a connection handed to the iSCSI target together with the
+// sock the server reads it through, so that Data-In from the file
+// (fileData.SendTo, called under the session's write lock) sends through
+// it instead of setting up a sock per PDU.
+type sockConn struct {
+	net.Conn
+	sk *sock
+}
+
+// connSock returns c's sock if c is a sockConn, else a new one.
+func connSock(c net.Conn, pipes *pipePool) *sock {
+	if sc, ok := c.(*sockConn); ok {
+		return sc.sk
+	}
+	return newSock(c, pipes)
 }
 
 func (f fileData) ReadAt(p []byte, off int64) (int, error) {
