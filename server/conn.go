@@ -279,14 +279,13 @@ func (cc *clientConn) getBlock(req protocol.Request) error {
 func (cc *clientConn) getBlockSlow(req protocol.Request) error {
 	img := cc.img
 	start, end := int64(req.Offset), int64(req.Offset)+int64(req.Size)
-	if img.hasBad.Load() && img.touchesBad(start, end) {
+	switch img.locate(start, end) {
+	case inBad:
 		// Safe behaviour of a server that cannot repair: never serve data
 		// known to be corrupt; the client may try another server.
 		cc.logAt(slog.LevelDebug, "refusing read of a hash block that failed its check", "image", img, "offset", start, "size", req.Size)
 		return cc.sendReply(protocol.CmdError, req.Handle, nil)
-	}
-	cm := img.cache.Load()
-	if cm == nil || cm.has(start, end) {
+	case inFile:
 		return cc.diskReply(req.Handle, start, req.Size)
 	}
 	return cc.relay(req)

@@ -150,11 +150,10 @@ func (d *iscsiDisk) Read(ctx context.Context, off, n int64) (iscsi.Data, error) 
 	if img.cache.Load() == nil && !img.hasBad.Load() {
 		return fileData{img, off, &d.s.pipes}, nil
 	}
-	if img.hasBad.Load() && img.touchesBad(off, off+n) {
+	switch img.locate(off, off+n) {
+	case inBad:
 		return nil, fmt.Errorf("%w: a hash block of the range failed its check", iscsi.ErrMedium)
-	}
-	cm := img.cache.Load()
-	if cm == nil || cm.has(off, off+n) {
+	case inFile:
 		return fileData{img, off, &d.s.pipes}, nil
 	}
 	return d.s.awaitRange(ctx, img, off, n)
@@ -162,8 +161,7 @@ func (d *iscsiDisk) Read(ctx context.Context, off, n int64) (iscsi.Data, error) 
 
 // Ready reports whether the range is in the file (or refused at once).
 func (d *iscsiDisk) Ready(off, n int64) bool {
-	cm := d.img.cache.Load()
-	return cm == nil || cm.has(off, off+n) || d.img.hasBad.Load() && d.img.touchesBad(off, off+n)
+	return d.img.locate(off, off+n) != notInFile
 }
 
 // awaitRange fetches the absent blocks of [off, off+n) from the uplink,

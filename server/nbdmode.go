@@ -173,11 +173,10 @@ func (cc *clientConn) nbdRead(req protocol.NBDRequest) error {
 	if img.cache.Load() == nil && !img.hasBad.Load() {
 		return cc.diskReply(req.Cookie, start, req.Length)
 	}
-	if img.hasBad.Load() && img.touchesBad(start, int64(end)) {
+	switch img.locate(start, int64(end)) {
+	case inBad:
 		return refuse("NBD read of a hash block that failed its check", "image", img.String(), "offset", start, "size", req.Length)
-	}
-	cm := img.cache.Load()
-	if cm == nil || cm.has(start, int64(end)) {
+	case inFile:
 		return cc.diskReply(req.Cookie, start, req.Length)
 	}
 	if !cc.srv.config().IsProxy {
