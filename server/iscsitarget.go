@@ -184,11 +184,7 @@ func (s *Server) awaitRange(ctx context.Context, img *image, off, n int64) (iscs
 	var mem []byte // set once a piece is only in memory
 	for pos, pend := start, start; pos < end; pos = pend {
 		pend = min(pos+chunk, end)
-		fend := pend // the fetch: at least minRequestSize
-		if cfg.MinRequestSize > 0 && fend-pos < cfg.MinRequestSize {
-			fend = max(fend, min(protocol.VirtualSize(pos+cfg.MinRequestSize), img.VirtualSize))
-		}
-		buf, err := awaitRelay(ctx, up, img, pos, fend, hops)
+		buf, err := awaitRelay(ctx, up, img, pos, fetchEnd(cfg, img.VirtualSize, pos, pend), hops)
 		if err != nil {
 			return nil, err
 		}
@@ -208,11 +204,8 @@ func (s *Server) awaitRange(ctx context.Context, img *image, off, n int64) (iscs
 			}
 		}
 	}
-	if cfg.MaxPrefetch > 0 && end-start <= cfg.MaxPrefetch {
-		p := protocol.VirtualSize(min(3*(end-start), cfg.MaxPrefetch))
-		if pend := min(end+p, img.VirtualSize); pend > end {
-			up.prefetch(end, pend, hops|protocol.HopFlagPrefetch)
-		}
+	if end-start <= cfg.MaxPrefetch {
+		up.prefetchAfter(cfg, end, end-start, hops)
 	}
 	if mem != nil {
 		return memData(mem[off-start : off-start+n]), nil

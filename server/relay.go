@@ -102,9 +102,7 @@ func (cc *clientConn) relay(req protocol.Request) error {
 	}
 	start := int64(req.Offset) &^ (protocol.BlockSize - 1)
 	end := protocol.VirtualSize(int64(req.Offset) + int64(req.Size))
-	if cfg.MinRequestSize > 0 && end-start < cfg.MinRequestSize {
-		end = min(protocol.VirtualSize(start+cfg.MinRequestSize), img.VirtualSize)
-	}
+	end = fetchEnd(cfg, img.VirtualSize, start, end)
 	outHops := hops&^protocol.HopCountMask | uint8(protocol.HopCount(hops)+1)
 	r := &relay{cc: cc, handle: req.Handle, off: int64(req.Offset), size: req.Size, start: time.Now()}
 	cc.relays.Add(1)
@@ -121,8 +119,22 @@ func (cc *clientConn) relay(req protocol.Request) error {
 	case ready:
 		return cc.sendFromFile(req.Handle, int64(req.Offset), req.Size)
 	}
-	up.prefetchAfter(req, cfg, img.VirtualSize, start, end, outHops)
+	// Prefetch after client requests; never after prefetch or replication
+	// requests of other proxies (no cascading).
+	if hops&(protocol.HopFlagPrefetch|protocol.HopFlagBgRep) == 0 && int64(req.Size) <= cfg.MaxPrefetch {
+		up.prefetchAfter(cfg, end, end-start, outHops)
+	}
 	return nil
+}
+
+// fetchEnd returns the end of the uplink fetch for the 4 KiB-aligned
+// client range [start, end) of an image of size bytes: at least
+// minRequestSize long, within the image.
+func fetchEnd(cfg *Config, size, start, end int64) int64 {
+	if cfg.MinRequestSize > 0 && end-start < cfg.MinRequestSize {
+		end = max(end, min(protocol.VirtualSize(start+cfg.MinRequestSize), size))
+	}
+	return end
 }
 
 // checkRelayable refuses requests a proxy does not relay: larger than
@@ -141,16 +153,16 @@ func checkRelayable(req protocol.Request, cfg *Config) error {
 	return nil
 }
 
-// prefetchAfter prefetches what follows a relayed client request [start,
-// end); never after prefetch or replication requests of other proxies
-// (no cascading).
-func (up *uplink) prefetchAfter(req protocol.Request, cfg *Config, size, start, end int64, outHops uint8) {
-	if cfg.MaxPrefetch <= 0 || req.Hops&(protocol.HopFlagPrefetch|protocol.HopFlagBgRep) != 0 || int64(req.Size) > cfg.MaxPrefetch {
+// prefetchAfter prefetches what follows a client's read of span bytes
+// that was relayed with hops and ends at end: three times span, at most
+// maxPrefetch, within the image.
+func (up *uplink) prefetchAfter(cfg *Config, end, span int64, hops uint8) {
+	if cfg.MaxPrefetch <= 0 {
 		return
 	}
-	n := protocol.VirtualSize(min(3*(end-start), cfg.MaxPrefetch))
-	if pend := min(end+n, size); pend > end {
-		up.prefetch(end, pend, outHops|protocol.HopFlagPrefetch)
+	n := protocol.VirtualSize(min(3*span, cfg.MaxPrefetch))
+	if pend := min(end+n, up.img.VirtualSize); pend > end {
+		up.prefetch(end, pend, hops|protocol.HopFlagPrefetch)
 	}
 }
 
