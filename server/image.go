@@ -126,9 +126,6 @@ func (img *image) isFile(path string) bool {
 	return err == nil && os.SameFile(st, open)
 }
 
-// File returns the open image file.
-func (img *image) File() *os.File { return img.file }
-
 // CRCList returns the image's CRC list, or nil if it has none.
 func (img *image) crcList() []uint32 {
 	img.crcMu.RLock()
