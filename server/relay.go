@@ -474,7 +474,11 @@ func (cc *clientConn) finishRelay(r *relay) {
 	var err error
 	switch {
 	case r.failed.Load():
-		cc.logAt(slog.LevelInfo, "relayed request failed, answering CMD_ERROR and closing", "offset", r.off, "size", r.size)
+		msg := "relayed request failed, answering CMD_ERROR and closing"
+		if cc.nbd.Load() {
+			msg = "relayed request failed, closing the NBD connection (no error reply: the kernel re-sends the read)"
+		}
+		cc.logAt(slog.LevelInfo, msg, "offset", r.off, "size", r.size)
 		cc.failRelayed(r.handle)
 		return
 	case r.single != nil && r.single.buf != nil:
