@@ -217,7 +217,7 @@ func (s *Server) awaitRange(ctx context.Context, img *image, off, n int64) (iscs
 // It returns the data if it only exists in a fetch's buffer (the local
 // copy could not be written), nil if it is in the file.
 func awaitRelay(ctx context.Context, up *uplink, img *image, start, end int64, hops uint8) ([]byte, error) {
-	r := &relay{off: start, size: uint32(end - start), done: make(chan struct{})}
+	r := &relay{off: start, size: uint32(end - start), done: make(chan struct{}), img: img}
 	ready, err := up.request(r, start, end, hops)
 	if err != nil {
 		return nil, fmt.Errorf("%w: uplink: %w", iscsi.ErrMedium, err)
@@ -235,8 +235,8 @@ func awaitRelay(ctx context.Context, up *uplink, img *image, start, end int64, h
 	if cm := img.cache.Load(); cm == nil || cm.has(start, end) {
 		return nil, nil
 	}
-	if f := r.single; f != nil && f.buf != nil && f.start <= start && f.end >= end {
-		return f.buf[start-f.start : end-f.start], nil
+	if r.data != nil {
+		return r.data, nil
 	}
 	return nil, fmt.Errorf("%w: relayed data not in the local copy", iscsi.ErrMedium)
 }

@@ -22,6 +22,7 @@ package server
 // write lock, and replies arrive out of order, matched by handle.
 
 import (
+	"bytes"
 	"errors"
 	"log/slog"
 	"net"
@@ -65,6 +66,8 @@ type fetch struct {
 type relay struct {
 	cc     *clientConn
 	done   chan struct{} // closed when every fetch completed (iSCSI)
+	img    *image        // iSCSI: the image read
+	data   []byte        // iSCSI: the data if only the fetch's buffer had it (keepData)
 	handle uint64
 	off    int64
 	size   uint32
@@ -452,10 +455,28 @@ func (r *relay) partDone(f *fetch) {
 	}
 	if r.parts.Add(-1) == 0 {
 		if r.done != nil {
+			r.keepData()
 			close(r.done)
 			return
 		}
 		r.cc.finishRelay(r)
+	}
+}
+
+// keepData copies an iSCSI read's range out of its single fetch's
+// buffer when the data is nowhere else (the local copy could not be
+// written): the buffer goes back to the pool once the fetch is done,
+// before the waiting reader runs.
+func (r *relay) keepData() {
+	start, end := r.off, r.off+int64(r.size)
+	if r.failed.Load() {
+		return
+	}
+	if cm := r.img.cache.Load(); cm == nil || cm.has(start, end) {
+		return
+	}
+	if f := r.single; f != nil && f.buf != nil && f.start <= start && f.end >= end {
+		r.data = bytes.Clone(f.buf[start-f.start : end-f.start])
 	}
 }
 
