@@ -403,13 +403,6 @@ func (m *cacheMap) fail(err error, saved []byte) {
 	m.changed = time.Time{}
 }
 
-// Failed returns the error Fail recorded, or nil.
-func (m *cacheMap) Failed() error {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
-	return m.failed
-}
-
 // Replace loads the bits of a `.map` file read again from disk (a server
 // that is not the replicating party follows the one that is).
 func (m *cacheMap) replace(b []byte) {

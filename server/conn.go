@@ -279,14 +279,13 @@ func (cc *clientConn) getBlock(req protocol.Request) error {
 func (cc *clientConn) getBlockSlow(req protocol.Request) error {
 	img := cc.img
 	start, end := int64(req.Offset), int64(req.Offset)+int64(req.Size)
-	if img.hasBad.Load() && img.touchesBad(start, end) {
+	switch img.locate(start, end) {
+	case inBad:
 		// Safe behaviour of a server that cannot repair: never serve data
 		// known to be corrupt; the client may try another server.
 		cc.logAt(slog.LevelDebug, "refusing read of a hash block that failed its check", "image", img, "offset", start, "size", req.Size)
 		return cc.sendReply(protocol.CmdError, req.Handle, nil)
-	}
-	cm := img.cache.Load()
-	if cm == nil || cm.has(start, end) {
+	case inFile:
 		return cc.diskReply(req.Handle, start, req.Size)
 	}
 	return cc.relay(req)
@@ -330,14 +329,7 @@ func (cc *clientConn) sendData(handle uint64, data []byte) error {
 	var hdr [protocol.ReplySize]byte
 	cc.putBlockHeader(hdr[:], handle, uint32(len(data)))
 	cc.countSent(uint32(len(data)))
-	if !cc.lockWrite() {
-		return net.ErrClosed
-	}
-	defer cc.wmu.Unlock()
-	if err := cc.flushLocked(); err != nil {
-		return err
-	}
-	return cc.s.write(hdr[:], data)
+	return cc.send(hdr[:], data)
 }
 
 // sendReply writes a reply header and its payload.
@@ -345,6 +337,11 @@ func (cc *clientConn) sendReply(cmd protocol.Cmd, handle uint64, payload []byte)
 	var hdr [protocol.ReplySize]byte
 	rep := protocol.Reply{Cmd: cmd, Size: uint32(len(payload)), Handle: handle}
 	rep.MarshalTo(hdr[:])
+	return cc.send(hdr[:], payload)
+}
+
+// send writes a reply header and its payload after the queued replies.
+func (cc *clientConn) send(hdr, payload []byte) error {
 	if !cc.lockWrite() {
 		return net.ErrClosed
 	}
@@ -352,7 +349,7 @@ func (cc *clientConn) sendReply(cmd protocol.Cmd, handle uint64, payload []byte)
 	if err := cc.flushLocked(); err != nil {
 		return err
 	}
-	return cc.s.write(hdr[:], payload)
+	return cc.s.write(hdr, payload)
 }
 
 // lockWrite takes the write lock and refreshes the write deadline. It

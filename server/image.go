@@ -126,9 +126,6 @@ func (img *image) isFile(path string) bool {
 	return err == nil && os.SameFile(st, open)
 }
 
-// File returns the open image file.
-func (img *image) File() *os.File { return img.file }
-
 // CRCList returns the image's CRC list, or nil if it has none.
 func (img *image) crcList() []uint32 {
 	img.crcMu.RLock()
@@ -335,6 +332,27 @@ func (img *image) touchesBad(start, end int64) bool {
 		}
 	}
 	return false
+}
+
+// Where a read of an image range comes from (image.locate).
+type readSource uint8
+
+const (
+	inFile    readSource = iota // the range is in the file
+	inBad                       // it touches a hash block that failed its check: refused
+	notInFile                   // blocks of it are absent from an incomplete copy
+)
+
+// locate says where a read of [start, end) comes from. DNBD3 GET_BLOCK,
+// NBD READ and iSCSI reads decide alike.
+func (img *image) locate(start, end int64) readSource {
+	if img.hasBad.Load() && img.touchesBad(start, end) {
+		return inBad
+	}
+	if cm := img.cache.Load(); cm != nil && !cm.has(start, end) {
+		return notInFile
+	}
+	return inFile
 }
 
 // acquire takes a client reference. It fails if the image was closed.

@@ -257,3 +257,27 @@ func TestISCSIImageUsers(t *testing.T) {
 	}
 	waitFor(t, 5*time.Second, "the image's user to go", func() bool { return img.Users() == 0 })
 }
+
+// TestISCSIThroughProxyMemoryOnly: a proxy whose copy cannot be written
+// (a sync failed) answers iSCSI reads from the fetches' buffers, which
+// go back to the pool while the data is still needed: the reads must see
+// the copy they were given, not a reused buffer.
+func TestISCSIThroughProxyMemoryOnly(t *testing.T) {
+	obase := t.TempDir()
+	want := genImage(t, obase, "img.r3", 5<<20+777, true)
+	origin := runServer(t, obase, "", nil, nil)
+	proxy := startProxy(t, "", "", "", nil, origin.addr)
+
+	ic := iscsiLogin(t, proxy.addr, "iqn.2025-01.test:img:3", iscsitest.Options{})
+	img := loaded(t, proxy.Server, "img", 3)
+	failed := errors.New("test: sync failed")
+	img.syncErr.Store(&failed)
+	for range 2 {
+		if got := readAll(t, ic); !bytes.Equal(got, want) {
+			t.Fatal("data read through the proxy from memory differs")
+		}
+	}
+	if cm := img.cache.Load(); cm == nil || cm.has(0, img.VirtualSize) {
+		t.Fatal("the copy was written although its sync failed")
+	}
+}

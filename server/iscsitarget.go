@@ -150,11 +150,10 @@ func (d *iscsiDisk) Read(ctx context.Context, off, n int64) (iscsi.Data, error) 
 	if img.cache.Load() == nil && !img.hasBad.Load() {
 		return fileData{img, off, &d.s.pipes}, nil
 	}
-	if img.hasBad.Load() && img.touchesBad(off, off+n) {
+	switch img.locate(off, off+n) {
+	case inBad:
 		return nil, fmt.Errorf("%w: a hash block of the range failed its check", iscsi.ErrMedium)
-	}
-	cm := img.cache.Load()
-	if cm == nil || cm.has(off, off+n) {
+	case inFile:
 		return fileData{img, off, &d.s.pipes}, nil
 	}
 	return d.s.awaitRange(ctx, img, off, n)
@@ -162,8 +161,7 @@ func (d *iscsiDisk) Read(ctx context.Context, off, n int64) (iscsi.Data, error) 
 
 // Ready reports whether the range is in the file (or refused at once).
 func (d *iscsiDisk) Ready(off, n int64) bool {
-	cm := d.img.cache.Load()
-	return cm == nil || cm.has(off, off+n) || d.img.hasBad.Load() && d.img.touchesBad(off, off+n)
+	return d.img.locate(off, off+n) != notInFile
 }
 
 // awaitRange fetches the absent blocks of [off, off+n) from the uplink,
@@ -186,11 +184,7 @@ func (s *Server) awaitRange(ctx context.Context, img *image, off, n int64) (iscs
 	var mem []byte // set once a piece is only in memory
 	for pos, pend := start, start; pos < end; pos = pend {
 		pend = min(pos+chunk, end)
-		fend := pend // the fetch: at least minRequestSize
-		if cfg.MinRequestSize > 0 && fend-pos < cfg.MinRequestSize {
-			fend = max(fend, min(protocol.VirtualSize(pos+cfg.MinRequestSize), img.VirtualSize))
-		}
-		buf, err := awaitRelay(ctx, up, img, pos, fend, hops)
+		buf, err := awaitRelay(ctx, up, img, pos, fetchEnd(cfg, img.VirtualSize, pos, pend), hops)
 		if err != nil {
 			return nil, err
 		}
@@ -210,11 +204,8 @@ func (s *Server) awaitRange(ctx context.Context, img *image, off, n int64) (iscs
 			}
 		}
 	}
-	if cfg.MaxPrefetch > 0 && end-start <= cfg.MaxPrefetch {
-		p := protocol.VirtualSize(min(3*(end-start), cfg.MaxPrefetch))
-		if pend := min(end+p, img.VirtualSize); pend > end {
-			up.prefetch(end, pend, hops|protocol.HopFlagPrefetch)
-		}
+	if end-start <= cfg.MaxPrefetch {
+		up.prefetchAfter(cfg, end, end-start, hops)
 	}
 	if mem != nil {
 		return memData(mem[off-start : off-start+n]), nil
@@ -226,7 +217,7 @@ func (s *Server) awaitRange(ctx context.Context, img *image, off, n int64) (iscs
 // It returns the data if it only exists in a fetch's buffer (the local
 // copy could not be written), nil if it is in the file.
 func awaitRelay(ctx context.Context, up *uplink, img *image, start, end int64, hops uint8) ([]byte, error) {
-	r := &relay{off: start, size: uint32(end - start), done: make(chan struct{})}
+	r := &relay{off: start, size: uint32(end - start), done: make(chan struct{}), img: img}
 	ready, err := up.request(r, start, end, hops)
 	if err != nil {
 		return nil, fmt.Errorf("%w: uplink: %w", iscsi.ErrMedium, err)
@@ -244,8 +235,8 @@ func awaitRelay(ctx context.Context, up *uplink, img *image, start, end int64, h
 	if cm := img.cache.Load(); cm == nil || cm.has(start, end) {
 		return nil, nil
 	}
-	if f := r.single; f != nil && f.buf != nil && f.start <= start && f.end >= end {
-		return f.buf[start-f.start : end-f.start], nil
+	if r.data != nil {
+		return r.data, nil
 	}
 	return nil, fmt.Errorf("%w: relayed data not in the local copy", iscsi.ErrMedium)
 }
@@ -274,7 +265,25 @@ type fileData struct {
 }
 
 func (f fileData) SendTo(c net.Conn, hdr []byte, off, n int64) error {
-	return newSock(c, f.pipes).sendFile(hdr, f.img.file, f.img.fd, f.img.RealSize, f.base+off, n)
+	sk := connSock(c, f.pipes)
+	return sk.sendFile(hdr, f.img.file, f.img.fd, f.img.RealSize, f.base+off, n)
+}
+
+// sockConn is a connection handed to the iSCSI target together with the
+// sock the server reads it through, so that Data-In from the file
+// (fileData.SendTo, called under the session's write lock) sends through
+// it instead of setting up a sock per PDU.
+type sockConn struct {
+	net.Conn
+	sk *sock
+}
+
+// connSock returns c's sock if c is a sockConn, else a new one.
+func connSock(c net.Conn, pipes *pipePool) *sock {
+	if sc, ok := c.(*sockConn); ok {
+		return sc.sk
+	}
+	return newSock(c, pipes)
 }
 
 func (f fileData) ReadAt(p []byte, off int64) (int, error) {

@@ -90,14 +90,7 @@ func (cc *clientConn) nbdMode(req protocol.Request) (switched bool, err error) {
 	}
 	cc.nbd.Store(true)
 	rep := protocol.Reply{Cmd: protocol.CmdNBDMode, Handle: req.Handle}.Marshal()
-	if !cc.lockWrite() {
-		return true, nil
-	}
-	if err = cc.flushLocked(); err == nil {
-		err = cc.s.write(rep[:], nil)
-	}
-	cc.wmu.Unlock()
-	if err != nil {
+	if cc.send(rep[:], nil) != nil {
 		return true, nil
 	}
 	cc.logAt(slog.LevelDebug, "connection switched to NBD mode", "image", img.String())
@@ -180,11 +173,10 @@ func (cc *clientConn) nbdRead(req protocol.NBDRequest) error {
 	if img.cache.Load() == nil && !img.hasBad.Load() {
 		return cc.diskReply(req.Cookie, start, req.Length)
 	}
-	if img.hasBad.Load() && img.touchesBad(start, int64(end)) {
+	switch img.locate(start, int64(end)) {
+	case inBad:
 		return refuse("NBD read of a hash block that failed its check", "image", img.String(), "offset", start, "size", req.Length)
-	}
-	cm := img.cache.Load()
-	if cm == nil || cm.has(start, int64(end)) {
+	case inFile:
 		return cc.diskReply(req.Cookie, start, req.Length)
 	}
 	if !cc.srv.config().IsProxy {
@@ -198,12 +190,5 @@ func (cc *clientConn) nbdRead(req protocol.NBDRequest) error {
 func (cc *clientConn) nbdError(cookie uint64, errno uint32) error {
 	var b [protocol.NBDReplySize]byte
 	protocol.PutNBDReply(b[:], errno, cookie)
-	if !cc.lockWrite() {
-		return net.ErrClosed
-	}
-	defer cc.wmu.Unlock()
-	if err := cc.flushLocked(); err != nil {
-		return err
-	}
-	return cc.s.write(b[:], nil)
+	return cc.send(b[:], nil)
 }

@@ -312,3 +312,28 @@ func TestReferenceServerIgnoresFeatureFlag(t *testing.T) {
 		t.Fatalf("read from the reference server after the probe: %v", err)
 	}
 }
+
+// TestNBDModeClosesOnBadHashBlock: once a hash block of the image failed
+// its check, a switched connection's READ of it gets no error reply (the
+// application would see EIO) but the connection is closed, so that the
+// kernel re-sends the read on another one.
+func TestNBDModeClosesOnBadHashBlock(t *testing.T) {
+	base := t.TempDir()
+	testutil.WriteGenImage(t, filepath.Join(base, "img.r1"), 1<<20)
+	ts := startServer(t, base, "", nil)
+	img, err := ts.store.get("img", 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ts.store.Release(img)
+	c := dial(t, ts.addr)
+	switchNBD(t, c, "img")
+	nbdReq(t, c, protocol.NBDCmdRead, 1, 0, 4096, nil)
+	if errno, _, data := nbdReply(t, c, 4096); errno != 0 || !bytes.Equal(data, testutil.GenImage(0, 4096)) {
+		t.Fatalf("read before the failed check: errno %d", errno)
+	}
+	img.markBad(0)
+	defer img.markGood(0)
+	nbdReq(t, c, protocol.NBDCmdRead, 2, 8192, 4096, nil)
+	expectClosed(t, c, 5*time.Second)
+}

@@ -338,3 +338,24 @@ func dialFrom(t *testing.T, addr, from string) net.Conn {
 	t.Cleanup(func() { c.Close() })
 	return c
 }
+
+// TestProxyRelayFailsForGoodNBD: as TestProxyRelayFailsForGood on a
+// connection switched to NBD mode: no error reply (the application would
+// see EIO), the connection is closed so that the kernel re-sends the read
+// on another one.
+func TestProxyRelayFailsForGoodNBD(t *testing.T) {
+	ps := newProxySetup(t, "img", 4<<20, "uplinkTimeout=300\n", "")
+	c := dial(t, ps.proxy.addr)
+	switchNBD(t, c, "img")
+	nbdReq(t, c, protocol.NBDCmdRead, 1, 0, 65536, nil)
+	if errno, _, data := nbdReply(t, c, 65536); errno != 0 || !bytes.Equal(data, ps.data[:65536]) {
+		t.Fatalf("relayed read: errno %d", errno)
+	}
+	ps.rec.close()
+	nbdReq(t, c, protocol.NBDCmdRead, 2, 4096, 4096, nil)
+	if errno, _, data := nbdReply(t, c, 4096); errno != 0 || !bytes.Equal(data, ps.data[4096:8192]) {
+		t.Fatalf("cached read: errno %d", errno)
+	}
+	nbdReq(t, c, protocol.NBDCmdRead, 3, 1<<20, 4096, nil)
+	expectClosed(t, c, 5*time.Second)
+}

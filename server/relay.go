@@ -22,6 +22,7 @@ package server
 // write lock, and replies arrive out of order, matched by handle.
 
 import (
+	"bytes"
 	"errors"
 	"log/slog"
 	"net"
@@ -65,6 +66,8 @@ type fetch struct {
 type relay struct {
 	cc     *clientConn
 	done   chan struct{} // closed when every fetch completed (iSCSI)
+	img    *image        // iSCSI: the image read
+	data   []byte        // iSCSI: the data if only the fetch's buffer had it (keepData)
 	handle uint64
 	off    int64
 	size   uint32
@@ -102,9 +105,7 @@ func (cc *clientConn) relay(req protocol.Request) error {
 	}
 	start := int64(req.Offset) &^ (protocol.BlockSize - 1)
 	end := protocol.VirtualSize(int64(req.Offset) + int64(req.Size))
-	if cfg.MinRequestSize > 0 && end-start < cfg.MinRequestSize {
-		end = min(protocol.VirtualSize(start+cfg.MinRequestSize), img.VirtualSize)
-	}
+	end = fetchEnd(cfg, img.VirtualSize, start, end)
 	outHops := hops&^protocol.HopCountMask | uint8(protocol.HopCount(hops)+1)
 	r := &relay{cc: cc, handle: req.Handle, off: int64(req.Offset), size: req.Size, start: time.Now()}
 	cc.relays.Add(1)
@@ -121,8 +122,22 @@ func (cc *clientConn) relay(req protocol.Request) error {
 	case ready:
 		return cc.sendFromFile(req.Handle, int64(req.Offset), req.Size)
 	}
-	up.prefetchAfter(req, cfg, img.VirtualSize, start, end, outHops)
+	// Prefetch after client requests; never after prefetch or replication
+	// requests of other proxies (no cascading).
+	if hops&(protocol.HopFlagPrefetch|protocol.HopFlagBgRep) == 0 && int64(req.Size) <= cfg.MaxPrefetch {
+		up.prefetchAfter(cfg, end, end-start, outHops)
+	}
 	return nil
+}
+
+// fetchEnd returns the end of the uplink fetch for the 4 KiB-aligned
+// client range [start, end) of an image of size bytes: at least
+// minRequestSize long, within the image.
+func fetchEnd(cfg *Config, size, start, end int64) int64 {
+	if cfg.MinRequestSize > 0 && end-start < cfg.MinRequestSize {
+		end = max(end, min(protocol.VirtualSize(start+cfg.MinRequestSize), size))
+	}
+	return end
 }
 
 // checkRelayable refuses requests a proxy does not relay: larger than
@@ -141,16 +156,16 @@ func checkRelayable(req protocol.Request, cfg *Config) error {
 	return nil
 }
 
-// prefetchAfter prefetches what follows a relayed client request [start,
-// end); never after prefetch or replication requests of other proxies
-// (no cascading).
-func (up *uplink) prefetchAfter(req protocol.Request, cfg *Config, size, start, end int64, outHops uint8) {
-	if cfg.MaxPrefetch <= 0 || req.Hops&(protocol.HopFlagPrefetch|protocol.HopFlagBgRep) != 0 || int64(req.Size) > cfg.MaxPrefetch {
+// prefetchAfter prefetches what follows a client's read of span bytes
+// that was relayed with hops and ends at end: three times span, at most
+// maxPrefetch, within the image.
+func (up *uplink) prefetchAfter(cfg *Config, end, span int64, hops uint8) {
+	if cfg.MaxPrefetch <= 0 {
 		return
 	}
-	n := protocol.VirtualSize(min(3*(end-start), cfg.MaxPrefetch))
-	if pend := min(end+n, size); pend > end {
-		up.prefetch(end, pend, outHops|protocol.HopFlagPrefetch)
+	n := protocol.VirtualSize(min(3*span, cfg.MaxPrefetch))
+	if pend := min(end+n, up.img.VirtualSize); pend > end {
+		up.prefetch(end, pend, hops|protocol.HopFlagPrefetch)
 	}
 }
 
@@ -440,10 +455,28 @@ func (r *relay) partDone(f *fetch) {
 	}
 	if r.parts.Add(-1) == 0 {
 		if r.done != nil {
+			r.keepData()
 			close(r.done)
 			return
 		}
 		r.cc.finishRelay(r)
+	}
+}
+
+// keepData copies an iSCSI read's range out of its single fetch's
+// buffer when the data is nowhere else (the local copy could not be
+// written): the buffer goes back to the pool once the fetch is done,
+// before the waiting reader runs.
+func (r *relay) keepData() {
+	start, end := r.off, r.off+int64(r.size)
+	if r.failed.Load() {
+		return
+	}
+	if cm := r.img.cache.Load(); cm == nil || cm.has(start, end) {
+		return
+	}
+	if f := r.single; f != nil && f.buf != nil && f.start <= start && f.end >= end {
+		r.data = bytes.Clone(f.buf[start-f.start : end-f.start])
 	}
 }
 
@@ -462,7 +495,11 @@ func (cc *clientConn) finishRelay(r *relay) {
 	var err error
 	switch {
 	case r.failed.Load():
-		cc.logAt(slog.LevelInfo, "relayed request failed, answering CMD_ERROR and closing", "offset", r.off, "size", r.size)
+		msg := "relayed request failed, answering CMD_ERROR and closing"
+		if cc.nbd.Load() {
+			msg = "relayed request failed, closing the NBD connection (no error reply: the kernel re-sends the read)"
+		}
+		cc.logAt(slog.LevelInfo, msg, "offset", r.off, "size", r.size)
 		cc.failRelayed(r.handle)
 		return
 	case r.single != nil && r.single.buf != nil:

@@ -45,6 +45,24 @@ func revisions(t *testing.T, obase string, crc2 bool) (r1, r2 []byte) {
 	return r1, append(r2, make([]byte, protocol.VirtualSize(reuseSize)-reuseSize)...)
 }
 
+// reuseOrigin starts an origin serving img.r1 and img.r2 (see
+// revisions) behind a recorder and returns the origin's and an empty
+// proxy base path, both revisions padded and the recorder.
+func reuseOrigin(t *testing.T, crc2 bool) (obase, pbase string, r1, r2 []byte, rec *recorder) {
+	t.Helper()
+	obase, pbase = t.TempDir(), t.TempDir()
+	r1, r2 = revisions(t, obase, crc2)
+	origin := runServer(t, obase, "", nil, nil)
+	return obase, pbase, r1, r2, startRecorder(t, origin.addr)
+}
+
+// startReuseProxy starts a proxy of pbase with background replication
+// whose uplink is the recorder.
+func startReuseProxy(t *testing.T, pbase string, rec *recorder) *tsrv {
+	t.Helper()
+	return startProxy(t, pbase, "backgroundReplication=true\nbgrWindowSize=8\n", "", nil, rec.addr())
+}
+
 // replicaOf puts a complete replicated copy of data (with the origin's
 // .crc and a .meta) into the proxy's base path as name.
 func replicaOf(t *testing.T, obase, pbase, name string, data []byte) {
@@ -109,12 +127,9 @@ func replicateR2(t *testing.T, proxy *tsrv, want []byte) *image {
 // only the two that did; the copy is right, the RPC shows the bytes
 // reused, and r1 stays as it was.
 func TestProxyReusesPreviousRevision(t *testing.T) {
-	obase, pbase := t.TempDir(), t.TempDir()
-	r1, r2 := revisions(t, obase, true)
-	origin := runServer(t, obase, "", nil, nil)
-	rec := startRecorder(t, origin.addr)
+	obase, pbase, r1, r2, rec := reuseOrigin(t, true)
 	replicaOf(t, obase, pbase, "img.r1", r1)
-	proxy := startProxy(t, pbase, "backgroundReplication=true\nbgrWindowSize=8\n", "", nil, rec.addr())
+	proxy := startReuseProxy(t, pbase, rec)
 
 	img := replicateR2(t, proxy, r2)
 	fetched := rec.blockBytes()
@@ -150,10 +165,7 @@ func TestProxyReusesPreviousRevision(t *testing.T) {
 // cached (its .map marks hash blocks 0 and 2); only those are copied,
 // everything else is fetched.
 func TestProxyReusesPartialPrevious(t *testing.T) {
-	obase, pbase := t.TempDir(), t.TempDir()
-	r1, r2 := revisions(t, obase, true)
-	origin := runServer(t, obase, "", nil, nil)
-	rec := startRecorder(t, origin.addr)
+	obase, pbase, r1, r2, rec := reuseOrigin(t, true)
 	partial := bytes.Clone(r1)
 	cm := newCacheMap(int64(len(r1)))
 	for _, hb := range []int64{0, 2} {
@@ -168,7 +180,7 @@ func TestProxyReusesPartialPrevious(t *testing.T) {
 	if err := cm.save(filepath.Join(pbase, "img.r1.map")); err != nil {
 		t.Fatal(err)
 	}
-	proxy := startProxy(t, pbase, "backgroundReplication=true\nbgrWindowSize=8\n", "", nil, rec.addr())
+	proxy := startReuseProxy(t, pbase, rec)
 
 	img := replicateR2(t, proxy, r2)
 	if got := img.bytesReused.Load(); got != 2*hashBlock {
@@ -185,12 +197,9 @@ func TestProxyReusesPartialPrevious(t *testing.T) {
 // CRC check against the new list, is not marked present and the block is
 // fetched from the uplink; the result is right.
 func TestProxyReuseCorruptBlockFetched(t *testing.T) {
-	obase, pbase := t.TempDir(), t.TempDir()
-	r1, r2 := revisions(t, obase, true)
-	origin := runServer(t, obase, "", nil, nil)
-	rec := startRecorder(t, origin.addr)
+	obase, pbase, r1, r2, rec := reuseOrigin(t, true)
 	replicaOf(t, obase, pbase, "img.r1", r1)
-	proxy := startProxy(t, pbase, "backgroundReplication=true\nbgrWindowSize=8\n", "", nil, rec.addr())
+	proxy := startReuseProxy(t, pbase, rec)
 	// after the load-time checks, which might find it first
 	waitChecksIdle(t, proxy.Server)
 	corrupt(t, filepath.Join(pbase, "img.r1"), 2*hashBlock+777)
@@ -214,15 +223,12 @@ func TestProxyReuseCorruptBlockFetched(t *testing.T) {
 func TestProxyNoReuseWithoutLists(t *testing.T) {
 	for _, missing := range []string{"new", "old"} {
 		t.Run(missing, func(t *testing.T) {
-			obase, pbase := t.TempDir(), t.TempDir()
-			r1, r2 := revisions(t, obase, missing != "new")
-			origin := runServer(t, obase, "", nil, nil)
-			rec := startRecorder(t, origin.addr)
+			obase, pbase, r1, r2, rec := reuseOrigin(t, missing != "new")
 			replicaOf(t, obase, pbase, "img.r1", r1)
 			if missing == "old" {
 				os.Remove(filepath.Join(pbase, "img.r1.crc"))
 			}
-			proxy := startProxy(t, pbase, "backgroundReplication=true\nbgrWindowSize=8\n", "", nil, rec.addr())
+			proxy := startReuseProxy(t, pbase, rec)
 			img := replicateR2(t, proxy, r2)
 			if got := img.bytesReused.Load(); got != 0 {
 				t.Errorf("bytesReused %d without the %s list", got, missing)
@@ -248,10 +254,7 @@ func TestProxyNoReuseWithoutLists(t *testing.T) {
 // image; another one is deleted instead. Once r2 is complete and its
 // uplink closed, r1 can be deleted.
 func TestLRUKeepsReuseSource(t *testing.T) {
-	obase, pbase := t.TempDir(), t.TempDir()
-	r1, r2 := revisions(t, obase, true)
-	origin := runServer(t, obase, "", nil, nil)
-	rec := startRecorder(t, origin.addr)
+	obase, pbase, r1, r2, rec := reuseOrigin(t, true)
 	replicaOf(t, obase, pbase, "img.r1", r1)
 	genImage(t, pbase, "other.r1", 1<<20, false)
 	writeMeta(filepath.Join(pbase, "other.r1"), time.Now().Add(-48*time.Hour))
@@ -292,5 +295,66 @@ func TestLRUKeepsReuseSource(t *testing.T) {
 	})
 	if v := proxy.proxy.lruVictim(true); v != r1img {
 		t.Errorf("after r2 completed, the LRU victim is %v, want r1", v)
+	}
+}
+
+// TestProxyReuseCopyFails: the previous revision's file is cut short
+// after it was loaded, so copying hash blocks 2 and 4 from it fails
+// (copy_file_range meets its end); those blocks are not marked present
+// but fetched from the uplink, hash block 0 is still reused, and the
+// result is right.
+func TestProxyReuseCopyFails(t *testing.T) {
+	obase, pbase, r1, r2, rec := reuseOrigin(t, true)
+	replicaOf(t, obase, pbase, "img.r1", r1)
+	proxy := startReuseProxy(t, pbase, rec)
+	waitChecksIdle(t, proxy.Server)
+	if err := os.Truncate(filepath.Join(pbase, "img.r1"), 2*hashBlock+4096); err != nil {
+		t.Fatal(err)
+	}
+
+	img := replicateR2(t, proxy, r2)
+	if got := img.bytesReused.Load(); got != hashBlock {
+		t.Errorf("bytesReused %d, want hash block 0 only (%d)", got, hashBlock)
+	}
+	want := int64(len(r2)) - hashBlock
+	if fetched := rec.blockBytes(); fetched < want || fetched > want+64<<10 {
+		t.Errorf("fetched %d bytes, want all but hash block 0 (%d, +64 KiB)", fetched, want)
+	}
+	if n := proxy.logs.count("hash block copied from the previous revision failed its check; fetching it from the uplink"); n != 2 {
+		t.Errorf("the failed copies are logged %d times, want 2", n)
+	}
+}
+
+// TestProxyReuseAfterCrash: the proxy died while reusing r1 for r2: hash
+// block 0 was copied completely but the .map saved before only marks
+// its first MiB (died between the copy and the map save), hash block 2
+// was copied half (died during the copy). After the restart the map
+// decides: the unmarked parts of hash blocks 0, 2 and 4 are copied again
+// and checked, hash blocks 1 and 3 are fetched, and the result is right.
+func TestProxyReuseAfterCrash(t *testing.T) {
+	obase, pbase, r1, r2, rec := reuseOrigin(t, true)
+	replicaOf(t, obase, pbase, "img.r1", r1)
+	onDisk := make([]byte, len(r2))
+	copy(onDisk[:hashBlock], r2)
+	copy(onDisk[2*hashBlock:2*hashBlock+hashBlock/2], r2[2*hashBlock:])
+	replicaOf(t, obase, pbase, "img.r2", onDisk)
+	cm := newCacheMap(int64(len(r2)))
+	cm.setRange(0, 1<<20)
+	if err := cm.save(filepath.Join(pbase, "img.r2.map")); err != nil {
+		t.Fatal(err)
+	}
+	proxy := startReuseProxy(t, pbase, rec)
+
+	img := replicateR2(t, proxy, r2)
+	if got, want := img.bytesReused.Load(), uint64(len(r2))-2*hashBlock-1<<20; got != want {
+		t.Errorf("bytesReused %d, want all but hash blocks 1 and 3 and the marked MiB (%d)", got, want)
+	}
+	if fetched := rec.blockBytes(); fetched < 2*hashBlock || fetched > 2*hashBlock+64<<10 {
+		t.Errorf("fetched %d bytes, want the 2 changed hash blocks (%d, +64 KiB)", fetched, 2*hashBlock)
+	}
+	for _, r := range rec.blocks() {
+		if hb := int64(r.Offset) / hashBlock; hb != 1 && hb != 3 {
+			t.Errorf("fetched %d bytes at %d (hash block %d), which r1 has", r.Size, r.Offset, hb)
+		}
 	}
 }

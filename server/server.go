@@ -271,7 +271,7 @@ func (s *Server) handle(c net.Conn) {
 			s.log.Info("closing iSCSI login attempt: iScsiServer=false", "remote", remote)
 			return
 		}
-		s.iscsi.Serve(context.Background(), c, br)
+		s.iscsi.Serve(context.Background(), &sockConn{Conn: c, sk: sk}, br)
 	default:
 		s.log.Debug("closing: unknown protocol", "remote", remote, "firstByte", first[0])
 	}
