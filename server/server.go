@@ -82,7 +82,18 @@ type Server struct {
 	conns   map[net.Conn]struct{} // every accepted connection
 	clients map[*clientConn]struct{}
 	wg      sync.WaitGroup
+	// dataConns counts DNBD3 and iSCSI connections, which maxClients
+	// bounds; RPC connections have their own slots (rpc.go).
+	dataConns atomic.Int64
 }
+
+// rpcReserve is how many connections beyond maxClients are accepted so
+// that the RPC, metrics and status page stay reachable on a full server.
+// Such a connection must show its protocol within fullFirstByte.
+const (
+	rpcReserve    = 64
+	fullFirstByte = time.Second
+)
 
 // New loads the alt-servers and rpc.acl files, scans the base path and
 // returns a server ready to Serve.
@@ -192,7 +203,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		}
 		tempDelay = 0
 		if !s.track(c) {
-			s.log.Warn("rejecting connection: maxClients reached", "remote", c.RemoteAddr())
+			s.log.Warn("rejecting connection: maxClients reached (and the RPC reserve is in use)", "remote", c.RemoteAddr())
 			c.Close()
 			continue
 		}
@@ -217,11 +228,33 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 // listenAddr returns the address Serve listens on (invalid before Serve).
 func (s *Server) listenAddr() netip.AddrPort { return s.listen.load() }
 
-// track registers a connection; false if maxClients is reached.
+// full reports whether maxClients DNBD3 and iSCSI connections are open.
+func (s *Server) full() bool {
+	max := s.config().MaxClients
+	return max > 0 && s.dataConns.Load() >= int64(max)
+}
+
+// takeDataConn counts a DNBD3 or iSCSI connection; false if maxClients
+// are open.
+func (s *Server) takeDataConn() bool {
+	max := int64(s.config().MaxClients)
+	for {
+		n := s.dataConns.Load()
+		if max > 0 && n >= max {
+			return false
+		}
+		if s.dataConns.CompareAndSwap(n, n+1) {
+			return true
+		}
+	}
+}
+
+// track registers a connection; false if maxClients plus the RPC
+// reserve is reached.
 func (s *Server) track(c net.Conn) bool {
 	s.connMu.Lock()
 	defer s.connMu.Unlock()
-	if max := s.config().MaxClients; max > 0 && len(s.conns) >= max {
+	if max := s.config().MaxClients; max > 0 && len(s.conns) >= max+rpcReserve {
 		return false
 	}
 	s.conns[c] = struct{}{}
@@ -248,6 +281,9 @@ func (s *Server) handle(c net.Conn) {
 		}
 	}()
 	timeout := s.config().ClientTimeout
+	if s.full() {
+		timeout = min(timeout, fullFirstByte) // only an RPC request may come in
+	}
 	c.SetDeadline(time.Now().Add(timeout))
 	// One buffered reader for the connection's life: the handshake and
 	// pipelined headers then cost one read(2) per burst, not per field.
@@ -258,6 +294,15 @@ func (s *Server) handle(c net.Conn) {
 		return
 	}
 	remote := addrPort(c.RemoteAddr())
+	switch first[0] {
+	case 0x73, 0x43:
+		if !s.takeDataConn() {
+			s.log.Warn("rejecting connection: maxClients reached", "remote", remote)
+			return
+		}
+		defer s.dataConns.Add(-1)
+		c.SetDeadline(time.Now().Add(s.config().ClientTimeout))
+	}
 	switch first[0] {
 	case 0x73:
 		cc := &clientConn{srv: s, c: c, s: sk, r: br, addr: remote, self: addrPort(c.LocalAddr()), log: s.log}

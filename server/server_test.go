@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"testing"
 	"time"
 
@@ -280,6 +281,26 @@ func TestMaxClients(t *testing.T) {
 	a.Close()
 	time.Sleep(100 * time.Millisecond)
 	handshake(t, dial(t, ts.addr), "img", 1)
+}
+
+// A server with maxClients DNBD3 clients still answers the RPC (and so
+// its metrics and status page) from the reserve above maxClients, while
+// one more DNBD3 client is refused.
+func TestFullServerStillAnswersRPC(t *testing.T) {
+	base := t.TempDir()
+	writeFile(t, filepath.Join(base, "img.r1"), make([]byte, 4096))
+	ts := startServer(t, base, "[limits]\nmaxClients=2\n", nil)
+	handshake(t, dial(t, ts.addr), "img", 1)
+	handshake(t, dial(t, ts.addr), "img", 1)
+	for range 3 {
+		code, _, body := httpGet(t, ts.addr, "/query?q=stats")
+		if code != 200 || !strings.Contains(string(body), `"clientCount": 2`) {
+			t.Fatalf("RPC on a full server: %d %s", code, body)
+		}
+	}
+	c := dial(t, ts.addr)
+	c.Write(protocol.SelectImage{Version: 3, Name: "img", RID: 1}.Marshal())
+	expectClosed(t, c, 5*time.Second)
 }
 
 // TestFuzzedFramesNoPanicNoLeak throws thousands of random and mutated
