@@ -2,7 +2,7 @@
 // shared by the COW overlay (cowstore), its uploader (cowstore/upload),
 // the merger and their test doubles: the cluster geometry, the meta
 // file's layout and the offsets of its header fields. The format is the
-// reference's; /work/shared/spec/cow-format.md describes it.
+// reference's; ../shared/spec/cow-format.md (beside this repository) describes it.
 package cowformat
 
 // Cluster geometry: a cluster is BitfieldSize*8 blocks, one bit of its

@@ -9,24 +9,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/internal/testutil"
 	"github.com/dnbd3go/dnbd3go/protocol"
 )
-
-// corrupt flips one byte of a file.
-func corrupt(t *testing.T, path string, off int64) {
-	t.Helper()
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	b := make([]byte, 1)
-	f.ReadAt(b, off)
-	b[0] ^= 0x5a
-	if _, err := f.WriteAt(b, off); err != nil {
-		t.Fatal(err)
-	}
-}
 
 // TestProxyRepairsBadHashBlock: a byte of a complete replicated copy is
 // flipped; VerifyAll finds the hash block, clears it from the map and the
@@ -51,7 +36,7 @@ func TestProxyRepairsBadHashBlock(t *testing.T) {
 
 	proxy := startProxy(t, pbase, "", "", nil, rec.addr())
 	waitChecksIdle(t, proxy.Server)
-	corrupt(t, filepath.Join(pbase, "img.r1"), 20<<20)
+	testutil.FlipByte(t, filepath.Join(pbase, "img.r1"), 20<<20)
 	imgs, failed := proxy.VerifyAll(context.Background())
 	if imgs != 1 || failed < 1 {
 		t.Fatalf("VerifyAll: %d images, %d failed", imgs, failed)
@@ -96,7 +81,7 @@ func TestBadHashBlockRefusedWithoutUplink(t *testing.T) {
 	base := t.TempDir()
 	data := genImage(t, base, "img.r1", 40<<20+10001, true)
 	path := filepath.Join(base, "img.r1")
-	corrupt(t, path, 20<<20)
+	testutil.FlipByte(t, path, 20<<20)
 	ts := runServer(t, base, "", nil, nil)
 	waitFor(t, 10*time.Second, "the check at load", func() bool {
 		return ts.logs.count("Hash check for block 1 of img failed") > 0
@@ -109,7 +94,7 @@ func TestBadHashBlockRefusedWithoutUplink(t *testing.T) {
 	if _, p := getBlock(t, c, 0, 4096, 0, 2); !bytes.Equal(p, data[:4096]) {
 		t.Fatal("good block")
 	}
-	corrupt(t, path, 20<<20) // flip it back
+	testutil.FlipByte(t, path, 20<<20) // flip it back
 	if _, failed := ts.VerifyAll(context.Background()); failed != 0 {
 		t.Fatalf("%d failed after the fix", failed)
 	}
@@ -127,7 +112,7 @@ func TestProxyChecksReplicatedHashBlocks(t *testing.T) {
 	genImage(t, obase, "img.r1", 2<<20, true)
 	origin := runServer(t, obase, "", nil, nil)
 	waitChecksIdle(t, origin.Server)
-	corrupt(t, filepath.Join(obase, "img.r1"), 1000) // origin's data no longer matches its .crc
+	testutil.FlipByte(t, filepath.Join(obase, "img.r1"), 1000) // origin's data no longer matches its .crc
 	proxy := startProxy(t, "", "", "", nil, origin.addr)
 	c := dial(t, proxy.addr)
 	handshake(t, c, "img", 1)

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dnbd3go/dnbd3go/internal/testutil"
 	"github.com/dnbd3go/dnbd3go/protocol"
 )
 
@@ -202,7 +203,7 @@ func TestProxyReuseCorruptBlockFetched(t *testing.T) {
 	proxy := startReuseProxy(t, pbase, rec)
 	// after the load-time checks, which might find it first
 	waitChecksIdle(t, proxy.Server)
-	corrupt(t, filepath.Join(pbase, "img.r1"), 2*hashBlock+777)
+	testutil.FlipByte(t, filepath.Join(pbase, "img.r1"), 2*hashBlock+777)
 
 	img := replicateR2(t, proxy, r2)
 	if got := img.bytesReused.Load(); got != uint64(len(r2))-3*hashBlock {
