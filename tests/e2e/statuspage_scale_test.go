@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -39,10 +40,14 @@ func rawClient(t *testing.T, addr, name string, rid uint16) {
 	}
 }
 
-// TestStatusPageManyImagesAndClients: with 500 images and 1,200 clients
+// TestStatusPageManyImagesAndClients: with 500 images and 4,000 clients (maxClients; the page is served from the RPC reserve)
 // the page shows one page of each (50 images, 100 clients), pages forward
 // and filters on the server, and stays free of console errors.
 func TestStatusPageManyImagesAndClients(t *testing.T) {
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil || lim.Max < 4500 {
+		t.Skipf("SKIP: 4,000 client connections need a descriptor limit of at least 4500 (hard limit %d, %v)", lim.Max, err)
+	}
 	b := newBrowser(t)
 	base := t.TempDir()
 	for i := range 500 {
@@ -51,7 +56,7 @@ func TestStatusPageManyImagesAndClients(t *testing.T) {
 		}
 	}
 	d := startServerConf(t, "[dnbd3]\nbasePath="+base+"\n", map[string]string{})
-	for i := range 1200 {
+	for i := range 4000 {
 		rawClient(t, d.addr, fmt.Sprintf("pool-%03d", i%500), 1)
 	}
 	b.do(t, "open the page", chromedp.Navigate("http://"+d.addr+"/"))
@@ -60,10 +65,10 @@ func TestStatusPageManyImagesAndClients(t *testing.T) {
 		t.Errorf("image pager %q", p)
 	}
 	b.waitJS(t, "the first page of clients", `document.querySelectorAll('#clients tbody tr').length === 100`, 20*time.Second)
-	if p := b.text(t, "#clientsPager"); !strings.Contains(p, "1–100 of 1200") {
+	if p := b.text(t, "#clientsPager"); !strings.Contains(p, "1–100 of 4000") {
 		t.Errorf("client pager %q", p)
 	}
-	if n := b.text(t, "#clientCount"); n != "1200" {
+	if n := b.text(t, "#clientCount"); n != "4000" {
 		t.Errorf("client count %q", n)
 	}
 	b.eval(t, `(document.querySelector('#imagesPager button:last-child').click(), "")`)
