@@ -12,13 +12,11 @@ import (
 	"flag"
 	"fmt"
 	"go/ast"
-	"go/parser"
 	"go/token"
-	"io/fs"
 	"os"
-	"path/filepath"
 	"sort"
-	"strings"
+
+	"github.com/dnbd3go/dnbd3go/internal/gosrc"
 )
 
 // finding is one function over a limit.
@@ -58,57 +56,14 @@ func main() {
 	}
 }
 
-// scan parses every production Go file under roots.
+// scan measures every production function under roots.
 func scan(roots []string) ([]finding, error) {
 	var all []finding
-	fset := token.NewFileSet()
-	for _, root := range roots {
-		err := filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
-			if err != nil {
-				return err
-			}
-			if d.IsDir() {
-				if skipDir(path, root) {
-					return filepath.SkipDir
-				}
-				return nil
-			}
-			if !strings.HasSuffix(path, ".go") || strings.HasSuffix(path, "_test.go") {
-				return nil
-			}
-			f, err := parser.ParseFile(fset, path, nil, parser.ParseComments)
-			if err != nil {
-				return err
-			}
-			if ast.IsGenerated(f) {
-				return nil
-			}
-			all = append(all, measureFile(fset, f)...)
-			return nil
-		})
-		if err != nil {
-			return nil, err
-		}
-	}
-	return all, nil
-}
-
-// skipDir leaves out what is not production code: tests' helper trees,
-// benchmarks and hidden or output directories.
-func skipDir(path, root string) bool {
-	if path == root {
-		return false
-	}
-	base := filepath.Base(path)
-	switch {
-	case strings.HasPrefix(base, ".") || strings.HasPrefix(base, "_"):
-		return true
-	case base == "testdata" || base == "out" || base == "bench" || base == "tests" || base == "vendor":
-		return true
-	case strings.HasSuffix(base, "test"): // helper packages for tests (dnbd3test, mergertest, ...)
-		return true
-	}
-	return false
+	err := gosrc.Walk(roots, func(fset *token.FileSet, _ string, f *ast.File) error {
+		all = append(all, measureFile(fset, f)...)
+		return nil
+	})
+	return all, err
 }
 
 // measureFile measures every function and method declared in f.
