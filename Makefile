@@ -52,6 +52,7 @@ deps:
 vet:
 	$(GO) vet ./...
 	$(GO) run ./internal/funcsize -max-lines 80 -max-complexity 20 .
+	$(GO) run ./internal/errprefix .
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
 
 test: test-unit test-packages test-integration

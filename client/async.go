@@ -53,7 +53,7 @@ func (i *Image) StartRead(p []byte, off int64, t ReadTarget) {
 	if off < 0 || off+int64(n) > i.size || n == 0 {
 		var err error
 		if n > 0 {
-			err = fmt.Errorf("dnbd3 client: read of %d bytes at %d outside the image (%d bytes)", n, off, i.size)
+			err = fmt.Errorf("client: read of %d bytes at %d outside the image (%d bytes)", n, off, i.size)
 		}
 		t.ReadDone(err)
 		return

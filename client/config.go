@@ -195,16 +195,16 @@ func (c Config) withDefaults() Config {
 // validate checks the fields a caller must get right.
 func (c *Config) validate() error {
 	if len(c.Servers) == 0 {
-		return errors.New("dnbd3 client: no servers given: pass at least one host[:port]")
+		return errors.New("client: no servers given: pass at least one host[:port]")
 	}
 	if c.Image == "" {
-		return errors.New("dnbd3 client: no image name given")
+		return errors.New("client: no image name given")
 	}
 	if !protocol.ValidImageName(c.Image) {
-		return fmt.Errorf("dnbd3 client: invalid image name %q: it must not be empty, start with '/' or '.', end with '/' or contain \"/.\"", c.Image)
+		return fmt.Errorf("client: invalid image name %q: it must not be empty, start with '/' or '.', end with '/' or contain \"/.\"", c.Image)
 	}
 	if c.MaxRequest > 1<<30 {
-		return fmt.Errorf("dnbd3 client: MaxRequest %d too large (at most 1 GiB)", c.MaxRequest)
+		return fmt.Errorf("client: MaxRequest %d too large (at most 1 GiB)", c.MaxRequest)
 	}
 	return nil
 }

@@ -266,7 +266,7 @@ func (c *conn) blockReply(rep protocol.Reply) error {
 	i.mu.Lock()
 	if c.dead {
 		i.mu.Unlock()
-		return errors.New("connection closed")
+		return errors.New("client: connection closed")
 	}
 	r := i.pending[rep.Handle]
 	if r == nil || r.conn != c || r.state != statePending {

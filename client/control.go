@@ -27,10 +27,10 @@ import (
 // maxRemoved.
 
 // ErrServerListFull means the Image already knows MaxServers servers.
-var ErrServerListFull = errors.New("dnbd3 client: server list full")
+var ErrServerListFull = errors.New("client: server list full")
 
 // ErrUnknownServer means the named server is not in the server list.
-var ErrUnknownServer = errors.New("dnbd3 client: not a known server")
+var ErrUnknownServer = errors.New("client: not a known server")
 
 // maxRemoved bounds the addresses RemoveServer keeps from being learned
 // again; the oldest is forgotten first.
@@ -41,7 +41,7 @@ const maxRemoved = 4 * MaxServers
 // most 255 bytes, printable. It does not resolve host names.
 func ParseServerSpec(spec string) (host string, port uint16, err error) {
 	if spec == "" || len(spec) > 255 || strings.ContainsFunc(spec, func(r rune) bool { return r <= ' ' || r >= 0x7f }) {
-		return "", 0, fmt.Errorf("bad server %q: want one host, host:port or [v6]:port (printable, at most 255 bytes)", spec)
+		return "", 0, fmt.Errorf("client: bad server %q: want one host, host:port or [v6]:port (printable, at most 255 bytes)", spec)
 	}
 	return parseHostSpec(spec)
 }
@@ -128,7 +128,7 @@ func (i *Image) RemoveServer(ctx context.Context, spec string) ([]string, error)
 		return nil, fmt.Errorf("%w: %s (known: %s)", ErrUnknownServer, spec, serverKeys(i.servers))
 	}
 	if len(gone) == len(i.servers) {
-		return nil, fmt.Errorf("dnbd3 client: %s is the only server: add another first", spec)
+		return nil, fmt.Errorf("client: %s is the only server: add another first", spec)
 	}
 	var removed []string
 	for _, s := range gone {
@@ -177,7 +177,7 @@ func (i *Image) SwitchServer(ctx context.Context, spec string) (string, error) {
 		i.mu.Lock()
 		srv.fail(err, time.Now())
 		i.mu.Unlock()
-		return "", fmt.Errorf("dnbd3 client: switch to %s: %w", srv.key, err)
+		return "", fmt.Errorf("switch to %s: %w", srv.key, err)
 	}
 	i.mu.Lock()
 	defer i.unlock()
@@ -187,7 +187,7 @@ func (i *Image) SwitchServer(ctx context.Context, spec string) (string, error) {
 	}
 	if i.indexLocked(srv.addr) < 0 {
 		d.close()
-		return "", fmt.Errorf("dnbd3 client: %s was removed while switching to it", srv.key)
+		return "", fmt.Errorf("client: %s was removed while switching to it", srv.key)
 	}
 	i.switches.Add(1)
 	from := "(none)"

@@ -47,7 +47,7 @@ func (i *Image) CRCList(ctx context.Context) ([]uint32, error) {
 			i.crcWait = nil
 		}
 		i.mu.Unlock()
-		return nil, fmt.Errorf("dnbd3 client: GET_CRC32: %w", context.Cause(ctx))
+		return nil, fmt.Errorf("GET_CRC32: %w", context.Cause(ctx))
 	}
 }
 
@@ -75,9 +75,9 @@ func (c *conn) crcReply(rep protocol.Reply) error {
 		list, err := protocol.ParseCRCList(p)
 		switch {
 		case err != nil:
-			res.err = fmt.Errorf("dnbd3 client: CRC list from %s: %w", c.srv.key, err)
+			res.err = fmt.Errorf("CRC list from %s: %w", c.srv.key, err)
 		case len(list) != blocks:
-			res.err = fmt.Errorf("dnbd3 client: CRC list from %s has %d entries, the image has %d hash blocks", c.srv.key, len(list), blocks)
+			res.err = fmt.Errorf("client: CRC list from %s has %d entries, the image has %d hash blocks", c.srv.key, len(list), blocks)
 		default:
 			res.list = list
 		}

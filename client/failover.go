@@ -63,7 +63,7 @@ func (i *Image) startFailoverLocked() {
 }
 
 // errNotTried marks a server whose attempt never started.
-var errNotTried = errors.New("not tried")
+var errNotTried = errors.New("client: not tried")
 
 // raceHandshakes starts a handshake for want with every server, server k
 // after delays[k] (none without delays), and returns the first that

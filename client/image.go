@@ -148,10 +148,10 @@ func openFirst(ctx context.Context, cfg Config, servers []*server) (*dialed, err
 		ridStr = fmt.Sprint(cfg.RID)
 	}
 	if notFound > 0 && notFound == tried {
-		return nil, fmt.Errorf("dnbd3 client: image %q rid %s not found on any of %s (each server closed the connection after SELECT_IMAGE; check the name and revision): %w",
+		return nil, fmt.Errorf("image %q rid %s not found on any of %s (each server closed the connection after SELECT_IMAGE; check the name and revision): %w",
 			cfg.Image, ridStr, serverKeys(servers), ErrImageNotFound)
 	}
-	return nil, fmt.Errorf("dnbd3 client: cannot open image %q rid %s: no server answered (%s); check the addresses and that dnbd3-server runs there: %w",
+	return nil, fmt.Errorf("cannot open image %q rid %s: no server answered (%s); check the addresses and that dnbd3-server runs there: %w",
 		cfg.Image, ridStr, strings.Join(errs, "; "), ErrNoServer)
 }
 

@@ -22,7 +22,7 @@ import (
 
 // ErrNoNBD means no reachable server offers the switch to NBD (reference
 // servers and older dnbd3go servers do not): use the relay path.
-var ErrNoNBD = errors.New("dnbd3 client: no server offers the switch to the NBD protocol")
+var ErrNoNBD = errors.New("client: no server offers the switch to the NBD protocol")
 
 // DialNBD opens n connections to one server for the Image's image (same
 // name, revision and size), each switched to the NBD transmission
@@ -33,7 +33,7 @@ var ErrNoNBD = errors.New("dnbd3 client: no server offers the switch to the NBD 
 // the first NBD reply.
 func (i *Image) DialNBD(ctx context.Context, n int) ([]net.Conn, string, error) {
 	if n <= 0 {
-		return nil, "", fmt.Errorf("dnbd3 client: DialNBD of %d connections", n)
+		return nil, "", fmt.Errorf("client: DialNBD of %d connections", n)
 	}
 	first, rest := i.nbdCandidates()
 	if first == nil && len(rest) == 0 {
@@ -99,7 +99,7 @@ func (i *Image) DialNBD(ctx context.Context, n int) ([]net.Conn, string, error) 
 		for _, c := range conns {
 			c.Close()
 		}
-		return nil, "", fmt.Errorf("dnbd3 client: NBD connections to %s: %w", srv.key, firstErr)
+		return nil, "", fmt.Errorf("NBD connections to %s: %w", srv.key, firstErr)
 	}
 	return conns, srv.key, nil
 }

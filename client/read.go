@@ -97,7 +97,7 @@ func (i *Image) ReadAtContext(ctx context.Context, p []byte, off int64) (int, er
 // possibly with protocol.HopFlagPrefetch or protocol.HopFlagBgRep).
 func (i *Image) ReadAtHops(ctx context.Context, p []byte, off int64, hops uint8) (int, error) {
 	if off < 0 {
-		return 0, fmt.Errorf("dnbd3 client: negative offset %d", off)
+		return 0, fmt.Errorf("client: negative offset %d", off)
 	}
 	if off >= i.size {
 		return 0, io.EOF
@@ -171,13 +171,13 @@ func (i *Image) wait(ctx context.Context, r *request) error {
 		i.abandonLocked(r)
 		r.state = stateDone
 		i.mu.Unlock()
-		return fmt.Errorf("dnbd3 client: read of %d bytes at %d: %w", len(r.buf), r.off, context.Cause(ctx))
+		return fmt.Errorf("read of %d bytes at %d: %w", len(r.buf), r.off, context.Cause(ctx))
 	case stateReceiving:
 		r.cancelled = true // the receiver is filling the buffer: let it finish
 		i.mu.Unlock()
 		<-r.done
 		if r.err != nil {
-			return fmt.Errorf("dnbd3 client: read of %d bytes at %d: %w", len(r.buf), r.off, context.Cause(ctx))
+			return fmt.Errorf("read of %d bytes at %d: %w", len(r.buf), r.off, context.Cause(ctx))
 		}
 		return nil
 	}

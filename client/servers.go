@@ -111,16 +111,16 @@ func parseHostSpec(spec string) (host string, port uint16, err error) {
 	h, p, err := net.SplitHostPort(spec)
 	if err != nil {
 		if strings.Contains(spec, ":") {
-			return "", 0, fmt.Errorf("bad server %q: use host, host:port or [v6]:port", spec)
+			return "", 0, fmt.Errorf("client: bad server %q: use host, host:port or [v6]:port", spec)
 		}
 		return spec, protocol.DefaultPort, nil
 	}
 	n, err := strconv.ParseUint(p, 10, 16)
 	if err != nil || n == 0 {
-		return "", 0, fmt.Errorf("bad port in server %q", spec)
+		return "", 0, fmt.Errorf("client: bad port in server %q", spec)
 	}
 	if h == "" {
-		return "", 0, fmt.Errorf("bad server %q: empty host", spec)
+		return "", 0, fmt.Errorf("client: bad server %q: empty host", spec)
 	}
 	return h, uint16(n), nil
 }
@@ -170,7 +170,7 @@ func resolveServers(ctx context.Context, specs []string, log *slog.Logger) ([]*s
 		if len(problems) == 0 {
 			problems = append(problems, "empty server list")
 		}
-		return nil, fmt.Errorf("dnbd3 client: no usable server address (%s): %w", strings.Join(problems, "; "), ErrNoServer)
+		return nil, fmt.Errorf("no usable server address (%s): %w", strings.Join(problems, "; "), ErrNoServer)
 	}
 	return out, nil
 }

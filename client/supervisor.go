@@ -109,7 +109,7 @@ func (i *Image) expireLocked(now time.Time) {
 		if i.lastError != nil {
 			cause += "; last error: " + i.lastError.Error()
 		}
-		i.finishLocked(r, fmt.Errorf("dnbd3 client: read of %d bytes at %d of image %q: %s within %v: %w",
+		i.finishLocked(r, fmt.Errorf("read of %d bytes at %d of image %q: %s within %v: %w",
 			len(r.buf), r.off, i.id.name, cause, i.cfg.Deadline, ErrDeadline))
 	}
 }

@@ -49,14 +49,14 @@ func (h *header) marshal() []byte {
 
 // Errors of the header check.
 var (
-	errWrongEndian = errors.New("meta file has the wrong byte order (written on a big-endian machine?)")
-	errNotMeta     = errors.New("not a dnbd3 COW meta file (bad magic)")
+	errWrongEndian = errors.New("cowstore: meta file has the wrong byte order (written on a big-endian machine?)")
+	errNotMeta     = errors.New("cowstore: not a dnbd3 COW meta file (bad magic)")
 )
 
 func parseHeader(b []byte) (header, error) {
 	var h header
 	if len(b) < cowformat.HeaderSize {
-		return h, fmt.Errorf("meta header: %d bytes, want %d", len(b), cowformat.HeaderSize)
+		return h, fmt.Errorf("cowstore: meta header: %d bytes, want %d", len(b), cowformat.HeaderSize)
 	}
 	switch magic := le.Uint64(b[cowformat.OffMagic:]); {
 	case magic == cowformat.MetaMagic:

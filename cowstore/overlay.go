@@ -204,7 +204,7 @@ func (o *Overlay) UUID() string {
 // practice, 39 fit) and commits it.
 func (o *Overlay) SetUUID(uuid string) error {
 	if len(uuid) >= cowformat.UUIDField {
-		return fmt.Errorf("upload uuid %q is longer than %d characters", uuid, cowformat.UUIDField-1)
+		return fmt.Errorf("cowstore: upload uuid %q is longer than %d characters", uuid, cowformat.UUIDField-1)
 	}
 	o.hdrMu.Lock()
 	o.uuid = uuid

@@ -80,7 +80,7 @@ func (o *Overlay) read(p []byte, off int64) error {
 				}
 				fileOff := slot + inCluster + int64(done)
 				if k, err := o.data.ReadAt(p[at:at+cnt], fileOff); k < cnt {
-					return fmt.Errorf("cowstore: read data at %d (cluster %d): %w", fileOff, cluster, orEOF(err))
+					return fmt.Errorf("read data at %d (cluster %d): %w", fileOff, cluster, orEOF(err))
 				}
 			} else if pend.n > 0 && pend.at+pend.n == at {
 				pend.n += cnt
@@ -111,7 +111,7 @@ func (o *Overlay) readRemote(p []byte, off int64) error {
 	if off < valid {
 		k = int(min(int64(len(p)), valid-off))
 		if n, err := o.remote.ReadAt(p[:k], off); n < k {
-			return fmt.Errorf("cowstore: remote read %d+%d: %w", off, k, orEOF(err))
+			return fmt.Errorf("remote read %d+%d: %w", off, k, orEOF(err))
 		}
 	}
 	clear(p[k:])

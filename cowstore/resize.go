@@ -71,7 +71,7 @@ func (o *Overlay) grow(old, new int64) error {
 						zeros := make([]byte, cowformat.BlockSize-tail)
 						if _, err := o.data.WriteAt(zeros, e.offset+in); err != nil {
 							mu.Unlock()
-							return fmt.Errorf("cowstore: zero the tail of the last block: %w", err)
+							return fmt.Errorf("zero the tail of the last block: %w", err)
 						}
 						o.touch(c, e)
 					}

@@ -46,7 +46,7 @@ func Create(dir string, opts Options) (*Overlay, error) {
 		return nil, fmt.Errorf("session directory: %w (create it first)", err)
 	}
 	if !st.IsDir() {
-		return nil, fmt.Errorf("session directory %s is not a directory", dir)
+		return nil, fmt.Errorf("cowstore: session directory %s is not a directory", dir)
 	}
 	lock, err := lockSession(dir)
 	if err != nil {
@@ -66,12 +66,12 @@ func Create(dir string, opts Options) (*Overlay, error) {
 func create(dir string, opts Options) (*Overlay, error) {
 	for _, name := range []string{"meta", "data"} {
 		if st, err := os.Stat(filepath.Join(dir, name)); err == nil && st.Size() > 0 {
-			return nil, fmt.Errorf("%s already holds a session (%s exists and is not empty): load it with -L, or use an empty directory", dir, name)
+			return nil, fmt.Errorf("cowstore: %s already holds a session (%s exists and is not empty): load it with -L, or use an empty directory", dir, name)
 		}
 	}
 	size := opts.Remote.Size()
 	if size < 0 || size > cowformat.MaxImageSize {
-		return nil, fmt.Errorf("image size %d is outside 0..%d", size, int64(cowformat.MaxImageSize))
+		return nil, fmt.Errorf("cowstore: image size %d is outside 0..%d", size, int64(cowformat.MaxImageSize))
 	}
 	o := newOverlay(dir, opts)
 	o.imageSize.Store(size)
@@ -240,19 +240,19 @@ func readHeader(meta io.ReaderAt, metaFile *os.File) (header, []byte, error) {
 	}
 	switch {
 	case h.bitfieldSize != cowformat.BitfieldSize:
-		return h, nil, fmt.Errorf("bitfield size %d, want %d", h.bitfieldSize, cowformat.BitfieldSize)
+		return h, nil, fmt.Errorf("cowstore: bitfield size %d, want %d", h.bitfieldSize, cowformat.BitfieldSize)
 	case h.version != cowformat.Version:
-		return h, nil, fmt.Errorf("session format version %d, this program reads version %d", h.version, cowformat.Version)
+		return h, nil, fmt.Errorf("cowstore: session format version %d, this program reads version %d", h.version, cowformat.Version)
 	case h.startL1 != cowformat.StartL1 || h.startL2 != cowformat.StartL2 || h.metaSize != cowformat.MetaSize:
-		return h, nil, fmt.Errorf("unexpected layout (startL1 %d, startL2 %d, metaSize %d)", h.startL1, h.startL2, h.metaSize)
+		return h, nil, fmt.Errorf("cowstore: unexpected layout (startL1 %d, startL2 %d, metaSize %d)", h.startL1, h.startL2, h.metaSize)
 	case h.nextL2 < 0 || h.nextL2 > cowformat.L1Entries:
-		return h, nil, fmt.Errorf("nextL2 %d outside 0..%d", h.nextL2, cowformat.L1Entries)
+		return h, nil, fmt.Errorf("cowstore: nextL2 %d outside 0..%d", h.nextL2, cowformat.L1Entries)
 	case h.imageSize > cowformat.MaxImageSize:
-		return h, nil, fmt.Errorf("image size %d exceeds %d", h.imageSize, int64(cowformat.MaxImageSize))
+		return h, nil, fmt.Errorf("cowstore: image size %d exceeds %d", h.imageSize, int64(cowformat.MaxImageSize))
 	case h.nextClusterOffset < cowformat.FirstSlot || h.nextClusterOffset%cowformat.ClusterSize != 0:
-		return h, nil, fmt.Errorf("nextClusterOffset %d is not a slot boundary", h.nextClusterOffset)
+		return h, nil, fmt.Errorf("cowstore: nextClusterOffset %d is not a slot boundary", h.nextClusterOffset)
 	case mst.Size() < cowformat.MetaSize:
-		return h, nil, fmt.Errorf("meta file is %d bytes, want %d", mst.Size(), int64(cowformat.MetaSize))
+		return h, nil, fmt.Errorf("cowstore: meta file is %d bytes, want %d", mst.Size(), int64(cowformat.MetaSize))
 	}
 	return h, buf, nil
 }
@@ -271,12 +271,12 @@ func checkDataFile(data io.ReaderAt, dataFile *os.File, h header) error {
 	switch le.Uint64(dmagic[:]) {
 	case cowformat.DataMagic:
 	case bits.ReverseBytes64(cowformat.DataMagic):
-		return errors.New("data file has the wrong byte order")
+		return errors.New("cowstore: data file has the wrong byte order")
 	default:
-		return errors.New("data file: bad magic")
+		return errors.New("cowstore: data file: bad magic")
 	}
 	if h.nextClusterOffset > dst.Size()+cowformat.ClusterSize {
-		return fmt.Errorf("nextClusterOffset %d lies beyond the data file (%d bytes): data file truncated?", h.nextClusterOffset, dst.Size())
+		return fmt.Errorf("cowstore: nextClusterOffset %d lies beyond the data file (%d bytes): data file truncated?", h.nextClusterOffset, dst.Size())
 	}
 	return nil
 }
@@ -302,11 +302,11 @@ func readIdentity(dir string, h header, opts Options) (identity, error) {
 	rid, err := readRevision(dir)
 	switch {
 	case err == nil && opts.RID != 0 && rid != opts.RID:
-		return id, fmt.Errorf("the session belongs to revision %d of %s, not revision %d", rid, id.fullName, opts.RID)
+		return id, fmt.Errorf("cowstore: the session belongs to revision %d of %s, not revision %d", rid, id.fullName, opts.RID)
 	case err == nil:
 		id.rid = rid
 	case errors.Is(err, os.ErrNotExist) && opts.RID == 0:
-		return id, fmt.Errorf("the session has no revision record (made by the reference client?): give the revision it was created from with -r")
+		return id, fmt.Errorf("cowstore: the session has no revision record (made by the reference client?): give the revision it was created from with -r")
 	case errors.Is(err, os.ErrNotExist):
 		id.rid, id.recordRID = opts.RID, true
 	default:
@@ -331,10 +331,10 @@ func (id identity) record(dir string) error {
 // checkRemoteSize checks the header's sizes against the remote image.
 func checkRemoteSize(h header, remote int64) error {
 	if int64(h.validRemoteSize) > remote {
-		return fmt.Errorf("the session expects %d valid bytes of the remote image, but it has only %d: wrong image or revision?", h.validRemoteSize, remote)
+		return fmt.Errorf("cowstore: the session expects %d valid bytes of the remote image, but it has only %d: wrong image or revision?", h.validRemoteSize, remote)
 	}
 	if h.validRemoteSize > h.imageSize {
-		return fmt.Errorf("validRemoteSize %d exceeds the image size %d", h.validRemoteSize, h.imageSize)
+		return fmt.Errorf("cowstore: validRemoteSize %d exceeds the image size %d", h.validRemoteSize, h.imageSize)
 	}
 	return nil
 }
@@ -357,9 +357,9 @@ func (o *Overlay) loadTables(buf []byte, h header) error {
 			o.l1Dirty = true
 			continue
 		case k < 0 || k >= cowformat.L1Entries:
-			return fmt.Errorf("L1[%d] = %d, not a table index below %d", l1, k, cowformat.L1Entries)
+			return fmt.Errorf("cowstore: L1[%d] = %d, not a table index below %d", l1, k, cowformat.L1Entries)
 		case seen[k]:
-			return fmt.Errorf("L2 table %d is referenced twice", k)
+			return fmt.Errorf("cowstore: L2 table %d is referenced twice", k)
 		}
 		seen[k] = true
 		if _, err := o.meta.ReadAt(tbuf, metaOffset(k, 0)); err != nil {
@@ -385,10 +385,10 @@ func (o *Overlay) parseTable(l1 int, k int32, tbuf []byte, nextSlot int64, slots
 		switch {
 		case e.offset == -1:
 			if e.popcount() > 0 {
-				return nil, fmt.Errorf("cluster %d has blocks but no slot", c)
+				return nil, fmt.Errorf("cowstore: cluster %d has blocks but no slot", c)
 			}
 		case e.offset < cowformat.FirstSlot || e.offset%cowformat.ClusterSize != 0:
-			return nil, fmt.Errorf("cluster %d: slot offset %d is not a slot boundary", c, e.offset)
+			return nil, fmt.Errorf("cowstore: cluster %d: slot offset %d is not a slot boundary", c, e.offset)
 		case e.offset >= nextSlot:
 			// a slot handed out by a commit that never wrote its header:
 			// the cluster was never written
@@ -396,7 +396,7 @@ func (o *Overlay) parseTable(l1 int, k int32, tbuf []byte, nextSlot int64, slots
 			o.ignoredEntries++
 			o.dirty[c] = struct{}{}
 		case slots[e.offset]:
-			return nil, fmt.Errorf("cluster %d: slot %d is used twice", c, e.offset)
+			return nil, fmt.Errorf("cowstore: cluster %d: slot %d is used twice", c, e.offset)
 		default:
 			slots[e.offset] = true
 		}

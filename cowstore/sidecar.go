@@ -36,13 +36,13 @@ func readRevision(dir string) (uint16, error) {
 	}
 	n, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 16)
 	if err != nil || n == 0 {
-		return 0, fmt.Errorf("%s: not a revision number: %q", revisionFile(dir), b)
+		return 0, fmt.Errorf("cowstore: %s: not a revision number: %q", revisionFile(dir), b)
 	}
 	return uint16(n), nil
 }
 
 // ErrNoRevision means a session has no revision record.
-var ErrNoRevision = errors.New("the session has no revision record")
+var ErrNoRevision = errors.New("cowstore: the session has no revision record")
 
 // SessionRevision returns the revision recorded in a session directory.
 func SessionRevision(dir string) (uint16, error) {
@@ -69,10 +69,10 @@ func sessionName(dir, header, want string) (full string, record bool, err error)
 	case err == nil:
 		full = string(b)
 		if truncateName(full) != header {
-			return "", false, fmt.Errorf("%s names image %q, but the session's header names %q: the directory is corrupt, or its files come from two sessions", nameFile(dir), full, header)
+			return "", false, fmt.Errorf("cowstore: %s names image %q, but the session's header names %q: the directory is corrupt, or its files come from two sessions", nameFile(dir), full, header)
 		}
 		if want != "" && want != full {
-			return "", false, fmt.Errorf("the session belongs to image %q, not %q", full, want)
+			return "", false, fmt.Errorf("cowstore: the session belongs to image %q, not %q", full, want)
 		}
 		return full, false, nil
 	case !errors.Is(err, os.ErrNotExist):
@@ -84,7 +84,7 @@ func sessionName(dir, header, want string) (full string, record bool, err error)
 	case want == "":
 		return header, false, nil
 	case truncateName(want) != header:
-		return "", false, fmt.Errorf("the session belongs to image %q, not %q", header, want)
+		return "", false, fmt.Errorf("cowstore: the session belongs to image %q, not %q", header, want)
 	case want != header:
 		return "", false, fmt.Errorf("the session records only the first %d bytes of its image name, which %q shares with other names: "+
 			"it cannot tell whether it belongs to that image; if you are sure it does, write the full name into %s (without a newline) and load it again",
@@ -103,7 +103,7 @@ func lockSession(dir string) (*os.File, error) {
 		if le.PID > 0 {
 			who = "process " + strconv.Itoa(le.PID)
 		}
-		return nil, fmt.Errorf("session directory %s is in use by %s (a dnbd3-nbd attach or serve with -c/-L?): stop it first, or use another directory", dir, who)
+		return nil, fmt.Errorf("cowstore: session directory %s is in use by %s (a dnbd3-nbd attach or serve with -c/-L?): stop it first, or use another directory", dir, who)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("lock session directory: %w", err)

@@ -88,7 +88,7 @@ func (o *Overlay) Snapshot(index int) (bits [cowformat.BitfieldSize]byte, blocks
 		at := len(blocks)
 		blocks = blocks[:at+n]
 		if k, rerr := o.data.ReadAt(blocks[at:], e.offset+int64(b)*cowformat.BlockSize); k < n {
-			return bits, nil, 0, fmt.Errorf("cowstore: read cluster %d: %w", index, orEOF(rerr))
+			return bits, nil, 0, fmt.Errorf("read cluster %d: %w", index, orEOF(rerr))
 		}
 		b = run
 	}

@@ -155,7 +155,7 @@ func (o *Overlay) writeCluster(cluster int, in int64, p []byte, valid int64) err
 		start := int64(fb)*cowformat.BlockSize - in
 		end := int64(lb+1)*cowformat.BlockSize - in
 		if _, err := o.data.WriteAt(p[start:end], e.offset+int64(fb)*cowformat.BlockSize); err != nil {
-			return fmt.Errorf("cowstore: write data: %w", err)
+			return fmt.Errorf("write data: %w", err)
 		}
 		for b := fb; b <= lb; b++ {
 			e.set(b)
@@ -207,7 +207,7 @@ func (o *Overlay) fetchPartials(cluster int, parts []partial, valid int64) error
 		pt.remote = make([]byte, cowformat.BlockSize)
 		if n := min(valid-pt.blockStart, cowformat.BlockSize); n > 0 {
 			if k, err := o.remote.ReadAt(pt.remote[:n], pt.blockStart); int64(k) < n {
-				return fmt.Errorf("cowstore: read-modify-write of block at %d: remote read: %w", pt.blockStart, orEOF(err))
+				return fmt.Errorf("read-modify-write of block at %d: remote read: %w", pt.blockStart, orEOF(err))
 			}
 		}
 	}
@@ -222,7 +222,7 @@ func (o *Overlay) writePartial(cluster int, e *entry, pt *partial) error {
 	if e.has(pt.block) {
 		// local (maybe since a concurrent write): patch it in place
 		if _, err := o.data.WriteAt(pt.src, at+int64(pt.from)); err != nil {
-			return fmt.Errorf("cowstore: write data: %w", err)
+			return fmt.Errorf("write data: %w", err)
 		}
 		return nil
 	}
@@ -232,7 +232,7 @@ func (o *Overlay) writePartial(cluster int, e *entry, pt *partial) error {
 	}
 	copy(blk[pt.from:pt.to], pt.src)
 	if _, err := o.data.WriteAt(blk, at); err != nil {
-		return fmt.Errorf("cowstore: write data: %w", err)
+		return fmt.Errorf("write data: %w", err)
 	}
 	e.set(pt.block)
 	return nil

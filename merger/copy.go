@@ -100,7 +100,7 @@ func copyOriginal(ctx context.Context, dst, src *os.File, n int64, whole bool, m
 // cloneFile makes dst share src's blocks (a reflink).
 func cloneFile(dst, src *os.File, whole bool) error {
 	if !whole {
-		return errors.New("only a whole file can be cloned")
+		return errors.New("merger: only a whole file can be cloned")
 	}
 	return fsutil.CloneFile(dst, src)
 }

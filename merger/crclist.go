@@ -196,7 +196,7 @@ func readOldCRCList(path string, srcSize int64) ([]uint32, error) {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	if want := protocol.HashBlockCount(protocol.VirtualSize(srcSize)); len(list) != want {
-		return nil, fmt.Errorf("%s has %d entries, the original has %d hash blocks", path, len(list), want)
+		return nil, fmt.Errorf("merger: %s has %d entries, the original has %d hash blocks", path, len(list), want)
 	}
 	return list, nil
 }

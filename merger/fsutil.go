@@ -27,7 +27,7 @@ var fdatasync = fsutil.Fdatasync
 func mkdirAllSync(root, dir string) error {
 	rel, err := filepath.Rel(root, dir)
 	if err != nil || rel == ".." || strings.HasPrefix(rel, "../") || filepath.IsAbs(rel) {
-		return fmt.Errorf("directory %s is not below %s", dir, root)
+		return fmt.Errorf("merger: directory %s is not below %s", dir, root)
 	}
 	if rel == "." {
 		return nil
@@ -47,7 +47,7 @@ func mkdirAllSync(root, dir string) error {
 				return serr
 			}
 			if !st.IsDir() {
-				return fmt.Errorf("%s exists and is not a directory: remove or rename it", cur)
+				return fmt.Errorf("merger: %s exists and is not a directory: remove or rename it", cur)
 			}
 		default:
 			return err
@@ -72,7 +72,7 @@ func statID(path string) (fileID, error) {
 	}
 	sys, ok := st.Sys().(*syscall.Stat_t)
 	if !ok {
-		return fileID{}, fmt.Errorf("stat %s: no inode information", path)
+		return fileID{}, fmt.Errorf("merger: stat %s: no inode information", path)
 	}
 	return fileID{Dev: uint64(sys.Dev), Ino: sys.Ino, Size: st.Size()}, nil
 }
@@ -85,7 +85,7 @@ func deviceOf(path string) (uint64, error) {
 	}
 	sys, ok := st.Sys().(*syscall.Stat_t)
 	if !ok {
-		return 0, fmt.Errorf("stat %s: no device information", path)
+		return 0, fmt.Errorf("merger: stat %s: no device information", path)
 	}
 	return uint64(sys.Dev), nil
 }

@@ -81,7 +81,7 @@ func (r *journalRecord) appendTo(b []byte) []byte {
 func decodeRecord(p []byte, prevSeq uint64) (journalRecord, error) {
 	var r journalRecord
 	if crc32.Checksum(p[:68], castagnoli) != binary.LittleEndian.Uint32(p[68:]) {
-		return r, errors.New("record checksum mismatch")
+		return r, errors.New("merger: record checksum mismatch")
 	}
 	r.Seq = binary.LittleEndian.Uint64(p[0:])
 	r.Cluster = binary.LittleEndian.Uint32(p[8:])
@@ -91,13 +91,13 @@ func decodeRecord(p []byte, prevSeq uint64) (journalRecord, error) {
 	copy(r.Bitfield[:], p[24:64])
 	switch {
 	case r.Seq <= prevSeq:
-		return r, fmt.Errorf("sequence %d after %d", r.Seq, prevSeq)
+		return r, fmt.Errorf("merger: sequence %d after %d", r.Seq, prevSeq)
 	case r.Cluster >= cowformat.MaxClusters:
-		return r, fmt.Errorf("cluster %d out of range", r.Cluster)
+		return r, fmt.Errorf("merger: cluster %d out of range", r.Cluster)
 	case (r.Slot == noSlot) != (popcount(&r.Bitfield) == 0):
-		return r, fmt.Errorf("slot %d does not match the bitfield", r.Slot)
+		return r, fmt.Errorf("merger: slot %d does not match the bitfield", r.Slot)
 	case r.Slot != noSlot && r.Slot >= maxSlots:
-		return r, fmt.Errorf("slot %d out of range", r.Slot)
+		return r, fmt.Errorf("merger: slot %d out of range", r.Slot)
 	}
 	return r, nil
 }
@@ -148,7 +148,7 @@ func readJournal(f *os.File) (replayResult, error) {
 	if string(hdr[:8]) != journalMagic ||
 		binary.LittleEndian.Uint32(hdr[8:]) != journalVersion ||
 		binary.LittleEndian.Uint32(hdr[12:]) != journalRecordSize {
-		return res, fmt.Errorf("journal %s: not a version %d merger journal", f.Name(), journalVersion)
+		return res, fmt.Errorf("merger: journal %s: not a version %d merger journal", f.Name(), journalVersion)
 	}
 	r := io.NewSectionReader(f, journalHeaderSize, res.size-journalHeaderSize)
 	buf := make([]byte, 4096*journalRecordSize)
@@ -167,7 +167,7 @@ func readJournal(f *os.File) (replayResult, error) {
 			res.validEnd += journalRecordSize
 		}
 		if n%journalRecordSize != 0 {
-			res.reason = fmt.Errorf("incomplete record at offset %d (%d bytes)", res.validEnd, n%journalRecordSize)
+			res.reason = fmt.Errorf("merger: incomplete record at offset %d (%d bytes)", res.validEnd, n%journalRecordSize)
 			return res, nil
 		}
 		if err == io.EOF || err == io.ErrUnexpectedEOF {

@@ -183,7 +183,7 @@ func (cfg Config) withDefaults() (Config, error) {
 		}
 		st, err := os.Stat(d.path)
 		if err != nil {
-			return cfg, fmt.Errorf("merger: %s: %w (create the directory or fix the configuration)", d.name, err)
+			return cfg, fmt.Errorf("%s: %w (create the directory or fix the configuration)", d.name, err)
 		}
 		if !st.IsDir() {
 			return cfg, fmt.Errorf("merger: %s %s is not a directory", d.name, d.path)
@@ -192,7 +192,7 @@ func (cfg Config) withDefaults() (Config, error) {
 	for _, p := range []*string{&cfg.WorkingDirectory, &cfg.OriginalImageDirectory, &cfg.DestinationDirectory} {
 		var err error
 		if *p, err = filepath.Abs(*p); err != nil {
-			return cfg, fmt.Errorf("merger: %w", err)
+			return cfg, fmt.Errorf("absolute path of %q: %w", *p, err)
 		}
 	}
 	if cfg.Retention <= 0 {
@@ -275,14 +275,14 @@ const lockFileName = ".lock"
 func lockDir(dir string) (*os.File, error) {
 	f, err := os.OpenFile(filepath.Join(dir, lockFileName), os.O_RDWR|os.O_CREATE, 0o644)
 	if err != nil {
-		return nil, fmt.Errorf("merger: lock WorkingDirectory: %w", err)
+		return nil, fmt.Errorf("lock WorkingDirectory: %w", err)
 	}
 	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
 		f.Close()
 		if errors.Is(err, unix.EWOULDBLOCK) {
 			return nil, fmt.Errorf("merger: WorkingDirectory %s is in use by another merger (stop it, or configure another directory)", dir)
 		}
-		return nil, fmt.Errorf("merger: lock WorkingDirectory: %w", err)
+		return nil, fmt.Errorf("lock WorkingDirectory: %w", err)
 	}
 	return f, nil
 }
@@ -422,7 +422,7 @@ func (m *Manager) Create(imageName string, revision, bitfieldSize int) (SessionI
 	case errors.Is(err, fs.ErrNotExist), errors.Is(err, syscall.ENOTDIR):
 		return SessionInfo{}, fmt.Errorf("%w: %s.r%d is not in %s", ErrImageNotFound, imageName, revision, m.cfg.OriginalImageDirectory)
 	case err != nil:
-		return SessionInfo{}, fmt.Errorf("merger: check the original image: %w", err)
+		return SessionInfo{}, fmt.Errorf("check the original image: %w", err)
 	case !st.Mode().IsRegular():
 		return SessionInfo{}, fmt.Errorf("%w: %s is not a regular file", ErrImageNotFound, src)
 	}
@@ -459,7 +459,7 @@ func (m *Manager) Create(imageName string, revision, bitfieldSize int) (SessionI
 			m.log.Warn("cannot create a session", "image", imageName, "revision", revision, "err", err)
 			return SessionInfo{}, bp
 		}
-		return SessionInfo{}, fmt.Errorf("merger: create session directory in %s: %w", m.cfg.WorkingDirectory, err)
+		return SessionInfo{}, fmt.Errorf("create session directory in %s: %w", m.cfg.WorkingDirectory, err)
 	}
 	m.mu.Lock()
 	m.creating--
@@ -643,7 +643,7 @@ func (m *Manager) Update(id string, u Update) error {
 			return err
 		}
 		m.log.Error("upload failed", "session", id, "cluster", u.Cluster, "err", err)
-		return fmt.Errorf("merger: store cluster %d of session %s: %w", u.Cluster, id, err)
+		return fmt.Errorf("store cluster %d of session %s: %w", u.Cluster, id, err)
 	}
 	s.mu.Lock()
 	s.lastUpload = m.now()
@@ -660,7 +660,7 @@ func (m *Manager) checkSpace(dir string, need int64, what string) error {
 	}
 	free, err := freeSpace(dir)
 	if err != nil {
-		return fmt.Errorf("merger: %w", err)
+		return fmt.Errorf("free space for %s: %w", what, err)
 	}
 	if free < m.cfg.MinFreeSpace+need {
 		return &BackPressureError{

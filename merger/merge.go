@@ -29,7 +29,7 @@ const (
 
 // errSimulatedCrash, returned by a test hook, makes the merge stop on
 // the spot as if the process had died: no cleanup, no state change.
-var errSimulatedCrash = errors.New("simulated crash")
+var errSimulatedCrash = errors.New("merger: simulated crash")
 
 // progressInterval is how often a running merge persists its progress.
 const progressInterval = 5 * time.Second
@@ -144,7 +144,7 @@ func (m *Manager) checkOriginal(name string, rev int, originalFileSize int64) (i
 		if errors.Is(err, fs.ErrNotExist) {
 			return 0, fmt.Errorf("%w: %s, the base of this session, was removed; start a new session from an existing revision", ErrImageNotFound, src)
 		}
-		return 0, fmt.Errorf("merger: %w", err)
+		return 0, fmt.Errorf("base revision: %w", err)
 	}
 	if limit := roundUp(ost.Size(), cowformat.BlockSize); originalFileSize > limit {
 		return 0, fmt.Errorf("%w: originalFileSize %d exceeds the size of %s.r%d (%d bytes, %d rounded up to 4 KiB)",
@@ -169,7 +169,7 @@ func (m *Manager) acceptLocked(s *session, clusters int, originalFileSize, newFi
 		if bp := resourceError(err, "starting a merge"); bp != nil {
 			return bp
 		}
-		return fmt.Errorf("merger: %w", err)
+		return fmt.Errorf("save session state: %w", err)
 	}
 	return nil
 }

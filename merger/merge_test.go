@@ -280,7 +280,7 @@ func TestMergeConflict(t *testing.T) {
 	wantMsg := "revision 2 of img already exists; this session was based on revision 1 and its changes were not merged; start a new session from the latest revision"
 	for i := 0; i < 2; i++ { // and again: still a conflict, never a retry
 		info, err := m.Merge(b.UUID, size, size)
-		if !errors.Is(err, ErrConflict) || err.Error() != "conflict: "+wantMsg { // once "conflict: ", also when repeated
+		if !errors.Is(err, ErrConflict) || err.Error() != "merger: conflict: "+wantMsg { // once "conflict: ", also when repeated
 			t.Fatalf("second session's merge: %v", err)
 		}
 		if info.State != StateFailed || !strings.Contains(info.Error, wantMsg) {

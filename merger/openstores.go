@@ -34,7 +34,7 @@ func (m *Manager) openStoreLocked(s *session, forMerge bool) (*store, error) {
 		return s.st, nil
 	}
 	if s.meta.State == StateDone {
-		return nil, fmt.Errorf("session %s is merged; its uploads were deleted", s.meta.UUID)
+		return nil, fmt.Errorf("merger: session %s is merged; its uploads were deleted", s.meta.UUID)
 	}
 	if err := m.reserveOpen(s, forMerge); err != nil {
 		return nil, err
@@ -48,7 +48,7 @@ func (m *Manager) openStoreLocked(s *session, forMerge bool) (*store, error) {
 			m.log.Warn("cannot open a session's uploads", "session", s.meta.UUID, "err", err)
 			return nil, bp
 		}
-		return nil, fmt.Errorf("merger: load session %s: %w", s.meta.UUID, err)
+		return nil, fmt.Errorf("load session %s: %w", s.meta.UUID, err)
 	}
 	st.maxClusters = m.maxClusters(s)
 	s.st = st

@@ -52,7 +52,7 @@ import (
 func (m *Manager) loadSessions() error {
 	entries, err := os.ReadDir(m.cfg.WorkingDirectory)
 	if err != nil {
-		return fmt.Errorf("merger: read WorkingDirectory: %w", err)
+		return fmt.Errorf("read WorkingDirectory: %w", err)
 	}
 	for _, e := range entries {
 		if !e.IsDir() {

@@ -162,16 +162,16 @@ func loadSession(dir string) (*session, error) {
 	m := &s.meta
 	switch {
 	case m.Version != sessionVersion:
-		return nil, fmt.Errorf("%s: unsupported version %d", path, m.Version)
+		return nil, fmt.Errorf("merger: %s: unsupported version %d", path, m.Version)
 	case m.UUID != filepath.Base(dir):
-		return nil, fmt.Errorf("%s: uuid %q does not match the directory", path, m.UUID)
+		return nil, fmt.Errorf("merger: %s: uuid %q does not match the directory", path, m.UUID)
 	case !protocol.ValidImageName(m.ImageName):
-		return nil, fmt.Errorf("%s: invalid image name %q", path, m.ImageName)
+		return nil, fmt.Errorf("merger: %s: invalid image name %q", path, m.ImageName)
 	}
 	switch m.State {
 	case StateActive, StateCopying, StateMerging, StateDone, StateFailed:
 	default:
-		return nil, fmt.Errorf("%s: unknown state %q", path, m.State)
+		return nil, fmt.Errorf("merger: %s: unknown state %q", path, m.State)
 	}
 	s.lastUpload = m.Created
 	s.uploaded = m.State != StateActive

@@ -63,18 +63,18 @@ type Update struct {
 
 // Errors the Service returns; the HTTP layer maps them to status codes.
 var (
-	ErrSessionNotFound = errors.New("Session not found")
-	ErrImageNotFound   = errors.New("Image not found")
-	ErrInvalidName     = errors.New("invalid image name")
-	ErrBadRequest      = errors.New("bad request")
+	ErrSessionNotFound = errors.New("merger: Session not found")
+	ErrImageNotFound   = errors.New("merger: Image not found")
+	ErrInvalidName     = errors.New("merger: invalid image name")
+	ErrBadRequest      = errors.New("merger: bad request")
 	// ErrSessionClosed: uploads to a session that is merging or merged.
-	ErrSessionClosed = errors.New("the session no longer accepts uploads (merging or merged)")
+	ErrSessionClosed = errors.New("merger: the session no longer accepts uploads (merging or merged)")
 	// ErrConflict: the session's base revision is no longer the latest
 	// (another session was merged first) - see Manager.Merge.
-	ErrConflict = errors.New("conflict")
+	ErrConflict = errors.New("merger: conflict")
 	// ErrQuotaExceeded: an upload of a new cluster to a session that
 	// holds as many clusters as its quota allows (Config.SessionQuota).
-	ErrQuotaExceeded = errors.New("session quota exceeded")
+	ErrQuotaExceeded = errors.New("merger: session quota exceeded")
 )
 
 // BackPressureError asks the client to retry later (503 + Retry-After).

@@ -140,7 +140,7 @@ func Attach(ctx context.Context, opts AttachOptions) (*Device, error) {
 	size := opts.Backend.Size()
 	size -= size % int64(opts.BlockSize)
 	if size <= 0 {
-		return nil, fmt.Errorf("export size %d is smaller than one block of %d bytes", opts.Backend.Size(), opts.BlockSize)
+		return nil, fmt.Errorf("nbdbridge: export size %d is smaller than one block of %d bytes", opts.Backend.Size(), opts.BlockSize)
 	}
 	d := &Device{
 		opts:   opts,
@@ -239,7 +239,7 @@ func (d *Device) takeOver(size int64) (int, error) {
 		id, _ := DeviceBackend(idx)
 		if id != o.BackendID || o.BackendID == "" {
 			if o.Device >= 0 {
-				return -1, fmt.Errorf("%s is already in use by another backend (%q)", DevicePath(idx), id)
+				return -1, fmt.Errorf("nbdbridge: %s is already in use by another backend (%q)", DevicePath(idx), id)
 			}
 			continue
 		}
@@ -249,13 +249,13 @@ func (d *Device) takeOver(size int64) (int, error) {
 		}
 		if !free {
 			if o.Device >= 0 {
-				return -1, fmt.Errorf("%s is served by another running dnbd3-nbd", DevicePath(idx))
+				return -1, fmt.Errorf("nbdbridge: %s is served by another running dnbd3-nbd", DevicePath(idx))
 			}
 			continue
 		}
 		if got, _ := DeviceSize(idx); got != size {
 			lock.Unlock()
-			return -1, fmt.Errorf("%s was attached with %d bytes but the image now has %d; detach it first", DevicePath(idx), got, size)
+			return -1, fmt.Errorf("nbdbridge: %s was attached with %d bytes but the image now has %d; detach it first", DevicePath(idx), got, size)
 		}
 		n := o.Connections
 		if st, err := ReadState(idx); err == nil && st.Connections > 0 {
@@ -291,7 +291,7 @@ func (d *Device) connect(size int64) (int, error) {
 	if err != nil || !free {
 		Disconnect(idx)
 		if err == nil {
-			err = errors.New("held by another process")
+			err = errors.New("nbdbridge: held by another process")
 		}
 		return -1, fmt.Errorf("lock %s: %w", DevicePath(idx), err)
 	}
@@ -477,11 +477,11 @@ func isConnected(idx int) (bool, error) {
 func (d *Device) Resize(size int64) (int64, error) {
 	r, ok := d.opts.Backend.(Resizer)
 	if !ok {
-		return 0, errors.New("this device cannot be resized (only copy-on-write devices can)")
+		return 0, errors.New("nbdbridge: this device cannot be resized (only copy-on-write devices can)")
 	}
 	devSize := size - size%int64(d.opts.BlockSize)
 	if devSize <= 0 {
-		return 0, fmt.Errorf("size %d is smaller than one block (%d bytes)", size, d.opts.BlockSize)
+		return 0, fmt.Errorf("nbdbridge: size %d is smaller than one block (%d bytes)", size, d.opts.BlockSize)
 	}
 	if err := r.Resize(size); err != nil {
 		return 0, err

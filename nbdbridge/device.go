@@ -33,13 +33,13 @@ func ParseDevice(s string) (int, error) {
 	name := strings.TrimPrefix(s, "/dev/")
 	num, isNBD := strings.CutPrefix(name, "nbd")
 	if !isNBD && name != s {
-		return -1, fmt.Errorf("%q is not an NBD device: use /dev/nbdN, nbdN or N", s)
+		return -1, fmt.Errorf("nbdbridge: %q is not an NBD device: use /dev/nbdN, nbdN or N", s)
 	}
 	if base, _, ok := strings.Cut(num, "p"); ok && isNBD && isIndex(base) {
-		return -1, fmt.Errorf("%q is a partition: name the whole device, %s", s, DevicePath(atoi(base)))
+		return -1, fmt.Errorf("nbdbridge: %q is a partition: name the whole device, %s", s, DevicePath(atoi(base)))
 	}
 	if !isIndex(num) {
-		return -1, fmt.Errorf("%q is not an NBD device: use /dev/nbdN, nbdN or N", s)
+		return -1, fmt.Errorf("nbdbridge: %q is not an NBD device: use /dev/nbdN, nbdN or N", s)
 	}
 	return atoi(num), nil
 }
@@ -155,7 +155,7 @@ func (s Sysfs) Size(index int) (int64, error) {
 	}
 	n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
 	if err != nil || n < 0 {
-		return 0, fmt.Errorf("size of %s: bad sysfs value %q", DevicePath(index), v)
+		return 0, fmt.Errorf("nbdbridge: size of %s: bad sysfs value %q", DevicePath(index), v)
 	}
 	return n * sectorSize, nil
 }
@@ -170,7 +170,7 @@ func (s Sysfs) PID(index int) (int, error) {
 	}
 	n, err := strconv.Atoi(strings.TrimSpace(v))
 	if err != nil {
-		return 0, fmt.Errorf("pid of %s: bad sysfs value %q", DevicePath(index), v)
+		return 0, fmt.Errorf("nbdbridge: pid of %s: bad sysfs value %q", DevicePath(index), v)
 	}
 	return n, nil
 }
@@ -189,7 +189,7 @@ func (s Sysfs) BackendID(index int) (string, error) {
 // FindByBackend returns the devices whose backend identifier is id.
 func (s Sysfs) FindByBackend(id string) ([]int, error) {
 	if id == "" {
-		return nil, errors.New("find nbd device: empty backend identifier")
+		return nil, errors.New("nbdbridge: find nbd device: empty backend identifier")
 	}
 	devs, err := s.Devices()
 	if err != nil {
@@ -243,7 +243,7 @@ func (s Sysfs) NBDSMax() (int, error) {
 	}
 	n, err := strconv.Atoi(strings.TrimSpace(string(b)))
 	if err != nil {
-		return 0, fmt.Errorf("read nbds_max: bad value %q", b)
+		return 0, fmt.Errorf("nbdbridge: read nbds_max: bad value %q", b)
 	}
 	return n, nil
 }
@@ -429,7 +429,7 @@ func (s Sysfs) WaitReady(ctx context.Context, index int, wantSize int64) error {
 				break
 			}
 			if time.Now().After(deadline) {
-				return fmt.Errorf("partition %s of %s has no device node after %v (is devtmpfs mounted on /dev?)", p, dev, partitionWait)
+				return fmt.Errorf("nbdbridge: partition %s of %s has no device node after %v (is devtmpfs mounted on /dev?)", p, dev, partitionWait)
 			}
 			select {
 			case <-ctx.Done():

@@ -53,7 +53,7 @@ func kernelSocket(c net.Conn) (int, error) {
 	defer c.Close()
 	sc, ok := c.(syscall.Conn)
 	if !ok {
-		return -1, fmt.Errorf("kernel-direct: %T has no descriptor", c)
+		return -1, fmt.Errorf("nbdbridge: kernel-direct: %T has no descriptor", c)
 	}
 	raw, err := sc.SyscallConn()
 	if err != nil {
@@ -132,12 +132,12 @@ func (s Sysfs) readStat(index int) (reads, ms int64, err error) {
 	}
 	f := strings.Fields(v)
 	if len(f) < 4 {
-		return 0, 0, fmt.Errorf("stat of %s: %q", DevicePath(index), v)
+		return 0, 0, fmt.Errorf("nbdbridge: stat of %s: %q", DevicePath(index), v)
 	}
 	reads, err1 := strconv.ParseInt(f[0], 10, 64)
 	ms, err2 := strconv.ParseInt(f[3], 10, 64)
 	if err1 != nil || err2 != nil {
-		return 0, 0, fmt.Errorf("stat of %s: %q", DevicePath(index), v)
+		return 0, 0, fmt.Errorf("nbdbridge: stat of %s: %q", DevicePath(index), v)
 	}
 	return reads, ms, nil
 }

@@ -207,11 +207,11 @@ func (c *engineConn) readErr(ctx context.Context, err error, atBoundary bool) er
 	case ctx.Err() != nil:
 		return ctx.Err()
 	case atBoundary && errors.Is(err, io.EOF):
-		return fmt.Errorf("nbdbridge: connection closed without NBD_CMD_DISC: %w", io.EOF)
+		return fmt.Errorf("connection closed without NBD_CMD_DISC: %w", io.EOF)
 	case errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF):
-		return fmt.Errorf("nbdbridge: connection closed in the middle of a request: %w", io.ErrUnexpectedEOF)
+		return fmt.Errorf("connection closed in the middle of a request: %w", io.ErrUnexpectedEOF)
 	}
-	return fmt.Errorf("nbdbridge: reading request: %w", err)
+	return fmt.Errorf("reading request: %w", err)
 }
 
 // stopErr is returned when the limiter refuses because the connection is
@@ -293,9 +293,9 @@ func (c *engineConn) writeNow(j *job) {
 func (c *engineConn) fail(err error) {
 	c.failOnce.Do(func() {
 		if errors.Is(err, os.ErrDeadlineExceeded) {
-			err = fmt.Errorf("nbdbridge: replies not taken by the client within %v of shutdown: %w", c.e.grace, err)
+			err = fmt.Errorf("replies not taken by the client within %v of shutdown: %w", c.e.grace, err)
 		} else {
-			err = fmt.Errorf("nbdbridge: writing reply: %w", err)
+			err = fmt.Errorf("writing reply: %w", err)
 		}
 		c.writeErr = err
 		c.writeFailed.Store(true)

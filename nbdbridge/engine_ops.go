@@ -202,7 +202,7 @@ func (e *Engine) check(req protocol.TransmissionRequestHeader) (uint32, error) {
 	case wireCmdWrite:
 		switch {
 		case int64(req.Length) > 4*int64(e.maxRequest):
-			return 0, fmt.Errorf("WRITE of %d bytes exceeds the limit of %d by far", req.Length, e.maxRequest)
+			return 0, fmt.Errorf("nbdbridge: WRITE of %d bytes exceeds the limit of %d by far", req.Length, e.maxRequest)
 		case req.CommandFlags&^wireCmdFlagFUA != 0, int64(req.Length) > int64(e.maxRequest):
 			return wireEINVAL, nil
 		case e.readOnly:

@@ -25,7 +25,7 @@ const (
 )
 
 // errHandshakeAborted is returned by negotiate after NBD_OPT_ABORT.
-var errHandshakeAborted = errors.New("client aborted the NBD handshake")
+var errHandshakeAborted = errors.New("nbdbridge: client aborted the NBD handshake")
 
 // exportConfig is what the handshake announces about the export.
 type exportConfig struct {
@@ -65,13 +65,13 @@ func negotiate(br *bufio.Reader, w io.Writer, x *exportConfig) error {
 	}
 	clientFlags := binary.BigEndian.Uint32(b[:4])
 	if clientFlags&^(wireClientFlagFixedNewstyle|wireClientFlagNoZeroes) != 0 {
-		return fmt.Errorf("unknown NBD client flags %#x", clientFlags)
+		return fmt.Errorf("nbdbridge: unknown NBD client flags %#x", clientFlags)
 	}
 	noZeroes := clientFlags&wireClientFlagNoZeroes != 0
 
 	for i := 0; ; i++ {
 		if i == maxOptions {
-			return fmt.Errorf("more than %d NBD options", maxOptions)
+			return fmt.Errorf("nbdbridge: more than %d NBD options", maxOptions)
 		}
 		if _, err := io.ReadFull(br, b[:]); err != nil {
 			return fmt.Errorf("reading NBD option: %w", err)
@@ -82,11 +82,11 @@ func negotiate(br *bufio.Reader, w io.Writer, x *exportConfig) error {
 			Length:      binary.BigEndian.Uint32(b[12:]),
 		}
 		if h.OptionMagic != protocol.NEGOTIATION_MAGIC_OPTION {
-			return fmt.Errorf("bad NBD option magic %#x", h.OptionMagic)
+			return fmt.Errorf("nbdbridge: bad NBD option magic %#x", h.OptionMagic)
 		}
 		if h.Length > maxOptionData {
 			if h.ID == wireOptExportName || h.Length > maxOptionDrain {
-				return fmt.Errorf("NBD option %d with %d bytes of data", h.ID, h.Length)
+				return fmt.Errorf("nbdbridge: NBD option %d with %d bytes of data", h.ID, h.Length)
 			}
 			if _, err := io.CopyN(io.Discard, br, int64(h.Length)); err != nil {
 				return fmt.Errorf("reading NBD option data: %w", err)
@@ -112,7 +112,7 @@ func (x *exportConfig) option(w io.Writer, out []byte, opt uint32, data []byte, 
 	switch opt {
 	case wireOptExportName:
 		if !x.matches(string(data)) {
-			return false, fmt.Errorf("client asked for unknown export %q", data)
+			return false, fmt.Errorf("nbdbridge: client asked for unknown export %q", data)
 		}
 		out = binary.BigEndian.AppendUint64(out, uint64(max(x.size(), 0)))
 		out = binary.BigEndian.AppendUint16(out, x.flags)

@@ -76,16 +76,16 @@ const (
 
 var (
 	// ErrNoModule means the kernel has no nbd driver loaded.
-	ErrNoModule = errors.New("nbd kernel module not loaded: run `modprobe nbd`")
+	ErrNoModule = errors.New("nbdbridge: nbd kernel module not loaded: run `modprobe nbd`")
 	// ErrNotRoot means the caller lacks CAP_SYS_ADMIN, which the kernel
 	// requires for CONNECT, RECONFIGURE and DISCONNECT.
-	ErrNotRoot = errors.New("need root (CAP_SYS_ADMIN) to attach NBD devices")
+	ErrNotRoot = errors.New("nbdbridge: need root (CAP_SYS_ADMIN) to attach NBD devices")
 	// ErrDeviceBusy means the requested device is already connected.
-	ErrDeviceBusy = errors.New("nbd device is already in use")
+	ErrDeviceBusy = errors.New("nbdbridge: nbd device is already in use")
 	// ErrNoDevice means the requested device index does not exist.
-	ErrNoDevice = errors.New("no such nbd device")
+	ErrNoDevice = errors.New("nbdbridge: no such nbd device")
 	// ErrNotConnected means the device exists but nothing is connected to it.
-	ErrNotConnected = errors.New("nbd device is not connected")
+	ErrNotConnected = errors.New("nbdbridge: nbd device is not connected")
 )
 
 // ConnectOptions configure Connect (NBD_CMD_CONNECT).
@@ -225,14 +225,14 @@ func hasCapSysAdmin() (bool, error) {
 // seconds converts a timeout to the kernel's whole seconds, rounding up.
 func seconds(name string, d time.Duration) (uint64, error) {
 	if d < 0 {
-		return 0, fmt.Errorf("%s %v is negative", name, d)
+		return 0, fmt.Errorf("nbdbridge: %s %v is negative", name, d)
 	}
 	return uint64((d + time.Second - 1) / time.Second), nil
 }
 
 func validBlockSize(bs uint64) error {
 	if bs < minBlockSize || bs > maxBlockSize || bs&(bs-1) != 0 {
-		return fmt.Errorf("block size %d is invalid: use a power of two from %d to %d", bs, minBlockSize, maxBlockSize)
+		return fmt.Errorf("nbdbridge: block size %d is invalid: use a power of two from %d to %d", bs, minBlockSize, maxBlockSize)
 	}
 	return nil
 }
@@ -241,7 +241,7 @@ func socketsAttr(fds []int) (*nl.RtAttr, error) {
 	socks := nl.NewRtAttr(nlAttrSockets|unix.NLA_F_NESTED, nil)
 	for _, fd := range fds {
 		if fd < 0 {
-			return nil, fmt.Errorf("invalid socket fd %d", fd)
+			return nil, fmt.Errorf("nbdbridge: invalid socket fd %d", fd)
 		}
 		item := socks.AddRtAttr(nlSockItem|unix.NLA_F_NESTED, nil)
 		item.AddRtAttr(nlSockFD, nl.Uint32Attr(uint32(fd)))
@@ -251,7 +251,7 @@ func socketsAttr(fds []int) (*nl.RtAttr, error) {
 
 func backendAttr(id string) (*nl.RtAttr, error) {
 	if strings.IndexByte(id, 0) >= 0 {
-		return nil, fmt.Errorf("backend identifier %q contains a NUL byte", id)
+		return nil, fmt.Errorf("nbdbridge: backend identifier %q contains a NUL byte", id)
 	}
 	return nl.NewRtAttr(nlAttrBackendID, nl.ZeroTerminated(id)), nil
 }
@@ -259,7 +259,7 @@ func backendAttr(id string) (*nl.RtAttr, error) {
 // connectAttrs validates opts and builds the CONNECT attributes.
 func connectAttrs(opts ConnectOptions) ([]nl.NetlinkRequestData, error) {
 	if opts.Index < -1 {
-		return nil, fmt.Errorf("device index %d is invalid: use -1 to let the kernel pick one", opts.Index)
+		return nil, fmt.Errorf("nbdbridge: device index %d is invalid: use -1 to let the kernel pick one", opts.Index)
 	}
 	bs := opts.BlockSize
 	if bs == 0 {
@@ -269,13 +269,13 @@ func connectAttrs(opts ConnectOptions) ([]nl.NetlinkRequestData, error) {
 		return nil, err
 	}
 	if opts.SizeBytes == 0 || opts.SizeBytes%bs != 0 {
-		return nil, fmt.Errorf("device size %d is not a positive multiple of the block size %d", opts.SizeBytes, bs)
+		return nil, fmt.Errorf("nbdbridge: device size %d is not a positive multiple of the block size %d", opts.SizeBytes, bs)
 	}
 	if len(opts.SocketFDs) == 0 {
-		return nil, errors.New("connect needs at least one socket")
+		return nil, errors.New("nbdbridge: connect needs at least one socket")
 	}
 	if len(opts.SocketFDs) > 1 && opts.ServerFlags&nlServerFlagCanMultiConn == 0 {
-		return nil, fmt.Errorf("%d sockets need the CAN_MULTI_CONN server flag (the kernel refuses more than one otherwise)", len(opts.SocketFDs))
+		return nil, fmt.Errorf("nbdbridge: %d sockets need the CAN_MULTI_CONN server flag (the kernel refuses more than one otherwise)", len(opts.SocketFDs))
 	}
 	timeout, err := seconds("timeout", opts.Timeout)
 	if err != nil {
@@ -317,7 +317,7 @@ func connectAttrs(opts ConnectOptions) ([]nl.NetlinkRequestData, error) {
 // reconfigureAttrs validates opts and builds the RECONFIGURE attributes.
 func reconfigureAttrs(index int, opts ReconfigureOptions) ([]nl.NetlinkRequestData, error) {
 	if index < 0 {
-		return nil, fmt.Errorf("reconfigure needs a device index, got %d", index)
+		return nil, fmt.Errorf("nbdbridge: reconfigure needs a device index, got %d", index)
 	}
 	attrs := []nl.NetlinkRequestData{nl.NewRtAttr(nlAttrIndex, nl.Uint32Attr(uint32(index)))}
 	if opts.BackendID != "" {
@@ -335,7 +335,7 @@ func reconfigureAttrs(index int, opts ReconfigureOptions) ([]nl.NetlinkRequestDa
 	}
 	if opts.SizeBytes != 0 {
 		if opts.BlockSize != 0 && opts.SizeBytes%opts.BlockSize != 0 {
-			return nil, fmt.Errorf("device size %d is not a multiple of the block size %d", opts.SizeBytes, opts.BlockSize)
+			return nil, fmt.Errorf("nbdbridge: device size %d is not a multiple of the block size %d", opts.SizeBytes, opts.BlockSize)
 		}
 		attrs = append(attrs, nl.NewRtAttr(nlAttrSizeBytes, nl.Uint64Attr(opts.SizeBytes)))
 	}
@@ -378,7 +378,7 @@ func execute(fam nlFamily, cmd uint8, attrs []nl.NetlinkRequestData) ([][]byte, 
 // genlAttrs parses the attributes of a generic netlink payload.
 func genlAttrs(msg []byte) ([]syscall.NetlinkRouteAttr, error) {
 	if len(msg) < nl.SizeofGenlmsg {
-		return nil, fmt.Errorf("short generic netlink message (%d bytes)", len(msg))
+		return nil, fmt.Errorf("nbdbridge: short generic netlink message (%d bytes)", len(msg))
 	}
 	return nl.ParseRouteAttr(msg[nl.SizeofGenlmsg:])
 }
@@ -396,7 +396,7 @@ func parseIndex(msgs [][]byte) (int, error) {
 			}
 		}
 	}
-	return -1, errors.New("reply carries no device index")
+	return -1, errors.New("nbdbridge: reply carries no device index")
 }
 
 // parseStatus decodes NBD_ATTR_DEVICE_LIST from reply payloads.
@@ -581,7 +581,7 @@ func Reconfigure(index int, opts ReconfigureOptions) error {
 // not connected and ErrNoDevice if it does not exist.
 func Disconnect(index int) error {
 	if index < 0 {
-		return fmt.Errorf("nbd disconnect: invalid device index %d", index)
+		return fmt.Errorf("nbdbridge: nbd disconnect: invalid device index %d", index)
 	}
 	fam, err := lookupFamily()
 	if err != nil {
@@ -609,7 +609,7 @@ func Disconnect(index int) error {
 // an error wrapping ErrNoDevice.
 func Status(index int) ([]DeviceStatus, error) {
 	if index < -1 {
-		return nil, fmt.Errorf("nbd status: invalid device index %d", index)
+		return nil, fmt.Errorf("nbdbridge: nbd status: invalid device index %d", index)
 	}
 	fam, err := lookupFamily()
 	if err != nil {
@@ -654,7 +654,7 @@ func WatchLinkDead(ctx context.Context) (<-chan int, error) {
 		return nil, err
 	}
 	if fam.group == 0 {
-		return nil, fmt.Errorf("nbd watch: the kernel's nbd family has no %q multicast group", nlMcastGroup)
+		return nil, fmt.Errorf("nbdbridge: nbd watch: the kernel's nbd family has no %q multicast group", nlMcastGroup)
 	}
 	f, err := joinGroup(fam.group)
 	if err != nil {

@@ -263,7 +263,7 @@ func TestOpErrors(t *testing.T) {
 	if !errors.Is(err, ErrNoDevice) || !strings.Contains(err.Error(), "no such device /dev/nbd20") || !strings.Contains(err.Error(), "nbds_max") {
 		t.Fatalf("no device: %v", err)
 	}
-	if ErrNoModule.Error() != "nbd kernel module not loaded: run `modprobe nbd`" {
+	if ErrNoModule.Error() != "nbdbridge: nbd kernel module not loaded: run `modprobe nbd`" {
 		t.Fatalf("ErrNoModule text %q", ErrNoModule)
 	}
 }

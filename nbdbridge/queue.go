@@ -70,7 +70,7 @@ func (s Sysfs) queueInt(index int, attr string) (int, error) {
 	}
 	n, err := strconv.Atoi(strings.TrimSpace(string(b)))
 	if err != nil {
-		return 0, fmt.Errorf("%s of %s: bad sysfs value %q", attr, DevicePath(index), b)
+		return 0, fmt.Errorf("nbdbridge: %s of %s: bad sysfs value %q", attr, DevicePath(index), b)
 	}
 	return n, nil
 }

@@ -165,7 +165,7 @@ func ioFlusherMask() (uint64, error) {
 	if mask := on &^ off; mask != 0 {
 		return mask, nil
 	}
-	return 0, errors.New("PR_SET_IO_FLUSHER changes no flag that /proc shows; cannot check the threads")
+	return 0, errors.New("nbdbridge: PR_SET_IO_FLUSHER changes no flag that /proc shows; cannot check the threads")
 }
 
 // taskFlags returns the flags field (the 9th) of a /proc stat file.
@@ -178,11 +178,11 @@ func taskFlags(path string) (uint64, error) {
 	// The command name (field 2) is in parentheses and may hold anything.
 	i := strings.LastIndexByte(s, ')')
 	if i < 0 {
-		return 0, fmt.Errorf("%s: no command name", path)
+		return 0, fmt.Errorf("nbdbridge: %s: no command name", path)
 	}
 	fields := strings.Fields(s[i+1:])
 	if len(fields) < 7 {
-		return 0, fmt.Errorf("%s: too few fields", path)
+		return 0, fmt.Errorf("nbdbridge: %s: too few fields", path)
 	}
 	f, err := strconv.ParseUint(fields[6], 10, 64)
 	if err != nil {

@@ -157,7 +157,7 @@ func ServeControl(ctx context.Context, index int, handle ControlHandler) error {
 func ServeControlAt(ctx context.Context, path string, handle ControlHandler) error {
 	if fi, err := os.Lstat(path); err == nil {
 		if fi.Mode()&os.ModeSocket == 0 {
-			return fmt.Errorf("control socket: %s exists and is not a socket", path)
+			return fmt.Errorf("nbdbridge: control socket: %s exists and is not a socket", path)
 		}
 		os.Remove(path)
 	}
@@ -247,7 +247,7 @@ func Control(index int, req ControlRequest, v any, timeout time.Duration) error 
 }
 
 // errNoDaemon: nothing listens on the control socket.
-var errNoDaemon = errors.New("no control socket")
+var errNoDaemon = errors.New("nbdbridge: no control socket")
 
 // ControlAt is Control for the control socket at path.
 func ControlAt(path string, req ControlRequest, v any, timeout time.Duration) error {

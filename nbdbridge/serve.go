@@ -63,7 +63,7 @@ func (e *Engine) ServeListener(ctx context.Context, ln net.Listener, exportName,
 			}
 			cancel()
 			ln.Close()
-			return fmt.Errorf("nbdbridge: accepting NBD clients: %w", err)
+			return fmt.Errorf("accepting NBD clients: %w", err)
 		}
 		backoff = 5 * time.Millisecond
 		wg.Add(1)
@@ -115,7 +115,7 @@ func (e *Engine) ServeNBD(ctx context.Context, conn net.Conn, exportName, descri
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		return fmt.Errorf("nbdbridge: handshake: %w", err)
+		return fmt.Errorf("handshake: %w", err)
 	}
 	conn.SetDeadline(time.Time{})
 	return e.serveTransmission(ctx, conn, br)

@@ -51,7 +51,7 @@ func (lc *ListenConfig) Listen(spec string) (net.Listener, error) {
 		if strings.HasPrefix(addr, "@") {
 			ln, err := net.Listen("unix", addr)
 			if err != nil {
-				return nil, fmt.Errorf("nbdbridge: listen on abstract unix socket: %w", err)
+				return nil, fmt.Errorf("listen on abstract unix socket: %w", err)
 			}
 			return ln, nil
 		}
@@ -62,7 +62,7 @@ func (lc *ListenConfig) Listen(spec string) (net.Listener, error) {
 	case "tcp":
 		ln, err := net.Listen("tcp", addr)
 		if err != nil {
-			return nil, fmt.Errorf("nbdbridge: listen on TCP: %w", err)
+			return nil, fmt.Errorf("listen on TCP: %w", err)
 		}
 		return ln, nil
 	}
@@ -94,11 +94,11 @@ func listenUnixFile(path string, mode fs.FileMode) (net.Listener, error) {
 	}}
 	ln, err := lc.Listen(context.Background(), "unix", path)
 	if err != nil {
-		return nil, fmt.Errorf("nbdbridge: listen on unix socket: %w", err)
+		return nil, fmt.Errorf("listen on unix socket: %w", err)
 	}
 	if err := chmodSocket(path, mode); err != nil {
 		ln.Close()
-		return nil, fmt.Errorf("nbdbridge: setting the mode of socket %s: %w", path, err)
+		return nil, fmt.Errorf("setting the mode of socket %s: %w", path, err)
 	}
 	return ln, nil
 }
@@ -118,7 +118,7 @@ func chmodSocket(path string, mode fs.FileMode) error {
 		return err
 	}
 	if st.Mode&unix.S_IFMT != unix.S_IFSOCK {
-		return fmt.Errorf("%s is no longer a socket", path)
+		return fmt.Errorf("nbdbridge: %s is no longer a socket", path)
 	}
 	if fs.FileMode(st.Mode)&fs.ModePerm == mode {
 		return nil
@@ -134,7 +134,7 @@ func removeStaleSocket(path string) error {
 		return nil
 	}
 	if err != nil {
-		return fmt.Errorf("nbdbridge: checking socket path: %w", err)
+		return fmt.Errorf("checking socket path: %w", err)
 	}
 	if fi.Mode().Type() != fs.ModeSocket {
 		return fmt.Errorf("nbdbridge: %s exists and is not a socket; remove it or choose another path", path)
@@ -145,10 +145,10 @@ func removeStaleSocket(path string) error {
 		return fmt.Errorf("nbdbridge: %s: another process listens on this socket", path)
 	}
 	if !errors.Is(err, syscall.ECONNREFUSED) {
-		return fmt.Errorf("nbdbridge: checking whether %s is in use: %w", path, err)
+		return fmt.Errorf("checking whether %s is in use: %w", path, err)
 	}
 	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("nbdbridge: removing stale socket: %w", err)
+		return fmt.Errorf("removing stale socket: %w", err)
 	}
 	return nil
 }

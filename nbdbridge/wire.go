@@ -79,12 +79,12 @@ const (
 
 // errBadRequestMagic is returned (wrapped) when a request does not start
 // with NBD_REQUEST_MAGIC; the stream cannot be resynchronised.
-var errBadRequestMagic = errors.New("bad NBD request magic")
+var errBadRequestMagic = errors.New("nbdbridge: bad NBD request magic")
 
 // parseRequest decodes a 28-byte transmission request header.
 func parseRequest(b []byte) (protocol.TransmissionRequestHeader, error) {
 	if len(b) < wireRequestSize {
-		return protocol.TransmissionRequestHeader{}, fmt.Errorf("short NBD request header (%d bytes)", len(b))
+		return protocol.TransmissionRequestHeader{}, fmt.Errorf("nbdbridge: short NBD request header (%d bytes)", len(b))
 	}
 	h := protocol.TransmissionRequestHeader{
 		RequestMagic: binary.BigEndian.Uint32(b[0:]),
@@ -121,7 +121,7 @@ func putReply(b []byte, errno uint32, cookie uint64) {
 // parseReply decodes a simple reply header (for clients and tests).
 func parseReply(b []byte) (protocol.TransmissionReplyHeader, error) {
 	if len(b) < wireReplySize {
-		return protocol.TransmissionReplyHeader{}, fmt.Errorf("short NBD reply header (%d bytes)", len(b))
+		return protocol.TransmissionReplyHeader{}, fmt.Errorf("nbdbridge: short NBD reply header (%d bytes)", len(b))
 	}
 	h := protocol.TransmissionReplyHeader{
 		ReplyMagic: binary.BigEndian.Uint32(b[0:]),
@@ -129,7 +129,7 @@ func parseReply(b []byte) (protocol.TransmissionReplyHeader, error) {
 		Handle:     binary.BigEndian.Uint64(b[8:]),
 	}
 	if h.ReplyMagic != protocol.TRANSMISSION_MAGIC_REPLY {
-		return h, fmt.Errorf("bad NBD reply magic %#08x", h.ReplyMagic)
+		return h, fmt.Errorf("nbdbridge: bad NBD reply magic %#08x", h.ReplyMagic)
 	}
 	return h, nil
 }

@@ -42,8 +42,8 @@ func MarshalCRCList(list []uint32) []byte {
 
 // Errors of ParseCRCList.
 var (
-	ErrCRCLength = errors.New("dnbd3: CRC list length is not 4*(n+1) with n >= 1")
-	ErrCRCMaster = errors.New("dnbd3: CRC list master CRC mismatch")
+	ErrCRCLength = errors.New("protocol: CRC list length is not 4*(n+1) with n >= 1")
+	ErrCRCMaster = errors.New("protocol: CRC list master CRC mismatch")
 )
 
 // ParseCRCList decodes a `.crc` file or GET_CRC32 payload and verifies its
@@ -75,7 +75,7 @@ func BlockCRC(r io.ReaderAt, fileSize int64, i int, buf []byte) (uint32, error) 
 	start := int64(i) * HashBlockSize
 	end := min(start+HashBlockSize, vsize)
 	if start < 0 || start >= vsize {
-		return 0, fmt.Errorf("dnbd3: hash block %d out of range", i)
+		return 0, fmt.Errorf("protocol: hash block %d out of range", i)
 	}
 	h := crc32.NewIEEE()
 	for off := start; off < end; {

@@ -9,9 +9,9 @@ import (
 // Errors returned by the header decoders.
 var (
 	// ErrBadMagic means the first two bytes are not 0x73 0x72.
-	ErrBadMagic = errors.New("dnbd3: bad magic")
+	ErrBadMagic = errors.New("protocol: bad magic")
 	// ErrShort means fewer bytes than a whole header were given.
-	ErrShort = errors.New("dnbd3: short header")
+	ErrShort = errors.New("protocol: short header")
 )
 
 var le = binary.LittleEndian

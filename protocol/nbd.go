@@ -46,7 +46,7 @@ const (
 
 // ErrNBDMagic means a request did not start with NBDRequestMagic; the
 // stream cannot be resynchronised.
-var ErrNBDMagic = errors.New("nbd: bad request magic")
+var ErrNBDMagic = errors.New("protocol: bad NBD request magic")
 
 // NBDRequest is a transmission request header.
 type NBDRequest struct {
@@ -104,7 +104,7 @@ func ParseNBDReply(b []byte) (errno uint32, cookie uint64, err error) {
 		return 0, 0, ErrShort
 	}
 	if be.Uint32(b) != NBDReplyMagic {
-		return 0, 0, errors.New("nbd: bad reply magic")
+		return 0, 0, errors.New("protocol: bad NBD reply magic")
 	}
 	return be.Uint32(b[4:]), be.Uint64(b[8:]), nil
 }

@@ -27,9 +27,9 @@ func (s SelectImage) Marshal() []byte {
 
 // Errors of the SELECT_IMAGE decoders.
 var (
-	ErrSelectTooShort = errors.New("dnbd3: select image payload shorter than 3 bytes")
-	ErrSelectNoName   = errors.New("dnbd3: select image payload has no NUL-terminated name")
-	ErrPayloadTooLong = errors.New("dnbd3: payload longer than 1000 bytes")
+	ErrSelectTooShort = errors.New("protocol: select image payload shorter than 3 bytes")
+	ErrSelectNoName   = errors.New("protocol: select image payload has no NUL-terminated name")
+	ErrPayloadTooLong = errors.New("protocol: payload longer than 1000 bytes")
 )
 
 // ParseSelectImage decodes a SELECT_IMAGE request payload with the
@@ -136,7 +136,7 @@ func ValidImageName(name string) bool {
 func MarshalLatestRID(rid uint16) []byte { return le.AppendUint16(nil, rid) }
 
 // ErrLatestRIDLength is returned for a LATEST_RID payload that is not 2 bytes.
-var ErrLatestRIDLength = errors.New("dnbd3: latest rid payload is not 2 bytes")
+var ErrLatestRIDLength = errors.New("protocol: latest rid payload is not 2 bytes")
 
 // ParseLatestRID decodes a CMD_LATEST_RID reply payload.
 func ParseLatestRID(p []byte) (uint16, error) {

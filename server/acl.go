@@ -227,14 +227,14 @@ func parseACLPrefix(s string) (netip.Prefix, error) {
 	addrStr, bitsStr, hasBits := strings.Cut(s, "/")
 	addr, err := netip.ParseAddr(addrStr)
 	if err != nil {
-		return netip.Prefix{}, fmt.Errorf("invalid address %q", addrStr)
+		return netip.Prefix{}, badValuef("invalid address %q", addrStr)
 	}
 	addr = addr.WithZone("")
 	bits := addr.BitLen()
 	if hasBits {
 		n, err := strconv.Atoi(bitsStr)
 		if err != nil || n < 0 || n > addr.BitLen() {
-			return netip.Prefix{}, fmt.Errorf("invalid prefix length %q for %s (use 0…%d)", bitsStr, addrStr, addr.BitLen())
+			return netip.Prefix{}, badValuef("invalid prefix length %q for %s (use 0…%d)", bitsStr, addrStr, addr.BitLen())
 		}
 		bits = n
 	}

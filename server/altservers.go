@@ -163,7 +163,7 @@ func resolveHost(ctx context.Context, host string) (netip.Addr, error) {
 		return netip.Addr{}, err
 	}
 	if len(addrs) == 0 {
-		return netip.Addr{}, fmt.Errorf("no address for %s", host)
+		return netip.Addr{}, fmt.Errorf("server: no address for %s", host)
 	}
 	return addrs[0].Unmap(), nil
 }
@@ -364,17 +364,17 @@ func (p *altParser) parseHost(s string) (netip.AddrPort, error) {
 	host, portStr := s, ""
 	switch {
 	case s == "":
-		return netip.AddrPort{}, errors.New("empty address")
+		return netip.AddrPort{}, badValue("empty address")
 	case s[0] == '[':
 		end := strings.IndexByte(s, ']')
 		if end < 0 {
-			return netip.AddrPort{}, errors.New("missing ']'")
+			return netip.AddrPort{}, badValue("missing ']'")
 		}
 		host = s[1:end]
 		rest := s[end+1:]
 		if rest != "" {
 			if rest[0] != ':' {
-				return netip.AddrPort{}, fmt.Errorf("unexpected %q after ']'", rest)
+				return netip.AddrPort{}, badValuef("unexpected %q after ']'", rest)
 			}
 			portStr = rest[1:]
 		}
@@ -385,18 +385,18 @@ func (p *altParser) parseHost(s string) (netip.AddrPort, error) {
 	if portStr != "" {
 		n, err := strconv.ParseUint(portStr, 10, 16)
 		if err != nil || n == 0 {
-			return netip.AddrPort{}, fmt.Errorf("invalid port %q", portStr)
+			return netip.AddrPort{}, badValuef("invalid port %q", portStr)
 		}
 		port = uint16(n)
 	}
 	if host == "" {
-		return netip.AddrPort{}, errors.New("empty address")
+		return netip.AddrPort{}, badValue("empty address")
 	}
 	if ip, err := netip.ParseAddr(host); err == nil {
 		return netip.AddrPortFrom(ip.Unmap(), port), nil
 	}
 	if !validHostname(host) {
-		return netip.AddrPort{}, fmt.Errorf("%q is neither an IP address nor a host name", host)
+		return netip.AddrPort{}, badValuef("%q is neither an IP address nor a host name", host)
 	}
 	ip, err := p.resolve(context.Background(), host)
 	if err != nil {

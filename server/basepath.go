@@ -21,7 +21,7 @@ import (
 )
 
 // errOutsideBase is returned for paths that leave the base path.
-var errOutsideBase = errors.New("leads outside basePath")
+var errOutsideBase = errors.New("server: leads outside basePath")
 
 // resolvesInside checks that path, with every symlink resolved, lies
 // inside base (also resolved).
@@ -60,7 +60,7 @@ func checkDirs(base, rel string) error {
 			return fmt.Errorf("%s is a symlinked directory, which is not followed: %w", dir, errOutsideBase)
 		}
 		if !st.IsDir() {
-			return fmt.Errorf("%s is not a directory", dir)
+			return fmt.Errorf("server: %s is not a directory", dir)
 		}
 	}
 	return nil
@@ -83,7 +83,7 @@ func servableFile(base, path string) (fs.FileInfo, error) {
 		}
 	}
 	if !st.Mode().IsRegular() || st.Size() == 0 {
-		return nil, fmt.Errorf("%s is not a non-empty regular file", path)
+		return nil, fmt.Errorf("server: %s is not a non-empty regular file", path)
 	}
 	return st, nil
 }

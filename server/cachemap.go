@@ -205,7 +205,7 @@ func readMetaFile(imagePath string) (time.Time, error) {
 		}
 	})
 	if !found {
-		return atime, fmt.Errorf("%s.meta: no atime", imagePath)
+		return atime, fmt.Errorf("server: %s.meta: no atime", imagePath)
 	}
 	return atime, nil
 }

@@ -22,14 +22,14 @@ import (
 // Errors of upstream lookups.
 var (
 	// ErrNoUplink means no alt-server may be used as uplink for the image.
-	errNoUplink = errors.New("no uplink server configured for this image")
+	errNoUplink = errors.New("server: no uplink server configured for this image")
 	// errLookupBusy refuses a server peer asking for an image whose
 	// lookup is already running here: in a cycle of proxies the request
 	// came back to us.
-	errLookupBusy = errors.New("lookup of this image already running (proxy cycle?)")
+	errLookupBusy = errors.New("server: lookup of this image already running (proxy cycle?)")
 	// errNoLocalCopy wraps local failures to create the copy of an image
 	// found upstream (file system, disk space): the proxy's own problem.
-	errNoLocalCopy = errors.New("cannot create the local copy")
+	errNoLocalCopy = errors.New("server: cannot create the local copy")
 )
 
 // lookupEntry is a cached lookup result.
@@ -212,10 +212,10 @@ func (p *proxy) openUpstream(name string, rid uint16) (*client.Image, error) {
 			continue
 		case ci.Size() < protocol.BlockSize:
 			ci.Close()
-			return nil, fmt.Errorf("%s rid %d upstream is smaller than 4 KiB", name, ci.RID())
+			return nil, fmt.Errorf("server: %s rid %d upstream is smaller than 4 KiB", name, ci.RID())
 		case ci.Size() > cfg.MaxReplicationSize:
 			ci.Close()
-			return nil, fmt.Errorf("%s rid %d upstream has %d bytes, more than maxReplicationSize=%d", name, ci.RID(), ci.Size(), cfg.MaxReplicationSize)
+			return nil, fmt.Errorf("server: %s rid %d upstream has %d bytes, more than maxReplicationSize=%d", name, ci.RID(), ci.Size(), cfg.MaxReplicationSize)
 		}
 		return ci, nil
 	}

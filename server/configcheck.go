@@ -276,7 +276,7 @@ func holdsImage(base string, legacy bool) bool {
 	if r, err := filepath.EvalSymlinks(base); err == nil {
 		root = r
 	}
-	errFound := errors.New("found")
+	errFound := errors.New("server: found")
 	err := filepath.WalkDir(root, func(path string, e fs.DirEntry, err error) error {
 		if err != nil || path == root || e.IsDir() {
 			return nil
@@ -304,7 +304,7 @@ func checkLogFile(path string) error {
 	case err != nil:
 		return err
 	case st.IsDir():
-		return fmt.Errorf("%s is a directory", path)
+		return badValuef("%s is a directory", path)
 	}
 	return unix.Access(path, unix.W_OK)
 }

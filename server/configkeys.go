@@ -6,7 +6,6 @@ package server
 // new key is one line here plus its Config field.
 
 import (
-	"errors"
 	"fmt"
 	"math"
 	"path/filepath"
@@ -144,9 +143,9 @@ var (
 		parse: func(s string) (string, string, error) {
 			switch {
 			case s == "":
-				return "", "", errors.New("empty: set it to the absolute path of the image directory")
+				return "", "", badValue("empty: set it to the absolute path of the image directory")
 			case !filepath.IsAbs(s):
-				return "", "", errors.New("not absolute: use a path starting with /")
+				return "", "", badValue("not absolute: use a path starting with /")
 			}
 			if p := strings.TrimRight(s, "/"); p != "" {
 				return p, "", nil
@@ -179,7 +178,7 @@ var (
 			case n < 0:
 				return -time.Second, "", nil
 			case n > math.MaxInt64/int64(time.Second):
-				return 0, "", errors.New("too large")
+				return 0, "", badValue("too large")
 			}
 			return time.Duration(n) * time.Second, "", nil
 		},
@@ -206,7 +205,7 @@ func (r intRange) check(n int64) (int64, string, error) {
 		c := min(max(n, r.lo), r.hi)
 		return c, fmt.Sprintf("outside %d…%d; using %d", r.lo, r.hi, c), nil
 	case n < r.lo || n > r.hi:
-		return 0, "", fmt.Errorf("out of range %d…%d", r.lo, r.hi)
+		return 0, "", badValuef("out of range %d…%d", r.lo, r.hi)
 	}
 	return n, "", nil
 }

@@ -67,7 +67,7 @@ func WriteCRCFile(path string) ([]uint32, error) {
 		return nil, err
 	}
 	if !st.Mode().IsRegular() || st.Size() == 0 {
-		return nil, fmt.Errorf("%s: not a non-empty regular file", path)
+		return nil, fmt.Errorf("server: %s: not a non-empty regular file", path)
 	}
 	list, err := protocol.ComputeCRCList(f, st.Size())
 	if err != nil {
@@ -81,7 +81,7 @@ func WriteCRCFile(path string) ([]uint32, error) {
 func writeFileExclusive(path string, data []byte) error {
 	err := fsutil.WriteFileSync(path, data, os.O_EXCL, 0o644)
 	if errors.Is(err, os.ErrExist) {
-		return fmt.Errorf("%s already exists; remove it first if you want to recreate it", path)
+		return fmt.Errorf("server: %s already exists; remove it first if you want to recreate it", path)
 	}
 	return err
 }

@@ -16,23 +16,23 @@ import (
 // preallocation fails and ignoreAllocErrors is set, the file stays sparse.
 func CreateImage(basePath, name string, rid uint16, size int64, sparse, ignoreAllocErrors bool) (string, error) {
 	if !protocol.ValidImageName(name) {
-		return "", fmt.Errorf("invalid image name %q: it must not be empty, start with '/' or '.', end with '/' or contain \"/.\" or \"//\"", name)
+		return "", fmt.Errorf("server: invalid image name %q: it must not be empty, start with '/' or '.', end with '/' or contain \"/.\" or \"//\"", name)
 	}
 	if err := checkDirs(basePath, name); err != nil {
 		return "", fmt.Errorf("%w: the server would not serve the image there", err)
 	}
 	if rid == 0 {
-		return "", errors.New("revision must be between 1 and 65535")
+		return "", errors.New("server: revision must be between 1 and 65535")
 	}
 	if size <= 0 {
-		return "", errors.New("size must be positive")
+		return "", errors.New("server: size must be positive")
 	}
 	size = protocol.VirtualSize(size)
 	path := imageFilePath(basePath, name, rid)
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return "", err
 	}
-	exists := fmt.Errorf("%s already exists", path)
+	exists := fmt.Errorf("server: %s already exists", path)
 	if _, err := os.Lstat(path); err == nil {
 		return "", exists
 	}

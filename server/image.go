@@ -87,11 +87,11 @@ func openImage(path, name string, rid uint16) (*image, error) {
 	}
 	if !st.Mode().IsRegular() {
 		f.Close()
-		return nil, fmt.Errorf("%s is not a regular file", path)
+		return nil, fmt.Errorf("server: %s is not a regular file", path)
 	}
 	if st.Size() == 0 {
 		f.Close()
-		return nil, fmt.Errorf("%s is empty", path)
+		return nil, fmt.Errorf("server: %s is empty", path)
 	}
 	img := &image{
 		Name:        name,
@@ -233,7 +233,7 @@ func (img *image) evictable() bool {
 }
 
 // errImageClosed is returned for images whose file was closed.
-var errImageClosed = errors.New("image closed")
+var errImageClosed = errors.New("server: image closed")
 
 // SyncFailed returns the error of a failed sync of the local copy or its
 // cache map, or nil. Such a failure is permanent until the image is loaded
@@ -247,7 +247,7 @@ func (img *image) syncFailed() error {
 }
 
 // errSyncFailed wraps SyncFailed's error for writes that are refused.
-var errSyncFailed = errors.New("local copy not written since a sync failed (restart the server once the disk is fixed)")
+var errSyncFailed = errors.New("server: local copy not written since a sync failed (restart the server once the disk is fixed)")
 
 // writer returns the write handle of the local copy, opening it on first
 // use. A failure sets ProblemWrite. After a failed sync it always fails.

@@ -25,6 +25,17 @@ func (e *iniSyntaxError) Error() string {
 	return fmt.Sprintf("line %d: %s", e.Line, e.Msg)
 }
 
+// badValue says what is wrong with a value in a configuration file
+// (server.conf, alt-servers, rpc.acl). A report prints it after the file,
+// line and key it belongs to, so unlike the package's errors it does not
+// start with "server:" (see internal/errprefix).
+type badValue string
+
+func (e badValue) Error() string { return string(e) }
+
+// badValuef formats a badValue.
+func badValuef(format string, a ...any) error { return badValue(fmt.Sprintf(format, a...)) }
+
 // utf8BOM is skipped at the very start of an INI file.
 var utf8BOM = []byte{0xEF, 0xBB, 0xBF}
 
@@ -169,22 +180,22 @@ func parseNumber(s string) (int64, error) {
 		i++
 	}
 	if i == digits {
-		return 0, fmt.Errorf("%q is not a number: write digits with an optional suffix K, M, G, T, P, E (×1024), KB, MB, … (×1000), m, h or d (minutes, hours, days)", s)
+		return 0, badValuef("%q is not a number: write digits with an optional suffix K, M, G, T, P, E (×1024), KB, MB, … (×1000), m, h or d (minutes, hours, days)", s)
 	}
 	n, err := strconv.ParseInt(s[:i], 10, 64)
 	if err != nil {
-		return 0, fmt.Errorf("%q is out of range (largest is %d)", s, int64(math.MaxInt64))
+		return 0, badValuef("%q is out of range (largest is %d)", s, int64(math.MaxInt64))
 	}
 	suffix := strings.TrimLeft(s[i:], " \t")
 	mul, ok := numberSuffix(suffix)
 	if !ok {
-		return 0, fmt.Errorf("%q has an unknown suffix %q: use K, M, G, T, P, E (×1024), KB, MB, … (×1000), m, h or d (minutes, hours, days)", s, suffix)
+		return 0, fmt.Errorf("server: %q has an unknown suffix %q: use K, M, G, T, P, E (×1024), KB, MB, … (×1000), m, h or d (minutes, hours, days)", s, suffix)
 	}
 	if mul == 0 && n != 0 {
-		return 0, fmt.Errorf("%q is out of range (largest is %d)", s, int64(math.MaxInt64))
+		return 0, badValuef("%q is out of range (largest is %d)", s, int64(math.MaxInt64))
 	}
 	if n > 0 && n > math.MaxInt64/mul || n < 0 && n < math.MinInt64/mul {
-		return 0, fmt.Errorf("%q is out of range (largest is %d)", s, int64(math.MaxInt64))
+		return 0, badValuef("%q is out of range (largest is %d)", s, int64(math.MaxInt64))
 	}
 	return n * mul, nil
 }

@@ -61,7 +61,7 @@ func (b iscsiBackend) Open(ctx context.Context, target string) (iscsi.Disk, erro
 		}
 	}
 	if firstErr == nil {
-		firstErr = errors.New("no image name in it")
+		firstErr = errors.New("server: no image name in it")
 	}
 	return nil, fmt.Errorf("%w: %s: %w", iscsi.ErrTargetNotFound, target, firstErr)
 }

@@ -29,7 +29,7 @@ const (
 )
 
 // errNoSpace means there is not enough disk space for a new local copy.
-var errNoSpace = errors.New("not enough disk space")
+var errNoSpace = errors.New("server: not enough disk space")
 
 // freeSpace returns the bytes available to the server below basePath.
 func (p *proxy) freeSpace() (int64, error) {

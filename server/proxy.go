@@ -481,7 +481,7 @@ func (s *Server) selectImage(sel protocol.SelectImage) (*image, error) {
 	}
 	if needComplete && img.incomplete() {
 		s.store.Release(img)
-		return nil, fmt.Errorf("peer does background replication but %s is incomplete here and this proxy does not replicate fully", img)
+		return nil, fmt.Errorf("server: peer does background replication but %s is incomplete here and this proxy does not replicate fully", img)
 	}
 	return img, nil
 }
@@ -526,7 +526,7 @@ func (p *proxy) makeRoom() bool {
 }
 
 // errPenaltyReject is returned by proxyPenalty for a rejected connection.
-var errPenaltyReject = errors.New("incomplete image with a congested uplink or an unwritable cache: rejecting 3 of 4 connections")
+var errPenaltyReject = errors.New("server: incomplete image with a congested uplink or an unwritable cache: rejecting 3 of 4 connections")
 
 // proxyPenalty applies the handshake penalties of an incomplete image on
 // a proxy (spec §5.2), which steer the RTT probes of clients to better

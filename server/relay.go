@@ -34,7 +34,7 @@ import (
 )
 
 // errQueueFull is returned when the uplink has too many fetches in flight.
-var errQueueFull = errors.New("uplink queue full")
+var errQueueFull = errors.New("server: uplink queue full")
 
 // fetchKind says why a fetch was started.
 type fetchKind uint8

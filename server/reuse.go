@@ -158,7 +158,7 @@ func (up *uplink) startReuse() {
 
 // errReuseSource means the previous revision's hash block changed or
 // vanished while it was copied.
-var errReuseSource = errors.New("the previous revision no longer holds this hash block")
+var errReuseSource = errors.New("server: the previous revision no longer holds this hash block")
 
 // reuseWalk copies the planned hash blocks from src, then keeps src
 // pinned until the uplink closes (the replication of the new revision
@@ -275,7 +275,7 @@ func (up *uplink) reuseBlock(f *fetch, src *image, hb int, buf []byte) (int64, e
 		return 0, err
 	}
 	if want := img.crcList()[hb]; got != want {
-		return 0, fmt.Errorf("CRC %#08x after the copy, the new revision's list says %#08x", got, want)
+		return 0, fmt.Errorf("server: CRC %#08x after the copy, the new revision's list says %#08x", got, want)
 	}
 	for _, r := range runs {
 		if completed, _ := cm.setRange(r[0], r[1]); completed {

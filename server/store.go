@@ -22,11 +22,11 @@ import (
 const maxComponentLength = 150
 
 // ErrImageNotFound is returned when no file serves a requested name/rid.
-var errImageNotFound = errors.New("image not found")
+var errImageNotFound = errors.New("server: image not found")
 
 // ErrTooManyImages is returned when maxImages images are loaded and none
 // of them may be unloaded to make room.
-var errTooManyImages = errors.New("too many images loaded")
+var errTooManyImages = errors.New("server: too many images loaded")
 
 // StoreOptions configures a Store.
 type storeOptions struct {
@@ -377,7 +377,7 @@ func (s *store) get(name string, rid uint16) (*image, error) {
 func (s *store) onDemandPath(name string, rid uint16) (string, error) {
 	rel := name + ".r" + strconv.Itoa(int(rid))
 	if n, r, ok, why := parseImageFileName(rel, false); !ok || n != name || r != rid {
-		return "", fmt.Errorf("file %s would not be loaded by the scan (%s)", rel, why)
+		return "", fmt.Errorf("server: file %s would not be loaded by the scan (%s)", rel, why)
 	}
 	if err := checkDirs(s.opts.BasePath, rel); err != nil {
 		return "", err

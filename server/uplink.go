@@ -32,7 +32,7 @@ const (
 )
 
 // errUplinkGone is the error of fetches whose uplink was closed.
-var errUplinkGone = errors.New("uplink closed")
+var errUplinkGone = errors.New("server: uplink closed")
 
 // uplink fetches blocks of one incomplete image.
 type uplink struct {
@@ -170,7 +170,7 @@ func (up *uplink) connect(servers []string) {
 	img := up.img
 	ci, err := client.Open(up.ctx, up.p.clientConfig(img.Name, img.RID, servers))
 	if err == nil && (ci.Name() != img.Name || ci.RID() != img.RID || ci.Size() != img.VirtualSize) {
-		err = fmt.Errorf("uplink %s serves %s rid %d with %d bytes, the local copy has %d",
+		err = fmt.Errorf("server: uplink %s serves %s rid %d with %d bytes, the local copy has %d",
 			ci.Stats().Current, ci.Name(), ci.RID(), ci.Size(), img.VirtualSize)
 		ci.Close()
 	}

@@ -146,7 +146,7 @@ func (u *Uploader) finalFlush(ctx context.Context) (Result, error) {
 		why = errors.Join(ctx.Err(), lastErr)
 	}
 	if why == nil {
-		why = errors.New("no upload succeeded")
+		why = errors.New("upload: no upload succeeded")
 	}
 	return res, fmt.Errorf("%d cluster(s) could not be uploaded to the merger after %d round(s), no merge requested; they stay marked dirty in the COW session, load it again with -L to upload them: %w", res.Dirty, res.Rounds, why)
 }

@@ -73,7 +73,7 @@ func NewMergerClient(target string, cfg MergerConfig) (*MergerClient, error) {
 		return nil, err
 	}
 	if strings.ContainsAny(cfg.Token, "\r\n") || strings.TrimSpace(cfg.Token) != cfg.Token {
-		return nil, errors.New("merger token contains whitespace or line breaks: give exactly one token")
+		return nil, errors.New("upload: merger token contains whitespace or line breaks: give exactly one token")
 	}
 	m := &MergerClient{
 		base:      base,
@@ -95,7 +95,7 @@ func NewMergerClient(target string, cfg MergerConfig) (*MergerClient, error) {
 	}
 	if m.client != nil {
 		if cfg.TLSConfig != nil || cfg.CAFile != "" {
-			return nil, errors.New("merger client: set either Client or TLSConfig/CAFile, not both")
+			return nil, errors.New("upload: merger client: set either Client or TLSConfig/CAFile, not both")
 		}
 		return m, nil
 	}
@@ -117,7 +117,7 @@ func NewMergerClient(target string, cfg MergerConfig) (*MergerClient, error) {
 func parseMergerURL(target string) (string, error) {
 	t := strings.TrimSpace(target)
 	if t == "" {
-		return "", errors.New("merger address is empty: give host:port or an http(s):// URL")
+		return "", errors.New("upload: merger address is empty: give host:port or an http(s):// URL")
 	}
 	if !strings.Contains(t, "://") {
 		t = "http://" + t
@@ -128,13 +128,13 @@ func parseMergerURL(target string) (string, error) {
 	}
 	switch {
 	case u.Scheme != "http" && u.Scheme != "https":
-		return "", fmt.Errorf("merger address %q: scheme %q is not supported: use http:// or https://", target, u.Scheme)
+		return "", fmt.Errorf("upload: merger address %q: scheme %q is not supported: use http:// or https://", target, u.Scheme)
 	case u.Host == "" || u.Hostname() == "":
-		return "", fmt.Errorf("merger address %q has no host: give host:port or an http(s):// URL", target)
+		return "", fmt.Errorf("upload: merger address %q has no host: give host:port or an http(s):// URL", target)
 	case u.User != nil:
-		return "", fmt.Errorf("merger address %q contains credentials: use a token file instead", target)
+		return "", fmt.Errorf("upload: merger address %q contains credentials: use a token file instead", target)
 	case u.RawQuery != "" || u.Fragment != "" || u.ForceQuery:
-		return "", fmt.Errorf("merger address %q must not have a query or fragment", target)
+		return "", fmt.Errorf("upload: merger address %q must not have a query or fragment", target)
 	}
 	u.Path = strings.TrimRight(u.Path, "/")
 	u.RawPath = ""
@@ -158,7 +158,7 @@ func mergerTLS(base *tls.Config, caFile string) (*tls.Config, error) {
 	}
 	pool := x509.NewCertPool()
 	if !pool.AppendCertsFromPEM(pem) {
-		return nil, fmt.Errorf("merger CA file %s holds no PEM certificate", caFile)
+		return nil, fmt.Errorf("upload: merger CA file %s holds no PEM certificate", caFile)
 	}
 	c.RootCAs = pool
 	return c, nil
@@ -174,13 +174,13 @@ func ReadTokenFile(path string) (string, error) {
 	tok := strings.TrimSpace(string(b))
 	switch {
 	case tok == "":
-		return "", fmt.Errorf("merger token file %s is empty", path)
+		return "", fmt.Errorf("upload: merger token file %s is empty", path)
 	case strings.ContainsAny(tok, "\r\n"):
-		return "", fmt.Errorf("merger token file %s has more than one line: put only the token in it", path)
+		return "", fmt.Errorf("upload: merger token file %s has more than one line: put only the token in it", path)
 	}
 	for _, r := range tok {
 		if r < 0x21 || r > 0x7e {
-			return "", fmt.Errorf("merger token file %s contains spaces or non-ASCII characters", path)
+			return "", fmt.Errorf("upload: merger token file %s contains spaces or non-ASCII characters", path)
 		}
 	}
 	return tok, nil
@@ -200,14 +200,14 @@ func (m *MergerClient) CloseIdleConnections() {
 // checkUUID validates a session id before it goes into a request.
 func checkUUID(uuid string) error {
 	if uuid == "" {
-		return errors.New("no merger session id: create a session first or pass --upload-uuid")
+		return errors.New("upload: no merger session id: create a session first or pass --upload-uuid")
 	}
 	if len(uuid) > MaxUUIDLength {
-		return fmt.Errorf("merger session id %q is longer than %d characters", uuid, MaxUUIDLength)
+		return fmt.Errorf("upload: merger session id %q is longer than %d characters", uuid, MaxUUIDLength)
 	}
 	for i := 0; i < len(uuid); i++ {
 		if c := uuid[i]; c <= 0x20 || c >= 0x7f {
-			return fmt.Errorf("merger session id %q contains spaces or control characters", uuid)
+			return fmt.Errorf("upload: merger session id %q contains spaces or control characters", uuid)
 		}
 	}
 	return nil

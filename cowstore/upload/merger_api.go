@@ -28,7 +28,7 @@ const formType = "application/x-www-form-urlencoded"
 // MaxUUIDLength characters; one trailing newline is tolerated).
 func (m *MergerClient) Create(ctx context.Context, imageName string, rid uint16) (string, error) {
 	if imageName == "" {
-		return "", fmt.Errorf("merger create: no image name")
+		return "", fmt.Errorf("upload: merger create: no image name")
 	}
 	body := encodeForm(
 		formField{"revision", strconv.Itoa(int(rid))},
@@ -47,10 +47,10 @@ func (m *MergerClient) Create(ctx context.Context, imageName string, rid uint16)
 	id = strings.TrimSuffix(id, "\n")
 	id = strings.TrimSuffix(id, "\r")
 	if id == "" {
-		return "", fmt.Errorf("merger create: HTTP %d with an empty reply, expected the session id", r.status)
+		return "", fmt.Errorf("upload: merger create: HTTP %d with an empty reply, expected the session id", r.status)
 	}
 	if len(id) > MaxUUIDLength {
-		return "", fmt.Errorf("merger create: reply %q is %d characters, expected a bare session id of at most %d (a GUID without quotes): is -C pointing at a v1 merger?", printable(r.body, 60), len(id), MaxUUIDLength)
+		return "", fmt.Errorf("upload: merger create: reply %q is %d characters, expected a bare session id of at most %d (a GUID without quotes): is -C pointing at a v1 merger?", printable(r.body, 60), len(id), MaxUUIDLength)
 	}
 	if err := checkUUID(id); err != nil {
 		return "", fmt.Errorf("merger create: unusable reply: %w", err)
@@ -81,14 +81,14 @@ func (m *MergerClient) Update(ctx context.Context, uuid string, cluster int, bit
 		return fmt.Errorf("merger update: %w", err)
 	}
 	if cluster < 0 || cluster > math.MaxInt32 {
-		return fmt.Errorf("merger update: cluster index %d out of range", cluster)
+		return fmt.Errorf("upload: merger update: cluster index %d out of range", cluster)
 	}
 	n := 0
 	for _, b := range bitfield {
 		n += bits.OnesCount8(b)
 	}
 	if len(blocks) != n*cowformat.BlockSize {
-		return fmt.Errorf("merger update: cluster %d: %d bytes of blocks for %d set bits, want %d (overlay bug)", cluster, len(blocks), n, n*cowformat.BlockSize)
+		return fmt.Errorf("upload: merger update: cluster %d: %d bytes of blocks for %d set bits, want %d (overlay bug)", cluster, len(blocks), n, n*cowformat.BlockSize)
 	}
 	endpoint := m.base + pathUpdate + "?uuid=" + escape(uuid) + "&clusterindex=" + strconv.Itoa(cluster)
 	r, err := m.do(ctx, "update", http.MethodPost, endpoint, "application/octet-stream", bitfield[:], blocks)
@@ -111,7 +111,7 @@ func (m *MergerClient) Merge(ctx context.Context, uuid string, originalFileSize,
 		return fmt.Errorf("merger merge: %w", err)
 	}
 	if originalFileSize < 0 || newFileSize < 0 {
-		return fmt.Errorf("merger merge: negative size (%d, %d)", originalFileSize, newFileSize)
+		return fmt.Errorf("upload: merger merge: negative size (%d, %d)", originalFileSize, newFileSize)
 	}
 	body := encodeForm(
 		formField{"originalFileSize", strconv.FormatInt(originalFileSize, 10)},

@@ -14,8 +14,8 @@ const maxReply = 64 << 10
 
 // errStalled and errTimeout are the causes a request is cancelled with.
 var (
-	errStalled = errors.New("no progress")
-	errTimeout = errors.New("request timeout")
+	errStalled = errors.New("upload: no progress")
+	errTimeout = errors.New("upload: request timeout")
 )
 
 // reply is a merger response with its body read.

@@ -133,7 +133,7 @@ func DiskSpace(path string) (free, total int64, err error) {
 }
 
 // ErrDestExists is returned by RenameNoReplace when newpath exists.
-var ErrDestExists = errors.New("destination exists")
+var ErrDestExists = errors.New("fsutil: destination exists")
 
 // RenameNoReplace renames oldpath to newpath atomically, failing with
 // ErrDestExists instead of replacing an existing newpath. It uses

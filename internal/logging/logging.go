@@ -146,7 +146,7 @@ func ParseLevel(s string) (slog.Level, error) {
 	case "debug2":
 		return LevelDebug2, nil
 	}
-	return 0, fmt.Errorf("unknown log level %q: use error, warning, minor, info, debug1 or debug2", s)
+	return 0, fmt.Errorf("logging: unknown log level %q: use error, warning, minor, info, debug1 or debug2", s)
 }
 
 // Options configure New.
@@ -346,7 +346,7 @@ func checkFormat(format string) (string, error) {
 	case "json":
 		return "json", nil
 	}
-	return "", fmt.Errorf("unknown log format %q: use \"text\" or \"json\"", format)
+	return "", fmt.Errorf("logging: unknown log format %q: use \"text\" or \"json\"", format)
 }
 
 // newHandler returns a slog text or JSON handler writing to w, naming levels

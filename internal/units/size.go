@@ -31,7 +31,7 @@ func ParseSize(s string) (int64, error) {
 	}
 	n, err := strconv.ParseInt(t, 10, 64)
 	if err != nil || n < 0 || n > (1<<62)/mult {
-		return 0, fmt.Errorf("bad size %q: want a number of bytes, optionally with K, M, G or T", s)
+		return 0, fmt.Errorf("units: bad size %q: want a number of bytes, optionally with K, M, G or T", s)
 	}
 	return n * mult, nil
 }

@@ -8,6 +8,7 @@ import (
 	"math"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/dnbd3go/dnbd3go/merger"
@@ -33,13 +34,14 @@ func (e *opError) Error() string { return e.op + ": " + e.err.Error() }
 func (e *opError) Unwrap() error { return e.err }
 
 // publicMessage is the text of err as a reply shows it: without the
-// operation an opError adds.
+// operation an opError adds, and without the "merger: " that marks the
+// Service's errors in our own logs (a client knows whom it asked).
 func publicMessage(err error) string {
 	var oe *opError
 	if errors.As(err, &oe) {
-		return oe.err.Error()
+		err = oe.err
 	}
-	return err.Error()
+	return strings.TrimPrefix(err.Error(), "merger: ")
 }
 
 // validationError holds the parameter errors of a request (400 with a

@@ -27,7 +27,7 @@ func TestErrorMapping(t *testing.T) {
 		{"image not found", fmt.Errorf("%w: /srv/orig/x.r1", merger.ErrImageNotFound), 404, "Image not found", ""},
 		{"bad request", fmt.Errorf("%w: bitfieldSize must be 40", merger.ErrBadRequest), 400, "bad request: bitfieldSize must be 40", ""},
 		{"invalid name", fmt.Errorf("%w %q: contains ..", merger.ErrInvalidName, "../x"), 400, `invalid image name "../x": contains ..`, ""},
-		{"session closed", merger.ErrSessionClosed, 409, merger.ErrSessionClosed.Error(), ""},
+		{"session closed", merger.ErrSessionClosed, 409, "the session no longer accepts uploads (merging or merged)", ""},
 		{"conflict", fmt.Errorf("%w: img.r2 was merged by another session", merger.ErrConflict), 409, "conflict: img.r2 was merged by another session", ""},
 		{"back-pressure", &merger.BackPressureError{RetryAfter: 1500 * time.Millisecond, Reason: "disk nearly full"}, 503, "~disk nearly full", "2"},
 		{"back-pressure wrapped", fmt.Errorf("x: %w", &merger.BackPressureError{RetryAfter: 30 * time.Second, Reason: "copying"}), 503, "~copying", "30"},

@@ -46,7 +46,7 @@ func (h *handler) create(g *generation, w http.ResponseWriter, r *http.Request) 
 		return &opError{fmt.Sprintf("create a session for %q r%d", name, rev), err}
 	}
 	if info.UUID == "" || len(info.UUID) > 36 {
-		return fmt.Errorf("create a session for %q r%d: the service returned the unusable session id %q", name, rev, info.UUID)
+		return fmt.Errorf("httpapi: create a session for %q r%d: the service returned the unusable session id %q", name, rev, info.UUID)
 	}
 	h.log.Info("session created", "api", g.name, "uuid", info.UUID, "image", name, "revision", rev, "remote", r.RemoteAddr)
 	writeText(w, http.StatusOK, info.UUID)

@@ -30,7 +30,7 @@ func (v values) get(name string) (string, bool) {
 
 // errMalformed is returned for a query string or urlencoded form that
 // cannot be decoded.
-var errMalformed = errors.New("malformed percent-encoding")
+var errMalformed = errors.New("httpapi: malformed percent-encoding")
 
 // parseURLEncoded decodes a query string or an urlencoded form body,
 // keeping the order of the fields ("+" is a space, "&" separates fields).

@@ -33,7 +33,7 @@ func (s *session) login(ctx context.Context) error {
 			return err
 		}
 		if p.Opcode() != OpLoginReq {
-			return fmt.Errorf("opcode %#x during the login", p.Opcode())
+			return fmt.Errorf("iscsi: opcode %#x during the login", p.Opcode())
 		}
 		if first {
 			copy(s.isid[:], p.BHS[8:14])

@@ -207,7 +207,7 @@ func (s *session) readLoop() error {
 					readBy = time.Time{}
 					continue
 				}
-				return errors.New("initiator silent for 4 client timeouts")
+				return errors.New("iscsi: initiator silent for 4 client timeouts")
 			}
 			return err
 		}
@@ -472,7 +472,7 @@ func (s *session) logout(p *PDU) error {
 	return errLoggedOut
 }
 
-var errLoggedOut = errors.New("logged out")
+var errLoggedOut = errors.New("iscsi: logged out")
 
 // Reject reasons (RFC 7143 section 11.17.1).
 const (

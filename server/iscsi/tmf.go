@@ -98,7 +98,7 @@ func (s *session) tmf(p *PDU, aborted []*task) error {
 	return nil
 }
 
-var errColdReset = errors.New("target cold reset")
+var errColdReset = errors.New("iscsi: target cold reset")
 
 // abortResult decides ABORT TASK's response. A task aborted before its
 // response went out: function complete. No such task: function complete
