@@ -7,7 +7,7 @@
 #   dnbd3-server: sequential 1 MiB QD8, random 4 KiB QD32, handshakes/s
 #   dnbd3-nbd serve (--metrics-listen, both reading the same server):
 #   fio's nbd engine, sequential 1 MiB QD8 and random 4 KiB QD32.
-# Ratios are new/old, best of RUNS. Throughput on a loaded machine is
+# Ratios are new/old, of the best of RUNS and of the medians. Throughput on a loaded machine is
 # noise, so the script also reports the CPU time the server or bridge
 # process used per request or per MB (from /proc/PID/stat, lowest of
 # RUNS): that is what the metrics add, and other load hardly changes it.
@@ -71,19 +71,29 @@ for i in $(seq "$RUNS"); do
   done
 done
 printf '\npeer: none; our code before the metrics (BASE_REV %s) against the current code, same run: what the metrics cost, not a comparison with the reference\n' "$(git rev-parse --short "$BASE_REV")"
-printf '%-40s %12s %12s %8s\n' "metrics cost (best of $RUNS, load $(cut -d' ' -f1 /proc/loadavg))" "before" "metrics" "ratio"
-row() { printf "%-40s %12.0f %12.0f %8s\n" "$1" "$2" "$3" "$(ratio "$3" "$2")"; }
-row "server seq 1 MiB QD8 (MB/s)" "$(best ${R[seq_old]})" "$(best ${R[seq_new]})"
-row "server rand 4 KiB QD32 (IOPS)" "$(best ${R[rand_old]})" "$(best ${R[rand_new]})"
-row "server handshakes/s, 8 threads" "$(best ${R[hs_old]})" "$(best ${R[hs_new]})"
-row "bridge seq 1 MiB QD8 (MB/s)" "$(mb "$(best ${R[nseq_old]})")" "$(mb "$(best ${R[nseq_new]})")"
-row "bridge rand 4 KiB QD32 (IOPS)" "$(best ${R[nrand_old]})" "$(best ${R[nrand_new]})"
-printf '\n%-40s %12s %12s %8s\n' "CPU time of the process (lowest of $RUNS)" "before" "metrics" "ratio"
-crow() { printf "%-40s %12.3f %12.3f %8s\n" "$1" "$2" "$3" "$(ratio "$3" "$2")"; }
-crow "server seq: CPU us per MB" "$(least ${R[cseq_old]})" "$(least ${R[cseq_new]})"
-crow "server rand 4 KiB: CPU us per request" "$(least ${R[crand_old]})" "$(least ${R[crand_new]})"
-crow "server: CPU us per handshake" "$(least ${R[chs_old]})" "$(least ${R[chs_new]})"
-crow "bridge seq: CPU us per MB" "$(least ${R[cnseq_old]})" "$(least ${R[cnseq_new]})"
-crow "bridge rand 4 KiB: CPU us per request" "$(least ${R[cnrand_old]})" "$(least ${R[cnrand_new]})"
+printf '%-40s %12s %12s %8s %8s\n' "metrics cost (best of $RUNS, load $(cut -d' ' -f1 /proc/loadavg))" "before" "metrics" "ratio" "median"
+# row LABEL KEY [SCALE]: best of each side, their ratio and the ratio of the medians
+row() {
+  local o=${R[${2}_old]} n=${R[${2}_new]} bo bn
+  bo=$(best $o) bn=$(best $n)
+  [ "${3:-}" = mb ] && { bo=$(mb "$bo"); bn=$(mb "$bn"); }
+  printf "%-40s %12.0f %12.0f %8s %8s\n" "$1" "$bo" "$bn" "$(ratio "$bn" "$bo")" "$(ratio "$(median $n)" "$(median $o)")"
+}
+row "server seq 1 MiB QD8 (MB/s)" seq
+row "server rand 4 KiB QD32 (IOPS)" rand
+row "server handshakes/s, 8 threads" hs
+row "bridge seq 1 MiB QD8 (MB/s)" nseq mb
+row "bridge rand 4 KiB QD32 (IOPS)" nrand
+printf '\n%-40s %12s %12s %8s %8s\n' "CPU time of the process (lowest of $RUNS)" "before" "metrics" "ratio" "median"
+# crow LABEL KEY: lowest of each side, their ratio and the ratio of the medians
+crow() {
+  local o=${R[${2}_old]} n=${R[${2}_new]}
+  printf "%-40s %12.3f %12.3f %8s %8s\n" "$1" "$(least $o)" "$(least $n)" "$(ratio "$(least $n)" "$(least $o)")" "$(ratio "$(median $n)" "$(median $o)")"
+}
+crow "server seq: CPU us per MB" cseq
+crow "server rand 4 KiB: CPU us per request" crand
+crow "server: CPU us per handshake" chs
+crow "bridge seq: CPU us per MB" cnseq
+crow "bridge rand 4 KiB: CPU us per request" cnrand
 echo "(runs old/new: rand${R[rand_old]} /${R[rand_new]}; bridge rand${R[nrand_old]} /${R[nrand_new]})"
 echo "(new: scraped every ${SCRAPE_EVERY}s; scrape of the server: $(curl -s -o /dev/null -w '%{size_download} bytes in %{time_total}s' http://127.0.0.1:$NEW_PORT/metrics))"
