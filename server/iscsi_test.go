@@ -90,6 +90,9 @@ func TestISCSIServesImages(t *testing.T) {
 		q.Clients[0].Address != ic.Raw().LocalAddr().String() || q.Clients[0].BytesSent < int64(len(v7)) {
 		t.Fatalf("RPC clients: %+v", q)
 	}
+	if _, st := getStatus(t, ts.addr, ""); st["clientCount"] != float64(1) {
+		t.Fatalf("/status.json clientCount %v, want 1 (the iSCSI session), as the RPC says", st["clientCount"])
+	}
 	var wwn uint64
 	for _, img := range q.Images {
 		if img.ID == q.Clients[0].ImageID && (img.Name != "ubuntu" || img.RID != 7 || img.Users != 1) {

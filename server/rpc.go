@@ -251,11 +251,6 @@ func wantedItems(qs []string, perm aclPerm) (want map[string]bool, denied string
 
 func writeStats(s *Server, o *jsonObject) {
 	clients, servers := s.peerCounts()
-	for _, si := range s.iscsi.Sessions() {
-		if si.Disk != nil {
-			clients++ // discovery sessions are no clients of an image
-		}
-	}
 	o.uint("bytesReceived", s.bytesRecv.Load())
 	o.uint("bytesSent", s.bytesSent.Load())
 	o.int("clientCount", int64(clients))

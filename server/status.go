@@ -21,15 +21,23 @@ func (s *Server) StatusLine() string {
 // gib formats a byte count in GiB with one decimal.
 func gib(n uint64) string { return fmt.Sprintf("%.1f GiB", float64(n)/(1<<30)) }
 
-// peerCounts returns the DNBD3 connections that selected an image: clients
-// and servers (proxies replicating from this one).
+// peerCounts returns the connections that use an image: clients (DNBD3
+// and NBD-mode connections that selected one, and iSCSI sessions logged
+// in to one; discovery sessions use none) and servers (proxies
+// replicating from this one). The RPC's stats and /status.json both count
+// with it.
 func (s *Server) peerCounts() (clients, servers int) {
 	s.connMu.Lock()
-	defer s.connMu.Unlock()
 	for cc := range s.clients {
 		if cc.isServer.Load() {
 			servers++
 		} else {
+			clients++
+		}
+	}
+	s.connMu.Unlock()
+	for _, si := range s.iscsi.Sessions() {
+		if si.Disk != nil {
 			clients++
 		}
 	}
