@@ -276,18 +276,19 @@ func holdsImage(base string, legacy bool) bool {
 	if r, err := filepath.EvalSymlinks(base); err == nil {
 		root = r
 	}
-	errFound := errors.New("server: found")
-	err := filepath.WalkDir(root, func(path string, e fs.DirEntry, err error) error {
+	found := false
+	filepath.WalkDir(root, func(path string, e fs.DirEntry, err error) error {
 		if err != nil || path == root || e.IsDir() {
 			return nil
 		}
 		rel, _ := filepath.Rel(root, path)
 		if _, _, ok, _ := parseImageFileName(rel, legacy); ok {
-			return errFound
+			found = true
+			return fs.SkipAll
 		}
 		return nil
 	})
-	return err == errFound
+	return found
 }
 
 // checkLogFile reports why the log file at path cannot be opened for

@@ -2,7 +2,6 @@ package kernel
 
 import (
 	"bufio"
-	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -13,7 +12,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -30,22 +28,11 @@ import (
 // proc is a started command with its combined output collected.
 type proc struct {
 	cmd  *exec.Cmd
-	mu   sync.Mutex
-	out  bytes.Buffer
+	out  testutil.Buffer
 	done chan error
 }
 
-func (p *proc) Write(b []byte) (int, error) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.out.Write(b)
-}
-
-func (p *proc) output() string {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.out.String()
-}
+func (p *proc) output() string { return p.out.String() }
 
 // wait waits for the process to exit and returns its exit code (-1 on
 // timeout).
@@ -61,8 +48,8 @@ func (p *proc) wait(d time.Duration) int {
 func start(t *testing.T, stdout io.Writer, name string, args ...string) *proc {
 	t.Helper()
 	p := &proc{cmd: exec.Command(name, args...), done: make(chan error, 1)}
-	p.cmd.Stderr = p
-	p.cmd.Stdout = p
+	p.cmd.Stderr = &p.out
+	p.cmd.Stdout = &p.out
 	if stdout != nil {
 		p.cmd.Stdout = stdout
 	}
@@ -122,7 +109,7 @@ func attachCmd(t *testing.T, args ...string) (*proc, string, int) {
 	go func() {
 		line, _ := bufio.NewReader(pr).ReadString('\n')
 		lines <- strings.TrimSpace(line)
-		io.Copy(p, pr)
+		io.Copy(&p.out, pr)
 	}()
 	var dev string
 	select {
